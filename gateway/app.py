@@ -1,0 +1,53 @@
+"""The application factory: wiring only (settings → store → services → routes)."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from gateway import keys
+from gateway.auth import TokenVerifier
+from gateway.handlers import fhir as fhir_handlers
+from gateway.handlers import health
+from gateway.middlewares import auth_middleware, error_middleware
+from gateway.services.access import NullAudit, OpenGate
+from gateway.services.fhir import FhirService
+from gateway.settings import Settings
+from gateway.store import open_database
+
+log = logging.getLogger(__name__)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    db = await open_database(settings)
+    app[keys.DB] = db
+    log.info("store ready", extra={"engine": db.dialect})
+    app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
+                                 max_count=settings.max_page_size)
+    yield
+    await db.dispose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway application for ``settings`` (no I/O until the app starts)."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.ERROR_RENDERERS] = {}
+    app[keys.PUBLIC_ROUTES] = set()
+    app[keys.SERVICES] = {}
+    app[keys.VERIFIER] = TokenVerifier(settings)
+    app[keys.GATE] = OpenGate()
+    app[keys.AUDIT] = NullAudit()
+    app.cleanup_ctx.append(_store_ctx)
+    health.setup_routes(app)
+    fhir_handlers.setup_routes(app)
+    return app
+
+
+__all__ = ["create_app"]

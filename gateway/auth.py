@@ -1,0 +1,126 @@
+"""Bearer-token authentication: JWT → :class:`~gateway.context.Requester` (decides nothing else).
+
+* Development: HS256 with the shared secret in ``data_dir/secrets`` (``fedgate token`` signs with it).
+* Production: RS256/ES256 verified against a JWKS (file path or URL, fetched at start-up).
+
+Claims: ``sub``, ``roles`` (list), ``org``, ``purpose`` (``"treatment"`` or
+``{"codes": [DUO CURIEs], "diseases": [...]}``), ``attrs`` (requester attributes for DUO modifiers:
+``not_for_profit``, ``irb_approved``, ``location``, ...), ``exp``, ``iat``, ``iss``, ``aud``, ``jti``.
+The purpose may also come in the ``X-Purpose-Of-Use`` header (``treatment`` or space/comma separated
+CURIEs: DUO terms are purpose codes, anything else is a disease); a token purpose wins over the header.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jwt
+
+from gateway.context import CLINICAL_ROLES, ROLES, TREATMENT, Purpose, Requester
+from gateway.errors import BadRequest, Unauthorized
+from gateway.settings import Settings
+
+PURPOSE_HEADER = "X-Purpose-Of-Use"
+
+
+def parse_purpose(value: Any) -> Purpose | None:
+    """A purpose from a claim (str or object) or header text; None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, Mapping):
+        if value.get("kind") == TREATMENT:
+            return Purpose()
+        codes = tuple(str(c) for c in value.get("codes") or ())
+        diseases = tuple(str(d) for d in value.get("diseases") or ())
+        if not codes:
+            raise BadRequest("purpose: research purpose needs at least one DUO code")
+        return Purpose("research", codes, diseases)
+    text = str(value).strip()
+    if text.lower() in (TREATMENT, "clinical-care", "treat"):
+        return Purpose()
+    items = [t for t in text.replace(",", " ").split() if t]
+    codes = tuple(t for t in items if "DUO" in t.upper())
+    diseases = tuple(t for t in items if "DUO" not in t.upper())
+    if not codes:
+        raise BadRequest(f"{PURPOSE_HEADER}: expected 'treatment' or DUO purpose codes")
+    return Purpose("research", codes, diseases)
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings, jwks: Mapping[str, Any] | None = None) -> None:
+        self.settings = settings
+        self._secret = settings.dev_secret()
+        self._jwks = jwt.PyJWKSet.from_dict(dict(jwks)) if jwks else None
+        if self._jwks is None and settings.jwks and not settings.jwks.startswith(("http://", "https://")):
+            self._jwks = jwt.PyJWKSet.from_dict(json.loads(Path(settings.jwks).read_text()))
+
+    def load_remote_jwks(self, doc: Mapping[str, Any]) -> None:
+        self._jwks = jwt.PyJWKSet.from_dict(dict(doc))
+
+    def verify(self, token: str, purpose_header: str | None = None) -> Requester:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("bearer token is not a JWT") from None
+        alg = header.get("alg")
+        opts = {"require": ["exp", "sub"]}
+        try:
+            if alg == "HS256":
+                claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=self.settings.jwt_audience,
+                                    issuer=self.settings.jwt_issuer, options=opts)
+            elif alg in ("RS256", "ES256") and self._jwks is not None:
+                kid = header.get("kid")
+                key = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
+                if key is None:
+                    raise Unauthorized("bearer token signed by an unknown key")
+                claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience, options=opts)
+            else:
+                raise Unauthorized(f"bearer token algorithm {alg!r} is not accepted")
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("bearer token expired") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("bearer token signature is invalid") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
+        roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
+        if not roles:
+            raise Unauthorized("bearer token carries no known role")
+        attrs = claims.get("attrs") or {}
+        if not isinstance(attrs, dict):
+            raise Unauthorized("bearer token claim 'attrs' must be an object")
+        purpose = parse_purpose(claims.get("purpose")) or parse_purpose(purpose_header)
+        if purpose is None:
+            purpose = Purpose() if roles & CLINICAL_ROLES or "admin" in roles else Purpose("research", (), ())
+        return Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims.get("jti"))
+
+
+def issue_dev_token(
+    settings: Settings,
+    *,
+    subject: str,
+    roles: list[str],
+    purpose: Any = None,
+    attrs: Mapping[str, Any] | None = None,
+    org: str | None = None,
+    ttl_s: int = 3600,
+) -> str:
+    """An HS256 token signed with the data dir's development secret (``fedgate token``)."""
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"unknown role(s) {bad}; known: {sorted(ROLES)}")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": subject, "roles": roles, "iat": now, "exp": now + ttl_s, "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience, "jti": str(uuid.uuid4()),
+    }
+    if org:
+        claims["org"] = org
+    if purpose is not None:
+        claims["purpose"] = purpose
+    if attrs:
+        claims["attrs"] = dict(attrs)
+    return jwt.encode(claims, settings.dev_secret(), algorithm="HS256")

@@ -1,0 +1,140 @@
+"""``fedgate`` command line: serve, load, token, consent, ...
+
+Every sub-command builds the same :class:`~gateway.settings.Settings` (flags > env > TOML > defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from gateway.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("gateway.cli")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML settings file (also $FEDGATE_CONFIG)")
+    p.add_argument("--data-dir", help="data directory: SQLite file, blobs, dev secrets (default ./data)")
+    p.add_argument("--database-url", help="e.g. postgresql://user@host:5432/db (default: SQLite in the data dir)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {"data_dir": args.data_dir, "database_url": args.database_url, "log_level": args.log_level}
+    overrides.update(extra)
+    return load_settings(config_file=args.config, overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.logs import setup_logging
+
+    settings = _settings(args, host=args.host, port=args.port)
+    setup_logging(settings.log_level, settings.log_format)
+    log.info("starting", extra={"host": settings.host, "port": settings.port})
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                access_log=None, shutdown_timeout=10)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from gateway.loader import load_paths
+    from gateway.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings.log_level, "text")
+    summary = asyncio.run(load_paths(settings, [Path(p) for p in args.paths], progress=not args.quiet))
+    print(json.dumps(summary, indent=2))
+    return 1 if summary.get("failed") and args.strict else 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.auth import issue_dev_token
+
+    settings = _settings(args)
+    attrs: dict[str, Any] = {}
+    for item in args.attr or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--attr {item!r}: expected key=value", file=sys.stderr)
+            return 2
+        attrs[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
+    purpose: Any = None
+    if args.purpose:
+        if args.purpose == "treatment":
+            purpose = "treatment"
+        else:
+            items = [t for t in args.purpose.replace(",", " ").split() if t]
+            purpose = {"codes": [t for t in items if "DUO" in t.upper()],
+                       "diseases": [t for t in items if "DUO" not in t.upper()]}
+    try:
+        token = issue_dev_token(settings, subject=args.subject or f"dev-{args.role}", roles=[args.role],
+                                purpose=purpose, attrs=attrs, org=args.org, ttl_s=args.ttl)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    from ontologies.cli import consent_evaluate_main
+
+    return consent_evaluate_main(sys.stdin, sys.stdout, disease_files=tuple(args.disease_ontology or ()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway HTTP server")
+    _common(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8080)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("load", help="load FHIR resources/Bundles (files or folders of .json) into the store")
+    _common(p)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any file failed to load")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("token", help="print a development bearer token signed with the data dir's secret")
+    _common(p)
+    p.add_argument("--role", required=True, help="ehr-system, pacs, clinician, analyst, site, admin")
+    p.add_argument("--subject", help="token subject (default dev-ROLE)")
+    p.add_argument("--org", help="requester organisation")
+    p.add_argument("--purpose", help="'treatment' or DUO purpose codes and disease CURIEs, e.g. 'DUO:0000040 MONDO:0005105'")
+    p.add_argument("--attr", action="append", help="requester attribute key=value (repeatable)")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("consent", help="data-steward tools for DUO consent")
+    csub = p.add_subparsers(dest="consent_command", required=True)
+    e = csub.add_parser("evaluate", help="evaluate consent × purpose × requester JSON (stdin) → decision JSON")
+    e.add_argument("--disease-ontology", action="append", help="OWL/OBO disease hierarchy file (repeatable)")
+    e.set_defaults(func=cmd_consent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"fedgate: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

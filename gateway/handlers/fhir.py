@@ -1,0 +1,299 @@
+"""FHIR R4 REST handlers under ``/fhir`` (FHIR R4 §3.1.0 "RESTful API", wire format 4.0.1, JSON).
+
+Each handler parses the HTTP request, calls one :class:`~gateway.services.fhir.FhirService` method and
+renders the result; every error is an OperationOutcome with the matching status (see
+:func:`render_operation_outcome`).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+
+from gateway import keys
+from gateway.errors import BadRequest, GatewayError, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from gateway.ids import new_id
+from gateway.middlewares import requester_of
+from gateway.services.fhir import FhirService
+from gateway.store.fhir_repo import Stored
+from mappings.dates import now_instant
+
+FHIR_JSON = "application/fhir+json"
+JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "*/*", "application/*")
+TYPE_RE = r"[A-Z][A-Za-z]+"
+ID_RE = r"[A-Za-z0-9\-.]{1,64}"
+
+
+def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
+    issue = {"severity": "error" if exc.status < 500 else "fatal", "code": exc.issue_code, "diagnostics": exc.message}
+    if exc.expression:
+        issue["expression"] = exc.expression
+    issues = [issue]
+    details = exc.details if isinstance(exc.details, list) else []
+    for d in details[1:10]:
+        if hasattr(d, "expression"):
+            issues.append({"severity": "error", "code": exc.issue_code, "diagnostics": d.message, "expression": [d.expression]})
+    body = {"resourceType": "OperationOutcome", "issue": issues}
+    return web.Response(status=exc.status, body=orjson.dumps(body), content_type=FHIR_JSON, headers=exc.headers)
+
+
+def _svc(request: web.Request) -> FhirService:
+    return request.app[keys.FHIR]
+
+
+def base_url(request: web.Request) -> str:
+    configured = request.app[keys.SETTINGS].base_url
+    if configured:
+        return configured.rstrip("/") + "/fhir"
+    return f"{request.scheme}://{request.host}/fhir"
+
+
+def check_accept(request: web.Request) -> None:
+    fmt = request.query.get("_format")
+    if fmt and fmt not in ("json", "application/json", "application/fhir+json", "application/json+fhir"):
+        raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks application/fhir+json")
+    accept = request.headers.get("Accept")
+    if not accept or fmt:
+        return
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in JSON_TYPES or media.startswith("application/fhir+json"):
+            return
+    raise NotAcceptable(f"Accept {accept!r} is not supported; this server speaks application/fhir+json")
+
+
+async def read_json_body(request: web.Request) -> object:
+    ctype = request.content_type
+    if ctype not in ("application/fhir+json", "application/json", "application/json+fhir"):
+        raise UnsupportedMediaType(f"Content-Type {ctype!r} is not supported; send application/fhir+json")
+    limit = request.app[keys.SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+    if not raw:
+        raise BadRequest("request body is empty")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def resource_response(st: Stored, status: int = 200, *, location_base: str | None = None,
+                      prefer: str | None = None) -> web.Response:
+    headers = {"ETag": st.etag, "Last-Modified": st.last_updated}
+    if location_base:
+        headers["Location"] = f"{location_base}/{st.res_type}/{st.res_id}/_history/{st.version}"
+    if prefer == "minimal":
+        return web.Response(status=status, headers=headers)
+    if prefer == "OperationOutcome":
+        body = {"resourceType": "OperationOutcome",
+                "issue": [{"severity": "information", "code": "informational",
+                           "diagnostics": f"{st.res_type}/{st.res_id} version {st.version} stored"}]}
+        return web.Response(status=status, body=orjson.dumps(body), content_type=FHIR_JSON, headers=headers)
+    return web.Response(status=status, body=st.content.encode(), content_type=FHIR_JSON, headers=headers)
+
+
+def _prefer_return(request: web.Request) -> str | None:
+    for part in request.headers.get("Prefer", "").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == "return":
+            return v.strip('"')
+    return None
+
+
+def _lenient(request: web.Request) -> bool:
+    return "handling=lenient" in request.headers.get("Prefer", "").replace(" ", "")
+
+
+def bundle_bytes(kind: str, entries: list[bytes], *, total: int | None, links: list[tuple[str, str]]) -> bytes:
+    """A Bundle assembled from already-serialised entries (no re-parse of stored JSON)."""
+    ts, _ = now_instant()
+    head = {"resourceType": "Bundle", "id": new_id(), "meta": {"lastUpdated": ts}, "type": kind}
+    if total is not None:
+        head["total"] = total
+    if links:
+        head["link"] = [{"relation": r, "url": u} for r, u in links]
+    prefix = orjson.dumps(head)[:-1]
+    return prefix + b',"entry":[' + b",".join(entries) + b"]}"
+
+
+def _entry(base: str, st: Stored, mode: str | None) -> bytes:
+    search = b',"search":{"mode":"' + mode.encode() + b'"}' if mode else b""
+    return (b'{"fullUrl":"' + f"{base}/{st.res_type}/{st.res_id}".encode() + b'","resource":'
+            + st.content.encode() + search + b"}")
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+async def metadata(request: web.Request) -> web.Response:
+    """CapabilityStatement (FHIR R4 §3.1.0.13 "capabilities")."""
+    check_accept(request)
+    from gateway.services.capability import capability_statement
+
+    body = capability_statement(request.app[keys.SETTINGS], base_url(request))
+    return web.Response(body=orjson.dumps(body), content_type=FHIR_JSON)
+
+
+async def read(request: web.Request) -> web.Response:
+    """read: GET [base]/[type]/[id] (FHIR R4 §3.1.0.2)."""
+    check_accept(request)
+    st = await _svc(request).read(requester_of(request), request.match_info["type"], request.match_info["id"])
+    inm = request.headers.get("If-None-Match")
+    if inm and inm.strip() == st.etag:
+        return web.Response(status=304, headers={"ETag": st.etag})
+    return resource_response(st)
+
+
+async def vread(request: web.Request) -> web.Response:
+    """vread: GET [base]/[type]/[id]/_history/[vid] (FHIR R4 §3.1.0.3)."""
+    check_accept(request)
+    m = request.match_info
+    return resource_response(await _svc(request).vread(requester_of(request), m["type"], m["id"], m["vid"]))
+
+
+async def create(request: web.Request) -> web.Response:
+    """create: POST [base]/[type], conditional with If-None-Exist (FHIR R4 §3.1.0.8)."""
+    check_accept(request)
+    body = await read_json_body(request)
+    out = await _svc(request).create(requester_of(request), request.match_info["type"], body,
+                                     request.headers.get("If-None-Exist"))
+    return resource_response(out.stored, 201 if out.created else 200, location_base=base_url(request),
+                             prefer=_prefer_return(request))
+
+
+async def update(request: web.Request) -> web.Response:
+    """update: PUT [base]/[type]/[id] with If-Match (FHIR R4 §3.1.0.4, §3.1.0.5 version-aware)."""
+    check_accept(request)
+    body = await read_json_body(request)
+    m = request.match_info
+    out = await _svc(request).update(requester_of(request), m["type"], m["id"], body, request.headers.get("If-Match"))
+    return resource_response(out.stored, 201 if out.created else 200, location_base=base_url(request),
+                             prefer=_prefer_return(request))
+
+
+async def delete(request: web.Request) -> web.Response:
+    """delete: DELETE [base]/[type]/[id] (FHIR R4 §3.1.0.7); idempotent."""
+    m = request.match_info
+    st = await _svc(request).delete(requester_of(request), m["type"], m["id"])
+    headers = {"ETag": st.etag} if st else {}
+    return web.Response(status=204, headers=headers)
+
+
+async def _search(request: web.Request, pairs: list[tuple[str, str]]) -> web.Response:
+    svc = _svc(request)
+    res_type = request.match_info["type"]
+    svc.check_type(res_type)
+    q = svc.parse_search(res_type, pairs, lenient=_lenient(request))
+    result = await svc.search(requester_of(request), q)
+    base = base_url(request)
+    plain = [(k, v) for k, v in pairs if k not in ("_offset",) and k not in q.ignored]
+
+    def link(offset: int) -> str:
+        return f"{base}/{res_type}?" + urlencode(plain + [("_offset", str(offset))])
+
+    links = [("self", f"{base}/{res_type}?" + urlencode(plain + ([("_offset", str(q.offset))] if q.offset else [])))]
+    if q.summary != "count" and q.count:
+        more = (result.total is None and len(result.matches) == q.count) or (
+            result.total is not None and q.offset + q.count < result.total)
+        if more:
+            links.append(("next", link(q.offset + q.count)))
+        if q.offset > 0:
+            links.append(("previous", link(max(0, q.offset - q.count))))
+    entries = [_entry(base, st, "match") for st in result.matches]
+    entries += [_entry(base, st, "include") for st in result.included]
+    body = bundle_bytes("searchset", entries, total=result.total, links=links)
+    return web.Response(body=body, content_type=FHIR_JSON)
+
+
+async def search_get(request: web.Request) -> web.Response:
+    """search: GET [base]/[type]?params (FHIR R4 §3.1.0.9; search rules in §3.1.1)."""
+    check_accept(request)
+    return await _search(request, list(request.query.items()))
+
+
+async def search_post(request: web.Request) -> web.Response:
+    """search: POST [base]/[type]/_search with form-encoded parameters (FHIR R4 §3.1.0.9)."""
+    check_accept(request)
+    if request.content_type not in ("application/x-www-form-urlencoded", "") and request.can_read_body:
+        raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded parameters")
+    form = await request.post() if request.can_read_body else {}
+    pairs = list(request.query.items()) + [(k, str(v)) for k, v in form.items()]
+    return await _search(request, pairs)
+
+
+async def _history(request: web.Request, res_type: str | None, res_id: str | None) -> web.Response:
+    rows, total, count, offset = await _svc(request).history(requester_of(request), res_type, res_id,
+                                                              list(request.query.items()))
+    base = base_url(request)
+    entries = []
+    for st in rows:
+        method = "DELETE" if st.deleted else ("POST" if st.version == 1 else "PUT")
+        url = f"{st.res_type}/{st.res_id}" if method != "POST" else st.res_type
+        resp = {"status": "204" if st.deleted else ("201" if st.version == 1 else "200"), "etag": st.etag,
+                "lastModified": st.last_updated}
+        piece = {"fullUrl": f"{base}/{st.res_type}/{st.res_id}", "request": {"method": method, "url": url},
+                 "response": resp}
+        raw = orjson.dumps(piece)
+        if st.content:
+            raw = raw[:-1] + b',"resource":' + st.content.encode() + b"}"
+        entries.append(raw)
+    path = "/".join(p for p in (res_type, res_id) if p)
+    self_url = f"{base}/{path}/_history" if path else f"{base}/_history"
+    links = [("self", self_url)]
+    if offset + count < total:
+        links.append(("next", f"{self_url}?" + urlencode({"_count": count, "_offset": offset + count})))
+    if offset:
+        links.append(("previous", f"{self_url}?" + urlencode({"_count": count, "_offset": max(0, offset - count)})))
+    return web.Response(body=bundle_bytes("history", entries, total=total, links=links), content_type=FHIR_JSON)
+
+
+async def history_instance(request: web.Request) -> web.Response:
+    """history: GET [base]/[type]/[id]/_history (FHIR R4 §3.1.0.10)."""
+    check_accept(request)
+    return await _history(request, request.match_info["type"], request.match_info["id"])
+
+
+async def history_type(request: web.Request) -> web.Response:
+    """history: GET [base]/[type]/_history (FHIR R4 §3.1.0.10)."""
+    check_accept(request)
+    return await _history(request, request.match_info["type"], None)
+
+
+async def history_system(request: web.Request) -> web.Response:
+    """history: GET [base]/_history (FHIR R4 §3.1.0.10)."""
+    check_accept(request)
+    return await _history(request, None, None)
+
+
+async def bundle(request: web.Request) -> web.Response:
+    """batch/transaction: POST [base] with a Bundle (FHIR R4 §3.1.0.11)."""
+    check_accept(request)
+    body = await read_json_body(request)
+    out = await _svc(request).bundle(requester_of(request), body)
+    return web.Response(body=orjson.dumps(out), content_type=FHIR_JSON)
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    t, i = "{type:" + TYPE_RE + "}", "{id:" + ID_RE + "}"
+    r.add_get("/fhir/metadata", metadata, name="fhir.metadata")
+    r.add_post("/fhir", bundle, name="fhir.bundle")
+    r.add_post("/fhir/", bundle, name="fhir.bundle_slash")
+    r.add_get("/fhir/_history", history_system, name="fhir.history_system")
+    r.add_get(f"/fhir/{t}/_history", history_type, name="fhir.history_type")
+    r.add_post(f"/fhir/{t}/_search", search_post, name="fhir.search_post")
+    r.add_get(f"/fhir/{t}", search_get, name="fhir.search")
+    r.add_post(f"/fhir/{t}", create, name="fhir.create")
+    r.add_get(f"/fhir/{t}/{i}", read, name="fhir.read")
+    r.add_put(f"/fhir/{t}/{i}", update, name="fhir.update")
+    r.add_delete(f"/fhir/{t}/{i}", delete, name="fhir.delete")
+    r.add_get(f"/fhir/{t}/{i}/_history", history_instance, name="fhir.history_instance")
+    r.add_get(f"/fhir/{t}/{i}/_history/{{vid}}", vread, name="fhir.vread")
+    app[keys.ERROR_RENDERERS]["/fhir"] = render_operation_outcome
+    app[keys.PUBLIC_ROUTES].add("fhir.metadata")

@@ -1,0 +1,30 @@
+"""Liveness and readiness probes (public)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import text
+
+from gateway import __version__, keys
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the database answers."""
+    db = request.app[keys.DB]
+    try:
+        async with db.read() as conn:
+            await conn.execute(text("SELECT 1"))
+    except OSError as exc:  # connection refused and friends
+        return web.json_response({"status": "unavailable", "database": type(exc).__name__}, status=503)
+    return web.json_response({"status": "ready", "database": db.dialect})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app[keys.PUBLIC_ROUTES].update({"healthz", "readyz"})

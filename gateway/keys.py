@@ -1,0 +1,27 @@
+"""Typed application keys (aiohttp ``web.AppKey``) for everything the app factory wires."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from aiohttp import web
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.auth import TokenVerifier
+    from gateway.services.access import AuditSink, Gate
+    from gateway.services.fhir import FhirService
+    from gateway.settings import Settings
+    from gateway.store.db import Database
+
+SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
+DB: web.AppKey["Database"] = web.AppKey("db")
+VERIFIER: web.AppKey["TokenVerifier"] = web.AppKey("verifier")
+GATE: web.AppKey["Gate"] = web.AppKey("gate")
+AUDIT: web.AppKey["AuditSink"] = web.AppKey("audit")
+FHIR: web.AppKey["FhirService"] = web.AppKey("fhir")
+#: path prefix → renderer(request, GatewayError) → Response; the error middleware picks the longest match.
+ERROR_RENDERERS: web.AppKey[dict[str, Callable[..., web.StreamResponse]]] = web.AppKey("error_renderers")
+#: Route names that need no authentication (everything else is gated; a test walks the router).
+PUBLIC_ROUTES: web.AppKey[set[str]] = web.AppKey("public_routes")
+#: Services added by later components (dicomweb, federation, inference, ...), by name.
+SERVICES: web.AppKey[dict[str, Any]] = web.AppKey("services")

@@ -1,0 +1,1 @@
+"""Use cases: handlers parse and render, services decide, the store persists."""

@@ -1,0 +1,48 @@
+"""Seams the consent gate and audit plug into (issue #4 fills in the real implementations).
+
+Every service asks :class:`Gate` for the :class:`~gateway.store.scope.AccessScope` of a request and
+reports each data access to :class:`AuditSink`.  Until the consent gate is configured the gateway
+runs with :class:`OpenGate` (every request unrestricted) and :class:`NullAudit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.context import Requester
+from gateway.store.scope import UNRESTRICTED, AccessScope
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    """One audited access (PHI-free: resource references, not content)."""
+
+    requester: Requester
+    action: str  # C | R | U | D | E (FHIR AuditEvent.action)
+    interaction: str  # read | vread | search | create | update | delete | history | transaction | ...
+    outcome: str  # "0" success, "4" minor failure, "8" serious failure (AuditEvent.outcome)
+    resources: tuple[str, ...] = ()  # "Type/id"
+    patients: tuple[str, ...] = ()
+    scope_summary: str = ""
+    detail: str = ""
+    path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Gate(Protocol):
+    async def scope_for(self, requester: Requester) -> AccessScope: ...
+
+
+class AuditSink(Protocol):
+    async def record(self, event: AccessRecord) -> None: ...
+
+
+class OpenGate:
+    async def scope_for(self, requester: Requester) -> AccessScope:
+        return UNRESTRICTED
+
+
+class NullAudit:
+    async def record(self, event: AccessRecord) -> None:
+        return None

@@ -1,0 +1,77 @@
+"""The CapabilityStatement (FHIR R4 §3.1.0.13): generated from the same tables the server uses,
+so it tells the truth about what is supported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.settings import Settings
+from mappings.fhir.searchparams import COMMON_PARAMS, FULL_TYPES, GENERIC_PARAMS, SEARCH_PARAMS
+
+INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+OTHER_TYPES = (
+    "Claim", "ExplanationOfBenefit", "Immunization", "MedicationRequest", "CarePlan", "CareTeam", "Endpoint",
+    "Media", "DocumentReference", "ServiceRequest", "Provenance", "ResearchStudy", "ResearchSubject", "Group",
+    "Location", "Device", "AllergyIntolerance", "MedicationAdministration", "Goal", "Specimen",
+)
+
+
+def _params(params) -> list[dict[str, Any]]:
+    out = [{"name": n, "type": "token" if n == "_id" else "date" if n == "_lastUpdated" else sp.type}
+           for n, sp in COMMON_PARAMS.items()]
+    out += [{"name": sp.name, "type": sp.type} for sp in params.values()]
+    return out
+
+
+def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
+    resources = []
+    for rtype in FULL_TYPES + OTHER_TYPES:
+        params = SEARCH_PARAMS.get(rtype, GENERIC_PARAMS)
+        ref_params = [p.name for p in params.values() if p.type == "reference"]
+        resources.append({
+            "type": rtype,
+            "interaction": [{"code": c} for c in INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "referencePolicy": ["literal", "local"],
+            "searchInclude": [f"{rtype}:{p}" for p in ref_params],
+            "searchRevInclude": [f"{src}:{p.name}" for src, ps in SEARCH_PARAMS.items() for p in ps.values()
+                                 if p.type == "reference" and p.target in (rtype, None) and p.name in ("patient", "subject")],
+            "searchParam": _params(params),
+        })
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-24",
+        "publisher": settings.organization,
+        "kind": "instance",
+        "software": {"name": "fedgate", "version": __version__},
+        "implementation": {"description": f"fedgate site {settings.site_id}", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": [],
+        "rest": [{
+            "mode": "server",
+            "documentation": (
+                "FHIR R4 over JSON. DICOMweb (PS3.18) is served at ../dicomweb (STOW-RS, QIDO-RS, WADO-RS). "
+                "Conditional update/delete are supported inside transaction Bundles. Search: strict handling "
+                "(unknown parameters → 400) unless Prefer: handling=lenient; modifiers :missing (all types), "
+                ":not (token), :exact/:contains (string); _sort, _count, _include, _revinclude, _summary=count, "
+                "_total. Bearer JWT required on every interaction except metadata."
+            ),
+            "security": {
+                "cors": False,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "OAuth", "display": "OAuth"}]}],
+                "description": "Bearer JWT (HS256 dev secret or RS256/ES256 via JWKS); DUO consent gate on every read.",
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        }],
+    }

@@ -1,0 +1,281 @@
+"""FHIR R4 RESTful interactions (FHIR R4 §3.1.0 "RESTful API") over the store.
+
+Handlers parse HTTP and call exactly one method here; this layer validates, resolves references,
+checks versions, asks the gate for the caller's scope, writes through :mod:`gateway.store.fhir_repo`
+and reports every access to the audit sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.context import Requester
+from gateway.ids import new_id
+from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable, GatewayError, Conflict
+from gateway.services.access import AccessRecord, AuditSink, Gate
+from gateway.store import fhir_repo as repo
+from gateway.store.db import Database
+from gateway.store.scope import AccessScope
+from mappings.dates import DateFormatError, parse_range
+from mappings.fhir.references import ID_RE, parse_reference, rewrite_references
+from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.validate import InvalidResource, known_type, validate_resource
+
+log = logging.getLogger(__name__)
+
+
+def invalid_error(exc: InvalidResource) -> GatewayError:
+    cls = BadRequest if exc.structural else Unprocessable
+    return cls(str(exc), expression=[i.expression for i in exc.issues], details=exc.issues)
+
+
+def parse_etag(value: str | None) -> int | None:
+    """Version from ``W/"3"`` / ``"3"`` / ``3``."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    v = v.strip('"')
+    if not v.isdigit():
+        raise BadRequest(f"If-Match: {value!r} is not a version ETag like W/\"1\"")
+    return int(v)
+
+
+@dataclass(slots=True)
+class WriteOutcome:
+    stored: repo.Stored
+    created: bool
+    #: For conditional create that matched an existing resource.
+    existing: bool = False
+
+
+class FhirService:
+    def __init__(
+        self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000
+    ) -> None:
+        self.db = db
+        self.gate = gate
+        self.audit = audit
+        self.default_count = default_count
+        self.max_count = max_count
+
+    # -- helpers -------------------------------------------------------------------------------
+    def check_type(self, res_type: str) -> None:
+        if not known_type(res_type):
+            raise NotFound(f"resource type {res_type!r} is not a FHIR R4 resource type")
+
+    async def _scope(self, requester: Requester) -> AccessScope:
+        return await self.gate.scope_for(requester)
+
+    async def _audit(self, requester: Requester, action: str, interaction: str, outcome: str,
+                     stored: Iterable[repo.Stored] = (), scope: AccessScope | None = None, detail: str = "") -> None:
+        items = list(stored)
+        await self.audit.record(
+            AccessRecord(
+                requester, action, interaction, outcome,
+                tuple(f"{s.res_type}/{s.res_id}" for s in items[:200]),
+                tuple(sorted({s.patient_id for s in items if s.patient_id}))[:200],
+                scope.summary if scope else "", detail,
+            )
+        )
+
+    def parse_search(self, res_type: str, pairs: list[tuple[str, str]], lenient: bool = False) -> SearchQuery:
+        try:
+            return parse_search(res_type, pairs, default_count=self.default_count, max_count=self.max_count,
+                                lenient=lenient)
+        except SearchError as exc:
+            raise BadRequest(str(exc), expression=[exc.param]) from None
+
+    # -- read ----------------------------------------------------------------------------------
+    async def read(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored:
+        self.check_type(res_type)
+        scope = await self._scope(requester)
+        async with self.db.read() as conn:
+            cur = await repo.get_current(conn, res_type, res_id)
+            visible = cur is not None and (
+                scope.unrestricted or cur.patient_id is None
+                or await self._patient_visible(conn, cur.patient_id, scope)
+            )
+        if cur is None or not visible:
+            await self._audit(requester, "R", "read", "4", scope=scope, detail="not found or not permitted")
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        if cur.deleted:
+            raise Gone(f"{res_type}/{res_id} was deleted", headers={"ETag": cur.etag})
+        await self._audit(requester, "R", "read", "0", [cur], scope)
+        return cur
+
+    async def vread(self, requester: Requester, res_type: str, res_id: str, version: str) -> repo.Stored:
+        self.check_type(res_type)
+        if not version.isdigit():
+            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+        scope = await self._scope(requester)
+        async with self.db.read() as conn:
+            st = await repo.get_version(conn, res_type, res_id, int(version))
+            if st is not None and not scope.unrestricted:
+                cur = await repo.get_current(conn, res_type, res_id)
+                pid = cur.patient_id if cur else st.patient_id
+                if pid is not None and not await self._patient_visible(conn, pid, scope):
+                    st = None
+        if st is None:
+            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+        if st.deleted:
+            raise Gone(f"{res_type}/{res_id}/_history/{version} is a deletion", headers={"ETag": st.etag})
+        await self._audit(requester, "R", "vread", "0", [st], scope)
+        return st
+
+    async def _patient_visible(self, conn, patient_id: str, scope: AccessScope) -> bool:
+        return bool(await repo.get_many(conn, [("Patient", patient_id)], scope))
+
+    # -- search & history ------------------------------------------------------------------------
+    async def search(self, requester: Requester, q: SearchQuery) -> repo.SearchResult:
+        self.check_type(q.res_type)
+        scope = await self._scope(requester)
+        async with self.db.read() as conn:
+            result = await repo.search(conn, q, scope)
+        await self._audit(requester, "E", "search-type", "0", result.matches + result.included, scope,
+                          detail=q.res_type)
+        return result
+
+    async def history(self, requester: Requester, res_type: str | None, res_id: str | None,
+                      pairs: list[tuple[str, str]]) -> tuple[list[repo.Stored], int, int, int]:
+        if res_type:
+            self.check_type(res_type)
+        count, offset, since = self.default_count, 0, None
+        for k, v in pairs:
+            try:
+                if k == "_count":
+                    count = min(max(int(v), 0), self.max_count)
+                elif k == "_offset":
+                    offset = max(int(v), 0)
+                elif k == "_since":
+                    since = parse_range(v)[0]
+                elif k in ("_format", "_pretty"):
+                    pass
+                else:
+                    raise BadRequest(f"history parameter {k!r} is not supported (use _count, _since)", expression=[k])
+            except (ValueError, DateFormatError) as exc:
+                if isinstance(exc, BadRequest):
+                    raise
+                raise BadRequest(f"history parameter {k!r}: {exc}", expression=[k]) from None
+        scope = await self._scope(requester)
+        async with self.db.read() as conn:
+            if res_id:
+                cur = await repo.get_current(conn, res_type, res_id)
+                if cur is None or (cur.patient_id and not scope.unrestricted
+                                   and not await self._patient_visible(conn, cur.patient_id, scope)):
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+            rows, total = await repo.history(conn, scope, res_type=res_type, res_id=res_id, since=since,
+                                             count=count, offset=offset)
+        await self._audit(requester, "R", "history", "0", rows, scope)
+        return rows, total, count, offset
+
+    # -- write ---------------------------------------------------------------------------------
+    async def create(self, requester: Requester, res_type: str, body: Any, if_none_exist: str | None) -> WriteOutcome:
+        self.check_type(res_type)
+        resource = self._validated(body, res_type)
+        async with self.db.write() as conn:
+            if if_none_exist:
+                found = await self._conditional_match(conn, res_type, if_none_exist, "If-None-Exist")
+                if found is not None:
+                    await self._audit(requester, "R", "create", "0", [found], detail="conditional: exists")
+                    return WriteOutcome(found, created=False, existing=True)
+            res_id = new_id()
+            [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, resource, None, "POST")])
+        await self._audit(requester, "C", "create", "0", [stored])
+        return WriteOutcome(stored, created=True)
+
+    async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
+        self.check_type(res_type)
+        if not ID_RE.match(res_id):
+            raise BadRequest(f"id {res_id!r} must match [A-Za-z0-9\\-.]{{1,64}}")
+        resource = self._validated(body, res_type)
+        if resource.get("id") != res_id:
+            raise BadRequest(f"{res_type}.id {resource.get('id')!r} must equal the id in the URL ({res_id!r})",
+                             expression=[f"{res_type}.id"])
+        want = parse_etag(if_match)
+        async with self.db.write() as conn:
+            prev = await repo.get_current(conn, res_type, res_id)
+            if want is not None and (prev is None or prev.version != want):
+                raise PreconditionFailed(
+                    f"If-Match version {want} does not match current version "
+                    f"{prev.version if prev else 'none'} of {res_type}/{res_id}"
+                )
+            try:
+                [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, resource, prev, "PUT")])
+            except repo.VersionConflict:
+                raise Conflict(f"{res_type}/{res_id} was changed concurrently; retry") from None
+        created = prev is None or prev.deleted
+        await self._audit(requester, "C" if created else "U", "update", "0", [stored])
+        return WriteOutcome(stored, created=created)
+
+    async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
+        self.check_type(res_type)
+        async with self.db.write() as conn:
+            prev = await repo.get_current(conn, res_type, res_id)
+            if prev is None or prev.deleted:
+                return None  # idempotent: deleting nothing succeeds (FHIR R4 §3.1.0.7.1)
+            [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, None, prev, "DELETE")])
+        await self._audit(requester, "D", "delete", "0", [prev])
+        return stored
+
+    def _validated(self, body: Any, res_type: str) -> dict[str, Any]:
+        try:
+            return validate_resource(body, expected_type=res_type)
+        except InvalidResource as exc:
+            raise invalid_error(exc) from None
+
+    async def _conditional_match(self, conn, res_type: str, query: str, what: str) -> repo.Stored | None:
+        pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+        if not pairs:
+            raise BadRequest(f"{what}: empty search criteria")
+        q = self.parse_search(res_type, pairs)
+        q.count, q.total = 2, "none"
+        result = await repo.search(conn, q, AccessScope())
+        if len(result.matches) > 1:
+            raise PreconditionFailed(f"{what}: criteria match more than one {res_type}")
+        return result.matches[0] if result.matches else None
+
+    # -- batch / transaction ----------------------------------------------------------------------
+    async def bundle(self, requester: Requester, body: Any) -> dict[str, Any]:
+        """Process a batch or transaction Bundle (FHIR R4 §3.1.0.11)."""
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise BadRequest("POST to the base expects a Bundle of type batch or transaction",
+                             expression=["Bundle.resourceType"])
+        btype = body.get("type")
+        if btype not in ("batch", "transaction"):
+            raise BadRequest(f"Bundle.type must be batch or transaction, not {btype!r}", expression=["Bundle.type"])
+        entries = body.get("entry") or []
+        if not isinstance(entries, list):
+            raise BadRequest("Bundle.entry must be a list", expression=["Bundle.entry"])
+        if btype == "transaction":
+            return await self._transaction(requester, entries)
+        return await self._batch(requester, entries)
+
+    async def _batch(self, requester: Requester, entries: list) -> dict[str, Any]:
+        from gateway.services.fhir_bundle import batch_entry_response, error_entry
+
+        out = []
+        for i, entry in enumerate(entries):
+            try:
+                out.append(await batch_entry_response(self, requester, i, entry))
+            except GatewayError as exc:
+                out.append(error_entry(exc))
+        return {"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out}
+
+    async def _transaction(self, requester: Requester, entries: list) -> dict[str, Any]:
+        from gateway.services.fhir_bundle import TransactionPlan
+
+        plan = TransactionPlan(self, entries)
+        if len(entries) > 20:
+            await asyncio.to_thread(plan.prepare)
+        else:
+            plan.prepare()
+        async with self.db.write() as conn:
+            response = await plan.execute(conn)
+        await self._audit(requester, "C", "transaction", "0", plan.stored)
+        return response

@@ -1,0 +1,151 @@
+"""One settings object for the whole process.
+
+Sources, later ones winning: built-in defaults < TOML file (``--config`` or ``$FEDGATE_CONFIG``)
+< environment variables ``FEDGATE_<FIELD>`` < command-line flags.  The data directory holds the
+SQLite file (``fedgate.db``), the blob store (``blobs/``) and development secrets (``secrets/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class SettingsError(ValueError):
+    """A setting has a value the gateway cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Process settings; immutable once built (see :func:`load_settings`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./data")
+    #: SQLAlchemy-style URL. Empty means the embedded SQLite file in ``data_dir``.
+    database_url: str = ""
+    #: Public base URL used in Bundle links and ImagingStudy endpoints; empty = derived from request.
+    base_url: str = ""
+    site_id: str = "site-local"
+    organization: str = "fedgate site"
+    #: Largest accepted request body for FHIR/JSON routes, in bytes (413 beyond).
+    max_body_bytes: int = 20 * 1024 * 1024
+    #: Largest accepted STOW-RS request body, in bytes.
+    max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    #: Default and maximum page size for FHIR search.
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    log_level: str = "INFO"
+    log_format: str = "json"
+    #: Authentication: "jwt" (default) verifies bearer tokens on every non-public route.
+    auth_mode: str = "jwt"
+    #: HS256 shared secret; default: generated once into data_dir/secrets/jwt-hs256.key.
+    jwt_secret: str = ""
+    jwt_issuer: str = "fedgate-dev"
+    jwt_audience: str = "fedgate"
+    #: RS256/ES256 verification material for production: a JWKS file path or URL.
+    jwks: str = ""
+    #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "fedgate.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.sqlite_path.resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    def dev_secret(self) -> str:
+        """The HS256 development secret, created on first use in ``data_dir/secrets``."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.secrets_dir / "jwt-hs256.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: two processes agree on one key
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+        return path.read_text().strip()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "Path":
+            return Path(value)
+        if kind == "str":
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {name!r}: cannot use {value!r} ({exc})") from None
+    return value
+
+
+def load_settings(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults, TOML, environment and explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    config_file = config_file or env.get("FEDGATE_CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {config_file}: {exc}") from None
+        section = doc.get("fedgate", doc)
+        for key, value in section.items():
+            key = key.replace("-", "_")
+            if key in _FIELDS and key != "extra":
+                values[key] = _coerce(key, value)
+            else:
+                extra[key] = value
+    for name in _FIELDS:
+        env_key = f"FEDGATE_{name.upper()}"
+        if name != "extra" and env_key in env:
+            values[name] = _coerce(name, env[env_key])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise SettingsError(f"unknown setting {key!r}")
+        values[key] = value if key == "extra" else _coerce(key, value)
+    if extra:
+        values["extra"] = {**extra, **values.get("extra", {})}
+    settings = Settings(**values)
+    if not (0 < settings.port < 65536):
+        raise SettingsError(f"setting 'port': {settings.port} is not a TCP port")
+    if settings.auth_mode not in {"jwt", "none"}:
+        raise SettingsError(f"setting 'auth_mode': {settings.auth_mode!r} is not one of jwt, none")
+    return settings

@@ -1,0 +1,27 @@
+"""Persistence: one schema for SQLite (embedded default) and PostgreSQL, plus the on-disk blob store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.store.db import Database
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.settings import Settings
+
+
+async def open_database(settings: "Settings") -> Database:
+    """Create the data dir, connect, and bring the schema up to date (used by server and CLI alike)."""
+    from gateway.store.migrate import migrate
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.effective_database_url)
+    try:
+        await migrate(db)
+    except BaseException:
+        await db.dispose()
+        raise
+    return db
+
+
+__all__ = ["Database", "open_database"]

@@ -1,0 +1,389 @@
+"""FHIR resource persistence: versions, history, the search index and the common-model projection.
+
+All writes of one interaction (or one whole transaction Bundle) go through :func:`apply_writes` on a
+connection from :meth:`Database.write`, so they commit or roll back together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import orjson
+from sqlalchemy import and_, delete, func, not_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.store import schema as s
+from gateway.store.cm_rows import CM_BY_NAME, row_for
+from gateway.store.scope import AccessScope
+from mappings.dates import now_instant
+from mappings.fhir.index import compartment_patient, extract
+from mappings.fhir.project import project
+from mappings.fhir.search import ANY, Clause, SearchQuery
+
+R = s.fhir_resource
+H = s.fhir_history
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    rid: int | None
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: str
+    deleted: bool
+    patient_id: str | None
+    content: str | None  # JSON text (None when deleted)
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    def resource(self) -> dict[str, Any]:
+        return orjson.loads(self.content) if self.content else {}
+
+
+@dataclass(slots=True)
+class Write:
+    """One pending change: ``resource`` is None for a delete; ``prev`` is the current row, if any."""
+
+    res_type: str
+    res_id: str
+    resource: dict[str, Any] | None
+    prev: Stored | None
+    method: str  # POST | PUT | DELETE
+
+
+_COLS = (R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.patient_id, R.c.content)
+
+
+def _stored(row) -> Stored:
+    return Stored(row.rid, row.res_type, row.res_id, row.version, row.last_updated, bool(row.deleted),
+                  row.patient_id, row.content)
+
+
+async def get_current(conn: AsyncConnection, res_type: str, res_id: str) -> Stored | None:
+    row = (await conn.execute(select(*_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id))).first()
+    return _stored(row) if row else None
+
+
+async def get_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]], scope: AccessScope) -> list[Stored]:
+    """Current, non-deleted resources for (type, id) keys that the scope lets the caller see."""
+    by_type: dict[str, set[str]] = {}
+    for t, i in keys:
+        by_type.setdefault(t, set()).add(i)
+    out: list[Stored] = []
+    for t, ids in by_type.items():
+        rows = await conn.execute(
+            select(*_COLS).where(
+                R.c.res_type == t, R.c.res_id.in_(sorted(ids)), R.c.deleted.is_(False),
+                scope.patient_clause(R.c.patient_id),
+            )
+        )
+        out.extend(_stored(r) for r in rows)
+    return out
+
+
+async def get_version(conn: AsyncConnection, res_type: str, res_id: str, version: int) -> Stored | None:
+    row = (
+        await conn.execute(
+            select(H).where(H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version)
+        )
+    ).first()
+    if row is None:
+        return None
+    return Stored(None, row.res_type, row.res_id, row.version, row.last_updated, row.method == "DELETE",
+                  row.patient_id, row.content)
+
+
+class VersionConflict(Exception):
+    """The row changed between read and write (concurrent update)."""
+
+
+async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:
+    """Persist every write (resource, history, index, common model) on ``conn``; returns new rows."""
+    if not writes:
+        return []
+    last_updated, lu_ts = now_instant()
+    results: list[Stored] = []
+    new_rows: list[dict] = []
+    updates: list[dict] = []
+    history: list[dict] = []
+    reindex: list[tuple[int | None, Write, dict | None]] = []  # (rid or None for new, write, resource)
+    stale_rids = [w.prev.rid for w in writes if w.prev is not None and w.prev.rid is not None]
+    stale_src = [f"{w.res_type}/{w.res_id}" for w in writes if w.prev is not None]
+
+    for w in writes:
+        version = (w.prev.version + 1) if w.prev else 1
+        content = None
+        patient = None
+        if w.resource is not None:
+            res = dict(w.resource)
+            res["id"] = w.res_id
+            meta = dict(res.get("meta") or {})
+            meta["versionId"] = str(version)
+            meta["lastUpdated"] = last_updated
+            res["meta"] = meta
+            w.resource = res
+            content = orjson.dumps(res).decode()
+            patient = compartment_patient(res)
+        row = {
+            "res_type": w.res_type, "res_id": w.res_id, "version": version, "last_updated": last_updated,
+            "lu_ts": lu_ts, "deleted": w.resource is None, "patient_id": patient, "content": content,
+        }
+        history.append({k: row[k] for k in ("res_type", "res_id", "version", "last_updated", "lu_ts", "patient_id", "content")}
+                       | {"method": w.method})
+        if w.prev is None:
+            new_rows.append(row)
+        else:
+            updates.append(row | {"b_rid": w.prev.rid, "b_version": w.prev.version})
+        results.append(Stored(w.prev.rid if w.prev else None, w.res_type, w.res_id, version, last_updated,
+                              w.resource is None, patient, content))
+
+    if stale_rids:
+        for table in s.INDEX_TABLES.values():
+            await conn.execute(delete(table).where(table.c.rid.in_(stale_rids)))
+    if stale_src:
+        for table in CM_BY_NAME.values():
+            await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(stale_src)))
+        await conn.execute(delete(s.cm_observation).where(s.cm_observation.c.parent_id.in_(stale_src)))
+    if updates:
+        from sqlalchemy import bindparam
+
+        stmt = (
+            update(R)
+            .where(R.c.rid == bindparam("b_rid"), R.c.version == bindparam("b_version"))
+            .values({k: bindparam(k) for k in ("version", "last_updated", "lu_ts", "deleted", "patient_id", "content")})
+        )
+        res = await conn.execute(stmt, [{k: u[k] for k in ("b_rid", "b_version", "version", "last_updated", "lu_ts", "deleted", "patient_id", "content")} for u in updates])
+        if res.rowcount is not None and res.rowcount >= 0 and res.rowcount != len(updates):
+            raise VersionConflict("a resource was changed concurrently")
+    rid_by_key: dict[tuple[str, str], int] = {(w.res_type, w.res_id): w.prev.rid for w in writes if w.prev is not None}
+    if new_rows:
+        ret = await conn.execute(
+            R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id, sort_by_parameter_order=True), new_rows
+        )
+        for r in ret:
+            rid_by_key[(r.res_type, r.res_id)] = r.rid
+    await conn.execute(H.insert(), history)
+
+    idx_rows: dict[str, list[dict]] = {k: [] for k in s.INDEX_TABLES}
+    cm_rows: dict[str, list[dict]] = {}
+    for w in writes:
+        if w.resource is None:
+            continue
+        rid = rid_by_key[(w.res_type, w.res_id)]
+        rows = extract(w.resource)
+        base = {"rid": rid, "res_type": w.res_type}
+        idx_rows["token"].extend(base | {"param": p, "system": sy, "code": c} for p, sy, c in rows.token)
+        idx_rows["string"].extend(base | {"param": p, "norm": n, "exact": e} for p, n, e in rows.string)
+        idx_rows["date"].extend(base | {"param": p, "lo": lo, "hi": hi} for p, lo, hi in rows.date)
+        idx_rows["reference"].extend(base | {"param": p, "target_type": t, "target_id": i} for p, t, i in rows.reference)
+        idx_rows["quantity"].extend(base | {"param": p, "value": v, "system": sy, "code": c} for p, v, sy, c in rows.quantity)
+        for obj in project(w.resource):
+            table, row = row_for(obj)
+            cm_rows.setdefault(table, []).append(row)
+    for kind, rows_ in idx_rows.items():
+        if rows_:
+            await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
+    for table, rows_ in cm_rows.items():
+        await conn.execute(CM_BY_NAME[table].insert(), rows_)
+    return [
+        Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
+               r.patient_id, r.content)
+        for r in results
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Search
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SearchResult:
+    matches: list[Stored]
+    total: int | None
+    included: list[Stored] = field(default_factory=list)
+
+
+def _date_pred(lo_col, hi_col, prefix: str, plo: float, phi: float):
+    contained = and_(lo_col >= plo, hi_col <= phi)
+    if prefix == "eq":
+        return contained
+    if prefix == "ne":
+        return or_(lo_col < plo, hi_col > phi)
+    if prefix == "gt":
+        return hi_col > phi
+    if prefix == "lt":
+        return lo_col < plo
+    if prefix == "ge":
+        return or_(hi_col > phi, contained)
+    if prefix == "le":
+        return or_(lo_col < plo, contained)
+    if prefix == "sa":
+        return lo_col > phi
+    if prefix == "eb":
+        return hi_col < plo
+    # ap: overlap within 10% of the distance to now (at least a day)
+    from time import time as _now
+
+    slack = max(86400.0, abs(_now() - plo) * 0.1)
+    return and_(lo_col <= phi + slack, hi_col >= plo - slack)
+
+
+def _value_pred(clause: Clause, table, value) -> Any:
+    t = clause.param.type
+    if t == "token":
+        system, code = value
+        preds = []
+        if code is not None:
+            preds.append(table.c.code == code)
+        if system is None:
+            preds.append(table.c.system.is_(None))
+        elif system is not ANY:
+            preds.append(table.c.system == system)
+        return and_(*preds)
+    if t == "string":
+        from mappings.fhir.index import normalise
+
+        if clause.modifier == "exact":
+            return table.c.exact == value
+        norm = normalise(value)
+        if clause.modifier == "contains":
+            esc = norm.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return table.c.norm.like(f"%{esc}%", escape="\\")
+        return and_(table.c.norm >= norm, table.c.norm < norm + "\U0010ffff")
+    if t == "date":
+        prefix, plo, phi = value
+        return _date_pred(table.c.lo, table.c.hi, prefix, plo, phi)
+    if t == "reference":
+        rtype, rid = value
+        pred = table.c.target_id == rid
+        return and_(pred, table.c.target_type == rtype) if rtype else pred
+    if t == "quantity":
+        prefix, v, vlo, vhi, system, code = value
+        col = table.c.value
+        num = {
+            "eq": and_(col >= vlo, col < vhi), "ne": or_(col < vlo, col >= vhi), "gt": col > v, "lt": col < v,
+            "ge": col >= v, "le": col <= v, "sa": col > v, "eb": col < v,
+            "ap": and_(col >= v - abs(v) * 0.1, col <= v + abs(v) * 0.1),
+        }[prefix]
+        preds = [num]
+        if system:
+            preds.append(table.c.system == system)
+        if code:
+            preds.append(table.c.code == code)
+        return and_(*preds)
+    raise ValueError(t)  # pragma: no cover
+
+
+def clause_sql(clause: Clause, res_type: str):
+    """SQL predicate over ``fhir_resource`` for one search clause."""
+    name = clause.param.name
+    if name == "_id":
+        ids = [v[1] for v in clause.values]
+        pred = R.c.res_id.in_(ids)
+        return not_(pred) if clause.modifier == "not" else pred
+    if name == "_lastUpdated":
+        return or_(*[_date_pred(R.c.lu_ts, R.c.lu_ts, p, lo, hi) for p, lo, hi in clause.values])
+    table = s.INDEX_TABLES[clause.param.type]
+    base = select(table.c.rid).where(table.c.res_type == res_type, table.c.param == name)
+    if clause.missing is not None:
+        return R.c.rid.not_in(base) if clause.missing else R.c.rid.in_(base)
+    sub = base.where(or_(*[_value_pred(clause, table, v) for v in clause.values]))
+    return R.c.rid.not_in(sub) if clause.modifier == "not" else R.c.rid.in_(sub)
+
+
+def _sort_key(res_type: str, pname: str, desc: bool):
+    if pname == "_lastUpdated":
+        col = R.c.lu_ts
+    elif pname == "_id":
+        col = R.c.res_id
+    else:
+        from mappings.fhir.searchparams import params_for
+
+        sp = params_for(res_type)[pname]
+        table = s.INDEX_TABLES[sp.type]
+        value_col = {"date": table.c.lo if not desc else table.c.hi, "string": getattr(table.c, "norm", None),
+                     "token": getattr(table.c, "code", None), "quantity": getattr(table.c, "value", None),
+                     "reference": getattr(table.c, "target_id", None)}[sp.type]
+        agg = func.max(value_col) if desc else func.min(value_col)
+        col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
+    return (col.desc().nulls_last() if desc else col.asc().nulls_last())
+
+
+async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
+    where = [R.c.res_type == q.res_type, R.c.deleted.is_(False), scope.patient_clause(R.c.patient_id)]
+    where += [clause_sql(c, q.res_type) for c in q.clauses]
+    total = None
+    if q.total != "none" or q.summary == "count":
+        total = (await conn.execute(select(func.count()).select_from(R).where(*where))).scalar_one()
+    if q.summary == "count" or q.count == 0:
+        return SearchResult([], total)
+    order = [_sort_key(q.res_type, p, d) for p, d in q.sort] + [R.c.rid.asc()]
+    stmt = select(*_COLS).where(*where).order_by(*order).limit(q.count).offset(q.offset)
+    matches = [_stored(r) for r in await conn.execute(stmt)]
+    included = await _includes(conn, q, matches, scope) if matches and (q.includes or q.revincludes) else []
+    return SearchResult(matches, total, included)
+
+
+async def _includes(conn: AsyncConnection, q: SearchQuery, matches: list[Stored], scope: AccessScope) -> list[Stored]:
+    seen = {(m.res_type, m.res_id) for m in matches}
+    keys: list[tuple[str, str]] = []
+    rids = [m.rid for m in matches]
+    ref = s.idx_ref
+    for inc in q.includes:
+        stmt = select(ref.c.target_type, ref.c.target_id).where(
+            ref.c.rid.in_(rids), ref.c.res_type == inc.source_type, ref.c.param == inc.param,
+        )
+        if inc.target_type:
+            stmt = stmt.where(ref.c.target_type == inc.target_type)
+        keys += [(r.target_type, r.target_id) for r in await conn.execute(stmt) if r.target_type]
+    out = [x for x in await get_many(conn, [k for k in keys if k not in seen], scope)]
+    seen.update((x.res_type, x.res_id) for x in out)
+    ids = sorted({m.res_id for m in matches})
+    for inc in q.revincludes:
+        stmt = (
+            select(*_COLS)
+            .join(ref, ref.c.rid == R.c.rid)
+            .where(
+                ref.c.res_type == inc.source_type, ref.c.param == inc.param, ref.c.target_id.in_(ids),
+                or_(ref.c.target_type == q.res_type, ref.c.target_type.is_(None)),
+                R.c.deleted.is_(False), scope.patient_clause(R.c.patient_id),
+            )
+        )
+        for r in await conn.execute(stmt):
+            st = _stored(r)
+            if (st.res_type, st.res_id) not in seen:
+                seen.add((st.res_type, st.res_id))
+                out.append(st)
+    return out
+
+
+async def history(
+    conn: AsyncConnection,
+    scope: AccessScope,
+    *,
+    res_type: str | None = None,
+    res_id: str | None = None,
+    since: float | None = None,
+    count: int = 50,
+    offset: int = 0,
+) -> tuple[list[Stored], int]:
+    where = [scope.patient_clause(H.c.patient_id)]
+    if res_type:
+        where.append(H.c.res_type == res_type)
+    if res_id:
+        where.append(H.c.res_id == res_id)
+    if since is not None:
+        where.append(H.c.lu_ts >= since)
+    total = (await conn.execute(select(func.count()).select_from(H).where(*where))).scalar_one()
+    rows = await conn.execute(
+        select(H).where(*where).order_by(H.c.lu_ts.desc(), H.c.version.desc()).limit(count).offset(offset)
+    )
+    return [
+        Stored(None, r.res_type, r.res_id, r.version, r.last_updated, r.method == "DELETE", r.patient_id, r.content)
+        for r in rows
+    ], total

@@ -1,0 +1,218 @@
+"""Parse FHIR search parameters (FHIR R4 §3.1.1 "Search") into typed clauses (pure).
+
+Errors raise :class:`SearchError` naming the parameter; the FHIR handler renders them as a 400
+OperationOutcome (strict handling; ``Prefer: handling=lenient`` drops unknown parameters instead).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Iterable
+
+from mappings.dates import DateFormatError, parse_range
+from mappings.fhir.searchparams import COMMON_PARAMS, RESULT_PARAMS, SearchParam, params_for
+
+ANY = object()  # token system wildcard ("code" without a bar)
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+
+
+class SearchError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"search parameter '{param}': {message}")
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    """One occurrence of a parameter: values are OR-ed; clauses are AND-ed."""
+
+    param: SearchParam
+    modifier: str | None
+    values: tuple  # type-specific, see _parse_value
+    missing: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    source_type: str
+    param: str
+    target_type: str | None
+
+
+@dataclass(slots=True)
+class SearchQuery:
+    res_type: str
+    clauses: list[Clause] = field(default_factory=list)
+    count: int | None = None
+    offset: int = 0
+    sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
+    includes: list[Include] = field(default_factory=list)
+    revincludes: list[Include] = field(default_factory=list)
+    summary: str | None = None  # "count" | "false"
+    total: str = "accurate"  # none | estimate | accurate
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_search(
+    res_type: str,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    lenient: bool = False,
+) -> SearchQuery:
+    q = SearchQuery(res_type)
+    params = params_for(res_type)
+    for raw_name, raw_value in pairs:
+        name, _, modifier = raw_name.partition(":")
+        if name in RESULT_PARAMS:
+            _result_param(q, name, modifier, raw_value, default_count, max_count)
+            continue
+        sp = COMMON_PARAMS.get(name) or params.get(name)
+        if sp is None:
+            if lenient:
+                q.ignored.append(raw_name)
+                continue
+            raise SearchError(raw_name, f"not supported for {res_type} (see CapabilityStatement)")
+        q.clauses.append(_clause(sp, modifier or None, raw_value))
+    if q.count is None:
+        q.count = default_count
+    return q
+
+
+def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default: int, maximum: int) -> None:
+    if name == "_count":
+        try:
+            n = int(value)
+        except ValueError:
+            raise SearchError(name, f"{value!r} is not an integer") from None
+        if n < 0:
+            raise SearchError(name, "must be ≥ 0")
+        q.count = min(n, maximum)
+    elif name == "_offset":
+        try:
+            q.offset = max(0, int(value))
+        except ValueError:
+            raise SearchError(name, f"{value!r} is not an integer") from None
+    elif name == "_sort":
+        for part in value.split(","):
+            part = part.strip()
+            desc = part.startswith("-")
+            pname = part[1:] if desc else part
+            if pname not in ("_lastUpdated", "_id") and pname not in params_for(q.res_type):
+                raise SearchError(name, f"cannot sort {q.res_type} by {pname!r}")
+            q.sort.append((pname, desc))
+    elif name in ("_include", "_revinclude"):
+        if modifier and modifier != "iterate":
+            raise SearchError(name, f"modifier :{modifier} not supported")
+        parts = value.split(":")
+        if len(parts) not in (2, 3):
+            raise SearchError(name, f"{value!r} is not SourceType:param[:TargetType]")
+        src, pname = parts[0], parts[1]
+        target = parts[2] if len(parts) == 3 else None
+        sp = params_for(src).get(pname)
+        if sp is None or sp.type != "reference":
+            raise SearchError(name, f"{src}:{pname} is not a reference search parameter")
+        inc = Include(src, pname, target or sp.target)
+        if name == "_include":
+            if src != q.res_type:
+                raise SearchError(name, f"source type {src} does not match the searched type {q.res_type}")
+            q.includes.append(inc)
+        else:
+            q.revincludes.append(inc)
+    elif name == "_summary":
+        if value not in ("count", "false"):
+            raise SearchError(name, f"only _summary=count and _summary=false are supported, not {value!r}")
+        q.summary = value
+    elif name == "_total":
+        if value not in ("none", "estimate", "accurate"):
+            raise SearchError(name, f"{value!r} is not none, estimate or accurate")
+        q.total = value
+    elif name in ("_format", "_pretty", "_elements"):
+        return  # content negotiation handled by the handler; _elements ignored (documented)
+
+
+def _clause(sp: SearchParam, modifier: str | None, raw: str) -> Clause:
+    if modifier == "missing":
+        if raw not in ("true", "false"):
+            raise SearchError(f"{sp.name}:missing", "value must be true or false")
+        return Clause(sp, modifier, (), raw == "true")
+    allowed = {
+        "token": {None, "not"},
+        "string": {None, "exact", "contains"},
+        "date": {None},
+        "reference": {None},
+        "quantity": {None},
+    }[sp.type]
+    if modifier not in allowed and not (sp.type == "reference" and modifier and modifier[:1].isupper()):
+        raise SearchError(f"{sp.name}:{modifier}", f"modifier not supported for {sp.type} parameters")
+    values = tuple(_parse_value(sp, modifier, v) for v in _split_commas(raw))
+    if not values:
+        raise SearchError(sp.name, "empty value")
+    return Clause(sp, modifier, values)
+
+
+def _split_commas(raw: str) -> list[str]:
+    parts, cur, esc = [], [], False
+    for ch in raw:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p != ""]
+
+
+def _prefix(value: str) -> tuple[str, str]:
+    if len(value) > 2 and value[:2] in PREFIXES and not value[2:3].isalpha():
+        return value[:2], value[2:]
+    return "eq", value
+
+
+_NUM = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
+
+
+def _parse_value(sp: SearchParam, modifier: str | None, value: str):
+    if sp.type == "token":
+        if "|" in value:
+            system, code = value.split("|", 1)
+            return (system or None, code or None)
+        return (ANY, value)
+    if sp.type == "string":
+        return value
+    if sp.type == "date":
+        prefix, text = _prefix(value)
+        try:
+            lo, hi = parse_range(text)
+        except DateFormatError as exc:
+            raise SearchError(sp.name, str(exc)) from None
+        return (prefix, lo, hi)
+    if sp.type == "reference":
+        if "/" in value:
+            rtype, _, rid = value.rstrip("/").rpartition("/")
+            rtype = rtype.rpartition("/")[2]
+            return (rtype, rid)
+        target = modifier if modifier and modifier[:1].isupper() else sp.target
+        return (target, value)
+    if sp.type == "quantity":
+        prefix, text = _prefix(value)
+        number, _, rest = text.partition("|")
+        system, _, code = rest.partition("|") if rest else ("", "", "")
+        if not _NUM.match(number):
+            raise SearchError(sp.name, f"{number!r} is not a number")
+        try:
+            d = Decimal(number)
+        except InvalidOperation:
+            raise SearchError(sp.name, f"{number!r} is not a number") from None
+        exp = d.as_tuple().exponent
+        half = Decimal(5).scaleb(exp - 1) if isinstance(exp, int) else Decimal(0)
+        return (prefix, float(d), float(d - half), float(d + half), system or None, code or None)
+    raise SearchError(sp.name, f"unsupported parameter type {sp.type}")  # pragma: no cover

@@ -1,0 +1,72 @@
+"""Structural validation of FHIR resources with the ``fhir.resources.R4B`` models (pure).
+
+The wire format is FHIR R4 (4.0.1); R4B models share its structure for every resource the gateway
+uses.  Errors name the element path (FHIRPath-like) of each problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from mappings.fhir.references import ID_RE
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    expression: str
+    message: str
+
+
+class InvalidResource(ValueError):
+    def __init__(self, issues: list[Issue], *, structural: bool = False) -> None:
+        super().__init__("; ".join(f"{i.expression}: {i.message}" for i in issues[:5]))
+        self.issues = issues
+        #: True when the problem is the resource's shape/type (400) rather than its content (422).
+        self.structural = structural
+
+
+@lru_cache(maxsize=None)
+def model_class(res_type: str):
+    """The R4B model class for a resource type, or None if the type does not exist."""
+    try:
+        return get_fhir_model_class(res_type)
+    except (KeyError, ValueError):
+        return None
+
+
+def known_type(res_type: str) -> bool:
+    cls = model_class(res_type)
+    return cls is not None and res_type not in ("Element", "BackboneElement")
+
+
+def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:
+    """Validate a parsed JSON resource; returns it unchanged or raises :class:`InvalidResource`."""
+    if not isinstance(resource, dict):
+        raise InvalidResource([Issue("$", "a resource must be a JSON object")], structural=True)
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise InvalidResource([Issue("resourceType", "missing")], structural=True)
+    if expected_type is not None and rtype != expected_type:
+        raise InvalidResource(
+            [Issue("resourceType", f"is {rtype!r} but this endpoint takes {expected_type!r}")], structural=True
+        )
+    cls = model_class(rtype)
+    if cls is None or not known_type(rtype):
+        raise InvalidResource([Issue("resourceType", f"{rtype!r} is not a FHIR R4 resource type")], structural=True)
+    rid = resource.get("id")
+    if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
+        raise InvalidResource([Issue(f"{rtype}.id", "must match [A-Za-z0-9\\-.]{1,64}")])
+    try:
+        cls.model_validate(resource)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors()[:20]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
+            issues.append(Issue(f"{rtype}.{loc}" if loc else rtype, err.get("msg", "invalid")))
+        raise InvalidResource(issues or [Issue(rtype, "invalid")]) from None
+    return resource

@@ -1,0 +1,57 @@
+"""Consent logic for fedgate: the vendored GA4GH DUO release and a pure DUO evaluator.
+
+DESIGN.md, "The consent gate — one place": ``ontologies`` evaluates, purely and with no I/O,
+ConsentProfile × Purpose × Requester → Decision.  The DUO release is loaded with rdflib once at
+start-up (:func:`load_duo`) and its closures are computed then; per-request work is dict/set lookups.
+
+Public API (see ``docs/consent.md``)::
+
+    from ontologies import load_duo, evaluate, ConsentProfile, ResearchPurpose, Requester
+    duo = load_duo()                      # vendored duo.owl, cached
+    decision = evaluate(profile, purpose, requester, duo, diseases, today)
+"""
+
+from ontologies.cache import DecisionCache, allowed_profile_ids, allowed_profiles
+from ontologies.diseases import (
+    ClosureHierarchy,
+    CompositeHierarchy,
+    DiseaseHierarchy,
+    EMPTY_HIERARCHY,
+    load_hierarchy,
+    load_obo_hierarchy,
+    load_owl_hierarchy,
+    request_supplied_hierarchy,
+)
+from ontologies.duo_graph import DuoOntology, load_duo
+from ontologies.evaluator import (
+    ConsentParameters,
+    ConsentProfile,
+    Decision,
+    Requester,
+    ResearchPurpose,
+    evaluate,
+)
+from ontologies.terms import normalize_curie
+
+__all__ = [
+    "ClosureHierarchy",
+    "CompositeHierarchy",
+    "ConsentParameters",
+    "ConsentProfile",
+    "Decision",
+    "DecisionCache",
+    "DiseaseHierarchy",
+    "DuoOntology",
+    "EMPTY_HIERARCHY",
+    "Requester",
+    "ResearchPurpose",
+    "allowed_profile_ids",
+    "allowed_profiles",
+    "evaluate",
+    "load_duo",
+    "load_hierarchy",
+    "load_obo_hierarchy",
+    "load_owl_hierarchy",
+    "normalize_curie",
+    "request_supplied_hierarchy",
+]
