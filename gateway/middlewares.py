@@ -16,11 +16,12 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import PURPOSE_HEADER
+from gateway.context import Requester
 from gateway.errors import STATUS_ERRORS, GatewayError, Unauthorized
 
 log = logging.getLogger(__name__)
 
-REQUESTER = "requester"  # request[...] key holding the authenticated Requester
+REQUESTER: web.RequestKey["Requester"] = web.RequestKey("requester", object)  # the authenticated Requester
 
 
 def route_template(request: web.Request) -> str:
@@ -109,7 +110,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
-def requester_of(request: web.Request):
+def requester_of(request: web.Request) -> Requester:
     return request[REQUESTER]
 
 

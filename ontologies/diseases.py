@@ -99,7 +99,7 @@ class ClosureHierarchy:
         """
         dead = frozenset(obsolete)
         closure = transitive_closure(parents)
-        members = set(closure) if known is None else set(known) | set()
+        members = set(closure) if known is None else set(known)
         table = {
             code: frozenset(a for a in closure.get(code, frozenset()) if a not in dead)
             for code in members

@@ -1,0 +1,30 @@
+"""The gateway starts on both engines, answers health probes, and requires a token elsewhere."""
+
+from __future__ import annotations
+
+
+async def test_health_and_ready(gateway, http):
+    async with http.get(gateway.url + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(gateway.url + "/readyz") as r:
+        assert r.status == 200
+        assert (await r.json())["database"] in ("sqlite", "postgresql")
+
+
+async def test_fhir_requires_token(gateway, http):
+    async with http.get(gateway.fhir + "/Patient") as r:
+        assert r.status == 401
+        body = await r.json()
+        assert body["resourceType"] == "OperationOutcome"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_create_read_roundtrip(gateway, http):
+    h = gateway.headers("clinician") | {"Content-Type": "application/fhir+json"}
+    async with http.post(gateway.fhir + "/Patient", json={"resourceType": "Patient", "gender": "female"}, headers=h) as r:
+        assert r.status == 201, await r.text()
+        created = await r.json()
+    async with http.get(f"{gateway.fhir}/Patient/{created['id']}", headers=h) as r:
+        assert r.status == 200
+        assert (await r.json())["gender"] == "female"
+        assert r.headers["ETag"] == 'W/"1"'
