@@ -652,7 +652,7 @@ def _check_permission(ctx: _Context) -> list[_Finding]:
                     f"only; the request {ctx.t(code)} names no disease",
                 ))
             else:
-                findings.append(_Finding(PERMIT, f"{ctx.t(perm)} permits {ctx.t(code)} ({kind.value})"))
+                findings.append(_Finding(PERMIT, f"{ctx.t(perm)} permits {ctx.t(code)} as {kind.value}"))
         else:
             findings.append(_Finding(
                 DENY, f"{ctx.t(perm)} permits {_PERMISSION_SCOPE[perm]}; {ctx.t(code)} is {kind.value}",
