@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 from sqlalchemy import text
 
@@ -24,7 +26,17 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "database": db.dialect})
 
 
+#: The gateway's OpenAPI 3.1 document (kept in step with the router by tests/integration/test_openapi.py).
+OPENAPI_PATH = Path(__file__).resolve().parents[2] / "openapi" / "fedgate.yaml"
+
+
+async def openapi(request: web.Request) -> web.FileResponse:
+    """The OpenAPI document for the gateway's own routes."""
+    return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/yaml"})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
-    app[keys.PUBLIC_ROUTES].update({"healthz", "readyz"})
+    app.router.add_get("/openapi.yaml", openapi, name="openapi")
+    app[keys.PUBLIC_ROUTES].update({"healthz", "readyz", "openapi"})
