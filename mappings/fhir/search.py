@@ -130,6 +130,8 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
         if value not in ("none", "estimate", "accurate"):
             raise SearchError(name, f"{value!r} is not none, estimate or accurate")
         q.total = value
+    elif name == "_totalMethod":  # fhirpy's count() hint; accepted as _total=accurate
+        q.total = "accurate"
     elif name in ("_format", "_pretty", "_elements"):
         return  # content negotiation handled by the handler; _elements ignored (documented)
 
