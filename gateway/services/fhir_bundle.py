@@ -126,6 +126,12 @@ class TransactionPlan:
     def prepare(self) -> None:
         """Parse and validate every entry; assign ids to creates (no I/O)."""
         self.entries = [parse_request(i, e) for i, e in enumerate(self.raw_entries)]
+        full_urls: set[str] = set()
+        for e in self.entries:  # bdl-7: fullUrl must be unique in a bundle
+            if e.full_url:
+                if e.full_url in full_urls:
+                    raise _entry_error(e.index, BadRequest(f"fullUrl {e.full_url!r} occurs more than once (bdl-7)"))
+                full_urls.add(e.full_url)
         seen: set[tuple[str, str]] = set()
         for e in self.entries:
             if e.method == "POST":
