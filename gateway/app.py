@@ -14,6 +14,7 @@ from gateway.handlers import health
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.access import NullAudit, OpenGate
 from gateway.services.fhir import FhirService
+from gateway.services.validation import ModelValidator
 from gateway.settings import Settings
 from gateway.store import open_database
 
@@ -25,9 +26,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     db = await open_database(settings)
     app[keys.DB] = db
     log.info("store ready", extra={"engine": db.dialect})
+    validator = ModelValidator(settings.validation_processes)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
-                                 max_count=settings.max_page_size)
+                                 max_count=settings.max_page_size, validator=validator)
     yield
+    validator.close()
     await db.dispose()
 
 

@@ -19,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.ids import new_id
 from gateway.services.access import NullAudit, OpenGate
 from gateway.services.fhir import FhirService
+from gateway.services.validation import ModelValidator
 from gateway.settings import Settings
 from gateway.store import open_database
 
@@ -60,7 +61,8 @@ def as_transaction(doc: dict[str, Any]) -> dict[str, Any]:
 
 async def load_paths(settings: Settings, paths: list[Path], *, progress: bool = True) -> dict[str, Any]:
     db = await open_database(settings)
-    svc = FhirService(db, OpenGate(), NullAudit())
+    validator = ModelValidator(settings.validation_processes)
+    svc = FhirService(db, OpenGate(), NullAudit(), validator=validator)
     loaded, failed, resources = 0, [], 0
     files = _files(paths)
     try:
@@ -74,5 +76,6 @@ async def load_paths(settings: Settings, paths: list[Path], *, progress: bool = 
                 failed.append({"file": f.name, "error": str(exc)[:300]})
                 log.warning("file not loaded: %s", f.name)
     finally:
+        validator.close()
         await db.dispose()
     return {"files": len(files), "loaded": loaded, "resources": resources, "failed": failed}

@@ -40,6 +40,8 @@ class Settings:
     #: Default and maximum page size for FHIR search.
     default_page_size: int = 50
     max_page_size: int = 1000
+    #: Worker processes validating large FHIR bundles (-1 = one less than the CPU count, at most 4; 0 = none).
+    validation_workers: int = -1
     log_level: str = "INFO"
     log_format: str = "json"
     #: Authentication: "jwt" (default) verifies bearer tokens on every non-public route.
@@ -52,6 +54,12 @@ class Settings:
     jwks: str = ""
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def validation_processes(self) -> int:
+        if self.validation_workers >= 0:
+            return self.validation_workers
+        return max(0, min(4, (os.cpu_count() or 1) - 1))
 
     @property
     def sqlite_path(self) -> Path:

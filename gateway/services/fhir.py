@@ -7,11 +7,10 @@ and reports every access to the audit sink.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from gateway.context import Requester
 from gateway.ids import new_id
@@ -21,8 +20,9 @@ from gateway.store import fhir_repo as repo
 from gateway.store.db import Database
 from gateway.store.scope import AccessScope
 from mappings.dates import DateFormatError, parse_range
-from mappings.fhir.references import ID_RE, parse_reference, rewrite_references
+from mappings.fhir.references import ID_RE
 from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,11 @@ class WriteOutcome:
 
 class FhirService:
     def __init__(
-        self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000
+        self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000,
+        validator: ModelValidator | None = None,
     ) -> None:
         self.db = db
+        self.validator = validator or ModelValidator(0)
         self.gate = gate
         self.audit = audit
         self.default_count = default_count
@@ -271,10 +273,8 @@ class FhirService:
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)
-        if len(entries) > 20:
-            await asyncio.to_thread(plan.prepare)
-        else:
-            plan.prepare()
+        plan.prepare(check_models=False)  # envelopes, ids, fullUrls (cheap)
+        await plan.check_models(self.validator)  # the expensive model validation, off the event loop
         async with self.db.write() as conn:
             response = await plan.execute(conn)
         await self._audit(requester, "C", "transaction", "0", plan.stored)

@@ -17,12 +17,13 @@ from gateway.errors import BadRequest, GatewayError, NotFound, PreconditionFaile
 from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
 from gateway.store.scope import UNRESTRICTED
-from mappings.fhir.references import ID_RE, parse_reference, rewrite_references
-from mappings.fhir.validate import InvalidResource, known_type, validate_resource
+from mappings.fhir.references import ID_RE, rewrite_references
+from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.context import Requester
     from gateway.services.fhir import FhirService
+    from gateway.services.validation import ModelValidator
 
 METHODS = ("DELETE", "POST", "PUT", "GET")
 
@@ -71,7 +72,7 @@ class Entry:
     response_resource: dict | None = None
 
 
-def parse_request(i: int, entry: Any) -> Entry:
+def parse_request(i: int, entry: Any, *, check_model: bool = True) -> Entry:
     if not isinstance(entry, dict):
         raise _entry_error(i, BadRequest("entry must be an object"))
     req = entry.get("request")
@@ -103,7 +104,11 @@ def parse_request(i: int, entry: Any) -> Entry:
     e.if_match = req.get("ifMatch")
     if method in ("POST", "PUT"):
         try:
-            e.resource = validate_resource(entry.get("resource"), expected_type=e.res_type)
+            if check_model:
+                e.resource = validate_resource(entry.get("resource"), expected_type=e.res_type)
+            else:
+                check_envelope(entry.get("resource"), expected_type=e.res_type)
+                e.resource = entry["resource"]
         except InvalidResource as exc:
             from gateway.services.fhir import invalid_error
 
@@ -123,9 +128,9 @@ class TransactionPlan:
     refmap: dict[str, str] = field(default_factory=dict)
     stored: list[repo.Stored] = field(default_factory=list)
 
-    def prepare(self) -> None:
-        """Parse and validate every entry; assign ids to creates (no I/O)."""
-        self.entries = [parse_request(i, e) for i, e in enumerate(self.raw_entries)]
+    def prepare(self, *, check_models: bool = True) -> None:
+        """Parse (and unless ``check_models`` is False, model-validate) every entry; assign ids (no I/O)."""
+        self.entries = [parse_request(i, e, check_model=check_models) for i, e in enumerate(self.raw_entries)]
         full_urls: set[str] = set()
         for e in self.entries:  # bdl-7: fullUrl must be unique in a bundle
             if e.full_url:
@@ -151,6 +156,16 @@ class TransactionPlan:
                 if key in seen:
                     raise _entry_error(e.index, BadRequest(f"{e.res_type}/{e.res_id} appears twice in the transaction"))
                 seen.add(key)
+
+    async def check_models(self, validator: "ModelValidator") -> None:
+        """Model-validate every resource of the plan; the first invalid entry fails the transaction."""
+        with_resource = [e for e in self.entries if e.resource is not None]
+        issues = await validator.issues([e.resource for e in with_resource])
+        if issues:
+            first = min(issues)
+            from gateway.services.fhir import invalid_error
+
+            raise _entry_error(with_resource[first].index, invalid_error(InvalidResource(issues[first])))
 
     async def execute(self, conn) -> dict[str, Any]:
         svc = self.service

@@ -110,7 +110,6 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     new_rows: list[dict] = []
     updates: list[dict] = []
     history: list[dict] = []
-    reindex: list[tuple[int | None, Write, dict | None]] = []  # (rid or None for new, write, resource)
     stale_rids = [w.prev.rid for w in writes if w.prev is not None and w.prev.rid is not None]
     stale_src = [f"{w.res_type}/{w.res_id}" for w in writes if w.prev is not None]
 

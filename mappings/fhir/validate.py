@@ -44,8 +44,8 @@ def known_type(res_type: str) -> bool:
     return cls is not None and res_type not in ("Element", "BackboneElement")
 
 
-def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:
-    """Validate a parsed JSON resource; returns it unchanged or raises :class:`InvalidResource`."""
+def check_envelope(resource: Any, *, expected_type: str | None = None) -> type:
+    """The cheap checks (object, resourceType, id); returns the model class or raises InvalidResource."""
     if not isinstance(resource, dict):
         raise InvalidResource([Issue("$", "a resource must be a JSON object")], structural=True)
     rtype = resource.get("resourceType")
@@ -61,12 +61,44 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
     rid = resource.get("id")
     if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
         raise InvalidResource([Issue(f"{rtype}.id", "must match [A-Za-z0-9\\-.]{1,64}")])
+    return cls
+
+
+def model_issues(resource: dict[str, Any]) -> list[Issue]:
+    """Validate against the R4B model (the expensive part); [] when valid."""
+    rtype = resource["resourceType"]
     try:
-        cls.model_validate(resource)
+        model_class(rtype).model_validate(resource)
     except ValidationError as exc:
         issues = []
         for err in exc.errors()[:20]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
             issues.append(Issue(f"{rtype}.{loc}" if loc else rtype, err.get("msg", "invalid")))
-        raise InvalidResource(issues or [Issue(rtype, "invalid")]) from None
+        return issues or [Issue(rtype, "invalid")]
+    return []
+
+
+def model_issues_many(resources: list[Any]) -> list[tuple[int, list[tuple[str, str]]]]:
+    """Batch form for a worker process: (index, [(expression, message)]) of each invalid resource.
+
+    Resources that fail the envelope checks are skipped here (the caller checks envelopes itself).
+    """
+    out = []
+    for i, res in enumerate(resources):
+        try:
+            check_envelope(res)
+        except InvalidResource:
+            continue
+        issues = model_issues(res)
+        if issues:
+            out.append((i, [(x.expression, x.message) for x in issues]))
+    return out
+
+
+def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:
+    """Validate a parsed JSON resource; returns it unchanged or raises :class:`InvalidResource`."""
+    check_envelope(resource, expected_type=expected_type)
+    issues = model_issues(resource)
+    if issues:
+        raise InvalidResource(issues)
     return resource
