@@ -7,6 +7,8 @@ renders the result; every error is an OperationOutcome with the matching status 
 
 from __future__ import annotations
 
+from datetime import datetime
+from email.utils import format_datetime
 from urllib.parse import urlencode
 
 import orjson
@@ -83,9 +85,14 @@ async def read_json_body(request: web.Request) -> object:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
+def http_date(instant: str) -> str:
+    """RFC 9110 HTTP-date for a FHIR instant (Last-Modified)."""
+    return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")), usegmt=True)
+
+
 def resource_response(st: Stored, status: int = 200, *, location_base: str | None = None,
                       prefer: str | None = None) -> web.Response:
-    headers = {"ETag": st.etag, "Last-Modified": st.last_updated}
+    headers = {"ETag": st.etag, "Last-Modified": http_date(st.last_updated)}
     if location_base:
         headers["Location"] = f"{location_base}/{st.res_type}/{st.res_id}/_history/{st.version}"
     if prefer == "minimal":

@@ -28,3 +28,17 @@ async def test_create_read_roundtrip(gateway, http):
         assert r.status == 200
         assert (await r.json())["gender"] == "female"
         assert r.headers["ETag"] == 'W/"1"'
+
+
+async def test_read_headers_are_http_conformant(gateway, http):
+    from email.utils import parsedate_to_datetime
+
+    h = gateway.headers("clinician") | {"Content-Type": "application/fhir+json"}
+    async with http.put(gateway.fhir + "/Patient/hdr", json={"resourceType": "Patient", "id": "hdr"}, headers=h) as r:
+        assert r.status == 201
+        body = await r.json()
+    async with http.get(gateway.fhir + "/Patient/hdr", headers=h) as r:
+        modified = parsedate_to_datetime(r.headers["Last-Modified"])
+        assert modified.isoformat()[:19] == body["meta"]["lastUpdated"][:19]
+    async with http.get(gateway.fhir + "/Patient/hdr", headers=h | {"If-None-Match": r.headers["ETag"]}) as r2:
+        assert r2.status == 304
