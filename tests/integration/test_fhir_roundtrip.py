@@ -147,7 +147,7 @@ async def test_synthea_bundles_round_trip(synthea_loaded):
     assert not bad, f"{len(bad)} resources differ, e.g. {bad[:5]}"
 
 
-async def test_synthea_search_counts_match_source(synthea_loaded):
+async def test_synthea_search_counts_match_source(synthea_loaded, gateway):
     client, loaded = synthea_loaded
     by_type: dict[str, list[dict]] = defaultdict(list)
     for original, rid in loaded:
@@ -223,3 +223,21 @@ async def test_synthea_search_counts_match_source(synthea_loaded):
     included = [e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
     assert included == [p["id"]]
     assert bundle["total"] == len(mine)
+
+    # _sort by date (descending) and by _lastUpdated; POST _search gives the same matches as GET
+    sorted_back = await client.execute("Observation", method="get",
+                                       params={"patient": p["id"], "_sort": "-date", "_count": "500"})
+    got = [_instant(e["resource"]["effectiveDateTime"]) for e in sorted_back["entry"]]
+    assert got == sorted((_instant(o["effectiveDateTime"]) for o in mine), reverse=True)
+    by_lu = await client.execute("Observation", method="get",
+                                 params={"patient": p["id"], "_sort": "_lastUpdated", "_count": "500"})
+    stamps = [e["resource"]["meta"]["lastUpdated"] for e in by_lu["entry"]]
+    assert stamps == sorted(stamps) and len(stamps) == len(mine)
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway.fhir}/Observation/_search", data={"patient": p["id"], "_count": "500"},
+                             headers=gateway.headers("clinician")) as r:
+            assert r.status == 200
+            posted = await r.json()
+    assert sorted(e["resource"]["id"] for e in posted["entry"]) == sorted(o["id"] for o in mine)
