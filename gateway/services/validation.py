@@ -10,11 +10,15 @@ first large bundle, with the ``spawn`` method (no fork of a running event loop).
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from mappings.fhir.validate import Issue, model_issues_many
+
+log = logging.getLogger(__name__)
 
 #: Bundles with more resources than this go to the pool (smaller ones are validated in a thread).
 POOL_THRESHOLD = 20
@@ -36,9 +40,14 @@ class ModelValidator:
         """Model issues of each invalid resource, by position (envelope problems are not reported here)."""
         loop = asyncio.get_running_loop()
         pool = self._executor() if len(resources) > POOL_THRESHOLD else None
+        found = None
         if pool is not None:
-            found = await loop.run_in_executor(pool, model_issues_many, resources)
-        else:
+            try:
+                found = await loop.run_in_executor(pool, model_issues_many, resources)
+            except BrokenProcessPool:  # a worker died (OOM kill, ...): start a new pool next time
+                log.warning("validation worker pool broke; validating in a thread")
+                self.close()
+        if found is None:
             found = await asyncio.to_thread(model_issues_many, resources)
         return {i: [Issue(e, m) for e, m in issues] for i, issues in found}
 

@@ -278,8 +278,25 @@ def _value_pred(clause: Clause, table, value) -> Any:
     raise ValueError(t)  # pragma: no cover
 
 
-def clause_sql(clause: Clause, res_type: str):
-    """SQL predicate over ``fhir_resource`` for one search clause."""
+#: How selective a clause usually is (lower = fewer matches): the most selective one drives the query.
+_SELECTIVITY = {"reference": 0, "token": 1, "string": 2, "quantity": 3, "date": 4}
+
+
+def _selectivity(clause: Clause) -> int:
+    if clause.param.name == "_id":
+        return -1
+    if clause.missing is not None or clause.modifier == "not" or clause.param.name == "_lastUpdated":
+        return 9
+    return _SELECTIVITY.get(clause.param.type, 5)
+
+
+def clause_sql(clause: Clause, res_type: str, *, driving: bool = True):
+    """SQL predicate over ``fhir_resource`` for one search clause.
+
+    The driving clause (the most selective) becomes ``rid IN (index lookup)``; the others are correlated
+    ``EXISTS`` probes on the index's ``rid`` column, so no large intermediate rid set is materialised
+    (a common code across 100k resources would otherwise be built in full for every query).
+    """
     name = clause.param.name
     if name == "_id":
         ids = [v[1] for v in clause.values]
@@ -288,11 +305,14 @@ def clause_sql(clause: Clause, res_type: str):
     if name == "_lastUpdated":
         return or_(*[_date_pred(R.c.lu_ts, R.c.lu_ts, p, lo, hi) for p, lo, hi in clause.values])
     table = s.INDEX_TABLES[clause.param.type]
-    base = select(table.c.rid).where(table.c.res_type == res_type, table.c.param == name)
-    if clause.missing is not None:
-        return R.c.rid.not_in(base) if clause.missing else R.c.rid.in_(base)
-    sub = base.where(or_(*[_value_pred(clause, table, v) for v in clause.values]))
-    return R.c.rid.not_in(sub) if clause.modifier == "not" else R.c.rid.in_(sub)
+    preds = [table.c.res_type == res_type, table.c.param == name]
+    if clause.missing is None:
+        preds.append(or_(*[_value_pred(clause, table, v) for v in clause.values]))
+    negate = clause.missing is True or (clause.missing is None and clause.modifier == "not")
+    if driving and not negate:
+        return R.c.rid.in_(select(table.c.rid).where(*preds))
+    probe = select(table.c.rid).where(table.c.rid == R.c.rid, *preds).exists()
+    return not_(probe) if negate else probe
 
 
 def _sort_key(res_type: str, pname: str, desc: bool):
@@ -314,8 +334,13 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
-    where = [R.c.res_type == q.res_type, R.c.deleted.is_(False), scope.patient_clause(R.c.patient_id)]
-    where += [clause_sql(c, q.res_type) for c in q.clauses]
+    ordered = sorted(q.clauses, key=_selectivity)
+    where = [R.c.deleted.is_(False), scope.patient_clause(R.c.patient_id)]
+    where += [clause_sql(c, q.res_type, driving=i == 0) for i, c in enumerate(ordered)]
+    if not ordered or _selectivity(ordered[0]) in (-1, 9):
+        # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
+        # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
+        where.insert(0, R.c.res_type == q.res_type)
     total = None
     if q.total != "none" or q.summary == "count":
         total = (await conn.execute(select(func.count()).select_from(R).where(*where))).scalar_one()
