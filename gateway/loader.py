@@ -75,6 +75,7 @@ async def load_paths(settings: Settings, paths: list[Path], *, progress: bool = 
             except (GatewayError, orjson.JSONDecodeError) as exc:
                 failed.append({"file": f.name, "error": str(exc)[:300]})
                 log.warning("file not loaded: %s", f.name)
+        await db.analyze()
     finally:
         validator.close()
         await db.dispose()

@@ -277,5 +277,6 @@ class FhirService:
         await plan.check_models(self.validator)  # the expensive model validation, off the event loop
         async with self.db.write() as conn:
             response = await plan.execute(conn)
+        self.db.note_writes(len(plan.stored))
         await self._audit(requester, "C", "transaction", "0", plan.stored)
         return response

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -49,11 +50,19 @@ class Database:
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=False)
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=False,
+                          # asyncpg prepares every statement; after 5 runs PostgreSQL may switch to a generic
+                          # plan that ignores the search values (and drives a patient+code search from the
+                          # common code: 15 ms instead of 0.4 ms). Plan each execution with its values.
+                          connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}})
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        # planner statistics: refreshed in the background as data grows (see note_writes)
+        self._rows_written = 0
+        self._rows_at_analyze = 0
+        self._analyze_task: asyncio.Task | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -76,7 +85,34 @@ class Database:
             async with self.engine.begin() as conn:
                 yield conn
 
+    def note_writes(self, rows: int) -> None:
+        """Count written rows; when the data grew by a quarter (and ≥ 2,000 rows) since the last
+        statistics refresh, run ANALYZE in the background so the planners see the real selectivity
+        of the index tables (without it PostgreSQL and SQLite both drive searches from the wrong
+        index after a bulk load — 20–50 ms instead of < 1 ms at 100k resources)."""
+        self._rows_written += rows
+        grown = self._rows_written - self._rows_at_analyze
+        if grown >= max(2_000, self._rows_at_analyze // 4) and (self._analyze_task is None or self._analyze_task.done()):
+            self._rows_at_analyze = self._rows_written
+            self._analyze_task = asyncio.get_running_loop().create_task(self.analyze())
+
+    async def analyze(self) -> None:
+        """Refresh planner statistics (ANALYZE; SQLite samples at most 1,000 rows per index)."""
+        try:
+            if self.is_sqlite:
+                async with self.write() as conn:
+                    await conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                    await conn.exec_driver_sql("ANALYZE")
+            else:
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    await conn.exec_driver_sql("ANALYZE")
+        except (OSError, SQLAlchemyError) as exc:  # statistics are an optimisation: log and go on
+            log.warning("ANALYZE failed: %s", type(exc).__name__)
+
     async def dispose(self) -> None:
+        if self._analyze_task is not None and not self._analyze_task.done():
+            await asyncio.wait([self._analyze_task], timeout=30)
         await self.engine.dispose()
 
 
