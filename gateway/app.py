@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import TokenVerifier
+from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
 from gateway.middlewares import auth_middleware, error_middleware
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     health.setup_routes(app)
     fhir_handlers.setup_routes(app)
+    federation_handlers.setup_routes(app)
     return app
 
 
