@@ -91,6 +91,18 @@ def cmd_consent(args: argparse.Namespace) -> int:
     return consent_evaluate_main(sys.stdin, sys.stdout, disease_files=tuple(args.disease_ontology or ()))
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from gateway.federation_cli import cmd_query as run
+
+    return run(args, _settings(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.federation_cli import cmd_demo as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr", action="append", help="requester attribute key=value (repeatable)")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("query", help="federated cohort query through a hub (table output; --json for JSON)")
+    _common(p)
+    p.add_argument("cohort", help="JSON file: a cohort criterion or a request {cohort, breakdowns, stats}")
+    p.add_argument("--hub", help="hub base URL (default $FEDGATE_HUB or this gateway's host:port)")
+    p.add_argument("--json", action="store_true", help="print the hub's JSON answer")
+    p.add_argument("--token", help="bearer token for the hub (default $FEDGATE_TOKEN, else a dev token from --data-dir)")
+    p.add_argument("--purpose", help="DUO purpose codes for a dev token (default DUO:0000042)")
+    p.add_argument("--deadline", type=float, help="per-site deadline in seconds")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("demo", help="start a federation hub and three sites on loopback with synthetic data")
+    p.add_argument("--dir", default="./demo-federation", help="data directory for the four gateways")
+    p.add_argument("--base-port", type=int, default=8700, help="hub port; sites use the next three")
+    p.add_argument("--patients", type=int, default=2000, help="synthetic patients per site")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("consent", help="data-steward tools for DUO consent")
     csub = p.add_subparsers(dest="consent_command", required=True)
