@@ -361,7 +361,12 @@ class SiteService:
     async def answer(self, requester: Requester, req: CohortRequest, *, gate, audit, via: str = "direct",
                      path: str = "", expand: Expander | None = None) -> dict:
         """Count ``req`` for ``requester`` under ``gate``'s scope; release only disclosure-controlled values."""
-        self.check_requester(requester)
+        try:
+            self.check_requester(requester)
+        except Forbidden as exc:
+            await audit.record(AccessRecord(requester=requester, action="E", interaction="federation-cohort",
+                                            outcome="4", path=path, detail=f"via={via} refused: {exc.message}"))
+            raise
         if expand is not None:
             self.expand = expand
         scope: AccessScope = await gate.scope_for(requester)
