@@ -125,6 +125,8 @@ def bundle_bytes(kind: str, entries: list[bytes], *, total: int | None, links: l
         head["total"] = total
     if links:
         head["link"] = [{"relation": r, "url": u} for r, u in links]
+    if not entries:  # FHIR JSON: no empty arrays
+        return orjson.dumps(head)
     prefix = orjson.dumps(head)[:-1]
     return prefix + b',"entry":[' + b",".join(entries) + b"]}"
 

@@ -42,3 +42,26 @@ async def test_read_headers_are_http_conformant(gateway, http):
         assert modified.isoformat()[:19] == body["meta"]["lastUpdated"][:19]
     async with http.get(gateway.fhir + "/Patient/hdr", headers=h | {"If-None-Match": r.headers["ETag"]}) as r2:
         assert r2.status == 304
+
+
+async def test_searchset_bundles_are_valid_fhir(gateway, http):
+    """Search results (empty, count-only and with entries) validate against the R4B Bundle model."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    h = gateway.headers("clinician") | {"Content-Type": "application/fhir+json"}
+    async with http.post(gateway.fhir + "/Patient", json={"resourceType": "Patient", "gender": "other"}, headers=h):
+        pass
+    for query in ("Patient?gender=other", "Patient?gender=male", "Patient?_summary=count", "Patient/_history"):
+        async with http.get(f"{gateway.fhir}/{query}", headers=h) as r:
+            assert r.status == 200
+            body = await r.json()
+            Bundle.model_validate(body)
+            assert not _empty_arrays(body), f"{query}: FHIR JSON must not contain empty arrays"
+
+
+def _empty_arrays(node) -> bool:
+    if isinstance(node, list):
+        return not node or any(_empty_arrays(v) for v in node)
+    if isinstance(node, dict):
+        return any(_empty_arrays(v) for v in node.values())
+    return False
