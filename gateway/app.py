@@ -12,6 +12,7 @@ from gateway.auth import TokenVerifier
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
+from gateway.handlers import omop as omop_handlers
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.access import NullAudit, OpenGate
 from gateway.services.fhir import FhirService
@@ -52,6 +53,7 @@ def create_app(settings: Settings) -> web.Application:
     health.setup_routes(app)
     fhir_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
+    omop_handlers.setup_routes(app)
     return app
 
 

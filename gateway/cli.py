@@ -103,6 +103,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_omop_export(args: argparse.Namespace) -> int:
+    from gateway.omop_cli import cmd_export
+
+    return cmd_export(args, _settings(args))
+
+
+def cmd_omop_import(args: argparse.Namespace) -> int:
+    from gateway.omop_cli import cmd_import
+
+    return cmd_import(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=2000, help="synthetic patients per site")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
+    osub = p.add_subparsers(dest="omop_command", required=True)
+    e = osub.add_parser("export", help="export the consented common model to a PostgreSQL schema or CSV files")
+    _common(e)
+    e.add_argument("--purpose", required=True, help="research purpose: DUO codes (+ disease CURIEs)")
+    e.add_argument("--pg-url", help="target PostgreSQL database URL")
+    e.add_argument("--schema", help="target schema (created with the official DDL)")
+    e.add_argument("--csv", help="target directory for CSV files")
+    e.add_argument("--replace", action="store_true", help="drop and re-create an existing schema")
+    e.add_argument("--vocabulary", help="OHDSI vocabulary directory (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv)")
+    e.add_argument("--subject", default="cli-omop-export", help="requester subject recorded in the audit")
+    e.set_defaults(func=cmd_omop_export)
+    i = osub.add_parser("import", help="import an OMOP CDM v5.4 schema into the common model (incremental)")
+    _common(i)
+    i.add_argument("--pg-url", required=True, help="source PostgreSQL database URL")
+    i.add_argument("--schema", required=True, help="source schema")
+    i.add_argument("--vocabulary", help="OHDSI vocabulary directory (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv)")
+    i.set_defaults(func=cmd_omop_import)
 
     p = sub.add_parser("consent", help="data-steward tools for DUO consent")
     csub = p.add_subparsers(dest="consent_command", required=True)

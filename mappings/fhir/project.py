@@ -172,7 +172,9 @@ def _imaging_study(res: dict) -> list[m.ModelObject]:
         (
             i["value"][8:] if i.get("value", "").startswith("urn:oid:") else i.get("value")
             for i in res.get("identifier") or ()
+            # R4 ImagingStudy: system urn:dicom:uid; Synthea writes urn:ietf:rfc:3986 + an urn:oid: value
             if i.get("system") == "urn:dicom:uid"
+            or (i.get("system") == "urn:ietf:rfc:3986" and str(i.get("value", "")).startswith("urn:oid:"))
         ),
         None,
     )
