@@ -1,0 +1,406 @@
+"""OMOP CDM v5.4 export/import end to end, through the running gateway, both store engines.
+
+Synthea bundles → FHIR API → POST /omop/export into a scratch PostgreSQL database whose schema is built
+from the official DDL with primary keys, foreign keys and indices → row counts per table equal counts
+computed here from the bundle JSON (and the shipped vocabulary CSV, read independently) → the same
+export as CSV → POST /omop/import into a fresh site → its common model equals the original's.
+
+The CT study: the DICOM server (STOW-RS) had not landed when this was written, so one test PUTs a FHIR
+ImagingStudy with a CT series and another writes DICOM index rows (dcm_study/series/instance/sr_item,
+the team contract) the way STOW indexing does, to cover MI-CDM image_occurrence + image_feature.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+from sqlalchemy import func, select, update
+
+from gateway import keys
+from gateway.app import create_app
+from gateway.store import schema as s
+from gateway.store.scope import AccessScope
+from tests.conftest import (
+    PG_ADMIN,
+    REPO,
+    Gateway,
+    create_pg_database,
+    data_path,
+    drop_pg_database,
+    make_settings,
+)
+
+SYNTHEA = sorted(data_path("synthea").glob("*.json"))
+PURPOSE = {"codes": ["DUO:0000042"], "diseases": []}
+CM = ("cm_patient", "cm_encounter", "cm_condition", "cm_observation", "cm_procedure", "cm_imaging_study")
+CT_STUDY = "1.2.826.0.1.3680043.8.498.1"
+CT_SERIES = "1.2.826.0.1.3680043.8.498.1.1"
+
+
+# ------------------------------------------------------------------------------------------------
+# independent expectations from the bundle JSON
+# ------------------------------------------------------------------------------------------------
+
+
+def _vocab_domains() -> dict[tuple[str, str], str]:
+    with (REPO / "mappings" / "vocab" / "concepts.csv").open(newline="") as f:
+        return {(r["vocabulary"], r["code"]): r["domain"] for r in csv.DictReader(f)}
+
+
+def _resources(bundles: list[dict]) -> list[dict]:
+    return [e["resource"] for b in bundles for e in b["entry"]]
+
+
+def expected_counts(resources: list[dict]) -> dict[str, int]:
+    domains = _vocab_domains()
+    vocab = {"http://loinc.org": "LOINC", "http://snomed.info/sct": "SNOMED"}
+    n: Counter = Counter()
+    persons = set()
+    for r in resources:
+        t = r["resourceType"]
+        if t == "Patient" and r.get("birthDate"):
+            n["person"] += 1
+            persons.add(r["id"])
+            n["death"] += "deceasedDateTime" in r
+        elif t == "Encounter" and (r.get("period") or {}).get("start"):
+            n["visit_occurrence"] += 1
+        elif t == "Condition" and (r.get("onsetDateTime") or (r.get("onsetPeriod") or {}).get("start")):
+            n["condition_occurrence"] += 1
+        elif t == "Procedure" and (r.get("performedDateTime") or (r.get("performedPeriod") or {}).get("start")):
+            n["procedure_occurrence"] += 1
+        elif t == "ImagingStudy" and r.get("started"):
+            n["procedure_occurrence"] += 1  # MI-CDM: one imaging procedure per study
+            n["image_occurrence"] += max(1, len(r.get("series") or ()))
+        elif t == "Observation" and r.get("effectiveDateTime"):
+            cats = {c.get("code") for cc in r.get("category") or () for c in cc.get("coding") or ()}
+            for node in [r] + list(r.get("component") or ()):
+                coding = (node["code"].get("coding") or [{}])[0]
+                domain = domains.get((vocab.get(coding.get("system"), ""), coding.get("code")))
+                numeric = isinstance((node.get("valueQuantity") or {}).get("value"), (int, float)) or \
+                    isinstance(node.get("valueInteger"), int)
+                if domain == "Measurement" or (domain is None and (numeric or cats & {"vital-signs", "laboratory"})):
+                    n["measurement"] += 1
+                else:
+                    n["observation"] += 1
+    n["observation_period"] = len(persons)
+    n["image_feature"] += 0
+    return dict(n)
+
+
+def ct_imaging_study(patient_id: str) -> dict:
+    return {"resourceType": "ImagingStudy", "id": "ct-omop-test", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{CT_STUDY}"}],
+            "subject": {"reference": f"Patient/{patient_id}"}, "started": "2020-05-01T10:00:00Z",
+            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+            "numberOfSeries": 1, "numberOfInstances": 1,
+            "series": [{"uid": CT_SERIES, "number": 1,
+                        "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"},
+                        "bodySite": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CHEST"},
+                        "instance": [{"uid": CT_SERIES + ".1", "number": 1,
+                                      "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.2"}}]}]}
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def omop_pg():
+    """A scratch PostgreSQL database for OMOP schemas (export target / import source)."""
+    name = await create_pg_database()
+    try:
+        yield f"{PG_ADMIN}/{name}"
+    finally:
+        await drop_pg_database(name)
+
+
+async def _site(data_dir: Path, db_url: str, omop_url: str, gate=None) -> Gateway:
+    settings = make_settings(data_dir, db_url, extra={"omop": {"pg_url": omop_url}})
+    app = create_app(settings)
+    if gate is not None:
+        app[keys.GATE] = gate
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return Gateway(server, settings)
+
+
+async def _second_store(db_url: str, tmp_path: Path) -> tuple[str, str | None]:
+    """A fresh store of the same engine as ``db_url`` (for the importing site)."""
+    if db_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'site-b.db'}", None
+    name = await create_pg_database()
+    return f"{PG_ADMIN}/{name}", name
+
+
+async def _load_synthea(gw: Gateway, http: aiohttp.ClientSession) -> list[dict]:
+    h = gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}
+    bundles = []
+    for path in SYNTHEA:
+        bundle = json.loads(path.read_text())
+        bundles.append(bundle)
+        async with http.post(gw.fhir, data=path.read_bytes(), headers=h) as r:
+            assert r.status == 200, await r.text()
+    return bundles
+
+
+async def _cm_counts(gw: Gateway) -> dict[str, int]:
+    out = {}
+    async with gw.app[keys.DB].read() as conn:
+        for name in CM:
+            out[name] = (await conn.execute(select(func.count()).select_from(s.metadata.tables[name]))).scalar()
+    return out
+
+
+async def _cm_codes(gw: Gateway, name: str) -> Counter:
+    t = s.metadata.tables[name]
+    async with gw.app[keys.DB].read() as conn:
+        rows = (await conn.execute(select(t.c.code, func.count()).group_by(t.c.code))).all()
+    return Counter({r[0]: r[1] for r in rows})
+
+
+async def _pg_counts(url: str, schema: str, tables) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {t: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t}"') for t in tables}
+    finally:
+        await conn.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+
+
+async def test_synthea_export_to_official_ddl_then_import_into_fresh_site(tmp_path, db_url, omop_pg):
+    async with aiohttp.ClientSession() as http:
+        a = await _site(tmp_path / "a", db_url, omop_pg)
+        b_url, b_name = await _second_store(db_url, tmp_path)
+        b = None
+        try:
+            bundles = await _load_synthea(a, http)
+            resources = _resources(bundles)
+            patient = next(r for r in resources if r["resourceType"] == "Patient")
+            # the stored patient id: transaction POSTs got server ids, find it by identifier
+            ident = patient["identifier"][0]
+            async with http.get(f"{a.fhir}/Patient", params={"identifier": f"{ident['system']}|{ident['value']}"},
+                                headers=a.headers("clinician")) as r:
+                pid = (await r.json())["entry"][0]["resource"]["id"]
+            ct = ct_imaging_study(pid)
+            async with http.put(f"{a.fhir}/ImagingStudy/{ct['id']}", json=ct,
+                                headers=a.headers("ehr-system") | {"Content-Type": "application/fhir+json"}) as r:
+                assert r.status == 201, await r.text()
+            expected = expected_counts(resources + [ct])
+
+            # -- API: purpose and role are required -------------------------------------------------
+            body = {"format": "postgresql", "schema": "cdm"}
+            async with http.post(a.url + "/omop/export", json=body, headers=a.headers("analyst", purpose="treatment")) as r:
+                assert r.status == 403 and r.content_type == "application/problem+json"
+            async with http.post(a.url + "/omop/export", json=body, headers=a.headers("clinician", purpose=PURPOSE)) as r:
+                assert r.status == 403
+            async with http.post(a.url + "/omop/export", json={"format": "postgresql", "schema": "Bad Name"},
+                                 headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 400 and (await r.json())["fields"] == ["schema"]
+
+            # -- export into PostgreSQL with the official DDL + constraints --------------------------------
+            t0 = time.perf_counter()
+            async with http.post(a.url + "/omop/export", json=body, headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+                report = await r.json()
+            assert time.perf_counter() - t0 < 60
+            for table, n in expected.items():
+                assert report["counts"][table] == n, (table, report["counts"][table], n)
+            actual = await _pg_counts(omop_pg, "cdm", expected)
+            assert actual == {t: expected[t] for t in expected}
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                fks = await conn.fetch("SELECT c.convalidated FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                                       "WHERE n.nspname = 'cdm' AND c.contype = 'f'")
+                assert len(fks) > 150 and all(r["convalidated"] for r in fks)
+                pks = await conn.fetchval("SELECT count(*) FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                                          "WHERE n.nspname = 'cdm' AND c.contype = 'p'")
+                assert pks >= 29
+                ct_row = await conn.fetchrow("SELECT io.*, p.person_source_value FROM cdm.image_occurrence io "
+                                             "JOIN cdm.person p USING (person_id) WHERE image_study_uid = $1", CT_STUDY)
+                assert ct_row["image_series_uid"] == CT_SERIES
+                assert ct_row["modality_concept_id"] == 2128009190  # MI-CDM DICOM vocabulary: CT
+                assert ct_row["anatomic_site_concept_id"] == 2128021433  # CHEST
+                assert ct_row["person_source_value"] == pid
+                males = sum(1 for r in resources if r["resourceType"] == "Patient" and r.get("gender") == "male")
+                assert await conn.fetchval("SELECT count(*) FROM cdm.person WHERE gender_concept_id = 8507") == males
+                # unmapped codes keep their source value; concept 0 exists in CONCEPT (FK)
+                unm = await conn.fetchval("SELECT count(*) FROM cdm.measurement WHERE measurement_concept_id = 0 "
+                                          "AND measurement_source_value IS NOT NULL")
+                assert unm == sum(r["unmapped"] for r in report["coverage"]["by_table_vocabulary"]
+                                  if r["table"] == "measurement")
+            finally:
+                await conn.close()
+            # an existing schema is a conflict unless replace
+            async with http.post(a.url + "/omop/export", json=body, headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 409
+
+            # -- CSV target ------------------------------------------------------------------------------
+            async with http.post(a.url + "/omop/export", json={"format": "csv", "name": "t1"},
+                                 headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["target"] == {"csv": "exports/t1"}
+            out = a.settings.data_dir / "exports" / "t1"
+            for table, n in expected.items():
+                with (out / f"{table}.csv").open(newline="") as f:
+                    assert sum(1 for _ in csv.reader(f)) - 1 == n, table
+            assert json.loads((out / "coverage.json").read_text())["mapped"] == report["coverage"]["mapped"]
+
+            # -- import into a fresh site --------------------------------------------------------------------
+            b = await _site(tmp_path / "b", b_url, omop_pg)
+            async with http.post(b.url + "/omop/import", json={"schema": "cdm"}, headers=b.headers("analyst")) as r:
+                assert r.status == 403
+            async with http.post(b.url + "/omop/import", json={"schema": "nope"}, headers=b.headers("admin")) as r:
+                assert r.status == 400
+            async with http.post(b.url + "/omop/import", json={"schema": "cdm"}, headers=b.headers("admin")) as r:
+                assert r.status == 200, await r.text()
+                first = await r.json()
+            assert await _cm_counts(b) == await _cm_counts(a)
+            for name in ("cm_condition", "cm_procedure"):
+                assert await _cm_codes(b, name) == await _cm_codes(a, name)
+            async with http.get(f"{b.fhir}/Patient", headers=b.headers("clinician")) as r:
+                assert r.status == 200  # imported rows live beside FHIR; the cohort engine reads cm_*
+            assert first["changes"]["cm_patient"]["inserted"] == expected["person"]
+
+            # -- incremental re-import: one row removed, one changed at the source -------------------------
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                await conn.execute("DELETE FROM cdm.condition_occurrence WHERE condition_occurrence_id = 1")
+                await conn.execute("UPDATE cdm.measurement SET value_as_number = 999 WHERE measurement_id = 1")
+            finally:
+                await conn.close()
+            async with http.post(b.url + "/omop/import", json={"schema": "cdm"}, headers=b.headers("admin")) as r:
+                assert r.status == 200, await r.text()
+                again = (await r.json())["changes"]
+            assert again["cm_condition"] == {"inserted": 0, "updated": 0, "deleted": 1,
+                                             "unchanged": expected["condition_occurrence"] - 1}
+            assert again["cm_observation"]["updated"] == 1 and again["cm_observation"]["inserted"] == 0
+            assert again["cm_patient"]["unchanged"] == expected["person"]
+            counts_b = await _cm_counts(b)
+            assert counts_b["cm_condition"] == (await _cm_counts(a))["cm_condition"] - 1
+            async with b.app[keys.DB].read() as c:
+                v = (await c.execute(select(s.cm_observation.c.value_num).where(
+                    s.cm_observation.c.src_id == "measurement/1"))).scalar()
+            assert v == 999
+        finally:
+            await a.server.close()
+            if b is not None:
+                await b.server.close()
+            if b_name:
+                await drop_pg_database(b_name)
+
+
+class ProfileGate:
+    """A gate whose scope admits one ConsentProfile (the shape the consent gate produces)."""
+
+    def __init__(self, profile: str) -> None:
+        self.scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({profile}), summary="test")
+
+    async def scope_for(self, requester):
+        return self.scope
+
+
+async def test_export_only_patients_in_consent_scope(tmp_path, db_url, omop_pg):
+    async with aiohttp.ClientSession() as http:
+        gw = await _site(tmp_path / "a", db_url, omop_pg, gate=ProfileGate("research-ok"))
+        try:
+            await _load_synthea(gw, http)
+            async with gw.app[keys.DB].write() as conn:
+                ids = sorted((await conn.execute(select(s.cm_patient.c.patient_id))).scalars())
+                ok = set(ids[::3])
+                await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.in_(ok))
+                                   .values(consent_profile="research-ok"))
+                await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.not_in(ok))
+                                   .values(consent_profile="withdrawn"))
+                n_cond = (await conn.execute(select(func.count()).select_from(s.cm_condition)
+                                             .where(s.cm_condition.c.patient_id.in_(ok)))).scalar()
+            async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "scoped"},
+                                 headers=gw.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                exported = {r[0] for r in await conn.fetch("SELECT person_source_value FROM scoped.person")}
+                assert exported == ok
+                assert await conn.fetchval("SELECT count(*) FROM scoped.condition_occurrence") == n_cond
+                for t in ("visit_occurrence", "measurement", "observation", "procedure_occurrence", "image_occurrence"):
+                    stray = await conn.fetchval(f"SELECT count(*) FROM scoped.{t} x WHERE NOT EXISTS "
+                                                f"(SELECT 1 FROM scoped.person p WHERE p.person_id = x.person_id)")
+                    assert stray == 0
+            finally:
+                await conn.close()
+        finally:
+            await gw.server.close()
+
+
+async def test_dicom_series_and_sr_measurements_become_image_occurrence_and_feature(tmp_path, db_url, omop_pg):
+    """DICOM index rows (as STOW-RS indexing writes them) → one image_occurrence per series and an
+    image_feature per numeric SR item, linked to the measurement row holding the value."""
+    async with aiohttp.ClientSession() as http:
+        gw = await _site(tmp_path / "a", db_url, omop_pg)
+        try:
+            pid = "omop-dicom-pt"
+            h = gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}
+            async with http.put(f"{gw.fhir}/Patient/{pid}", json={"resourceType": "Patient", "id": pid, "gender": "female",
+                                                                  "birthDate": "1960-02-03"}, headers=h) as r:
+                assert r.status == 201
+            st = s.metadata.tables["dcm_study"]
+            se = s.metadata.tables["dcm_series"]
+            inst = s.metadata.tables["dcm_instance"]
+            item = s.metadata.tables["dcm_sr_item"]
+            now = time.time()
+            study = "1.2.3.4.5." + str(uuid.uuid4().int)[:12]
+            ct, sr = study + ".1", study + ".2"
+            async with gw.app[keys.DB].write() as conn:
+                await conn.execute(st.insert().values(study_uid=study, patient_id=pid, study_date="20210304",
+                                                      modalities="CT\\SR", num_series=2, num_instances=2, updated_ts=now))
+                await conn.execute(se.insert(), [
+                    {"series_uid": ct, "study_uid": study, "patient_id": pid, "modality": "CT", "body_part": "chest",
+                         "series_date": "20210304", "num_instances": 1, "updated_ts": now},
+                    {"series_uid": sr, "study_uid": study, "patient_id": pid, "modality": "SR", "body_part": None,
+                         "series_date": "20210304", "num_instances": 1, "updated_ts": now}])
+                await conn.execute(inst.insert(), [
+                    {"sop_uid": ct + ".1", "series_uid": ct, "study_uid": study, "patient_id": pid, "blob_path": "x", "size": 1, "stored_ts": now},
+                    {"sop_uid": sr + ".1", "series_uid": sr, "study_uid": study, "patient_id": pid, "blob_path": "y", "size": 1, "stored_ts": now}])
+                await conn.execute(item.insert(), [
+                    {"sop_uid": sr + ".1", "patient_id": pid, "item_id": "1.5.1", "depth": 2, "value_type": "NUM",
+                         "concept_scheme": "SCT", "concept_code": "81827009", "concept_meaning": "Diameter", "num_value": 12.5,
+                         "unit_code": "mm", "ref_sop_uid": ct + ".1"},
+                    {"sop_uid": sr + ".1", "patient_id": pid, "item_id": "1.5.2", "depth": 2, "value_type": "CODE",
+                         "concept_scheme": "DCM", "concept_code": "121071", "concept_meaning": "Finding", "num_value": None,
+                         "unit_code": None, "ref_sop_uid": None}])
+            async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "img"},
+                                 headers=gw.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+                report = await r.json()
+            assert report["counts"]["image_occurrence"] == 2
+            assert report["counts"]["image_feature"] == 1
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                rows = {r["image_series_uid"]: r for r in await conn.fetch("SELECT * FROM img.image_occurrence")}
+                assert rows[ct]["modality_concept_id"] == 2128009190 and rows[ct]["anatomic_site_concept_id"] == 2128021433
+                assert rows[ct]["wadors_uri"] == f"/dicomweb/studies/{study}/series/{ct}"
+                assert str(rows[ct]["image_occurrence_date"]) == "2021-03-04"
+                f = await conn.fetchrow("SELECT f.*, m.value_as_number, m.measurement_source_value, m.unit_source_value "
+                                        "FROM img.image_feature f JOIN img.measurement m ON m.measurement_id = f.image_feature_event_id")
+                assert f["image_occurrence_id"] == rows[ct]["image_occurrence_id"]  # the referenced CT series
+                assert float(f["value_as_number"]) == 12.5 and f["measurement_source_value"] == "81827009"
+                assert f["unit_source_value"] == "mm"
+                procs = await conn.fetchval("SELECT count(DISTINCT procedure_occurrence_id) FROM img.image_occurrence")
+                assert procs == 1  # one imaging procedure per study
+            finally:
+                await conn.close()
+        finally:
+            await gw.server.close()
