@@ -25,19 +25,19 @@ import platform
 import random
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.context import Purpose, Requester  # noqa: E402
-from gateway.services.access import NullAudit, OpenGate  # noqa: E402
-from gateway.services.omop import ExportTarget, OmopService  # noqa: E402
-from gateway.store import open_database  # noqa: E402
-from gateway.store.db import Database  # noqa: E402
-from tests.conftest import PG_ADMIN, create_pg_database, drop_pg_database, make_settings  # noqa: E402
+from gateway.context import Purpose, Requester
+from gateway.services.access import NullAudit, OpenGate
+from gateway.services.omop import ExportTarget, OmopService
+from gateway.store import open_database
+from gateway.store.db import Database
+from tests.conftest import PG_ADMIN, create_pg_database, drop_pg_database, make_settings
 
 LOINC = [("8302-2", "cm"), ("29463-7", "kg"), ("39156-5", "kg/m2"), ("8480-6", "mm[Hg]"), ("8462-4", "mm[Hg]"),
          ("718-7", "g/dL"), ("2093-3", "mg/dL"), ("72514-3", "{score}"), ("6690-2", "10*3/uL"), ("777-3", "10*3/uL")]
@@ -54,7 +54,7 @@ async def fill(url: str, rows: int, seed: int = 8) -> dict[str, int]:
     """COPY synthetic common-model rows: per patient 5 encounters, 10 conditions, 30 observations,
     5 procedures (51 rows/patient)."""
     rng = random.Random(seed)
-    patients = max(1, rows // 51)
+    patients = max(1, -(-rows // 51))
     conn = await asyncpg.connect(url)
     try:
         pat, enc, cond, obs, proc = [], [], [], [], []
@@ -74,7 +74,7 @@ async def fill(url: str, rows: int, seed: int = 8) -> dict[str, int]:
                 code, unit = rng.choice(LOINC)
                 obs.append(("fhir", f"Observation/{pid}-o{o}", pid, LN, code, None, None, "vital-signs",
                             round(rng.uniform(1, 200), 2), unit, None, None, None,
-                            datetime(2010, 1, 1, tzinfo=timezone.utc).isoformat(), "final", f"{pid}-e{o % 5}", None))
+                            datetime(2010, 1, 1, tzinfo=UTC).isoformat(), "final", f"{pid}-e{o % 5}", None))
             for p in range(5):
                 proc.append(("fhir", f"Procedure/{pid}-p{p}", pid, SCT, rng.choice(SNOMED_PROC), None, None,
                              _day(rng).isoformat(), None, "completed", f"{pid}-e{p}"))
@@ -151,20 +151,20 @@ def main() -> int:
     args = ap.parse_args()
     r = asyncio.run(run(args.rows))
     lines = [
-        f"- common-model rows synthesised: {r['cm_rows']:,} ({', '.join(f'{k} {v:,}' for k, v in r['filled'].items())}); "
-        f"COPY fill {r['fill_s']:.1f} s",
-        f"- export → OMOP 5.4 schema (official DDL, COPY, then PKs + FKs + indices, one transaction): "
+        (f"- common-model rows synthesised: {r['cm_rows']:,} ({', '.join(f'{k} {v:,}' for k, v in r['filled'].items())}); "
+        f"COPY fill {r['fill_s']:.1f} s"),
+        (f"- export → OMOP 5.4 schema (official DDL, COPY, then PKs + FKs + indices, one transaction): "
         f"{r['omop_rows']:,} rows in {r['export_s']:.1f} s = **{r['export_rows_per_s']:,.0f} rows/s** "
-        f"(read + map {r['export_map_s']:.1f} s); vocabulary coverage {r['coverage']:.1%}",
-        f"- import OMOP → common model of an empty store: {r['import_rows']:,} rows in {r['import_s']:.1f} s = "
-        f"**{r['import_rows_per_s']:,.0f} rows/s**",
-        f"- re-import, nothing changed (incremental compare): {r['reimport_s']:.1f} s = "
-        f"{r['reimport_rows_per_s']:,.0f} rows/s, {r['reimport_unchanged']:,} rows unchanged",
+        f"(read + map {r['export_map_s']:.1f} s); vocabulary coverage {r['coverage']:.1%}"),
+        (f"- import OMOP → common model of an empty store: {r['import_rows']:,} rows in {r['import_s']:.1f} s = "
+        f"**{r['import_rows_per_s']:,.0f} rows/s**"),
+        (f"- re-import, nothing changed (incremental compare): {r['reimport_s']:.1f} s = "
+        f"{r['reimport_rows_per_s']:,.0f} rows/s, {r['reimport_unchanged']:,} rows unchanged"),
     ]
     print("\n".join(lines))
     if args.write:
         head = (f"\n## OMOP export / import (issue 8)\n\nMachine: 2-core sandbox ({platform.machine()}, shared with other "
-                f"engineers' work), PostgreSQL 127.0.0.1, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n"
+                f"engineers' work), PostgreSQL 127.0.0.1, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
                 f"Command: `.venv/bin/python bench/omop_bench.py --rows {args.rows} --write`\n\n")
         with (Path(__file__).parent / "RESULTS.md").open("a") as f:
             f.write(head + "\n".join(lines) + "\n")

@@ -13,6 +13,8 @@ the team contract) the way STOW indexing does, to cover MI-CDM image_occurrence 
 from __future__ import annotations
 
 import csv
+import os
+import sys
 import json
 import time
 import uuid
@@ -404,3 +406,40 @@ async def test_dicom_series_and_sr_measurements_become_image_occurrence_and_feat
                 await conn.close()
         finally:
             await gw.server.close()
+
+
+async def test_cli_export_csv_and_postgres_then_import(tmp_path, db_url, omop_pg):
+    """``fedgate load`` → ``fedgate omop export`` (CSV and PostgreSQL) → ``fedgate omop import``."""
+    import asyncio
+    import subprocess
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    b_url, b_name = await _second_store(db_url, tmp_path)
+    try:
+        store = ["--data-dir", str(tmp_path / "a"), "--database-url", db_url, "--log-level", "WARNING"]
+        files = [str(p) for p in SYNTHEA[:3]]
+        r = await asyncio.to_thread(cli, "load", *store, "--quiet", "--strict", *files)
+        assert r.returncode == 0, r.stderr
+        expected = expected_counts(_resources([json.loads(Path(f).read_text()) for f in files]))
+        r = await asyncio.to_thread(cli, "omop", "export", *store, "--csv", str(tmp_path / "csv"))
+        assert r.returncode == 2 and "--purpose" in r.stderr  # research purpose required
+        r = await asyncio.to_thread(cli, "omop", "export", *store, "--purpose", "DUO:0000042",
+                                    "--csv", str(tmp_path / "csv"))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["counts"] == {t: expected.get(t, 0) for t in json.loads(r.stdout)["counts"]}
+        r = await asyncio.to_thread(cli, "omop", "export", *store, "--purpose", "DUO:0000042",
+                                    "--pg-url", omop_pg, "--schema", "cli")
+        assert r.returncode == 0, r.stderr
+        r = await asyncio.to_thread(cli, "omop", "import", "--data-dir", str(tmp_path / "b"), "--database-url", b_url,
+                                    "--pg-url", omop_pg, "--schema", "cli")
+        assert r.returncode == 0, r.stderr
+        changes = json.loads(r.stdout)["changes"]
+        assert changes["cm_patient"]["inserted"] == expected["person"]
+        assert changes["cm_condition"]["inserted"] == expected["condition_occurrence"]
+    finally:
+        if b_name:
+            await drop_pg_database(b_name)
