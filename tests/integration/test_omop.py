@@ -13,9 +13,9 @@ the team contract) the way STOW indexing does, to cover MI-CDM image_occurrence 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
-import json
 import time
 import uuid
 from collections import Counter
