@@ -416,7 +416,7 @@ async def test_cli_export_csv_and_postgres_then_import(tmp_path, db_url, omop_pg
     def cli(*args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGATE_")}
         return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
 
     b_url, b_name = await _second_store(db_url, tmp_path)
     try:
