@@ -324,11 +324,12 @@ async def write_postgres(pg_url: str, schema: str, result: OmopExport, vrows: di
                                                      schema_name=schema, columns=list(ddl.columns(table)))
             for step in ("primary_keys", "constraints", "indices"):
                 for stmt in ddl.statements(step, schema):
-                    try:
-                        await conn.execute(stmt)
-                    except asyncpg.IntegrityConstraintViolationError as exc:
-                        raise Unprocessable(f"OMOP constraint violated: {exc.__class__.__name__}: "
-                                            f"{str(exc)[:200]}", expression=[step]) from None
+                    await conn.execute(stmt)
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+        # the message names the constraint / column, never row values
+        raise Unprocessable(f"OMOP export violates the CDM: {type(exc).__name__}: "
+                            f"{getattr(exc, 'constraint_name', None) or getattr(exc, 'column_name', None) or ''}",
+                            expression=[schema]) from None
     finally:
         await conn.close()
 
