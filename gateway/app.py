@@ -15,6 +15,7 @@ from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.access import NullAudit, OpenGate
+from gateway.services.consent import consent_ctx
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.settings import Settings
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.GATE] = OpenGate()
     app[keys.AUDIT] = NullAudit()
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(consent_ctx)
     health.setup_routes(app)
     fhir_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)

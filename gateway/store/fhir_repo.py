@@ -188,6 +188,15 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
     for table, rows_ in cm_rows.items():
         await conn.execute(CM_BY_NAME[table].insert(), rows_)
+    # Consent gate (issue #4): a written Patient or Consent changes the patient's effective consent
+    # profile; recompute it in this transaction so the very next request sees it.
+    touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
+    touched |= {w.prev.patient_id for w in writes if w.res_type == "Consent" and w.prev is not None}
+    touched.discard(None)
+    if touched:
+        from gateway.store.consent_schema import recompute
+
+        await recompute(conn, touched)
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content)

@@ -1,0 +1,153 @@
+"""The consent gate (DESIGN.md, "The consent gate — one place"; issue #4).
+
+:class:`ConsentGate` implements :class:`gateway.services.access.Gate`:
+
+* treatment purpose: clinical roles (ehr-system, pacs, clinician) and site/admin get an
+  unrestricted scope (still audited); an analyst asking for treatment is refused (403).
+* research purpose (DUO codes + diseases): analyst, site and admin roles get a restricted scope —
+  the set of effective consent-profile keys (``cm_patient.consent_profile``) whose decision is
+  *permit* for (purpose, requester attributes, today).  Clinical roles asking research → 403.
+
+An effective profile (``gateway.store.consent_schema``) is the list of DUO entries from the
+patient's active Consent resources and the site policy's matching collections; it permits when
+*any* entry valid today (``provision.period``/policy period, checked here at request time)
+evaluates to permit.  Indeterminate and deny hide the patient (fail closed).  Decisions are cached
+per (purpose, requester attributes, date, profile generation), so a request costs dict look-ups
+and the store sees ``consent_profile IN (...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tomllib
+from datetime import date
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import orjson
+from aiohttp import web
+from sqlalchemy import func, select
+
+from gateway import keys
+from gateway.context import CLINICAL_ROLES, Requester
+from gateway.errors import Forbidden
+from gateway.settings import Settings
+from gateway.store.consent_schema import consent_profile, recompute, store_policy_doc
+from gateway.store.scope import AccessScope
+from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
+from ontologies import CompositeHierarchy, evaluate, load_duo, load_hierarchy
+from ontologies.evaluator import ConsentInputError, ResearchPurpose
+from ontologies.evaluator import Requester as DuoRequester
+
+log = logging.getLogger(__name__)
+
+RESEARCH_ROLES = frozenset({"analyst", "site", "admin"})
+TREATMENT_ROLES = CLINICAL_ROLES | {"site", "admin"}
+
+
+def read_policy_file(path: str | None) -> dict[str, Any]:
+    """The site policy document (JSON or TOML by extension); {} without a file."""
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    doc = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    parse_policy(doc)  # validate now: a bad policy stops start-up with the field named
+    return doc
+
+
+class ConsentGate:
+    """DUO consent gate: Requester → AccessScope (a set of permitted profile keys)."""
+
+    def __init__(self, settings: Settings) -> None:
+        cfg = dict(settings.extra.get("consent") or {})
+        self.policy_doc = read_policy_file(cfg.get("policy"))
+        self.disease_files = tuple(cfg.get("disease_ontologies") or ()) + tuple(
+            self.policy_doc.get("disease_ontologies") or ())
+        self.db = None
+        self.ontology = None
+        self.diseases = CompositeHierarchy(())
+        self._profiles: dict[str, list[Entry]] = {}
+        self._scopes: dict[tuple, AccessScope] = {}
+        self._lock = asyncio.Lock()
+        self.evaluations = 0
+
+    async def start(self, db) -> None:
+        """Load DUO and disease hierarchies (off the loop), store the policy, recompute if it changed."""
+        self.db = db
+        self.ontology = await asyncio.to_thread(load_duo)
+        parts = [await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files]
+        self.diseases = CompositeHierarchy(tuple(parts))
+        async with db.write() as conn:
+            if await store_policy_doc(conn, self.policy_doc):
+                n = await recompute(conn, None)
+                log.info("consent policy changed; recomputed patients", extra={"patients": n})
+
+    async def _refresh_profiles(self) -> None:
+        async with self.db.read() as conn:
+            count = (await conn.execute(select(func.count()).select_from(consent_profile))).scalar_one()
+            if count == len(self._profiles):
+                return
+            rows = (await conn.execute(select(consent_profile.c.key, consent_profile.c.profile))).all()
+        for key, text in rows:
+            if key not in self._profiles:
+                self._profiles[key] = entries_of(orjson.loads(text))
+
+    def _permits(self, entries: list[Entry], purpose: ResearchPurpose, who: DuoRequester, today: date) -> bool:
+        day = today.isoformat()
+        for entry in entries:
+            if entry.active_on(day):
+                self.evaluations += 1
+                if evaluate(entry.profile, purpose, who, self.ontology, self.diseases, today).permitted:
+                    return True
+        return False
+
+    async def scope_for(self, requester: Requester) -> AccessScope:
+        purpose = requester.purpose
+        if purpose.is_treatment:
+            if requester.has_role(*TREATMENT_ROLES):
+                return AccessScope(unrestricted=True, summary="treatment: unrestricted")
+            raise Forbidden("role 'analyst' may only act for research: give a DUO purpose of use "
+                            "(token claim 'purpose' or X-Purpose-Of-Use header)")
+        if not requester.has_role(*RESEARCH_ROLES):
+            raise Forbidden("clinical roles act for treatment and cannot run research queries")
+        if not purpose.codes:
+            raise Forbidden("a research request needs a DUO purpose of use")
+        attrs = dict(requester.attributes)
+        attrs.setdefault("user", requester.subject)
+        if requester.organization:
+            attrs.setdefault("institution", requester.organization)
+        try:
+            who = DuoRequester.from_json(attrs)
+            wanted = ResearchPurpose(codes=frozenset(purpose.codes), diseases=frozenset(purpose.diseases))
+        except ConsentInputError as err:
+            raise Forbidden(f"requester attributes: {err}") from None
+        today = date.today()
+        await self._refresh_profiles()
+        ckey = (wanted.key(), who.key(), today, len(self._profiles))
+        scope = self._scopes.get(ckey)
+        if scope is None:
+            async with self._lock:
+                allowed = frozenset(k for k, entries in self._profiles.items()
+                                    if self._permits(entries, wanted, who, today))
+                scope = AccessScope(
+                    unrestricted=False, allowed_profiles=allowed,
+                    summary=f"research {' '.join(sorted(wanted.codes | wanted.diseases))}: "
+                            f"{len(allowed)}/{len(self._profiles)} consent profiles permit",
+                )
+                if len(self._scopes) > 4096:
+                    self._scopes.clear()
+                self._scopes[ckey] = scope
+        return scope
+
+
+async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
+    gate = app[keys.GATE]
+    if isinstance(gate, ConsentGate):
+        await gate.start(app[keys.DB])
+    yield
+
+
+__all__ = ["ConsentGate", "consent_ctx", "read_policy_file"]

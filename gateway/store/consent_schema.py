@@ -1,0 +1,108 @@
+"""Consent tables and the per-patient effective-profile recomputation (issue #4).
+
+* ``consent_profile``: content-addressed effective profiles (key = SHA-256 of the canonical JSON);
+  ``cm_patient.consent_profile`` points here.  Rows are never updated, so the gate may cache them.
+* ``consent_policy``: the site policy document in force (one row), so that recomputation inside any
+  write transaction sees the same policy the gate was started with.
+
+:func:`recompute` runs in the caller's transaction whenever a Patient or Consent is written
+(``fhir_repo.apply_writes``), so a withdrawal takes effect on the very next request.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import orjson
+from sqlalchemy import Column, Integer, String, Table, Text, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.store import schema as s
+from mappings.fhir.consent_duo import effective, entry_from_consent, parse_policy, profile_key
+
+consent_profile = Table(
+    "consent_profile",
+    s.metadata,
+    Column("key", String(64), primary_key=True),
+    Column("profile", Text, nullable=False),
+)
+
+consent_policy = Table(
+    "consent_policy",
+    s.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("document", Text, nullable=False),
+)
+
+
+async def load_policy_doc(conn: AsyncConnection) -> dict:
+    row = (await conn.execute(select(consent_policy.c.document).where(consent_policy.c.id == 1))).first()
+    return orjson.loads(row[0]) if row else {}
+
+
+async def store_policy_doc(conn: AsyncConnection, doc: dict) -> bool:
+    """Store the policy document; True when it changed (callers then recompute every patient)."""
+    text = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
+    row = (await conn.execute(select(consent_policy.c.document).where(consent_policy.c.id == 1))).first()
+    if row and row[0] == text:
+        return False
+    if row:
+        await conn.execute(update(consent_policy).where(consent_policy.c.id == 1).values(document=text))
+    else:
+        await conn.execute(consent_policy.insert().values(id=1, document=text))
+    return True
+
+
+async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) -> int:
+    """Recompute ``cm_patient.consent_profile`` for ``patient_ids`` (None: every patient)."""
+    P, R = s.cm_patient, s.fhir_resource
+    ids = None if patient_ids is None else sorted({p for p in patient_ids if p})
+    if ids is not None and not ids:
+        return 0
+    collections = parse_policy(await load_policy_doc(conn))
+    pq = select(P.c.patient_id, P.c.identifiers, P.c.sex, P.c.birth_year).where(P.c.src_type == "fhir")
+    cq = select(R.c.patient_id, R.c.content).where(R.c.res_type == "Consent", R.c.deleted.is_(False))
+    patients: list = []
+    consents: dict[str, list] = {}
+    for chunk in ([ids[i:i + 500] for i in range(0, len(ids), 500)] if ids is not None else [None]):
+        wp = pq if chunk is None else pq.where(P.c.patient_id.in_(chunk))
+        wc = cq if chunk is None else cq.where(R.c.patient_id.in_(chunk))
+        patients.extend((await conn.execute(wp)).all())
+        for pid, content in (await conn.execute(wc)).all():
+            if pid is not None and content:
+                consents.setdefault(pid, []).append(orjson.loads(content))
+    if not patients:
+        return 0
+    known = set()
+    by_key: dict[str | None, list[str]] = {}
+    new_profiles: dict[str, str] = {}
+    for pid, identifiers, sex, birth_year in patients:
+        entries, opt_out = [], False
+        for res in consents.get(pid, ()):
+            got = entry_from_consent(res)
+            if got is False:
+                opt_out = True
+            elif got is not None:
+                entries.append(got)
+        idents = orjson.loads(identifiers) if identifiers else []
+        entries.extend(c.entry() for c in collections if c.matches(idents, sex, birth_year))
+        doc = effective(entries, opt_out)
+        key = profile_key(doc) if doc is not None else None
+        if key is not None and key not in known:
+            known.add(key)
+            new_profiles[key] = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
+        by_key.setdefault(key, []).append(pid)
+    if new_profiles:
+        have = set((await conn.execute(select(consent_profile.c.key)
+                                       .where(consent_profile.c.key.in_(sorted(new_profiles))))).scalars())
+        missing = [{"key": k, "profile": v} for k, v in new_profiles.items() if k not in have]
+        if missing:
+            await conn.execute(consent_profile.insert(), missing)
+    for key, pids in by_key.items():
+        for i in range(0, len(pids), 500):
+            await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500]), P.c.src_type == "fhir")
+                               .values(consent_profile=key))
+    return len(patients)
+
+
+__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "recompute", "store_policy_doc"]

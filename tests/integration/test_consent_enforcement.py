@@ -1,0 +1,255 @@
+"""Consent enforcement on every FHIR read path (issue #4, "Enforcement").
+
+A population with mixed consents is loaded through the FHIR API (ehr-system role).  For each research
+purpose + requester attestations, every FHIR route — read, search, _include/_revinclude, history,
+_summary=count, _total — must return exactly the data of the patients the table below says are
+permitted, and nothing else.  The expected sets are written by hand from DUO.md's rules (cited per
+row), not computed by the evaluator.  Withdrawal (Consent → inactive) takes effect on the next
+request.  Clinical roles see everything for treatment and are refused research; analysts are
+refused treatment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway import keys
+from gateway.app import create_app
+from gateway.services.consent import ConsentGate
+from tests.conftest import Gateway, make_settings
+
+OBO = Path(__file__).resolve().parents[1] / "unit" / "ontologies" / "data" / "mini_mondo.obo"
+DUO = "http://purl.obolibrary.org/obo/duo"
+MONDO = "http://purl.obolibrary.org/obo/mondo"
+EXT = "https://fedgate.dev/fhir/StructureDefinition/duo-"
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+#: patient id → (DUO codes on its Consent, disease codings, extra Consent fields); None = no Consent.
+POPULATION = {
+    "p-gru": (["DUO:0000042"], [], {}),
+    "p-hmb": (["DUO:0000006"], [], {}),
+    "p-ds-cancer-ncu": (["DUO:0000007", "DUO:0000046"], ["0004992"], {}),
+    "p-poa": (["DUO:0000011"], [], {}),
+    "p-irb": (["DUO:0000042", "DUO:0000021"], [], {}),
+    "p-withdrawn": (["DUO:0000042"], [], {"status": "inactive"}),
+    "p-expired": (["DUO:0000042"], [], {"period": {"start": "2015-01-01", "end": "2020-12-31"}}),
+    "p-rejected": (["DUO:0000042"], [], {"status": "rejected"}),
+    "p-optout": (["DUO:0000042"], [], {"type": "deny"}),
+    "p-none": None,
+    "p-retro": None,  # no Consent; the site policy gives its collection HMB + IRB
+}
+
+# purpose name → (token purpose, token attrs, permitted patients by hand, rule)
+PURPOSES = {
+    "gru": ({"codes": ["DUO:0000042"]}, {},
+            {"p-gru"},
+            "DUO.md: GRU request matches GRU only (HMB/DS/POA deny GRU-level; IRB unattested → not permit)"),
+    "biomedical+irb": ({"codes": ["DUO:0000037"]}, {"irb_approved": True},
+                       {"p-gru", "p-hmb", "p-irb", "p-retro"},
+                       "DUO.md: 37 ⊑ HMB-level → GRU, HMB, GRU+IRB (attested), policy HMB+IRB; DS needs a disease"),
+    "melanoma+noncommercial": ({"codes": ["DUO:0000040"], "diseases": ["MONDO:0005105"]},
+                               {"commercial_purpose": False},
+                               {"p-gru", "p-hmb", "p-ds-cancer-ncu"},
+                               "DUO.md: DS-cancer permits melanoma ⊑ cancer; NCU attested; IRB unattested"),
+    "melanoma+commercial": ({"codes": ["DUO:0000040"], "diseases": ["MONDO:0005105"]},
+                            {"commercial_purpose": True, "irb_approved": True},
+                            {"p-gru", "p-hmb", "p-irb", "p-retro"},
+                            "DUO.md: NCU denies a commercial purpose"),
+    "ancestry": ({"codes": ["DUO:0000033"]}, {"irb_approved": True},
+                 {"p-gru", "p-poa", "p-irb"},
+                 "DUO.md: GRU permits ancestry; POA permits 33; HMB/DS deny ancestry"),
+    "diabetes-disease": ({"codes": ["DUO:0000040"], "diseases": ["MONDO:0005148"]}, {"commercial_purpose": False},
+                         {"p-gru", "p-hmb"},
+                         "DUO.md: DS-cancer does not permit type 2 diabetes"),
+}
+ALL = set(POPULATION)
+
+
+def consent(pid: str, codes, diseases, extra) -> dict:
+    provision: dict = {
+        "type": extra.get("type", "permit"),
+        "purpose": [{"system": DUO, "code": c} for c in codes if c in ("DUO:0000042", "DUO:0000006",
+                                                                      "DUO:0000007", "DUO:0000011")],
+        "code": [{"coding": [{"system": DUO, "code": c}]} for c in codes
+                 if c not in ("DUO:0000042", "DUO:0000006", "DUO:0000007", "DUO:0000011")]
+        + [{"coding": [{"system": MONDO, "code": f"MONDO:{d}"}]} for d in diseases],
+    }
+    if "period" in extra:
+        provision["period"] = extra["period"]
+    return {
+        "resourceType": "Consent", "id": f"c-{pid}", "status": extra.get("status", "active"),
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+        "patient": {"reference": f"Patient/{pid}"},
+        "policyRule": {"coding": [{"system": DUO, "code": codes[0]}]},
+        "provision": provision,
+    }
+
+
+def patient(pid: str) -> dict:
+    system = "urn:fedgate:retro-cohort" if pid == "p-retro" else "urn:fedgate:test"
+    return {"resourceType": "Patient", "id": pid, "identifier": [{"system": system, "value": pid}],
+            "gender": "female", "birthDate": "1970-01-01"}
+
+
+def observation(pid: str, n: int) -> dict:
+    return {"resourceType": "Observation", "id": f"o-{pid}-{n}", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": f"Patient/{pid}"}, "valueQuantity": {"value": 60 + n, "unit": "/min"}}
+
+
+POLICY = {"collections": [{
+    "name": "retro-cohort-ethics-waiver",
+    "match": {"identifier_system": "urn:fedgate:retro-cohort"},
+    "consent": {"permission": "DUO:0000006", "modifiers": ["DUO:0000021"]},
+}]}
+
+
+@pytest.fixture
+async def site(tmp_path, db_url):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    settings = make_settings(tmp_path / "data", db_url,
+                             extra={"consent": {"policy": str(policy), "disease_ontologies": [str(OBO)]}})
+    app = create_app(settings)
+    app[keys.GATE] = ConsentGate(settings)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield Gateway(server, settings)
+    finally:
+        await server.close()
+
+
+async def _load(gw: Gateway, http: aiohttp.ClientSession) -> None:
+    entries = [{"resource": {"resourceType": "Organization", "id": "org-1", "name": "Site"},
+                "request": {"method": "PUT", "url": "Organization/org-1"}}]
+    for pid, spec in POPULATION.items():
+        resources = [patient(pid), observation(pid, 1), observation(pid, 2)]
+        if spec is not None:
+            resources.append(consent(pid, *spec))
+        entries += [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                    for r in resources]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    async with http.post(gw.fhir, json=bundle, headers=gw.headers("ehr-system") | FHIR_JSON) as r:
+        assert r.status == 200, await r.text()
+
+
+def _pid(resource: dict) -> str | None:
+    if resource["resourceType"] == "Patient":
+        return resource["id"]
+    for key in ("subject", "patient"):
+        if key in resource:
+            return resource[key]["reference"].split("/")[1]
+    return None
+
+
+async def _bundle(http, url, headers, **params) -> dict:
+    async with http.get(url, params=params, headers=headers) as r:
+        assert r.status == 200, (url, params, await r.text())
+        return await r.json()
+
+
+def _resources(bundle: dict) -> list[dict]:
+    return [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+
+
+async def _visible_everywhere(gw: Gateway, http, headers) -> dict[str, set]:
+    """The set of patients whose data each route returns."""
+    seen: dict[str, set] = {}
+    f = gw.fhir
+    b = await _bundle(http, f"{f}/Patient", headers, _count="100")
+    seen["Patient search"] = {_pid(r) for r in _resources(b)}
+    b = await _bundle(http, f"{f}/Observation", headers, _count="100")
+    obs = _resources(b)
+    seen["Observation search"] = {_pid(r) for r in obs}
+    assert len(obs) == 2 * len(seen["Observation search"])
+    b = await _bundle(http, f"{f}/Observation", headers, _include="Observation:subject", _count="100")
+    seen["_include"] = {_pid(r) for r in _resources(b)}
+    b = await _bundle(http, f"{f}/Patient", headers, _revinclude="Observation:subject", _count="100")
+    seen["_revinclude"] = {_pid(r) for r in _resources(b)}
+    b = await _bundle(http, f"{f}/Consent", headers, _count="100")
+    seen["Consent search"] = {_pid(r) for r in _resources(b)}
+    b = await _bundle(http, f"{f}/Observation", headers, _summary="count")
+    seen["_summary=count/2"] = b["total"] / 2
+    b = await _bundle(http, f"{f}/Patient", headers, _total="accurate", _count="1")
+    seen["_total"] = b["total"]
+    b = await _bundle(http, f"{f}/Observation/_history", headers, _count="100")
+    seen["type history"] = {_pid(r) for r in _resources(b) if r}
+    b = await _bundle(http, f"{f}/_history", headers, _count="500")
+    seen["system history"] = {_pid(r) for r in _resources(b) if r} - {None}
+    read, vread, ihist = set(), set(), set()
+    for pid in ALL:
+        async with http.get(f"{f}/Patient/{pid}", headers=headers) as r:
+            assert r.status in (200, 404), await r.text()
+            if r.status == 200:
+                read.add(pid)
+            else:
+                assert (await r.json())["resourceType"] == "OperationOutcome"
+        async with http.get(f"{f}/Observation/o-{pid}-1/_history/1", headers=headers) as r:
+            assert r.status in (200, 404)
+            if r.status == 200:
+                vread.add(pid)
+        async with http.get(f"{f}/Patient/{pid}/_history", headers=headers) as r:
+            assert r.status in (200, 404)
+            if r.status == 200 and (await r.json()).get("entry"):
+                ihist.add(pid)
+    seen["read"], seen["vread"], seen["instance history"] = read, vread, ihist
+    async with http.get(f"{f}/Organization/org-1", headers=headers) as r:
+        assert r.status == 200  # no patient compartment: visible to every authenticated role
+    return seen
+
+
+def _expect(permitted: set) -> dict:
+    with_consent = {p for p in permitted if POPULATION[p] is not None}
+    return {
+        "Patient search": permitted, "Observation search": permitted, "_include": permitted,
+        "_revinclude": permitted, "Consent search": with_consent, "_summary=count/2": len(permitted),
+        "_total": len(permitted), "type history": permitted, "system history": permitted, "read": permitted,
+        "vread": permitted, "instance history": permitted,
+    }
+
+
+async def test_every_fhir_route_returns_exactly_the_permitted_patients(site):
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        # treatment: clinical roles see everyone
+        seen = await _visible_everywhere(gw, http, gw.headers("clinician"))
+        assert seen["Patient search"] == ALL and seen["read"] == ALL
+        for name, (purpose, attrs, permitted, rule) in PURPOSES.items():
+            seen = await _visible_everywhere(gw, http, gw.headers("analyst", purpose=purpose, attrs=attrs))
+            assert seen == _expect(permitted), f"{name}: {rule}"
+
+        # the purpose may also come as a header
+        h = gw.headers("analyst", attrs={"irb_approved": True}) | {"X-Purpose-Of-Use": "DUO:0000037"}
+        seen = await _visible_everywhere(gw, http, h)
+        assert seen["Patient search"] == PURPOSES["biomedical+irb"][2]
+
+        # clinical role asking research → 403; analyst asking treatment → 403 (OperationOutcome)
+        for headers in (gw.headers("clinician", purpose={"codes": ["DUO:0000042"]}),
+                        gw.headers("analyst", purpose="treatment")):
+            async with http.get(f"{gw.fhir}/Patient", headers=headers) as r:
+                assert r.status == 403
+                assert (await r.json())["resourceType"] == "OperationOutcome"
+
+        # withdrawal takes effect on the very next request
+        gru = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+        withdrawn = consent("p-gru", ["DUO:0000042"], [], {"status": "inactive"})
+        async with http.put(f"{gw.fhir}/Consent/c-p-gru", json=withdrawn, headers=gw.headers("ehr-system") | FHIR_JSON) as r:
+            assert r.status == 200, await r.text()
+        seen = await _visible_everywhere(gw, http, gru)
+        assert seen == _expect(set())
+        # re-consent (a new Consent, active) → visible again; delete it → gone again
+        again = consent("p-gru", ["DUO:0000042"], [], {}) | {"id": "c-p-gru-2"}
+        async with http.put(f"{gw.fhir}/Consent/c-p-gru-2", json=again, headers=gw.headers("ehr-system") | FHIR_JSON) as r:
+            assert r.status == 201, await r.text()
+        assert (await _visible_everywhere(gw, http, gru))["Patient search"] == {"p-gru"}
+        async with http.delete(f"{gw.fhir}/Consent/c-p-gru-2", headers=gw.headers("ehr-system")) as r:
+            assert r.status in (200, 204)
+        assert (await _visible_everywhere(gw, http, gru))["Patient search"] == set()
