@@ -1,7 +1,7 @@
 """OMOP CDM v5.4 export and import (docs/omop.md).
 
-Export: the consented common model (``scope.patient_ids_subquery()`` of the requester's research
-purpose) → OMOP rows (:mod:`mappings.omop.export`, in a thread) → a PostgreSQL schema built with the
+Export: the consented common model (the patients the consent scope of the requester's research
+purpose admits) → OMOP rows (:mod:`mappings.omop.export`, in a thread) → a PostgreSQL schema built with the
 official DDL (asyncpg COPY, then primary keys, foreign-key constraints and indices, all in one
 transaction so a failed export leaves nothing) or CSV files.  Import: an OMOP schema → ``cm_*`` rows
 with ``src_type = "OMOP"``; a re-import inserts, updates and deletes only what changed at the source.
@@ -27,6 +27,7 @@ from gateway.context import Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, Unprocessable
 from gateway.services.access import AccessRecord
 from gateway.store import schema as s
+from gateway.store.consent_schema import recompute as recompute_consent
 from gateway.store.migrate import load_table_modules
 from gateway.store.scope import AccessScope
 from mappings.omop import ddl
@@ -133,7 +134,11 @@ class OmopService:
     async def collect(self, scope: AccessScope) -> CmData:
         """Common-model rows of the patients in ``scope`` (plus their imaging series and SR values)."""
         load_table_modules()
-        visible = scope.patient_ids_subquery()
+        # the patients the gate admits (a SELECT of cm_patient ids; None = every patient); an empty
+        # restricted scope selects nothing
+        visible = None if scope.unrestricted else (
+            select(s.cm_patient.c.patient_id).where(scope.patient_clause(s.cm_patient.c.patient_id,
+                                                                         allow_no_patient=False)))
 
         def gated(table):
             stmt = select(table).where(table.c.patient_id.is_not(None))
@@ -275,6 +280,10 @@ class OmopService:
                     await conn.execute(table.insert(), inserts[i:i + CHUNK])
                 stats[name] = {"inserted": len(inserts), "updated": len(updates), "deleted": len(removed),
                                "unchanged": len(new_rows) - len(inserts) - len(updates)}
+            # imported patients get their effective consent profile (site policy) like FHIR-born ones
+            changed = stats.get("cm_patient", {})
+            if changed.get("inserted") or changed.get("updated"):
+                await recompute_consent(conn, [r["patient_id"] for r in rows.get("cm_patient", ())])
         self.db.note_writes(sum(v["inserted"] + v["updated"] for v in stats.values()))
         return stats
 

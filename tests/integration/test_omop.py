@@ -44,6 +44,12 @@ from tests.conftest import (
 SYNTHEA = sorted(data_path("synthea").glob("*.json"))
 PURPOSE = {"codes": ["DUO:0000042"], "diseases": []}
 CM = ("cm_patient", "cm_encounter", "cm_condition", "cm_observation", "cm_procedure", "cm_imaging_study")
+FEDERATED_COHORTS = [
+    {"sex": "male"},
+    {"condition": {"code": "http://snomed.info/sct|444814009"}},
+    {"all": [{"observation": {"code": "http://loinc.org|8302-2", "value": {"min": 150}}}, {"age": {"min": 18, "at": "2020-01-01"}}]},
+    {"procedure": {"code": "http://snomed.info/sct|288086009"}},
+]
 CT_STUDY = "1.2.826.0.1.3680043.8.498.1"
 CT_SERIES = "1.2.826.0.1.3680043.8.498.1.1"
 
@@ -126,8 +132,24 @@ async def omop_pg():
         await drop_pg_database(name)
 
 
-async def _site(data_dir: Path, db_url: str, omop_url: str, gate=None) -> Gateway:
-    settings = make_settings(data_dir, db_url, extra={"omop": {"pg_url": omop_url}})
+ALL_SEXES = ["male", "female", "other", "unknown"]
+
+
+def consent_policy(path: Path, sexes=ALL_SEXES) -> Path:
+    """A site consent policy granting general research use (DUO:0000042) to the patients of ``sexes``
+    (the Synthea bundles carry no Consent resources)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"collections": [{"name": "omop-test-gru", "match": {"sex": list(sexes)},
+                                                 "consent": {"permission": "DUO:0000042"}}]}))
+    return path
+
+
+async def _site(data_dir: Path, db_url: str, omop_url: str, gate=None, sexes=ALL_SEXES) -> Gateway:
+    # disclosure control off (cell size 1, no rounding) so federated counts of two sites compare exactly
+    policy = consent_policy(data_dir.parent / f"{data_dir.name}-policy.json", sexes)
+    settings = make_settings(data_dir, db_url, extra={"omop": {"pg_url": omop_url},
+                                                      "federation": {"min_cell": 1, "round_base": 1},
+                                                      "consent": {"policy": str(policy)}})
     app = create_app(settings)
     if gate is not None:
         app[keys.GATE] = gate
@@ -276,6 +298,17 @@ async def test_synthea_export_to_official_ddl_then_import_into_fresh_site(tmp_pa
             async with http.get(f"{b.fhir}/Patient", headers=b.headers("clinician")) as r:
                 assert r.status == 200  # imported rows live beside FHIR; the cohort engine reads cm_*
             assert first["changes"]["cm_patient"]["inserted"] == expected["person"]
+            # federated cohort counts: the importing site answers like the original
+            for cohort in FEDERATED_COHORTS:
+                answers = []
+                for site in (a, b):
+                    async with http.post(site.url + "/federation/cohort/count", json={"cohort": cohort, "age_at": "2020-01-01"},
+                                         headers=site.headers("analyst", purpose=PURPOSE)) as r:
+                        assert r.status == 200, await r.text()
+                        res = await r.json()
+                        answers.append((res["count"], res["breakdowns"]["sex"], res["breakdowns"]["age_band"]))
+                assert answers[0] == answers[1], cohort
+                assert answers[0][0] > 0, cohort
 
             # -- incremental re-import: one row removed, one changed at the source -------------------------
             conn = await asyncpg.connect(omop_pg)
@@ -316,19 +349,30 @@ class ProfileGate:
 
 
 async def test_export_only_patients_in_consent_scope(tmp_path, db_url, omop_pg):
+    """The site policy grants research use to female patients only: the export holds them and their
+    rows, nobody else.  With the real ConsentGate wired into the app this runs through it; while the
+    app still runs the OpenGate placeholder, a test gate returns the restricted AccessScope the consent
+    gate would (profile keys on cm_patient)."""
     async with aiohttp.ClientSession() as http:
-        gw = await _site(tmp_path / "a", db_url, omop_pg, gate=ProfileGate("research-ok"))
+        gw = await _site(tmp_path / "a", db_url, omop_pg, sexes=["female"])
+        real_gate = type(gw.app[keys.GATE]).__name__ != "OpenGate"
+        if not real_gate:
+            await gw.server.close()
+            gw = await _site(tmp_path / "b", db_url, omop_pg, gate=ProfileGate("research-ok"), sexes=["female"])
         try:
             await _load_synthea(gw, http)
             async with gw.app[keys.DB].write() as conn:
-                ids = sorted((await conn.execute(select(s.cm_patient.c.patient_id))).scalars())
-                ok = set(ids[::3])
-                await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.in_(ok))
-                                   .values(consent_profile="research-ok"))
-                await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.not_in(ok))
-                                   .values(consent_profile="withdrawn"))
+                ok = set((await conn.execute(select(s.cm_patient.c.patient_id)
+                                             .where(s.cm_patient.c.sex == "female"))).scalars())
+                if not real_gate:
+                    await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.in_(ok))
+                                       .values(consent_profile="research-ok"))
+                    await conn.execute(update(s.cm_patient).where(s.cm_patient.c.patient_id.not_in(ok))
+                                       .values(consent_profile="withdrawn"))
                 n_cond = (await conn.execute(select(func.count()).select_from(s.cm_condition)
                                              .where(s.cm_condition.c.patient_id.in_(ok)))).scalar()
+                total = (await conn.execute(select(func.count()).select_from(s.cm_patient))).scalar()
+            assert 0 < len(ok) < total
             async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "scoped"},
                                  headers=gw.headers("analyst", purpose=PURPOSE)) as r:
                 assert r.status == 200, await r.text()
@@ -420,7 +464,10 @@ async def test_cli_export_csv_and_postgres_then_import(tmp_path, db_url, omop_pg
 
     b_url, b_name = await _second_store(db_url, tmp_path)
     try:
-        store = ["--data-dir", str(tmp_path / "a"), "--database-url", db_url, "--log-level", "WARNING"]
+        config = tmp_path / "fedgate.toml"
+        config.write_text(f'[consent]\npolicy = "{consent_policy(tmp_path / "policy.json")}"\n')
+        store = ["--config", str(config), "--data-dir", str(tmp_path / "a"), "--database-url", db_url,
+                 "--log-level", "WARNING"]
         files = [str(p) for p in SYNTHEA[:3]]
         r = await asyncio.to_thread(cli, "load", *store, "--quiet", "--strict", *files)
         assert r.returncode == 0, r.stderr
