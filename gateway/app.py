@@ -14,8 +14,10 @@ from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.middlewares import auth_middleware, error_middleware
-from gateway.services.access import NullAudit, OpenGate
+from gateway.services.access import OpenGate
 from gateway.services.consent import consent_ctx
+from gateway.services.audit import ChainedAudit, audit_ctx
+from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.settings import Settings
@@ -49,10 +51,12 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SERVICES] = {}
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = OpenGate()
-    app[keys.AUDIT] = NullAudit()
+    app[keys.AUDIT] = ChainedAudit(settings.site_id)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(consent_ctx)
+    app.cleanup_ctx.append(audit_ctx)
     health.setup_routes(app)
+    audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
     fhir_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)

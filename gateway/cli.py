@@ -91,6 +91,12 @@ def cmd_consent(args: argparse.Namespace) -> int:
     return consent_evaluate_main(sys.stdin, sys.stdout, disease_files=tuple(args.disease_ontology or ()))
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.services.audit import verify_main
+
+    return verify_main(_settings(args))
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from gateway.federation_cli import cmd_query as run
 
@@ -183,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = csub.add_parser("evaluate", help="evaluate consent × purpose × requester JSON (stdin) → decision JSON")
     e.add_argument("--disease-ontology", action="append", help="OWL/OBO disease hierarchy file (repeatable)")
     e.set_defaults(func=cmd_consent)
+
+    p = sub.add_parser("audit", help="audit trail tools")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="check the AuditEvent hash chain; exit 1 naming the first tampered row")
+    _common(v)
+    v.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -22,9 +22,10 @@ import asyncio
 import json
 import logging
 import tomllib
+from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -33,6 +34,7 @@ from sqlalchemy import func, select
 from gateway import keys
 from gateway.context import CLINICAL_ROLES, Requester
 from gateway.errors import Forbidden
+from gateway.services.access import AccessRecord
 from gateway.settings import Settings
 from gateway.store.consent_schema import consent_profile, recompute, store_policy_doc
 from gateway.store.scope import AccessScope
@@ -72,6 +74,8 @@ class ConsentGate:
         self._scopes: dict[tuple, AccessScope] = {}
         self._lock = asyncio.Lock()
         self.evaluations = 0
+        #: AuditSink for refused requests (set by :func:`consent_ctx`).
+        self.audit = None
 
     async def start(self, db) -> None:
         """Load DUO and disease hierarchies (off the loop), store the policy, recompute if it changed."""
@@ -104,6 +108,15 @@ class ConsentGate:
         return False
 
     async def scope_for(self, requester: Requester) -> AccessScope:
+        try:
+            return await self._scope_for(requester)
+        except Forbidden as err:
+            if self.audit is not None:
+                await self.audit.record(AccessRecord(requester, "E", "access", "4", scope_summary="refused",
+                                                     detail=err.message))
+            raise
+
+    async def _scope_for(self, requester: Requester) -> AccessScope:
         purpose = requester.purpose
         if purpose.is_treatment:
             if requester.has_role(*TREATMENT_ROLES):
@@ -146,6 +159,7 @@ async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
     gate = app[keys.GATE]
     if isinstance(gate, ConsentGate):
+        gate.audit = app[keys.AUDIT]
         await gate.start(app[keys.DB])
     yield
 

@@ -1,0 +1,108 @@
+"""Audit trail (issue #4): every data access → a hash-chained FHIR AuditEvent, searchable by admins
+only; `fedgate audit verify` detects a modified or deleted row and names it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import sqlalchemy as sa
+from aiohttp.test_utils import TestServer
+
+from gateway import keys
+from gateway.app import create_app
+from gateway.services.consent import ConsentGate
+from gateway.store.audit_schema import audit_event
+from gateway.store.db import Database
+from tests.conftest import Gateway
+
+FEDGATE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "fedgate"
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+def _verify(settings) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FEDGATE), "audit", "verify", "--data-dir", str(settings.data_dir),
+                           "--database-url", settings.database_url], check=False, capture_output=True, text=True, timeout=120)
+
+
+async def test_accesses_are_audited_chained_and_admin_searchable(settings):
+    app = create_app(settings)
+    app[keys.GATE] = ConsentGate(settings)  # (also the default once wired in create_app)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    gw = Gateway(server, settings)
+    try:
+        async with aiohttp.ClientSession() as http:
+            pat = {"resourceType": "Patient", "id": "pa1", "gender": "male"}
+            async with http.put(f"{gw.fhir}/Patient/pa1", json=pat,
+                                headers=gw.headers("ehr-system", subject="ehr-1", org="Hospital A") | FHIR_JSON) as r:
+                assert r.status == 201
+            async with http.get(f"{gw.fhir}/Patient/pa1", headers=gw.headers("clinician", subject="dr-who")) as r:
+                assert r.status == 200
+            async with http.get(f"{gw.fhir}/Patient", headers=gw.headers(
+                    "analyst", subject="ana", purpose={"codes": ["DUO:0000042"]})) as r:
+                assert r.status == 200
+            async with http.get(f"{gw.fhir}/Patient", headers=gw.headers("clinician", subject="dr-x",
+                                                                          purpose={"codes": ["DUO:0000042"]})) as r:
+                assert r.status == 403  # refused research by a clinical role: audited as a failure too
+            # non-admins cannot read the audit trail (OperationOutcome 403)
+            for role in ("analyst", "clinician", "ehr-system"):
+                async with http.get(f"{gw.fhir}/AuditEvent", headers=gw.headers(role)) as r:
+                    assert r.status == 403
+                    assert (await r.json())["resourceType"] == "OperationOutcome"
+            admin = gw.headers("admin")
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"agent": "dr-who"}, headers=admin) as r:
+                assert r.status == 200
+                b = await r.json()
+            assert b["total"] == 1
+            ev = b["entry"][0]["resource"]
+            assert ev["resourceType"] == "AuditEvent" and ev["action"] == "R" and ev["outcome"] == "0"
+            assert ev["subtype"][0]["code"] == "read"
+            assert {"what": {"reference": "Patient/pa1"}} in ev["entity"]
+            assert ev["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+            assert [c["code"] for c in ev["agent"][0]["role"][0]["coding"]] == ["clinician"]
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"agent": "ehr-1"}, headers=admin) as r:
+                ev = (await r.json())["entry"][0]["resource"]
+            assert ev["action"] == "C" and ev["agent"][0]["who"]["display"] == "Hospital A"
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"agent": "ana"}, headers=admin) as r:
+                ev = (await r.json())["entry"][0]["resource"]
+            assert ev["purposeOfEvent"][0]["coding"][0]["code"] == "DUO:0000042"
+            assert "consent profiles permit" in ev["outcomeDesc"]
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"agent": "dr-x"}, headers=admin) as r:
+                ev = (await r.json())["entry"][0]["resource"]
+            assert ev["outcome"] == "4" and "clinical roles" in ev["outcomeDesc"]
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"patient": "pa1"}, headers=admin) as r:
+                assert (await r.json())["total"] >= 2
+            async with http.get(f"{gw.fhir}/AuditEvent/{ev['id']}", headers=admin) as r:
+                assert r.status == 200 and (await r.json())["id"] == ev["id"]
+            async with http.get(f"{gw.fhir}/AuditEvent", params={"bogus": "1"}, headers=admin) as r:
+                assert r.status == 400
+    finally:
+        await gw.server.close()  # flushes pending events
+
+    done = _verify(settings)
+    assert done.returncode == 0, done.stderr
+    db = Database(settings.effective_database_url)
+    try:
+        async with db.read() as conn:
+            rows = (await conn.execute(sa.select(audit_event.c.seq, audit_event.c.content)
+                                       .order_by(audit_event.c.seq))).all()
+        assert len(rows) >= 8
+        victim = rows[2]
+        async with db.write() as conn:  # tamper: rewrite who did it
+            await conn.execute(sa.update(audit_event).where(audit_event.c.seq == victim.seq)
+                               .values(content=victim.content.replace('"outcome":"0"', '"outcome":"8"')))
+        done = _verify(settings)
+        assert done.returncode == 1 and f"seq={victim.seq}" in done.stderr, done.stderr
+        async with db.write() as conn:  # restore, then delete a row: the next one no longer links
+            await conn.execute(sa.update(audit_event).where(audit_event.c.seq == victim.seq)
+                               .values(content=victim.content))
+        assert _verify(settings).returncode == 0
+        async with db.write() as conn:
+            await conn.execute(sa.delete(audit_event).where(audit_event.c.seq == rows[3].seq))
+        done = _verify(settings)
+        assert done.returncode == 1 and f"seq={rows[4].seq}" in done.stderr, done.stderr
+    finally:
+        await db.dispose()
+    assert keys.AUDIT  # the sink is wired in create_app
