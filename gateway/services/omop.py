@@ -276,8 +276,7 @@ class OmopService:
                         {c: bindparam(f"v_{c}") for c in content})
                     for i in range(0, len(updates), CHUNK):
                         await conn.execute(stmt, updates[i:i + CHUNK])
-                for i in range(0, len(inserts), CHUNK):
-                    await conn.execute(table.insert(), inserts[i:i + CHUNK])
+                await _insert(conn, table, inserts)
                 stats[name] = {"inserted": len(inserts), "updated": len(updates), "deleted": len(removed),
                                "unchanged": len(new_rows) - len(inserts) - len(updates)}
             # imported patients get their effective consent profile (site policy) like FHIR-born ones
@@ -297,6 +296,21 @@ class OmopService:
                 res = await conn.execute(select(st.c.study_uid).where(st.c.study_uid.in_(uids[i:i + 500])))
                 n += len(res.all())
         return n
+
+
+async def _insert(conn, table, rows: list[dict]) -> None:
+    """Bulk insert in the caller's transaction: COPY on PostgreSQL (asyncpg, same connection and
+    transaction), executemany batches on SQLite."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql" and len(rows) >= 1000:
+        cols = list(rows[0])
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(
+            table.name, records=[tuple(r[c] for c in cols) for r in rows], columns=cols)
+        return
+    for i in range(0, len(rows), CHUNK):
+        await conn.execute(table.insert(), rows[i:i + CHUNK])
 
 
 # ----------------------------------------------------------------------------------------------
