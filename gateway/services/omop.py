@@ -206,7 +206,22 @@ class OmopService:
         if item is None or inst is None or st is None:
             return []
         ref = inst.alias("ref")
+        # TID 1500 context: the algorithm name (DCM 111001, TID 4019) per SR, the finding (DCM 121071)
+        # per measurement group
+        algo: dict[str, str] = {}
+        finding: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        ctx = select(item.c.sop_uid, item.c.group_item_id, item.c.concept_code, item.c.text_value,
+                     item.c.code_scheme, item.c.code_value).where(
+            item.c.concept_scheme == "DCM", item.c.concept_code.in_(("111001", "121071")))
+        if visible is not None:
+            ctx = ctx.where(item.c.patient_id.in_(visible))
+        for r in await conn.execute(ctx):
+            if r.concept_code == "111001" and r.text_value:
+                algo.setdefault(r.sop_uid, r.text_value)
+            elif r.concept_code == "121071" and r.code_value:
+                finding.setdefault((r.sop_uid, r.group_item_id or ""), (r.code_scheme, r.code_value))
         stmt = (select(item.c.patient_id, item.c.concept_scheme, item.c.concept_code, item.c.concept_meaning,
+                       item.c.sop_uid, item.c.group_item_id,
                        item.c.num_value, item.c.unit_code, inst.c.study_uid, inst.c.series_uid,
                        ref.c.series_uid.label("ref_series"), st.c.study_date)
                 .join(inst, inst.c.sop_uid == item.c.sop_uid)
@@ -216,9 +231,13 @@ class OmopService:
                 .order_by(item.c.id))
         if visible is not None:
             stmt = stmt.where(item.c.patient_id.in_(visible))
-        return [SrMeasurement(r.patient_id, r.study_uid, r.ref_series or r.series_uid, r.study_date,
-                              r.concept_scheme, r.concept_code, r.concept_meaning, r.num_value, r.unit_code)
-                for r in await conn.execute(stmt)]
+        out = []
+        for r in await conn.execute(stmt):
+            f_scheme, f_code = finding.get((r.sop_uid, r.group_item_id or ""), (None, None))
+            out.append(SrMeasurement(r.patient_id, r.study_uid, r.ref_series or r.series_uid, r.study_date,
+                                     r.concept_scheme, r.concept_code, r.concept_meaning, r.num_value, r.unit_code,
+                                     f_scheme, f_code, algo.get(r.sop_uid)))
+        return out
 
     # ------------------------------------------------------------------------------------------
     # import

@@ -420,13 +420,16 @@ async def test_dicom_series_and_sr_measurements_become_image_occurrence_and_feat
                 await conn.execute(inst.insert(), [
                     {"sop_uid": ct + ".1", "series_uid": ct, "study_uid": study, "patient_id": pid, "blob_path": "x", "size": 1, "stored_ts": now},
                     {"sop_uid": sr + ".1", "series_uid": sr, "study_uid": study, "patient_id": pid, "blob_path": "y", "size": 1, "stored_ts": now}])
+                base = {"sop_uid": sr + ".1", "patient_id": pid, "depth": 2, "group_item_id": "1.5", "num_value": None,
+                        "unit_code": None, "ref_sop_uid": None, "text_value": None, "code_scheme": None, "code_value": None}
                 await conn.execute(item.insert(), [
-                    {"sop_uid": sr + ".1", "patient_id": pid, "item_id": "1.5.1", "depth": 2, "value_type": "NUM",
-                         "concept_scheme": "SCT", "concept_code": "81827009", "concept_meaning": "Diameter", "num_value": 12.5,
-                         "unit_code": "mm", "ref_sop_uid": ct + ".1"},
-                    {"sop_uid": sr + ".1", "patient_id": pid, "item_id": "1.5.2", "depth": 2, "value_type": "CODE",
-                         "concept_scheme": "DCM", "concept_code": "121071", "concept_meaning": "Finding", "num_value": None,
-                         "unit_code": None, "ref_sop_uid": None}])
+                    base | {"item_id": "1.5.1", "value_type": "NUM", "concept_scheme": "SCT", "concept_code": "81827009",
+                            "concept_meaning": "Diameter", "num_value": 12.5, "unit_code": "mm", "ref_sop_uid": ct + ".1"},
+                    base | {"item_id": "1.5.2", "value_type": "CODE", "concept_scheme": "DCM", "concept_code": "121071",
+                            "concept_meaning": "Finding", "code_scheme": "SCT", "code_value": "52988006"},
+                    base | {"item_id": "1.2", "group_item_id": None, "depth": 1, "value_type": "TEXT",
+                            "concept_scheme": "DCM", "concept_code": "111001", "concept_meaning": "Algorithm Name",
+                            "text_value": "fedgate-test-algo"}])
             async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "img"},
                                  headers=gw.headers("analyst", purpose=PURPOSE)) as r:
                 assert r.status == 200, await r.text()
@@ -444,6 +447,8 @@ async def test_dicom_series_and_sr_measurements_become_image_occurrence_and_feat
                 assert f["image_occurrence_id"] == rows[ct]["image_occurrence_id"]  # the referenced CT series
                 assert float(f["value_as_number"]) == 12.5 and f["measurement_source_value"] == "81827009"
                 assert f["unit_source_value"] == "mm"
+                assert f["alg_system"] == "fedgate-test-algo"  # TID 4019 algorithm name of the SR
+                assert f["image_finding_concept_id"] == 0  # the group's finding (SCT 52988006: not in the subset)
                 procs = await conn.fetchval("SELECT count(DISTINCT procedure_occurrence_id) FROM img.image_occurrence")
                 assert procs == 1  # one imaging procedure per study
             finally:
