@@ -146,6 +146,8 @@ class OmopService:
 
         data = CmData()
         async with self.db.read() as conn:
+            if not self.db.is_sqlite:  # one snapshot for every table (SQLite's read transaction is one already)
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
             for attr, table in (("patients", s.cm_patient), ("encounters", s.cm_encounter),
                                 ("conditions", s.cm_condition), ("observations", s.cm_observation),
                                 ("procedures", s.cm_procedure)):
