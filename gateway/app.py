@@ -8,14 +8,13 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from gateway import keys
-from gateway.auth import TokenVerifier
+from gateway.auth import TokenVerifier, jwks_ctx
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.middlewares import auth_middleware, error_middleware
-from gateway.services.access import OpenGate
-from gateway.services.consent import consent_ctx
+from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
@@ -50,8 +49,9 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.PUBLIC_ROUTES] = set()
     app[keys.SERVICES] = {}
     app[keys.VERIFIER] = TokenVerifier(settings)
-    app[keys.GATE] = OpenGate()
+    app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(consent_ctx)
     app.cleanup_ctx.append(audit_ctx)

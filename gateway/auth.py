@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import jwt
 
@@ -77,13 +77,22 @@ class TokenVerifier:
                 key = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
                 if key is None:
                     raise Unauthorized("bearer token signed by an unknown key")
-                claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience, options=opts)
+                claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience,
+                                    issuer=self.settings.jwt_issuer, options=opts)
+            elif alg in ("RS256", "ES256"):
+                raise Unauthorized(f"bearer token algorithm {alg!r} needs a configured JWKS (settings.jwks)")
             else:
                 raise Unauthorized(f"bearer token algorithm {alg!r} is not accepted")
         except jwt.ExpiredSignatureError:
             raise Unauthorized("bearer token expired") from None
         except jwt.InvalidSignatureError:
             raise Unauthorized("bearer token signature is invalid") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("bearer token not valid yet (nbf)") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("bearer token issuer is not accepted") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("bearer token audience is not this gateway") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
         roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
@@ -124,3 +133,18 @@ def issue_dev_token(
     if attrs:
         claims["attrs"] = dict(attrs)
     return jwt.encode(claims, settings.dev_secret(), algorithm="HS256")
+
+
+async def jwks_ctx(app) -> AsyncIterator[None]:
+    """cleanup_ctx: fetch a JWKS given by URL once at start-up and keep it (production RS256/ES256)."""
+    import aiohttp
+
+    from gateway import keys
+
+    settings = app[keys.SETTINGS]
+    if settings.jwks.startswith(("http://", "https://")):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(settings.jwks) as resp:
+                resp.raise_for_status()
+                app[keys.VERIFIER].load_remote_jwks(await resp.json(content_type=None))
+    yield

@@ -11,14 +11,19 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import orjson
 from sqlalchemy import Column, Integer, String, Table, Text, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
-from mappings.fhir.consent_duo import effective, entry_from_consent, parse_policy, profile_key
+from mappings.fhir.consent_duo import (
+    effective,
+    entry_from_consent,
+    parse_policy,
+    profile_key,
+)
 
 consent_profile = Table(
     "consent_profile",
@@ -54,13 +59,15 @@ async def store_policy_doc(conn: AsyncConnection, doc: dict) -> bool:
 
 
 async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) -> int:
-    """Recompute ``cm_patient.consent_profile`` for ``patient_ids`` (None: every patient)."""
+    """Recompute ``cm_patient.consent_profile`` for ``patient_ids`` (None: every patient), whatever
+    the row's source (FHIR, OMOP import, ...): Consents are FHIR resources of that patient id; site
+    policy collections match the row's identifiers / sex / birth year."""
     P, R = s.cm_patient, s.fhir_resource
     ids = None if patient_ids is None else sorted({p for p in patient_ids if p})
     if ids is not None and not ids:
         return 0
     collections = parse_policy(await load_policy_doc(conn))
-    pq = select(P.c.patient_id, P.c.identifiers, P.c.sex, P.c.birth_year).where(P.c.src_type == "fhir")
+    pq = select(P.c.patient_id, P.c.identifiers, P.c.sex, P.c.birth_year)
     cq = select(R.c.patient_id, R.c.content).where(R.c.res_type == "Consent", R.c.deleted.is_(False))
     patients: list = []
     consents: dict[str, list] = {}
@@ -100,8 +107,7 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             await conn.execute(consent_profile.insert(), missing)
     for key, pids in by_key.items():
         for i in range(0, len(pids), 500):
-            await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500]), P.c.src_type == "fhir")
-                               .values(consent_profile=key))
+            await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
     return len(patients)
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ontologies.evaluator import ConsentInputError, ConsentParameters, ConsentProfile
 from ontologies.terms import TermError, normalize_curie
