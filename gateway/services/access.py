@@ -30,6 +30,20 @@ class AccessRecord:
     extra: dict = field(default_factory=dict)
 
 
+#: Roles that may write data (issue #4): the systems and people acting for treatment, the site and
+#: admins.  Analysts (research) only read; otherwise they could write a Consent granting themselves access.
+WRITE_ROLES = frozenset({"ehr-system", "pacs", "clinician", "site", "admin"})
+
+
+def require_write(requester: Requester) -> None:
+    """Raise Forbidden unless ``requester`` may write data."""
+    if not requester.has_role(*WRITE_ROLES):
+        from gateway.errors import Forbidden
+
+        raise Forbidden(f"role(s) {', '.join(sorted(requester.roles)) or 'none'} may not write data; "
+                        f"writers: {', '.join(sorted(WRITE_ROLES))}")
+
+
 class Gate(Protocol):
     async def scope_for(self, requester: Requester) -> AccessScope: ...
 

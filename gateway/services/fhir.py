@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 from gateway.context import Requester
 from gateway.ids import new_id
 from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable, GatewayError, Conflict
-from gateway.services.access import AccessRecord, AuditSink, Gate
+from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store.db import Database
 from gateway.store.scope import AccessScope
@@ -178,6 +178,7 @@ class FhirService:
 
     # -- write ---------------------------------------------------------------------------------
     async def create(self, requester: Requester, res_type: str, body: Any, if_none_exist: str | None) -> WriteOutcome:
+        require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
         async with self.db.write() as conn:
@@ -192,6 +193,7 @@ class FhirService:
         return WriteOutcome(stored, created=True)
 
     async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
+        require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         if not ID_RE.match(res_id):
             raise BadRequest(f"id {res_id!r} must match [A-Za-z0-9\\-.]{{1,64}}")
@@ -216,6 +218,7 @@ class FhirService:
         return WriteOutcome(stored, created=created)
 
     async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
+        require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         async with self.db.write() as conn:
             prev = await repo.get_current(conn, res_type, res_id)
@@ -270,6 +273,7 @@ class FhirService:
         return {"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out}
 
     async def _transaction(self, requester: Requester, entries: list) -> dict[str, Any]:
+        require_write(requester)  # issue #4: analysts read only
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)

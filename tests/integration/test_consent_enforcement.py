@@ -253,3 +253,23 @@ async def test_every_fhir_route_returns_exactly_the_permitted_patients(site):
         async with http.delete(f"{gw.fhir}/Consent/c-p-gru-2", headers=gw.headers("ehr-system")) as r:
             assert r.status in (200, 204)
         assert (await _visible_everywhere(gw, http, gru))["Patient search"] == set()
+
+
+async def test_analysts_cannot_write_a_consent_for_themselves(site):
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        ana = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+        grant = consent("p-none", ["DUO:0000042"], [], {})
+        async with http.put(f"{gw.fhir}/Consent/c-p-none", json=grant, headers=ana | FHIR_JSON) as r:
+            assert r.status == 403 and (await r.json())["resourceType"] == "OperationOutcome"
+        async with http.post(f"{gw.fhir}/Consent", json=grant, headers=ana | FHIR_JSON) as r:
+            assert r.status == 403
+        tx = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"resource": grant, "request": {"method": "PUT", "url": "Consent/c-p-none"}}]}
+        async with http.post(gw.fhir, json=tx, headers=ana | FHIR_JSON) as r:
+            assert r.status == 403
+        async with http.delete(f"{gw.fhir}/Consent/c-p-gru", headers=ana) as r:
+            assert r.status == 403
+        async with http.get(f"{gw.fhir}/Patient", headers=ana) as r:
+            assert {e["resource"]["id"] for e in (await r.json()).get("entry", [])} == {"p-gru"}

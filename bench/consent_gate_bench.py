@@ -1,0 +1,184 @@
+"""Consent gate overhead benchmark (issue #4).
+
+Builds a store of ≥ 100k FHIR resources (patients × (Patient + Consent + Observations)) whose Consents
+give ≥ 100 distinct effective consent profiles (DUO permission × modifiers × GS region), written
+through ``fhir_repo.apply_writes`` (the same path the FHIR API uses, so each patient's effective
+profile is recomputed in the write transaction).  Then serves the app on loopback and runs the same
+FHIR searches, interleaved, as
+
+* **gated**: an analyst with a research purpose (DUO:0000037 biomedical, IRB attested, location DE)
+  → restricted AccessScope (``consent_profile IN (...)``), and
+* **superuser**: a clinician acting for treatment → unrestricted scope (no consent clause),
+
+reporting median latency per query and the ratio gated / superuser from the same run.
+
+Usage::
+
+    .venv/bin/python bench/consent_gate_bench.py [--patients 2000] [--obs 48] [--rounds 200] [--write]
+        [--database-url postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway import keys  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from gateway.auth import issue_dev_token  # noqa: E402
+from gateway.settings import load_settings  # noqa: E402
+from gateway.store import fhir_repo  # noqa: E402
+from gateway.store.schema import cm_patient  # noqa: E402
+
+DUO = "http://purl.obolibrary.org/obo/duo"
+REGIONS = ["DE", "FR", "NL", "BE", "AT", "IT", "ES", "PT", "SE", "DK", "FI", "PL", "CZ", "IE", "GR",
+           "HU", "RO", "BG", "HR", "SI", "SK", "LT", "LV", "EE", "LU", "MT", "CY", "NO", "IS", "CH"]
+PERMS = [("DUO:0000042", []), ("DUO:0000006", []), ("DUO:0000006", ["DUO:0000021"]),
+         ("DUO:0000011", []), ("DUO:0000042", ["DUO:0000046"])]
+EXT = "https://fedgate.dev/fhir/StructureDefinition/duo-"
+
+
+def consent(pid: str, n: int) -> dict:
+    perm, mods = PERMS[n % len(PERMS)]
+    region = REGIONS[(n // len(PERMS)) % len(REGIONS)]
+    return {
+        "resourceType": "Consent", "id": f"c-{pid}", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+        "patient": {"reference": f"Patient/{pid}"},
+        "policyRule": {"coding": [{"system": DUO, "code": perm}]},
+        "extension": [{"url": EXT + "region", "valueString": region}],
+        "provision": {"type": "permit", "code": [{"coding": [{"system": DUO, "code": m}]}
+                                                  for m in mods + ["DUO:0000022"]]},
+    }
+
+
+def resources_for(i: int, n_obs: int) -> list[dict]:
+    pid = f"bp{i}"
+    out = [{"resourceType": "Patient", "id": pid, "gender": "female" if i % 2 else "male",
+            "birthDate": f"{1940 + i % 60}-01-01", "name": [{"family": f"Fam{i}"}]},
+           consent(pid, i)]
+    for k in range(n_obs):
+        out.append({"resourceType": "Observation", "id": f"o{i}-{k}", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4" if k % 4 == 0 else f"99{k % 4}-1"}]},
+                    "subject": {"reference": f"Patient/{pid}"},
+                    "valueQuantity": {"value": 60 + k, "unit": "/min"}})
+    return out
+
+
+async def load(app, patients: int, n_obs: int) -> int:
+    db = app[keys.DB]
+    total = 0
+    batch = 25
+    for start in range(0, patients, batch):
+        writes = []
+        for i in range(start, min(start + batch, patients)):
+            for r in resources_for(i, n_obs):
+                writes.append(fhir_repo.Write(r["resourceType"], r["id"], r, None, "PUT"))
+        async with db.write() as conn:
+            await fhir_repo.apply_writes(conn, writes)
+        total += len(writes)
+    return total
+
+
+QUERIES = {
+    "Observation?code=8867-4&_count=50": ("Observation", {"code": "http://loinc.org|8867-4", "_count": "50"}),
+    "Patient?gender=female&_count=50": ("Patient", {"gender": "female", "_count": "50"}),
+    "Observation?code=8867-4&_summary=count": ("Observation", {"code": "http://loinc.org|8867-4", "_summary": "count"}),
+}
+
+
+async def timed(http, url, params, headers) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    async with http.get(url, params=params, headers=headers) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    return time.perf_counter() - t0, body.get("total") or len(body.get("entry", []))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patients", type=int, default=2000)
+    ap.add_argument("--obs", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--database-url", default="")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="consent-bench-"))
+    settings = load_settings(env={}, overrides={"data_dir": tmp, "database_url": args.database_url,
+                                                 "jwt_secret": "bench-" + "x" * 32, "log_level": "WARNING"})
+    app = create_app(settings)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        t0 = time.perf_counter()
+        n = await load(app, args.patients, args.obs)
+        load_s = time.perf_counter() - t0
+        from sqlalchemy import func, select
+
+        async with app[keys.DB].read() as conn:
+            profiles = (await conn.execute(select(func.count(func.distinct(cm_patient.c.consent_profile))))).scalar()
+        if app[keys.DB].dialect == "postgresql":
+            from sqlalchemy import text
+
+            async with app[keys.DB].write() as conn:
+                await conn.execute(text("ANALYZE"))
+        gated = {"Authorization": "Bearer " + issue_dev_token(
+            settings, subject="ana", roles=["analyst"], purpose={"codes": ["DUO:0000037"]},
+            attrs={"irb_approved": True, "location": "DE", "commercial_purpose": False}, ttl_s=36000)}
+        superuser = {"Authorization": "Bearer " + issue_dev_token(settings, subject="doc", roles=["clinician"],
+                                                                 ttl_s=36000)}
+        base = str(server.make_url("/fhir"))
+        results = {}
+        async with aiohttp.ClientSession() as http:
+            for name, (rtype, params) in QUERIES.items():
+                url = f"{base}/{rtype}"
+                for h in (gated, superuser):  # warm-up
+                    for _ in range(5):
+                        await timed(http, url, params, h)
+                g, s = [], []
+                gn = sn = 0
+                for _ in range(args.rounds):  # interleaved: same conditions for both arms
+                    dt, gn = await timed(http, url, params, gated)
+                    g.append(dt)
+                    dt, sn = await timed(http, url, params, superuser)
+                    s.append(dt)
+                results[name] = (statistics.median(g) * 1000, statistics.median(s) * 1000, gn, sn)
+    finally:
+        await server.close()
+    engine = "postgresql" if args.database_url.startswith("postgres") else "sqlite"
+    lines = [f"engine {engine}: {n:,} resources ({args.patients} patients), {profiles} distinct consent profiles, "
+             f"loaded in {load_s:.0f} s ({n / load_s:,.0f} res/s incl. consent recompute)", "",
+             "| query | gated p50 ms | superuser p50 ms | ratio | gated hits | superuser hits |", "|---|---|---|---|---|---|"]
+    for name, (gm, sm, gn, sn) in results.items():
+        lines.append(f"| `{name}` | {gm:.2f} | {sm:.2f} | {gm / sm:.3f} | {gn} | {sn} |")
+    print("\n".join(lines))
+    if args.write:
+        cmd = "    .venv/bin/python bench/consent_gate_bench.py " + " ".join(sys.argv[1:])
+        section = [f"\n## Consent gate overhead (issue #4) — {engine}", "",
+                   f"Machine: 2-core shared sandbox ({platform.machine()}, Python {platform.python_version()}), "
+                   f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Command:", "", cmd, "",
+                   "Same search, interleaved, as an analyst with a research purpose (gate on: "
+                   "`consent_profile IN (...)` over the permitted profiles) vs a clinician acting for treatment "
+                   f"(unrestricted scope); {args.rounds} rounds each, median latency through HTTP. Target: ratio ≤ 1.05.",
+                   "", *lines, ""]
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write("\n".join(section))
+    os.environ.get("x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
