@@ -171,9 +171,16 @@ def load_subset(directory: Path | None = None) -> Vocabulary:
     return vocab
 
 
-def load_athena(directory: Path) -> Vocabulary:
+#: Vocabularies read from an Athena download by default (what fedgate's sources use); a full download
+#: holds millions of concepts, most of them (drugs, claims codes) never referenced by an export.
+ATHENA_VOCABULARIES = frozenset(SYSTEM_TO_VOCAB.values()) | {
+    "Gender", "Race", "Ethnicity", "Visit", "Type Concept", "None", "CDM", "Domain", "Vocabulary", "Concept Class"}
+
+
+def load_athena(directory: Path, vocabularies: frozenset[str] | None = ATHENA_VOCABULARIES) -> Vocabulary:
     """A full OHDSI vocabulary (Athena download: tab-separated ``CONCEPT.csv`` and
-    ``CONCEPT_RELATIONSHIP.csv``), plus the shipped source-code maps (gender, race, visit class)."""
+    ``CONCEPT_RELATIONSHIP.csv``), plus the shipped source-code maps (gender, race, visit class).
+    Only ``vocabularies`` are kept (None: all); 'Maps to' targets are kept whatever their vocabulary."""
     csv.field_size_limit(sys.maxsize)
     directory = Path(directory)
     concept_file = directory / "CONCEPT.csv"
@@ -184,6 +191,8 @@ def load_athena(directory: Path) -> Vocabulary:
     with concept_file.open(newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             if r.get("invalid_reason"):
+                continue
+            if vocabularies is not None and r["vocabulary_id"] not in vocabularies and r.get("standard_concept") != "S":
                 continue
             vocab.add(Concept(int(r["concept_id"]), r["vocabulary_id"], r["concept_code"], r["concept_name"],
                               r["domain_id"], r.get("standard_concept") or None, r.get("concept_class_id") or DEFAULT_CLASS))
