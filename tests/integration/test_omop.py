@@ -282,6 +282,12 @@ async def test_synthea_export_to_official_ddl_then_import_into_fresh_site(tmp_pa
                 with (out / f"{table}.csv").open(newline="") as f:
                     assert sum(1 for _ in csv.reader(f)) - 1 == n, table
             assert json.loads((out / "coverage.json").read_text())["mapped"] == report["coverage"]["mapped"]
+            async with http.post(a.url + "/omop/export", json={"format": "csv", "name": "t1"},
+                                 headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 409  # an export never overwrites another
+            async with http.post(a.url + "/omop/export", json={"format": "csv", "name": "../up"},
+                                 headers=a.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 400 and (await r.json())["fields"] == ["name"]
 
             # -- import into a fresh site --------------------------------------------------------------------
             b = await _site(tmp_path / "b", b_url, omop_pg)
