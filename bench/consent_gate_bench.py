@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import platform
 import statistics
 import sys
@@ -60,7 +59,10 @@ def consent(pid: str, n: int) -> dict:
         "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
         "patient": {"reference": f"Patient/{pid}"},
         "policyRule": {"coding": [{"system": DUO, "code": perm}]},
-        "extension": [{"url": EXT + "region", "valueString": region}],
+        # most profiles allow the EU as a whole (so the gated analyst in DE sees most patients: the two
+        # arms do comparable work); NO/IS/CH profiles do not
+        "extension": [{"url": EXT + "region", "valueString": r}
+                      for r in [region] + ([] if region in ("NO", "IS", "CH") else ["EU"])],
         "provision": {"type": "permit", "code": [{"coding": [{"system": DUO, "code": m}]}
                                                   for m in mods + ["DUO:0000022"]]},
     }
@@ -177,7 +179,6 @@ async def main() -> None:
                    "", *lines, ""]
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write("\n".join(section))
-    os.environ.get("x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import tomllib
 from collections.abc import AsyncIterator
 from datetime import date
@@ -36,7 +37,7 @@ from gateway.context import CLINICAL_ROLES, Requester
 from gateway.errors import Forbidden
 from gateway.services.access import AccessRecord
 from gateway.settings import Settings
-from gateway.store.consent_schema import consent_profile, recompute, store_policy_doc
+from gateway.store.consent_schema import consent_profile, ensure_indexes, recompute, store_policy_doc
 from gateway.store.scope import AccessScope
 from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
 from ontologies import CompositeHierarchy, evaluate, load_duo, load_hierarchy
@@ -74,6 +75,11 @@ class ConsentGate:
         self._scopes: dict[tuple, AccessScope] = {}
         self._lock = asyncio.Lock()
         self.evaluations = 0
+        #: Seconds between checks for new effective profiles.  Safe to cache: a profile key not yet
+        #: known is simply not permitted (fail closed), and withdrawal changes cm_patient, which the
+        #: SQL reads live — so only a *new* permission can lag by up to this long.
+        self.refresh_s = float(cfg.get("refresh_s", 1.0))
+        self._checked_at = float("-inf")
         #: AuditSink for refused requests (set by :func:`consent_ctx`).
         self.audit = None
 
@@ -84,11 +90,16 @@ class ConsentGate:
         parts = [await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files]
         self.diseases = CompositeHierarchy(tuple(parts))
         async with db.write() as conn:
+            await ensure_indexes(conn)
             if await store_policy_doc(conn, self.policy_doc):
                 n = await recompute(conn, None)
                 log.info("consent policy changed; recomputed patients", extra={"patients": n})
 
     async def _refresh_profiles(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.refresh_s:
+            return
+        self._checked_at = now
         async with self.db.read() as conn:
             count = (await conn.execute(select(func.count()).select_from(consent_profile))).scalar_one()
             if count == len(self._profiles):

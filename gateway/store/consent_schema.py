@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import orjson
-from sqlalchemy import Column, Integer, String, Table, Text, select, update
+from sqlalchemy import Column, Index, Integer, String, Table, Text, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -31,6 +31,14 @@ consent_profile = Table(
     Column("key", String(64), primary_key=True),
     Column("profile", Text, nullable=False),
 )
+
+#: The gate's SQL is ``cm_patient.consent_profile IN (...)``.
+ix_consent_profile = Index("ix_cm_patient_consent_profile", s.cm_patient.c.consent_profile)
+
+
+async def ensure_indexes(conn: AsyncConnection) -> None:
+    """Create the consent index on stores created before it existed (create_all skips old tables)."""
+    await conn.run_sync(lambda sync: ix_consent_profile.create(sync, checkfirst=True))
 
 consent_policy = Table(
     "consent_policy",

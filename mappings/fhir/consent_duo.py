@@ -146,7 +146,7 @@ def entry_from_consent(resource: Mapping[str, Any]) -> Entry | None | bool:
                                  parameters=params)
     except (ConsentInputError, ValueError):
         profile = ConsentProfile(permission=INVALID_PERMISSION)
-    rid = f"Consent/{resource.get('id')}" if resource.get("id") else "Consent"
+    rid = "Consent"  # not the id: patients with equal consents share one effective profile
     return Entry(profile, start[:10] if start else None, (period.get("end") or None) and period["end"][:10], rid)
 
 

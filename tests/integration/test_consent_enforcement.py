@@ -115,7 +115,8 @@ async def site(tmp_path, db_url):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))
     settings = make_settings(tmp_path / "data", db_url,
-                             extra={"consent": {"policy": str(policy), "disease_ontologies": [str(OBO)]}})
+                             extra={"consent": {"policy": str(policy), "disease_ontologies": [str(OBO)],
+                                                         "refresh_s": 0}})
     app = create_app(settings)
     app[keys.GATE] = ConsentGate(settings)
     server = TestServer(app, host="127.0.0.1")
