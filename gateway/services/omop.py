@@ -50,6 +50,15 @@ log = logging.getLogger(__name__)
 EXPORT_ROLES = ("analyst", "admin")
 IMPORT_ROLES = ("admin",)
 CHUNK = 5_000
+_EVENT = ("pk", "src_type", "src_id", "patient_id", "system", "code", "encounter_id")
+#: The common-model columns the OMOP mapping reads (mappings/omop/export.py).
+EXPORT_COLUMNS = {
+    "cm_patient": ("pk", "src_type", "src_id", "patient_id", "birth_date", "sex", "race", "ethnicity", "deceased_date"),
+    "cm_encounter": ("pk", "src_type", "src_id", "patient_id", "class_code", "code", "start", "end"),
+    "cm_condition": _EVENT + ("onset", "abatement", "clinical_status"),
+    "cm_observation": _EVENT + ("category", "value_num", "unit", "value_system", "value_code", "value_text", "effective"),
+    "cm_procedure": _EVENT + ("performed", "performed_end"),
+}
 
 
 @dataclass(frozen=True)
@@ -140,8 +149,8 @@ class OmopService:
             select(s.cm_patient.c.patient_id).where(scope.patient_clause(s.cm_patient.c.patient_id,
                                                                          allow_no_patient=False)))
 
-        def gated(table):
-            stmt = select(table).where(table.c.patient_id.is_not(None))
+        def gated(table, cols=None):
+            stmt = (select(*(table.c[c] for c in cols)) if cols else select(table)).where(table.c.patient_id.is_not(None))
             return stmt if visible is None else stmt.where(table.c.patient_id.in_(visible))
 
         data = CmData()
@@ -151,7 +160,7 @@ class OmopService:
             for attr, table in (("patients", s.cm_patient), ("encounters", s.cm_encounter),
                                 ("conditions", s.cm_condition), ("observations", s.cm_observation),
                                 ("procedures", s.cm_procedure)):
-                res = await conn.execute(gated(table))
+                res = await conn.execute(gated(table, EXPORT_COLUMNS[table.name]))
                 setattr(data, attr, [dict(r._mapping) for r in res])
             dicom = await self._dicom_series(conn, visible)
             have = {x.study_uid for x in dicom}
