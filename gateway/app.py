@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import TokenVerifier, jwks_ctx
+from gateway.handlers import dicomweb as dicomweb_handlers
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> web.Application:
     health.setup_routes(app)
     audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
     fhir_handlers.setup_routes(app)
+    dicomweb_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     return app

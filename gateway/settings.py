@@ -37,6 +37,8 @@ class Settings:
     max_body_bytes: int = 20 * 1024 * 1024
     #: Largest accepted STOW-RS request body, in bytes.
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    #: Largest accepted single instance (one STOW-RS body part), in bytes (larger parts fail with 0xA700).
+    max_instance_bytes: int = 1024 * 1024 * 1024
     #: Default and maximum page size for FHIR search.
     default_page_size: int = 50
     max_page_size: int = 1000

@@ -1,0 +1,435 @@
+"""DICOMweb routes under /dicomweb (DICOM PS3.18): STOW-RS, QIDO-RS, WADO-RS.
+
+HTTP concerns only — media types, multipart framing, Accept negotiation; the work is in
+``gateway/services/dicomweb.py``.  Errors outside a STOW response payload are RFC 9457 problem details
+(the default renderer) with the PS3.18 status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+from aiohttp.multipart import BodyPartReader, MultipartReader
+
+from gateway import keys
+from gateway.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.middlewares import requester_of
+from gateway.services.dicomweb import OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part, check_study_uid
+from mappings.dicom import attributes as attrs
+from mappings.dicom import pixels
+from mappings.dicom.qido import QidoError, QidoQuery
+
+DICOM_JSON = "application/dicom+json"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+UNCOMPRESSED = {IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.2"}
+CHUNK = 256 * 1024
+
+SERVICE = "dicomweb"
+
+
+def _svc(request: web.Request) -> DicomwebService:
+    return request.app[keys.SERVICES][SERVICE]
+
+
+def base_url(request: web.Request) -> str:
+    configured = request.app[keys.SETTINGS].base_url
+    root = configured.rstrip("/") if configured else str(request.url.origin())
+    return root + "/dicomweb"
+
+
+# ------------------------------------------------------------------------------------------- STOW-RS
+
+
+def _stow_media(request: web.Request) -> None:
+    ctype = request.headers.get("Content-Type", "")
+    main = ctype.split(";")[0].strip().lower()
+    if main != "multipart/related":
+        raise UnsupportedMediaType(f"STOW-RS takes multipart/related; type=\"application/dicom\", not {main or 'nothing'!r}")
+    params = {k.strip().lower(): v.strip().strip('"') for k, _, v in
+              (p.partition("=") for p in ctype.split(";")[1:]) if k.strip()}
+    if "boundary" not in params or not params["boundary"]:
+        raise BadRequest("multipart/related request without a boundary parameter")
+    if params.get("type", "application/dicom").lower() != "application/dicom":
+        raise UnsupportedMediaType(f"type={params['type']!r} is not supported; send application/dicom parts")
+
+
+async def _receive(request: web.Request) -> list[Part]:
+    """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body."""
+    settings = request.app[keys.SETTINGS]
+    if request.content_length is not None and request.content_length > settings.max_stow_bytes:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
+    svc = _svc(request)
+    reader = MultipartReader(request.headers, request.content)
+    parts: list[Part] = []
+    total = 0
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not supported")
+            ptype = (part.headers.get("Content-Type") or "application/dicom").split(";")[0].strip().lower()
+            if ptype != "application/dicom":
+                await part.release()
+                parts.append(Part(None, failure=CANNOT_UNDERSTAND, reason=f"part media type {ptype!r} is not "
+                                  "application/dicom"))
+                continue
+            tmp = svc.blobs.temp_path()
+            size, too_big = 0, False
+            with open(tmp, "wb") as f:
+                while chunk := await part.read_chunk(CHUNK):
+                    size += len(chunk)
+                    total += len(chunk)
+                    if total > settings.max_stow_bytes:
+                        raise PayloadTooLarge(f"request body exceeds {settings.max_stow_bytes} bytes")
+                    if size > settings.max_instance_bytes:
+                        too_big = True
+                        continue  # drain the part, keep nothing
+                    f.write(chunk)
+            if too_big:
+                tmp.unlink(missing_ok=True)
+                parts.append(Part(None, failure=OUT_OF_RESOURCES,
+                                  reason=f"instance larger than {settings.max_instance_bytes} bytes"))
+            else:
+                parts.append(Part(tmp, size))
+    except (ValueError, AssertionError) as exc:  # aiohttp's multipart parser on a malformed body
+        _cleanup(parts)
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    except BaseException:
+        _cleanup(parts)
+        raise
+    if not parts:
+        raise BadRequest("the multipart body holds no parts")
+    return parts
+
+
+def _cleanup(parts: list[Part]) -> None:
+    for p in parts:
+        if p.tmp is not None:
+            p.tmp.unlink(missing_ok=True)
+
+
+async def stow(request: web.Request) -> web.Response:
+    """STOW-RS Store Instances (PS3.18 §10.5): per-instance outcome, 200 / 202 / 409 (§10.5.3)."""
+    _stow_media(request)
+    study = request.match_info.get("study")
+    if study is not None:
+        check_study_uid(study)
+    parts = await _receive(request)
+    status, body = await _svc(request).store(requester_of(request), parts, study, base_url(request))
+    return web.Response(status=status, body=orjson.dumps(body), content_type=DICOM_JSON)
+
+
+# ------------------------------------------------------------------------------------------- QIDO-RS
+
+
+def _check_json_accept(request: web.Request) -> None:
+    accept = request.headers.get("Accept", "")
+    if not accept:
+        return
+    for item in accept.split(","):
+        media = item.split(";")[0].strip().lower()
+        if media in (DICOM_JSON, "application/json", "*/*", "application/*"):
+            return
+    raise NotAcceptable(f"Accept {accept!r}: this server answers application/dicom+json")
+
+
+async def _search(request: web.Request, level: str) -> web.Response:
+    """QIDO-RS Search (PS3.18 §10.6): application/dicom+json, X-Total-Count = matches before paging."""
+    _check_json_accept(request)
+    study = request.match_info.get("study")
+    series = request.match_info.get("series")
+    for uid in (study, series):
+        if uid is not None:
+            check_study_uid(uid)
+    try:
+        q = QidoQuery.parse(level, list(request.query.items()), base=base_url(request), study_uid=study,
+                            series_uid=series)
+    except QidoError as exc:
+        raise BadRequest(str(exc), expression=[exc.param]) from None
+    results, total = await _svc(request).search(requester_of(request), level, q)
+    headers = {"X-Total-Count": str(total)}
+    if q.offset + len(results) < total:
+        headers["Warning"] = f'299 fedgate "{total - q.offset - len(results)} more results; use offset"'
+    return web.Response(body=orjson.dumps(results), content_type=DICOM_JSON, headers=headers)
+
+
+async def search_studies(request: web.Request) -> web.Response:
+    return await _search(request, "studies")
+
+
+async def search_series(request: web.Request) -> web.Response:
+    return await _search(request, "series")
+
+
+async def search_instances(request: web.Request) -> web.Response:
+    return await _search(request, "instances")
+
+
+# ------------------------------------------------------------------------------------------- WADO-RS
+
+
+def _accept_dicom(request: web.Request) -> str:
+    """The transfer syntax to send (PS3.18 §8.7.3.5): '*' = as stored; default Explicit VR Little Endian."""
+    accept = request.headers.get("Accept", "")
+    if not accept:
+        return EXPLICIT_LE
+    for item in accept.split(","):
+        fields = [f.strip() for f in item.split(";")]
+        media = fields[0].lower()
+        params = {k.strip().lower(): v.strip().strip('"') for k, _, v in (f.partition("=") for f in fields[1:])}
+        if media in ("*/*", "multipart/*"):
+            return params.get("transfer-syntax", EXPLICIT_LE)
+        if media == "multipart/related" and params.get("type", "application/dicom").lower() in (
+                "application/dicom", "application/*", "*/*"):
+            return params.get("transfer-syntax", EXPLICIT_LE)
+    raise NotAcceptable(f"Accept {accept!r}: instances are sent as multipart/related; type=\"application/dicom\"")
+
+
+def _plan_transfer(rows: list[dict], wanted: str) -> list[str | None]:
+    """Per instance: None = send as stored, else the syntax to transcode to (uncompressed only)."""
+    plan = []
+    for r in rows:
+        stored = r["transfer_syntax"]
+        if wanted == "*" or wanted == stored:
+            plan.append(None)
+        elif wanted in UNCOMPRESSED and stored in UNCOMPRESSED:
+            plan.append(wanted)
+        else:
+            raise NotAcceptable(f"instance {r['sop_uid']} is stored as {stored}; it cannot be sent as {wanted} "
+                                "(ask for transfer-syntax=* to get it as stored)")
+    return plan
+
+
+async def _multipart(request: web.Request, ctype: str) -> tuple[web.StreamResponse, str]:
+    boundary = secrets.token_hex(16)
+    resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{ctype}"; boundary={boundary}'})
+    await resp.prepare(request)
+    return resp, boundary
+
+
+async def _retrieve(request: web.Request) -> web.StreamResponse:
+    """WADO-RS Retrieve Study/Series/Instance (PS3.18 §10.4.1): multipart/related application/dicom."""
+    svc = _svc(request)
+    wanted = _accept_dicom(request)
+    m = request.match_info
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    plan = _plan_transfer(rows, wanted)
+    resp, boundary = await _multipart(request, "application/dicom")
+    for row, target in zip(rows, plan):
+        path = svc.blob_path(row)
+        ts = target or row["transfer_syntax"]
+        await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
+        if target is None:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    await resp.write(chunk)
+        else:
+            await resp.write(await asyncio.to_thread(pixels.transcode, path, target))
+        await resp.write(b"\r\n")
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    return await _retrieve(request)
+
+
+async def metadata(request: web.Request) -> web.Response:
+    """WADO-RS Retrieve Metadata (PS3.18 §10.4.1.1.2), every level: application/dicom+json."""
+    _check_json_accept(request)
+    svc = _svc(request)
+    m = request.match_info
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    base = base_url(request)
+    out = []
+    for r in rows:
+        meta = orjson.loads(r["metadata"]) if r["metadata"] else {}
+        out.append(attrs.resolve_bulk(meta, f"{base}/studies/{r['study_uid']}/series/{r['series_uid']}"
+                                            f"/instances/{r['sop_uid']}"))
+    return web.Response(body=orjson.dumps(out), content_type=DICOM_JSON)
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        nums = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadRequest(f"frame list {text!r} must be comma-separated integers") from None
+    if not nums or min(nums) < 1:
+        raise BadRequest("frame numbers start at 1")
+    return nums
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.3): multipart/related application/octet-stream, uncompressed."""
+    accept = request.headers.get("Accept", "")
+    # uncompressed frames go out as application/octet-stream parts; clients that ask for multipart/related
+    # with another part type (dicomweb-client asks for application/dicom by default) get the same
+    if accept and not any(a.split(";")[0].strip().lower() in ("multipart/related", "multipart/*", "*/*")
+                          for a in accept.split(",")):
+        raise NotAcceptable(f"Accept {accept!r}: frames are sent as multipart/related; type=\"application/octet-stream\"")
+    svc = _svc(request)
+    m = request.match_info
+    nums = _frame_numbers(m["frames"])
+    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"])
+    try:
+        data = await asyncio.to_thread(pixels.frames, svc.blob_path(row), nums)
+    except pixels.PixelError as exc:
+        raise _pixel_error(exc) from None
+    resp, boundary = await _multipart(request, "application/octet-stream")
+    for blob in data:
+        await resp.write(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+        await resp.write(blob)
+        await resp.write(b"\r\n")
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+def _pixel_error(exc: "pixels.PixelError"):
+    if exc.kind == "range":
+        return NotFound(str(exc))
+    if exc.kind == "unsupported":
+        return NotAcceptable(str(exc))
+    return BadRequest(str(exc))
+
+
+def _render_params(request: web.Request) -> tuple[str, dict]:
+    accept = request.headers.get("Accept", "image/jpeg")
+    fmt = None
+    for item in accept.split(","):
+        media = item.split(";")[0].strip().lower()
+        if media in ("image/jpeg", "image/png"):
+            fmt = media
+            break
+        if media in ("*/*", "image/*"):
+            fmt = "image/jpeg"
+            break
+    if fmt is None:
+        raise NotAcceptable(f"Accept {accept!r}: rendered images are image/jpeg or image/png")
+    opts: dict = {}
+    q = request.query
+    for name in q:
+        if name not in ("window", "viewport", "quality"):
+            raise BadRequest(f"rendered parameter {name!r} is not supported (window, viewport, quality)")
+    if "window" in q:
+        try:
+            c, w, *fn = q["window"].split(",")
+            opts["window"] = (float(c), float(w), (fn[0] if fn else "linear").lower())
+        except ValueError:
+            raise BadRequest("window must be center,width[,function]") from None
+        if opts["window"][1] <= 0 or opts["window"][2] not in ("linear", "linear_exact", "sigmoid"):
+            raise BadRequest("window width must be > 0 and function linear, linear_exact or sigmoid")
+    if "viewport" in q:
+        try:
+            vw, vh = (int(x) for x in q["viewport"].split(",")[:2])
+        except ValueError:
+            raise BadRequest("viewport must be width,height") from None
+        if not (0 < vw <= 4096 and 0 < vh <= 4096):
+            raise BadRequest("viewport dimensions must be 1..4096")
+        opts["viewport"] = (vw, vh)
+    if "quality" in q:
+        try:
+            opts["quality"] = max(1, min(100, int(q["quality"])))
+        except ValueError:
+            raise BadRequest("quality must be an integer 1..100") from None
+    return fmt, opts
+
+
+async def _render(request: web.Request, *, thumbnail: bool) -> web.Response:
+    fmt, opts = _render_params(request)
+    if thumbnail:
+        opts.setdefault("viewport", (128, 128))
+    svc = _svc(request)
+    m = request.match_info
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    images = [r for r in rows if r.get("rows")]
+    if not images:
+        raise NotFound("no image instance to render")
+    row = images[len(images) // 2] if not m.get("instance") else images[0]
+    frame = _frame_numbers(m["frames"])[0] if "frames" in m else 1
+    try:
+        body = await asyncio.to_thread(pixels.render, svc.blob_path(row), frame, fmt, opts)
+    except pixels.PixelError as exc:
+        raise _pixel_error(exc) from None
+    return web.Response(body=body, content_type=fmt)
+
+
+async def rendered(request: web.Request) -> web.Response:
+    """WADO-RS Retrieve Rendered (PS3.18 §10.4.1.1.4 / §8.3.5): image/jpeg or image/png; window, viewport."""
+    return await _render(request, thumbnail=False)
+
+
+async def thumbnail(request: web.Request) -> web.Response:
+    """WADO-RS Retrieve Thumbnail (PS3.18 §10.4.1.1.5): a small rendered image (default 128×128)."""
+    return await _render(request, thumbnail=True)
+
+
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    """WADO-RS Retrieve Bulkdata (PS3.18 §10.4.1.1.6): the value of one bulk attribute."""
+    svc = _svc(request)
+    m = request.match_info
+    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"])
+    try:
+        data = await asyncio.to_thread(pixels.bulk_value, svc.blob_path(row), m["tag"])
+    except pixels.PixelError as exc:
+        raise _pixel_error(exc) from None
+    resp, boundary = await _multipart(request, "application/octet-stream")
+    await resp.write(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+    await resp.write(data)
+    await resp.write(f"\r\n--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+# ------------------------------------------------------------------------------------------- wiring
+
+
+async def _dicomweb_ctx(app: web.Application):
+    from gateway.services.dicomweb import DicomwebService
+    from gateway.store.blobs import BlobStore
+
+    settings = app[keys.SETTINGS]
+    svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"))
+    await svc.reconcile()
+    app[keys.SERVICES][SERVICE] = svc
+    yield
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    st, se, i = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
+    r.add_post("/dicomweb/studies", stow, name="dicomweb.stow")
+    r.add_post(st, stow, name="dicomweb.stow_study")
+    r.add_get("/dicomweb/studies", search_studies, name="dicomweb.search_studies")
+    r.add_get("/dicomweb/series", search_series, name="dicomweb.search_series")
+    r.add_get("/dicomweb/instances", search_instances, name="dicomweb.search_instances")
+    r.add_get(st + "/series", search_series, name="dicomweb.search_study_series")
+    r.add_get(st + "/instances", search_instances, name="dicomweb.search_study_instances")
+    r.add_get(st + se + "/instances", search_instances, name="dicomweb.search_series_instances")
+    r.add_get(st, retrieve, name="dicomweb.retrieve_study")
+    r.add_get(st + se, retrieve, name="dicomweb.retrieve_series")
+    r.add_get(st + se + i, retrieve, name="dicomweb.retrieve_instance")
+    r.add_get(st + "/metadata", metadata, name="dicomweb.metadata_study")
+    r.add_get(st + se + "/metadata", metadata, name="dicomweb.metadata_series")
+    r.add_get(st + se + i + "/metadata", metadata, name="dicomweb.metadata_instance")
+    r.add_get(st + se + i + "/frames/{frames}", frames, name="dicomweb.frames")
+    r.add_get(st + "/rendered", rendered, name="dicomweb.rendered_study")
+    r.add_get(st + se + "/rendered", rendered, name="dicomweb.rendered_series")
+    r.add_get(st + se + i + "/rendered", rendered, name="dicomweb.rendered_instance")
+    r.add_get(st + se + i + "/frames/{frames}/rendered", rendered, name="dicomweb.rendered_frames")
+    r.add_get(st + "/thumbnail", thumbnail, name="dicomweb.thumbnail_study")
+    r.add_get(st + se + "/thumbnail", thumbnail, name="dicomweb.thumbnail_series")
+    r.add_get(st + se + i + "/thumbnail", thumbnail, name="dicomweb.thumbnail_instance")
+    r.add_get(st + se + i + "/bulkdata/{tag}", bulkdata, name="dicomweb.bulkdata")
+    app.cleanup_ctx.append(_dicomweb_ctx)
+
+
+__all__ = ["setup_routes"]

@@ -1,0 +1,429 @@
+"""DICOMweb service (DICOM PS3.18): store (STOW-RS), search (QIDO-RS), retrieve (WADO-RS).
+
+The handlers in ``gateway/handlers/dicomweb.py`` deal with HTTP (multipart, media types); this module
+owns what happens to instances: parsing (off the event loop), the blob store protocol of
+``gateway/store/blobs.py``, the DICOM index tables, patient matching, the FHIR ImagingStudy sync and
+SR/SEG content rows — all in one database transaction per STOW request — and every read through the
+consent gate's :class:`~gateway.store.scope.AccessScope`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import and_, delete, func, or_, select, update
+
+from gateway.context import Requester
+from gateway.errors import BadRequest, NotFound
+from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
+from gateway.store import fhir_repo as repo
+from gateway.store import schema as s
+from gateway.store.blobs import BlobStore
+from gateway.store.db import Database
+from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
+from gateway.store.scope import AccessScope
+from mappings.dicom import attributes as attrs
+from mappings.dicom.qido import QidoQuery
+from mappings.dicom.imagingstudy import imaging_study_resource
+
+log = logging.getLogger(__name__)
+
+# PS3.18 / PS3.4 failure reasons used in FailedSOPSequence (documented in docs/dicomweb.md)
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP = 0x0111
+OUT_OF_RESOURCES = 0xA700
+UID_MISMATCH = 0xA900  # StudyInstanceUID differs from the one in the request URL
+CANNOT_UNDERSTAND = 0xC000
+WARNING_IDENTICAL = 0xB000  # re-sent identical instance: accepted, nothing changed
+
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass
+class Part:
+    """One received body part, already streamed to a temp file (or rejected while streaming)."""
+
+    tmp: Path | None
+    size: int = 0
+    failure: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class Outcome:
+    sop_class: str | None
+    sop_uid: str | None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    failure: int | None = None
+    warning: int | None = None
+    reason: str = ""
+    # internal
+    tmp: Path | None = None
+    ds: Any = None
+    rows: tuple | None = None
+    meta: dict | None = None
+    digest: str | None = None
+    patient_key: tuple[str | None, str | None] = (None, None)
+    patient_meta: dict = field(default_factory=dict)
+
+
+def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
+    """Read and check one instance file (worker thread). Never raises; failures are in the Outcome."""
+    if part.failure is not None:
+        return Outcome(None, None, failure=part.failure, reason=part.reason)
+    try:
+        ds = dcmread(part.tmp, defer_size=1024)
+        attrs.check_instance(ds)
+        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ""
+        if not ts:
+            raise attrs.InvalidInstance("file meta TransferSyntaxUID is missing")
+        if "PixelData" in ds:
+            raw = ds.get_item("PixelData")
+            length = getattr(raw, "length", None)
+            tell = getattr(raw, "value_tell", None)
+            if length not in (None, 0xFFFFFFFF) and tell is not None and tell + length > part.size:
+                raise attrs.InvalidInstance("PixelData is truncated")
+        meta_ds = ds.copy()
+        if "PixelData" in meta_ds:
+            del meta_ds["PixelData"]
+        meta = attrs.metadata_json(meta_ds)
+        if "PixelData" in ds:
+            meta["7FE00010"] = {"vr": "OB" if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                                       "1.2.840.10008.1.2.2") or (ds.get("BitsAllocated") or 8) <= 8
+                                else "OW", "BulkDataURI": f"{attrs.BULK_PREFIX}7FE00010"}
+    except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
+            AttributeError, OSError, NotImplementedError) as exc:
+        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
+    out = Outcome(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    if study_in_path and out.study_uid != study_in_path:
+        out.failure, out.reason = UID_MISMATCH, f"StudyInstanceUID {out.study_uid} differs from the URL's {study_in_path}"
+        return out
+    out.tmp, out.ds, out.meta = part.tmp, ds, meta
+    out.digest = BlobStore.digest(part.tmp)
+    out.patient_key = (attrs._s(ds, "PatientID", 64), attrs._s(ds, "IssuerOfPatientID", 64))
+    out.patient_meta = {"sex": attrs._s(ds, "PatientSex", 16), "birth": attrs._s(ds, "PatientBirthDate", 8)}
+    return out
+
+
+def _content_rows(ds) -> tuple[list[dict], list[dict]]:
+    """SR content items and SEG segments of a dataset (worker thread)."""
+    sop_class = str(ds.SOPClassUID)
+    sr, seg = [], []
+    try:
+        if sop_class.startswith(SR_CLASS_PREFIX):
+            from mappings.dicom.sr import sr_items
+
+            sr = sr_items(ds)
+        elif sop_class == SEG_CLASS:
+            from mappings.dicom.seg import seg_segments
+
+            seg = seg_segments(ds)
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError) as exc:
+        log.warning("content not indexed: %s", type(exc).__name__)
+    return sr, seg
+
+
+class DicomwebService:
+    def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore) -> None:
+        self.db = db
+        self.gate = gate
+        self.audit = audit
+        self.blobs = blobs
+
+    # ---------------------------------------------------------------------------------- STOW-RS
+    async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
+                    retrieve_base: str) -> tuple[int, dict]:
+        """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3."""
+        require_write(requester)
+        outcomes = await asyncio.to_thread(lambda: [_parse_part(p, study_in_path) for p in parts])
+        # the same SOP twice in one request: keep the first
+        seen: set[str] = set()
+        for o in outcomes:
+            if o.failure is None:
+                if o.sop_uid in seen:
+                    o.failure, o.reason = DUPLICATE_SOP, "the SOP Instance UID occurs twice in this request"
+                seen.add(o.sop_uid)
+        good = [o for o in outcomes if o.failure is None]
+        committed: list[str] = []
+        try:
+            if good:
+                content = await asyncio.to_thread(lambda: [_content_rows(o.ds) for o in good])
+                async with self.db.write() as conn:
+                    await self._index(conn, good, content, committed)
+        except BaseException:
+            for rel in committed:
+                self.blobs.remove(rel)
+            raise
+        finally:
+            for p in parts:
+                if p.tmp is not None and p.tmp.exists():
+                    p.tmp.unlink(missing_ok=True)
+        if good:
+            self.db.note_writes(len(good))
+        stored = [o for o in outcomes if o.failure is None]
+        failed = [o for o in outcomes if o.failure is not None]
+        await self.audit.record(AccessRecord(
+            requester, "C", "stow", "0" if not failed else ("4" if stored else "8"),
+            tuple(f"ImagingStudy/{u}" for u in sorted({o.study_uid for o in stored}))[:200], (), "", "",
+        ))
+        body: dict[str, Any] = {}
+        if study_in_path:
+            body["00081190"] = {"vr": "UR", "Value": [f"{retrieve_base}/studies/{study_in_path}"]}
+        if failed:
+            body["00081198"] = {"vr": "SQ", "Value": [self._failed_item(o) for o in failed]}
+        if stored:
+            body["00081199"] = {"vr": "SQ", "Value": [self._ref_item(o, retrieve_base) for o in stored]}
+        status = 200 if not failed and not any(o.warning for o in stored) else (202 if stored else 409)
+        if not failed and any(o.warning for o in stored):
+            status = 202
+        return status, body
+
+    @staticmethod
+    def _failed_item(o: Outcome) -> dict:
+        item: dict[str, Any] = {"00081197": {"vr": "US", "Value": [o.failure]}}
+        if o.sop_class:
+            item["00081150"] = {"vr": "UI", "Value": [o.sop_class]}
+        if o.sop_uid:
+            item["00081155"] = {"vr": "UI", "Value": [o.sop_uid]}
+        if o.reason:
+            item["00090010"] = {"vr": "LO", "Value": ["FEDGATE"]}
+            item["00091010"] = {"vr": "LT", "Value": [o.reason]}  # private: human-readable reason
+        return item
+
+    @staticmethod
+    def _ref_item(o: Outcome, base: str) -> dict:
+        item = {
+            "00081150": {"vr": "UI", "Value": [o.sop_class]},
+            "00081155": {"vr": "UI", "Value": [o.sop_uid]},
+            "00081190": {"vr": "UR", "Value": [f"{base}/studies/{o.study_uid}/series/{o.series_uid}"
+                                               f"/instances/{o.sop_uid}"]},
+        }
+        if o.warning:
+            item["00081196"] = {"vr": "US", "Value": [o.warning]}
+        return item
+
+    async def _patient_ids(self, conn, outcomes: list[Outcome]) -> dict[tuple, str]:
+        """Common-model patient id per (PatientID, Issuer): a FHIR Patient with that identifier, or a
+        DICOM-born patient (created here, consent recomputed in this transaction)."""
+        out: dict[tuple, str] = {}
+        created: list[str] = []
+        for key in {o.patient_key for o in outcomes}:
+            pid, issuer = key
+            match = None
+            if pid:
+                t = s.idx_token
+                q = select(s.fhir_resource.c.res_id).join(t, t.c.rid == s.fhir_resource.c.rid).where(
+                    t.c.res_type == "Patient", t.c.param == "identifier", t.c.code == pid,
+                    s.fhir_resource.c.deleted.is_(False))
+                if issuer:
+                    q = q.where(or_(t.c.system == issuer, t.c.system == f"urn:oid:{issuer}"))
+                rows = (await conn.execute(q.limit(2))).scalars().all()
+                match = rows[0] if len(rows) == 1 else None
+            if match is None:
+                match = attrs.dicom_patient_key(pid, issuer)
+                exists = (await conn.execute(select(s.cm_patient.c.pk).where(
+                    s.cm_patient.c.patient_id == match).limit(1))).first()
+                if exists is None:
+                    meta = next(o.patient_meta for o in outcomes if o.patient_key == key)
+                    birth = meta.get("birth")
+                    await conn.execute(s.cm_patient.insert().values(
+                        src_type="DICOM", src_id=f"DICOM/{match}", patient_id=match,
+                        identifiers=orjson.dumps([f"{issuer or ''}|{pid}"] if pid else []).decode(),
+                        birth_date=f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if birth and len(birth) == 8 else None,
+                        birth_year=int(birth[:4]) if birth and birth[:4].isdigit() else None,
+                        sex={"M": "male", "F": "female", "O": "other"}.get(meta.get("sex") or "", None),
+                    ))
+                    created.append(match)
+            out[key] = match
+        if created:
+            from gateway.store.consent_schema import recompute
+
+            await recompute(conn, created)
+        return out
+
+    async def _index(self, conn, good: list[Outcome], content: list, committed: list[str]) -> None:
+        now = time.time()
+        pids = await self._patient_ids(conn, good)
+        existing = {r.sop_uid: r for r in (await conn.execute(
+            select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path, dcm_instance.c.series_uid,
+                   dcm_instance.c.study_uid).where(dcm_instance.c.sop_uid.in_([o.sop_uid for o in good]))
+        )).all()}
+        studies: dict[str, dict] = {}
+        series: dict[str, dict] = {}
+        instances: list[dict] = []
+        sr_rows: list[dict] = []
+        seg_rows: list[dict] = []
+        for o, (sr, seg) in zip(good, content):
+            pid = pids[o.patient_key]
+            prev = existing.get(o.sop_uid)
+            if prev is not None:
+                if BlobStore.digest(self.blobs.path(prev.blob_path)) == o.digest:
+                    o.warning = WARNING_IDENTICAL
+                    continue
+                o.failure, o.reason = DUPLICATE_SOP, ("an instance with this SOP Instance UID and different content "
+                                                      "is already stored")
+                continue
+            rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            st, se, inst = attrs.index_rows(o.ds, blob_path=rel, size=o.tmp.stat().st_size,
+                                            transfer_syntax=str(o.ds.file_meta.TransferSyntaxUID), now=now,
+                                            patient_id=pid)
+            inst["metadata"] = orjson.dumps(o.meta).decode()
+            studies.setdefault(st["study_uid"], st)
+            series.setdefault(se["series_uid"], se)
+            instances.append(inst)
+            base = {"sop_uid": o.sop_uid, "patient_id": pid}
+            sr_rows.extend(base | r for r in sr)
+            seg_rows.extend(base | {"study_uid": o.study_uid, "series_uid": o.series_uid} | r for r in seg)
+            self.blobs.commit(o.tmp, rel)
+            committed.append(rel)
+        if not instances:
+            return
+        # upsert studies/series (first writer's attributes win; counts recomputed below)
+        have_st = set((await conn.execute(select(dcm_study.c.study_uid).where(
+            dcm_study.c.study_uid.in_(list(studies))))).scalars())
+        new_st = [r | {"num_series": 0, "num_instances": 0} for u, r in studies.items() if u not in have_st]
+        if new_st:
+            await conn.execute(dcm_study.insert(), new_st)
+        have_se = set((await conn.execute(select(dcm_series.c.series_uid).where(
+            dcm_series.c.series_uid.in_(list(series))))).scalars())
+        new_se = [r | {"num_instances": 0} for u, r in series.items() if u not in have_se]
+        if new_se:
+            await conn.execute(dcm_series.insert(), new_se)
+        await conn.execute(dcm_instance.insert(), instances)
+        if sr_rows:
+            await conn.execute(dcm_sr_item.insert(), sr_rows)
+        if seg_rows:
+            await conn.execute(dcm_seg_segment.insert(), seg_rows)
+        for uid in series:
+            n = select(func.count()).select_from(dcm_instance).where(dcm_instance.c.series_uid == uid).scalar_subquery()
+            await conn.execute(update(dcm_series).where(dcm_series.c.series_uid == uid).values(
+                num_instances=n, updated_ts=now))
+        for uid in studies:
+            n_inst = select(func.count()).select_from(dcm_instance).where(dcm_instance.c.study_uid == uid)
+            n_ser = select(func.count()).select_from(dcm_series).where(dcm_series.c.study_uid == uid)
+            mods = (await conn.execute(select(dcm_series.c.modality).where(
+                dcm_series.c.study_uid == uid).distinct())).scalars().all()
+            await conn.execute(update(dcm_study).where(dcm_study.c.study_uid == uid).values(
+                num_instances=n_inst.scalar_subquery(), num_series=n_ser.scalar_subquery(),
+                modalities="\\".join(sorted(m for m in mods if m)), updated_ts=now))
+        await self._sync_imaging_studies(conn, list(studies))
+
+    async def _sync_imaging_studies(self, conn, study_uids: Iterable[str]) -> None:
+        """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID)."""
+        writes = []
+        for uid in study_uids:
+            st = (await conn.execute(select(dcm_study).where(dcm_study.c.study_uid == uid))).mappings().one()
+            ser = (await conn.execute(select(dcm_series).where(dcm_series.c.study_uid == uid)
+                                      .order_by(dcm_series.c.series_number))).mappings().all()
+            inst = (await conn.execute(select(
+                dcm_instance.c.series_uid, dcm_instance.c.sop_uid, dcm_instance.c.sop_class_uid,
+                dcm_instance.c.instance_number).where(dcm_instance.c.study_uid == uid)
+                .order_by(dcm_instance.c.instance_number))).mappings().all()
+            resource = imaging_study_resource(dict(st), [dict(r) for r in ser], [dict(r) for r in inst])
+            prev = await repo.get_current(conn, "ImagingStudy", resource["id"])
+            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
+        if not await repo.get_current(conn, "Endpoint", "dicomweb"):
+            from mappings.dicom.imagingstudy import endpoint_resource
+
+            writes.append(repo.Write("Endpoint", "dicomweb", endpoint_resource(), None, "POST"))
+        await repo.apply_writes(conn, writes)
+
+    async def bulk_import(self, requester: Requester, files: list[Path]) -> tuple[int, int, list[str]]:
+        """Store files already on disk (``fedgate import``): copies them through the same path as STOW."""
+        import shutil
+
+        parts = []
+        for f in files:
+            tmp = self.blobs.temp_path()
+            shutil.copyfile(f, tmp)
+            parts.append(Part(tmp, tmp.stat().st_size))
+        status, body = await self.store(requester, parts, None, "")
+        ok = len(body.get("00081199", {}).get("Value", []))
+        bad = body.get("00081198", {}).get("Value", [])
+        return ok, len(bad), [i.get("00091010", {}).get("Value", [""])[0] for i in bad]
+
+    async def reconcile(self) -> None:
+        """Start-up repair: temp files and unindexed files removed, rows without files dropped."""
+        async with self.db.read() as conn:
+            indexed = set((await conn.execute(select(dcm_instance.c.blob_path))).scalars())
+        removed, missing = await asyncio.to_thread(self.blobs.reconcile, indexed)
+        if missing:
+            async with self.db.write() as conn:
+                gone = (await conn.execute(select(dcm_instance.c.sop_uid, dcm_instance.c.study_uid).where(
+                    dcm_instance.c.blob_path.in_(sorted(missing))))).all()
+                sops = [g.sop_uid for g in gone]
+                for table in (dcm_sr_item, dcm_seg_segment):
+                    await conn.execute(delete(table).where(table.c.sop_uid.in_(sops)))
+                await conn.execute(delete(dcm_instance).where(dcm_instance.c.sop_uid.in_(sops)))
+        if removed or missing:
+            log.warning("blob store reconciled", extra={"files_removed": removed, "rows_removed": len(missing)})
+
+    # ---------------------------------------------------------------------------------- QIDO-RS
+    async def search(self, requester: Requester, level: str, q: QidoQuery) -> tuple[list[dict], int]:
+        scope = await self.gate.scope_for(requester)
+        async with self.db.read() as conn:
+            stmt, count_stmt = q.statements(level, scope)
+            total = (await conn.execute(count_stmt)).scalar_one()
+            rows = (await conn.execute(stmt)).mappings().all()
+            results = [dict(r) for r in rows]
+            extra = q.extra_tags(level)
+            if extra or q.include_all:
+                await self._attach_metadata(conn, level, results)
+        await self._audit(requester, "E", f"qido-{level}", scope, {r.get("patient_id") for r in results})
+        return [q.render(level, r) for r in results], total
+
+    async def _attach_metadata(self, conn, level: str, results: list[dict]) -> None:
+        """Representative instance metadata for includefield (first instance of the study/series)."""
+        key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
+        for r in results:
+            col = getattr(dcm_instance.c, key)
+            meta = (await conn.execute(select(dcm_instance.c.metadata).where(col == r[key])
+                                       .order_by(dcm_instance.c.instance_number).limit(1))).scalar()
+            r["_meta"] = orjson.loads(meta) if meta else {}
+
+    async def _audit(self, requester: Requester, action: str, interaction: str, scope: AccessScope,
+                     patients: Iterable[str | None], resources: Iterable[str] = ()) -> None:
+        await self.audit.record(AccessRecord(
+            requester, action, interaction, "0", tuple(resources)[:200],
+            tuple(sorted(p for p in patients if p))[:200], scope.summary, "",
+        ))
+
+    # ---------------------------------------------------------------------------------- WADO-RS
+    async def instances(self, requester: Requester, study: str, series: str | None = None,
+                        sop: str | None = None) -> list[dict]:
+        """Visible instances of a study/series/instance (404 when none is visible)."""
+        scope = await self.gate.scope_for(requester)
+        c = dcm_instance.c
+        where = [c.study_uid == study, scope.patient_clause(c.patient_id)]
+        if series:
+            where.append(c.series_uid == series)
+        if sop:
+            where.append(c.sop_uid == sop)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(select(dcm_instance).where(and_(*where))
+                                       .order_by(c.series_uid, c.instance_number, c.sop_uid))).mappings().all()
+        if not rows:
+            what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
+            raise NotFound(f"{what} not found")
+        await self._audit(requester, "R", "wado", scope, {r["patient_id"] for r in rows},
+                          [f"ImagingStudy/{study}"])
+        return [dict(r) for r in rows]
+
+    def blob_path(self, row: dict) -> Path:
+        return self.blobs.path(row["blob_path"])
+
+
+def check_study_uid(uid: str) -> str:
+    if not uid or len(uid) > 64 or not all(ch.isdigit() or ch == "." for ch in uid):
+        raise BadRequest(f"{uid!r} is not a DICOM UID")
+    return uid

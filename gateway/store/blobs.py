@@ -1,0 +1,82 @@
+"""On-disk blob store for DICOM instances: atomic write, then index; reconciled at start-up.
+
+Write protocol (one instance):
+  1. the request body part is streamed to ``tmp/<random>.part`` (memory does not grow with its size);
+  2. the file is parsed and checked; on failure it is deleted;
+  3. it is ``fsync``-ed and renamed to ``<study>/<series>/<sop>.dcm`` (atomic on POSIX);
+  4. the index rows are written in one database transaction; if that fails the file is removed.
+
+A crash between 3 and 4 leaves a file without a row; a crash during 1–2 leaves a temp file.
+:meth:`BlobStore.reconcile` (run at start-up) removes both, and removes index rows whose file is gone,
+so after any failure there is no row without its file and no file without its row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def temp_path(self) -> Path:
+        return self.tmp / f"{secrets.token_hex(12)}.part"
+
+    @staticmethod
+    def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root.resolve() not in p.parents:
+            raise ValueError("blob path escapes the store")
+        return p
+
+    def commit(self, tmp: Path, rel: str) -> Path:
+        """fsync + atomic rename of a temp file to its final place (replacing an older file)."""
+        final = self.path(rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return final
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.path(rel).unlink()
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def files(self) -> set[str]:
+        """Relative paths of every committed blob."""
+        out = set()
+        for p in self.root.rglob("*.dcm"):
+            if self.tmp not in p.parents:
+                out.add(p.relative_to(self.root).as_posix())
+        return out
+
+    def reconcile(self, indexed: set[str]) -> tuple[int, set[str]]:
+        """Remove temp files and files without an index row; returns (files removed, rows without a file)."""
+        removed = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            removed += 1
+        on_disk = self.files()
+        for rel in on_disk - indexed:
+            self.remove(rel)
+            removed += 1
+        return removed, indexed - on_disk

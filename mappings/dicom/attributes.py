@@ -1,0 +1,134 @@
+"""DICOM dataset → index rows and DICOM JSON metadata (pure; PS3.18 Annex F for the JSON model).
+
+The rows match the tables of ``gateway/store/dicom_schema.py``; the metadata JSON is what WADO-RS
+``/metadata`` serves, with bulk data (PixelData and other large binary values) replaced by
+``BulkDataURI`` placeholders that the server resolves to ``.../bulkdata/{tag}`` URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.tag import Tag
+
+#: Placeholder in stored metadata; replaced by the instance's bulkdata base URL when served.
+BULK_PREFIX = "bulk:"
+#: Binary VRs are bulk data when larger than this (PixelData always).
+BULK_THRESHOLD = 1024
+BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+class InvalidInstance(ValueError):
+    """The dataset lacks what a stored instance needs (the message names the attribute)."""
+
+
+def _s(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) or getattr(value, "is_multi", False) \
+        else str(value)
+    text = text.strip()
+    if not text:
+        return None
+    return text[:limit] if limit else text
+
+
+def _f(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0] if isinstance(value, (list, tuple)) or getattr(value, "is_multi", False) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _i(ds: Dataset, keyword: str) -> int | None:
+    v = _f(ds, keyword)
+    return int(v) if v is not None else None
+
+
+def norm_name(name: str | None) -> str | None:
+    """PN for matching: upper case, component separators as spaces, trailing separators dropped."""
+    if not name:
+        return None
+    return " ".join(name.upper().replace("^", " ").replace("=", " ").split())
+
+
+def dicom_patient_key(patient_id: str | None, issuer: str | None) -> str:
+    """The stable common-model id of a patient known only from DICOM."""
+    h = hashlib.sha256(f"{issuer or ''}|{patient_id or ''}".encode()).hexdigest()[:24]
+    return f"dicom-{h}"
+
+
+def check_instance(ds: Dataset) -> None:
+    for kw in REQUIRED:
+        if not _s(ds, kw):
+            raise InvalidInstance(f"{kw} is missing")
+        if kw.endswith("UID") and len(_s(ds, kw)) > 64:
+            raise InvalidInstance(f"{kw} is longer than 64 characters")
+
+
+def index_rows(ds: Dataset, *, blob_path: str, size: int, transfer_syntax: str, now: float,
+               patient_id: str | None) -> tuple[dict, dict, dict]:
+    """(study, series, instance) rows for one stored instance (counts are filled by the store)."""
+    study = {
+        "study_uid": _s(ds, "StudyInstanceUID"), "patient_id": patient_id,
+        "dicom_patient_id": _s(ds, "PatientID", 64), "issuer_of_patient_id": _s(ds, "IssuerOfPatientID", 64),
+        "patient_name": _s(ds, "PatientName", 324), "patient_name_norm": norm_name(_s(ds, "PatientName", 324)),
+        "patient_birth_date": _s(ds, "PatientBirthDate", 8), "patient_sex": _s(ds, "PatientSex", 16),
+        "study_date": _s(ds, "StudyDate", 8), "study_time": _s(ds, "StudyTime", 16),
+        "accession_number": _s(ds, "AccessionNumber", 64), "study_id": _s(ds, "StudyID", 16),
+        "referring_physician": _s(ds, "ReferringPhysicianName", 324),
+        "study_description": _s(ds, "StudyDescription", 255), "updated_ts": now,
+    }
+    series = {
+        "series_uid": _s(ds, "SeriesInstanceUID"), "study_uid": study["study_uid"], "patient_id": patient_id,
+        "modality": _s(ds, "Modality", 16), "series_number": _i(ds, "SeriesNumber"),
+        "series_description": _s(ds, "SeriesDescription", 255), "body_part": _s(ds, "BodyPartExamined", 64),
+        "manufacturer": _s(ds, "Manufacturer", 128), "model_name": _s(ds, "ManufacturerModelName", 128),
+        "protocol_name": _s(ds, "ProtocolName", 128), "slice_thickness": _f(ds, "SliceThickness"),
+        "convolution_kernel": _s(ds, "ConvolutionKernel", 64), "kvp": _f(ds, "KVP"),
+        "pixel_spacing": _s(ds, "PixelSpacing", 64), "series_date": _s(ds, "SeriesDate", 8), "updated_ts": now,
+    }
+    instance = {
+        "sop_uid": _s(ds, "SOPInstanceUID"), "series_uid": series["series_uid"], "study_uid": study["study_uid"],
+        "patient_id": patient_id, "sop_class_uid": _s(ds, "SOPClassUID"), "instance_number": _i(ds, "InstanceNumber"),
+        "transfer_syntax": transfer_syntax, "rows": _i(ds, "Rows"), "columns": _i(ds, "Columns"),
+        "frames": _i(ds, "NumberOfFrames") or (1 if "Rows" in ds else None),
+        "blob_path": blob_path, "size": size, "stored_ts": now,
+    }
+    return study, series, instance
+
+
+def _bulk_handler(elem: DataElement) -> str:
+    return f"{BULK_PREFIX}{Tag(elem.tag):08X}"
+
+
+def metadata_json(ds: Dataset) -> dict[str, Any]:
+    """DICOM JSON (PS3.18 F.2) of the dataset, bulk data as ``BulkDataURI`` placeholders."""
+    out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=_bulk_handler,
+                          suppress_invalid_tags=True)
+    # pixel data that stop_before_pixels skipped is still announced as bulk data
+    if "7FE00010" not in out and ds.get("Rows") is not None:
+        out["7FE00010"] = {"vr": "OW" if (ds.get("BitsAllocated") or 8) > 8 else "OB",
+                           "BulkDataURI": f"{BULK_PREFIX}7FE00010"}
+    return out
+
+
+def resolve_bulk(meta: dict[str, Any], base: str) -> dict[str, Any]:
+    """Replace bulk placeholders (recursively, in sequences too) by ``{base}/bulkdata/{tag}`` URLs."""
+    for tag, attr in meta.items():
+        uri = attr.get("BulkDataURI")
+        if uri and uri.startswith(BULK_PREFIX):
+            attr["BulkDataURI"] = f"{base}/bulkdata/{uri[len(BULK_PREFIX):]}"
+        for item in attr.get("Value", ()) if attr.get("vr") == "SQ" else ():
+            if isinstance(item, dict):
+                resolve_bulk(item, base)
+    return meta
