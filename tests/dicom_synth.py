@@ -25,6 +25,7 @@ def ct_series(*, patient_id: str, patient_name: str, n: int = 5, size: int = 64,
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
+        ds.preamble = b"\0" * 128  # a PS3.10 file, as a PACS sends it
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = patient_id, patient_name, sex, birth_date

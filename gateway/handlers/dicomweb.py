@@ -38,8 +38,15 @@ def _svc(request: web.Request) -> DicomwebService:
 
 def base_url(request: web.Request) -> str:
     configured = request.app[keys.SETTINGS].base_url
-    root = configured.rstrip("/") if configured else str(request.url.origin())
-    return root + "/dicomweb"
+    if configured:
+        return configured.rstrip("/") + "/dicomweb"
+    host = request.host
+    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None:
+        # some clients (dicomweb-client) send Host without the port: use the port we were reached on
+        sock = request.transport.get_extra_info("sockname")
+        if sock and sock[1] not in (80, 443):
+            host = f"{host}:{sock[1]}"
+    return f"{request.scheme}://{host}/dicomweb"
 
 
 # ------------------------------------------------------------------------------------------- STOW-RS
