@@ -109,6 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from gateway.dicom_cli import cmd_import as run
+
+    return run(args, _settings(args))
+
+
 def cmd_omop_export(args: argparse.Namespace) -> int:
     from gateway.omop_cli import cmd_export
 
@@ -164,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=2000, help="synthetic patients per site")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("import", help="bulk-load a folder of DICOM files (same path as STOW-RS), with a progress bar")
+    _common(p)
+    p.add_argument("path", help="folder (searched recursively) or file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any file failed")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
     osub = p.add_subparsers(dest="omop_command", required=True)
