@@ -169,6 +169,8 @@ class ConsentGate:
 async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
     gate = app[keys.GATE]
+    async with app[keys.DB].write() as conn:
+        await ensure_indexes(conn)
     if isinstance(gate, ConsentGate):
         gate.audit = app[keys.AUDIT]
         await gate.start(app[keys.DB])

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import orjson
-from sqlalchemy import Column, Index, Integer, String, Table, Text, select, update
+from sqlalchemy import Column, Index, Integer, String, Table, Text, inspect, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -37,8 +37,20 @@ ix_consent_profile = Index("ix_cm_patient_consent_profile", s.cm_patient.c.conse
 
 
 async def ensure_indexes(conn: AsyncConnection) -> None:
-    """Create the consent index on stores created before it existed (create_all skips old tables)."""
-    await conn.run_sync(lambda sync: ix_consent_profile.create(sync, checkfirst=True))
+    """Bring stores created before these existed up to date (create_all skips existing tables): the
+    consent index and ``fhir_resource.consent_profile`` (added and back-filled)."""
+    def sync_step(sync) -> bool:
+        ix_consent_profile.create(sync, checkfirst=True)
+        cols = {c["name"] for c in inspect(sync).get_columns("fhir_resource")}
+        if "consent_profile" in cols:
+            return False
+        sync.execute(text("ALTER TABLE fhir_resource ADD COLUMN consent_profile VARCHAR(64)"))
+        return True
+
+    if await conn.run_sync(sync_step):
+        R, P = s.fhir_resource, s.cm_patient
+        key = select(P.c.consent_profile).where(P.c.patient_id == R.c.patient_id).limit(1).scalar_subquery()
+        await conn.execute(update(R).where(R.c.patient_id.is_not(None)).values(consent_profile=key))
 
 consent_policy = Table(
     "consent_policy",
@@ -46,6 +58,17 @@ consent_policy = Table(
     Column("id", Integer, primary_key=True),
     Column("document", Text, nullable=False),
 )
+
+
+async def stamp_resources(conn: AsyncConnection, rids: list[int]) -> None:
+    """Copy the patient's current consent profile key onto newly written resource rows."""
+    R, P = s.fhir_resource, s.cm_patient
+    for i in range(0, len(rids), 500):
+        chunk = rids[i:i + 500]
+        if chunk:
+            key = (select(P.c.consent_profile).where(P.c.patient_id == R.c.patient_id)
+                   .order_by(P.c.consent_profile.is_(None)).limit(1).scalar_subquery())
+            await conn.execute(update(R).where(R.c.rid.in_(chunk)).values(consent_profile=key))
 
 
 async def load_policy_doc(conn: AsyncConnection) -> dict:
@@ -116,6 +139,7 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     for key, pids in by_key.items():
         for i in range(0, len(pids), 500):
             await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
+            await conn.execute(update(R).where(R.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
     return len(patients)
 
 

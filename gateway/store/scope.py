@@ -36,6 +36,15 @@ class AccessScope:
         visible = patient_col.in_(allowed)
         return or_(patient_col.is_(None), visible) if allow_no_patient else visible
 
+    def row_clause(self, patient_col: ColumnElement, profile_col: ColumnElement) -> ColumnElement:
+        """Like :meth:`patient_clause` for tables that carry the patient's consent profile key on the
+        row itself (``fhir_resource.consent_profile``): no per-row subquery."""
+        if self.unrestricted:
+            return true()
+        if not self.allowed_profiles:
+            return patient_col.is_(None)
+        return or_(patient_col.is_(None), profile_col.in_(sorted(self.allowed_profiles)))
+
     def patient_ids_subquery(self):
         """SELECT of visible patient ids (None when unrestricted: every patient)."""
         if self.unrestricted:
