@@ -274,3 +274,61 @@ async def test_analysts_cannot_write_a_consent_for_themselves(site):
             assert r.status == 403
         async with http.get(f"{gw.fhir}/Patient", headers=ana) as r:
             assert {e["resource"]["id"] for e in (await r.json()).get("entry", [])} == {"p-gru"}
+
+
+# ------------------------------------------------------------------------------------------------
+# DICOMweb: QIDO and WADO (metadata, instance, frames, rendered) under the same gate
+# ------------------------------------------------------------------------------------------------
+
+BOUNDARY = "fedgateCONSENTboundary"
+DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def _dicom_bytes(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
+    from tests.dicom_synth import ct_series
+
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        uids: dict[str, tuple[str, str, str]] = {}
+        for pid in POPULATION:  # one study per patient, PatientID = the FHIR Patient's identifier value
+            (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
+            body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
+                    + f"\r\n--{BOUNDARY}--\r\n".encode())
+            async with http.post(f"{gw.dicomweb}/studies", data=body,
+                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+            uids[pid] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        for name, (purpose, attrs, permitted, rule) in PURPOSES.items():
+            h = gw.headers("analyst", purpose=purpose, attrs=attrs)
+            for level in ("studies", "series", "instances"):
+                async with http.get(f"{gw.dicomweb}/{level}", params={"limit": "100"},
+                                    headers=h | {"Accept": "application/dicom+json"}) as r:
+                    assert r.status in (200, 204), await r.text()
+                    found = await r.json() if r.status == 200 else []
+                got = {item["00100020"]["Value"][0] for item in found}
+                assert got == permitted, f"QIDO {level} {name}: {rule}"
+            for pid, (st, se, sop) in uids.items():
+                inst = f"{gw.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
+                for url, accept in ((f"{gw.dicomweb}/studies/{st}/metadata", "application/dicom+json"),
+                                    (inst, 'multipart/related; type="application/dicom"'),
+                                    (f"{inst}/frames/1", 'multipart/related; type="application/octet-stream"'),
+                                    (f"{inst}/rendered", "image/png")):
+                    async with http.get(url, headers=h | {"Accept": accept}) as r:
+                        await r.read()
+                        if pid in permitted:
+                            assert r.status == 200, (name, pid, url, r.status)
+                        else:
+                            assert r.status == 404, (name, pid, url, r.status)
+        # treatment sees every study
+        async with http.get(f"{gw.dicomweb}/studies", params={"limit": "100"},
+                            headers=gw.headers("clinician") | {"Accept": "application/dicom+json"}) as r:
+            assert {i["00100020"]["Value"][0] for i in await r.json()} == ALL
