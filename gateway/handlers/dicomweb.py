@@ -52,6 +52,17 @@ def base_url(request: web.Request) -> str:
 # ------------------------------------------------------------------------------------------- STOW-RS
 
 
+class _LenientMultipartReader(MultipartReader):
+    """RFC 2046 caps boundaries at 70 characters; Orthanc's DICOMweb client sends 73. Be liberal in what
+    we accept (up to 200) rather than refuse a real PACS."""
+
+    def _get_boundary(self) -> str:
+        boundary = self._mimetype.parameters["boundary"]
+        if len(boundary) > 200:
+            raise ValueError(f"boundary of {len(boundary)} characters is too long")
+        return boundary
+
+
 def _stow_media(request: web.Request) -> None:
     ctype = request.headers.get("Content-Type", "")
     main = ctype.split(";")[0].strip().lower()
@@ -71,7 +82,7 @@ async def _receive(request: web.Request) -> list[Part]:
     if request.content_length is not None and request.content_length > settings.max_stow_bytes:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
     svc = _svc(request)
-    reader = MultipartReader(request.headers, request.content)
+    reader = _LenientMultipartReader(request.headers, request.content)
     parts: list[Part] = []
     total = 0
     try:
