@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Side-by-side DICOMweb benchmark: the same load (bench/dicomweb_bench.py) against Orthanc (Debian
+# packages) and fedgate on this machine, one after the other in one run, then a Markdown table.
+# Usage: bench/dicomweb_vs_orthanc.sh [N=2000] [--write]   (--write appends the table to bench/RESULTS.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-2000}
+WRITE=${2:-}
+PY=.venv/bin/python
+OUT=$(mktemp -d /tmp/dwbench.XXXX)
+PORT_O=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+PORT_F=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+bash scripts/setup.d/20-orthanc.sh
+cat > "$OUT/orthanc.json" <<JSON
+{"Name": "bench-orthanc", "StorageDirectory": "$OUT/orthanc-db", "IndexDirectory": "$OUT/orthanc-db",
+ "StorageCompression": false, "OverwriteInstances": false, "SaveJobs": false,
+ "StorageAccessOnFind": "Always", "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+ "HttpServerEnabled": true, "HttpPort": $PORT_O, "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
+ "HttpThreadsCount": 50, "KeepAlive": true, "TcpNoDelay": true, "HttpCompressionEnabled": false,
+ "DicomServerEnabled": false, "DicomWeb": {"Enable": true, "Root": "/dicom-web/"}}
+JSON
+cleanup() { [ -n "${OPID:-}" ] && kill "$OPID" 2>/dev/null || true; [ -n "${FPID:-}" ] && kill "$FPID" 2>/dev/null || true; }
+trap cleanup EXIT
+$PY bench/dicomweb_bench.py generate --n "$N" >/dev/null
+
+Orthanc "$OUT/orthanc.json" > "$OUT/orthanc.log" 2>&1 & OPID=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_O/system" >/dev/null 2>&1 && break; sleep 0.2; done
+$PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_O/dicom-web" --label orthanc \
+    --server-pid "$OPID" --server-info "Orthanc $(Orthanc --version 2>&1 | head -1)" --out "$OUT/orthanc.json.result"
+kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=
+
+FEDGATE_LOG_LEVEL=WARNING .venv/bin/fedgate serve --data-dir "$OUT/fedgate" --port "$PORT_F" & FPID=$!
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_F/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+TOKEN=$(.venv/bin/fedgate token --data-dir "$OUT/fedgate" --role pacs)
+$PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_F/dicomweb" --label fedgate \
+    --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite" \
+    --header "Authorization: Bearer $TOKEN" --out "$OUT/fedgate.json.result"
+kill "$FPID"; wait "$FPID" 2>/dev/null || true; FPID=
+
+$PY bench/summarize.py "$OUT/orthanc.json.result" "$OUT/fedgate.json.result" | tee "$OUT/table.md"
+if [ "$WRITE" = "--write" ]; then
+  {
+    echo "## DICOMweb: fedgate vs Orthanc (issue 3) — $(date -u +'%Y-%m-%d %H:%M') UTC"
+    echo
+    echo "Machine: $(hostname) ($(nproc) cores), both servers on loopback, run one after the other."
+    echo "Command: \`bench/dicomweb_vs_orthanc.sh $N --write\` (harness: bench/dicomweb_bench.py)"
+    echo
+    cat "$OUT/table.md"
+    echo
+  } >> bench/RESULTS.md
+fi
