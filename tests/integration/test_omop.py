@@ -5,9 +5,10 @@ from the official DDL with primary keys, foreign keys and indices → row counts
 computed here from the bundle JSON (and the shipped vocabulary CSV, read independently) → the same
 export as CSV → POST /omop/import into a fresh site → its common model equals the original's.
 
-The CT study: the DICOM server (STOW-RS) had not landed when this was written, so one test PUTs a FHIR
-ImagingStudy with a CT series and another writes DICOM index rows (dcm_study/series/instance/sr_item,
-the team contract) the way STOW indexing does, to cover MI-CDM image_occurrence + image_feature.
+The CT study: one test STOWs a real CT instance through DICOMweb and finds its series in image_occurrence;
+the round-trip test also PUTs a FHIR ImagingStudy with a CT series (FHIR-born imaging), and another test
+writes DICOM index rows with SR content items (dcm_study/series/instance/sr_item, the team contract) to
+cover MI-CDM image_feature linked to measurement.
 """
 
 from __future__ import annotations
@@ -501,3 +502,82 @@ async def test_cli_export_csv_and_postgres_then_import(tmp_path, db_url, omop_pg
     finally:
         if b_name:
             await drop_pg_database(b_name)
+
+
+def ct_instance(patient_key: str, study_uid: str, series_uid: str) -> bytes:
+    """A small, valid CT Image Storage instance (pydicom), PatientID = a stored FHIR Patient identifier."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    sop = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_key, "Test^Omop", "19700101", "M"
+    ds.StudyDate, ds.SeriesDate, ds.StudyTime = "20220315", "20220315", "101500"
+    ds.Modality, ds.BodyPartExamined, ds.SeriesNumber, ds.InstanceNumber = "CT", "CHEST", 1, 1
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "A1", "1", ""
+    ds.Manufacturer, ds.SliceThickness, ds.KVP = "TestCo", 1.0, 120
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelSpacing, ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.5, 0.5], [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelData = np.arange(64, dtype=np.uint16).reshape(8, 8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+async def test_stow_ct_study_appears_in_image_occurrence(tmp_path, db_url, omop_pg):
+    """STOW-RS a CT instance for a Synthea patient → the export's image_occurrence has its series,
+    under the patient the DICOM index assigned, with the DICOMweb URI, once (the DICOM index wins over the
+    FHIR ImagingStudy that STOW also writes)."""
+    async with aiohttp.ClientSession() as http:
+        gw = await _site(tmp_path / "a", db_url, omop_pg)
+        try:
+            bundles = await _load_synthea(gw, http)
+            patient = next(e["resource"] for e in bundles[0]["entry"] if e["resource"]["resourceType"] == "Patient")
+            ident = patient["identifier"][0]
+            async with http.get(f"{gw.fhir}/Patient", params={"identifier": f"{ident['system']}|{ident['value']}"},
+                                headers=gw.headers("clinician")) as r:
+                pid = (await r.json())["entry"][0]["resource"]["id"]
+            study, series = "1.2.826.0.1.3680043.8.498.77", "1.2.826.0.1.3680043.8.498.77.1"
+            body = ct_instance(ident["value"], study, series)
+            boundary = "omop-test-boundary"
+            payload = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body
+                       + f"\r\n--{boundary}--\r\n".encode())
+            h = gw.headers("pacs") | {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                                      "Accept": "application/dicom+json"}
+            async with http.post(gw.dicomweb + "/studies", data=payload, headers=h) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "stow"},
+                                 headers=gw.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                rows = await conn.fetch("SELECT io.*, p.person_source_value FROM stow.image_occurrence io "
+                                        "JOIN stow.person p USING (person_id) WHERE image_study_uid = $1", study)
+                assert len(rows) == 1
+                row = rows[0]
+                async with gw.app[keys.DB].read() as c:
+                    owner = (await c.execute(select(s.metadata.tables["dcm_study"].c.patient_id).where(
+                        s.metadata.tables["dcm_study"].c.study_uid == study))).scalar()
+                assert owner in (pid, f"dicom-{owner[6:]}")  # the FHIR patient or the DICOM-born one STOW made
+                assert row["image_series_uid"] == series and row["person_source_value"] == owner
+                assert row["modality_concept_id"] == 2128009190 and row["anatomic_site_concept_id"] == 2128021433
+                assert row["wadors_uri"] == f"/dicomweb/studies/{study}/series/{series}"
+                assert str(row["image_occurrence_date"]) == "2022-03-15"
+            finally:
+                await conn.close()
+        finally:
+            await gw.server.close()
