@@ -231,6 +231,15 @@ class OmopService:
                 algo.setdefault(r.sop_uid, r.text_value)
             elif r.concept_code == "121071" and r.code_value:
                 finding.setdefault((r.sop_uid, r.group_item_id or ""), (r.code_scheme, r.code_value))
+        # the image a measurement group refers to (SCOORD > IMAGE, or an IMAGE item of the group)
+        group_series: dict[tuple[str, str], str] = {}
+        gref = (select(item.c.sop_uid, item.c.group_item_id, inst.c.series_uid)
+                .join(inst, inst.c.sop_uid == item.c.ref_sop_uid).where(item.c.ref_sop_uid.is_not(None))
+                .order_by(item.c.id))
+        if visible is not None:
+            gref = gref.where(item.c.patient_id.in_(visible))
+        for r in await conn.execute(gref):
+            group_series.setdefault((r.sop_uid, r.group_item_id or ""), r.series_uid)
         stmt = (select(item.c.patient_id, item.c.concept_scheme, item.c.concept_code, item.c.concept_meaning,
                        item.c.sop_uid, item.c.group_item_id,
                        item.c.num_value, item.c.unit_code, inst.c.study_uid, inst.c.series_uid,
@@ -245,7 +254,8 @@ class OmopService:
         out = []
         for r in await conn.execute(stmt):
             f_scheme, f_code = finding.get((r.sop_uid, r.group_item_id or ""), (None, None))
-            out.append(SrMeasurement(r.patient_id, r.study_uid, r.ref_series or r.series_uid, r.study_date,
+            series = r.ref_series or group_series.get((r.sop_uid, r.group_item_id or "")) or r.series_uid
+            out.append(SrMeasurement(r.patient_id, r.study_uid, series, r.study_date,
                                      r.concept_scheme, r.concept_code, r.concept_meaning, r.num_value, r.unit_code,
                                      f_scheme, f_code, algo.get(r.sop_uid)))
         return out

@@ -581,3 +581,61 @@ async def test_stow_ct_study_appears_in_image_occurrence(tmp_path, db_url, omop_
                 await conn.close()
         finally:
             await gw.server.close()
+
+
+def _num_items(ds) -> list:
+    out = []
+    for child in ds.get("ContentSequence") or ():
+        if child.get("ValueType") == "NUM" and child.get("MeasuredValueSequence"):
+            out.append(child)
+        out += _num_items(child)
+    return out
+
+
+async def test_stow_tid1500_sr_becomes_image_feature(tmp_path, db_url, omop_pg):
+    """STOW-RS the highdicom demo CT + TID 1500 SR of a patient known to FHIR → one image_feature per
+    numeric SR measurement (counted here with pydicom), linked to the CT series the measurement group
+    points at and to the measurement row holding the value."""
+    import asyncio
+
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    ct_file, sr_file = data_path("dicom", "highdicom", "ct_image.dcm"), data_path("dicom", "highdicom", "sr_document.dcm")
+    ct, sr = pydicom.dcmread(ct_file), pydicom.dcmread(sr_file)
+    nums = _num_items(sr)
+    assert nums
+    async with aiohttp.ClientSession() as http:
+        gw = await _site(tmp_path / "a", db_url, omop_pg)
+        try:
+            # the FHIR patient the DICOM PatientID matches (the demo files carry no birth date; OMOP needs one)
+            patient = {"resourceType": "Patient", "id": "sr-pt", "gender": "female", "birthDate": "1950-06-01",
+                       "identifier": [{"system": "urn:test:mrn", "value": str(sr.PatientID)}]}
+            async with http.put(f"{gw.fhir}/Patient/sr-pt", json=patient,
+                                headers=gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}) as r:
+                assert r.status == 201, await r.text()
+            client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs"))
+            res = await asyncio.to_thread(client.store_instances, [ct, sr])
+            assert "FailedSOPSequence" not in res
+            async with http.post(gw.url + "/omop/export", json={"format": "postgresql", "schema": "sr"},
+                                 headers=gw.headers("analyst", purpose=PURPOSE)) as r:
+                assert r.status == 200, await r.text()
+                report = await r.json()
+            assert report["counts"]["image_feature"] == len(nums)
+            conn = await asyncpg.connect(omop_pg)
+            try:
+                rows = await conn.fetch(
+                    "SELECT f.*, m.value_as_number, m.measurement_source_value, io.image_series_uid, p.person_source_value "
+                    "FROM sr.image_feature f JOIN sr.measurement m ON m.measurement_id = f.image_feature_event_id "
+                    "JOIN sr.image_occurrence io USING (image_occurrence_id) JOIN sr.person p ON p.person_id = f.person_id")
+                assert sorted(float(r["value_as_number"]) for r in rows) == sorted(
+                    float(n.MeasuredValueSequence[0].NumericValue) for n in nums)
+                assert sorted(r["measurement_source_value"] for r in rows) == sorted(
+                    n.ConceptNameCodeSequence[0].CodeValue for n in nums)
+                assert {r["person_source_value"] for r in rows} == {"sr-pt"}
+                assert {r["image_series_uid"] for r in rows} == {str(ct.SeriesInstanceUID)}  # the measured image
+                assert all(r["image_finding_concept_id"] is not None for r in rows)  # the group's Finding
+            finally:
+                await conn.close()
+        finally:
+            await gw.server.close()
