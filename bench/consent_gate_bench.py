@@ -71,7 +71,8 @@ def consent(pid: str, n: int) -> dict:
 def resources_for(i: int, n_obs: int) -> list[dict]:
     pid = f"bp{i}"
     out = [{"resourceType": "Patient", "id": pid, "gender": "female" if i % 2 else "male",
-            "birthDate": f"{1940 + i % 60}-01-01", "name": [{"family": f"Fam{i}"}]},
+            "birthDate": f"{1940 + i % 60}-01-01", "name": [{"family": f"Fam{i}"}],
+            "identifier": [{"system": "urn:fedgate:bench", "value": pid}]},
            consent(pid, i)]
     for k in range(n_obs):
         out.append({"resourceType": "Observation", "id": f"o{i}-{k}", "status": "final",
@@ -96,19 +97,43 @@ async def load(app, patients: int, n_obs: int) -> int:
     return total
 
 
+async def load_studies(app, studies: int, tmp: Path) -> int:
+    """One single-instance CT study per patient (PatientID = the FHIR Patient id, so it links)."""
+    from gateway.context import SYSTEM
+    from tests.dicom_synth import ct_series, write
+
+    svc = app[keys.SERVICES]["dicomweb"]
+    done = 0
+    for start in range(0, studies, 100):
+        files = []
+        for i in range(start, min(start + 100, studies)):
+            files += write(ct_series(patient_id=f"bp{i}", patient_name=f"Fam{i}^B", n=1, size=8), tmp / f"s{i}")
+        ok, bad, _ = await svc.bulk_import(SYSTEM, files)
+        assert bad == 0
+        done += ok
+    return done
+
+
 QUERIES = {
     "Observation?code=8867-4&_count=50": ("Observation", {"code": "http://loinc.org|8867-4", "_count": "50"}),
     "Patient?gender=female&_count=50": ("Patient", {"gender": "female", "_count": "50"}),
     "Observation?code=8867-4&_summary=count": ("Observation", {"code": "http://loinc.org|8867-4", "_summary": "count"}),
 }
+QIDO = {
+    "QIDO studies?limit=50": ("studies", {"limit": "50"}),
+    "QIDO studies?ModalitiesInStudy=CT&limit=50": ("studies", {"ModalitiesInStudy": "CT", "limit": "50"}),
+}
 
 
 async def timed(http, url, params, headers) -> tuple[float, int]:
     t0 = time.perf_counter()
-    async with http.get(url, params=params, headers=headers) as r:
-        body = await r.json()
-        assert r.status == 200, body
-    return time.perf_counter() - t0, body.get("total") or len(body.get("entry", []))
+    async with http.get(url, params=params, headers=headers | {"Accept": "application/dicom+json, application/fhir+json"}) as r:
+        body = await r.json() if r.status == 200 else []
+        assert r.status in (200, 204), body
+    dt = time.perf_counter() - t0
+    if isinstance(body, list):
+        return dt, int(r.headers.get("X-Total-Count", len(body)))
+    return dt, body.get("total") or len(body.get("entry", []))
 
 
 async def main() -> None:
@@ -117,6 +142,7 @@ async def main() -> None:
     ap.add_argument("--obs", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--database-url", default="")
+    ap.add_argument("--studies", type=int, default=0, help="also STOW this many studies and time QIDO")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="consent-bench-"))
@@ -129,6 +155,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         n = await load(app, args.patients, args.obs)
         load_s = time.perf_counter() - t0
+        n_studies = await load_studies(app, args.studies, tmp / "dicom") if args.studies else 0
         from sqlalchemy import func, select
 
         async with app[keys.DB].read() as conn:
@@ -146,8 +173,11 @@ async def main() -> None:
         base = str(server.make_url("/fhir"))
         results = {}
         async with aiohttp.ClientSession() as http:
-            for name, (rtype, params) in QUERIES.items():
-                url = f"{base}/{rtype}"
+            dweb = str(server.make_url("/dicomweb"))
+            todo = [(name, f"{base}/{rtype}", params) for name, (rtype, params) in QUERIES.items()]
+            if n_studies:
+                todo += [(name, f"{dweb}/{level}", params) for name, (level, params) in QIDO.items()]
+            for name, url, params in todo:
                 for h in (gated, superuser):  # warm-up
                     for _ in range(5):
                         await timed(http, url, params, h)
@@ -163,7 +193,8 @@ async def main() -> None:
         await server.close()
     engine = "postgresql" if args.database_url.startswith("postgres") else "sqlite"
     lines = [f"engine {engine}: {n:,} resources ({args.patients} patients), {profiles} distinct consent profiles, "
-             f"loaded in {load_s:.0f} s ({n / load_s:,.0f} res/s incl. consent recompute)", "",
+             f"loaded in {load_s:.0f} s ({n / load_s:,.0f} res/s incl. consent recompute)"
+             + (f"; {n_studies} DICOM studies" if n_studies else ""), "",
              "| query | gated p50 ms | superuser p50 ms | ratio | gated hits | superuser hits |", "|---|---|---|---|---|---|"]
     for name, (gm, sm, gn, sn) in results.items():
         lines.append(f"| `{name}` | {gm:.2f} | {sm:.2f} | {gm / sm:.3f} | {gn} | {sn} |")
