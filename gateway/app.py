@@ -14,12 +14,14 @@ from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
+from gateway.handlers import inference as inference_handlers
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
+from gateway.services.workers import WorkerPool
 from gateway.settings import Settings
 from gateway.store import open_database
 
@@ -31,7 +33,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     db = await open_database(settings)
     app[keys.DB] = db
     log.info("store ready", extra={"engine": db.dialect})
-    validator = ModelValidator(settings.validation_processes)
+    workers = WorkerPool(settings.validation_processes)  # CPU-heavy pure work: validation, DICOM parsing
+    app[keys.SERVICES]["workers"] = workers
+    validator = ModelValidator(workers)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
                                  max_count=settings.max_page_size, validator=validator)
     yield
@@ -62,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     dicomweb_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
+    inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
     return app
 
 

@@ -415,7 +415,8 @@ async def _dicomweb_ctx(app: web.Application):
     from gateway.store.blobs import BlobStore
 
     settings = app[keys.SETTINGS]
-    svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"))
+    svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"),
+                          app[keys.SERVICES].get("workers"))
     await svc.reconcile()
     app[keys.SERVICES][SERVICE] = svc
     yield

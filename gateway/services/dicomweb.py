@@ -30,6 +30,7 @@ from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
 from gateway.store.scope import AccessScope
+from gateway.services.workers import WorkerPool
 from mappings.dicom import attributes as attrs
 from mappings.dicom.qido import QidoQuery
 from mappings.dicom.imagingstudy import imaging_study_resource
@@ -67,12 +68,13 @@ class Outcome:
     failure: int | None = None
     warning: int | None = None
     reason: str = ""
-    # internal
+    # internal (plain data, so parsing can run in a worker process)
     tmp: Path | None = None
-    ds: Any = None
-    rows: tuple | None = None
-    meta: dict | None = None
-    digest: str | None = None
+    rows: tuple | None = None  # (study, series, instance) index rows, filled in by the store
+    meta_json: str | None = None
+    content: tuple[list, list] = ([], [])  # SR items, SEG segments
+    size: int = 0
+    rel: str | None = None  # blob path once committed
     patient_key: tuple[str | None, str | None] = (None, None)
     patient_meta: dict = field(default_factory=dict)
 
@@ -104,11 +106,18 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     if study_in_path and out.study_uid != study_in_path:
         out.failure, out.reason = UID_MISMATCH, f"StudyInstanceUID {out.study_uid} differs from the URL's {study_in_path}"
         return out
-    out.tmp, out.ds, out.meta = part.tmp, ds, meta
-    out.digest = BlobStore.digest(part.tmp)
+    out.tmp, out.size = part.tmp, part.size
+    out.meta_json = orjson.dumps(meta).decode()
+    out.rows = attrs.index_rows(ds, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
+    out.content = _content_rows(ds)
     out.patient_key = (attrs._s(ds, "PatientID", 64), attrs._s(ds, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(ds, "PatientSex", 16), "birth": attrs._s(ds, "PatientBirthDate", 8)}
     return out
+
+
+def parse_parts(parts: list[Part], study_in_path: str | None) -> list[Outcome]:
+    """Parse every received part (runs in a worker process; everything returned is plain data)."""
+    return [_parse_part(p, study_in_path) for p in parts]
 
 
 def _check_pixel_length(ds, file_size: int, ts: str) -> None:
@@ -146,7 +155,9 @@ def _content_rows(ds) -> tuple[list[dict], list[dict]]:
 
 
 class DicomwebService:
-    def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore) -> None:
+    def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
+                 workers: WorkerPool | None = None) -> None:
+        self.workers = workers or WorkerPool(0)
         self.db = db
         self.gate = gate
         self.audit = audit
@@ -157,7 +168,7 @@ class DicomwebService:
                     retrieve_base: str) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3."""
         require_write(requester)
-        outcomes = await asyncio.to_thread(lambda: [_parse_part(p, study_in_path) for p in parts])
+        outcomes = await self.workers.run(parse_parts, parts, study_in_path)
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:
@@ -169,9 +180,14 @@ class DicomwebService:
         committed: list[str] = []
         try:
             if good:
-                content = await asyncio.to_thread(lambda: [_content_rows(o.ds) for o in good])
-                async with self.db.write() as conn:
-                    await self._index(conn, good, content, committed)
+                await self._check_duplicates(good)
+                new = [o for o in good if o.failure is None and o.warning is None]
+                # files go into place before (and outside) the write transaction: fsync + rename of one request
+                # never holds the (SQLite: serialised) write lock; each stored version gets its own path
+                committed.extend(await asyncio.to_thread(self._commit_files, new))
+                if new:
+                    async with self.db.write() as conn:
+                        await self._index(conn, new)
         except BaseException:
             for rel in committed:
                 self.blobs.remove(rel)
@@ -263,41 +279,55 @@ class DicomwebService:
             await recompute(conn, created)
         return out
 
-    async def _index(self, conn, good: list[Outcome], content: list, committed: list[str]) -> None:
+    async def _check_duplicates(self, good: list[Outcome]) -> None:
+        """Already stored SOP Instance UIDs: identical bytes → warning (no change), different → 0x0111."""
+        async with self.db.read() as conn:
+            existing = dict((await conn.execute(select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
+                dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).all())
+        for o in good:
+            if o.sop_uid in existing:
+                same = await asyncio.to_thread(
+                    lambda: BlobStore.digest(self.blobs.path(existing[o.sop_uid])) == BlobStore.digest(o.tmp))
+                if same:
+                    o.warning = WARNING_IDENTICAL
+                else:
+                    o.failure, o.reason = DUPLICATE_SOP, ("an instance with this SOP Instance UID and different "
+                                                          "content is already stored")
+
+    def _commit_files(self, new: list[Outcome]) -> list[str]:
+        done = []
+        for o in new:
+            o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            self.blobs.commit(o.tmp, o.rel)
+            done.append(o.rel)
+        return done
+
+    async def _index(self, conn, good: list[Outcome]) -> None:
         now = time.time()
         pids = await self._patient_ids(conn, good)
-        existing = {r.sop_uid: r for r in (await conn.execute(
-            select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path, dcm_instance.c.series_uid,
-                   dcm_instance.c.study_uid).where(dcm_instance.c.sop_uid.in_([o.sop_uid for o in good]))
-        )).all()}
+        raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
+            dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).scalars())
         studies: dict[str, dict] = {}
         series: dict[str, dict] = {}
         instances: list[dict] = []
         sr_rows: list[dict] = []
         seg_rows: list[dict] = []
-        for o, (sr, seg) in zip(good, content):
+        for o in good:
+            sr, seg = o.content
             pid = pids[o.patient_key]
-            prev = existing.get(o.sop_uid)
-            if prev is not None:
-                if BlobStore.digest(self.blobs.path(prev.blob_path)) == o.digest:
-                    o.warning = WARNING_IDENTICAL
-                    continue
-                o.failure, o.reason = DUPLICATE_SOP, ("an instance with this SOP Instance UID and different content "
-                                                      "is already stored")
+            if o.sop_uid in raced:  # stored by a concurrent request since _check_duplicates
+                o.failure, o.reason = DUPLICATE_SOP, "stored concurrently by another request"
+                self.blobs.remove(o.rel)
                 continue
-            rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
-            st, se, inst = attrs.index_rows(o.ds, blob_path=rel, size=o.tmp.stat().st_size,
-                                            transfer_syntax=str(o.ds.file_meta.TransferSyntaxUID), now=now,
-                                            patient_id=pid)
-            inst["metadata"] = orjson.dumps(o.meta).decode()
+            st, se, inst = (dict(r, patient_id=pid) for r in o.rows)
+            st["updated_ts"] = se["updated_ts"] = now
+            inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)
             studies.setdefault(st["study_uid"], st)
             series.setdefault(se["series_uid"], se)
             instances.append(inst)
             base = {"sop_uid": o.sop_uid, "patient_id": pid}
             sr_rows.extend(base | r for r in sr)
             seg_rows.extend(base | {"study_uid": o.study_uid, "series_uid": o.series_uid} | r for r in seg)
-            self.blobs.commit(o.tmp, rel)
-            committed.append(rel)
         if not instances:
             return
         # upsert studies/series (first writer's attributes win; counts recomputed below)

@@ -30,7 +30,8 @@ class BlobStore:
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
-        return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+        """A fresh path per stored version (a random suffix), so a new file never overwrites a stored one."""
+        return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(4)}.dcm"
 
     def path(self, rel: str) -> Path:
         p = (self.root / rel).resolve()
