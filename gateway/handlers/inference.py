@@ -1,0 +1,115 @@
+"""Inference routes (docs/inference.md): model cards and jobs, problem+json errors.
+
+- ``POST /inference/models`` (admin) register a model card; ``GET /inference/models`` list cards
+- ``POST /inference/jobs`` {model, version?, study, series?} → 202 with the job(s); ``GET /inference/jobs[?state=&study=]``;
+  ``GET /inference/jobs/{job}``
+
+Site settings (TOML section ``[inference]``): ``url`` (Triton/KServe v2 server, host:port; empty = embedded torch),
+``protocol`` (grpc|http), ``repository`` (model repository path), ``device`` (cpu|cuda), ``timeout_s``,
+``retry_attempts``, ``poll_s``, ``lease_s``, ``settle_s``, ``auto_trigger``, ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from gateway import keys
+from gateway.errors import BadRequest
+from gateway.middlewares import requester_of
+from gateway.services.inference import InferenceConfig, InferenceService
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference"
+
+
+def _svc(request: web.Request) -> InferenceService:
+    return request.app[keys.SERVICES][SERVICE]
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def _body(request: web.Request):
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body: not JSON") from None
+
+
+async def register_model(request: web.Request) -> web.Response:
+    view, created = await _svc(request).register(requester_of(request), await _body(request))
+    return _json(view, 201 if created else 200)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json({"models": await _svc(request).cards()})
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    jobs, created = await _svc(request).submit(requester_of(request), await _body(request))
+    return _json({"jobs": jobs}, 202 if created else 200)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("limit: expected an integer") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit: 1..1000")
+    return _json({"jobs": await _svc(request).jobs(requester_of(request), q.get("state"), q.get("study"), limit)})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return _json(await _svc(request).job(requester_of(request), request.match_info["job"]))
+
+
+def _config(app: web.Application) -> dict:
+    raw = app[keys.SETTINGS].extra.get("inference") or {}
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
+async def _inference_ctx(app: web.Application) -> AsyncIterator[None]:
+    from inference.backends import RetryPolicy, make_backend
+    from inference.repository import DEFAULT_REPOSITORY
+
+    cfg = _config(app)
+    retry = RetryPolicy(attempts=int(cfg.get("retry_attempts", 5)), timeout_s=float(cfg.get("timeout_s", 30)))
+    backend = make_backend(cfg.get("url") or None, str(cfg.get("protocol", "grpc")),
+                           Path(cfg.get("repository") or DEFAULT_REPOSITORY), retry, str(cfg.get("device", "cpu")))
+    svc = InferenceService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], backend,
+                           app[keys.SERVICES]["dicomweb"], app[keys.FHIR], InferenceConfig.from_extra(cfg))
+    app[keys.SERVICES][SERVICE] = svc
+    if cfg.get("register_shipped", True):
+        await svc.register_shipped()
+    task = asyncio.create_task(svc.worker()) if cfg.get("worker", True) else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await backend.close()
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/inference/models", register_model, name="inference.register_model")
+    r.add_get("/inference/models", list_models, name="inference.list_models")
+    r.add_post("/inference/jobs", submit_job, name="inference.submit_job")
+    r.add_get("/inference/jobs", list_jobs, name="inference.list_jobs")
+    r.add_get("/inference/jobs/{job}", get_job, name="inference.get_job")
+    app.cleanup_ctx.append(_inference_ctx)
+
+
+__all__ = ["setup_routes"]

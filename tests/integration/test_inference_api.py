@@ -1,0 +1,200 @@
+"""Inference end to end through the running gateway: STOW a CT series → job (on request or auto-trigger) →
+SR (TID 1500) and SEG retrievable via WADO-RS and valid by highdicom, found by QIDO; FHIR DiagnosticReport +
+Observations linked to the ImagingStudy; jobs persisted with states, resumed after a restart exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import highdicom as hd
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import update
+
+from gateway.store.jobs_schema import inf_job
+from inference.train_synthetic import synth_slice
+from tests.conftest import make_settings, start_gateway
+from tests.dicom_synth import ct_series
+
+LESION_SLICES = (1, 3)
+
+
+def lesion_series(n: int = 5, seed: int = 3):
+    """A CT series whose pixel data carries the synthetic lesion on LESION_SLICES; returns (datasets, masks)."""
+    rng = np.random.default_rng(seed)
+    dss = ct_series(patient_id="INF-1", patient_name="Model^Test", n=n)
+    frame = generate_uid()
+    masks = []
+    for i, ds in enumerate(dss):
+        hu, mask = synth_slice(rng, i in LESION_SLICES)
+        ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()  # RescaleIntercept -1024
+        ds.FrameOfReferenceUID = frame
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        masks.append(mask)
+    return dss, np.stack(masks)
+
+
+def _settings(tmp_path, db_url, **inf):
+    return make_settings(tmp_path / "data", db_url, extra={"inference": {"poll_s": 0.2, **inf}})
+
+
+async def _wait_job(http, gw, job_id: str, states=("succeeded", "failed"), timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with http.get(f"{gw.url}/inference/jobs/{job_id}", headers=gw.headers("admin")) as r:
+            assert r.status == 200
+            job = await r.json()
+        if job["state"] in states:
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
+
+
+async def _stow(gw, dss) -> None:
+    client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs"))
+    await asyncio.to_thread(client.store_instances, dss)
+
+
+async def test_models_listed_and_card_validation(tmp_path, db_url, http):
+    gw = await start_gateway(_settings(tmp_path, db_url))
+    try:
+        async with http.get(f"{gw.url}/inference/models", headers=gw.headers("clinician")) as r:
+            assert r.status == 200
+            names = sorted(m["card"]["name"] for m in (await r.json())["models"])
+        assert names == ["ct-lesion-classifier", "ct-lesion-segmenter"]
+        from inference.cards import shipped_cards
+
+        card = dict(shipped_cards()[0].raw)
+        bad = {**card, "version": "2.0.0", "selector": {**card["selector"], "min_slices": "many"}}
+        async with http.post(f"{gw.url}/inference/models", json=bad, headers=gw.headers("admin")) as r:
+            assert r.status == 422 and r.content_type == "application/problem+json"
+            assert "selector.min_slices" in (await r.json())["detail"]
+        missing = {**card, "version": "2.0.0", "triton": {"model": "no_such_model"}}
+        async with http.post(f"{gw.url}/inference/models", json=missing, headers=gw.headers("admin")) as r:
+            assert r.status == 422 and "triton.model" in (await r.json())["detail"]
+        good = {**card, "version": "2.0.0"}
+        async with http.post(f"{gw.url}/inference/models", json=good, headers=gw.headers("clinician")) as r:
+            assert r.status == 403
+        async with http.post(f"{gw.url}/inference/models", json=good, headers=gw.headers("admin")) as r:
+            assert r.status == 201
+        async with http.post(f"{gw.url}/inference/models", json=good, headers=gw.headers("admin")) as r:
+            assert r.status == 200
+        async with http.post(f"{gw.url}/inference/models", json={**good, "description": "changed"},
+                             headers=gw.headers("admin")) as r:
+            assert r.status == 409
+    finally:
+        await gw.server.close()
+
+
+async def test_job_on_request_sr_seg_fhir(tmp_path, db_url, http):
+    gw = await start_gateway(_settings(tmp_path, db_url))
+    try:
+        dss, masks = lesion_series()
+        study, series = dss[0].StudyInstanceUID, dss[0].SeriesInstanceUID
+        await _stow(gw, dss)
+        body = {"model": "ct-lesion-segmenter", "study": study, "series": series}
+        # a research purpose may not run a clinical-care model
+        async with http.post(f"{gw.url}/inference/jobs", json=body,
+                             headers=gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})) as r:
+            assert r.status == 403
+        async with http.post(f"{gw.url}/inference/jobs", json={**body, "study": "1.2.3"},
+                             headers=gw.headers("clinician")) as r:
+            assert r.status == 404
+        async with http.post(f"{gw.url}/inference/jobs", json={"model": 5, "study": study},
+                             headers=gw.headers("clinician")) as r:
+            assert r.status == 400 and "model" in (await r.json())["detail"]
+        async with http.post(f"{gw.url}/inference/jobs", json=body, headers=gw.headers("clinician")) as r:
+            assert r.status == 202
+            [job] = (await r.json())["jobs"]
+        async with http.post(f"{gw.url}/inference/jobs", json=body, headers=gw.headers("clinician")) as r:
+            assert r.status == 200 and (await r.json())["jobs"][0]["id"] == job["id"]  # no duplicate
+        job = await _wait_job(http, gw, job["id"])
+        assert job["state"] == "succeeded", job
+        assert job["attempts"] == 1
+        [finding] = job["result"]["findings"]
+        assert finding["positive"] and finding["slices"] == list(LESION_SLICES)
+
+        client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("clinician"))
+        found = await asyncio.to_thread(client.search_for_series, study)
+        mods = sorted(s["00080060"]["Value"][0] for s in found)
+        assert mods == ["CT", "SEG", "SR"]
+        seg_ref, sr_ref = job["result"]["dicom"]["seg"], job["result"]["dicom"]["sr"]
+        seg_ds = await asyncio.to_thread(client.retrieve_instance, study, seg_ref["series"], seg_ref["sop"])
+        seg = hd.seg.Segmentation.from_dataset(seg_ds)
+        src_uids = [d.SOPInstanceUID for d in dss]
+        pix = seg.get_pixels_by_source_instance(source_sop_instance_uids=src_uids, segment_numbers=[1])[..., 0]
+        inter = (pix.astype(bool) & masks.astype(bool)).sum()
+        dice = 2 * inter / (pix.astype(bool).sum() + masks.astype(bool).sum())
+        assert dice > 0.7, dice
+        assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+        sr_ds = await asyncio.to_thread(client.retrieve_instance, study, sr_ref["series"], sr_ref["sop"])
+        buf = io.BytesIO()
+        sr_ds.save_as(buf)
+        sr = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(buf.getvalue())))
+        [group] = sr.content.get_image_measurement_groups()
+        refs = {img.referenced_sop_instance_uid for img in group.source_images}
+        assert refs == {src_uids[i] for i in LESION_SLICES}
+        assert group.get_qualitative_evaluations()[0].value.value == "52101004"  # Present
+        # FHIR: DiagnosticReport + Observation linked to the ImagingStudy
+        rid = job["result"]["fhir"]["DiagnosticReport"]
+        async with http.get(f"{gw.fhir}/DiagnosticReport/{rid}", headers=gw.headers("clinician")) as r:
+            assert r.status == 200
+            report = await r.json()
+        assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study}"}]
+        assert "ct-lesion-segmenter 1.0.0" in report["code"]["text"]
+        obs_id = report["result"][0]["reference"].split("/")[1]
+        async with http.get(f"{gw.fhir}/Observation/{obs_id}", headers=gw.headers("clinician")) as r:
+            assert r.status == 200 and (await r.json())["valueCodeableConcept"]["coding"][0]["code"] == "52101004"
+    finally:
+        await gw.server.close()
+
+
+async def test_auto_trigger_and_restart_exactly_once(tmp_path, db_url, http):
+    settings = _settings(tmp_path, db_url, auto_trigger=True, settle_s=0.3, lease_s=2.0)
+    gw = await start_gateway(settings)
+    try:
+        dss, _ = lesion_series(n=4)
+        study = dss[0].StudyInstanceUID
+        await _stow(gw, dss)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            async with http.get(f"{gw.url}/inference/jobs", params={"study": study}, headers=gw.headers("admin")) as r:
+                jobs = (await r.json())["jobs"]
+            if len(jobs) == 2:
+                break
+            await asyncio.sleep(0.2)
+        assert sorted(j["model"]["name"] for j in jobs) == ["ct-lesion-classifier", "ct-lesion-segmenter"]
+        assert {j["trigger"] for j in jobs} == {"auto"}
+        done = [await _wait_job(http, gw, j["id"]) for j in jobs]
+        assert [j["state"] for j in done] == ["succeeded", "succeeded"]
+        cls = next(j for j in done if j["model"]["name"] == "ct-lesion-classifier")
+        assert cls["result"]["findings"][0]["slices"] == [i for i in LESION_SLICES if i < 4]
+        # the worker "crashes" mid-job: the job is left running under a dead lease
+        async with _db(gw).write() as conn:
+            await conn.execute(update(inf_job).where(inf_job.c.job_id == cls["id"]).values(
+                state="running", lease_owner="dead-worker", lease_until=time.time() + 1.0, result=None))
+    finally:
+        await gw.server.close()
+    gw = await start_gateway(settings)  # restart on the same store
+    try:
+        job = await _wait_job(http, gw, cls["id"], timeout=60)
+        assert job["state"] == "succeeded" and job["attempts"] == 2
+        client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("clinician"))
+        found = await asyncio.to_thread(client.search_for_series, study)
+        mods = sorted(s["00080060"]["Value"][0] for s in found)
+        assert mods == ["CT", "SEG", "SR", "SR"]  # one SR per model, one SEG: nothing duplicated by the re-run
+        sr_series = [s for s in found if s["00080060"]["Value"][0] == "SR"]
+        assert all(s["00201209"]["Value"][0] == 1 for s in sr_series)  # one instance each
+    finally:
+        await gw.server.close()
+
+
+def _db(gw):
+    from gateway import keys
+
+    return gw.app[keys.DB]
