@@ -127,6 +127,18 @@ def cmd_omop_import(args: argparse.Namespace) -> int:
     return cmd_import(args, _settings(args))
 
 
+def cmd_model_register(args: argparse.Namespace) -> int:
+    from gateway.inference_cli import cmd_register
+
+    return cmd_register(args, _settings(args))
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from gateway.inference_cli import cmd_list
+
+    return cmd_list(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = csub.add_parser("evaluate", help="evaluate consent × purpose × requester JSON (stdin) → decision JSON")
     e.add_argument("--disease-ontology", action="append", help="OWL/OBO disease hierarchy file (repeatable)")
     e.set_defaults(func=cmd_consent)
+
+    p = sub.add_parser("model", help="inference model cards (docs/inference.md)")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    m = msub.add_parser("register", help="register model card JSON files (validated; the model must be on the backend)")
+    m.add_argument("cards", nargs="+", help="model card JSON file(s)")
+    _common(m)
+    m.set_defaults(func=cmd_model_register)
+    m = msub.add_parser("list", help="list registered model cards")
+    m.add_argument("--json", action="store_true", help="JSON output")
+    _common(m)
+    m.set_defaults(func=cmd_model_list)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

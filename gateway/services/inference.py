@@ -115,7 +115,7 @@ class InferenceService:
             card = parse_card(doc)
         except CardError as e:
             raise Unprocessable(f"model card: {e}") from None
-        if not await self.backend.ready(card.triton_model, card.triton_version):
+        if not system and not await self.backend.ready(card.triton_model, card.triton_version):
             raise Unprocessable(f"triton.model: {card.triton_model} version {card.triton_version} is not "
                                 f"available on the inference backend")
         canon = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
@@ -152,9 +152,9 @@ class InferenceService:
         return parse_card(orjson.loads(row.card))
 
     async def register_shipped(self) -> None:
+        """The cards of the models fedgate ships (the server may come up later: no readiness check)."""
         for card in shipped_cards():
-            if await self.backend.ready(card.triton_model, card.triton_version):
-                await self.register(SYSTEM, card.raw, system=True)
+            await self.register(SYSTEM, card.raw, system=True)
 
     # ------------------------------------------------------------------------------------------- jobs
     async def submit(self, requester: Requester, body: Any) -> tuple[list[dict], bool]:

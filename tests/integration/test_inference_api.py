@@ -198,3 +198,68 @@ def _db(gw):
     from gateway import keys
 
     return gw.app[keys.DB]
+
+
+async def test_triton_backend_server_down_job_waits_then_succeeds(tmp_path, db_url, http):
+    """The gateway dispatches to MLServer (KServe v2 over gRPC) that is down when the job starts: the job is
+    re-queued with back-off (attempts grow) and succeeds once the server is up; MLServer saw exactly the
+    series' instances."""
+    from inference.repository import DEFAULT_REPOSITORY
+    from tests.mlserver import MLServer
+
+    record = tmp_path / "received.jsonl"
+    srv = MLServer(tmp_path / "mls", DEFAULT_REPOSITORY, ["ct_lesion_classifier"], record=record)
+    settings = _settings(tmp_path, db_url, url=srv.grpc_url, protocol="grpc", retry_attempts=2, timeout_s=10,
+                         requeue_base_s=0.2, requeue_max_s=1.0)
+    gw = await start_gateway(settings)
+    try:
+        dss, _ = lesion_series(n=3)
+        await _stow(gw, dss)
+        body = {"model": "ct-lesion-classifier", "study": dss[0].StudyInstanceUID}
+        async with http.post(f"{gw.url}/inference/jobs", json=body, headers=gw.headers("clinician")) as r:
+            assert r.status == 202
+            [job] = (await r.json())["jobs"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            async with http.get(f"{gw.url}/inference/jobs/{job['id']}", headers=gw.headers("admin")) as r:
+                job = await r.json()
+            if job["attempts"] >= 2:
+                break
+            await asyncio.sleep(0.2)
+        assert job["state"] in ("queued", "running") and job["attempts"] >= 2, job
+        assert "unavailable" in (job["error"] or "")
+        await asyncio.to_thread(srv.start)
+        job = await _wait_job(http, gw, job["id"], timeout=120)
+        assert job["state"] == "succeeded", job
+        assert job["result"]["findings"][0]["slices"] == [i for i in LESION_SLICES if i < 3]
+    finally:
+        await gw.server.close()
+        srv.stop()
+    import hashlib
+    import json as _json
+
+    from inference.preprocess import prepare_series
+    from inference.cards import shipped_cards
+
+    card = next(c for c in shipped_cards() if c.name == "ct-lesion-classifier")
+    x = prepare_series([(d.pixel_array, float(d.RescaleSlope), float(d.RescaleIntercept)) for d in dss], card.preprocess)
+    want = [hashlib.sha256(np.ascontiguousarray(s).tobytes()).hexdigest() for s in x]
+    got = [h for line in record.read_text().splitlines() for h in _json.loads(line)["sha256"]]
+    assert got == want
+
+
+async def test_cli_model_register_list(tmp_path, capsys):
+    import json as _json
+
+    from gateway.cli import main
+
+    card = _json.loads(open("inference/cards/ct_lesion_classifier.json").read())
+    (tmp_path / "ok.json").write_text(_json.dumps({**card, "version": "9.0.0"}))
+    (tmp_path / "bad.json").write_text(_json.dumps({**card, "version": "9.0.1", "purpose": "fun"}))
+    common = ["--data-dir", str(tmp_path / "data"), "--log-level", "WARNING"]
+    assert await asyncio.to_thread(main, ["model", "register", str(tmp_path / "ok.json"), *common]) == 0
+    assert await asyncio.to_thread(main, ["model", "register", str(tmp_path / "bad.json"), *common]) == 1
+    assert "purpose" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["model", "list", "--json", *common]) == 0
+    listed = {(c["card"]["name"], c["card"]["version"]) for c in _json.loads(capsys.readouterr().out)}
+    assert ("ct-lesion-classifier", "9.0.0") in listed and ("ct-lesion-classifier", "1.0.0") in listed
