@@ -32,6 +32,24 @@ CARDIAC_MRI = "241620005"  # SCT procedure
 LV, RV, MYO = "87878005", "53085002", "74281007"  # SCT segmented property types
 LVEF = "10230-1"  # LOINC, used as SR concept (scheme LN)
 CONSENT_PROFILES = ("GRU", "HMB", "DS-CVD", "NRES")
+#: label → (DUO permission, disease restrictions) of each synthetic consent profile.
+CONSENT_DUO = {"GRU": ("DUO:0000042", ()), "HMB": ("DUO:0000006", ()),
+               "DS-CVD": ("DUO:0000007", ("MONDO:0004995",)), "NRES": ("DUO:0000004", ())}
+
+
+def _profile_docs() -> dict[str, dict]:
+    from mappings.fhir.consent_duo import Entry, effective
+    from ontologies.evaluator import ConsentProfile
+
+    return {label: effective([Entry(ConsentProfile(perm, diseases=frozenset(dis)), source="synthetic")], False)
+            for label, (perm, dis) in CONSENT_DUO.items()}
+
+
+def profile_keys() -> dict[str, str]:
+    """label → the consent gate's effective-profile key (``cm_patient.consent_profile``)."""
+    from mappings.fhir.consent_duo import profile_key
+
+    return {label: profile_key(doc) for label, doc in _profile_docs().items()}
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,7 @@ def generate(profile: SiteProfile, n: int, seed: int = 0) -> dict[str, list[dict
         "cm_patient", "cm_condition", "cm_observation", "cm_procedure",
         "dcm_study", "dcm_series", "dcm_seg_segment", "dcm_sr_item")}
     tag = profile.name.replace("-", "")
+    keys = profile_keys()
     for i in range(n):
         pid = f"{tag}-p{i:06d}"
         sex = "female" if rng.random() < profile.female_share else "male"
@@ -75,7 +94,7 @@ def generate(profile: SiteProfile, n: int, seed: int = 0) -> dict[str, list[dict
         consent = rng.choices(CONSENT_PROFILES, weights=profile.consent_mix)[0]
         rows["cm_patient"].append({"src_type": "synthetic", "src_id": f"Patient/{pid}", "patient_id": pid,
                                    "birth_date": birth, "birth_year": int(birth[:4]), "sex": sex,
-                                   "consent_profile": consent})
+                                   "consent_profile": keys[consent], "consent_label": consent})
         for code, p, display in ((T2DM, 0.2, "Type 2 diabetes mellitus"), (T1DM, 0.04, "Type 1 diabetes mellitus"),
                                  (HEART_FAILURE, 0.12, "Heart failure"), (HYPERTENSION, 0.3, "Hypertension")):
             if rng.random() < p:
@@ -162,6 +181,24 @@ async def load(db: Database, rows: dict[str, list[dict]], *, chunk: int = 5000) 
 
     load_table_modules()
     async with db.write() as conn:
+        if "consent_profile" in metadata.tables:  # the DUO profiles the consent gate evaluates
+            import orjson
+            from sqlalchemy import select
+
+            cp = metadata.tables["consent_profile"]
+            have = {r[0] for r in (await conn.execute(select(cp.c.key))).all()}
+            docs, keys = _profile_docs(), profile_keys()
+            new = [{"key": keys[label], "profile": orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()}
+                   for label, doc in docs.items() if keys[label] not in have]
+            if new:
+                await conn.execute(insert(cp), new)
+        if "consent_policy" in metadata.tables:
+            # Record the (empty) site policy now: the gate recomputes every patient's profile from FHIR
+            # Consent resources when the policy changes, which would erase these synthetic profiles.
+            from gateway.store.consent_schema import load_policy_doc, store_policy_doc
+
+            if not await load_policy_doc(conn):
+                await store_policy_doc(conn, {})
         for name, items in rows.items():
             table = metadata.tables[name]
             cols = set(table.c.keys())
@@ -181,4 +218,4 @@ def expand_codes(system: str | None, code: str) -> set[str]:
     return out
 
 
-__all__ = ["SiteProfile", "DEMO_SITES", "generate", "load", "expand_codes", "CONSENT_PROFILES"]
+__all__ = ["SiteProfile", "DEMO_SITES", "generate", "load", "expand_codes", "CONSENT_PROFILES", "profile_keys"]

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import keys
 from gateway.app import create_app
-from gateway.services.federation_synth import SiteProfile, expand_codes, generate, load
+from gateway.services.federation_synth import SiteProfile, expand_codes, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
@@ -26,7 +26,9 @@ from tests.conftest import REPO, Gateway, make_settings
 
 SECRET = "test-secret-" + "x" * 32
 #: Purpose code → consent profiles it may use (the test's stand-in for the DUO evaluation, see ProfileGate).
-ALLOWED = {"DUO:0000042": {"GRU"}, "DUO:0000006": {"GRU", "HMB"}, "DUO:0000007": {"GRU", "HMB", "DS-CVD"}}
+_K = profile_keys()
+ALLOWED = {"DUO:0000042": {_K["GRU"]}, "DUO:0000006": {_K["GRU"], _K["HMB"]},
+           "DUO:0000007": {_K["GRU"], _K["HMB"], _K["DS-CVD"]}}
 
 
 class ProfileGate:

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load
+from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
@@ -32,11 +32,13 @@ async def store(db_url):
 async def test_every_example_matches_the_oracle(store):
     db, rows = store
     oracle = Oracle(rows, expand_codes, TODAY)
-    scope = AccessScope(False, frozenset({"GRU", "DS-CVD"}), "test")
+    keys = profile_keys()
+    allowed_keys = {keys["GRU"], keys["DS-CVD"]}
+    scope = AccessScope(False, frozenset(allowed_keys), "test")
     nonempty = 0
     for name, doc in COHORTS.items():
         node = parse(doc)
-        for sc, allowed in ((None, None), (scope, {"GRU", "DS-CVD"})):
+        for sc, allowed in ((None, None), (scope, allowed_keys)):
             async with db.read() as conn:
                 got = {r[0] for r in (await conn.execute(compile_cohort(node, sc, expand=expand_codes, today=TODAY))).all()}
             assert got == oracle.cohort(doc, allowed), (name, allowed)

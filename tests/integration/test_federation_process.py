@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gateway.auth import issue_dev_token
-from gateway.services.federation_synth import DEMO_SITES, expand_codes
+from gateway.services.federation_synth import DEMO_SITES, expand_codes, profile_keys
 from mappings.cohort.disclosure import Disclosure
 from tests.integration.federation_fixtures import (
     hub_key_pem,
@@ -71,6 +71,11 @@ async def test_process_site_answers_then_killed_site_gives_partial_answer(mixed)
     # the number of patients matching the criteria at all
     matching = Oracle(c.rows, expand_codes, dt.date(2025, 1, 1)).cohort(doc)
     assert ans["per_site"]["site-c"]["consent"]["matching"] == Disclosure().release(len(matching), keys.cell_key(matching))
+    # ... and under the gateway's real DUO consent gate, a general-research purpose (DUO:0000042) may use
+    # the GRU and no-restriction (NRES) profiles, not HMB or disease-specific ones
+    pk = profile_keys()
+    eligible = Oracle(c.rows, expand_codes, dt.date(2025, 1, 1)).cohort(doc, {pk["GRU"], pk["NRES"]})
+    assert ans["per_site"]["site-c"]["count"] == Disclosure().release(len(eligible), keys.cell_key(eligible))
     before = {s: ans["per_site"][s]["count"] for s in ("site-a", "site-b")}
 
     c.proc.kill()
