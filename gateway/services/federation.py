@@ -70,6 +70,8 @@ AGE_BANDS = ("0-17", "18-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80+"
 SEXES = ("female", "male", "other", "unknown")
 BREAKDOWNS = ("sex", "age_band", "modality", "manufacturer")
 ANALYST_ROLES = ("analyst", "admin")
+#: Bound parameters per IN list (below SQLite's and asyncpg's limits).
+ID_CHUNK = 5000
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,12 +387,12 @@ class SiteService:
         return result
 
     async def _answer(self, req: CohortRequest, scope: AccessScope) -> dict:
-        matching = compile_cohort(req.root, None, expand=self.expand, today=req.age_at).subquery()
         eligible_flag = scope.patient_clause(cm_patient.c.patient_id, allow_no_patient=False)
-        stmt = (select(cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date,
-                       case((eligible_flag, 1), else_=0).label("eligible") if not scope.unrestricted
-                       else literal(1).label("eligible"))
-                .where(cm_patient.c.patient_id.in_(select(matching.c.patient_id))))
+        # one pass: the cohort's patients (matching at all) with the consent scope as a flag column
+        stmt = compile_cohort(req.root, None, expand=self.expand, today=req.age_at).with_only_columns(
+            cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date,
+            case((eligible_flag, 1), else_=0).label("eligible") if not scope.unrestricted
+            else literal(1).label("eligible"))
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
             seen: dict[str, tuple] = {}
@@ -400,7 +402,7 @@ class SiteService:
             elig = {pid: r for pid, r in seen.items() if r.eligible}
             series_rows = []
             if elig and ({"modality", "manufacturer"} & set(req.breakdowns)):
-                series_rows = await self._series(conn, req, scope)
+                series_rows = await self._series(conn, req, scope, sorted(elig))
             stats = {}
             for name in req.stats:
                 stats[name] = await self._stat(conn, name, req, scope, elig)
@@ -433,13 +435,16 @@ class SiteService:
             result["stats"] = stats
         return result
 
-    async def _series(self, conn, req: CohortRequest, scope: AccessScope):
+    async def _series(self, conn, req: CohortRequest, scope: AccessScope, ids: list[str]):
+        """(patient, modality, manufacturer) of the eligible patients, by id chunks (the cohort SQL runs once)."""
         from gateway.store.dicom_schema import dcm_series
 
-        cohort = compile_cohort(req.root, scope, expand=self.expand, today=req.age_at).subquery()
-        stmt = (select(dcm_series.c.patient_id, func.upper(dcm_series.c.modality), dcm_series.c.manufacturer)
-                .distinct().where(dcm_series.c.patient_id.in_(select(cohort.c.patient_id))))
-        return (await conn.execute(stmt)).all()
+        out = []
+        for i in range(0, len(ids), ID_CHUNK):
+            stmt = (select(dcm_series.c.patient_id, func.upper(dcm_series.c.modality), dcm_series.c.manufacturer)
+                    .distinct().where(dcm_series.c.patient_id.in_(ids[i:i + ID_CHUNK])))
+            out.extend((await conn.execute(stmt)).all())
+        return out
 
     async def _stat(self, conn, name: str, req: CohortRequest, scope: AccessScope, elig: Mapping[str, Any]) -> dict:
         values: dict[str, float] = {}
@@ -453,7 +458,6 @@ class SiteService:
                 if r.birth_date and r.birth_date[:4].isdigit():
                     values[pid] = float(r.birth_date[:4])
         else:
-            cohort = compile_cohort(req.root, scope, expand=self.expand, today=req.age_at).subquery()
             kind, _, arg = name.partition(":")
             if name == "slice_thickness":
                 from gateway.store.dicom_schema import dcm_series as t
@@ -468,12 +472,14 @@ class SiteService:
 
                 scheme, _, code = arg.rpartition(":")
                 col, where = t.c.num_value, [t.c.concept_code == code] + ([t.c.concept_scheme == scheme] if scheme else [])
-            stmt = (select(t.c.patient_id, func.avg(col)).where(col.is_not(None), *where,
-                                                                t.c.patient_id.in_(select(cohort.c.patient_id)))
-                    .group_by(t.c.patient_id))
-            for pid, v in (await conn.execute(stmt)).all():
-                if pid in elig and v is not None:
-                    values[pid] = float(v)
+            ids = sorted(elig)
+            for i in range(0, len(ids), ID_CHUNK):
+                stmt = (select(t.c.patient_id, func.avg(col))
+                        .where(col.is_not(None), *where, t.c.patient_id.in_(ids[i:i + ID_CHUNK]))
+                        .group_by(t.c.patient_id))
+                for pid, v in (await conn.execute(stmt)).all():
+                    if pid in elig and v is not None:
+                        values[pid] = float(v)
         return self._release_stat(name, values)
 
     def _release_stat(self, name: str, values: Mapping[str, float]) -> dict:
