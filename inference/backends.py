@@ -159,7 +159,8 @@ class TritonBackend:
         for attempt in range(self.retry.attempts):
             try:
                 self.calls += 1
-                return await asyncio.wait_for(fn(), self.retry.timeout_s)
+                async with asyncio.timeout(self.retry.timeout_s):  # no extra task, unlike wait_for
+                    return await fn()
             except (InferenceServerException, asyncio.TimeoutError, OSError, aiohttp.ClientError) as e:
                 last = e
             if not self._transient(last):
@@ -191,6 +192,8 @@ class TritonBackend:
     async def infer(self, model: str, version: str, input_name: str, x: np.ndarray,
                     outputs: list[str]) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) <= self.max_batch_size:
+            return await self._infer_chunk(model, version, input_name, x, outputs)
         parts = await asyncio.gather(*(self._infer_chunk(model, version, input_name, c, outputs)
                                        for c in _chunks(x, self.max_batch_size)))
         return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
