@@ -59,7 +59,11 @@ class EmbeddedBackend:
         self._lock = asyncio.Lock()
 
     def _load_sync(self, model: str, version: str):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("the embedded backend needs torch (pip install 'fedgate[ml]'), "
+                               "or set inference.url to a Triton/KServe v2 server") from None
 
         m = torch.jit.load(str(model_path(self.repo, model, version)), map_location=self.device)
         m.eval()
