@@ -52,6 +52,8 @@ class InferenceConfig:
     max_attempts: int = 100  # server-unavailable re-queues before a job fails
     requeue_base_s: float = 1.0
     requeue_max_s: float = 60.0
+    push_url: str = ""  # optional: also STOW-RS the SR/SEG to this DICOMweb base URL (a PACS)
+    push_token: str = ""  # bearer token for push_url (kept out of logs)
 
     @classmethod
     def from_extra(cls, d: dict[str, Any]) -> "InferenceConfig":
@@ -61,6 +63,9 @@ class InferenceConfig:
                 kw[f] = float(d[f])
         if "max_attempts" in d:
             kw["max_attempts"] = int(d["max_attempts"])
+        for f in ("push_url", "push_token"):
+            if d.get(f):
+                kw[f] = str(d[f])
         if "auto_trigger" in d:
             kw["auto_trigger"] = bool(d["auto_trigger"])
         return cls(**kw)
@@ -392,6 +397,7 @@ class InferenceService:
         findings = results.summarise(card, outputs)
         objects = await asyncio.to_thread(_build_objects, card, row.job_id, datasets, findings, outputs)
         stored = await self._store_dicom(objects)
+        pushed = await self._push(objects) if self.config.push_url and objects else None
         fhir_ids = await self._write_fhir(card, row, inst[0]["patient_id"], findings, objects) \
             if "fhir" in card.encodings else {}
         return {
@@ -399,7 +405,7 @@ class InferenceService:
             "findings": [{"label": f.label, "code": f"{f.code.scheme}|{f.code.value}", "score": round(f.score, 6),
                           "positive": f.positive, "slices": list(f.slices), "voxels": f.volume_voxels}
                          for f in findings],
-            "dicom": stored, "fhir": fhir_ids,
+            "dicom": stored, "fhir": fhir_ids, **({"push": pushed} if pushed else {}),
         }
 
     async def _store_dicom(self, objects: dict[str, Any]) -> dict[str, str]:
@@ -419,6 +425,21 @@ class InferenceService:
             if code != DUPLICATE_SOP:  # a re-run writes the same UIDs: already stored is fine
                 raise RuntimeError(f"storing inference results failed (0x{code:04X})")
         return out
+
+    async def _push(self, objects: dict[str, Any]) -> str:
+        """STOW-RS the results to the configured PACS (dicomweb-client); a failure is recorded, not fatal
+        (the results are stored in fedgate either way)."""
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        headers = {"Authorization": f"Bearer {self.config.push_token}"} if self.config.push_token else None
+        client = DICOMwebClient(url=self.config.push_url, headers=headers)
+        try:
+            await asyncio.to_thread(client.store_instances, list(objects.values()))
+        except (requests.RequestException, OSError) as e:
+            log.warning("inference results push failed", extra={"error": type(e).__name__})
+            return f"failed: {type(e).__name__}"
+        return "stored"
 
     async def _write_fhir(self, card: ModelCard, row, patient_id: str | None, findings, objects) -> dict[str, Any]:
         obs_ids = []

@@ -346,3 +346,27 @@ async def test_research_job_sends_only_consented_series(tmp_path, db_url, sessio
     got = [h for line in record.read_text().splitlines() for h in _json.loads(line)["sha256"]]
     assert got == hashes(series["p-gru"])  # once (job 1), nothing of p-none, nothing after the withdrawal
     assert not set(got) & set(hashes(series["p-none"]))
+
+
+async def test_results_pushed_to_pacs(tmp_path, db_url, session):
+    """Optional STOW-RS push of SR/SEG to a PACS (here a second fedgate acting as the PACS)."""
+    pacs = await start_gateway(make_settings(tmp_path / "pacs", f"sqlite:///{tmp_path / 'pacs.db'}",
+                                             extra={"inference": {"worker": False}}))
+    gw = await start_gateway(_settings(tmp_path, db_url, push_url=pacs.dicomweb, push_token=pacs.token("pacs")))
+    try:
+        dss, _ = lesion_series(n=3)
+        await _stow(gw, dss)
+        body = {"model": "ct-lesion-segmenter", "study": dss[0].StudyInstanceUID}
+        async with session.post(f"{gw.url}/inference/jobs", json=body, headers=gw.headers("clinician")) as r:
+            [job] = (await r.json())["jobs"]
+        job = await _wait_job(session, gw, job["id"])
+        assert job["state"] == "succeeded" and job["result"]["push"] == "stored", job
+        client = DICOMwebClient(url=pacs.dicomweb, headers=pacs.headers("clinician"))
+        found = await asyncio.to_thread(client.search_for_series, dss[0].StudyInstanceUID)
+        assert sorted(s["00080060"]["Value"][0] for s in found) == ["SEG", "SR"]
+        sops = {s["00080018"]["Value"][0] for s in await asyncio.to_thread(
+            client.search_for_instances, dss[0].StudyInstanceUID)}
+        assert sops == {job["result"]["dicom"]["sr"]["sop"], job["result"]["dicom"]["seg"]["sop"]}
+    finally:
+        await gw.server.close()
+        await pacs.server.close()
