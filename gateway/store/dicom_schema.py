@@ -67,7 +67,7 @@ dcm_series = Table(
 )
 Index("ix_dcm_series_study", dcm_series.c.study_uid)
 Index("ix_dcm_series_patient", dcm_series.c.patient_id)
-Index("ix_dcm_series_modality", dcm_series.c.modality)
+Index("ix_dcm_series_modality", dcm_series.c.modality, dcm_series.c.body_part)
 
 dcm_instance = Table(
     "dcm_instance",
@@ -118,7 +118,7 @@ dcm_sr_item = Table(
     Column("ref_frame", Integer),
     Column("ref_segment_number", Integer),
 )
-Index("ix_dcm_sr_item_sop", dcm_sr_item.c.sop_uid)
+Index("ix_dcm_sr_item_sop", dcm_sr_item.c.sop_uid, dcm_sr_item.c.group_item_id, dcm_sr_item.c.concept_code)
 Index("ix_dcm_sr_item_concept", dcm_sr_item.c.concept_code, dcm_sr_item.c.concept_scheme)
 Index("ix_dcm_sr_item_patient", dcm_sr_item.c.patient_id)
 

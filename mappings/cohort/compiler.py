@@ -270,9 +270,10 @@ class Compiler:
         se, st = d.dcm_series, d.dcm_study
         conds: list[ColumnElement] = [se.c.patient_id.is_not(None)]
         if b.modality:
-            conds.append(func.upper(se.c.modality).in_([m.upper() for m in b.modality]))
+            # CS values are upper case by definition (PS3.5 6.2): compare as stored so the index serves
+            conds.append(se.c.modality.in_([m.upper() for m in b.modality]))
         if b.body_part:
-            conds.append(func.upper(se.c.body_part).in_([p.upper() for p in b.body_part]))
+            conds.append(se.c.body_part.in_([p.upper() for p in b.body_part]))
         for col, pat in ((se.c.manufacturer, b.manufacturer), (se.c.model_name, b.model),
                          (se.c.protocol_name, b.protocol), (se.c.series_description, b.series_description),
                          (st.c.study_description, b.study_description)):
