@@ -250,7 +250,8 @@ class DicomwebService:
             match = None
             if pid:
                 t = s.idx_token
-                q = select(s.fhir_resource.c.res_id).join(t, t.c.rid == s.fhir_resource.c.rid).where(
+                # distinct: a Patient may carry the same value under several identifier systems
+                q = select(s.fhir_resource.c.res_id).distinct().join(t, t.c.rid == s.fhir_resource.c.rid).where(
                     t.c.res_type == "Patient", t.c.param == "identifier", t.c.code == pid,
                     s.fhir_resource.c.deleted.is_(False))
                 if issuer:

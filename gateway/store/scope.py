@@ -49,9 +49,9 @@ class AccessScope:
         """SELECT of visible patient ids (None when unrestricted: every patient)."""
         if self.unrestricted:
             return None
-        return select(cm_patient.c.patient_id).where(
-            cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles) or ["\x00none"])
-        )
+        if not self.allowed_profiles:  # nobody (no NUL-byte sentinel: PostgreSQL rejects it)
+            return select(cm_patient.c.patient_id).where(false())
+        return select(cm_patient.c.patient_id).where(cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))
 
 
 UNRESTRICTED = AccessScope()

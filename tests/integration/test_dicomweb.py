@@ -213,3 +213,23 @@ async def test_sr_and_seg_content_indexed(gateway, loaded):
                 dcm_seg_segment.c.sop_uid == str(seg.SOPInstanceUID)))).mappings().all()
             assert sorted((r["segment_number"], r["label"]) for r in rows) == sorted(
                 (int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence)
+
+
+async def test_patient_with_the_same_value_under_two_systems_is_matched(gateway, http):
+    h = gateway.headers("ehr-system") | {"Content-Type": "application/fhir+json"}
+    patient = {"resourceType": "Patient", "identifier": [{"system": "https://example.org/mrn", "value": "DUP9"},
+                                                         {"system": "http://hospital.smarthealthit.org", "value": "DUP9"}]}
+    async with http.post(gateway.fhir + "/Patient", json=patient, headers=h) as r:
+        pid = (await r.json())["id"]
+    series = ct_series(patient_id="DUP9", patient_name="Two^Systems", n=1)
+    await asyncio.to_thread(_client(gateway).store_instances, series)
+    async with http.get(f"{gateway.fhir}/ImagingStudy/{series[0].StudyInstanceUID}", headers=h) as r:
+        assert (await r.json())["subject"]["reference"] == f"Patient/{pid}"
+
+
+async def test_empty_research_scope_selects_nobody(gateway):
+    from gateway.store.scope import AccessScope
+
+    scope = AccessScope(unrestricted=False, allowed_profiles=frozenset(), summary="none")
+    async with gateway.app[keys.DB].read() as conn:
+        assert (await conn.execute(scope.patient_ids_subquery())).all() == []
