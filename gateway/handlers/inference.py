@@ -75,6 +75,23 @@ async def get_job(request: web.Request) -> web.Response:
     return _json(await _svc(request).job(requester_of(request), request.match_info["job"]))
 
 
+async def monitoring(request: web.Request) -> web.Response:
+    """Model monitoring (issue 6): drift by scanner (PSI + alerts), performance vs reference standard, energy."""
+    q = request.query
+    if not q.get("model"):
+        raise BadRequest("model: required (a registered model card name)")
+    since = None
+    if "since" in q:
+        try:
+            since = float(q["since"])
+        except ValueError:
+            raise BadRequest("since: expected epoch seconds") from None
+    by = q.get("by", "manufacturer")
+    if by not in ("manufacturer", "scanner_model", "protocol"):
+        raise BadRequest("by: manufacturer, scanner_model or protocol")
+    return _json(await _svc(request).monitoring(requester_of(request), q["model"], q.get("version"), since, by))
+
+
 def _config(app: web.Application) -> dict:
     raw = app[keys.SETTINGS].extra.get("inference") or {}
     return dict(raw) if isinstance(raw, dict) else {}
@@ -109,6 +126,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/inference/jobs", submit_job, name="inference.submit_job")
     r.add_get("/inference/jobs", list_jobs, name="inference.list_jobs")
     r.add_get("/inference/jobs/{job}", get_job, name="inference.get_job")
+    r.add_get("/inference/monitoring", monitoring, name="inference.monitoring")
     app.cleanup_ctx.append(_inference_ctx)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.context import SYSTEM, Purpose, Requester
@@ -38,6 +38,8 @@ from inference.cards import PURPOSE_TREATMENT, CardError, ModelCard, parse_card,
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed")
+#: A cohort job request may fan out to at most this many series.
+MAX_COHORT_SERIES = 1000
 #: Errors that fail a job for good (a bug elsewhere still leaves the lease to expire and the job to re-run).
 JOB_ERRORS = (BackendError, CardError, GatewayError, InvalidDicomError, ValueError, KeyError, IndexError,
               TypeError, AttributeError, OSError, RuntimeError, SQLAlchemyError)
@@ -54,6 +56,9 @@ class InferenceConfig:
     requeue_max_s: float = 60.0
     push_url: str = ""  # optional: also STOW-RS the SR/SEG to this DICOMweb base URL (a PACS)
     push_token: str = ""  # bearer token for push_url (kept out of logs)
+    site_id: str = "site-local"
+    cpu_watts: float = 15.0  # energy estimate: CPU seconds of the inference × this (J); set per site hardware
+    drift_alert: float = 0.2  # PSI above this raises an alert
 
     @classmethod
     def from_extra(cls, d: dict[str, Any]) -> "InferenceConfig":
@@ -68,6 +73,11 @@ class InferenceConfig:
                 kw[f] = str(d[f])
         if "auto_trigger" in d:
             kw["auto_trigger"] = bool(d["auto_trigger"])
+        for f in ("cpu_watts", "drift_alert"):
+            if f in d:
+                kw[f] = float(d[f])
+        if d.get("site_id"):
+            kw["site_id"] = str(d["site_id"])
         return cls(**kw)
 
 
@@ -163,11 +173,14 @@ class InferenceService:
 
     # ------------------------------------------------------------------------------------------- jobs
     async def submit(self, requester: Requester, body: Any) -> tuple[list[dict], bool]:
-        """POST /inference/jobs: {model, version?, study, series?} → jobs (one per matching series)."""
+        """POST /inference/jobs: {model, version?, study, series?} or {model, version?, cohort} → jobs (one per
+        matching series; a cohort is the federation's cohort language, evaluated within the requester's scope)."""
         if not isinstance(body, dict):
-            raise BadRequest("expected a JSON object {model, version?, study, series?}")
+            raise BadRequest("expected a JSON object {model, version?, study, series?} or {model, version?, cohort}")
         name, version = body.get("model"), body.get("version")
         study, series = body.get("study"), body.get("series")
+        if "cohort" in body:
+            return await self._submit_cohort(requester, name, version, body["cohort"])
         for f, v, req in (("model", name, True), ("version", version, False), ("study", study, True),
                           ("series", series, False)):
             if (v is None and req) or (v is not None and (not isinstance(v, str) or not v or len(v) > 64)):
@@ -198,6 +211,41 @@ class InferenceService:
         await self.audit.record(AccessRecord(requester, "C", "inference-job", "0",
                                              (f"ImagingStudy/{study}",), (), "",
                                              f"model {card.key}"))
+        self._wake.set()
+        return jobs, created_any
+
+    async def _submit_cohort(self, requester: Requester, name: Any, version: Any, cohort: Any) -> tuple[list[dict], bool]:
+        from mappings.cohort import CohortError, compile_cohort, parse
+
+        if not isinstance(name, str) or not name or (version is not None and not isinstance(version, str)):
+            raise BadRequest("model: expected a non-empty string")
+        try:
+            root = parse(cohort, "$.cohort")
+        except CohortError as exc:
+            raise BadRequest(str(exc), expression=[exc.field]) from None
+        async with self.db.read() as conn:
+            card = await self._card(conn, name, version)
+        self._check_purpose(requester, card)
+        scope = await self.gate.scope_for(requester)
+        patients = compile_cohort(root, scope).subquery()
+        async with self.db.read() as conn:
+            rows = [dict(r) for r in (await conn.execute(select(dcm_series).where(
+                dcm_series.c.patient_id.in_(select(patients.c.patient_id)),
+                scope.patient_clause(dcm_series.c.patient_id)).order_by(dcm_series.c.series_uid)
+                .limit(MAX_COHORT_SERIES + 1))).mappings().all()]
+            sops = await self._sop_classes(conn, [r["series_uid"] for r in rows])
+        if len(rows) > MAX_COHORT_SERIES:
+            raise Unprocessable(f"cohort: more than {MAX_COHORT_SERIES} series; narrow the cohort")
+        matching = [r for r in rows if card.selector.matches(r, sops.get(r["series_uid"], set()))]
+        jobs, created_any = [], False
+        for r in matching:
+            key = f"request|{card.key}|{r['series_uid']}|{requester.subject}|{requester.purpose.describe()}"
+            job, created = await self._insert_job(card, r["study_uid"], r["series_uid"], "request", requester, key)
+            created_any |= created
+            jobs.append(job)
+        await self.audit.record(AccessRecord(requester, "C", "inference-job", "0",
+                                             tuple(sorted({f"ImagingStudy/{r['study_uid']}" for r in matching}))[:200],
+                                             (), scope.summary, f"model {card.key}, cohort: {len(matching)} series"))
         self._wake.set()
         return jobs, created_any
 
@@ -385,7 +433,9 @@ class InferenceService:
         paths = [self.dicomweb.blob_path(dict(i)) for i in inst]
         datasets, x = await asyncio.to_thread(_load_and_prepare, paths, card)
         tensors = sorted({o.tensor for o in card.outputs})
+        cpu0 = time.process_time()
         outputs = await self.backend.infer(card.triton_model, card.triton_version, card.input_tensor, x, tensors)
+        cpu_s = time.process_time() - cpu0  # this process only: a remote Triton's own energy is not seen here
         self.sent.append({"job": row.job_id, "series": row.series_uid, "sops": [i["sop_uid"] for i in inst]})
         del self.sent[:-100]
         await self.audit.record(AccessRecord(
@@ -395,6 +445,9 @@ class InferenceService:
         from inference import results
 
         findings = results.summarise(card, outputs)
+        monitor = {"input_mean": float(np.mean(x)), "input_std": float(np.std(x)), "cpu_s": round(cpu_s, 6),
+                   "energy_j": round(cpu_s * self.config.cpu_watts, 6)}
+        await self._observe(row, card, inst[0]["patient_id"], findings, monitor)
         objects = await asyncio.to_thread(_build_objects, card, row.job_id, datasets, findings, outputs)
         stored = await self._store_dicom(objects)
         pushed = await self._push(objects) if self.config.push_url and objects else None
@@ -405,8 +458,122 @@ class InferenceService:
             "findings": [{"label": f.label, "code": f"{f.code.scheme}|{f.code.value}", "score": round(f.score, 6),
                           "positive": f.positive, "slices": list(f.slices), "voxels": f.volume_voxels}
                          for f in findings],
-            "dicom": stored, "fhir": fhir_ids, **({"push": pushed} if pushed else {}),
+            "dicom": stored, "fhir": fhir_ids, "monitoring": monitor, **({"push": pushed} if pushed else {}),
         }
+
+    async def _observe(self, row, card: ModelCard, patient_id: str | None, findings, monitor: dict) -> None:
+        """Record one monitoring row (re-runs of a job replace theirs)."""
+        from gateway.store.dicom_schema import dcm_series
+        from gateway.store.jobs_schema import inf_observation
+        from gateway.store.schema import cm_patient
+        from inference.monitoring import age_band
+
+        async with self.db.write() as conn:
+            se = (await conn.execute(select(dcm_series.c.manufacturer, dcm_series.c.model_name,
+                                            dcm_series.c.protocol_name).where(
+                dcm_series.c.series_uid == row.series_uid))).first()
+            pt = (await conn.execute(select(cm_patient.c.sex, cm_patient.c.birth_year).where(
+                cm_patient.c.patient_id == patient_id).limit(1))).first() if patient_id else None
+            await conn.execute(delete(inf_observation).where(inf_observation.c.job_id == row.job_id))
+            first = findings[0] if findings else None
+            await conn.execute(inf_observation.insert().values(
+                job_id=row.job_id, model_name=card.name, model_version=card.version, site_id=self.config.site_id,
+                study_uid=row.study_uid, ts=time.time(), score=first.score if first else None,
+                positive=int(first.positive) if first else None, input_mean=monitor["input_mean"],
+                input_std=monitor["input_std"], manufacturer=se.manufacturer if se else None,
+                scanner_model=se.model_name if se else None, protocol=se.protocol_name if se else None,
+                sex=pt.sex if pt else None,
+                age_band=age_band(pt.birth_year, time.gmtime().tm_year) if pt else "unknown",
+                cpu_s=monitor["cpu_s"], energy_j=monitor["energy_j"]))
+
+    async def monitoring(self, requester: Requester, model: str, version: str | None, since: float | None,
+                         scanner_key: str = "manufacturer") -> dict[str, Any]:
+        """Drift (PSI of score and input mean: current window vs reference window, overall and per scanner),
+        running performance against reference-standard FHIR Observations, and energy (issue 6)."""
+        from gateway.store.jobs_schema import inf_observation as O
+        from inference import monitoring as mon
+
+        if not requester.has_role("admin", "site"):
+            raise Forbidden("model monitoring is for site administrators (role admin or site)")
+        async with self.db.read() as conn:
+            card = await self._card(conn, model, version)
+            rows = [dict(r) for r in (await conn.execute(select(O).where(
+                O.c.model_name == card.name, O.c.model_version == card.version).order_by(O.c.ts))).mappings()]
+            truth = await self._reference_standard(conn, card)
+        if since is None and rows:
+            since = rows[len(rows) // 2]["ts"]  # default split: the older half is the reference
+        ref = [r for r in rows if since is not None and r["ts"] < since]
+        cur = [r for r in rows if since is None or r["ts"] >= since]
+        alerts: list[dict] = []
+
+        def drift(cur_rows: list[dict], who: str) -> dict:
+            out = {}
+            for metric in ("score", "input_mean"):
+                a = [r[metric] for r in ref if r[metric] is not None]
+                b = [r[metric] for r in cur_rows if r[metric] is not None]
+                value = mon.psi(a, b)
+                out[metric] = {"psi": None if value is None else round(value, 4), "n_reference": len(a),
+                               "n_current": len(b), "mean_current": round(sum(b) / len(b), 4) if b else None}
+                if value is not None and value > self.config.drift_alert:
+                    alerts.append({"scope": who, "metric": metric, "psi": round(value, 4),
+                                   "threshold": self.config.drift_alert})
+            return out
+
+        by_scanner = {k: {"n": len(v), "drift": drift(v, f"{scanner_key}={k}")}
+                      for k, v in mon.group(cur, scanner_key).items()}
+        overall = drift(cur, "all")
+        labelled = [(truth[r["study_uid"]], r) for r in rows if r["study_uid"] in truth and r["score"] is not None]
+        threshold = next((o.threshold for o in card.outputs if o.threshold is not None), 0.5)
+
+        def perf(items: list) -> dict:
+            labels, scores = [t for t, _ in items], [r["score"] for _, r in items]
+            sens, spec = mon.sensitivity_specificity(labels, scores, threshold)
+            auc = mon.auroc(labels, scores)
+            return {"n": len(items), "positives": sum(labels), "auroc": None if auc is None else round(auc, 4),
+                    "sensitivity": sens, "specificity": spec, "threshold": threshold}
+
+        performance = {"overall": perf(labelled)}
+        for key in ("sex", "age_band", "manufacturer"):
+            groups: dict[str, list] = {}
+            for t, r in labelled:
+                groups.setdefault(str(r.get(key) or "unknown"), []).append((t, r))
+            performance[key] = {k: perf(v) for k, v in sorted(groups.items())}
+        energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
+        await self.audit.record(AccessRecord(requester, "R", "inference-monitoring", "0", (), (), "",
+                                             f"model {card.key}"))
+        return {
+            "model": card.key, "site": self.config.site_id, "inferences": len(rows),
+            "window": {"since": since, "reference": len(ref), "current": len(cur)},
+            "drift": {"overall": overall, f"by_{scanner_key}": by_scanner}, "alerts": alerts,
+            "performance": performance,
+            "energy": {"total_j": round(sum(energy), 6), "per_inference_j": round(sum(energy) / len(energy), 6)
+                       if energy else None, "cpu_watts": self.config.cpu_watts},
+        }
+
+    async def _reference_standard(self, conn, card: ModelCard) -> dict[str, bool]:
+        """Ground truth: FHIR Observations tagged ``reference-standard``, coded with the card's finding, pointing
+        at the ImagingStudy (``derivedFrom`` or ``partOf``), valueBoolean true/false → {study_uid: label}."""
+        from gateway.store import schema as sch
+
+        t = sch.idx_token
+        codes = {(c.scheme, c.value) for o in card.outputs for c in _finding_codes(o)}
+        q = select(sch.fhir_resource.c.content).join(t, t.c.rid == sch.fhir_resource.c.rid).where(
+            t.c.res_type == "Observation", t.c.param == "_tag", t.c.system == REFERENCE_TAG_SYSTEM,
+            t.c.code == "reference-standard", sch.fhir_resource.c.deleted.is_(False))
+        out: dict[str, bool] = {}
+        for (content,) in (await conn.execute(q)).all():
+            res = orjson.loads(content)
+            if not isinstance(res.get("valueBoolean"), bool):
+                continue
+            coded = {(_SCHEME_OF.get(c.get("system"), c.get("system")), c.get("code"))
+                     for c in (res.get("code") or {}).get("coding", [])}
+            if codes and not coded & codes:
+                continue
+            for ref in list(res.get("derivedFrom") or []) + list(res.get("partOf") or []):
+                r = ref.get("reference", "")
+                if r.startswith("ImagingStudy/"):
+                    out[r.split("/", 1)[1]] = res["valueBoolean"]
+        return out
 
     async def _store_dicom(self, objects: dict[str, Any]) -> dict[str, str]:
         from gateway.services.dicomweb import DUPLICATE_SOP, Part
@@ -480,6 +647,16 @@ class InferenceService:
         }
         await self.fhir.update(SYSTEM, "DiagnosticReport", rid, report, None)
         return {"DiagnosticReport": rid, "Observation": obs_ids}
+
+
+REFERENCE_TAG_SYSTEM = "https://fedgate.dev/fhir/CodeSystem/tags"
+_SCHEME_OF = {"http://snomed.info/sct": "SCT", "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+              "http://loinc.org": "LN"}
+
+
+def _finding_codes(output) -> list:
+    """The codes a card output reports findings with (classification classes / segmentation region types)."""
+    return [code for _, code in output.classes] + [typ for _, _, typ in output.regions]
 
 
 def _fhir_coding(code) -> dict[str, str]:

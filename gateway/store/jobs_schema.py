@@ -49,4 +49,29 @@ inf_job = Table(
 Index("ix_inf_job_state", inf_job.c.state, inf_job.c.not_before)
 Index("ix_inf_job_series", inf_job.c.series_uid)
 
-__all__ = ["inf_job", "inf_model_card"]
+#: One row per successful inference (monitoring, issue 6): the output score, input statistics, the
+#: scanner that made the images, coarse subgroup attributes and the estimated energy. No patient ids.
+inf_observation = Table(
+    "inf_observation",
+    s.metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("model_name", String(64), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("site_id", String(64), nullable=False),
+    Column("study_uid", String(64), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("score", Float),  # the first finding's score
+    Column("positive", Integer),
+    Column("input_mean", Float),
+    Column("input_std", Float),
+    Column("manufacturer", String(128)),
+    Column("scanner_model", String(128)),
+    Column("protocol", String(128)),
+    Column("sex", String(16)),
+    Column("age_band", String(16)),
+    Column("cpu_s", Float),
+    Column("energy_j", Float),
+)
+Index("ix_inf_observation_model", inf_observation.c.model_name, inf_observation.c.model_version, inf_observation.c.ts)
+
+__all__ = ["inf_job", "inf_model_card", "inf_observation"]
