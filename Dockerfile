@@ -5,6 +5,10 @@ COPY gateway gateway
 COPY mappings mappings
 COPY ontologies ontologies
 COPY inference inference
-RUN pip install --no-cache-dir .
+COPY openapi openapi
+COPY demo demo
+# tritonclient: the image dispatches to the Triton service (docker-compose); torch (the embedded backend) is
+# left out of the image on purpose (GBs of CUDA wheels) — install fedgate[ml] where the embedded backend is wanted
+RUN pip install --no-cache-dir . "tritonclient[grpc,http]>=2.40"
 EXPOSE 8080
 CMD ["fedgate", "serve", "--host", "0.0.0.0", "--port", "8080", "--data-dir", "/data"]
