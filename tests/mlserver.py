@@ -7,20 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.procs import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MLServer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
 from tests.conftest import REPO, Gateway, make_settings
+from tests.procs import free_port
 
 SECRET = "test-secret-" + "x" * 32
 #: Purpose code → consent profiles it may use (the test's stand-in for the DUO evaluation, see ProfileGate).
@@ -111,12 +111,6 @@ async def start_hub(tmp: Path, db_url: str, priv_pem: str, sites: list[tuple[str
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
     return Gateway(server, settings)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_site_process(tmp: Path, profile: SiteProfile, n: int, pub_pem: str) -> Site:

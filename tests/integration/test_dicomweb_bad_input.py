@@ -7,7 +7,6 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from gateway import keys
 from gateway.store.dicom_schema import dcm_instance
 from tests.conftest import make_settings, start_gateway
 from tests.dicom_synth import ct_series
+from tests.procs import free_port, wait_ready
 
 BOUNDARY = "fedgateTESTboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -137,39 +137,19 @@ async def test_stow_bad_input_table(small, http):
         assert r.status == 406  # no JPEG encoder: say so rather than send something else
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(data_dir: Path, port: int, db_url: str) -> subprocess.Popen:
     fedgate = str(Path(sys.executable).with_name("fedgate"))
     return subprocess.Popen([fedgate, "serve", "--data-dir", str(data_dir), "--port", str(port),
                              "--database-url", db_url, "--log-level", "WARNING"])
 
 
-async def _ready(url: str, proc: subprocess.Popen) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(150):
-            assert proc.poll() is None, "server exited"
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("server did not start")
-
-
 async def test_killed_mid_stow_leaves_no_orphans(tmp_path, db_url):
     data = tmp_path / "data"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _serve(data, port, db_url)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         token = subprocess.check_output([str(Path(sys.executable).with_name("fedgate")), "token", "--data-dir",
                                          str(data), "--role", "pacs"], text=True).strip()
         h = {"Authorization": f"Bearer {token}"}
@@ -208,7 +188,7 @@ async def test_killed_mid_stow_leaves_no_orphans(tmp_path, db_url):
         orphan.parent.mkdir(parents=True)
         orphan.write_bytes(payload[2])
         proc = _serve(data, port, db_url)
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         assert not any((data / "blobs" / "tmp").glob("*")), "temp files survived the restart"
         assert not orphan.exists(), "a file without an index row survived the restart"
         files = {p.relative_to(data / "blobs").as_posix() for p in (data / "blobs").rglob("*.dcm")}
