@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,15 +38,12 @@ import aiohttp
 import asyncpg
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.procs import free_port, wait_ready  # noqa: E402
 SYNTHEA = REPO / "demo" / "data" / "synthea"
 FEDGATE = str(Path(sys.executable).with_name("fedgate"))
 PG_ADMIN = os.environ.get("FEDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replicate(bundle: dict, replica: int) -> dict:
@@ -67,22 +62,6 @@ def replicate(bundle: dict, replica: int) -> dict:
                 if "family" in name:
                     name["family"] = f"{name['family']}{suffix}"
     return out
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError("server not ready")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,7 +83,7 @@ async def run_engine(engine: str, args: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url, proc)
+        await wait_ready(url, proc, timeout=60)
         token = subprocess.check_output([FEDGATE, "token", "--data-dir", str(tmp), "--role", "ehr-system"],
                                         text=True).strip()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}

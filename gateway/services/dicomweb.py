@@ -211,9 +211,8 @@ class DicomwebService:
             body["00081198"] = {"vr": "SQ", "Value": [self._failed_item(o) for o in failed]}
         if stored:
             body["00081199"] = {"vr": "SQ", "Value": [self._ref_item(o, retrieve_base) for o in stored]}
-        status = 200 if not failed and not any(o.warning for o in stored) else (202 if stored else 409)
-        if not failed and any(o.warning for o in stored):
-            status = 202
+        # PS3.18 10.5.3: 200 all stored cleanly, 202 some failed or warned, 409 none stored
+        status = 409 if not stored else (202 if failed or any(o.warning for o in stored) else 200)
         return status, body
 
     @staticmethod
