@@ -77,7 +77,7 @@ def load_state(module: torch.nn.Module, state: State) -> None:
                 f"state[{name!r}] has shape {tuple(state[name].shape)}, the module expects {tuple(tensor.shape)}"
             )
     converted = {
-        name: torch.from_numpy(np.ascontiguousarray(state[name])).to(dtype=tensor.dtype, device=tensor.device)
+        name: torch.from_numpy(np.array(state[name], order="C", copy=True)).to(dtype=tensor.dtype, device=tensor.device)
         for name, tensor in current.items()
     }
     module.load_state_dict(converted, strict=True)
@@ -104,7 +104,7 @@ def _canonical(array: np.ndarray, name: str) -> np.ndarray:
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype.str not in ALLOWED_DTYPES:
         raise ValueError(f"state[{name!r}] has unsupported dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.asarray(array, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
 
 
 def encode_state(state: Mapping[str, np.ndarray]) -> bytes:
@@ -161,7 +161,7 @@ def decode_state(data: bytes) -> State:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > len(view) - offset:
             raise ValueError(f"model state truncated in tensor {name!r}")
-        array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(shape).copy()
+        array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(tuple(shape)).copy()
         out[name] = array
         offset += nbytes
     if offset != len(view):
@@ -263,7 +263,7 @@ def fedavg(updates: Sequence[tuple[State, float]]) -> State:
         for (state, _), w in zip(updates, weights):
             if w == 0:
                 continue
-            np.multiply(state[name], w, out=tmp, casting="unsafe")
+            np.multiply(state[name], w, out=tmp, dtype=np.float64)
             acc += tmp
         acc /= total
         out[name] = acc.astype(np.float32)
