@@ -15,6 +15,7 @@ from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
+from gateway.handlers import training as training_handlers
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
@@ -67,6 +68,7 @@ def create_app(settings: Settings) -> web.Application:
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
+    training_handlers.setup_routes(app)  # after federation (its config) and inference (deployment)
     return app
 
 

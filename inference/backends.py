@@ -54,9 +54,23 @@ class EmbeddedBackend:
 
     def __init__(self, repo: Path, device: str = "cpu") -> None:
         self.repo = Path(repo)
+        #: searched in order; deployed (federated-training) models live in a site-writable repository
+        self.repos: list[Path] = [self.repo]
         self.device = device
         self._models: dict[tuple[str, str], object] = {}
         self._lock = asyncio.Lock()
+
+    def add_repository(self, repo: Path) -> None:
+        """Also serve the models of ``repo`` (checked before the shipped repository)."""
+        repo = Path(repo)
+        if repo not in self.repos:
+            self.repos.insert(0, repo)
+
+    def _repo_of(self, model: str, version: str) -> Path:
+        for r in self.repos:
+            if model_path(r, model, version).is_file():
+                return r
+        return self.repo
 
     def _load_sync(self, model: str, version: str):
         try:
@@ -65,7 +79,7 @@ class EmbeddedBackend:
             raise BackendError("the embedded backend needs torch (pip install 'fedgate[ml]'), "
                                "or set inference.url to a Triton/KServe v2 server") from None
 
-        m = torch.jit.load(str(model_path(self.repo, model, version)), map_location=self.device)
+        m = torch.jit.load(str(model_path(self._repo_of(model, version), model, version)), map_location=self.device)
         m.eval()
         return m
 
@@ -74,7 +88,7 @@ class EmbeddedBackend:
         if key not in self._models:
             async with self._lock:
                 if key not in self._models:
-                    if not model_path(self.repo, model, version).is_file():
+                    if not model_path(self._repo_of(model, version), model, version).is_file():
                         raise BackendError(f"model {model} version {version} is not in the repository")
                     self._models[key] = await asyncio.to_thread(self._load_sync, model, version)
         return self._models[key]
@@ -91,12 +105,12 @@ class EmbeddedBackend:
     async def infer(self, model: str, version: str, input_name: str, x: np.ndarray,
                     outputs: list[str]) -> dict[str, np.ndarray]:
         m = await self._model(model, version)
-        cfg = read_config(self.repo, model)
+        cfg = read_config(self._repo_of(model, version), model)
         y = await asyncio.to_thread(self._run, m, x.astype(np.float32), cfg.max_batch_size or len(x))
         return {outputs[0]: y}
 
     async def ready(self, model: str | None = None, version: str = "") -> bool:
-        return model is None or model_path(self.repo, model, version or "1").is_file()
+        return model is None or model_path(self._repo_of(model, version or "1"), model, version or "1").is_file()
 
     async def load(self, model: str, version: str = "1") -> None:
         await self._model(model, version)

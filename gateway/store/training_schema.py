@@ -1,0 +1,86 @@
+"""Federated training tables (issue 7; docs/training.md).
+
+Hub side: ``trn_run`` (one row per training run: spec, state, lineage, final weights hash) and
+``trn_round`` (one row per run × round × site: status, sample counts, metrics, consent-snapshot and
+cohort-manifest hashes, local time and energy — never patient ids).  ``trn_model`` holds every model
+version a run produced (TorchScript bytes + card), so any version can be (re)deployed or rolled back to.
+
+Site side: ``trn_site_round`` is the site's own manifest of what it trained on in each round (the
+patient ids and instance UIDs stay here, behind the site's admin role); only its hash leaves the site.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Index, Integer, LargeBinary, String, Table, Text
+
+from gateway.store import schema as s
+
+trn_run = Table(
+    "trn_run",
+    s.metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("spec", Text, nullable=False),  # the validated request (JSON)
+    Column("state", String(16), nullable=False),  # queued | running | succeeded | failed | cancelled
+    Column("round", Integer, nullable=False, default=0),  # last completed round
+    Column("requester", Text, nullable=False),  # JSON: subject, roles, organization, attributes, purpose
+    Column("created_ts", Float, nullable=False),
+    Column("updated_ts", Float, nullable=False),
+    Column("error", Text),
+    Column("model_name", String(64)),
+    Column("model_version", String(64)),
+    Column("weights_hash", String(64)),
+    Column("lineage", Text),  # JSON (docs/training.md#lineage)
+)
+Index("ix_trn_run_state", trn_run.c.state)
+
+trn_round = Table(
+    "trn_round",
+    s.metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("site_id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),  # ok | refused | error | timeout | cancelled
+    Column("detail", Text),
+    Column("n_train", Integer),
+    Column("n_test", Integer),
+    Column("metrics", Text),  # JSON: held-out evaluation of the global weights sent this round
+    Column("consent_hash", String(64)),
+    Column("manifest_hash", String(64)),
+    Column("train_s", Float),
+    Column("cpu_s", Float),
+    Column("gpu_s", Float),
+    Column("energy_j", Float),
+    Column("co2e_g", Float),
+    Column("update_norm", Float),
+    Column("ts", Float, nullable=False),
+)
+
+trn_model = Table(
+    "trn_model",
+    s.metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("architecture", String(64), nullable=False),
+    Column("weights_hash", String(64), nullable=False),
+    Column("torchscript", LargeBinary, nullable=False),
+    Column("card", Text, nullable=False),
+    Column("created_ts", Float, nullable=False),
+)
+
+trn_site_round = Table(
+    "trn_site_round",
+    s.metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("hub_id", String(64), nullable=False),
+    Column("started_ts", Float, nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("manifest", Text, nullable=False),  # JSON: {"train": [[patient, sop], ...], "test": [...]}
+    Column("manifest_hash", String(64), nullable=False),
+    Column("consent_hash", String(64), nullable=False),
+    Column("n_train", Integer, nullable=False),
+    Column("n_test", Integer, nullable=False),
+)
+
+__all__ = ["trn_run", "trn_round", "trn_model", "trn_site_round"]

@@ -1,0 +1,391 @@
+"""Federated training end to end (issue 7): a hub and three site gateways on loopback.
+
+Every site is loaded through its own APIs — FHIR transaction (Patients, DUO Consents, lesion
+Conditions) and STOW-RS with dicomweb-client (labelled 64×64 CT slices) — and runs the real consent
+gate.  The sites' lesions differ in kind (tests/training_data.py), so a model trained at one site alone
+does not recognise the others'.  Expected values are computed in the test: AUROC on a pooled test set
+generated independently, FedAvg from the sites' own answers, manifests from the site's own table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+import torch
+from dicomweb_client.api import DICOMwebClient
+
+from gateway.services.federation import sign_hub_token
+from inference import fl
+from tests.conftest import make_settings, start_gateway
+from tests.integration.federation_fixtures import hub_key_pem, site_federation
+from tests.training_data import KINDS, LESION, auroc, pooled_test_set, site_population
+
+PURPOSE = {"codes": ["DUO:0000042"]}
+N_PATIENTS = 40
+SITES = ("site-a", "site-b", "site-c")
+COHORT = {"imaging": {"modality": "CT"}}
+LABEL = {"condition": {"code": f"{LESION['system']}|{LESION['code']}"}}
+FAST = {"optimizer": {"name": "adam", "lr": 0.004, "batch_size": 16}, "min_cohort": 10}
+
+
+async def _site(tmp_path, db_url, name, kind, pub, **training):
+    settings = make_settings(tmp_path / name, db_url, site_id=name, extra={
+        "federation": site_federation(pub), "consent": {"refresh_s": 0},
+        "training": {"min_cohort": 10, "cpu_watts": 12.0, "carbon_g_per_kwh": 400.0, **training},
+        "inference": {"worker": True, "poll_s": 0.2, "settle_s": 0.2}})
+    gw = await start_gateway(settings)
+    bundle, datasets, labels = site_population(name, kind, N_PATIENTS, seed=KINDS.index(kind))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.fhir, json=bundle, headers=gw.headers("ehr-system")
+                             | {"Content-Type": "application/fhir+json"}) as r:
+            assert r.status == 200, await r.text()
+    client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs"))
+    await asyncio.to_thread(client.store_instances, datasets)
+    return gw, labels
+
+
+@pytest.fixture
+async def net(tmp_path, db_url):
+    priv, pub = hub_key_pem(tmp_path)
+    sites = {}
+    for name, kind in zip(SITES, KINDS):
+        url = db_url if name == "site-c" else f"sqlite:///{tmp_path / (name + '.db')}"
+        sites[name] = await _site(tmp_path, url, name, kind, pub)
+    hub_settings = make_settings(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}", site_id="hub", extra={
+        "federation": {"role": "hub", "hub_id": "hub", "hub_key": priv,
+                       "sites": [{"id": n, "url": gw.url} for n, (gw, _) in sites.items()]},
+        "training": {"round_deadline_s": 120}})
+    hub = await start_gateway(hub_settings)
+    async with aiohttp.ClientSession() as http:
+        yield {"hub": hub, "sites": sites, "http": http, "priv": priv, "pub": pub, "tmp": tmp_path}
+    await hub.server.close()
+    for gw, _ in sites.values():
+        await gw.server.close()
+
+
+def analyst(gw, purpose=PURPOSE, role="analyst"):
+    return gw.headers(role, purpose=purpose, subject="ana")
+
+
+async def start(net, **spec) -> str:
+    hub = net["hub"]
+    body = {"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL, **FAST, **spec}
+    async with net["http"].post(hub.url + "/training/runs", json=body, headers=analyst(hub)) as r:
+        assert r.status == 201, await r.text()
+        return (await r.json())["id"]
+
+
+async def run_doc(net, run_id) -> dict:
+    hub = net["hub"]
+    async with net["http"].get(f"{hub.url}/training/runs/{run_id}", headers=analyst(hub)) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def wait(net, run_id, *, until=("succeeded", "failed", "cancelled"), rounds_done=None, timeout=240) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        doc = await run_doc(net, run_id)
+        if doc["state"] in until or (rounds_done is not None and doc["round"] >= rounds_done):
+            return doc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {run_id} not done after {timeout}s: {doc['state']} round {doc['round']}")
+
+
+async def model(net, name, version) -> torch.jit.ScriptModule:
+    hub = net["hub"]
+    async with net["http"].get(f"{hub.url}/training/models/{name}/{version}/model.pt", headers=analyst(hub)) as r:
+        assert r.status == 200
+        return torch.jit.load(io.BytesIO(await r.read()))
+
+
+def pooled_auroc(m, x, y) -> float:
+    with torch.inference_mode():
+        scores = m(torch.from_numpy(x))[:, 1].numpy().tolist()
+    return auroc(list(y), scores)
+
+
+async def test_federated_model_beats_every_local_only_model(net):
+    rounds, epochs = 6, 2
+    fed = await wait(net, await start(net, rounds=rounds, local_epochs=epochs, min_sites=3))
+    assert fed["state"] == "succeeded", fed["error"]
+    local = {}
+    for s in SITES:  # the same training budget at one site alone
+        doc = await wait(net, await start(net, rounds=rounds, local_epochs=epochs, min_sites=1, sites=[s],
+                                          name=f"local-{s}"))
+        assert doc["state"] == "succeeded", doc["error"]
+        local[s] = doc
+    x, y = pooled_test_set(60, seed=1234)
+    fed_model = await model(net, fed["model"]["name"], fed["model"]["version"])
+    fed_auc = pooled_auroc(fed_model, x, y)
+    local_auc = {s: pooled_auroc(await model(net, d["model"]["name"], d["model"]["version"]), x, y)
+                 for s, d in local.items()}
+    assert fed_auc > 0.85, (fed_auc, local_auc)
+    for s, a in local_auc.items():
+        assert fed_auc > a + 0.05, (s, fed_auc, local_auc)
+
+    # the exported weights are the ones the lineage names
+    state = {k: v.numpy() for k, v in fed_model.state_dict().items()}
+    assert fl.state_hash(state) == fed["model"]["weights_hash"] == fed["lineage"]["weights_hash"]
+    lin = fed["lineage"]
+    assert [r["round"] for r in lin["rounds"]] == list(range(1, rounds + 1))
+    assert all(r["participants"] == sorted(SITES) for r in lin["rounds"])
+    for r in lin["rounds"]:
+        for s in SITES:
+            site = r["sites"][s]
+            assert site["status"] == "ok" and site["n_train"] > 0 and len(site["manifest_hash"]) == 64
+    # per round and site: held-out evaluation with subgroups; energy adds up with the configured intensity
+    assert len(fed["rounds"]) == rounds + 1  # + the final evaluation
+    final = fed["rounds"][-1]["sites"]
+    for s in SITES:
+        m = final[s]["metrics"]
+        assert m["n"] > 0 and m["auroc"] is not None and set(m["subgroups"]) == {"sex", "age_band", "manufacturer"}
+    e = sum(v["energy_j"] for r in fed["rounds"] for v in r["sites"].values() if v["energy_j"])
+    assert lin["energy_j"] == pytest.approx(e, rel=1e-3, abs=1e-3) and e > 0
+    assert lin["co2e_g"] == pytest.approx(lin["energy_j"] / 3.6e6 * 400.0, rel=1e-3)
+    # the model card carries the lineage
+    async with net["http"].get(net["hub"].url + "/training/models", headers=analyst(net["hub"])) as r:
+        cards = {(m["name"], m["version"]): m["card"] for m in (await r.json())["models"]}
+    card = cards[(fed["model"]["name"], fed["model"]["version"])]
+    assert card["provenance"]["lineage"]["weights_hash"] == fed["model"]["weights_hash"]
+    assert card["provenance"]["lineage_id"].endswith(fed["id"])
+
+
+async def test_fedavg_equals_central_weighted_average_of_the_site_updates(net):
+    """One round through the hub, then the same round asked of each site directly (deterministic local
+    training): the hub's new global weights = initial + Σ n_i Δ_i / Σ n_i computed here with numpy."""
+    run_id = await start(net, rounds=1, local_epochs=1, min_sites=3, seed=5)
+    doc = await wait(net, run_id)
+    assert doc["state"] == "succeeded", doc["error"]
+    init = fl.state_from_module(_module(5))
+    body = {"run_id": run_id, "round": 1, "architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL,
+            "images": {"modality": ["CT"]}, "local_epochs": 1, "optimizer": FAST["optimizer"], "min_cohort": 10,
+            "seed": 5, "test_fraction": 0.2, "weights": base64.b64encode(fl.encode_state(init)).decode(), "train": True}
+    updates = []
+    for name, (gw, _) in net["sites"].items():
+        raw = orjson.dumps(body)
+        tok = sign_hub_token(_hub_key(net), "hub", name, _requester(), raw)
+        async with net["http"].post(gw.url + "/federation/train/round", data=raw,
+                                    headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+            a = await r.json()
+        updates.append((fl.decode_state(base64.b64decode(a["update"])), a["n_train"]))
+    flat = np.stack([np.concatenate([u[k].ravel() for k in init]) for u, _ in updates]).astype(np.float64)
+    w = np.array([n for _, n in updates], np.float64)
+    expected = np.concatenate([init[k].ravel() for k in init]) + (w[:, None] * flat).sum(0) / w.sum()
+    got_model = await model(net, doc["model"]["name"], doc["model"]["version"])
+    got = np.concatenate([got_model.state_dict()[k].numpy().ravel() for k in init])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _module(seed):
+    from gateway.services.training import make_module
+
+    return make_module("ct_lesion_classifier", seed)
+
+
+def _hub_key(net):
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_private_key(open(net["priv"], "rb").read(), password=None)
+
+
+def _requester():
+    from gateway.context import Purpose, Requester
+
+    return Requester("ana", frozenset({"analyst"}), None, {}, Purpose("research", ("DUO:0000042",)))
+
+
+async def test_a_site_killed_mid_run_leaves_a_quorum(net):
+    run_id = await start(net, rounds=4, local_epochs=1, min_sites=2)
+    doc = await wait(net, run_id, rounds_done=1)
+    assert doc["state"] == "running"
+    await net["sites"]["site-b"][0].server.close()
+    doc = await wait(net, run_id)
+    assert doc["state"] == "succeeded", doc["error"]
+    rounds = doc["lineage"]["rounds"]
+    assert rounds[0]["participants"] == sorted(SITES)
+    later = [r for r in rounds if "site-b" not in r["participants"]]
+    assert later and all(r["participants"] == ["site-a", "site-c"] for r in later)
+    assert all(r["sites"]["site-b"]["status"] in ("error", "timeout") for r in later)
+
+
+async def test_consent_withdrawn_between_rounds_is_excluded_next_round(net):
+    gw, labels = net["sites"]["site-a"]
+    withdrawn = sorted(labels)[3]
+    run_id = await start(net, rounds=5, local_epochs=2, min_sites=3)
+    await wait(net, run_id, rounds_done=1)
+    async with net["http"].get(f"{gw.fhir}/Consent/c-{withdrawn}", headers=gw.headers("ehr-system")) as r:
+        consent = await r.json()
+    consent["status"] = "inactive"
+    async with net["http"].put(f"{gw.fhir}/Consent/c-{withdrawn}", json=consent,
+                               headers=gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}) as r:
+        assert r.status == 200, await r.text()
+    t_withdrawn = time.time()
+    doc = await wait(net, run_id)
+    assert doc["state"] == "succeeded", doc["error"]
+    async with net["http"].get(f"{gw.url}/training/site/runs/{run_id}", headers=gw.headers("admin")) as r:
+        assert r.status == 200, await r.text()
+        manifests = (await r.json())["rounds"]
+
+    def patients(m):
+        return {p for p, _ in m["manifest"]["train"] + m["manifest"]["test"]}
+
+    assert withdrawn in patients(manifests[0])
+    after = [m for m in manifests if m["started_ts"] > t_withdrawn]
+    assert after, "no round started after the withdrawal"
+    for m in after:
+        assert withdrawn not in patients(m)
+        assert patients(m) == patients(manifests[0]) - {withdrawn}
+    # the manifest hash reported to the hub is the hash of the site's own manifest
+    by_round = {r["round"]: r["sites"]["site-a"]["manifest_hash"] for r in doc["lineage"]["rounds"]}
+    for m in manifests:
+        if m["round"] in by_round:
+            assert by_round[m["round"]] == m["manifest_hash"]
+    # analysts cannot read a site's manifests (patient ids stay with the site's admins)
+    async with net["http"].get(f"{gw.url}/training/site/runs/{run_id}", headers=analyst(gw)) as r:
+        assert r.status == 403
+
+
+async def test_secure_aggregation_and_dp_runs_and_accounts(net):
+    run_id = await start(net, rounds=2, local_epochs=1, min_sites=3, secure_aggregation=True,
+                         dp={"clip": 5.0, "noise_multiplier": 0.1, "delta": 1e-5})
+    doc = await wait(net, run_id)
+    assert doc["state"] == "succeeded", doc["error"]
+    lin = doc["lineage"]
+    assert lin["secure_aggregation"] is True and lin["dp"]["epsilon"] == pytest.approx(
+        fl.dp_epsilon(0.1, 2, 1e-5), rel=1e-9)
+    # with masking, what a site sent the hub is not its update: every site's norm was reported separately
+    for r in doc["rounds"][:-1]:
+        for s in SITES:
+            assert r["sites"][s]["status"] == "ok" and r["sites"][s]["update_norm"] > 0
+
+
+async def test_bad_requests_refusals_and_policy(net, tmp_path, db_url):
+    hub, http = net["hub"], net["http"]
+    base = {"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL}
+    cases = [
+        ({**base, "architecture": "resnet9000"}, analyst(hub), 400, "architecture"),
+        ({**base, "rounds": 0}, analyst(hub), 400, "rounds"),
+        ({**base, "cohort": {"imaging": {"bogus": 1}}}, analyst(hub), 400, "cohort"),
+        ({**base, "colour": "red"}, analyst(hub), 400, "colour"),
+        ({**base, "sites": ["nowhere"]}, analyst(hub), 400, "sites"),
+        ({**base, "architecture": "ct_lesion_segmenter"}, analyst(hub), 422, "segmentation"),
+        (base, hub.headers("clinician"), 403, "analyst"),
+        (base, analyst(hub, purpose="treatment"), 403, "research purpose"),
+        (base, {}, 401, "token"),
+    ]
+    for body, headers, status, word in cases:
+        async with http.post(hub.url + "/training/runs", json=body, headers=headers) as r:
+            text = await r.text()
+            assert r.status == status, (body, text)
+            assert r.content_type == "application/problem+json" and word in text, text
+    async with http.get(hub.url + "/training/runs", headers=analyst(hub)) as r:
+        assert (await r.json())["runs"] == []  # nothing was started
+    # a site refuses a forged hub token (401) before doing anything
+    gw, _ = net["sites"]["site-a"]
+    raw = orjson.dumps({"run_id": "x", "round": 1})
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    tok = sign_hub_token(ec.generate_private_key(ec.SECP256R1()), "hub", "site-a", _requester(), raw)
+    async with http.post(gw.url + "/federation/train/round", data=raw,
+                         headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"}) as r:
+        assert r.status == 401
+    # cohort below the minimum at every site → refused (422) → no quorum → run failed, not a 500
+    doc = await wait(net, await start(net, rounds=2, min_sites=2, min_cohort=1000))
+    assert doc["state"] == "failed" and "min_sites" in doc["error"]
+    assert {v["status"] for v in doc["rounds"][0]["sites"].values()} == {"refused"}
+    # a site whose policy vetoes the purpose is recorded as refused, the others train
+    priv, pub = net["priv"], net["pub"]
+    veto, _ = await _site(tmp_path, f"sqlite:///{tmp_path / 'veto.db'}", "site-veto", "bright", pub,
+                          allowed_purposes=["DUO:0000007"])
+    try:
+        hub2 = await start_gateway(make_settings(tmp_path / "hub2", f"sqlite:///{tmp_path / 'hub2.db'}", site_id="hub",
+                                                 extra={"federation": {"role": "hub", "hub_id": "hub", "hub_key": priv,
+                                                        "sites": [{"id": "site-veto", "url": veto.url},
+                                                                  {"id": "site-a", "url": gw.url}]}}))
+        try:
+            n2 = dict(net, hub=hub2)
+            doc = await wait(n2, await start(n2, rounds=1, min_sites=1))
+            assert doc["state"] == "succeeded", doc["error"]
+            sites = doc["rounds"][0]["sites"]
+            assert sites["site-veto"]["status"] == "refused" and "policy" in sites["site-veto"]["detail"]
+            assert sites["site-a"]["status"] == "ok"
+        finally:
+            await hub2.server.close()
+    finally:
+        await veto.server.close()
+
+
+async def test_cancel(net):
+    run_id = await start(net, rounds=50, local_epochs=1, min_sites=1)
+    await wait(net, run_id, rounds_done=1)
+    async with net["http"].post(f"{net['hub'].url}/training/runs/{run_id}/cancel", headers=analyst(net["hub"])) as r:
+        assert r.status == 200
+        assert (await r.json())["state"] == "cancelled"
+    n = (await run_doc(net, run_id))["round"]
+    await asyncio.sleep(1.0)
+    doc = await run_doc(net, run_id)
+    assert doc["state"] == "cancelled" and doc["round"] == n < 50
+    async with net["http"].post(f"{net['hub'].url}/training/runs/{run_id}/cancel", headers=analyst(net["hub"])) as r:
+        assert r.status == 409
+
+
+async def test_deploy_run_inference_and_roll_back(net):
+    hub, http = net["hub"], net["http"]
+    v1 = await wait(net, await start(net, rounds=1, local_epochs=1, min_sites=3, name="fl-lesion"))
+    v2 = await wait(net, await start(net, rounds=2, local_epochs=1, min_sites=3, name="fl-lesion"))
+    assert (v1["model"]["version"], v2["model"]["version"]) == ("1", "2")
+    admin = hub.headers("admin", purpose=PURPOSE)
+    for v in ("1", "2"):
+        async with http.post(f"{hub.url}/training/models/fl-lesion/{v}/deploy", json={"sites": ["site-a", "site-c"]},
+                             headers=admin) as r:
+            assert r.status == 200, await r.text()
+            res = await r.json()
+        assert [s["status"] for s in res["sites"]] == ["ok", "ok"], res
+    async with http.post(f"{hub.url}/training/models/fl-lesion/1/deploy", json={}, headers=analyst(hub)) as r:
+        assert r.status == 403
+    gw, labels = net["sites"]["site-a"]
+    async with http.get(gw.url + "/inference/models", headers=gw.headers("admin")) as r:
+        versions = {m["card"]["version"] for m in (await r.json())["models"] if m["card"]["name"] == "fl-lesion"}
+    assert versions == {"1", "2"}
+    # the deployed model runs through the inference path (default = the most recently activated version)
+    study = await _a_study(gw, http)
+    job = await _job(gw, http, {"model": "fl-lesion", "study": study})
+    assert job["state"] == "succeeded" and job["model"]["version"] == "2", job
+    # roll back: re-activate version 1 at site-a
+    async with http.post(f"{hub.url}/training/models/fl-lesion/1/deploy", json={"sites": ["site-a"]},
+                         headers=admin) as r:
+        assert r.status == 200
+    job = await _job(gw, http, {"model": "fl-lesion", "study": study}, subject="ana2")
+    assert job["state"] == "succeeded" and job["model"]["version"] == "1", job
+    # site-b was not selected: it does not have the model
+    gb, _ = net["sites"]["site-b"]
+    async with http.get(gb.url + "/inference/models", headers=gb.headers("admin")) as r:
+        assert "fl-lesion" not in {m["card"]["name"] for m in (await r.json())["models"]}
+
+
+async def _a_study(gw, http) -> str:
+    async with http.get(gw.dicomweb + "/studies", params={"limit": "1"}, headers=gw.headers("clinician")) as r:
+        return (await r.json())[0]["0020000D"]["Value"][0]
+
+
+async def _job(gw, http, body, subject="ana") -> dict:
+    h = gw.headers("analyst", purpose=PURPOSE, subject=subject)
+    async with http.post(gw.url + "/inference/jobs", json=body, headers=h) as r:
+        assert r.status in (200, 201, 202), await r.text()
+        job = (await r.json())["jobs"][0]
+    for _ in range(300):
+        async with http.get(f"{gw.url}/inference/jobs/{job['id']}", headers=h) as r:
+            job = await r.json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError(job)

@@ -1,0 +1,132 @@
+"""Synthetic labelled CT slices for the federated-training tests and benchmark.
+
+Each site has its own *kind* of lesion, so a model trained at one site alone does not recognise the
+others' (a real learning signal that only pooling — federated — can learn):
+
+- ``bright``: a hyperdense disc (+150..+220 HU) in the soft-tissue body;
+- ``dark``: a hypodense disc (−130..−180 HU relative to tissue);
+- ``stripes``: a disc of alternating ±160 HU stripes (texture, same mean density as tissue).
+
+Patients with a lesion carry a FHIR Condition (SNOMED CT 52988006 "Lesion"); every patient has a Patient
+(identifier ``urn:fedgate:test|<id>``, matched by the DICOM PatientID), a research Consent (DUO GRU) and
+``slices`` CT instances (64×64, stored values = HU + 1024) in one study.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+SIZE = 64
+LESION = {"system": "http://snomed.info/sct", "code": "52988006"}
+DUO = "http://purl.obolibrary.org/obo/duo"
+KINDS = ("bright", "dark", "stripes")
+MANUFACTURERS = {"bright": "ACME", "dark": "Globex", "stripes": "Initech"}
+
+
+def slice_hu(rng: np.random.Generator, lesion: bool, kind: str, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = size / 2
+    body = ((yy - c) / (0.42 * size)) ** 2 + ((xx - c) / (0.46 * size)) ** 2 <= 1
+    img = np.full((size, size), -1000.0, np.float32)
+    img[body] = 40.0
+    img += rng.normal(0, 12, img.shape).astype(np.float32)
+    if lesion:
+        r = rng.uniform(0.08, 0.14) * size
+        cy, cx = rng.uniform(0.32, 0.68, 2) * size
+        m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & body
+        if kind == "bright":
+            img[m] += rng.uniform(150, 220)
+        elif kind == "dark":
+            img[m] -= rng.uniform(130, 180)
+        else:
+            stripes = np.where((xx.astype(int) // 2) % 2 == 0, 160.0, -160.0).astype(np.float32)
+            img[m] += stripes[m]
+    return img
+
+
+def window01(hu: np.ndarray, center: float = 40.0, width: float = 400.0) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 linear window to [0, 1] (written out here, independently of inference.preprocess)."""
+    lo = center - 0.5 - (width - 1) / 2
+    return np.clip((hu - lo) / (width - 1), 0, 1).astype(np.float32)
+
+
+def pooled_test_set(n_per_kind: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, 64, 64) windowed inputs and labels, half positive, equally from every site's kind."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for kind in KINDS:
+        for i in range(n_per_kind):
+            lesion = bool(i % 2)
+            xs.append(window01(slice_hu(rng, lesion, kind))[None])
+            ys.append(int(lesion))
+    return np.stack(xs), np.array(ys)
+
+
+def auroc(labels, scores) -> float:
+    """Probability that a random positive scores above a random negative (ties ½), by direct counting."""
+    pos = [s for l, s in zip(labels, scores) if l]
+    neg = [s for l, s in zip(labels, scores) if not l]
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def site_population(site: str, kind: str, n_patients: int, slices: int = 2, seed: int = 0):
+    """(FHIR transaction bundle, DICOM datasets, {patient id: lesion}) for one site."""
+    rng = np.random.default_rng(seed)
+    entries, datasets, labels = [], [], {}
+    for i in range(n_patients):
+        pid = f"{site}-p{i:03d}"
+        lesion = bool(i % 2)
+        labels[pid] = lesion
+        sex = "female" if i % 4 < 2 else "male"
+        birth = f"{1950 + (i * 7) % 50}-03-01"
+        res = [{"resourceType": "Patient", "id": pid, "identifier": [{"system": "urn:fedgate:test", "value": pid}],
+                "gender": sex, "birthDate": birth},
+               {"resourceType": "Consent", "id": f"c-{pid}", "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                      "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                "patient": {"reference": f"Patient/{pid}"},
+                "policyRule": {"coding": [{"system": DUO, "code": "DUO:0000042"}]},
+                "provision": {"type": "permit", "purpose": [{"system": DUO, "code": "DUO:0000042"}]}}]
+        if lesion:
+            res.append({"resourceType": "Condition", "id": f"cond-{pid}", "subject": {"reference": f"Patient/{pid}"},
+                        "code": {"coding": [dict(LESION, display="Lesion")]},
+                        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                       "code": "active"}]}})
+        entries += [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in res]
+        study, series = generate_uid(), generate_uid()
+        for k in range(slices):
+            datasets.append(ct_instance(pid, study, series, k, slice_hu(rng, lesion, kind), MANUFACTURERS[kind],
+                                        sex[0].upper(), birth.replace("-", "")))
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, datasets, labels
+
+
+def ct_instance(pid: str, study: str, series: str, k: int, hu: np.ndarray, manufacturer: str, sex: str,
+                birth: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    sop = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = pid, f"Test^{pid}", sex, birth
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240115", "101500", f"A{pid[-6:]}", "1"
+    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = "CT", manufacturer, "Model X"
+    ds.SeriesNumber, ds.SeriesDescription, ds.BodyPartExamined = 1, "AXIAL", "CHEST"
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [0, 0, float(k) * 2.5]
+    ds.SliceThickness = 2.5
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.Rows = ds.Columns = hu.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
+    return ds
