@@ -305,6 +305,9 @@ class DicomwebService:
     async def _index(self, conn, good: list[Outcome]) -> None:
         now = time.time()
         pids = await self._patient_ids(conn, good)
+        from gateway.store.consent_schema import lock_patients
+
+        profiles = await lock_patients(conn, pids.values())  # consent gate: stamped on the rows (issue #4)
         raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
             dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).scalars())
         studies: dict[str, dict] = {}
@@ -319,7 +322,7 @@ class DicomwebService:
                 o.failure, o.reason = DUPLICATE_SOP, "stored concurrently by another request"
                 self.blobs.remove(o.rel)
                 continue
-            st, se, inst = (dict(r, patient_id=pid) for r in o.rows)
+            st, se, inst = (dict(r, patient_id=pid, consent_profile=profiles.get(pid)) for r in o.rows)
             st["updated_ts"] = se["updated_ts"] = now
             inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)
             studies.setdefault(st["study_uid"], st)
@@ -446,7 +449,7 @@ class DicomwebService:
         """Visible instances of a study/series/instance (404 when none is visible)."""
         scope = await self.gate.scope_for(requester)
         c = dcm_instance.c
-        where = [c.study_uid == study, scope.patient_clause(c.patient_id)]
+        where = [c.study_uid == study, scope.row_clause(c.patient_id, c.consent_profile)]
         if series:
             where.append(c.series_uid == series)
         if sop:

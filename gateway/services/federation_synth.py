@@ -207,6 +207,10 @@ async def load(db: Database, rows: dict[str, list[dict]], *, chunk: int = 5000) 
                 part = [{k: r.get(k) for k in used} for r in items[i:i + chunk]]
                 if part:
                     await conn.execute(insert(table), part)
+        if "consent_policy" in metadata.tables and rows.get("dcm_study"):
+            from gateway.store.consent_schema import stamp_dicom
+
+            await stamp_dicom(conn, {r["patient_id"] for r in rows["cm_patient"]})  # QIDO filters on the rows
 
 
 def expand_codes(system: str | None, code: str) -> set[str]:

@@ -36,21 +36,59 @@ consent_profile = Table(
 ix_consent_profile = Index("ix_cm_patient_consent_profile", s.cm_patient.c.consent_profile)
 
 
+def stamped_tables() -> tuple:
+    """Tables whose rows carry a copy of their patient's ``cm_patient.consent_profile`` key, so the gate
+    filters on the row itself (``AccessScope.row_clause``) instead of a per-row patient subquery."""
+    from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
+
+    return (s.fhir_resource, dcm_study, dcm_series, dcm_instance)
+
+
+def _profile_of(table):
+    """Correlated subquery: the consent profile key of the row's patient (a non-NULL one first)."""
+    P = s.cm_patient
+    return (select(P.c.consent_profile).where(P.c.patient_id == table.c.patient_id)
+            .order_by(P.c.consent_profile.is_(None)).limit(1).scalar_subquery())
+
+
 async def ensure_indexes(conn: AsyncConnection) -> None:
     """Bring stores created before these existed up to date (create_all skips existing tables): the
-    consent index and ``fhir_resource.consent_profile`` (added and back-filled)."""
-    def sync_step(sync) -> bool:
+    consent index and the stamped ``consent_profile`` columns (added and back-filled)."""
+    def sync_step(sync) -> list[str]:
         ix_consent_profile.create(sync, checkfirst=True)
-        cols = {c["name"] for c in inspect(sync).get_columns("fhir_resource")}
-        if "consent_profile" in cols:
-            return False
-        sync.execute(text("ALTER TABLE fhir_resource ADD COLUMN consent_profile VARCHAR(64)"))
-        return True
+        added = []
+        for table in stamped_tables():
+            cols = {c["name"] for c in inspect(sync).get_columns(table.name)}
+            if "consent_profile" not in cols:
+                sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_profile VARCHAR(64)"))
+                added.append(table.name)
+        return added
 
-    if await conn.run_sync(sync_step):
-        R, P = s.fhir_resource, s.cm_patient
-        key = select(P.c.consent_profile).where(P.c.patient_id == R.c.patient_id).limit(1).scalar_subquery()
-        await conn.execute(update(R).where(R.c.patient_id.is_not(None)).values(consent_profile=key))
+    added = await conn.run_sync(sync_step)
+    for table in stamped_tables():
+        if table.name in added:
+            await conn.execute(update(table).where(table.c.patient_id.is_not(None)).values(
+                consent_profile=_profile_of(table)))
+
+
+async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> dict[str, str | None]:
+    """The current consent profile key of each patient, read with a share lock on its ``cm_patient``
+    rows (PostgreSQL; SQLite writes are serialised anyway).  Writers that stamp new rows call this
+    first: a concurrent :func:`recompute` (which updates ``cm_patient`` before the stamped tables)
+    then waits for them and restamps their rows, or they wait for it and read its new key — so a
+    withdrawal can never be undone by a row stamped with the old key."""
+    P = s.cm_patient
+    ids = sorted({p for p in patient_ids if p})
+    out: dict[str, str | None] = {}
+    for i in range(0, len(ids), 500):
+        rows = (await conn.execute(
+            select(P.c.patient_id, P.c.consent_profile).where(P.c.patient_id.in_(ids[i:i + 500]))
+            .order_by(P.c.patient_id).with_for_update(read=True))).all()
+        for pid, key in rows:
+            if out.get(pid) is None:
+                out[pid] = key
+    return out
+
 
 consent_policy = Table(
     "consent_policy",
@@ -62,13 +100,25 @@ consent_policy = Table(
 
 async def stamp_resources(conn: AsyncConnection, rids: list[int]) -> None:
     """Copy the patient's current consent profile key onto newly written resource rows."""
-    R, P = s.fhir_resource, s.cm_patient
+    R = s.fhir_resource
     for i in range(0, len(rids), 500):
         chunk = rids[i:i + 500]
         if chunk:
-            key = (select(P.c.consent_profile).where(P.c.patient_id == R.c.patient_id)
-                   .order_by(P.c.consent_profile.is_(None)).limit(1).scalar_subquery())
-            await conn.execute(update(R).where(R.c.rid.in_(chunk)).values(consent_profile=key))
+            pids = (await conn.execute(select(R.c.patient_id).where(R.c.rid.in_(chunk)).distinct())).scalars()
+            await lock_patients(conn, pids)
+            await conn.execute(update(R).where(R.c.rid.in_(chunk)).values(consent_profile=_profile_of(R)))
+
+
+async def stamp_dicom(conn: AsyncConnection, patient_ids: Iterable[str] | None = None) -> None:
+    """Re-stamp DICOM index rows (study/series/instance) of ``patient_ids`` (None: all) from
+    ``cm_patient`` — for bulk loaders that write those tables directly."""
+    ids = None if patient_ids is None else sorted({p for p in patient_ids if p})
+    for table in stamped_tables()[1:]:
+        for i in range(0, len(ids), 500) if ids is not None else [None]:
+            stmt = update(table).values(consent_profile=_profile_of(table))
+            if i is not None:
+                stmt = stmt.where(table.c.patient_id.in_(ids[i:i + 500]))
+            await conn.execute(stmt)
 
 
 async def load_policy_doc(conn: AsyncConnection) -> dict:
@@ -138,9 +188,13 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             await conn.execute(consent_profile.insert(), missing)
     for key, pids in by_key.items():
         for i in range(0, len(pids), 500):
+            # cm_patient first: stampers of new rows (lock_patients) wait on it or are waited for
             await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
-            await conn.execute(update(R).where(R.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
+            for table in stamped_tables():
+                await conn.execute(update(table).where(table.c.patient_id.in_(pids[i:i + 500]))
+                                   .values(consent_profile=key))
     return len(patients)
 
 
-__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "recompute", "store_policy_doc"]
+__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "lock_patients", "recompute", "stamp_dicom",
+           "stamped_tables", "store_policy_doc"]

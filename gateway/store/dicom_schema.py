@@ -4,7 +4,9 @@ The blob store keeps each instance's file under ``data_dir/blobs``; these tables
 WADO-RS /metadata, the cohort compiler and the OMOP export need without re-reading files.  Every table
 carries ``patient_id`` (the common-model patient id: the FHIR Patient id when the DICOM patient matched
 one by identifier, otherwise a stable ``dicom-<hash>`` id with its own ``cm_patient`` row) so the consent
-gate's ``AccessScope.patient_clause`` applies to every read.
+gate's ``AccessScope.patient_clause`` applies to every read.  Study, series and instance rows also carry
+the patient's effective consent profile key (``consent_profile``, kept in step by
+``gateway.store.consent_schema``) so QIDO/WADO filter on the row itself (``AccessScope.row_clause``).
 
 Text columns hold DICOM values as stored (dates ``YYYYMMDD``, multi-values backslash-joined);
 ``*_norm`` columns are upper-cased with ``^`` → space for case-insensitive matching.
@@ -37,6 +39,7 @@ dcm_study = Table(
     Column("num_series", Integer, nullable=False, default=0),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("updated_ts", Float, nullable=False),
+    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_study_patient", dcm_study.c.patient_id)
 Index("ix_dcm_study_pid", dcm_study.c.dicom_patient_id)
@@ -64,6 +67,7 @@ dcm_series = Table(
     Column("series_date", String(8)),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("updated_ts", Float, nullable=False),
+    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_series_study", dcm_series.c.study_uid)
 Index("ix_dcm_series_patient", dcm_series.c.patient_id)
@@ -86,6 +90,7 @@ dcm_instance = Table(
     Column("size", Integer, nullable=False),
     Column("stored_ts", Float, nullable=False),
     Column("metadata", Text),  # DICOM JSON (PS3.18 F.2) with BulkDataURI placeholders
+    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_instance_series", dcm_instance.c.series_uid, dcm_instance.c.instance_number)
 Index("ix_dcm_instance_study", dcm_instance.c.study_uid)

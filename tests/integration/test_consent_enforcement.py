@@ -332,3 +332,43 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
         async with http.get(f"{gw.dicomweb}/studies", params={"limit": "100"},
                             headers=gw.headers("clinician") | {"Accept": "application/dicom+json"}) as r:
             assert {i["00100020"]["Value"][0] for i in await r.json()} == ALL
+
+        # the profile stamped on the DICOM rows follows consent changes: withdrawal hides the patient's
+        # studies/series/instances on the very next request, re-consent shows them again
+        gru = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+        st, se, sop = uids["p-gru"]
+
+        async def dicom_visible() -> dict[str, set]:
+            out = {}
+            for level in ("studies", "series", "instances"):
+                async with http.get(f"{gw.dicomweb}/{level}", params={"limit": "100"},
+                                    headers=gru | {"Accept": "application/dicom+json"}) as r:
+                    found = await r.json() if r.status == 200 else []
+                out[level] = {item["00100020"]["Value"][0] for item in found}
+            async with http.get(f"{gw.dicomweb}/studies/{st}/series/{se}/instances/{sop}/metadata",
+                                headers=gru | {"Accept": "application/dicom+json"}) as r:
+                await r.read()
+                out["wado"] = {"p-gru"} if r.status == 200 else set()
+            return out
+
+        assert await dicom_visible() == dict.fromkeys(("studies", "series", "instances", "wado"), {"p-gru"})
+        ehr = gw.headers("ehr-system") | FHIR_JSON
+        withdrawn = consent("p-gru", ["DUO:0000042"], [], {"status": "inactive"})
+        async with http.put(f"{gw.fhir}/Consent/c-p-gru", json=withdrawn, headers=ehr) as r:
+            assert r.status == 200, await r.text()
+        assert await dicom_visible() == dict.fromkeys(("studies", "series", "instances", "wado"), set())
+        # a study arriving while the consent is withdrawn is stamped with the current (no) profile
+        (late,) = ct_series(patient_id="p-gru", patient_name="Test^p-gru", n=1, size=16)
+        body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(late)
+                + f"\r\n--{BOUNDARY}--\r\n".encode())
+        async with http.post(f"{gw.dicomweb}/studies", data=body,
+                             headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+            assert r.status == 200, await r.text()
+        assert await dicom_visible() == dict.fromkeys(("studies", "series", "instances", "wado"), set())
+        again = consent("p-gru", ["DUO:0000042"], [], {}) | {"id": "c-p-gru-2"}
+        async with http.put(f"{gw.fhir}/Consent/c-p-gru-2", json=again, headers=ehr) as r:
+            assert r.status == 201, await r.text()
+        assert await dicom_visible() == dict.fromkeys(("studies", "series", "instances", "wado"), {"p-gru"})
+        async with http.get(f"{gw.dicomweb}/studies", params={"limit": "100", "PatientID": "p-gru"},
+                            headers=gru | {"Accept": "application/dicom+json"}) as r:
+            assert {i["0020000D"]["Value"][0] for i in await r.json()} == {st, late.StudyInstanceUID}
