@@ -135,8 +135,8 @@ def decode_state(data: bytes) -> State:
         raise ValueError("model state truncated: header longer than the data")
     try:
         header = json.loads(bytes(view[start : start + head_len]).decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model state header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"model state header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, list) or len(header) > MAX_TENSORS:
         raise ValueError("model state header must be a list of [name, dtype, shape] entries")
     offset = start + head_len
@@ -154,9 +154,9 @@ def decode_state(data: bytes) -> State:
         if not (
             isinstance(shape, list)
             and len(shape) <= 32
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
         ):
-            raise ValueError(f"model state tensor {name!r}: shape must be a list of non-negative integers")
+            raise ValueError(f"model state tensor {name!r}: shape must be a list of at most 32 integers in [0, 2^40)")
         dtype = np.dtype(dtype_str)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > len(view) - offset:

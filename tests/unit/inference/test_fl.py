@@ -165,6 +165,10 @@ def test_decode_malformed_raises_value_error() -> None:
         _with_header(header.replace(b"[4]", b"[-4]"), body),
         _with_header(header.replace(b'"b"', b'"w"'), body),  # duplicate name
         _with_header(b'[["w","<f4",[4],1]]', body),
+        _with_header(b"[" * 100_000, body),  # nesting bomb
+        _with_header(b'[["w","<f4",[0,' + str(10**30).encode() + b"]]]", b""),  # absurd empty dimension
+        _with_header(b'[["w","<f4",[4.0]]]', body),
+        _with_header(b'[[7,"<f4",[4]]]', body),
     ]
     for data in bad_inputs:
         with pytest.raises(ValueError):
