@@ -107,18 +107,23 @@ def index_rows(ds: Dataset, *, blob_path: str, size: int, transfer_syntax: str, 
     return study, series, instance
 
 
-def _bulk_handler(elem: DataElement) -> str:
+def bulk_handler(elem: DataElement) -> str:
+    """BulkDataURI placeholder of a bulk element (a DataElement or a RawDataElement)."""
     return f"{BULK_PREFIX}{Tag(elem.tag):08X}"
+
+
+def pixel_placeholder(ds: Dataset) -> dict[str, str]:
+    """PixelData announced as bulk data when it was not read (stop_before_pixels)."""
+    return {"vr": "OW" if (ds.get("BitsAllocated") or 8) > 8 else "OB", "BulkDataURI": f"{BULK_PREFIX}7FE00010"}
 
 
 def metadata_json(ds: Dataset) -> dict[str, Any]:
     """DICOM JSON (PS3.18 F.2) of the dataset, bulk data as ``BulkDataURI`` placeholders."""
-    out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=_bulk_handler,
+    out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_handler,
                           suppress_invalid_tags=True)
     # pixel data that stop_before_pixels skipped is still announced as bulk data
     if "7FE00010" not in out and ds.get("Rows") is not None:
-        out["7FE00010"] = {"vr": "OW" if (ds.get("BitsAllocated") or 8) > 8 else "OB",
-                           "BulkDataURI": f"{BULK_PREFIX}7FE00010"}
+        out["7FE00010"] = pixel_placeholder(ds)
     return out
 
 
