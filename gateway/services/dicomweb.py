@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import orjson
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, NotFound
@@ -32,6 +34,7 @@ from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series
 from gateway.store.scope import AccessScope
 from gateway.services.workers import WorkerPool
 from mappings.dicom import attributes as attrs
+from mappings.dicom import fastjson
 from mappings.dicom.qido import QidoQuery
 from mappings.dicom.imagingstudy import imaging_study_resource
 
@@ -75,32 +78,24 @@ class Outcome:
     content: tuple[list, list] = ([], [])  # SR items, SEG segments
     size: int = 0
     rel: str | None = None  # blob path once committed
+    indexed: bool = False  # its index rows are committed
     patient_key: tuple[str | None, str | None] = (None, None)
     patient_meta: dict = field(default_factory=dict)
 
 
+UNCOMPRESSED_TS = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
 def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
-    """Read and check one instance file (worker thread). Never raises; failures are in the Outcome."""
+    """Read and check one instance file (worker process). Never raises; failures are in the Outcome."""
     if part.failure is not None:
         return Outcome(None, None, failure=part.failure, reason=part.reason)
     try:
-        ds = dcmread(part.tmp, defer_size=1024)
-        attrs.check_instance(ds)
-        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ""
-        if not ts:
-            raise attrs.InvalidInstance("file meta TransferSyntaxUID is missing")
-        if "PixelData" in ds:
-            _check_pixel_length(ds, part.size, ts)
-        meta_ds = ds.copy()
-        if "PixelData" in meta_ds:
-            del meta_ds["PixelData"]
-        meta = attrs.metadata_json(meta_ds)
-        if "PixelData" in ds:
-            meta["7FE00010"] = {"vr": "OB" if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
-                                                       "1.2.840.10008.1.2.2") or (ds.get("BitsAllocated") or 8) <= 8
-                                else "OW", "BulkDataURI": f"{attrs.BULK_PREFIX}7FE00010"}
+        ds, ts, meta = _read_header(part)
+        if ds is None:  # not the common layout: read it all, as before
+            ds, ts, meta = _read_full(part)
     except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
-            AttributeError, OSError, NotImplementedError) as exc:
+            AttributeError, OSError, NotImplementedError, struct.error) as exc:
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
     out = Outcome(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
     if study_in_path and out.study_uid != study_in_path:
@@ -115,6 +110,75 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     return out
 
 
+def _transfer_syntax(ds) -> str:
+    ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ""
+    if not ts:
+        raise attrs.InvalidInstance("file meta TransferSyntaxUID is missing")
+    return ts
+
+
+def _pixel_meta(ds, ts: str) -> dict:
+    return {"vr": "OB" if ts not in UNCOMPRESSED_TS or (ds.get("BitsAllocated") or 8) <= 8 else "OW",
+            "BulkDataURI": f"{attrs.BULK_PREFIX}7FE00010"}
+
+
+def _read_header(part: Part):
+    """The fast path: read up to the pixel data only, check the pixel data's length from its element
+    header, encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the
+    file is not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
+    endian, float pixel data), so that :func:`_read_full` handles it exactly as before."""
+    with open(part.tmp, "rb") as f:
+        ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
+        pixel_at = f.tell()
+        head = f.read(12) if pixel_at < part.size else b""
+    attrs.check_instance(ds)
+    ts = _transfer_syntax(ds)
+    if str(ds.SOPClassUID) == SEG_CLASS or ts == "1.2.840.10008.1.2.2":
+        return None, None, None
+    length = None
+    if head:
+        if len(head) < 8 or struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010):
+            return None, None, None
+        if ts == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+            length, header = struct.unpack("<L", head[4:8])[0], 8
+        elif head[4:6] in (b"OB", b"OW") and len(head) == 12:
+            length, header = struct.unpack("<L", head[8:12])[0], 12
+        else:
+            return None, None, None
+        if length == 0xFFFFFFFF:
+            return None, None, None  # encapsulated (compressed) frames
+        end = pixel_at + header + length
+        if end > part.size:
+            raise attrs.InvalidInstance("PixelData is truncated")
+        if end < part.size:
+            return None, None, None  # elements after the pixel data
+        if ts in UNCOMPRESSED_TS:
+            _check_expected_length(ds, length)
+    meta = fastjson.dataset_json(ds, bulk_data_threshold=attrs.BULK_THRESHOLD,
+                                 bulk_data_element_handler=attrs.bulk_handler)
+    if length is not None:
+        meta.pop("7FE00010", None)
+        meta["7FE00010"] = _pixel_meta(ds, ts)
+    elif "7FE00010" not in meta and ds.get("Rows") is not None:
+        meta["7FE00010"] = attrs.pixel_placeholder(ds)
+    return ds, ts, meta
+
+
+def _read_full(part: Part):
+    ds = dcmread(part.tmp, defer_size=1024)
+    attrs.check_instance(ds)
+    ts = _transfer_syntax(ds)
+    if "PixelData" in ds:
+        _check_pixel_length(ds, part.size, ts)
+    meta_ds = ds.copy()
+    if "PixelData" in meta_ds:
+        del meta_ds["PixelData"]
+    meta = attrs.metadata_json(meta_ds)
+    if "PixelData" in ds:
+        meta["7FE00010"] = _pixel_meta(ds, ts)
+    return ds, ts, meta
+
+
 def parse_parts(parts: list[Part], study_in_path: str | None) -> list[Outcome]:
     """Parse every received part (runs in a worker process; everything returned is plain data)."""
     return [_parse_part(p, study_in_path) for p in parts]
@@ -127,13 +191,17 @@ def _check_pixel_length(ds, file_size: int, ts: str) -> None:
     length = raw.length if deferred else len(raw.value or b"")
     if deferred and raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > file_size:
         raise attrs.InvalidInstance("PixelData is truncated")
-    if ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"):
-        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        expected = (rows * cols * spp * frames * bits + 7) // 8
-        if length < expected:
-            raise attrs.InvalidInstance(f"PixelData holds {length} bytes, the header needs {expected} (truncated)")
+    if ts in UNCOMPRESSED_TS:
+        _check_expected_length(ds, length)
+
+
+def _check_expected_length(ds, length: int) -> None:
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = (rows * cols * spp * frames * bits + 7) // 8
+    if length < expected:
+        raise attrs.InvalidInstance(f"PixelData holds {length} bytes, the header needs {expected} (truncated)")
 
 
 def _content_rows(ds) -> tuple[list[dict], list[dict]]:
@@ -154,6 +222,14 @@ def _content_rows(ds) -> tuple[list[dict], list[dict]]:
     return sr, seg
 
 
+@dataclass
+class _Batch:
+    """One STOW request waiting for its index rows to be written (see ``_index_batched``)."""
+
+    outcomes: list[Outcome]
+    turn: asyncio.Future  # result "done" (written by the leader) or "lead" (this request writes next)
+
+
 class DicomwebService:
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
                  workers: WorkerPool | None = None) -> None:
@@ -162,13 +238,23 @@ class DicomwebService:
         self.gate = gate
         self.audit = audit
         self.blobs = blobs
+        self._queue: list[_Batch] = []
+        self._leading = False
 
     # ---------------------------------------------------------------------------------- STOW-RS
     async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
                     retrieve_base: str) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3."""
         require_write(requester)
-        outcomes = await self.workers.run(parse_parts, parts, study_in_path)
+        # fsync the temp files while the worker parses them (I/O wait overlaps CPU); the rename into place
+        # below happens only for instances that passed every check
+        parsed, synced = await asyncio.gather(
+            self.workers.run(parse_parts, parts, study_in_path),
+            asyncio.gather(*(asyncio.to_thread(BlobStore.fsync, p.tmp) for p in parts if p.tmp is not None),
+                           return_exceptions=True))
+        outcomes: list[Outcome] = parsed
+        sync_errors = {p.tmp: e for p, e in zip([p for p in parts if p.tmp is not None], synced)
+                       if isinstance(e, BaseException)}
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:
@@ -177,22 +263,23 @@ class DicomwebService:
                     o.failure, o.reason = DUPLICATE_SOP, "the SOP Instance UID occurs twice in this request"
                 seen.add(o.sop_uid)
         good = [o for o in outcomes if o.failure is None]
-        committed: list[str] = []
+        committed: list[Outcome] = []
         try:
+            for o in good:
+                if o.tmp in sync_errors:
+                    raise sync_errors[o.tmp]
             if good:
                 await self._check_duplicates(good)
                 new = [o for o in good if o.failure is None and o.warning is None]
-                # files go into place before (and outside) the write transaction: fsync + rename of one request
-                # never holds the (SQLite: serialised) write lock; each stored version gets its own path
-                committed.extend(await asyncio.to_thread(self._commit_files, new))
+                # files go into place before (and outside) the write transaction: rename only (already
+                # fsync-ed), never under the (SQLite: serialised) write lock; each stored version gets its own path
+                await asyncio.to_thread(self._commit_files, new, committed)
                 if new:
-                    async with self.db.write() as conn:
-                        await self._index(conn, new)
-        except BaseException:
-            for rel in committed:
-                self.blobs.remove(rel)
-            raise
+                    await self._index_batched(new)
         finally:
+            for o in committed:  # rows not written (error, cancellation): no file without its row
+                if not o.indexed and o.failure is None:
+                    self.blobs.remove(o.rel)
             for p in parts:
                 if p.tmp is not None and p.tmp.exists():
                     p.tmp.unlink(missing_ok=True)
@@ -294,13 +381,88 @@ class DicomwebService:
                     o.failure, o.reason = DUPLICATE_SOP, ("an instance with this SOP Instance UID and different "
                                                           "content is already stored")
 
-    def _commit_files(self, new: list[Outcome]) -> list[str]:
-        done = []
+    def _commit_files(self, new: list[Outcome], done: list[Outcome]) -> None:
         for o in new:
             o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
-            self.blobs.commit(o.tmp, o.rel)
-            done.append(o.rel)
-        return done
+            self.blobs.commit(o.tmp, o.rel, fsynced=True)
+            done.append(o)
+
+    async def _index_batched(self, new: list[Outcome]) -> None:
+        """Index rows of concurrent STOW requests written in one transaction (group commit).
+
+        The first request that finds no transaction in progress leads: it writes everything queued so far
+        (its own instances and those of requests that arrived meanwhile), marks them ``indexed``, wakes
+        their requests, and hands the lead to the next queued request, if any. At concurrency 1 this is
+        one transaction per request as before; at 16 the per-transaction work (patient match, study and
+        series counts, ImagingStudy sync) is shared by every request in the batch. If a batch of several
+        requests fails, each request is retried in a transaction of its own, so one request's failure
+        never fails another's.
+        """
+        entry = _Batch(new, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        if self._leading and await self._wait_turn(entry) == "done":
+            return
+        self._leading = True
+        batch, self._queue = self._queue, []
+        written = False
+        try:
+            await self._write_group(batch, entry)
+            written = True
+        finally:
+            if not written:  # our own failure (or cancellation): the others go back to the queue, untouched
+                self._queue[:0] = [b for b in batch if b is not entry and not b.turn.done()]
+            self._leading = False
+            if self._queue:  # hand the lead on
+                self._leading = True
+                self._queue[0].turn.set_result("lead")
+
+    async def _wait_turn(self, entry: _Batch) -> str:
+        """Wait until a leader wrote our rows ("done") or handed us the lead ("lead")."""
+        try:
+            return await asyncio.shield(entry.turn)
+        except asyncio.CancelledError:
+            if entry in self._queue:  # not taken by a leader: nothing of ours is being written
+                self._queue.remove(entry)
+                if entry.turn.done() and not entry.turn.exception() and self._queue:  # we had the lead: pass it
+                    self._queue[0].turn.set_result("lead")
+                elif entry.turn.done():
+                    self._leading = bool(self._queue)
+                raise
+            while not entry.turn.done():  # a leader is writing our rows: let it finish so rows and files agree
+                try:
+                    await asyncio.shield(entry.turn)
+                except asyncio.CancelledError:
+                    continue
+                except SQLAlchemyError:
+                    break
+            raise
+
+    async def _write_group(self, batch: list[_Batch], entry: _Batch) -> None:
+        try:
+            await self._write_batch([o for b in batch for o in b.outcomes])
+        except SQLAlchemyError:
+            if len(batch) == 1:
+                raise
+            for b in batch:  # isolate the failing request: each in a transaction of its own
+                if b is entry:
+                    continue
+                try:
+                    await self._write_batch(b.outcomes)
+                except SQLAlchemyError as exc:
+                    b.turn.set_exception(exc)
+                else:
+                    b.turn.set_result("done")
+            await self._write_batch(entry.outcomes)
+            return
+        for b in batch:
+            if b is not entry:
+                b.turn.set_result("done")
+
+    async def _write_batch(self, outcomes: list[Outcome]) -> None:
+        async with self.db.write() as conn:
+            await self._index(conn, outcomes)
+        for o in outcomes:
+            o.indexed = True
 
     async def _index(self, conn, good: list[Outcome]) -> None:
         now = time.time()
@@ -316,12 +478,15 @@ class DicomwebService:
         sr_rows: list[dict] = []
         seg_rows: list[dict] = []
         for o in good:
+            if o.failure is not None:  # found raced by an earlier try of this batch
+                continue
             sr, seg = o.content
             pid = pids[o.patient_key]
-            if o.sop_uid in raced:  # stored by a concurrent request since _check_duplicates
+            if o.sop_uid in raced:  # stored by a concurrent request since _check_duplicates (or earlier in the batch)
                 o.failure, o.reason = DUPLICATE_SOP, "stored concurrently by another request"
                 self.blobs.remove(o.rel)
                 continue
+            raced.add(o.sop_uid)
             st, se, inst = (dict(r, patient_id=pid, consent_profile=profiles.get(pid)) for r in o.rows)
             st["updated_ts"] = se["updated_ts"] = now
             inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)

@@ -39,12 +39,18 @@ class BlobStore:
             raise ValueError("blob path escapes the store")
         return p
 
-    def commit(self, tmp: Path, rel: str) -> Path:
-        """fsync + atomic rename of a temp file to its final place (replacing an older file)."""
-        final = self.path(rel)
-        final.parent.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def fsync(tmp: Path) -> None:
+        """Flush a temp file's data to disk (step 3's fsync, run early so it overlaps parsing)."""
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+
+    def commit(self, tmp: Path, rel: str, *, fsynced: bool = False) -> Path:
+        """fsync (unless the caller did already) + atomic rename of a temp file to its final place."""
+        final = self.path(rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not fsynced:
+            self.fsync(tmp)
         os.replace(tmp, final)
         return final
 
