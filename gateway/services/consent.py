@@ -38,7 +38,7 @@ from gateway.errors import Forbidden
 from gateway.services.access import AccessRecord
 from gateway.settings import Settings
 from gateway.store.consent_schema import consent_profile, ensure_indexes, recompute, store_policy_doc
-from gateway.store.scope import AccessScope
+from gateway.store.scope import AccessScope, profile_no
 from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
 from ontologies import CompositeHierarchy, evaluate, load_duo, load_hierarchy
 from ontologies.evaluator import ConsentInputError, ResearchPurpose
@@ -72,6 +72,9 @@ class ConsentGate:
         self.ontology = None
         self.diseases = CompositeHierarchy(())
         self._profiles: dict[str, list[Entry]] = {}
+        #: profile_no → key, and keys whose number collides with another's (never permitted)
+        self._by_no: dict[int, str] = {}
+        self._collided: set[str] = set()
         self._scopes: dict[tuple, AccessScope] = {}
         self._lock = asyncio.Lock()
         self.evaluations = 0
@@ -108,6 +111,11 @@ class ConsentGate:
         for key, text in rows:
             if key not in self._profiles:
                 self._profiles[key] = entries_of(orjson.loads(text))
+                no = profile_no(key)
+                other = self._by_no.setdefault(no, key)
+                if other != key:  # two profiles share a row number: permit neither (fail closed)
+                    self._collided |= {key, other}
+                    log.error("consent profile numbers collide; both profiles are denied")
 
     def _permits(self, entries: list[Entry], purpose: ResearchPurpose, who: DuoRequester, today: date) -> bool:
         day = today.isoformat()
@@ -154,9 +162,10 @@ class ConsentGate:
         if scope is None:
             async with self._lock:
                 allowed = frozenset(k for k, entries in self._profiles.items()
-                                    if self._permits(entries, wanted, who, today))
+                                    if k not in self._collided and self._permits(entries, wanted, who, today))
                 scope = AccessScope(
                     unrestricted=False, allowed_profiles=allowed,
+                    allowed_nos=frozenset(profile_no(k) for k in allowed),
                     summary=f"research {' '.join(sorted(wanted.codes | wanted.diseases))}: "
                             f"{len(allowed)}/{len(self._profiles)} consent profiles permit",
                 )

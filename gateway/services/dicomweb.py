@@ -467,9 +467,9 @@ class DicomwebService:
     async def _index(self, conn, good: list[Outcome]) -> None:
         now = time.time()
         pids = await self._patient_ids(conn, good)
-        from gateway.store.consent_schema import lock_patients
+        from gateway.store.consent_schema import patient_nos
 
-        profiles = await lock_patients(conn, pids.values())  # consent gate: stamped on the rows (issue #4)
+        nos = await patient_nos(conn, pids.values())  # consent gate: stamped on the rows (issue #4)
         raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
             dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).scalars())
         studies: dict[str, dict] = {}
@@ -487,7 +487,7 @@ class DicomwebService:
                 self.blobs.remove(o.rel)
                 continue
             raced.add(o.sop_uid)
-            st, se, inst = (dict(r, patient_id=pid, consent_profile=profiles.get(pid)) for r in o.rows)
+            st, se, inst = (dict(r, patient_id=pid, consent_no=nos[pid]) for r in o.rows)
             st["updated_ts"] = se["updated_ts"] = now
             inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)
             studies.setdefault(st["study_uid"], st)
@@ -614,7 +614,7 @@ class DicomwebService:
         """Visible instances of a study/series/instance (404 when none is visible)."""
         scope = await self.gate.scope_for(requester)
         c = dcm_instance.c
-        where = [c.study_uid == study, scope.row_clause(c.patient_id, c.consent_profile)]
+        where = [c.study_uid == study, scope.row_clause(c.consent_no)]
         if series:
             where.append(c.series_uid == series)
         if sop:

@@ -18,6 +18,7 @@ from sqlalchemy import Column, Index, Integer, String, Table, Text, inspect, sel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
+from gateway.store.scope import NO_PATIENT, profile_no
 from mappings.fhir.consent_duo import (
     effective,
     entry_from_consent,
@@ -37,38 +38,44 @@ ix_consent_profile = Index("ix_cm_patient_consent_profile", s.cm_patient.c.conse
 
 
 def stamped_tables() -> tuple:
-    """Tables whose rows carry a copy of their patient's ``cm_patient.consent_profile`` key, so the gate
+    """Tables whose rows carry ``consent_no``, the number (:func:`gateway.store.scope.profile_no`) of
+    their patient's ``cm_patient.consent_profile`` (``NO_PATIENT`` without a patient), so the gate
     filters on the row itself (``AccessScope.row_clause``) instead of a per-row patient subquery."""
     from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
 
     return (s.fhir_resource, dcm_study, dcm_series, dcm_instance)
 
 
-def _profile_of(table):
-    """Correlated subquery: the consent profile key of the row's patient (a non-NULL one first)."""
+async def _stamp_all(conn: AsyncConnection, table) -> None:
+    """Back-fill ``consent_no`` of every row of ``table`` from ``cm_patient`` (one statement per
+    distinct profile: their number is computed here, not in SQL)."""
     P = s.cm_patient
-    return (select(P.c.consent_profile).where(P.c.patient_id == table.c.patient_id)
-            .order_by(P.c.consent_profile.is_(None)).limit(1).scalar_subquery())
+    await conn.execute(update(table).where(table.c.patient_id.is_(None)).values(consent_no=NO_PATIENT))
+    await conn.execute(update(table).where(table.c.patient_id.is_not(None)).values(consent_no=None))
+    keys = (await conn.execute(select(P.c.consent_profile).where(P.c.consent_profile.is_not(None))
+                               .distinct())).scalars().all()
+    for key in keys:
+        pids = select(P.c.patient_id).where(P.c.consent_profile == key)
+        await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=profile_no(key)))
 
 
 async def ensure_indexes(conn: AsyncConnection) -> None:
     """Bring stores created before these existed up to date (create_all skips existing tables): the
-    consent index and the stamped ``consent_profile`` columns (added and back-filled)."""
+    consent index and the stamped ``consent_no`` columns (added and back-filled)."""
     def sync_step(sync) -> list[str]:
         ix_consent_profile.create(sync, checkfirst=True)
         added = []
         for table in stamped_tables():
             cols = {c["name"] for c in inspect(sync).get_columns(table.name)}
-            if "consent_profile" not in cols:
-                sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_profile VARCHAR(64)"))
+            if "consent_no" not in cols:
+                sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_no BIGINT"))
                 added.append(table.name)
         return added
 
     added = await conn.run_sync(sync_step)
     for table in stamped_tables():
         if table.name in added:
-            await conn.execute(update(table).where(table.c.patient_id.is_not(None)).values(
-                consent_profile=_profile_of(table)))
+            await _stamp_all(conn, table)
 
 
 async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> dict[str, str | None]:
@@ -90,6 +97,16 @@ async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> di
     return out
 
 
+async def patient_nos(conn: AsyncConnection, patient_ids: Iterable[str | None]) -> dict[str | None, int | None]:
+    """``consent_no`` to stamp on new rows of these patients (None → ``NO_PATIENT``), via
+    :func:`lock_patients`."""
+    ids = set(patient_ids)
+    keys = await lock_patients(conn, ids)
+    out: dict[str | None, int | None] = {pid: profile_no(keys.get(pid)) for pid in ids if pid is not None}
+    out[None] = NO_PATIENT
+    return out
+
+
 consent_policy = Table(
     "consent_policy",
     s.metadata,
@@ -98,27 +115,36 @@ consent_policy = Table(
 )
 
 
-async def stamp_resources(conn: AsyncConnection, rids: list[int]) -> None:
-    """Copy the patient's current consent profile key onto newly written resource rows."""
+async def stamp_resources(conn: AsyncConnection, written: list[tuple[int, str | None]]) -> None:
+    """Stamp newly written resource rows ``(rid, patient_id)`` with their patient's current
+    ``consent_no`` (``NO_PATIENT`` for resources outside any patient compartment)."""
     R = s.fhir_resource
-    for i in range(0, len(rids), 500):
-        chunk = rids[i:i + 500]
-        if chunk:
-            pids = (await conn.execute(select(R.c.patient_id).where(R.c.rid.in_(chunk)).distinct())).scalars()
-            await lock_patients(conn, pids)
-            await conn.execute(update(R).where(R.c.rid.in_(chunk)).values(consent_profile=_profile_of(R)))
+    for i in range(0, len(written), 500):
+        chunk = written[i:i + 500]
+        nos = await patient_nos(conn, {pid for _, pid in chunk})
+        by_no: dict[int | None, list[int]] = {}
+        for rid, pid in chunk:
+            by_no.setdefault(nos[pid], []).append(rid)
+        for no, rids in by_no.items():
+            await conn.execute(update(R).where(R.c.rid.in_(rids)).values(consent_no=no))
 
 
 async def stamp_dicom(conn: AsyncConnection, patient_ids: Iterable[str] | None = None) -> None:
     """Re-stamp DICOM index rows (study/series/instance) of ``patient_ids`` (None: all) from
     ``cm_patient`` — for bulk loaders that write those tables directly."""
-    ids = None if patient_ids is None else sorted({p for p in patient_ids if p})
-    for table in stamped_tables()[1:]:
-        for i in range(0, len(ids), 500) if ids is not None else [None]:
-            stmt = update(table).values(consent_profile=_profile_of(table))
-            if i is not None:
-                stmt = stmt.where(table.c.patient_id.in_(ids[i:i + 500]))
-            await conn.execute(stmt)
+    if patient_ids is None:
+        for table in stamped_tables()[1:]:
+            await _stamp_all(conn, table)
+        return
+    ids = sorted({p for p in patient_ids if p})
+    for i in range(0, len(ids), 500):
+        nos = await patient_nos(conn, ids[i:i + 500])
+        by_no: dict[int | None, list[str]] = {}
+        for pid in ids[i:i + 500]:
+            by_no.setdefault(nos[pid], []).append(pid)
+        for no, pids in by_no.items():
+            for table in stamped_tables()[1:]:
+                await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=no))
 
 
 async def load_policy_doc(conn: AsyncConnection) -> dict:
@@ -192,9 +218,9 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
             for table in stamped_tables():
                 await conn.execute(update(table).where(table.c.patient_id.in_(pids[i:i + 500]))
-                                   .values(consent_profile=key))
+                                   .values(consent_no=profile_no(key)))
     return len(patients)
 
 
-__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "lock_patients", "recompute", "stamp_dicom",
-           "stamped_tables", "store_policy_doc"]
+__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "lock_patients", "patient_nos", "recompute",
+           "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]

@@ -5,7 +5,7 @@ WADO-RS /metadata, the cohort compiler and the OMOP export need without re-readi
 carries ``patient_id`` (the common-model patient id: the FHIR Patient id when the DICOM patient matched
 one by identifier, otherwise a stable ``dicom-<hash>`` id with its own ``cm_patient`` row) so the consent
 gate's ``AccessScope.patient_clause`` applies to every read.  Study, series and instance rows also carry
-the patient's effective consent profile key (``consent_profile``, kept in step by
+the number of the patient's effective consent profile (``consent_no``, kept in step by
 ``gateway.store.consent_schema``) so QIDO/WADO filter on the row itself (``AccessScope.row_clause``).
 
 Text columns hold DICOM values as stored (dates ``YYYYMMDD``, multi-values backslash-joined);
@@ -14,7 +14,7 @@ Text columns hold DICOM values as stored (dates ``YYYYMMDD``, multi-values backs
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Index, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, String, Table, Text
 
 from gateway.store.schema import PK, metadata
 
@@ -23,6 +23,7 @@ dcm_study = Table(
     metadata,
     Column("study_uid", String(64), primary_key=True),
     Column("patient_id", String(64)),
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
     Column("dicom_patient_id", String(64)),
     Column("issuer_of_patient_id", String(64)),
     Column("patient_name", String(324)),
@@ -39,7 +40,6 @@ dcm_study = Table(
     Column("num_series", Integer, nullable=False, default=0),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("updated_ts", Float, nullable=False),
-    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_study_patient", dcm_study.c.patient_id)
 Index("ix_dcm_study_pid", dcm_study.c.dicom_patient_id)
@@ -53,6 +53,7 @@ dcm_series = Table(
     Column("series_uid", String(64), primary_key=True),
     Column("study_uid", String(64), nullable=False),
     Column("patient_id", String(64)),
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
     Column("modality", String(16)),
     Column("series_number", Integer),
     Column("series_description", String(255)),
@@ -67,7 +68,6 @@ dcm_series = Table(
     Column("series_date", String(8)),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("updated_ts", Float, nullable=False),
-    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_series_study", dcm_series.c.study_uid)
 Index("ix_dcm_series_patient", dcm_series.c.patient_id)
@@ -80,6 +80,7 @@ dcm_instance = Table(
     Column("series_uid", String(64), nullable=False),
     Column("study_uid", String(64), nullable=False),
     Column("patient_id", String(64)),
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
     Column("sop_class_uid", String(64)),
     Column("instance_number", Integer),
     Column("transfer_syntax", String(64)),
@@ -90,7 +91,6 @@ dcm_instance = Table(
     Column("size", Integer, nullable=False),
     Column("stored_ts", Float, nullable=False),
     Column("metadata", Text),  # DICOM JSON (PS3.18 F.2) with BulkDataURI placeholders
-    Column("consent_profile", String(64)),  # copy of cm_patient.consent_profile (consent gate, issue #4)
 )
 Index("ix_dcm_instance_series", dcm_instance.c.series_uid, dcm_instance.c.instance_number)
 Index("ix_dcm_instance_study", dcm_instance.c.study_uid)

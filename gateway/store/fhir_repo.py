@@ -78,7 +78,7 @@ async def get_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]], scope
         rows = await conn.execute(
             select(*_COLS).where(
                 R.c.res_type == t, R.c.res_id.in_(sorted(ids)), R.c.deleted.is_(False),
-                scope.row_clause(R.c.patient_id, R.c.consent_profile),
+                scope.row_clause(R.c.consent_no),
             )
         )
         out.extend(_stored(r) for r in rows)
@@ -197,8 +197,8 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
 
     if touched:
         await recompute(conn, touched)  # also restamps every resource of those patients
-    await stamp_resources(conn, [rid_by_key[(r.res_type, r.res_id)] for r in results
-                                 if r.patient_id is not None and r.patient_id not in touched])
+    await stamp_resources(conn, [(rid_by_key[(r.res_type, r.res_id)], r.patient_id) for r in results
+                                 if r.patient_id not in touched])
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content)
@@ -346,7 +346,7 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
     ordered = sorted(q.clauses, key=_selectivity)
-    where = [R.c.deleted.is_(False), scope.row_clause(R.c.patient_id, R.c.consent_profile)]
+    where = [R.c.deleted.is_(False), scope.row_clause(R.c.consent_no)]
     where += [clause_sql(c, q.res_type, driving=i == 0) for i, c in enumerate(ordered)]
     if not ordered or _selectivity(ordered[0]) in (-1, 9):
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
@@ -386,7 +386,7 @@ async def _includes(conn: AsyncConnection, q: SearchQuery, matches: list[Stored]
             .where(
                 ref.c.res_type == inc.source_type, ref.c.param == inc.param, ref.c.target_id.in_(ids),
                 or_(ref.c.target_type == q.res_type, ref.c.target_type.is_(None)),
-                R.c.deleted.is_(False), scope.row_clause(R.c.patient_id, R.c.consent_profile),
+                R.c.deleted.is_(False), scope.row_clause(R.c.consent_no),
             )
         )
         for r in await conn.execute(stmt):

@@ -53,10 +53,11 @@ fhir_resource = Table(
     Column("deleted", Boolean, nullable=False, default=False),
     #: Logical id of the Patient whose compartment holds this resource (consent gate joins on it).
     Column("patient_id", String(64), nullable=True),
+    #: The number of the patient's effective consent profile (gateway.store.scope.profile_no of
+    #: cm_patient.consent_profile; 0 without a patient), kept in step by gateway.store.consent_schema, so
+    #: the gate filters on the row itself (issue #4).  Before ``content``: read without skipping it.
+    Column("consent_no", BigInteger, nullable=True),
     Column("content", Text, nullable=True),
-    #: The patient's effective consent profile key (copy of cm_patient.consent_profile, kept in step by
-    #: gateway.store.consent_schema) so the gate filters on the row itself (issue #4, bench).
-    Column("consent_profile", String(64), nullable=True),
     UniqueConstraint("res_type", "res_id", name="uq_fhir_resource_type_id"),
 )
 Index("ix_fhir_resource_type_lu", fhir_resource.c.res_type, fhir_resource.c.lu_ts)

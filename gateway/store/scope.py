@@ -8,11 +8,26 @@ compartment (Organization, Practitioner, ...) carry no patient data and stay vis
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, false, or_, select, true
 
 from gateway.store.schema import cm_patient
+
+
+def profile_no(key: str | None) -> int | None:
+    """The small integer stamped on rows for a consent profile key (``consent_no``): 56 bits of the
+    key's SHA-256, so every writer derives it without a look-up; ``None`` (no effective profile) stays
+    ``None``.  Rows outside any patient compartment carry :data:`NO_PATIENT`.  The gate refuses to permit
+    keys whose numbers collide (fail closed), so a number identifies one profile."""
+    if key is None:
+        return None
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big") + 1
+
+
+#: ``consent_no`` of rows that belong to no patient (Organization, Practitioner, ...): always visible.
+NO_PATIENT = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +38,12 @@ class AccessScope:
     allowed_profiles: frozenset[str] = frozenset()
     #: A short, PHI-free description for audit records ("research DUO:0000040 → 12/130 profiles").
     summary: str = "unrestricted"
+    #: The allowed profiles' numbers (:func:`profile_no`); derived from ``allowed_profiles`` when not given.
+    allowed_nos: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.allowed_profiles and not self.allowed_nos:
+            object.__setattr__(self, "allowed_nos", frozenset(profile_no(k) for k in self.allowed_profiles))
 
     def patient_clause(self, patient_col: ColumnElement, *, allow_no_patient: bool = True) -> ColumnElement:
         """SQL predicate: the row's patient is visible in this scope."""
@@ -36,14 +57,14 @@ class AccessScope:
         visible = patient_col.in_(allowed)
         return or_(patient_col.is_(None), visible) if allow_no_patient else visible
 
-    def row_clause(self, patient_col: ColumnElement, profile_col: ColumnElement) -> ColumnElement:
-        """Like :meth:`patient_clause` for tables that carry the patient's consent profile key on the
-        row itself (``fhir_resource.consent_profile``): no per-row subquery."""
+    def row_clause(self, no_col: ColumnElement) -> ColumnElement:
+        """Like :meth:`patient_clause` for tables whose rows carry their patient's profile number
+        (``consent_no``, kept in step by :mod:`gateway.store.consent_schema`): one integer ``IN`` test
+        on the row itself — no per-row subquery, no ``OR`` (rows without a patient carry
+        :data:`NO_PATIENT`, patients without an effective profile ``NULL``)."""
         if self.unrestricted:
             return true()
-        if not self.allowed_profiles:
-            return patient_col.is_(None)
-        return or_(patient_col.is_(None), profile_col.in_(sorted(self.allowed_profiles)))
+        return no_col.in_([NO_PATIENT, *sorted(self.allowed_nos)])
 
     def patient_ids_subquery(self):
         """SELECT of visible patient ids (None when unrestricted: every patient)."""

@@ -221,8 +221,8 @@ class QidoQuery:
             frm = IN.join(SE, SE.c.series_uid == IN.c.series_uid).join(ST, ST.c.study_uid == IN.c.study_uid)
             order = [IN.c.series_uid, IN.c.instance_number, IN.c.sop_uid]
             patient = IN.c.patient_id
-        # consent gate: the level's own row carries its patient's profile key (no per-row patient subquery)
-        where = [scope.row_clause(patient, patient.table.c.consent_profile)]
+        # consent gate: the level's own row carries its patient's profile number (no per-row patient subquery)
+        where = [scope.row_clause(patient.table.c.consent_no)]
         if self.study_uid:
             where.append(ST.c.study_uid == self.study_uid)
         if self.series_uid:

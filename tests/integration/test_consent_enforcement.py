@@ -372,3 +372,37 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
         async with http.get(f"{gw.dicomweb}/studies", params={"limit": "100", "PatientID": "p-gru"},
                             headers=gru | {"Accept": "application/dicom+json"}) as r:
             assert {i["0020000D"]["Value"][0] for i in await r.json()} == {st, late.StudyInstanceUID}
+
+
+async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
+    """A store from before ``consent_no`` existed: start-up adds the column and back-fills it from
+    cm_patient, and every route then returns exactly the permitted patients again."""
+    from sqlalchemy import text
+
+    from gateway.store.consent_schema import ensure_indexes, stamped_tables
+    from tests.dicom_synth import ct_series
+
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        for pid in POPULATION:
+            (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
+            body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
+                    + f"\r\n--{BOUNDARY}--\r\n".encode())
+            async with http.post(f"{gw.dicomweb}/studies", data=body,
+                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+        async with gw.app[keys.DB].write() as conn:
+            for table in stamped_tables():
+                await conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN consent_no"))
+        async with gw.app[keys.DB].write() as conn:
+            await ensure_indexes(conn)  # what start-up runs (consent_ctx)
+        for name in ("biomedical+irb", "melanoma+noncommercial"):
+            purpose, attrs, permitted, rule = PURPOSES[name]
+            h = gw.headers("analyst", purpose=purpose, attrs=attrs)
+            assert await _visible_everywhere(gw, http, h) == _expect(permitted), f"{name}: {rule}"
+            for level in ("studies", "series", "instances"):
+                async with http.get(f"{gw.dicomweb}/{level}", params={"limit": "100"},
+                                    headers=h | {"Accept": "application/dicom+json"}) as r:
+                    found = await r.json() if r.status == 200 else []
+                assert {i["00100020"]["Value"][0] for i in found} == permitted, f"QIDO {level} {name}"
