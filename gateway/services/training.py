@@ -621,7 +621,7 @@ class SiteTrainer:
         if not rows:
             raise NotFound(f"no training rounds of run {run_id} at this site")
         await self.audit.record(AccessRecord(requester, "R", "training-manifest", "0", detail=f"run={run_id}"))
-        return [{**{k: v for k, v in r.items() if k != "manifest"}, "manifest": orjson.loads(r["manifest"])}
+        return [{**{str(k): v for k, v in r.items() if k != "manifest"}, "manifest": orjson.loads(r["manifest"])}
                 for r in rows]
 
     async def deploy(self, requester: Requester, doc: Any, inference, *, hub: str, path: str = "") -> dict:

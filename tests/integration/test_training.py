@@ -32,7 +32,7 @@ N_PATIENTS = 40
 SITES = ("site-a", "site-b", "site-c")
 COHORT = {"imaging": {"modality": "CT"}}
 LABEL = {"condition": {"code": f"{LESION['system']}|{LESION['code']}"}}
-FAST = {"optimizer": {"name": "adam", "lr": 0.004, "batch_size": 16}, "min_cohort": 10}
+FAST = {"optimizer": {"name": "adam", "lr": 0.01, "batch_size": 16}, "min_cohort": 10}
 
 
 async def _site(tmp_path, db_url, name, kind, pub, **training):
@@ -113,7 +113,7 @@ def pooled_auroc(m, x, y) -> float:
 
 
 async def test_federated_model_beats_every_local_only_model(net):
-    rounds, epochs = 6, 2
+    rounds, epochs = 12, 1
     fed = await wait(net, await start(net, rounds=rounds, local_epochs=epochs, min_sites=3))
     assert fed["state"] == "succeeded", fed["error"]
     local = {}
