@@ -1,0 +1,80 @@
+"""The STOW-RS multipart/related splitter (gateway/handlers/dicomweb.py:_MultipartStream): parts come out byte
+for byte whatever the block sizes the network delivers, with preamble, epilogue, transport padding, parts
+without headers and data that looks like the start of a delimiter; malformed bodies → BadRequest."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.handlers.dicomweb import _MultipartStream, _part_type
+
+B = b"fedgate-boundary-0123"
+
+
+class Blocks:
+    """An aiohttp-StreamReader-like source delivering ``data`` in blocks of ``size`` bytes."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size, self.pos = data, size, 0
+
+    async def read(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + min(n, self.size)]
+        self.pos += len(out)
+        return out
+
+
+async def _split(body: bytes, size: int) -> list[tuple[bytes, bytes]]:
+    stream = _MultipartStream(Blocks(body, size), B)
+    out = []
+    while (headers := await stream.next_part()) is not None:
+        chunks: list[bytes] = []
+        await stream.body(chunks.append)
+        out.append((headers, b"".join(chunks)))
+    return out
+
+
+def _body(parts: list[tuple[bytes, bytes]], *, preamble: bytes = b"", epilogue: bytes = b"",
+          padding: bytes = b"") -> bytes:
+    out = preamble + (b"\r\n" if preamble else b"")
+    for headers, data in parts:
+        out += b"--" + B + padding + b"\r\n" + headers + b"\r\n" + data + b"\r\n"
+    return out + b"--" + B + b"--" + padding + b"\r\n" + epilogue
+
+
+TRICKY = b"\r\n--" + B[:-1] + b"X" + b"\r\n-" + b"--" + B[:5] + b"\r"  # delimiter prefixes inside the data
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 31, 1024, 65536, 10**7])
+async def test_parts_come_out_byte_for_byte(size):
+    parts = [
+        (b"Content-Type: application/dicom\r\n", os.urandom(5000) + TRICKY + os.urandom(300)),
+        (b"", b"no headers at all"),
+        (b"Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\nX-Other: y\r\n", b""),
+        (b"Content-Type: text/plain\r\n", TRICKY),
+    ]
+    body = _body(parts, preamble=b"this is the preamble", epilogue=b"and an epilogue", padding=b" \t ")
+    got = await _split(body, size)
+    assert [d for _, d in got] == [d for _, d in parts]
+    assert [h for h, _ in got] == [h.removesuffix(b"\r\n") for h, _ in parts]
+    assert [_part_type(h) for h, _ in got] == ["application/dicom", "application/dicom", "application/dicom",
+                                                 "text/plain"]
+
+
+@pytest.mark.parametrize("body", [
+    b"no boundary lines at all",
+    b"--" + B + b"\r\nContent-Type: application/dicom\r\n\r\ndata without a closing delimiter",
+    b"--" + B + b"\r\nContent-Type: application/dicom\r\nheaders that never end",
+    b"--" + B + b"junk after the delimiter\r\n\r\ndata\r\n--" + B + b"--\r\n",
+    b"--" + B,
+])
+@pytest.mark.parametrize("size", [3, 65536])
+async def test_malformed_bodies_are_bad_requests(body, size):
+    with pytest.raises(BadRequest, match="malformed multipart body"):
+        await _split(body, size)
+
+
+async def test_empty_multipart_has_no_parts():
+    assert await _split(b"--" + B + b"--\r\n", 5) == []
