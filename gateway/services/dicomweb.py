@@ -103,10 +103,11 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
         return out
     out.tmp, out.size = part.tmp, part.size
     out.meta_json = orjson.dumps(meta).decode()
-    out.rows = attrs.index_rows(ds, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
+    src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
+    out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
     out.content = _content_rows(ds)
-    out.patient_key = (attrs._s(ds, "PatientID", 64), attrs._s(ds, "IssuerOfPatientID", 64))
-    out.patient_meta = {"sex": attrs._s(ds, "PatientSex", 16), "birth": attrs._s(ds, "PatientBirthDate", 8)}
+    out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
+    out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
     return out
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 #: Placeholder in stored metadata; replaced by the instance's bulkdata base URL when served.
@@ -27,29 +29,28 @@ class InvalidInstance(ValueError):
     """The dataset lacks what a stored instance needs (the message names the attribute)."""
 
 
-def _s(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+def _s(ds: Dataset | MetaView, keyword: str, limit: int | None = None) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) or getattr(value, "is_multi", False) \
-        else str(value)
+    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple, MultiValue)) else str(value)
     text = text.strip()
     if not text:
         return None
     return text[:limit] if limit else text
 
 
-def _f(ds: Dataset, keyword: str) -> float | None:
+def _f(ds: Dataset | MetaView, keyword: str) -> float | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        return float(value[0] if isinstance(value, (list, tuple)) or getattr(value, "is_multi", False) else value)
+        return float(value[0] if isinstance(value, (list, tuple, MultiValue)) else value)
     except (TypeError, ValueError, IndexError):
         return None
 
 
-def _i(ds: Dataset, keyword: str) -> int | None:
+def _i(ds: Dataset | MetaView, keyword: str) -> int | None:
     v = _f(ds, keyword)
     return int(v) if v is not None else None
 
@@ -75,7 +76,37 @@ def check_instance(ds: Dataset) -> None:
             raise InvalidInstance(f"{kw} is longer than 64 characters")
 
 
-def index_rows(ds: Dataset, *, blob_path: str, size: int, transfer_syntax: str, now: float,
+class MetaView:
+    """Read-only ``get`` / ``in`` over the DICOM JSON metadata of a dataset, for :func:`index_rows` and
+    :func:`_s` & co.: values come from the JSON (already decoded, no second pydicom conversion), except where
+    the JSON does not hold pydicom's value as text — DS (the original string matters: ``"120"`` not
+    ``120.0``), person names with several component groups, elements the strict encoding dropped — which
+    are read from the dataset itself. ``index_rows(MetaView(meta, ds)) == index_rows(ds)`` (tested)."""
+
+    def __init__(self, meta: dict[str, Any], ds: Dataset) -> None:
+        self.meta, self.ds = meta, ds
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        tag = tag_for_keyword(keyword)
+        entry = self.meta.get(f"{tag:08X}") if tag is not None else None
+        if entry is None or entry.get("vr") == "DS":
+            return self.ds.get(keyword, default)
+        values = entry.get("Value")
+        if values is None:
+            return "" if "InlineBinary" not in entry and "BulkDataURI" not in entry else self.ds.get(keyword, default)
+        if entry["vr"] == "PN":
+            if any(set(v) != {"Alphabetic"} for v in values):
+                return self.ds.get(keyword, default)
+            values = [v["Alphabetic"] for v in values]
+        elif entry["vr"] == "SQ":
+            return self.ds.get(keyword, default)
+        return values[0] if len(values) == 1 else list(values)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.ds
+
+
+def index_rows(ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_syntax: str, now: float,
                patient_id: str | None) -> tuple[dict, dict, dict]:
     """(study, series, instance) rows for one stored instance (counts are filled by the store)."""
     study = {

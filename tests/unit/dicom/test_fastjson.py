@@ -222,3 +222,34 @@ def test_sequences_nested_and_odd():
 def test_header_path_announces_pixel_data_as_bulk():
     got = _fast(_file(_ct()), stop_before_pixels=True)
     assert "7FE00010" not in got  # the STOW parser adds the placeholder itself (see _read_header)
+
+
+def _rows_both_ways(raw: bytes) -> tuple[tuple, tuple]:
+    kw = {"blob_path": "", "size": len(raw), "transfer_syntax": "x", "now": 0.0, "patient_id": None}
+    plain = pydicom.dcmread(io.BytesIO(raw), defer_size=1024, stop_before_pixels=True)
+    ds = pydicom.dcmread(io.BytesIO(raw), defer_size=1024, stop_before_pixels=True)
+    meta = dataset_json(ds, bulk_data_threshold=attrs.BULK_THRESHOLD, bulk_data_element_handler=attrs.bulk_handler)
+    return attrs.index_rows(attrs.MetaView(meta, ds), **kw), attrs.index_rows(plain, **kw)
+
+
+@pytest.mark.parametrize("path", DEMO, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_index_rows_from_the_metadata_equal_pydicom(path: Path):
+    via_json, via_pydicom = _rows_both_ways(path.read_bytes())
+    assert via_json == via_pydicom
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"KVP": "120", "SliceThickness": "0.50", "PixelSpacing": ["0.5", "0.50"]},
+    {"PatientName": "Yamada^Tarou=山田^太郎", "SpecificCharacterSet": "ISO_IR 192"},
+    {"Modality": "ct", "SeriesNumber": "007", "InstanceNumber": None, "StudyDescription": ""},
+    {"Manufacturer": ["A", "B"], "NumberOfFrames": "3", "PatientID": " padded "},
+], ids=["plain", "ds", "pn-groups", "invalid-and-empty", "multi"])
+def test_index_rows_of_odd_values_equal_pydicom(extra):
+    ds = _ct()
+    for keyword, value in extra.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    via_json, via_pydicom = _rows_both_ways(_file(ds))
+    assert via_json == via_pydicom
