@@ -103,6 +103,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from gateway.training_cli import cmd_train as run
+
+    return run(args, _settings(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.federation_cli import cmd_demo as run
 
@@ -175,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purpose", help="DUO purpose codes for a dev token (default DUO:0000042)")
     p.add_argument("--deadline", type=float, help="per-site deadline in seconds")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("train", help="federated training through a hub: start / status / cancel / deploy (docs/training.md)")
+    _common(p)
+    p.add_argument("action", choices=["start", "status", "cancel", "deploy"])
+    p.add_argument("target", nargs="?", help="start: spec JSON file; status/cancel: run id; deploy: NAME@VERSION")
+    p.add_argument("--hub", help="hub base URL (default $FEDGATE_HUB or this gateway's host:port)")
+    p.add_argument("--token", help="bearer token (default $FEDGATE_TOKEN, else a dev token from --data-dir)")
+    p.add_argument("--purpose", help="DUO purpose codes for a dev token (default DUO:0000042)")
+    p.add_argument("--wait", action="store_true", help="start/status: follow the run until it ends")
+    p.add_argument("--json", action="store_true", help="status: print the hub's JSON")
+    p.add_argument("--sites", help="deploy: comma-separated site ids (default all)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="start a federation hub and three sites on loopback with synthetic data")
     p.add_argument("--dir", default="./demo-federation", help="data directory for the four gateways")

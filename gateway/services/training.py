@@ -338,8 +338,10 @@ def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray],
     global_state = fl.decode_state(weights)
     fl.load_state(module, global_state)
     module.to(device)
+    t_eval = time.perf_counter()
     metrics = evaluate(module, *test, groups, min_cell, device)
-    out: dict[str, Any] = {"metrics": metrics, "train_s": 0.0, "cpu_s": 0.0, "gpu_s": 0.0, "device": device}
+    out: dict[str, Any] = {"metrics": metrics, "train_s": 0.0, "cpu_s": 0.0, "gpu_s": 0.0, "device": device,
+                           "eval_s": time.perf_counter() - t_eval}
     if not do_train:
         return out
     xtr, ytr = train
@@ -491,6 +493,7 @@ class SiteTrainer:
                 raise BadRequest("secure.participants: {site id: X25519 public key}, including this site",
                                  expression=["$.secure.participants"])
 
+        t_site = time.perf_counter()
         scope = await self.gate.scope_for(requester)
         data = await self._select(run_id, spec, scope)
         n_patients = len({p for p, *_ in data["rows"]})
@@ -519,7 +522,8 @@ class SiteTrainer:
                                "patients_train": len({r[0] for r in manifest["train"]}),
                                "metrics": res["metrics"], "train_loss": res.get("train_loss"),
                                "consent_hash": consent_hash, "manifest_hash": manifest_hash,
-                               "train_s": round(res["train_s"], 4), "cpu_s": round(res["cpu_s"], 4),
+                               "train_s": round(res["train_s"], 4), "eval_s": round(res["eval_s"], 4),
+                               "site_s": round(time.perf_counter() - t_site, 4), "cpu_s": round(res["cpu_s"], 4),
                                "gpu_s": round(res["gpu_s"], 4), "device": res["device"],
                                "energy_j": round(j, 3), "co2e_g": round(co2, 6)}
         if do_train:
@@ -835,13 +839,16 @@ class TrainingHub:
             t_agg = time.perf_counter() - t_sites
             wall = time.perf_counter() - t0
             max_train = max((a["train_s"] for a in ok), default=0.0)
+            max_eval = max((a.get("eval_s") or 0.0 for a in ok), default=0.0)
+            max_site = max((a.get("site_s") or 0.0 for a in ok), default=0.0)
             e = sum(a.get("energy_j") or 0.0 for a in ok)
             co2 = sum(a.get("co2e_g") or 0.0 for a in ok)
             lineage["energy_j"] += e
             lineage["co2e_g"] += co2
             lineage["rounds"].append({
                 "round": rnd, "weights_hash": fl.state_hash(state), "wall_s": round(wall, 4),
-                "max_train_s": round(max_train, 4), "aggregate_s": round(t_agg, 5),
+                "max_train_s": round(max_train, 4), "max_eval_s": round(max_eval, 4),
+                "max_site_s": round(max_site, 4), "aggregate_s": round(t_agg, 5),
                 "overhead_s": round(wall - max_train, 4), "energy_j": round(e, 3), "co2e_g": round(co2, 6),
                 "participants": participants,
                 "sites": {a["site"]: ({"status": "ok", "n_train": a["n_train"], "n_test": a["n_test"],

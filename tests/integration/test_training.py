@@ -389,3 +389,29 @@ async def _job(gw, http, body, subject="ana") -> dict:
             return job
         await asyncio.sleep(0.2)
     raise AssertionError(job)
+
+
+async def test_cli_start_wait_and_status(net, tmp_path):
+    import json
+    import sys
+
+    hub = net["hub"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL,
+                                "rounds": 2, "min_sites": 3, **FAST}))
+    token = hub.token("analyst", purpose=PURPOSE, subject="ana")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "train", "start", str(spec), "--hub", hub.url, "--token", token, "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "state succeeded" in text and "round   2" in text and "model fl-ct-lesion-classifier version" in text
+    run_id = text.split()[1]
+    doc = await run_doc(net, run_id)
+    assert doc["state"] == "succeeded" and doc["round"] == 2
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "train", "cancel", run_id, "--hub", hub.url, "--token", token,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 1 and "already succeeded" in out.decode()
