@@ -176,11 +176,9 @@ async def main() -> None:
 
         async with app[keys.DB].read() as conn:
             profiles = (await conn.execute(select(func.count(func.distinct(cm_patient.c.consent_profile))))).scalar()
-        if app[keys.DB].dialect == "postgresql":
-            from sqlalchemy import text
-
-            async with app[keys.DB].write() as conn:
-                await conn.execute(text("ANALYZE"))
+        # planner statistics, as the gateway refreshes them after bulk writes (without them SQLite may drive
+        # the ModalitiesInStudy EXISTS from the modality index: O(studies x series) for both arms)
+        await app[keys.DB].analyze()
         gated = {"Authorization": "Bearer " + issue_dev_token(
             settings, subject="ana", roles=["analyst"], purpose={"codes": ["DUO:0000037"]},
             attrs={"irb_approved": True, "location": "DE", "commercial_purpose": False}, ttl_s=36000)}

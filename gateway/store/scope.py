@@ -9,9 +9,9 @@ compartment (Organization, Practitioner, ...) carry no patient data and stay vis
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, false, or_, select, true
+from sqlalchemy import ColumnElement, false, literal_column, or_, select, true
 
 from gateway.store.schema import cm_patient
 
@@ -41,9 +41,14 @@ class AccessScope:
     #: The allowed profiles' numbers (:func:`profile_no`); derived from ``allowed_profiles`` when not given.
     allowed_nos: frozenset[int] = frozenset()
 
+    #: ``(0, n1, n2, ...)``: the SQL literal of ``NO_PATIENT`` + ``allowed_nos`` (set in __post_init__).
+    _in_list: str = field(default="", repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if self.allowed_profiles and not self.allowed_nos:
             object.__setattr__(self, "allowed_nos", frozenset(profile_no(k) for k in self.allowed_profiles))
+        nos = [NO_PATIENT, *sorted(self.allowed_nos)]
+        object.__setattr__(self, "_in_list", "(" + ", ".join(str(int(n)) for n in nos) + ")")
 
     def patient_clause(self, patient_col: ColumnElement, *, allow_no_patient: bool = True) -> ColumnElement:
         """SQL predicate: the row's patient is visible in this scope."""
@@ -64,7 +69,10 @@ class AccessScope:
         :data:`NO_PATIENT`, patients without an effective profile ``NULL``)."""
         if self.unrestricted:
             return true()
-        return no_col.in_([NO_PATIENT, *sorted(self.allowed_nos)])
+        # A literal list (integers computed here, never request input), rendered once per scope: as ~100
+        # bound parameters the driver work cost more than the per-row test itself (PostgreSQL QIDO
+        # 1.5 -> 2.9 ms in process), and a constant statement stays in SQLAlchemy's compiled cache.
+        return no_col.op("IN")(literal_column(self._in_list))
 
     def patient_ids_subquery(self):
         """SELECT of visible patient ids (None when unrestricted: every patient)."""
