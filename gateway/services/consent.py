@@ -13,7 +13,8 @@ patient's active Consent resources and the site policy's matching collections; i
 *any* entry valid today (``provision.period``/policy period, checked here at request time)
 evaluates to permit.  Indeterminate and deny hide the patient (fail closed).  Decisions are cached
 per (purpose, requester attributes, date, profile generation), so a request costs dict look-ups
-and the store sees ``consent_profile IN (...)``.
+and the store sees ``consent_no IN (...)`` on stamped rows (``AccessScope.row_clause``) or
+``consent_profile IN (...)`` through ``cm_patient`` (``AccessScope.patient_clause``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The gate evaluates consent per *profile* (few) not per record (many): a restricted scope carries the
 set of ConsentProfile keys permitted for the request's purpose and requester, and every read path
-adds :meth:`AccessScope.patient_clause` to its WHERE clause.  Resources outside any Patient
+adds :meth:`AccessScope.row_clause` (tables whose rows carry ``consent_no``) or
+:meth:`AccessScope.patient_clause` (the others) to its WHERE clause.  Resources outside any Patient
 compartment (Organization, Practitioner, ...) carry no patient data and stay visible.
 """
 
