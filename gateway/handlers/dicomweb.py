@@ -8,6 +8,7 @@ HTTP concerns only — media types, multipart framing, Accept negotiation; the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -313,8 +314,11 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
     svc = _svc(request)
     wanted = _accept_dicom(request)
     m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"),
+                               metadata=False)
     plan = _plan_transfer(rows, wanted)
+    if request.method != "HEAD" and all(t is None for t in plan):
+        return await _retrieve_as_stored(request, svc, rows)
     resp, boundary = await _multipart(request, "application/dicom")
     for row, target in zip(rows, plan):
         path = svc.blob_path(row)
@@ -329,6 +333,32 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
         await resp.write(b"\r\n")
     await resp.write(f"--{boundary}--\r\n".encode())
     await resp.write_eof()
+    return resp
+
+
+async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: list[dict]) -> web.StreamResponse:
+    """Instances sent as stored: the files go out with ``loop.sendfile`` (zero-copy; asyncio falls back to
+    reads where the transport cannot), framed by multipart headers, with an exact Content-Length."""
+    boundary = secrets.token_hex(16)
+    heads = [f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={r['transfer_syntax']}\r\n\r\n"
+             .encode() for r in rows]
+    tail = f"--{boundary}--\r\n".encode()
+    with contextlib.ExitStack() as files:
+        opened = [files.enter_context(open(svc.blob_path(r), "rb")) for r in rows]
+        sizes = [os.fstat(f.fileno()).st_size for f in opened]
+        resp = web.StreamResponse(headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        for head, f, size in zip(heads, opened, sizes):
+            await resp.write(head)
+            if request.transport is None:
+                raise ConnectionResetError("connection lost")
+            await loop.sendfile(request.transport, f, 0, size)
+            await resp.write(b"\r\n")
+        await resp.write(tail)
+        await resp.write_eof()
     return resp
 
 
@@ -372,7 +402,8 @@ async def frames(request: web.Request) -> web.StreamResponse:
     svc = _svc(request)
     m = request.match_info
     nums = _frame_numbers(m["frames"])
-    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"])
+    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
+                                metadata=False)
     try:
         data = await asyncio.to_thread(pixels.frames, svc.blob_path(row), nums)
     except pixels.PixelError as exc:
@@ -443,7 +474,8 @@ async def _render(request: web.Request, *, thumbnail: bool) -> web.Response:
         opts.setdefault("viewport", (128, 128))
     svc = _svc(request)
     m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"),
+                               metadata=False)
     images = [r for r in rows if r.get("rows")]
     if not images:
         raise NotFound("no image instance to render")
@@ -470,7 +502,8 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Bulkdata (PS3.18 §10.4.1.1.6): the value of one bulk attribute."""
     svc = _svc(request)
     m = request.match_info
-    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"])
+    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
+                                metadata=False)
     try:
         data = await asyncio.to_thread(pixels.bulk_value, svc.blob_path(row), m["tag"])
     except pixels.PixelError as exc:

@@ -611,8 +611,9 @@ class DicomwebService:
 
     # ---------------------------------------------------------------------------------- WADO-RS
     async def instances(self, requester: Requester, study: str, series: str | None = None,
-                        sop: str | None = None) -> list[dict]:
-        """Visible instances of a study/series/instance (404 when none is visible)."""
+                        sop: str | None = None, *, metadata: bool = True) -> list[dict]:
+        """Visible instances of a study/series/instance (404 when none is visible); ``metadata=False``
+        leaves out the stored DICOM JSON (a few KB per row) for routes that only need the file."""
         scope = await self.gate.scope_for(requester)
         c = dcm_instance.c
         where = [c.study_uid == study, scope.row_clause(c.consent_no)]
@@ -621,7 +622,8 @@ class DicomwebService:
         if sop:
             where.append(c.sop_uid == sop)
         async with self.db.read() as conn:
-            rows = (await conn.execute(select(dcm_instance).where(and_(*where))
+            cols = dcm_instance.c if metadata else [col for col in dcm_instance.c if col.name != "metadata"]
+            rows = (await conn.execute(select(*cols).where(and_(*where))
                                        .order_by(c.series_uid, c.instance_number, c.sop_uid))).mappings().all()
         if not rows:
             what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"

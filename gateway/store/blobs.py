@@ -24,6 +24,7 @@ class BlobStore:
         self.root = root
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._real_root = os.path.realpath(root)
 
     def temp_path(self) -> Path:
         return self.tmp / f"{secrets.token_hex(12)}.part"
@@ -34,10 +35,11 @@ class BlobStore:
         return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(4)}.dcm"
 
     def path(self, rel: str) -> Path:
-        p = (self.root / rel).resolve()
-        if self.root.resolve() not in p.parents:
+        """The file of a relative blob path (string checks only: no per-request filesystem walk)."""
+        full = os.path.normpath(os.path.join(self._real_root, rel))
+        if not full.startswith(self._real_root + os.sep) or "\0" in full:
             raise ValueError("blob path escapes the store")
-        return p
+        return Path(full)
 
     @staticmethod
     def fsync(tmp: Path) -> None:
