@@ -22,9 +22,11 @@ import datetime as dt
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -36,18 +38,64 @@ from dicomweb_client.api import DICOMwebClient  # noqa: E402
 
 from tests.conftest import make_settings, start_gateway  # noqa: E402
 from tests.integration.federation_fixtures import hub_key_pem, site_federation  # noqa: E402
+from tests.procs import free_port, wait_ready  # noqa: E402
 from tests.training_data import KINDS, LESION, site_population  # noqa: E402
 
+SECRET = "bench-secret-" + "x" * 32
 
-async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path) -> dict:
+
+@dataclass
+class ProcSite:
+    """A site gateway in its own ``fedgate serve`` process (what a deployment has: no shared event loop/GIL)."""
+
+    settings: object
+    url: str
+    proc: subprocess.Popen
+
+    @property
+    def fhir(self) -> str:
+        return self.url + "/fhir"
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicomweb"
+
+    def headers(self, role: str) -> dict:
+        from gateway.auth import issue_dev_token
+
+        return {"Authorization": "Bearer " + issue_dev_token(self.settings, subject="bench", roles=[role], ttl_s=3600)}
+
+
+async def start_proc_site(tmp: Path, name: str, pub: str, threads: int) -> ProcSite:
+    data = tmp / name
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cfg = data / "site.toml"
+    cfg.write_text(f'site_id = "{name}"\ndata_dir = "{data}"\njwt_secret = "{SECRET}"\nport = {port}\n'
+                   f'log_level = "WARNING"\n\n[federation]\nrole = "site"\n'
+                   f'trusted_hubs = [{{id = "hub", public_key = "{pub}"}}]\n[consent]\nrefresh_s = 0\n'
+                   f'[training]\nmin_cohort = 5\n[inference]\nworker = false\n')
+    env = dict(os.environ, FEDGATE_CONFIG=str(cfg), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    await wait_ready(url, proc, timeout=60)
+    return ProcSite(make_settings(data, f"sqlite:///{data / 'fedgate.db'}", site_id=name, jwt_secret=SECRET), url, proc)
+
+
+async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path, processes: bool = False,
+              threads: int = 1) -> dict:
     priv, pub = hub_key_pem(tmp)
     sites = []
     for i in range(n_sites):
         name = f"site-{i}"
-        settings = make_settings(tmp / name, f"sqlite:///{tmp / (name + '.db')}", site_id=name, extra={
-            "federation": site_federation(pub), "consent": {"refresh_s": 0}, "training": {"min_cohort": 5},
-            "inference": {"worker": False}})
-        gw = await start_gateway(settings)
+        if processes:
+            gw = await start_proc_site(tmp, name, pub, threads)
+        else:
+            settings = make_settings(tmp / name, f"sqlite:///{tmp / (name + '.db')}", site_id=name, extra={
+                "federation": site_federation(pub), "consent": {"refresh_s": 0}, "training": {"min_cohort": 5},
+                "inference": {"worker": False}})
+            gw = await start_gateway(settings)
         bundle, datasets, _ = site_population(name, KINDS[i % 3], patients, seed=i)
         async with aiohttp.ClientSession() as http:
             async with http.post(gw.fhir, json=bundle, headers=gw.headers("ehr-system")
@@ -93,7 +141,11 @@ async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path) 
     finally:
         await hub.server.close()
         for gw in sites:
-            await gw.server.close()
+            if isinstance(gw, ProcSite):
+                gw.proc.terminate()
+                gw.proc.wait(10)
+            else:
+                await gw.server.close()
 
 
 def table(results: list[dict]) -> str:
@@ -125,12 +177,14 @@ async def main() -> None:
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--processes", action="store_true", help="every site in its own fedgate serve process")
+    ap.add_argument("--threads", type=int, default=1, help="--processes: torch/OpenMP threads per site process")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     results = []
     for n in a.sites:
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(await one(n, a.patients, a.rounds, a.epochs, Path(tmp)))
+            results.append(await one(n, a.patients, a.rounds, a.epochs, Path(tmp), a.processes, a.threads))
             print(results[-1], flush=True)
     md = table(results)
     print(md)
@@ -139,7 +193,8 @@ async def main() -> None:
         cmd = "bench/training_bench.py " + " ".join(sys.argv[1:])
         section = (f"\n## Federated training round overhead (issue 7) — {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC\n\n"
                    f"Machine: {platform.node()} ({os.cpu_count()} cores, shared; load average {load:.1f} at the end), "
-                   f"hub + sites in one process on loopback, SQLite per site, CPU torch. Command: `{cmd}`.\n\n"
+                   + ("hub in this process, every site its own `fedgate serve` process" if a.processes
+                      else "hub + sites in one process") + f" on loopback, SQLite per site, CPU torch. Command: `{cmd}`.\n\n"
                    f"{md}\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(section)
