@@ -394,6 +394,7 @@ async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
                 assert r.status == 200, await r.text()
         async with gw.app[keys.DB].write() as conn:
             for table in stamped_tables():
+                await conn.execute(text(f"DROP INDEX IF EXISTS ix_{table.name}_consent_no"))
                 await conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN consent_no"))
         async with gw.app[keys.DB].write() as conn:
             await ensure_indexes(conn)  # what start-up runs (consent_ctx)
