@@ -1,0 +1,53 @@
+"""AccessScope.row_clause against a real SQLite table (issue #4): rows stamped with consent_no are
+visible exactly when their number is NO_PATIENT or an allowed profile's number; NULL (no profile) and
+numbers of other or unknown profiles never are."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, create_engine, insert, select
+
+from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
+
+
+def _table():
+    md = MetaData()
+    t = Table("rows", md, Column("id", Integer, primary_key=True), Column("consent_no", BigInteger))
+    eng = create_engine("sqlite://")
+    md.create_all(eng)
+    return eng, t
+
+
+def test_profile_no_is_56_bits_of_the_keys_sha256_plus_one():
+    key = "a" * 64
+    expected = int(hashlib.sha256(key.encode()).hexdigest()[:14], 16) + 1
+    assert profile_no(key) == expected
+    assert profile_no(None) is None
+    assert 0 < profile_no("x") <= 2 ** 56  # never NO_PATIENT, fits a signed BIGINT
+
+
+def test_row_clause_filters_exactly_the_allowed_numbers():
+    eng, t = _table()
+    keys = [f"profile-{i}" for i in range(40)]
+    allowed = set(keys[::3])
+    rows = [{"id": 1, "consent_no": NO_PATIENT}, {"id": 2, "consent_no": None}]
+    rows += [{"id": 10 + i, "consent_no": profile_no(k)} for i, k in enumerate(keys)]
+    rows += [{"id": 99, "consent_no": 123456789}]  # a profile the gate does not know
+    with eng.begin() as conn:
+        conn.execute(insert(t), rows)
+        scope = AccessScope(unrestricted=False, allowed_profiles=frozenset(allowed), summary="t")
+        got = set(conn.execute(select(t.c.id).where(scope.row_clause(t.c.consent_no))).scalars())
+        assert got == {1} | {10 + i for i, k in enumerate(keys) if k in allowed}
+        nobody = AccessScope(unrestricted=False, allowed_profiles=frozenset(), summary="t")
+        assert set(conn.execute(select(t.c.id).where(nobody.row_clause(t.c.consent_no))).scalars()) == {1}
+        everyone = set(conn.execute(select(t.c.id).where(AccessScope().row_clause(t.c.consent_no))).scalars())
+        assert everyone == {r["id"] for r in rows}
+
+
+def test_row_clause_renders_integers_only():
+    scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k1", "k2"}), summary="t",
+                        allowed_nos=frozenset({7, 3}))
+    _, t = _table()
+    sql = str(scope.row_clause(t.c.consent_no).compile(compile_kwargs={"literal_binds": True}))
+    assert sql == "rows.consent_no IN (0, 3, 7)"
