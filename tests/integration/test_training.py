@@ -32,7 +32,7 @@ N_PATIENTS = 40
 SITES = ("site-a", "site-b", "site-c")
 COHORT = {"imaging": {"modality": "CT"}}
 LABEL = {"condition": {"code": f"{LESION['system']}|{LESION['code']}"}}
-FAST = {"optimizer": {"name": "adam", "lr": 0.01, "batch_size": 16}, "min_cohort": 10}
+FAST = {"optimizer": {"name": "adam", "lr": 0.01, "batch_size": 16}, "min_cohort": 10, "test_fraction": 0.3}
 
 
 async def _site(tmp_path, db_url, name, kind, pub, **training):
@@ -175,7 +175,7 @@ async def test_fedavg_equals_central_weighted_average_of_the_site_updates(net):
     init = fl.state_from_module(_module(5))
     body = {"run_id": run_id, "round": 1, "architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL,
             "images": {"modality": ["CT"]}, "local_epochs": 1, "optimizer": FAST["optimizer"], "min_cohort": 10,
-            "seed": 5, "test_fraction": 0.2, "weights": base64.b64encode(fl.encode_state(init)).decode(), "train": True}
+            "seed": 5, "test_fraction": FAST["test_fraction"], "weights": base64.b64encode(fl.encode_state(init)).decode(), "train": True}
     updates = []
     for name, (gw, _) in net["sites"].items():
         raw = orjson.dumps(body)
