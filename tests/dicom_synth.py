@@ -12,7 +12,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 def ct_series(*, patient_id: str, patient_name: str, n: int = 5, size: int = 64, study_uid: str | None = None,
               study_date: str = "20240115", modality: str = "CT", manufacturer: str = "ACME",
               accession: str = "ACC1", issuer: str | None = None, series_description: str = "AXIAL",
-              body_part: str = "CHEST", sex: str = "F", birth_date: str = "19700101") -> list[Dataset]:
+              body_part: str = "CHEST", sex: str = "F", birth_date: str = "19700101",
+              pixels: list[np.ndarray] | None = None) -> list[Dataset]:
+    """``n`` CT slices of random noise, or one slice per stored-value array in ``pixels`` (int16, HU + 1024)."""
+    if pixels is not None:
+        n, size = len(pixels), pixels[0].shape[0]
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     out = []
@@ -44,8 +48,8 @@ def ct_series(*, patient_id: str, patient_name: str, n: int = 5, size: int = 64,
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.WindowCenter, ds.WindowWidth = 40, 400
-        pixels = (rng.normal(1000, 50, (size, size))).astype(np.int16)
-        ds.PixelData = pixels.tobytes()
+        px = pixels[i] if pixels is not None else rng.normal(1000, 50, (size, size))
+        ds.PixelData = np.asarray(px).astype(np.int16).tobytes()
         out.append(ds)
     return out
 

@@ -17,8 +17,8 @@ Patients with a lesion carry a FHIR Condition (SNOMED CT 52988006 "Lesion"); eve
 from __future__ import annotations
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from tests.dicom_synth import ct_series
 
 SIZE = 64
 LESION = {"system": "http://snomed.info/sct", "code": "52988006"}
@@ -98,36 +98,7 @@ def site_population(site: str, kind: str, n_patients: int, slices: int = 3, seed
                         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                                                        "code": "active"}]}})
         entries += [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in res]
-        study, series = generate_uid(), generate_uid()
-        for k in range(slices):
-            datasets.append(ct_instance(pid, study, series, k, slice_hu(rng, lesion, kind), MANUFACTURERS[kind],
-                                        sex[0].upper(), birth.replace("-", "")))
+        datasets += ct_series(patient_id=pid, patient_name=f"Test^{pid}", accession=f"A{pid[-6:]}",
+                              manufacturer=MANUFACTURERS[kind], sex=sex[0].upper(), birth_date=birth.replace("-", ""),
+                              pixels=[np.round(slice_hu(rng, lesion, kind) + 1024) for _ in range(slices)])
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, datasets, labels
-
-
-def ct_instance(pid: str, study: str, series: str, k: int, hu: np.ndarray, manufacturer: str, sex: str,
-                birth: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    sop = generate_uid()
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = pid, f"Test^{pid}", sex, birth
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240115", "101500", f"A{pid[-6:]}", "1"
-    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = "CT", manufacturer, "Model X"
-    ds.SeriesNumber, ds.SeriesDescription, ds.BodyPartExamined = 1, "AXIAL", "CHEST"
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [0, 0, float(k) * 2.5]
-    ds.SliceThickness = 2.5
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.Rows = ds.Columns = hu.shape[0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
-    return ds

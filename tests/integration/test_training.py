@@ -116,7 +116,7 @@ def pooled_scores(m, x, y) -> tuple[float, float]:
 
 
 async def test_federated_model_beats_every_local_only_model(net):
-    rounds, epochs = 12, 1
+    rounds, epochs = 12, 2
     fed = await wait(net, await start(net, rounds=rounds, local_epochs=epochs, min_sites=3))
     assert fed["state"] == "succeeded", fed["error"]
     local = {}
