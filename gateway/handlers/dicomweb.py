@@ -149,8 +149,9 @@ def _part_type(headers: bytes) -> str:
     return "application/dicom"
 
 
-async def _receive(request: web.Request, boundary: bytes) -> list[Part]:
-    """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body."""
+async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[Part]:
+    """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body.
+    ``on_part(part)`` is called as each part is complete (the service starts parsing it then)."""
     settings = request.app[keys.SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_stow_bytes:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
@@ -174,6 +175,8 @@ async def _receive(request: web.Request, boundary: bytes) -> list[Part]:
                 await stream.body(lambda data: count(len(data)))
                 parts.append(Part(None, failure=CANNOT_UNDERSTAND, reason=f"part media type {ptype!r} is not "
                                   "application/dicom"))
+                if on_part is not None:
+                    on_part(parts[-1])
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
@@ -196,6 +199,8 @@ async def _receive(request: web.Request, boundary: bytes) -> list[Part]:
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
+            if on_part is not None:
+                on_part(parts[-1])
     except BaseException:
         _cleanup(parts)
         raise
@@ -216,8 +221,10 @@ async def stow(request: web.Request) -> web.Response:
     study = request.match_info.get("study")
     if study is not None:
         check_study_uid(study)
-    parts = await _receive(request, boundary)
-    status, body = await _svc(request).store(requester_of(request), parts, study, base_url(request))
+    svc = _svc(request)
+    feed = svc.parse_feed(study)
+    parts = await _receive(request, boundary, feed.add)
+    status, body = await svc.store(requester_of(request), parts, study, base_url(request), feed)
     return web.Response(status=status, body=orjson.dumps(body), content_type=DICOM_JSON)
 
 

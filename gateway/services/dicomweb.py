@@ -223,6 +223,78 @@ def _content_rows(ds) -> tuple[list[dict], list[dict]]:
     return sr, seg
 
 
+class ParseFeed:
+    """Parse (worker process) and fsync (threads) the parts of one STOW request while it is still arriving.
+
+    :meth:`add` is called by the receiving loop as each part is complete: its fsync starts at once, and it
+    is handed to the worker with whatever parts arrived while the previous hand-over was being parsed — one
+    worker call per group, not per part, so a busy worker gets bigger groups. :meth:`results` waits for all
+    of it. Neither step ever raises for a bad part (failures are in the Outcome / the returned errors).
+    """
+
+    def __init__(self, workers: WorkerPool, study_in_path: str | None) -> None:
+        self.workers = workers
+        self.study = study_in_path
+        self.slots: list[Outcome | None] = []
+        self._pending: list[tuple[int, Part]] = []
+        self._inflight: asyncio.Future | None = None
+        self._syncs: list[tuple[Path, asyncio.Future]] = []
+
+    def add(self, part: Part) -> None:
+        self.slots.append(None)
+        if part.failure is not None:  # rejected while streaming: nothing to parse
+            self.slots[-1] = Outcome(None, None, failure=part.failure, reason=part.reason)
+            return
+        self._syncs.append((part.tmp, asyncio.ensure_future(self._fsync(part.tmp))))
+        self._pending.append((len(self.slots) - 1, part))
+        if self._inflight is None:
+            self._submit()
+
+    @staticmethod
+    async def _fsync(tmp: Path) -> OSError | None:
+        try:
+            await asyncio.to_thread(BlobStore.fsync, tmp)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _submit(self) -> None:
+        group, self._pending = self._pending, []
+        job = asyncio.ensure_future(self._parse(group))
+        self._inflight = job
+        job.add_done_callback(self._next)
+
+    async def _parse(self, group: list[tuple[int, Part]]) -> None:
+        outcomes = await self.workers.run(parse_parts, [p for _, p in group], self.study)
+        for (i, _), o in zip(group, outcomes):
+            self.slots[i] = o
+
+    def _next(self, job: asyncio.Future) -> None:
+        if self._inflight is job:  # (results() may have moved on already)
+            self._inflight = None
+            if self._pending and not job.cancelled():
+                self._submit()
+
+    async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
+        """Every part's Outcome (in order) and the fsync errors by temp path."""
+        while True:
+            job = self._inflight
+            if job is not None:
+                await job
+                if self._inflight is job:  # its done-callback has not run yet
+                    self._inflight = None
+            if self._pending:
+                if self._inflight is None:
+                    self._submit()
+                continue
+            if self._inflight is None:
+                break
+        errors = {tmp: err for tmp, fut in self._syncs if (err := await fut) is not None}
+        if any(o is None for o in self.slots):
+            raise RuntimeError("STOW: a received part was not parsed")  # a bug: never drop a part silently
+        return list(self.slots), errors
+
+
 @dataclass
 class _Batch:
     """One STOW request waiting for its index rows to be written (see ``_index_batched``)."""
@@ -244,19 +316,22 @@ class DicomwebService:
         self._stmts: dict[tuple, Any] = {}
 
     # ---------------------------------------------------------------------------------- STOW-RS
+    def parse_feed(self, study_in_path: str | None) -> "ParseFeed":
+        """A feed for the parts of one STOW request: each part is parsed and fsync-ed as soon as it has
+        arrived, while the rest of the body is still being received (see :class:`ParseFeed`)."""
+        return ParseFeed(self.workers, study_in_path)
+
     async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
-                    retrieve_base: str) -> tuple[int, dict]:
-        """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3."""
+                    retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
+        """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
+        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
         require_write(requester)
-        # fsync the temp files while the worker parses them (I/O wait overlaps CPU); the rename into place
-        # below happens only for instances that passed every check
-        parsed, synced = await asyncio.gather(
-            self.workers.run(parse_parts, parts, study_in_path),
-            asyncio.gather(*(asyncio.to_thread(BlobStore.fsync, p.tmp) for p in parts if p.tmp is not None),
-                           return_exceptions=True))
-        outcomes: list[Outcome] = parsed
-        sync_errors = {p.tmp: e for p, e in zip([p for p in parts if p.tmp is not None], synced)
-                       if isinstance(e, BaseException)}
+        if feed is None:
+            feed = self.parse_feed(study_in_path)
+            for p in parts:
+                feed.add(p)
+        # the rename into place below happens only for instances that passed every check
+        outcomes, sync_errors = await feed.results()
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:

@@ -60,8 +60,11 @@ async def test_concurrent_stow_requests(gateway, http):
 
     results = await asyncio.gather(*(post(p) for p in requests))
     stored, failed = Counter(), Counter()
-    for status, body in results:
+    for parts, (status, body) in zip(requests, results):
         assert status in (200, 202, 409), body
+        # every part has its outcome: referenced or failed, none missing
+        assert len(body.get("00081199", {}).get("Value", [])) + len(body.get("00081198", {}).get("Value", [])) \
+            == len(parts)
         stored.update(_sops(body, "00081199"))
         for item in body.get("00081198", {}).get("Value", []):
             failed[item["00081155"]["Value"][0]] += 1
