@@ -83,6 +83,16 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
     for table in stamped_tables():
         if table.name in added:
             await _stamp_all(conn, table)
+    if conn.dialect.name == "postgresql":
+        # No planner statistics on consent_no: its values are opaque numbers, and estimating
+        # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost ~0.15 ms of planning per
+        # statement (0.02 ungated, 0.06 without statistics) — more than executing the filter.
+        for table in stamped_tables():
+            target = (await conn.execute(text(
+                "SELECT attstattarget FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
+                "AND attname = 'consent_no'"), {"t": table.name})).scalar()
+            if target != 0:
+                await conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN consent_no SET STATISTICS 0"))
 
 
 async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> dict[str, str | None]:
