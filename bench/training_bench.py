@@ -22,11 +22,9 @@ import datetime as dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -37,50 +35,19 @@ sys.path.insert(0, str(ROOT))
 from dicomweb_client.api import DICOMwebClient  # noqa: E402
 
 from tests.conftest import make_settings, start_gateway  # noqa: E402
-from tests.integration.federation_fixtures import hub_key_pem, site_federation  # noqa: E402
-from tests.procs import free_port, wait_ready  # noqa: E402
+from tests.integration.federation_fixtures import (  # noqa: E402
+    ProcGateway,
+    hub_key_pem,
+    site_federation,
+    start_gateway_process,
+)
 from tests.training_data import KINDS, LESION, site_population  # noqa: E402
 
-SECRET = "bench-secret-" + "x" * 32
 
-
-@dataclass
-class ProcSite:
-    """A site gateway in its own ``fedgate serve`` process (what a deployment has: no shared event loop/GIL)."""
-
-    settings: object
-    url: str
-    proc: subprocess.Popen
-
-    @property
-    def fhir(self) -> str:
-        return self.url + "/fhir"
-
-    @property
-    def dicomweb(self) -> str:
-        return self.url + "/dicomweb"
-
-    def headers(self, role: str) -> dict:
-        from gateway.auth import issue_dev_token
-
-        return {"Authorization": "Bearer " + issue_dev_token(self.settings, subject="bench", roles=[role], ttl_s=3600)}
-
-
-async def start_proc_site(tmp: Path, name: str, pub: str, threads: int) -> ProcSite:
-    data = tmp / name
-    data.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cfg = data / "site.toml"
-    cfg.write_text(f'site_id = "{name}"\ndata_dir = "{data}"\njwt_secret = "{SECRET}"\nport = {port}\n'
-                   f'log_level = "WARNING"\n\n[federation]\nrole = "site"\n'
-                   f'trusted_hubs = [{{id = "hub", public_key = "{pub}"}}]\n[consent]\nrefresh_s = 0\n'
-                   f'[training]\nmin_cohort = 5\n[inference]\nworker = false\n')
-    env = dict(os.environ, FEDGATE_CONFIG=str(cfg), OMP_NUM_THREADS=str(threads))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, proc, timeout=60)
-    return ProcSite(make_settings(data, f"sqlite:///{data / 'fedgate.db'}", site_id=name, jwt_secret=SECRET), url, proc)
+async def start_proc_site(tmp: Path, name: str, pub: str, threads: int):
+    return await start_gateway_process(tmp, name, f'[federation]\nrole = "site"\n'
+                                       f'trusted_hubs = [{{id = "hub", public_key = "{pub}"}}]\n[consent]\nrefresh_s = 0\n'
+                                       f'[training]\nmin_cohort = 5\n[inference]\nworker = false\n', threads=threads)
 
 
 async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path, processes: bool = False,
@@ -141,9 +108,8 @@ async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path, 
     finally:
         await hub.server.close()
         for gw in sites:
-            if isinstance(gw, ProcSite):
-                gw.proc.terminate()
-                gw.proc.wait(10)
+            if isinstance(gw, ProcGateway):
+                gw.stop()
             else:
                 await gw.server.close()
 

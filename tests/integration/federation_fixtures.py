@@ -175,3 +175,57 @@ class Silent:
         for w in self.writers:
             w.close()
         self.server.close()
+
+
+@dataclass
+class ProcGateway:
+    """A site gateway in its own ``fedgate serve`` process (no shared event loop or GIL with the test),
+    with the same ``url``/``fhir``/``dicomweb``/``headers`` surface as :class:`tests.conftest.Gateway`."""
+
+    settings: Any
+    url: str
+    proc: subprocess.Popen
+
+    @property
+    def fhir(self) -> str:
+        return self.url + "/fhir"
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicomweb"
+
+    def headers(self, role: str = "admin", **kw: Any) -> dict[str, str]:
+        from gateway.auth import issue_dev_token
+
+        return {"Authorization": "Bearer " + issue_dev_token(self.settings, subject=kw.pop("subject", f"test-{role}"),
+                                                             roles=[role], ttl_s=3600, **kw)}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def start_gateway_process(tmp: Path, name: str, toml: str, *, threads: int = 1) -> ProcGateway:
+    """``fedgate serve`` for site ``name`` with SQLite in ``tmp/name``; ``toml`` = extra settings sections."""
+    from tests.procs import wait_ready
+
+    data = tmp / name
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cfg = data / "site.toml"
+    cfg.write_text(f'site_id = "{name}"\ndata_dir = "{data}"\njwt_secret = "{SECRET}"\nport = {port}\n'
+                   f'log_level = "WARNING"\n\n{toml}\n')
+    env = dict(os.environ, FEDGATE_CONFIG=str(cfg), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, proc, timeout=60)
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        raise
+    return ProcGateway(make_settings(data, f"sqlite:///{data / 'fedgate.db'}", site_id=name, jwt_secret=SECRET), url, proc)

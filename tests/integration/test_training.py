@@ -24,7 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from gateway.services.federation import sign_hub_token
 from inference import fl
 from tests.conftest import make_settings, start_gateway
-from tests.integration.federation_fixtures import hub_key_pem, site_federation
+from tests.integration.federation_fixtures import hub_key_pem, site_federation, start_gateway_process
 from tests.training_data import KINDS, LESION, auroc, pooled_test_set, site_population
 
 PURPOSE = {"codes": ["DUO:0000042"]}
@@ -41,6 +41,10 @@ async def _site(tmp_path, db_url, name, kind, pub, **training):
         "training": {"min_cohort": 10, "cpu_watts": 12.0, "carbon_g_per_kwh": 400.0, **training},
         "inference": {"worker": True, "poll_s": 0.2, "settle_s": 0.2}})
     gw = await start_gateway(settings)
+    return gw, await _load(gw, name, kind)
+
+
+async def _load(gw, name, kind):
     bundle, datasets, labels = site_population(name, kind, N_PATIENTS, seed=KINDS.index(kind))
     async with aiohttp.ClientSession() as http:
         async with http.post(gw.fhir, json=bundle, headers=gw.headers("ehr-system")
@@ -48,7 +52,7 @@ async def _site(tmp_path, db_url, name, kind, pub, **training):
             assert r.status == 200, await r.text()
     client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs"))
     await asyncio.to_thread(client.store_instances, datasets)
-    return gw, labels
+    return labels
 
 
 @pytest.fixture
@@ -211,18 +215,36 @@ def _requester():
     return Requester("ana", frozenset({"analyst"}), None, {}, Purpose("research", ("DUO:0000042",)))
 
 
-async def test_a_site_killed_mid_run_leaves_a_quorum(net):
-    run_id = await start(net, rounds=4, local_epochs=1, min_sites=2)
-    doc = await wait(net, run_id, rounds_done=1)
-    assert doc["state"] == "running"
-    await net["sites"]["site-b"][0].server.close()
-    doc = await wait(net, run_id)
+async def test_a_site_killed_mid_run_leaves_a_quorum(net, tmp_path):
+    """site-p is a real ``fedgate serve`` process, SIGKILLed after the first round."""
+    pub = net["pub"]
+    proc_site = await start_gateway_process(tmp_path, "site-p", (
+        f'[federation]\nrole = "site"\ntrusted_hubs = [{{id = "hub", public_key = "{pub}"}}]\n'
+        f'[consent]\nrefresh_s = 0\n[training]\nmin_cohort = 10\n[inference]\nworker = false\n'))
+    try:
+        await _load(proc_site, "site-p", "ring")
+        sites = {"site-a": net["sites"]["site-a"][0].url, "site-c": net["sites"]["site-c"][0].url, "site-p": proc_site.url}
+        hub = await start_gateway(make_settings(tmp_path / "hub3", f"sqlite:///{tmp_path / 'hub3.db'}", site_id="hub",
+                                                extra={"federation": {"role": "hub", "hub_id": "hub", "hub_key": net["priv"],
+                                                       "sites": [{"id": k, "url": v} for k, v in sites.items()]}}))
+        n3 = dict(net, hub=hub)
+        try:
+            run_id = await start(n3, rounds=4, local_epochs=1, min_sites=2)
+            doc = await wait(n3, run_id, rounds_done=1)
+            assert doc["state"] == "running"
+            proc_site.proc.kill()  # SIGKILL: no goodbye
+            proc_site.proc.wait(10)
+            doc = await wait(n3, run_id)
+        finally:
+            await hub.server.close()
+    finally:
+        proc_site.stop()
     assert doc["state"] == "succeeded", doc["error"]
     rounds = doc["lineage"]["rounds"]
-    assert rounds[0]["participants"] == sorted(SITES)
-    later = [r for r in rounds if "site-b" not in r["participants"]]
+    assert rounds[0]["participants"] == sorted(sites)
+    later = [r for r in rounds if "site-p" not in r["participants"]]
     assert later and all(r["participants"] == ["site-a", "site-c"] for r in later)
-    assert all(r["sites"]["site-b"]["status"] in ("error", "timeout") for r in later)
+    assert all(r["sites"]["site-p"]["status"] in ("error", "timeout") for r in later)
 
 
 async def test_consent_withdrawn_between_rounds_is_excluded_next_round(net):
