@@ -476,7 +476,9 @@ class SiteTrainer:
                           | {"min_sites": 1, "local_epochs": doc.get("local_epochs", 1)}, self.cfg, ("self",))
         weights = _unb64(doc.get("weights"), "weights")
         try:
-            fl.decode_state(weights)
+            received = fl.decode_state(weights)
+            fl.check_compatible(received, fl.state_from_module(make_module(arch, 0)), f"weights vs {arch}")
+            fl.check_finite(received, "weights")
         except ValueError as exc:
             raise BadRequest(f"weights: {exc}", expression=["$.weights"]) from None
         do_train = doc.get("train", True)
@@ -487,11 +489,16 @@ class SiteTrainer:
             raise BadRequest("dp_clip: a positive number", expression=["$.dp_clip"])
         secure = doc.get("secure")
         me = self.settings.site_id
+        peers: dict[str, bytes] = {}
         if secure is not None:
             parts = secure.get("participants") if isinstance(secure, dict) else None
             if not isinstance(parts, dict) or me not in parts or not all(isinstance(v, str) for v in parts.values()):
                 raise BadRequest("secure.participants: {site id: X25519 public key}, including this site",
                                  expression=["$.secure.participants"])
+            try:
+                peers = {pid: self.keys().shared(pub) for pid, pub in parts.items() if pid != me}
+            except ValueError as exc:
+                raise BadRequest(f"secure.participants: {exc}", expression=["$.secure.participants"]) from None
 
         t_site = time.perf_counter()
         scope = await self.gate.scope_for(requester)
@@ -535,7 +542,6 @@ class SiteTrainer:
                 # weighted by the sample count unless DP is on (DP-FedAvg averages clipped updates equally)
                 weight = 1.0 if dp_clip is not None else float(len(tr[0]))
                 q = fl.quantize(fl.scale(upd, weight))
-                peers = {pid: self.keys().shared(pub) for pid, pub in secure["participants"].items() if pid != me}
                 out["update"] = _b64(fl.encode_state(fl.mask(q, me, peers, run_id, rnd)))
                 out["update_kind"] = "masked"
                 out["weight"] = weight

@@ -328,6 +328,25 @@ async def test_bad_requests_refusals_and_policy(net, tmp_path, db_url):
     async with http.post(gw.url + "/federation/train/round", data=raw,
                          headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"}) as r:
         assert r.status == 401
+    # the analyst's own token works directly at a site; malformed round requests are 400 problem+json, never 500
+    good = {"run_id": "direct", "round": 1, "architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL,
+            "weights": base64.b64encode(fl.encode_state(fl.state_from_module(_module(0)))).decode(), "train": False}
+    wrong = fl.state_from_module(_module(0))
+    wrong.pop(next(iter(wrong)))
+    for patch, word in (({"weights": "not base64!"}, "weights"),
+                        ({"weights": base64.b64encode(b"garbage").decode()}, "weights"),
+                        ({"weights": base64.b64encode(fl.encode_state(wrong)).decode()}, "weights"),
+                        ({"round": 0}, "round"), ({"architecture": "x"}, "architecture"),
+                        ({"cohort": {"nope": 1}}, "cohort"), ({"optimizer": {"name": "rmsprop"}}, "optimizer"),
+                        ({"train": "yes"}, "train"), ({"dp_clip": -1}, "dp_clip"),
+                        ({"secure": {"participants": {"site-a": "x", "site-b": "AAAA"}}}, "secure"),
+                        ({"secure": {"participants": {"site-a": "x", "site-b": "@@@"}}}, "secure")):
+        async with http.post(gw.url + "/federation/train/round", json={**good, **patch}, headers=analyst(gw)) as r:
+            text = await r.text()
+            assert r.status == 400 and word in text, (patch, r.status, text)
+    async with http.post(gw.url + "/federation/train/round", json=good, headers=analyst(gw)) as r:
+        assert r.status == 200, await r.text()
+        assert "update" not in await r.json()  # evaluation only
     # cohort below the minimum at every site → refused (422) → no quorum → run failed, not a 500
     doc = await wait(net, await start(net, rounds=2, min_sites=2, min_cohort=1000))
     assert doc["state"] == "failed" and "min_sites" in doc["error"]
