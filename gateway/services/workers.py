@@ -10,11 +10,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+
+def _exit_with_parent() -> None:
+    """Worker initializer: end this worker when the gateway process is gone (even after SIGKILL, when
+    no shutdown runs), instead of lingering as an orphan.  Linux: PR_SET_PDEATHSIG; elsewhere a thread
+    that notices the parent changing."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(0)
 
 
 class WorkerPool:
@@ -26,7 +52,8 @@ class WorkerPool:
         if self.workers <= 0:
             return None
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with_parent)
         return self._pool
 
     async def run(self, fn: Callable[..., Any], *args: Any, in_process: bool = True) -> Any:
