@@ -45,7 +45,8 @@ import orjson
 from sqlalchemy import func, select, update
 
 from gateway.context import Purpose, Requester
-from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound, Unprocessable
+from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, NotFound, ServiceUnavailable,
+                            Unprocessable)
 from gateway.services.access import AccessRecord
 from gateway.services.federation import FederationConfig, SiteService, age_band, age_on, sign_hub_token
 from gateway.settings import Settings, SettingsError
@@ -671,7 +672,20 @@ class SiteTrainer:
         backend = inference.backend
         if hasattr(backend, "add_repository"):
             backend.add_repository(repo)
-        await backend.load(card.triton_model, card.triton_version)
+        from inference.backends import BackendError, BackendUnavailable
+
+        try:
+            await backend.load(card.triton_model, card.triton_version)
+        except (BackendError, BackendUnavailable):
+            pass  # e.g. Triton in poll mode refuses explicit loads: it picks the new version up itself
+        for _ in range(120):
+            if await backend.ready(card.triton_model, card.triton_version):
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise ServiceUnavailable(f"the inference backend did not make {card.triton_model} version "
+                                     f"{card.triton_version} ready within 60 s (training.repository must be a "
+                                     f"repository it serves)")
         from gateway.store.jobs_schema import inf_model_card
 
         view, created = await inference.register(requester, doc["card"], system=True)
