@@ -8,7 +8,6 @@ HTTP concerns only — media types, multipart framing, Accept negotiation; the w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -350,22 +349,23 @@ async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: 
     heads = [f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={r['transfer_syntax']}\r\n\r\n"
              .encode() for r in rows]
     tail = f"--{boundary}--\r\n".encode()
-    with contextlib.ExitStack() as files:
-        opened = [files.enter_context(open(svc.blob_path(r), "rb")) for r in rows]
-        sizes = [os.fstat(f.fileno()).st_size for f in opened]
-        resp = web.StreamResponse(headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-        resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
-        await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        for head, f, size in zip(heads, opened, sizes):
-            await resp.write(head)
-            if request.transport is None:
-                raise ConnectionResetError("connection lost")
+    # sizes first (for Content-Length), files opened one at a time (a study may hold thousands of instances)
+    paths = [svc.blob_path(r) for r in rows]
+    sizes = [os.stat(p).st_size for p in paths]
+    resp = web.StreamResponse(headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
+    await resp.prepare(request)
+    loop = asyncio.get_running_loop()
+    for head, path, size in zip(heads, paths, sizes):
+        await resp.write(head)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size or request.transport is None:  # stored files never change
+                raise ConnectionResetError("instance file changed or connection lost while sending")
             await loop.sendfile(request.transport, f, 0, size)
-            await resp.write(b"\r\n")
-        await resp.write(tail)
-        await resp.write_eof()
+        await resp.write(b"\r\n")
+    await resp.write(tail)
+    await resp.write_eof()
     return resp
 
 
