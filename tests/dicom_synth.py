@@ -19,6 +19,7 @@ def ct_series(*, patient_id: str, patient_name: str, n: int = 5, size: int = 64,
         n, size = len(pixels), pixels[0].shape[0]
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
+    frame_of_reference = generate_uid()
     out = []
     rng = np.random.default_rng(abs(hash((patient_id, series_uid))) % 2**32)
     for i in range(n):
@@ -42,6 +43,8 @@ def ct_series(*, patient_id: str, patient_name: str, n: int = 5, size: int = 64,
         ds.ProtocolName, ds.SliceThickness, ds.KVP, ds.ConvolutionKernel = "CHEST ROUTINE", 2.5, 120, "B30f"
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [0, 0, float(i) * 2.5]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference, ""
         ds.PixelSpacing = [0.7, 0.7]
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -28,23 +28,33 @@ MANUFACTURERS = {"bright": "ACME", "dark": "Globex", "ring": "Initech"}
 
 
 def slice_hu(rng: np.random.Generator, lesion: bool, kind: str, size: int = SIZE) -> np.ndarray:
+    return slice_and_mask(rng, lesion, kind, size)[0]
+
+
+def slice_and_mask(rng: np.random.Generator, lesion: bool, kind: str, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(HU image, lesion mask) — the mask is what a reader would outline (the dark area: where it is at
+    least half as deep as at its centre)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # a field of view inside soft tissue (no air boundary: max-pooled features then see dark and bright alike)
     img = np.full((size, size), 40.0, np.float32)
     img += rng.normal(0, 12, img.shape).astype(np.float32)
+    mask = np.zeros((size, size), bool)
     if lesion:
         cy, cx = rng.uniform(0.3, 0.7, 2) * size
         d2 = (yy - cy) ** 2 + (xx - cx) ** 2
         if kind == "bright":  # a small, sharp hyperdense nodule
             r = rng.uniform(3.0, 5.0)
-            img[d2 <= r * r] += rng.uniform(180, 240)
+            mask = d2 <= r * r
+            img[mask] += rng.uniform(180, 240)
         elif kind == "dark":  # a large, smooth hypodense area (Gaussian profile: no sharp edge)
             sigma = rng.uniform(7.0, 9.0)
             img -= rng.uniform(180, 230) * np.exp(-d2 / (2 * sigma * sigma)).astype(np.float32)
+            mask = d2 <= 2 * sigma * sigma * np.log(2)
         else:  # ring: a thin sharp hyperdense annulus
             r = rng.uniform(6.0, 9.0)
-            img[(d2 <= r * r) & (d2 >= (r - 1.5) ** 2)] += rng.uniform(180, 240)
-    return img
+            mask = (d2 <= r * r) & (d2 >= (r - 1.5) ** 2)
+            img[mask] += rng.uniform(180, 240)
+    return img, mask
 
 
 def window01(hu: np.ndarray, center: float = 40.0, width: float = 400.0) -> np.ndarray:
@@ -73,8 +83,9 @@ def auroc(labels, scores) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def site_population(site: str, kind: str, n_patients: int, slices: int = 3, seed: int = 0):
-    """(FHIR transaction bundle, DICOM datasets, {patient id: lesion}) for one site."""
+def site_population(site: str, kind: str, n_patients: int, slices: int = 3, seed: int = 0, seg: bool = False):
+    """(FHIR transaction bundle, DICOM datasets, {patient id: lesion}) for one site; with ``seg`` every
+    patient with a lesion also gets a DICOM SEG (segment "lesion") outlining it on its slices."""
     rng = np.random.default_rng(seed)
     entries, datasets, labels = [], [], {}
     for i in range(n_patients):
@@ -98,7 +109,28 @@ def site_population(site: str, kind: str, n_patients: int, slices: int = 3, seed
                         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                                                        "code": "active"}]}})
         entries += [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in res]
-        datasets += ct_series(patient_id=pid, patient_name=f"Test^{pid}", accession=f"A{pid[-6:]}",
-                              manufacturer=MANUFACTURERS[kind], sex=sex[0].upper(), birth_date=birth.replace("-", ""),
-                              pixels=[np.round(slice_hu(rng, lesion, kind) + 1024) for _ in range(slices)])
+        pairs = [slice_and_mask(rng, lesion, kind) for _ in range(slices)]
+        series = ct_series(patient_id=pid, patient_name=f"Test^{pid}", accession=f"A{pid[-6:]}",
+                           manufacturer=MANUFACTURERS[kind], sex=sex[0].upper(), birth_date=birth.replace("-", ""),
+                           pixels=[np.round(img + 1024) for img, _ in pairs])
+        datasets += series
+        if seg and lesion:
+            datasets.append(lesion_seg(series, np.stack([m for _, m in pairs])))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}, datasets, labels
+
+
+def lesion_seg(sources, masks: np.ndarray):
+    """A BINARY DICOM SEG (highdicom) with one segment "lesion" (SCT 52988006) over ``sources``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=hd.sr.CodedConcept("52988006", "SCT", "Lesion"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc], series_instance_uid=hd.UID(), series_number=100, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="fedgate tests", manufacturer_model_name="reader", software_versions="1",
+        device_serial_number="1", omit_empty_frames=False)

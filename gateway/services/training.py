@@ -135,11 +135,12 @@ class Architecture:
     name: str
     task: str  # classification | segmentation
     card: str  # the shipped card this architecture's exported cards derive from
+    output_dims: tuple[int, ...]  # Triton dims of OUTPUT__0 (without the batch dimension)
 
 
 ARCHITECTURES = {
-    "ct_lesion_classifier": Architecture("ct_lesion_classifier", "classification", "ct_lesion_classifier"),
-    "ct_lesion_segmenter": Architecture("ct_lesion_segmenter", "segmentation", "ct_lesion_segmenter"),
+    "ct_lesion_classifier": Architecture("ct_lesion_classifier", "classification", "ct_lesion_classifier", (2,)),
+    "ct_lesion_segmenter": Architecture("ct_lesion_segmenter", "segmentation", "ct_lesion_segmenter", (1, 64, 64)),
 }
 
 
@@ -236,17 +237,18 @@ def parse_spec(doc: Any, cfg: TrainingConfig, site_ids: tuple[str, ...]) -> RunS
     arch = doc.get("architecture")
     if arch not in ARCHITECTURES:
         raise BadRequest(f"architecture: one of {sorted(ARCHITECTURES)}", expression=["$.architecture"])
-    if ARCHITECTURES[arch].task != "classification":
-        raise Unprocessable(f"architecture {arch}: federated training supports classification models "
-                            f"(segmentation labels from SEG are not implemented)", expression=["$.architecture"])
     for key in ("cohort", "label"):
         if key not in doc:
             raise BadRequest(f"{key}: required (a criterion of the federation cohort language)",
                              expression=[f"$.{key}"])
         try:
-            parse(doc[key], f"$.{key}")
+            node = parse(doc[key], f"$.{key}")
         except CohortError as exc:
             raise BadRequest(str(exc), expression=[exc.field]) from None
+        if key == "label" and ARCHITECTURES[arch].task == "segmentation" and (
+                node.kind != "seg" or len(node.body.segments) != 1):
+            raise BadRequest("label: a segmentation architecture learns the masks of one SEG segment: "
+                             '{"seg": {"segments": [{"label" | "type" | "category": ...}]}}', expression=["$.label"])
     images = doc.get("images") or {"modality": ["CT"]}
     if not isinstance(images, dict) or set(images) - {"modality"} or not isinstance(images.get("modality", []), list):
         raise BadRequest("images: {\"modality\": [codes]}", expression=["$.images"])
@@ -322,6 +324,37 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, groups: dict[str, list[str]],
     return out
 
 
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    denom = int(pred.sum()) + int(truth.sum())
+    return None if denom == 0 else round(2.0 * int((pred & truth).sum()) / denom, 4)
+
+
+def evaluate_seg(module, x: np.ndarray, masks: np.ndarray, groups: dict[str, list[str]], min_cell: int,
+                 device: str = "cpu", threshold: float = 0.5) -> dict:
+    """Held-out weighted BCE and Dice (pixels pooled) overall and per subgroup (< ``min_cell`` slices suppressed)."""
+    import torch
+
+    if len(x) == 0:
+        return {"n": 0, "loss": None, "dice": None, "subgroups": {}}
+    module.eval()
+    with torch.inference_mode():
+        probs = torch.cat([module(torch.from_numpy(x[i:i + 256]).to(device)).cpu() for i in range(0, len(x), 256)])
+    m = torch.from_numpy(masks)
+    loss = float(torch.nn.functional.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), m, weight=1 + 10 * m))
+    pred = probs.numpy() >= threshold
+    truth = masks > 0.5
+    out: dict[str, Any] = {"n": int(len(x)), "loss": round(loss, 5), "dice": _dice(pred, truth),
+                           "lesion_slices": int(truth.reshape(len(x), -1).any(1).sum()), "subgroups": {}}
+    for name, values in groups.items():
+        cells: dict[str, Any] = {}
+        for g in sorted(set(values)):
+            idx = [i for i, v in enumerate(values) if v == g]
+            cells[g] = ({"n": None, "dice": None, "suppressed": True} if len(idx) < min_cell
+                        else {"n": len(idx), "dice": _dice(pred[idx], truth[idx])})
+        out["subgroups"][name] = cells
+    return out
+
+
 def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 4)
 
@@ -329,7 +362,9 @@ def _r(v: float | None) -> float | None:
 def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                 groups: dict[str, list[str]], opt: Optimiser, epochs: int, seed: int, device_pref: str,
                 do_train: bool, min_cell: int) -> dict:
-    """Evaluate the global weights on the held-out split, then train ``epochs`` epochs; return the update."""
+    """Evaluate the global weights on the held-out split, then train ``epochs`` epochs; return the update.
+    Classification: targets are class indices (NLL of the softmax output); segmentation: targets are
+    (N, 1, H, W) masks (binary cross-entropy with lesion pixels weighted 11×, plus a soft Dice term)."""
     import torch
 
     from inference import fl
@@ -339,8 +374,9 @@ def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray],
     global_state = fl.decode_state(weights)
     fl.load_state(module, global_state)
     module.to(device)
+    seg = ARCHITECTURES[arch].task == "segmentation"
     t_eval = time.perf_counter()
-    metrics = evaluate(module, *test, groups, min_cell, device)
+    metrics = (evaluate_seg if seg else evaluate)(module, *test, groups, min_cell, device)
     out: dict[str, Any] = {"metrics": metrics, "train_s": 0.0, "cpu_s": 0.0, "gpu_s": 0.0, "device": device,
                            "eval_s": time.perf_counter() - t_eval}
     if not do_train:
@@ -348,7 +384,7 @@ def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray],
     xtr, ytr = train
     cpu0, t0 = time.process_time(), time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr.astype(np.int64))
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr.astype(np.float32 if seg else np.int64))
     if opt.name == "sgd":
         optim = torch.optim.SGD(module.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     else:
@@ -360,7 +396,13 @@ def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray],
         for i in range(0, len(xt), opt.batch_size):
             idx = perm[i:i + opt.batch_size]
             optim.zero_grad()
-            loss = torch.nn.functional.nll_loss(torch.log(module(xt[idx].to(device)) + 1e-7), yt[idx].to(device))
+            out_t, target = module(xt[idx].to(device)), yt[idx].to(device)
+            if seg:  # weighted BCE + soft Dice (lesions are ~1 % of the pixels)
+                inter = (out_t * target).sum()
+                loss = (torch.nn.functional.binary_cross_entropy(out_t.clamp(1e-7, 1 - 1e-7), target, weight=1 + 10 * target)
+                        + 1 - (2 * inter + 1) / (out_t.sum() + target.sum() + 1))
+            else:
+                loss = torch.nn.functional.nll_loss(torch.log(out_t + 1e-7), target)
             loss.backward()
             optim.step()
             losses.append(loss.item())
@@ -389,6 +431,27 @@ def load_slices(paths: list[str], window: tuple[float, float], size: tuple[int, 
             px = px[0]
         hu = preprocess.to_hu(px, float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
         out.append(preprocess.resize(preprocess.window(hu, *window), size)[None])
+    return out
+
+
+def load_seg_masks(items: list[tuple[str, int]], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """(SEG file, segment number) → {referenced source SOP Instance UID: (1, H, W) float32 mask} (highdicom;
+    masks of several SEGs over the same image are combined)."""
+    import highdicom as hd
+
+    out: dict[str, np.ndarray] = {}
+    for path, number in items:
+        seg = hd.seg.segread(path)
+        uids = [sop for _, _, sop in seg.get_source_image_uids()]
+        if not uids:
+            continue
+        px = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[number],
+                                               assert_missing_frames_are_empty=True)
+        for uid, m in zip(uids, px[..., 0]):
+            h, w = m.shape
+            yi, xi = np.arange(size[0]) * h // size[0], np.arange(size[1]) * w // size[1]
+            mask = (m[yi][:, xi] > 0).astype(np.float32)[None]
+            out[uid] = np.maximum(out[uid], mask) if uid in out else mask
     return out
 
 
@@ -518,7 +581,7 @@ class SiteTrainer:
                                                     else "unrestricted", "patients": data["consent"]})).hexdigest()
         await self._record_manifest(run_id, rnd, hub, requester.purpose, manifest, manifest_hash, consent_hash)
 
-        x, y, groups, is_test = await self._arrays(data["rows"])
+        x, y, groups, is_test = await self._arrays(data["rows"], data["segs"] if ARCHITECTURES[arch].task == "segmentation" else None)
         tr = (x[~is_test], y[~is_test])
         te = (x[is_test], y[is_test])
         te_groups = {g: [v for v, t in zip(vals, is_test) if t] for g, vals in groups.items()}
@@ -590,9 +653,31 @@ class SiteTrainer:
                                  age_band(age_on(r.birth_date, today)) or "unknown",
                                  (r.manufacturer or "unknown").strip()))
                     consent.append((r.patient_id, r.consent_profile))
-        return {"rows": rows, "consent": sorted(set(consent))}
+            segs = await self._seg_items(conn, spec, scope, members) if ARCHITECTURES[spec.architecture].task == "segmentation" else []
+        return {"rows": rows, "consent": sorted(set(consent)), "segs": segs}
 
-    async def _arrays(self, rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], np.ndarray]:
+    @staticmethod
+    async def _seg_items(conn, spec: RunSpec, scope, members: list[str]) -> list[tuple[str, int]]:
+        """(SEG blob path, segment number) of the label's segment in the cohort's SEG instances."""
+        from gateway.store.dicom_schema import dcm_seg_segment as t
+        from mappings.cohort import parse
+        from mappings.cohort.compiler import Compiler
+
+        want = parse(spec.label, "$.label").body.segments[0]
+        out = []
+        for i in range(0, len(members), ID_CHUNK):
+            q = (select(dcm_instance.c.blob_path, t.c.segment_number)
+                 .join(dcm_instance, dcm_instance.c.sop_uid == t.c.sop_uid)
+                 .where(t.c.patient_id.in_(members[i:i + ID_CHUNK]),
+                        scope.patient_clause(t.c.patient_id, allow_no_patient=False), *Compiler._segment_conds(t, want))
+                 .order_by(t.c.sop_uid, t.c.segment_number))
+            out += [(r[0], int(r[1])) for r in (await conn.execute(q)).all()]
+        return out
+
+    async def _arrays(self, rows: list[tuple], segs: list[tuple[str, int]] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], np.ndarray]:
+        """Model inputs, targets (class index, or a (1, H, W) mask per image when ``segs`` is given: the
+        label segment's pixels from those SEG instances, empty for images no SEG covers), subgroups, split."""
         card = shipped_card("ct_lesion_classifier")["preprocess"]
         missing = [(sop, blob) for _, sop, _, _, blob, *_ in rows if sop not in self._pixels]
         if missing:
@@ -609,7 +694,16 @@ class SiteTrainer:
         if not rows:
             return np.zeros((0, 1, 64, 64), np.float32), np.zeros(0, np.int64), {g: [] for g in SUBGROUPS}, np.zeros(0, bool)
         x = np.stack([self._pixels[r[1]] for r in rows]).astype(np.float32)
-        y = np.array([r[3] for r in rows], np.int64)
+        if segs is not None:
+            from gateway.store.blobs import BlobStore
+
+            blobs = BlobStore(self.settings.blob_dir)
+            masks = await asyncio.to_thread(load_seg_masks, [(str(blobs.path(b)), n) for b, n in segs],
+                                            tuple(card["resize"]))
+            empty = np.zeros((1, *x.shape[2:]), np.float32)
+            y = np.stack([masks.get(r[1], empty) for r in rows]).astype(np.float32)
+        else:
+            y = np.array([r[3] for r in rows], np.int64)
         groups = {"sex": [r[5] for r in rows], "age_band": [r[6] for r in rows], "manufacturer": [r[7] for r in rows]}
         return x, y, groups, np.array([r[2] for r in rows], bool)
 
@@ -660,8 +754,10 @@ class SiteTrainer:
             if target.exists() and target.read_bytes() != model:
                 raise Conflict(f"model {card.triton_model} version {card.triton_version} exists with other weights")
             if not target.exists():
+                arch = doc.get("architecture") if doc.get("architecture") in ARCHITECTURES else (
+                    "ct_lesion_segmenter" if any(o.kind == "segmentation" for o in card.outputs) else "ct_lesion_classifier")
                 cfg = ModelConfig(card.triton_model, (TensorSpec("INPUT__0", "TYPE_FP32", (1, 64, 64)),),
-                                  (TensorSpec("OUTPUT__0", "TYPE_FP32", (2,)),))
+                                  (TensorSpec("OUTPUT__0", "TYPE_FP32", ARCHITECTURES[arch].output_dims),))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(f".{uuid.uuid4().hex}.tmp")
                 tmp.write_bytes(model)
@@ -1046,7 +1142,8 @@ class TrainingHub:
         if wanted is not None and (not isinstance(wanted, list) or not wanted or any(w not in ids for w in wanted)):
             raise BadRequest("sites: a non-empty list of configured site ids", expression=["$.sites"])
         sites = [s for s in self.fcfg.sites if wanted is None or s.id in wanted]
-        body = orjson.dumps({"card": card, "model": _b64(ts_bytes)})
+        arch = card.get("provenance", {}).get("lineage", {}).get("architecture")
+        body = orjson.dumps({"card": card, "model": _b64(ts_bytes), "architecture": arch})
 
         async def one(site) -> dict:
             token = sign_hub_token(self.key, self.fcfg.hub_id, site.id, requester, body, self.fcfg.token_ttl_s)
@@ -1086,7 +1183,7 @@ def pooled_metrics(per_site: dict[str, dict]) -> dict:
     if not n:
         return {"n": 0}
     out = {"n": n}
-    for k in ("loss", "auroc", "accuracy"):
+    for k in ("loss", "auroc", "accuracy", "dice"):
         vals = [(m.get(k), m.get("n") or 0) for m in per_site.values() if m.get(k) is not None]
         w = sum(c for _, c in vals)
         out[k] = round(sum(v * c for v, c in vals) / w, 4) if w else None
