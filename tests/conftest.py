@@ -79,20 +79,12 @@ def settings(tmp_path, db_url) -> Settings:
     return make_settings(tmp_path / "data", db_url)
 
 
-@dataclass
-class Gateway:
-    """A running gateway on a loopback port."""
+class GatewayClient:
+    """What tests need of any running gateway (in this process or another): base URLs and dev tokens.
+    Subclasses provide ``url`` and ``settings``."""
 
-    server: TestServer
+    url: str
     settings: Settings
-
-    @property
-    def app(self) -> web.Application:
-        return self.server.app
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
 
     @property
     def fhir(self) -> str:
@@ -109,6 +101,22 @@ class Gateway:
 
     def headers(self, role: str = "admin", **kw: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(role, **kw)}"}
+
+
+@dataclass
+class Gateway(GatewayClient):
+    """A running gateway on a loopback port."""
+
+    server: TestServer
+    settings: Settings
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
 
 
 async def start_gateway(settings: Settings) -> Gateway:

@@ -21,7 +21,7 @@ from gateway.services.federation_synth import SiteProfile, expand_codes, generat
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
-from tests.conftest import REPO, Gateway, make_settings
+from tests.conftest import REPO, Gateway, GatewayClient, make_settings
 from tests.procs import free_port
 
 SECRET = "test-secret-" + "x" * 32
@@ -178,27 +178,12 @@ class Silent:
 
 
 @dataclass
-class ProcGateway:
-    """A site gateway in its own ``fedgate serve`` process (no shared event loop or GIL with the test),
-    with the same ``url``/``fhir``/``dicomweb``/``headers`` surface as :class:`tests.conftest.Gateway`."""
+class ProcGateway(GatewayClient):
+    """A site gateway in its own ``fedgate serve`` process (no shared event loop or GIL with the test)."""
 
     settings: Any
     url: str
     proc: subprocess.Popen
-
-    @property
-    def fhir(self) -> str:
-        return self.url + "/fhir"
-
-    @property
-    def dicomweb(self) -> str:
-        return self.url + "/dicomweb"
-
-    def headers(self, role: str = "admin", **kw: Any) -> dict[str, str]:
-        from gateway.auth import issue_dev_token
-
-        return {"Authorization": "Bearer " + issue_dev_token(self.settings, subject=kw.pop("subject", f"test-{role}"),
-                                                             roles=[role], ttl_s=3600, **kw)}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
