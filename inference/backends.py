@@ -72,6 +72,9 @@ class EmbeddedBackend:
                 return r
         return self.repo
 
+    def _path(self, model: str, version: str) -> Path:
+        return model_path(self._repo_of(model, version), model, version)
+
     def _load_sync(self, model: str, version: str):
         try:
             import torch
@@ -79,7 +82,7 @@ class EmbeddedBackend:
             raise BackendError("the embedded backend needs torch (pip install 'fedgate[ml]'), "
                                "or set inference.url to a Triton/KServe v2 server") from None
 
-        m = torch.jit.load(str(model_path(self._repo_of(model, version), model, version)), map_location=self.device)
+        m = torch.jit.load(str(self._path(model, version)), map_location=self.device)
         m.eval()
         return m
 
@@ -88,7 +91,7 @@ class EmbeddedBackend:
         if key not in self._models:
             async with self._lock:
                 if key not in self._models:
-                    if not model_path(self._repo_of(model, version), model, version).is_file():
+                    if not self._path(model, version).is_file():
                         raise BackendError(f"model {model} version {version} is not in the repository")
                     self._models[key] = await asyncio.to_thread(self._load_sync, model, version)
         return self._models[key]
@@ -110,7 +113,7 @@ class EmbeddedBackend:
         return {outputs[0]: y}
 
     async def ready(self, model: str | None = None, version: str = "") -> bool:
-        return model is None or model_path(self._repo_of(model, version or "1"), model, version or "1").is_file()
+        return model is None or self._path(model, version or "1").is_file()
 
     async def load(self, model: str, version: str = "1") -> None:
         await self._model(model, version)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import datetime as _dt
 import hashlib
 import io
@@ -48,8 +49,9 @@ from gateway.context import Purpose, Requester
 from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, NotFound, ServiceUnavailable,
                             Unprocessable)
 from gateway.services.access import AccessRecord
-from gateway.services.federation import FederationConfig, SiteService, age_band, age_on, sign_hub_token
+from gateway.services.federation import FederationConfig, SiteService, _detail, age_band, age_on, sign_hub_token
 from gateway.settings import Settings, SettingsError
+from gateway.store.blobs import BlobStore
 from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.schema import cm_patient
 from gateway.store.training_schema import trn_model, trn_round, trn_run, trn_site_round
@@ -153,10 +155,25 @@ def make_module(arch: str, seed: int):
     return REGISTRY[arch]()
 
 
-def shipped_card(arch: str) -> dict:
+@functools.lru_cache(maxsize=None)
+def _shipped_card_bytes(arch: str) -> bytes:
     from inference.cards import SHIPPED_CARDS
 
-    return orjson.loads((SHIPPED_CARDS / f"{ARCHITECTURES[arch].card}.json").read_bytes())
+    return (SHIPPED_CARDS / f"{ARCHITECTURES[arch].card}.json").read_bytes()
+
+
+def shipped_card(arch: str) -> dict:
+    """The shipped card this architecture's exported cards derive from (read once; a fresh dict per call)."""
+    return orjson.loads(_shipped_card_bytes(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def preprocess_of(arch: str):
+    """The architecture's :class:`~inference.cards.Preprocess` (from its shipped card: training sees the
+    pixels exactly as inference will)."""
+    from inference.cards import parse_card
+
+    return parse_card(shipped_card(arch)).preprocess
 
 
 @dataclass(frozen=True)
@@ -409,28 +426,29 @@ def local_round(arch: str, weights: bytes, train: tuple[np.ndarray, np.ndarray],
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    last_epoch = losses[-max(1, len(losses) // epochs):]
     out.update(train_s=wall, cpu_s=time.process_time() - cpu0, gpu_s=wall if device == "cuda" else 0.0,
-               train_loss=round(sum(losses[-max(1, len(losses) // max(epochs, 1)):]) /
-                                max(1, len(losses[-max(1, len(losses) // max(epochs, 1)):])), 5) if losses else None)
+               train_loss=round(sum(last_epoch) / len(last_epoch), 5) if losses else None)
     module.to("cpu")
     out["update"] = fl.sub(fl.state_from_module(module), global_state)
     return out
 
 
-def load_slices(paths: list[str], window: tuple[float, float], size: tuple[int, int]) -> list[np.ndarray]:
-    """Read and preprocess stored instances (first frame) into (1, H, W) float32 model inputs."""
+def load_slices(paths: list[str], p) -> list[np.ndarray]:
+    """Read stored instances (first frame) and preprocess them exactly as inference does
+    (``inference.preprocess.prepare`` with the architecture card's :class:`~inference.cards.Preprocess`)."""
     from pydicom import dcmread
 
     from inference import preprocess
 
     out = []
-    for p in paths:
-        ds = dcmread(p)
+    for path in paths:
+        ds = dcmread(path)
         px = ds.pixel_array
         if px.ndim == 3:
             px = px[0]
-        hu = preprocess.to_hu(px, float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
-        out.append(preprocess.resize(preprocess.window(hu, *window), size)[None])
+        out.append(preprocess.prepare(px, p, float(getattr(ds, "RescaleSlope", 1) or 1),
+                                      float(getattr(ds, "RescaleIntercept", 0) or 0)))
     return out
 
 
@@ -490,6 +508,7 @@ class SiteTrainer:
     def __init__(self, settings: Settings, cfg: TrainingConfig, db, gate, audit, expand=None) -> None:
         self.settings, self.cfg, self.db, self.gate, self.audit, self.expand = settings, cfg, db, gate, audit, expand
         self._pixels: dict[str, np.ndarray] = {}
+        self.blobs = BlobStore(settings.blob_dir)
         self._keys = None
 
     # secure aggregation key (X25519), created once per site
@@ -553,14 +572,15 @@ class SiteTrainer:
             raise BadRequest("dp_clip: a positive number", expression=["$.dp_clip"])
         secure = doc.get("secure")
         me = self.settings.site_id
-        peers: dict[str, bytes] = {}
         if secure is not None:
             parts = secure.get("participants") if isinstance(secure, dict) else None
             if not isinstance(parts, dict) or me not in parts or not all(isinstance(v, str) for v in parts.values()):
                 raise BadRequest("secure.participants: {site id: X25519 public key}, including this site",
                                  expression=["$.secure.participants"])
-            try:
-                peers = {pid: self.keys().shared(pub) for pid, pub in parts.items() if pid != me}
+            try:  # refuse unusable keys before any work
+                for pid, pub in parts.items():
+                    if pid != me:
+                        self.keys().shared(pub)
             except ValueError as exc:
                 raise BadRequest(f"secure.participants: {exc}", expression=["$.secure.participants"]) from None
 
@@ -581,7 +601,8 @@ class SiteTrainer:
                                                     else "unrestricted", "patients": data["consent"]})).hexdigest()
         await self._record_manifest(run_id, rnd, hub, requester.purpose, manifest, manifest_hash, consent_hash)
 
-        x, y, groups, is_test = await self._arrays(data["rows"], data["segs"] if ARCHITECTURES[arch].task == "segmentation" else None)
+        x, y, groups, is_test = await self._arrays(arch, data["rows"],
+                                                   data["segs"] if ARCHITECTURES[arch].task == "segmentation" else None)
         tr = (x[~is_test], y[~is_test])
         te = (x[is_test], y[is_test])
         te_groups = {g: [v for v, t in zip(vals, is_test) if t] for g, vals in groups.items()}
@@ -605,8 +626,8 @@ class SiteTrainer:
             if secure is not None:
                 # weighted by the sample count unless DP is on (DP-FedAvg averages clipped updates equally)
                 weight = 1.0 if dp_clip is not None else float(len(tr[0]))
-                q = fl.quantize(fl.scale(upd, weight))
-                out["update"] = _b64(fl.encode_state(fl.mask(q, me, peers, run_id, rnd)))
+                masked = fl.masked_update(upd, weight, me, self.keys(), secure["participants"], run_id, rnd)
+                out["update"] = _b64(fl.encode_state(masked))
                 out["update_kind"] = "masked"
                 out["weight"] = weight
             else:
@@ -674,19 +695,14 @@ class SiteTrainer:
             out += [(r[0], int(r[1])) for r in (await conn.execute(q)).all()]
         return out
 
-    async def _arrays(self, rows: list[tuple], segs: list[tuple[str, int]] | None = None
+    async def _arrays(self, arch: str, rows: list[tuple], segs: list[tuple[str, int]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], np.ndarray]:
         """Model inputs, targets (class index, or a (1, H, W) mask per image when ``segs`` is given: the
         label segment's pixels from those SEG instances, empty for images no SEG covers), subgroups, split."""
-        card = shipped_card("ct_lesion_classifier")["preprocess"]
+        pre = preprocess_of(arch)
         missing = [(sop, blob) for _, sop, _, _, blob, *_ in rows if sop not in self._pixels]
         if missing:
-            from gateway.store.blobs import BlobStore
-
-            blobs = BlobStore(self.settings.blob_dir)
-            loaded = await asyncio.to_thread(load_slices, [str(blobs.path(b)) for _, b in missing],
-                                             (float(card["window_center"]), float(card["window_width"])),
-                                             tuple(card["resize"]))
+            loaded = await asyncio.to_thread(load_slices, [str(self.blobs.path(b)) for _, b in missing], pre)
             if len(self._pixels) + len(loaded) > PIXEL_CACHE_MAX:
                 self._pixels.clear()
             for (sop, _), arr in zip(missing, loaded):
@@ -695,11 +711,8 @@ class SiteTrainer:
             return np.zeros((0, 1, 64, 64), np.float32), np.zeros(0, np.int64), {g: [] for g in SUBGROUPS}, np.zeros(0, bool)
         x = np.stack([self._pixels[r[1]] for r in rows]).astype(np.float32)
         if segs is not None:
-            from gateway.store.blobs import BlobStore
-
-            blobs = BlobStore(self.settings.blob_dir)
-            masks = await asyncio.to_thread(load_seg_masks, [(str(blobs.path(b)), n) for b, n in segs],
-                                            tuple(card["resize"]))
+            masks = await asyncio.to_thread(load_seg_masks, [(str(self.blobs.path(b)), n) for b, n in segs],
+                                            pre.resize)
             empty = np.zeros((1, *x.shape[2:]), np.float32)
             y = np.stack([masks.get(r[1], empty) for r in rows]).astype(np.float32)
         else:
@@ -765,9 +778,7 @@ class SiteTrainer:
                 (repo / card.triton_model / "config.pbtxt").write_text(cfg.pbtxt())
         elif not target.exists():
             raise NotFound(f"model {card.triton_model} version {card.triton_version} is not installed at this site")
-        backend = inference.backend
-        if hasattr(backend, "add_repository"):
-            backend.add_repository(repo)
+        backend = inference.backend  # serves `repo` already (added at start-up, gateway/handlers/training.py)
         from inference.backends import BackendError, BackendUnavailable
 
         try:
@@ -804,12 +815,6 @@ def _requester_doc(r: Requester) -> dict:
     return {"subject": r.subject, "roles": sorted(r.roles), "organization": r.organization,
             "attributes": dict(r.attributes), "purpose": {"kind": r.purpose.kind, "codes": list(r.purpose.codes),
                                                           "diseases": list(r.purpose.diseases)}}
-
-
-def _requester_from(doc: dict) -> Requester:
-    p = doc["purpose"]
-    return Requester(doc["subject"], frozenset(doc["roles"]), doc.get("organization"), dict(doc["attributes"]),
-                     Purpose(p["kind"], tuple(p["codes"]), tuple(p["diseases"])))
 
 
 class TrainingHub:
@@ -1065,9 +1070,7 @@ class TrainingHub:
         from inference import fl
 
         if spec.secure_aggregation:
-            total = fl.dequantize(fl.unmask_sum([a["_update"] for a in ok]))
-            denom = sum(float(a["weight"]) for a in ok)
-            avg = fl.scale(total, 1.0 / denom)
+            avg = fl.secure_average([a["_update"] for a in ok], sum(float(a["weight"]) for a in ok))
         elif spec.dp:
             avg = fl.fedavg([(a["_update"], 1.0) for a in ok])
         else:
@@ -1167,14 +1170,6 @@ class TrainingHub:
 
 class RunFailed(Exception):
     pass
-
-
-def _detail(payload: bytes) -> str:
-    try:
-        doc = orjson.loads(payload)
-        return str(doc.get("detail") or doc.get("title") or "")[:300]
-    except (orjson.JSONDecodeError, AttributeError):
-        return payload[:200].decode("utf-8", "replace")
 
 
 def pooled_metrics(per_site: dict[str, dict]) -> dict:
