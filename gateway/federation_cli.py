@@ -76,8 +76,21 @@ async def run_query(hub: str, token: str, body: dict, timeout_s: float = 60.0) -
                 return r.status, {"detail": (await r.text())[:500]}
 
 
-def cmd_query(args, settings: Settings) -> int:
+def bearer_token(args, settings: Settings, role: str, ttl_s: int) -> str:
+    """``--token``, else ``$FEDGATE_TOKEN``, else a dev token of ``role`` signed with the data dir's secret
+    whose purpose is ``--purpose`` (DUO codes; other CURIEs are diseases; default DUO:0000042)."""
     from gateway.auth import issue_dev_token
+
+    token = args.token or os.environ.get("FEDGATE_TOKEN")
+    if token:
+        return token
+    items = [t for t in (args.purpose or "DUO:0000042").replace(",", " ").split() if t]
+    purpose = {"codes": [t for t in items if "DUO" in t.upper()], "diseases": [t for t in items if "DUO" not in t.upper()]}
+    return issue_dev_token(settings, subject=os.environ.get("USER", "analyst"), roles=[role], purpose=purpose,
+                           ttl_s=ttl_s)
+
+
+def cmd_query(args, settings: Settings) -> int:
 
     try:
         doc = json.loads(Path(args.cohort).read_text())
@@ -87,12 +100,7 @@ def cmd_query(args, settings: Settings) -> int:
     body = doc if isinstance(doc, dict) and "cohort" in doc else {"cohort": doc}
     if args.deadline is not None:
         body["deadline_s"] = args.deadline
-    token = args.token or os.environ.get("FEDGATE_TOKEN")
-    if not token:
-        items = [t for t in (args.purpose or "DUO:0000042").replace(",", " ").split() if t]
-        purpose = {"codes": [t for t in items if "DUO" in t.upper()], "diseases": [t for t in items if "DUO" not in t.upper()]}
-        token = issue_dev_token(settings, subject=os.environ.get("USER", "analyst"), roles=["analyst"], purpose=purpose,
-                                ttl_s=300)
+    token = bearer_token(args, settings, "analyst", ttl_s=300)
     hub = args.hub or os.environ.get("FEDGATE_HUB") or f"http://{settings.host}:{settings.port}"
     try:
         status, ans = asyncio.run(run_query(hub, token, body))

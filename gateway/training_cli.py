@@ -12,18 +12,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.federation_cli import bearer_token
 from gateway.settings import Settings
-
-
-def _token(args, settings: Settings, role: str) -> str:
-    from gateway.auth import issue_dev_token
-
-    token = args.token or os.environ.get("FEDGATE_TOKEN")
-    if token:
-        return token
-    items = [t for t in (args.purpose or "DUO:0000042").replace(",", " ").split() if t]
-    purpose = {"codes": [t for t in items if "DUO" in t.upper()], "diseases": [t for t in items if "DUO" not in t.upper()]}
-    return issue_dev_token(settings, subject=os.environ.get("USER", "analyst"), roles=[role], purpose=purpose, ttl_s=3600)
 
 
 async def _call(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
@@ -52,8 +42,8 @@ def render(run: dict, out=sys.stdout) -> None:
 
 
 def cmd_train(args, settings: Settings) -> int:
-    args.spec = args.run = args.model = args.target
-    if not args.target:
+    target = args.target  # start: spec file; status / cancel: run id; deploy: NAME@VERSION
+    if not target:
         print(f"fedgate train {args.action}: missing {'spec file' if args.action == 'start' else 'run id' if args.action != 'deploy' else 'NAME@VERSION'}",
               file=sys.stderr)
         return 2
@@ -61,23 +51,23 @@ def cmd_train(args, settings: Settings) -> int:
     try:
         if args.action == "start":
             try:
-                spec = json.loads(Path(args.spec).read_text())
+                spec = json.loads(Path(target).read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                print(f"fedgate train: {args.spec}: {exc}", file=sys.stderr)
+                print(f"fedgate train: {target}: {exc}", file=sys.stderr)
                 return 2
-            status, doc = asyncio.run(_call("POST", hub + "/training/runs", _token(args, settings, "analyst"), spec))
+            status, doc = asyncio.run(_call("POST", hub + "/training/runs", bearer_token(args, settings, "analyst", ttl_s=3600), spec))
             if status != 201:
                 print(f"fedgate train: {status}: {doc.get('detail', doc)}", file=sys.stderr)
                 return 1
             if not args.wait:
                 print(doc["id"])
                 return 0
-            args.run = doc["id"]
+            target = doc["id"]
             args.action = "status"
         if args.action == "status":
-            token = _token(args, settings, "analyst")
+            token = bearer_token(args, settings, "analyst", ttl_s=3600)
             while True:
-                status, doc = asyncio.run(_call("GET", f"{hub}/training/runs/{args.run}", token))
+                status, doc = asyncio.run(_call("GET", f"{hub}/training/runs/{target}", token))
                 if status != 200:
                     print(f"fedgate train: {status}: {doc.get('detail', doc)}", file=sys.stderr)
                     return 1
@@ -87,12 +77,12 @@ def cmd_train(args, settings: Settings) -> int:
             print(json.dumps(doc, indent=2)) if args.json else render(doc)
             return 0 if doc["state"] != "failed" else 1
         if args.action == "cancel":
-            status, doc = asyncio.run(_call("POST", f"{hub}/training/runs/{args.run}/cancel", _token(args, settings, "analyst")))
+            status, doc = asyncio.run(_call("POST", f"{hub}/training/runs/{target}/cancel", bearer_token(args, settings, "analyst", ttl_s=3600)))
         else:  # deploy
-            name, _, version = args.model.partition("@")
+            name, _, version = target.partition("@")
             body = {"sites": args.sites.split(",")} if args.sites else {}
             status, doc = asyncio.run(_call("POST", f"{hub}/training/models/{name}/{version}/deploy",
-                                            _token(args, settings, "admin"), body))
+                                            bearer_token(args, settings, "admin", ttl_s=3600), body))
         print(json.dumps(doc, indent=2))
         return 0 if status == 200 else 1
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
