@@ -40,6 +40,7 @@ from tests.integration.federation_fixtures import (  # noqa: E402
     hub_key_pem,
     site_federation,
     start_gateway_process,
+    start_hub,
 )
 from tests.training_data import KINDS, LESION, site_population  # noqa: E402
 
@@ -70,9 +71,7 @@ async def one(n_sites: int, patients: int, rounds: int, epochs: int, tmp: Path, 
                 assert r.status == 200, await r.text()
         await asyncio.to_thread(DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs")).store_instances, datasets)
         sites.append(gw)
-    hub = await start_gateway(make_settings(tmp / "hub", f"sqlite:///{tmp / 'hub.db'}", site_id="hub", extra={
-        "federation": {"role": "hub", "hub_id": "hub", "hub_key": priv,
-                       "sites": [{"id": f"site-{i}", "url": gw.url} for i, gw in enumerate(sites)]}}))
+    hub = await start_hub(tmp, f"sqlite:///{tmp / 'hub.db'}", priv, [(f"site-{i}", gw.url) for i, gw in enumerate(sites)])
     try:
         h = hub.headers("analyst", purpose={"codes": ["DUO:0000042"]})
         body = {"architecture": "ct_lesion_classifier", "cohort": {"imaging": {"modality": "CT"}},

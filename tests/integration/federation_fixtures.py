@@ -104,10 +104,13 @@ async def start_site(tmp: Path, profile: SiteProfile, n: int, db_url: str, pub_p
     return Site(profile.name, gw.url, rows, gw, audit, settings=settings)
 
 
-async def start_hub(tmp: Path, db_url: str, priv_pem: str, sites: list[tuple[str, str]], deadline_s: float = 3.0) -> Gateway:
-    settings = make_settings(tmp / "hub", db_url, site_id="hub", extra={"federation": {
+async def start_hub(tmp: Path, db_url: str, priv_pem: str, sites: list[tuple[str, str]], deadline_s: float = 3.0,
+                    *, name: str = "hub", extra: dict | None = None) -> Gateway:
+    """A hub gateway (data dir ``tmp/name``, hub id "hub") fanning out to ``sites`` ((id, url) pairs);
+    ``extra`` = further settings sections (e.g. ``training``)."""
+    settings = make_settings(tmp / name, db_url, site_id="hub", extra={"federation": {
         "role": "hub", "hub_id": "hub", "hub_key": priv_pem, "deadline_s": deadline_s,
-        "sites": [{"id": i, "url": u} for i, u in sites]}})
+        "sites": [{"id": i, "url": u} for i, u in sites]}, **(extra or {})})
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
     return Gateway(server, settings)

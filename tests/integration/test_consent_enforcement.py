@@ -284,6 +284,23 @@ BOUNDARY = "fedgateCONSENTboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
+async def _stow_one_study_per_patient(gw: Gateway, http) -> dict[str, tuple[str, str, str]]:
+    """STOW one single-slice study per patient (PatientID = the FHIR Patient's identifier value);
+    patient id → (study, series, SOP instance UID)."""
+    from tests.dicom_synth import ct_series
+
+    uids: dict[str, tuple[str, str, str]] = {}
+    for pid in POPULATION:
+        (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
+        body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
+                + f"\r\n--{BOUNDARY}--\r\n".encode())
+        async with http.post(f"{gw.dicomweb}/studies", data=body,
+                             headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+            assert r.status == 200, await r.text()
+        uids[pid] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    return uids
+
+
 def _dicom_bytes(ds) -> bytes:
     import io
 
@@ -298,15 +315,7 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)
-        uids: dict[str, tuple[str, str, str]] = {}
-        for pid in POPULATION:  # one study per patient, PatientID = the FHIR Patient's identifier value
-            (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
-            body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
-                    + f"\r\n--{BOUNDARY}--\r\n".encode())
-            async with http.post(f"{gw.dicomweb}/studies", data=body,
-                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
-                assert r.status == 200, await r.text()
-            uids[pid] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        uids = await _stow_one_study_per_patient(gw, http)
         for name, (purpose, attrs, permitted, rule) in PURPOSES.items():
             h = gw.headers("analyst", purpose=purpose, attrs=attrs)
             for level in ("studies", "series", "instances"):
@@ -380,18 +389,11 @@ async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
     from sqlalchemy import text
 
     from gateway.store.consent_schema import ensure_indexes, stamped_tables
-    from tests.dicom_synth import ct_series
 
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)
-        for pid in POPULATION:
-            (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
-            body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
-                    + f"\r\n--{BOUNDARY}--\r\n".encode())
-            async with http.post(f"{gw.dicomweb}/studies", data=body,
-                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
-                assert r.status == 200, await r.text()
+        await _stow_one_study_per_patient(gw, http)
         async with gw.app[keys.DB].write() as conn:
             for table in stamped_tables():
                 await conn.execute(text(f"DROP INDEX IF EXISTS ix_{table.name}_consent_no"))

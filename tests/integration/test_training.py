@@ -24,7 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from gateway.services.federation import sign_hub_token
 from inference import fl
 from tests.conftest import make_settings, start_gateway
-from tests.integration.federation_fixtures import hub_key_pem, site_federation, start_gateway_process
+from tests.integration.federation_fixtures import hub_key_pem, site_federation, start_gateway_process, start_hub
 from tests.training_data import KINDS, LESION, auroc, pooled_test_set, site_population, slice_and_mask, window01
 
 PURPOSE = {"codes": ["DUO:0000042"]}
@@ -62,11 +62,8 @@ async def net(tmp_path, db_url):
     for name, kind in zip(SITES, KINDS):
         url = db_url if name == "site-c" else f"sqlite:///{tmp_path / (name + '.db')}"
         sites[name] = await _site(tmp_path, url, name, kind, pub)
-    hub_settings = make_settings(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}", site_id="hub", extra={
-        "federation": {"role": "hub", "hub_id": "hub", "hub_key": priv,
-                       "sites": [{"id": n, "url": gw.url} for n, (gw, _) in sites.items()]},
-        "training": {"round_deadline_s": 120}})
-    hub = await start_gateway(hub_settings)
+    hub = await start_hub(tmp_path, f"sqlite:///{tmp_path / 'hub.db'}", priv, [(n, gw.url) for n, (gw, _) in sites.items()],
+                          extra={"training": {"round_deadline_s": 120}})
     async with aiohttp.ClientSession() as http:
         yield {"hub": hub, "sites": sites, "http": http, "priv": priv, "pub": pub, "tmp": tmp_path}
     await hub.server.close()
@@ -224,9 +221,7 @@ async def test_a_site_killed_mid_run_leaves_a_quorum(net, tmp_path):
     try:
         await _load(proc_site, "site-p", "ring")
         sites = {"site-a": net["sites"]["site-a"][0].url, "site-c": net["sites"]["site-c"][0].url, "site-p": proc_site.url}
-        hub = await start_gateway(make_settings(tmp_path / "hub3", f"sqlite:///{tmp_path / 'hub3.db'}", site_id="hub",
-                                                extra={"federation": {"role": "hub", "hub_id": "hub", "hub_key": net["priv"],
-                                                       "sites": [{"id": k, "url": v} for k, v in sites.items()]}}))
+        hub = await start_hub(tmp_path, f"sqlite:///{tmp_path / 'hub3.db'}", net["priv"], list(sites.items()), name="hub3")
         n3 = dict(net, hub=hub)
         try:
             run_id = await start(n3, rounds=4, local_epochs=1, min_sites=2)
@@ -356,10 +351,8 @@ async def test_bad_requests_refusals_and_policy(net, tmp_path, db_url):
     veto, _ = await _site(tmp_path, f"sqlite:///{tmp_path / 'veto.db'}", "site-veto", "bright", pub,
                           allowed_purposes=["DUO:0000007"])
     try:
-        hub2 = await start_gateway(make_settings(tmp_path / "hub2", f"sqlite:///{tmp_path / 'hub2.db'}", site_id="hub",
-                                                 extra={"federation": {"role": "hub", "hub_id": "hub", "hub_key": priv,
-                                                        "sites": [{"id": "site-veto", "url": veto.url},
-                                                                  {"id": "site-a", "url": gw.url}]}}))
+        hub2 = await start_hub(tmp_path, f"sqlite:///{tmp_path / 'hub2.db'}", priv,
+                               [("site-veto", veto.url), ("site-a", gw.url)], name="hub2")
         try:
             n2 = dict(net, hub=hub2)
             doc = await wait(n2, await start(n2, rounds=1, min_sites=1))
