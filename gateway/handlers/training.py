@@ -71,8 +71,7 @@ async def model_file(request: web.Request) -> web.Response:
 
 
 async def deploy_model(request: web.Request) -> web.Response:
-    body = await request.read()
-    doc = orjson.loads(body) if body.strip() else {}
+    doc = (await _json(request))[1] if (await request.read()).strip() else {}
     return _resp(await _hub(request).deploy(requester_of(request), request.match_info["name"],
                                             request.match_info["version"], doc))
 

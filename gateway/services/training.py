@@ -1140,7 +1140,9 @@ class TrainingHub:
         if not requester.is_admin:
             raise Forbidden("deploying a model needs the admin role")
         ts_bytes, card = await self.model_bytes(name, version)
-        wanted = (doc or {}).get("sites") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            raise BadRequest('request body: {"sites": [site ids]} or empty (all sites)', expression=["$"])
+        wanted = doc.get("sites")
         ids = {s.id for s in self.fcfg.sites}
         if wanted is not None and (not isinstance(wanted, list) or not wanted or any(w not in ids for w in wanted)):
             raise BadRequest("sites: a non-empty list of configured site ids", expression=["$.sites"])

@@ -394,6 +394,12 @@ async def test_deploy_run_inference_and_roll_back(net):
         assert [s["status"] for s in res["sites"]] == ["ok", "ok"], res
     async with http.post(f"{hub.url}/training/models/fl-lesion/1/deploy", json={}, headers=analyst(hub)) as r:
         assert r.status == 403
+    for body, status in ((b"{not json", 400), (b"[]", 400), (b'{"sites": ["nowhere"]}', 400), (b'{"sites": []}', 400)):
+        async with http.post(f"{hub.url}/training/models/fl-lesion/1/deploy", data=body,
+                             headers=admin | {"Content-Type": "application/json"}) as r:
+            assert r.status == status and r.content_type == "application/problem+json", (body, await r.text())
+    async with http.post(f"{hub.url}/training/models/fl-lesion/9/deploy", json={}, headers=admin) as r:
+        assert r.status == 404
     gw, labels = net["sites"]["site-a"]
     async with http.get(gw.url + "/inference/models", headers=gw.headers("admin")) as r:
         versions = {m["card"]["version"] for m in (await r.json())["models"] if m["card"]["name"] == "fl-lesion"}
