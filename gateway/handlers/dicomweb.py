@@ -8,7 +8,6 @@ HTTP concerns only — media types, multipart framing, Accept negotiation; the w
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import secrets
 from pathlib import Path
@@ -53,7 +52,6 @@ def base_url(request: web.Request) -> str:
 # ------------------------------------------------------------------------------------------- STOW-RS
 
 
-READ = 1024 * 1024  # bytes taken from the request stream at a time (whatever is buffered, up to this)
 MAX_PART_HEADERS = 16 * 1024
 
 
@@ -126,96 +124,33 @@ class _MultipartStream:
         del buf[:k + 4]
         return headers
 
-    async def body(self, sink, throttle=None) -> None:
-        """Hand the current part's bytes to ``sink(data)``, up to (not including) the next delimiter.
-        ``data`` is bytes or a read-only memoryview of a received block (never of a buffer reused later,
-        so the sink may keep it). ``throttle()``, if given, is awaited before each read from the network."""
+    async def body(self, sink) -> None:
+        """Hand the current part's bytes to ``sink(data)`` (bytes or a memoryview, to be used before the
+        next call), up to (not including) the next delimiter."""
         buf, delim = self.buf, self.delim
         keep = len(delim) - 1  # a delimiter may straddle two blocks
         while (i := buf.find(delim)) < 0:
             if len(buf) > keep:
-                with memoryview(buf) as view:
-                    sink(bytes(view[:len(buf) - keep]))
+                with memoryview(buf) as view, view[:len(buf) - keep] as head:
+                    sink(head)
                 del buf[:len(buf) - keep]
-            if throttle is not None:
-                await throttle()
             chunk = await self.content.readany()
             if not chunk:
                 raise BadRequest("malformed multipart body: it ends inside a part (no closing boundary)")
-            # the common case, a block without a delimiter (also none straddling from the kept tail): hand
-            # the block over without copying it, keep only its last few bytes
+            # the common case, a block without a delimiter (none straddling from the kept tail either):
+            # written straight from the received block, only its last few bytes kept (was: two copies)
             if len(chunk) > 2 * len(delim) and chunk.find(delim) < 0 and (bytes(buf) + chunk[:keep]).find(delim) < 0:
                 if buf:
                     sink(bytes(buf))
-                sink(memoryview(chunk)[:len(chunk) - keep])
-                buf.clear()
-                buf += chunk[len(chunk) - keep:]
+                with memoryview(chunk) as view, view[:len(chunk) - keep] as head:
+                    sink(head)
+                buf[:] = chunk[len(chunk) - keep:]
                 continue
             buf += chunk
         if i:
-            sink(bytes(buf[:i]))
+            with memoryview(buf) as view, view[:i] as head:
+                sink(head)
             del buf[:i]  # next_part() consumes the delimiter
-
-
-class _PartFile:
-    """One part's temp file, written by the service's writer thread (in order: one thread), so the event
-    loop never waits on the disk; :meth:`throttle` bounds what is queued for it."""
-
-    LIMIT = 8 * 1024 * 1024  # bytes queued for the writer before the request stops reading
-
-    def __init__(self, part: Part, executor) -> None:
-        self.part = part
-        self.executor = executor
-        self.loop = asyncio.get_running_loop()
-        self.fd: int | None = None
-        self.error: OSError | None = None
-        self.queued: collections.deque = collections.deque()
-        self.queued_bytes = 0
-        self._submit(self._open)
-
-    def _submit(self, fn, *args) -> asyncio.Future:
-        fut = self.loop.run_in_executor(self.executor, fn, *args)
-        return fut
-
-    def _open(self) -> None:
-        try:
-            self.fd = os.open(self.part.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            self.error = exc
-
-    def _write(self, data) -> None:
-        if self.fd is None or self.error is not None:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view):]
-        except OSError as exc:
-            self.error = exc
-
-    def _close(self) -> OSError | None:
-        if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError as exc:
-                self.error = self.error or exc
-            self.fd = None
-        return self.error
-
-    def write(self, data) -> None:
-        self.queued.append((self._submit(self._write, data), len(data)))
-        self.queued_bytes += len(data)
-
-    async def throttle(self) -> None:
-        while self.queued and (self.queued[0][0].done() or self.queued_bytes > self.LIMIT):
-            fut, n = self.queued.popleft()
-            await fut
-            self.queued_bytes -= n
-
-    def close(self) -> asyncio.Future:
-        """Queue the close; the returned future (done once every write is) gives the write error, if any."""
-        self.queued.clear()
-        return self._submit(self._close)
 
 
 def _part_type(headers: bytes) -> str:
@@ -257,21 +192,22 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
-            file = _PartFile(part, svc.part_writer)
+            fd = os.open(part.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-            def sink(data, file: _PartFile = file, part: Part = part) -> None:
+            def sink(data, fd: int = fd, part: Part = part) -> None:
                 count(len(data))
                 part.size += len(data)
                 if part.size > settings.max_instance_bytes:
                     return  # drain the part, keep nothing
-                file.write(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
 
             try:
-                await stream.body(sink, file.throttle)
+                await stream.body(sink)
             finally:
-                part.written = file.close()
+                os.close(fd)
             if part.size > settings.max_instance_bytes:
-                await part.written
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
@@ -287,11 +223,7 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
 
 def _cleanup(parts: list[Part]) -> None:
     for p in parts:
-        if p.tmp is None:
-            continue
-        if p.written is not None and not p.written.done():  # the writer thread still has it: remove it after
-            p.written.add_done_callback(lambda _f, tmp=p.tmp: tmp.unlink(missing_ok=True))
-        else:
+        if p.tmp is not None:
             p.tmp.unlink(missing_ok=True)
 
 

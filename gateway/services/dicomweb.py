@@ -10,11 +10,9 @@ consent gate's :class:`~gateway.store.scope.AccessScope`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,9 +60,6 @@ class Part:
     size: int = 0
     failure: int | None = None
     reason: str = ""
-    #: done once the writer thread has written and closed ``tmp``; its result is the write error, if any
-    #: (None: written synchronously). Not sent to worker processes.
-    written: asyncio.Future | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -244,32 +239,14 @@ class ParseFeed:
         self._pending: list[tuple[int, Part]] = []
         self._inflight: asyncio.Future | None = None
         self._syncs: list[tuple[Path, asyncio.Future]] = []
-        self._writes: list[asyncio.Future] = []
 
     def add(self, part: Part) -> None:
         self.slots.append(None)
         if part.failure is not None:  # rejected while streaming: nothing to parse
             self.slots[-1] = Outcome(None, None, failure=part.failure, reason=part.reason)
             return
-        if part.written is not None and not part.written.done():  # the writer thread is finishing it
-            self._writes.append(asyncio.ensure_future(self._when_written(len(self.slots) - 1, part)))
-        else:
-            self._ready(len(self.slots) - 1, part)
-
-    async def _when_written(self, i: int, part: Part) -> None:
-        await asyncio.wait([part.written])
-        self._ready(i, part)
-
-    def _ready(self, i: int, part: Part) -> None:
-        """The part's file is complete: fsync it (a thread) and hand it to the parser."""
-        err = part.written.exception() or part.written.result() if part.written is not None else None
-        if err is not None:
-            log.warning("STOW part not written: %s", type(err).__name__)
-            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
-                                    reason=f"the instance could not be written ({type(err).__name__})")
-            return
         self._syncs.append((part.tmp, asyncio.ensure_future(self._fsync(part.tmp))))
-        self._pending.append((i, dataclasses.replace(part, written=None)))
+        self._pending.append((len(self.slots) - 1, part))
         if self._inflight is None:
             self._submit()
 
@@ -300,8 +277,6 @@ class ParseFeed:
 
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
-        if self._writes:
-            await asyncio.gather(*self._writes)
         while True:
             job = self._inflight
             if job is not None:
@@ -337,8 +312,6 @@ class DicomwebService:
         self.audit = audit
         self.blobs = blobs
         self._queue: list[_Batch] = []
-        #: the one thread that writes received STOW parts to their temp files (in arrival order)
-        self.part_writer = ThreadPoolExecutor(1, thread_name_prefix="stow-write")
         self._leading = False
         self._stmts: dict[tuple, Any] = {}
 
