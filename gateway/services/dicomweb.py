@@ -705,14 +705,13 @@ class DicomwebService:
         leaves out the stored DICOM JSON (a few KB per row) for routes that only need the file."""
         scope = await self.gate.scope_for(requester)
         stmt = self._instances_stmt(scope, bool(series), bool(sop), metadata)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(stmt, {"study": study, "series": series, "sop": sop})).mappings().all()
+        rows = await self.db.read_rows(stmt, {"study": study, "series": series, "sop": sop})
         if not rows:
             what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
             raise NotFound(f"{what} not found")
         await self._audit(requester, "R", "wado", scope, {r["patient_id"] for r in rows},
                           [f"ImagingStudy/{study}"])
-        return [dict(r) for r in rows]
+        return rows
 
     def _instances_stmt(self, scope: AccessScope, by_series: bool, by_sop: bool, metadata: bool):
         """The WADO instance look-up, built once per (scope, shape) with bound parameters: building the
