@@ -453,9 +453,17 @@ class DicomwebService:
 
     async def _check_duplicates(self, good: list[Outcome]) -> None:
         """Already stored SOP Instance UIDs: identical bytes → warning (no change), different → 0x0111."""
-        async with self.db.read() as conn:
-            existing = dict((await conn.execute(select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
-                dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).all())
+        existing: dict[str, str] = {}
+        uids = [o.sop_uid for o in good]
+        for i in range(0, len(uids), 50):
+            chunk = uids[i:i + 50]
+            key = ("dup", len(chunk))
+            stmt = self._stmts.get(key)
+            if stmt is None:  # one statement per list length, so Database.read_rows compiles it once
+                stmt = self._stmts[key] = select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
+                    dcm_instance.c.sop_uid.in_([bindparam(f"u{j}") for j in range(len(chunk))]))
+            rows = await self.db.read_rows(stmt, {f"u{j}": u for j, u in enumerate(chunk)})
+            existing.update((r["sop_uid"], r["blob_path"]) for r in rows)
         for o in good:
             if o.sop_uid in existing:
                 same = await asyncio.to_thread(
