@@ -602,13 +602,12 @@ class DicomwebService:
         if seg_rows:
             await conn.execute(dcm_seg_segment.insert(), seg_rows)
         i, se_t, st_t = dcm_instance.c, dcm_series.c, dcm_study.c
+        # the batch's study rows are locked first (a row lock on PostgreSQL; SQLite has one writer anyway):
+        # a concurrent writer of the same study, in another process, waits here, so the counts, series and
+        # ImagingStudy version read below (each statement a fresh READ COMMITTED snapshot) include its rows
+        await conn.execute(update(dcm_study).where(st_t.study_uid.in_(list(studies))).values(updated_ts=now))
         await conn.execute(update(dcm_series).where(se_t.series_uid.in_(list(series))).values(
             num_instances=select(func.count()).where(i.series_uid == se_t.series_uid).scalar_subquery(),
-            updated_ts=now))
-        # the study rows are updated (row-locked on PostgreSQL) before their series are read, so a
-        # concurrent writer of the same study, in another process, is serialised here
-        await conn.execute(update(dcm_study).where(st_t.study_uid.in_(list(studies))).values(
-            num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
             updated_ts=now))
         ser_rows = (await conn.execute(select(dcm_series).where(se_t.study_uid.in_(list(studies)))
                                        .order_by(se_t.series_number))).mappings().all()
@@ -616,6 +615,7 @@ class DicomwebService:
         for r in ser_rows:
             by_study[r["study_uid"]].append(dict(r))
         await conn.execute(update(dcm_study).where(st_t.study_uid == bindparam("b_uid")).values(
+            num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
             num_series=bindparam("b_n"), modalities=bindparam("b_mods")), [
             {"b_uid": u, "b_n": len(rows), "b_mods": "\\".join(sorted({r["modality"] for r in rows if r["modality"]}))}
             for u, rows in by_study.items()])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 
+import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
@@ -217,3 +218,49 @@ async def test_fhir_update_writes_only_changed_index_rows(gateway, http):
     await put(bp(135, None))  # the same content again: a new version, the same rows
     assert await components() == [("8480-6", 135)]
     assert await total("Observation?code=85354-9&patient=incr-pat") == 1
+
+
+async def test_two_gateways_storing_into_one_study(db_url, tmp_path, http):
+    """Two gateways on one PostgreSQL database (as the processes of a multi-process server are) store
+    concurrently into the same study: the study row lock serialises the count / ImagingStudy updates, so no
+    request fails and the counts and the ImagingStudy are exact."""
+    import asyncio
+
+    from tests.conftest import make_settings, start_gateway
+
+    if db_url.startswith("sqlite"):
+        pytest.skip("one SQLite file written from two servers is the multi-process server's own concern")
+    gws = [await start_gateway(make_settings(tmp_path / f"gw{i}", db_url)) for i in range(2)]
+    try:
+        study = generate_uid()
+        kw = {"patient_id": "TWO1", "patient_name": "Two^Gateways", "study_uid": study, "size": 16}
+        series = [ct_series(n=3, modality=("CT", "MR")[i % 2], **kw) for i in range(8)]
+        bodies = [_body([_bytes(d) for d in ser[:2]]) for ser in series] + [
+            _body([_bytes(ser[2])]) for ser in series]
+
+        async def post(i: int, body: bytes) -> int:
+            gw = gws[i % 2]
+            h = gw.headers("pacs") | {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                                      f'boundary={BOUNDARY}'}
+            async with http.post(f"{gw.dicomweb}/studies", data=body, headers=h) as r:
+                return r.status
+
+        assert await asyncio.gather(*(post(i, b) for i, b in enumerate(bodies))) == [200] * len(bodies)
+        async with http.get(f"{gws[0].fhir}/ImagingStudy/{study}", headers=gws[0].headers("clinician")) as r:
+            res = await r.json()
+        assert res["numberOfSeries"] == 8 and res["numberOfInstances"] == 24
+        assert {se["uid"]: sorted(i["uid"] for i in se["instance"]) for se in res["series"]} == {
+            str(ser[0].SeriesInstanceUID): sorted(str(d.SOPInstanceUID) for d in ser) for ser in series}
+        assert sorted(m["code"] for m in res["modality"]) == ["CT", "MR"]
+        async with gws[1].app[keys.DB].read() as conn:
+            st = (await conn.execute(select(dcm_study).where(dcm_study.c.study_uid == study))).mappings().one()
+            se = dict((await conn.execute(select(dcm_series.c.series_uid, dcm_series.c.num_instances).where(
+                dcm_series.c.study_uid == study))).all())
+            versions = (await conn.execute(select(func.count()).select_from(s.fhir_history).where(
+                s.fhir_history.c.res_type == "ImagingStudy", s.fhir_history.c.res_id == study))).scalar_one()
+        assert (st["num_series"], st["num_instances"], st["modalities"]) == (8, 24, "CT\\MR")
+        assert se == {str(ser[0].SeriesInstanceUID): 3 for ser in series}
+        assert res["meta"]["versionId"] == str(versions)
+    finally:
+        for gw in gws:
+            await gw.server.close()
