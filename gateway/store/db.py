@@ -97,8 +97,9 @@ class Database:
         On SQLite the statement (compiled once) runs on a reader thread with its own read-only connection:
         one hand-over to a thread instead of the pooled aiosqlite path's four or so (checkout, cursor,
         execute, fetch, rollback on return — about 0.2 ms, a fifth of a WADO instance request on a busy
-        machine). WAL mode: the reader sees every committed write, from any process. Elsewhere (and for an
-        in-memory SQLite) the pooled connection as usual."""
+        machine). WAL mode: the reader sees every committed write, from any process. Values come as the
+        sqlite3 driver returns them (no SQLAlchemy result types: fine for text/number columns, not for
+        Boolean/DateTime ones). Elsewhere (and for an in-memory SQLite) the pooled connection as usual."""
         path = self._reader_path()
         if path is None:
             async with self.read() as conn:
