@@ -370,14 +370,15 @@ async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: 
     resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
+    before = b""  # the previous part's closing CRLF goes out with the next part's header (one send, not two)
     for head, path, size in zip(heads, paths, sizes):
-        await resp.write(head)
+        await resp.write(before + head)
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != size or request.transport is None:  # stored files never change
                 raise ConnectionResetError("instance file changed or connection lost while sending")
             await loop.sendfile(request.transport, f, 0, size)
-        await resp.write(b"\r\n")
-    await resp.write(tail)
+        before = b"\r\n"
+    await resp.write(before + tail)
     await resp.write_eof()
     return resp
 

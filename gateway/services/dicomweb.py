@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -753,7 +754,10 @@ def _insert_new(conn, table, key: str):
     return insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
 
 
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
 def check_study_uid(uid: str) -> str:
-    if not uid or len(uid) > 64 or not all(ch.isdigit() or ch == "." for ch in uid):
+    if not _UID.fullmatch(uid):
         raise BadRequest(f"{uid!r} is not a DICOM UID")
     return uid
