@@ -29,9 +29,11 @@ $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_O/di
     --server-pid "$OPID" --server-info "Orthanc $(Orthanc --version 2>&1 | head -1)" --out "$OUT/orthanc.json.result"
 kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=
 
-FEDGATE_LOG_LEVEL=WARNING .venv/bin/fedgate serve --data-dir "$OUT/fedgate" --port "$PORT_F" & FPID=$!
+# `python -m gateway` from this checkout (with PYTHONPATH=$PWD): the console script of a shared venv imports
+# whichever checkout was installed into it
+FEDGATE_LOG_LEVEL=WARNING PYTHONPATH="$PWD" $PY -m gateway serve --data-dir "$OUT/fedgate" --port "$PORT_F" & FPID=$!
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_F/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-TOKEN=$(.venv/bin/fedgate token --data-dir "$OUT/fedgate" --role pacs)
+TOKEN=$(PYTHONPATH="$PWD" $PY -m gateway token --data-dir "$OUT/fedgate" --role pacs)
 $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_F/dicomweb" --label fedgate \
     --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite" \
     --header "Authorization: Bearer $TOKEN" --out "$OUT/fedgate.json.result"

@@ -52,7 +52,6 @@ def base_url(request: web.Request) -> str:
 # ------------------------------------------------------------------------------------------- STOW-RS
 
 
-READ = 1024 * 1024  # bytes taken from the request stream at a time (whatever is buffered, up to this)
 MAX_PART_HEADERS = 16 * 1024
 
 
@@ -88,7 +87,7 @@ class _MultipartStream:
         self.buf = bytearray(b"\r\n")  # the first delimiter may open the body without a CRLF
 
     async def _more(self) -> bool:
-        chunk = await self.content.read(READ)
+        chunk = await self.content.readany()  # a received block as is (read(n) joins blocks: a copy)
         if not chunk:
             return False
         self.buf += chunk
@@ -126,17 +125,31 @@ class _MultipartStream:
         return headers
 
     async def body(self, sink) -> None:
-        """Hand the current part's bytes to ``sink(bytes)``, up to (not including) the next delimiter."""
+        """Hand the current part's bytes to ``sink(data)`` (bytes or a memoryview, to be used before the
+        next call), up to (not including) the next delimiter."""
         buf, delim = self.buf, self.delim
         keep = len(delim) - 1  # a delimiter may straddle two blocks
         while (i := buf.find(delim)) < 0:
             if len(buf) > keep:
-                sink(bytes(buf[:len(buf) - keep]))
+                with memoryview(buf) as view, view[:len(buf) - keep] as head:
+                    sink(head)
                 del buf[:len(buf) - keep]
-            if not await self._more():
+            chunk = await self.content.readany()
+            if not chunk:
                 raise BadRequest("malformed multipart body: it ends inside a part (no closing boundary)")
+            # the common case, a block without a delimiter (none straddling from the kept tail either):
+            # written straight from the received block, only its last few bytes kept (was: two copies)
+            if len(chunk) > 2 * len(delim) and chunk.find(delim) < 0 and (bytes(buf) + chunk[:keep]).find(delim) < 0:
+                if buf:
+                    sink(bytes(buf))
+                with memoryview(chunk) as view, view[:len(chunk) - keep] as head:
+                    sink(head)
+                buf[:] = chunk[len(chunk) - keep:]
+                continue
+            buf += chunk
         if i:
-            sink(bytes(buf[:i]))
+            with memoryview(buf) as view, view[:i] as head:
+                sink(head)
             del buf[:i]  # next_part() consumes the delimiter
 
 
@@ -181,7 +194,7 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
             parts.append(part)
             fd = os.open(part.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
-            def sink(data: bytes, fd: int = fd, part: Part = part) -> None:
+            def sink(data, fd: int = fd, part: Part = part) -> None:
                 count(len(data))
                 part.size += len(data)
                 if part.size > settings.max_instance_bytes:
@@ -357,14 +370,15 @@ async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: 
     resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
+    before = b""  # the previous part's closing CRLF goes out with the next part's header (one send, not two)
     for head, path, size in zip(heads, paths, sizes):
-        await resp.write(head)
+        await resp.write(before + head)
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != size or request.transport is None:  # stored files never change
                 raise ConnectionResetError("instance file changed or connection lost while sending")
             await loop.sendfile(request.transport, f, 0, size)
-        await resp.write(b"\r\n")
-    await resp.write(tail)
+        before = b"\r\n"
+    await resp.write(before + tail)
     await resp.write_eof()
     return resp
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from gateway.store import schema as s
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
-from gateway.store.scope import AccessScope
+from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 from gateway.services.workers import WorkerPool
 from mappings.dicom import attributes as attrs
 from mappings.dicom import fastjson
@@ -403,11 +404,15 @@ class DicomwebService:
             item["00081196"] = {"vr": "US", "Value": [o.warning]}
         return item
 
-    async def _patient_ids(self, conn, outcomes: list[Outcome]) -> dict[tuple, str]:
+    async def _patient_ids(self, conn, outcomes: list[Outcome]) -> tuple[dict[tuple, str], dict[str | None, int | None]]:
         """Common-model patient id per (PatientID, Issuer): a FHIR Patient with that identifier, or a
-        DICOM-born patient (created here, consent recomputed in this transaction)."""
+        DICOM-born patient (created here, consent recomputed in this transaction); and the consent number
+        of each (read with :func:`~gateway.store.consent_schema.lock_patients`, which also tells which
+        DICOM-born patients exist already)."""
+        from gateway.store.consent_schema import lock_patients, patient_nos, recompute
+
         out: dict[tuple, str] = {}
-        created: list[str] = []
+        dicom_born: set[str] = set()
         for key in {o.patient_key for o in outcomes}:
             pid, issuer = key
             match = None
@@ -423,31 +428,43 @@ class DicomwebService:
                 match = rows[0] if len(rows) == 1 else None
             if match is None:
                 match = attrs.dicom_patient_key(pid, issuer)
-                exists = (await conn.execute(select(s.cm_patient.c.pk).where(
-                    s.cm_patient.c.patient_id == match).limit(1))).first()
-                if exists is None:
-                    meta = next(o.patient_meta for o in outcomes if o.patient_key == key)
-                    birth = meta.get("birth")
-                    await conn.execute(s.cm_patient.insert().values(
-                        src_type="DICOM", src_id=f"DICOM/{match}", patient_id=match,
-                        identifiers=orjson.dumps([f"{issuer or ''}|{pid}"] if pid else []).decode(),
-                        birth_date=f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if birth and len(birth) == 8 else None,
-                        birth_year=int(birth[:4]) if birth and birth[:4].isdigit() else None,
-                        sex={"M": "male", "F": "female", "O": "other"}.get(meta.get("sex") or "", None),
-                    ))
-                    created.append(match)
+                dicom_born.add(match)
             out[key] = match
+        known = await lock_patients(conn, out.values())
+        created: list[str] = []
+        for key, match in out.items():
+            if match in dicom_born and match not in known and match not in created:
+                pid, issuer = key
+                meta = next(o.patient_meta for o in outcomes if o.patient_key == key)
+                birth = meta.get("birth")
+                await conn.execute(s.cm_patient.insert().values(
+                    src_type="DICOM", src_id=f"DICOM/{match}", patient_id=match,
+                    identifiers=orjson.dumps([f"{issuer or ''}|{pid}"] if pid else []).decode(),
+                    birth_date=f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if birth and len(birth) == 8 else None,
+                    birth_year=int(birth[:4]) if birth and birth[:4].isdigit() else None,
+                    sex={"M": "male", "F": "female", "O": "other"}.get(meta.get("sex") or "", None),
+                ))
+                created.append(match)
         if created:
-            from gateway.store.consent_schema import recompute
-
             await recompute(conn, created)
-        return out
+            return out, await patient_nos(conn, out.values())
+        nos: dict[str | None, int | None] = {p: profile_no(known.get(p)) for p in out.values()}
+        nos[None] = NO_PATIENT
+        return out, nos
 
     async def _check_duplicates(self, good: list[Outcome]) -> None:
         """Already stored SOP Instance UIDs: identical bytes → warning (no change), different → 0x0111."""
-        async with self.db.read() as conn:
-            existing = dict((await conn.execute(select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
-                dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).all())
+        existing: dict[str, str] = {}
+        uids = [o.sop_uid for o in good]
+        for i in range(0, len(uids), 50):
+            chunk = uids[i:i + 50]
+            key = ("dup", len(chunk))
+            stmt = self._stmts.get(key)
+            if stmt is None:  # one statement per list length, so Database.read_rows compiles it once
+                stmt = self._stmts[key] = select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
+                    dcm_instance.c.sop_uid.in_([bindparam(f"u{j}") for j in range(len(chunk))]))
+            rows = await self.db.read_rows(stmt, {f"u{j}": u for j, u in enumerate(chunk)})
+            existing.update((r["sop_uid"], r["blob_path"]) for r in rows)
         for o in good:
             if o.sop_uid in existing:
                 same = await asyncio.to_thread(
@@ -542,11 +559,13 @@ class DicomwebService:
             o.indexed = True
 
     async def _index(self, conn, good: list[Outcome]) -> None:
+        """Index rows, study/series counts and the FHIR ImagingStudy of a batch, on ``conn`` (one
+        transaction).  About 18 statements for a batch within one study (was ~37): the study and series
+        rows are inserted with ON CONFLICT DO NOTHING (first writer's attributes win) instead of being
+        looked up first, counts are updated with one statement per table, the ImagingStudy update writes
+        only the index rows that changed (:func:`gateway.store.fhir_repo.apply_writes`)."""
         now = time.time()
-        pids = await self._patient_ids(conn, good)
-        from gateway.store.consent_schema import patient_nos
-
-        nos = await patient_nos(conn, pids.values())  # consent gate: stamped on the rows (issue #4)
+        pids, nos = await self._patient_ids(conn, good)
         raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
             dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).scalars())
         studies: dict[str, dict] = {}
@@ -567,59 +586,62 @@ class DicomwebService:
             st, se, inst = (dict(r, patient_id=pid, consent_no=nos[pid]) for r in o.rows)
             st["updated_ts"] = se["updated_ts"] = now
             inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)
-            studies.setdefault(st["study_uid"], st)
-            series.setdefault(se["series_uid"], se)
+            studies.setdefault(st["study_uid"], st | {"num_series": 0, "num_instances": 0})
+            series.setdefault(se["series_uid"], se | {"num_instances": 0})
             instances.append(inst)
             base = {"sop_uid": o.sop_uid, "patient_id": pid}
             sr_rows.extend(base | r for r in sr)
             seg_rows.extend(base | {"study_uid": o.study_uid, "series_uid": o.series_uid} | r for r in seg)
         if not instances:
             return
-        # upsert studies/series (first writer's attributes win; counts recomputed below)
-        have_st = set((await conn.execute(select(dcm_study.c.study_uid).where(
-            dcm_study.c.study_uid.in_(list(studies))))).scalars())
-        new_st = [r | {"num_series": 0, "num_instances": 0} for u, r in studies.items() if u not in have_st]
-        if new_st:
-            await conn.execute(dcm_study.insert(), new_st)
-        have_se = set((await conn.execute(select(dcm_series.c.series_uid).where(
-            dcm_series.c.series_uid.in_(list(series))))).scalars())
-        new_se = [r | {"num_instances": 0} for u, r in series.items() if u not in have_se]
-        if new_se:
-            await conn.execute(dcm_series.insert(), new_se)
+        # studies/series new to the store (first writer's attributes win; counts recomputed below)
+        await conn.execute(_insert_new(conn, dcm_study, "study_uid"), list(studies.values()))
+        await conn.execute(_insert_new(conn, dcm_series, "series_uid"), list(series.values()))
         await conn.execute(dcm_instance.insert(), instances)
         if sr_rows:
             await conn.execute(dcm_sr_item.insert(), sr_rows)
         if seg_rows:
             await conn.execute(dcm_seg_segment.insert(), seg_rows)
-        for uid in series:
-            n = select(func.count()).select_from(dcm_instance).where(dcm_instance.c.series_uid == uid).scalar_subquery()
-            await conn.execute(update(dcm_series).where(dcm_series.c.series_uid == uid).values(
-                num_instances=n, updated_ts=now))
-        for uid in studies:
-            n_inst = select(func.count()).select_from(dcm_instance).where(dcm_instance.c.study_uid == uid)
-            n_ser = select(func.count()).select_from(dcm_series).where(dcm_series.c.study_uid == uid)
-            mods = (await conn.execute(select(dcm_series.c.modality).where(
-                dcm_series.c.study_uid == uid).distinct())).scalars().all()
-            await conn.execute(update(dcm_study).where(dcm_study.c.study_uid == uid).values(
-                num_instances=n_inst.scalar_subquery(), num_series=n_ser.scalar_subquery(),
-                modalities="\\".join(sorted(m for m in mods if m)), updated_ts=now))
-        await self._sync_imaging_studies(conn, list(studies))
+        i, se_t, st_t = dcm_instance.c, dcm_series.c, dcm_study.c
+        # the batch's study rows are locked first (a row lock on PostgreSQL; SQLite has one writer anyway):
+        # a concurrent writer of the same study, in another process, waits here, so the counts, series and
+        # ImagingStudy version read below (each statement a fresh READ COMMITTED snapshot) include its rows
+        await conn.execute(update(dcm_study).where(st_t.study_uid.in_(list(studies))).values(updated_ts=now))
+        await conn.execute(update(dcm_series).where(se_t.series_uid.in_(list(series))).values(
+            num_instances=select(func.count()).where(i.series_uid == se_t.series_uid).scalar_subquery(),
+            updated_ts=now))
+        ser_rows = (await conn.execute(select(dcm_series).where(se_t.study_uid.in_(list(studies)))
+                                       .order_by(se_t.series_number))).mappings().all()
+        by_study: dict[str, list[dict]] = {u: [] for u in studies}
+        for r in ser_rows:
+            by_study[r["study_uid"]].append(dict(r))
+        await conn.execute(update(dcm_study).where(st_t.study_uid == bindparam("b_uid")).values(
+            num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
+            num_series=bindparam("b_n"), modalities=bindparam("b_mods")), [
+            {"b_uid": u, "b_n": len(rows), "b_mods": "\\".join(sorted({r["modality"] for r in rows if r["modality"]}))}
+            for u, rows in by_study.items()])
+        await self._sync_imaging_studies(conn, by_study)
 
-    async def _sync_imaging_studies(self, conn, study_uids: Iterable[str]) -> None:
-        """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID)."""
+    async def _sync_imaging_studies(self, conn, series_by_study: dict[str, list[dict]]) -> None:
+        """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID), built in full
+        from the index rows (``series_by_study``: each study's series rows, ordered by series number)."""
+        uids = list(series_by_study)
+        st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
+            select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
+        inst = (await conn.execute(select(
+            dcm_instance.c.study_uid, dcm_instance.c.series_uid, dcm_instance.c.sop_uid,
+            dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number).where(dcm_instance.c.study_uid.in_(uids))
+            .order_by(dcm_instance.c.instance_number))).mappings().all()
+        inst_by_study: dict[str, list[dict]] = {u: [] for u in uids}
+        for r in inst:
+            inst_by_study[r["study_uid"]].append(dict(r))
+        current = await repo.get_current_many(conn, [("ImagingStudy", u) for u in uids] + [("Endpoint", "dicomweb")])
         writes = []
-        for uid in study_uids:
-            st = (await conn.execute(select(dcm_study).where(dcm_study.c.study_uid == uid))).mappings().one()
-            ser = (await conn.execute(select(dcm_series).where(dcm_series.c.study_uid == uid)
-                                      .order_by(dcm_series.c.series_number))).mappings().all()
-            inst = (await conn.execute(select(
-                dcm_instance.c.series_uid, dcm_instance.c.sop_uid, dcm_instance.c.sop_class_uid,
-                dcm_instance.c.instance_number).where(dcm_instance.c.study_uid == uid)
-                .order_by(dcm_instance.c.instance_number))).mappings().all()
-            resource = imaging_study_resource(dict(st), [dict(r) for r in ser], [dict(r) for r in inst])
-            prev = await repo.get_current(conn, "ImagingStudy", resource["id"])
+        for uid in uids:
+            resource = imaging_study_resource(st_rows[uid], series_by_study[uid], inst_by_study[uid])
+            prev = current.get(("ImagingStudy", resource["id"]))
             writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
-        if not await repo.get_current(conn, "Endpoint", "dicomweb"):
+        if ("Endpoint", "dicomweb") not in current:
             from mappings.dicom.imagingstudy import endpoint_resource
 
             writes.append(repo.Write("Endpoint", "dicomweb", endpoint_resource(), None, "POST"))
@@ -692,14 +714,13 @@ class DicomwebService:
         leaves out the stored DICOM JSON (a few KB per row) for routes that only need the file."""
         scope = await self.gate.scope_for(requester)
         stmt = self._instances_stmt(scope, bool(series), bool(sop), metadata)
-        async with self.db.read() as conn:
-            rows = (await conn.execute(stmt, {"study": study, "series": series, "sop": sop})).mappings().all()
+        rows = await self.db.read_rows(stmt, {"study": study, "series": series, "sop": sop})
         if not rows:
             what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
             raise NotFound(f"{what} not found")
         await self._audit(requester, "R", "wado", scope, {r["patient_id"] for r in rows},
                           [f"ImagingStudy/{study}"])
-        return [dict(r) for r in rows]
+        return rows
 
     def _instances_stmt(self, scope: AccessScope, by_series: bool, by_sop: bool, metadata: bool):
         """The WADO instance look-up, built once per (scope, shape) with bound parameters: building the
@@ -724,7 +745,19 @@ class DicomwebService:
         return self.blobs.path(row["blob_path"])
 
 
+def _insert_new(conn, table, key: str):
+    """INSERT that skips rows whose primary key exists already (SQLite and PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing(index_elements=[table.c[key]])
+
+
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
 def check_study_uid(uid: str) -> str:
-    if not uid or len(uid) > 64 or not all(ch.isdigit() or ch == "." for ch in uid):
+    if not _UID.fullmatch(uid):
         raise BadRequest(f"{uid!r} is not a DICOM UID")
     return uid

@@ -6,6 +6,7 @@ connection from :meth:`Database.write`, so they commit or roll back together.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -68,6 +69,15 @@ async def get_current(conn: AsyncConnection, res_type: str, res_id: str) -> Stor
     return _stored(row) if row else None
 
 
+async def get_current_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
+    """Current rows (deleted ones included) for (type, id) keys, in one statement; absent keys are missing."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    rows = await conn.execute(select(*_COLS).where(or_(*[and_(R.c.res_type == t, R.c.res_id == i) for t, i in keys])))
+    return {(r.res_type, r.res_id): _stored(r) for r in rows}
+
+
 async def get_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]], scope: AccessScope) -> list[Stored]:
     """Current, non-deleted resources for (type, id) keys that the scope lets the caller see."""
     by_type: dict[str, set[str]] = {}
@@ -97,6 +107,46 @@ async def get_version(conn: AsyncConnection, res_type: str, res_id: str, version
                   row.patient_id, row.content)
 
 
+_IDX_COLS = {
+    "token": ("param", "system", "code"),
+    "string": ("param", "norm", "exact"),
+    "date": ("param", "lo", "hi"),
+    "reference": ("param", "target_type", "target_id"),
+    "quantity": ("param", "value", "system", "code"),
+}
+
+
+def _derived(resource: dict[str, Any]) -> tuple[dict[str, list[tuple]], dict[str, list[tuple]]]:
+    """The search index rows (by kind) and common-model rows (by table, as sorted item tuples) that a
+    resource version has — a pure function of its content."""
+    rows = extract(resource)
+    idx = {k: v for k in _IDX_COLS if (v := getattr(rows, k))}
+    cm: dict[str, list[tuple]] = {}
+    for obj in project(resource):
+        table, row = row_for(obj)
+        cm.setdefault(table, []).append(tuple(sorted(row.items())))
+    return idx, cm
+
+
+def _row_diff(old: list[tuple], new: list[tuple]) -> tuple[bool, list[tuple]]:
+    """(whether the old rows must be deleted, the rows to insert): unchanged → (False, []); only
+    additions → (False, the added rows); anything removed or changed → (True, every new row)."""
+    if not old:
+        return False, list(new)
+    if old == new:
+        return False, []
+    added = Counter(new)
+    added.subtract(Counter(old))
+    if any(n < 0 for n in added.values()):
+        return True, list(new)
+    out = []
+    for r in new:
+        if added[r] > 0:
+            added[r] -= 1
+            out.append(r)
+    return False, out
+
+
 class VersionConflict(Exception):
     """The row changed between read and write (concurrent update)."""
 
@@ -110,9 +160,6 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     new_rows: list[dict] = []
     updates: list[dict] = []
     history: list[dict] = []
-    stale_rids = [w.prev.rid for w in writes if w.prev is not None and w.prev.rid is not None]
-    stale_src = [f"{w.res_type}/{w.res_id}" for w in writes if w.prev is not None]
-
     for w in writes:
         version = (w.prev.version + 1) if w.prev else 1
         content = None
@@ -140,13 +187,6 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         results.append(Stored(w.prev.rid if w.prev else None, w.res_type, w.res_id, version, last_updated,
                               w.resource is None, patient, content))
 
-    if stale_rids:
-        for table in s.INDEX_TABLES.values():
-            await conn.execute(delete(table).where(table.c.rid.in_(stale_rids)))
-    if stale_src:
-        for table in CM_BY_NAME.values():
-            await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(stale_src)))
-        await conn.execute(delete(s.cm_observation).where(s.cm_observation.c.parent_id.in_(stale_src)))
     if updates:
         from sqlalchemy import bindparam
 
@@ -167,27 +207,45 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             rid_by_key[(r.res_type, r.res_id)] = r.rid
     await conn.execute(H.insert(), history)
 
-    idx_rows: dict[str, list[dict]] = {k: [] for k in s.INDEX_TABLES}
+    # Search index and common-model rows: only the difference to the previous version is written.
+    # A table whose rows for the resource are unchanged is not touched; one that only gains rows gets
+    # just those (an ImagingStudy gaining a series gains its series/instance tokens); otherwise the
+    # resource's rows in that table are replaced.  (Before, every update deleted from every index and
+    # common-model table: 14 statements for an ImagingStudy that changed one count.)
+    idx_del: dict[str, list[int]] = {}
+    cm_del: dict[str, list[str]] = {}
+    idx_rows: dict[str, list[dict]] = {}
     cm_rows: dict[str, list[dict]] = {}
     for w in writes:
-        if w.resource is None:
-            continue
+        old = _derived(w.prev.resource()) if w.prev is not None and w.prev.content else ({}, {})
+        new = _derived(w.resource) if w.resource is not None else ({}, {})
         rid = rid_by_key[(w.res_type, w.res_id)]
-        rows = extract(w.resource)
         base = {"rid": rid, "res_type": w.res_type}
-        idx_rows["token"].extend(base | {"param": p, "system": sy, "code": c} for p, sy, c in rows.token)
-        idx_rows["string"].extend(base | {"param": p, "norm": n, "exact": e} for p, n, e in rows.string)
-        idx_rows["date"].extend(base | {"param": p, "lo": lo, "hi": hi} for p, lo, hi in rows.date)
-        idx_rows["reference"].extend(base | {"param": p, "target_type": t, "target_id": i} for p, t, i in rows.reference)
-        idx_rows["quantity"].extend(base | {"param": p, "value": v, "system": sy, "code": c} for p, v, sy, c in rows.quantity)
-        for obj in project(w.resource):
-            table, row = row_for(obj)
-            cm_rows.setdefault(table, []).append(row)
+        for kind in old[0].keys() | new[0].keys():
+            drop, add = _row_diff(old[0].get(kind, []), new[0].get(kind, []))
+            if drop:
+                idx_del.setdefault(kind, []).append(rid)
+            idx_rows.setdefault(kind, []).extend(base | dict(zip(_IDX_COLS[kind], r)) for r in add)
+        src = f"{w.res_type}/{w.res_id}"
+        for table in old[1].keys() | new[1].keys():
+            drop, add = _row_diff(old[1].get(table, []), new[1].get(table, []))
+            if drop:
+                cm_del.setdefault(table, []).append(src)
+            cm_rows.setdefault(table, []).extend(dict(r) for r in add)
+    for kind, rids in idx_del.items():
+        table = s.INDEX_TABLES[kind]
+        await conn.execute(delete(table).where(table.c.rid.in_(rids)))
+    for name, srcs in cm_del.items():
+        table = CM_BY_NAME[name]
+        await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(srcs)))
+        if name == "cm_observation":  # component rows point at their panel
+            await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
     for kind, rows_ in idx_rows.items():
         if rows_:
             await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
     for table, rows_ in cm_rows.items():
-        await conn.execute(CM_BY_NAME[table].insert(), rows_)
+        if rows_:
+            await conn.execute(CM_BY_NAME[table].insert(), rows_)
     # Consent gate (issue #4): a written Patient or Consent changes the patient's effective consent
     # profile; recompute it in this transaction so the very next request sees it.
     touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
@@ -197,8 +255,11 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
 
     if touched:
         await recompute(conn, touched)  # also restamps every resource of those patients
+    # an update that keeps the row's patient keeps its stamp (recompute restamps every row of a patient)
+    same = {(w.res_type, w.res_id) for w in writes if w.prev is not None and not w.prev.deleted
+            and w.resource is not None and w.prev.patient_id == compartment_patient(w.resource)}
     await stamp_resources(conn, [(rid_by_key[(r.res_type, r.res_id)], r.patient_id) for r in results
-                                 if r.patient_id not in touched])
+                                 if r.patient_id not in touched and (r.res_type, r.res_id) not in same])
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content)

@@ -20,8 +20,8 @@ class Blocks:
     def __init__(self, data: bytes, size: int) -> None:
         self.data, self.size, self.pos = data, size, 0
 
-    async def read(self, n: int) -> bytes:
-        out = self.data[self.pos:self.pos + min(n, self.size)]
+    async def readany(self) -> bytes:
+        out = self.data[self.pos:self.pos + self.size]
         self.pos += len(out)
         return out
 
@@ -31,7 +31,7 @@ async def _split(body: bytes, size: int) -> list[tuple[bytes, bytes]]:
     out = []
     while (headers := await stream.next_part()) is not None:
         chunks: list[bytes] = []
-        await stream.body(chunks.append)
+        await stream.body(lambda data: chunks.append(bytes(data)))  # data is only valid during the call
         out.append((headers, b"".join(chunks)))
     return out
 
