@@ -2,8 +2,13 @@
 
 Reads use pooled connections concurrently.  Writes go through :meth:`Database.write`, which opens a
 transaction (``BEGIN ... COMMIT``, rolled back on any error so nothing partial is stored).  SQLite
-allows one writer at a time, so writes are serialised in-process with an asyncio lock (and
-``busy_timeout`` covers other processes such as ``fedgate import`` against a running server).
+allows one writer at a time, so writes are serialised in-process with an asyncio lock, and across
+processes (``fedgate serve --processes N``, ``fedgate import`` against a running server) by starting
+every write transaction with ``BEGIN IMMEDIATE``: the write lock is taken before the transaction's
+first read, so a read-modify-write (audit chain head, FHIR version, STOW counts) never works from a
+snapshot another process changes underneath it, and waiting for the lock honours ``busy_timeout``
+(a deferred transaction that reads and then writes gets SQLITE_BUSY at once instead).  Reads run in
+autocommit mode, as pysqlite ran them before.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         # planner statistics: refreshed in the background as data grows (see note_writes)
         self._rows_written = 0
@@ -82,8 +88,10 @@ class Database:
                 yield conn
             return
         async with self._write_lock:
-            async with self.engine.begin() as conn:
-                yield conn
+            async with self.engine.connect() as conn:
+                await conn.execution_options(fedgate_write=True)  # → BEGIN IMMEDIATE (_sqlite_begin)
+                async with conn.begin():
+                    yield conn
 
     def note_writes(self, rows: int) -> None:
         """Count written rows; when the data grew by a quarter (and ≥ 2,000 rows) since the last
@@ -118,6 +126,9 @@ class Database:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every sqlite test
     # aiosqlite's adapter exposes a sync-looking cursor through SQLAlchemy's adaptation layer.
+    # Transactions are begun explicitly by _sqlite_begin (pysqlite's own implicit BEGIN before the first
+    # DML statement is deferred, which other processes' writes turn into SQLITE_BUSY).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -126,6 +137,13 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
     cur.execute("PRAGMA cache_size=-65536")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:  # pragma: no cover - exercised by every sqlite test
+    """SQLAlchemy "begin" event: write transactions take SQLite's write lock up front; reads stay
+    in autocommit mode (no BEGIN: each statement is its own read transaction, as before)."""
+    if conn.get_execution_options().get("fedgate_write"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 __all__ = ["Database", "async_url", "redacted", "NullPool"]
