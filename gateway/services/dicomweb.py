@@ -47,6 +47,8 @@ OUT_OF_RESOURCES = 0xA700
 UID_MISMATCH = 0xA900  # StudyInstanceUID differs from the one in the request URL
 CANNOT_UNDERSTAND = 0xC000
 WARNING_IDENTICAL = 0xB000  # re-sent identical instance: accepted, nothing changed
+#: PostgreSQL advisory lock key (one-key form) serialising STOW index transactions across server processes.
+STOW_INDEX_LOCK = 0x570317
 
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -542,6 +544,12 @@ class DicomwebService:
             o.indexed = True
 
     async def _index(self, conn, good: list[Outcome]) -> None:
+        if conn.dialect.name == "postgresql":
+            # One STOW index transaction at a time across server processes (processes > 1), as SQLite's
+            # BEGIN IMMEDIATE gives: the study/series upserts, count updates and the ImagingStudy
+            # read-modify-write below must see every committed instance of the study (READ COMMITTED
+            # alone lets two transactions each miss the other's rows). Parsing and files stay parallel.
+            await conn.execute(select(func.pg_advisory_xact_lock(STOW_INDEX_LOCK)))
         now = time.time()
         pids = await self._patient_ids(conn, good)
         from gateway.store.consent_schema import patient_nos
@@ -608,6 +616,7 @@ class DicomwebService:
     async def _sync_imaging_studies(self, conn, study_uids: Iterable[str]) -> None:
         """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID)."""
         writes = []
+        resources = []
         for uid in study_uids:
             st = (await conn.execute(select(dcm_study).where(dcm_study.c.study_uid == uid))).mappings().one()
             ser = (await conn.execute(select(dcm_series).where(dcm_series.c.study_uid == uid)
@@ -616,7 +625,9 @@ class DicomwebService:
                 dcm_instance.c.series_uid, dcm_instance.c.sop_uid, dcm_instance.c.sop_class_uid,
                 dcm_instance.c.instance_number).where(dcm_instance.c.study_uid == uid)
                 .order_by(dcm_instance.c.instance_number))).mappings().all()
-            resource = imaging_study_resource(dict(st), [dict(r) for r in ser], [dict(r) for r in inst])
+            resources.append(imaging_study_resource(dict(st), [dict(r) for r in ser], [dict(r) for r in inst]))
+        await repo.lock_resources(conn, [("ImagingStudy", r["id"]) for r in resources])  # vs. FHIR API writers
+        for resource in resources:
             prev = await repo.get_current(conn, "ImagingStudy", resource["id"])
             writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
         if not await repo.get_current(conn, "Endpoint", "dicomweb"):
