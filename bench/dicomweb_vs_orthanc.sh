@@ -2,11 +2,14 @@
 # Side-by-side DICOMweb benchmark: the same load (bench/dicomweb_bench.py) against Orthanc (Debian
 # packages) and fedgate on this machine, one after the other in one run, then a Markdown table.
 # Usage: bench/dicomweb_vs_orthanc.sh [N=2000] [--write]   (--write appends the table to bench/RESULTS.md)
+# fedgate runs with one server process per core ($FEDGATE_BENCH_PROCESSES overrides, e.g. 1), from this
+# checkout (python -m gateway: a worktree with PYTHONPATH=<worktree> runs its own code, not the venv's install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
 WRITE=${2:-}
 PY=.venv/bin/python
+FPROCS=${FEDGATE_BENCH_PROCESSES:-$(nproc)}
 OUT=$(mktemp -d /tmp/dwbench.XXXX)
 PORT_O=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 PORT_F=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
@@ -29,11 +32,12 @@ $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_O/di
     --server-pid "$OPID" --server-info "Orthanc $(Orthanc --version 2>&1 | head -1)" --out "$OUT/orthanc.json.result"
 kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=
 
-FEDGATE_LOG_LEVEL=WARNING .venv/bin/fedgate serve --data-dir "$OUT/fedgate" --port "$PORT_F" & FPID=$!
+FEDGATE_LOG_LEVEL=WARNING $PY -m gateway serve --data-dir "$OUT/fedgate" --port "$PORT_F" --processes "$FPROCS" & FPID=$!
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_F/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-TOKEN=$(.venv/bin/fedgate token --data-dir "$OUT/fedgate" --role pacs)
+sleep 2  # every server process up (readyz answers as soon as the first one does)
+TOKEN=$($PY -m gateway token --data-dir "$OUT/fedgate" --role pacs)
 $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_F/dicomweb" --label fedgate \
-    --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite" \
+    --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite, $FPROCS server processes" \
     --header "Authorization: Bearer $TOKEN" --out "$OUT/fedgate.json.result"
 kill "$FPID"; wait "$FPID" 2>/dev/null || true; FPID=
 
