@@ -171,7 +171,8 @@ def load_settings(
     if not (0 < settings.port < 65536):
         raise SettingsError(f"setting 'port': {settings.port} is not a TCP port")
     if settings.processes < 0:
-        raise SettingsError(f"setting 'processes': {settings.processes} (use 1, 2, ... or 0 / \"auto\" for one per core)")
+        raise SettingsError(f"setting 'processes': {settings.processes} "
+                            "(use 1, 2, ... or 0 / \"auto\" for one per core)")
     if settings.auth_mode not in {"jwt", "none"}:
         raise SettingsError(f"setting 'auth_mode': {settings.auth_mode!r} is not one of jwt, none")
     return settings

@@ -228,7 +228,8 @@ class TransactionPlan:
             if conditional:
                 e.resource = rewrite_references(e.resource, lambda r: cond_cache.get(r))
         # 4. writes, in spec order (the resources read-then-written locked first: see repo.lock_resources)
-        await repo.lock_resources(conn, [(e.res_type, e.res_id) for e in self.entries if e.method in ("PUT", "DELETE") and e.res_id is not None])
+        await repo.lock_resources(conn, [(e.res_type, e.res_id) for e in self.entries
+                                         if e.method in ("PUT", "DELETE") and e.res_id is not None])
         writes: list[tuple[Entry, repo.Write]] = []
         for method in ("DELETE", "POST", "PUT"):
             for e in self.entries:

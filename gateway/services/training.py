@@ -1136,7 +1136,8 @@ class TrainingHub:
             n = (await conn.execute(select(func.count()).select_from(trn_model).where(trn_model.c.name == spec.name))).scalar_one()
             version = str(n + 1)
             card = derived_card(spec, version, lineage, requester)
-            res = await conn.execute(update(trn_run).where(trn_run.c.run_id == run_id, trn_run.c.state == "running").values(
+            res = await conn.execute(update(trn_run).where(
+                trn_run.c.run_id == run_id, trn_run.c.state == "running").values(
                 state="succeeded", model_name=spec.name, model_version=version, weights_hash=weights_hash,
                 lineage=orjson.dumps(lineage).decode(), updated_ts=time.time()))
             if res.rowcount != 1:  # cancelled meanwhile (possibly through another server process): no model

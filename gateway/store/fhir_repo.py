@@ -115,7 +115,8 @@ async def lock_resources(conn: AsyncConnection, keys: Iterable[tuple[str, str]])
     if conn.dialect.name != "postgresql":
         return
     for res_type, res_id in sorted(set(keys)):
-        await conn.execute(select(func.pg_advisory_xact_lock(RESOURCE_LOCK_CLASS, func.hashtext(f"{res_type}/{res_id}"))))
+        key = func.hashtext(f"{res_type}/{res_id}")
+        await conn.execute(select(func.pg_advisory_xact_lock(RESOURCE_LOCK_CLASS, key)))
 
 
 async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:
