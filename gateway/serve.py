@@ -49,6 +49,12 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     """``n`` sockets bound to ``host:port`` with SO_REUSEPORT (port 0: the first one's port)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
+    if port:
+        # SO_REUSEPORT would also let us share the port with *another* server that set it (a second fedgate
+        # started by mistake would silently take half the connections): a plain bind fails if anyone listens
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
