@@ -7,6 +7,7 @@
 # fedgate runs from this checkout (python -m gateway: a worktree with PYTHONPATH=<worktree> runs its own code).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # python -m gateway runs this checkout, whatever the venv installed
 N=${1:-2000}
 WRITE=${2:-}
 PY=.venv/bin/python
