@@ -316,7 +316,9 @@ def lat_stats(secs):
 
 
 class ProcMonitor:
-    """Samples a server process (and the whole machine) via /proc: CPU, RSS, IO."""
+    """Samples a server process with all its descendants (``fedgate serve --processes N`` children, worker
+    pools) and the whole machine via /proc: CPU, RSS, IO.  CPU: utime+stime (+ reaped children's) summed
+    per process of the tree; RSS/HWM: summed over the tree (shared pages counted once per process)."""
 
     def __init__(self, pid: int | None, interval: float = 0.5):
         self.pid, self.interval = pid, interval
@@ -325,27 +327,58 @@ class ProcMonitor:
         self._thread = None
         self.tick = os.sysconf("SC_CLK_TCK")
 
+    def _tree(self) -> list[int]:
+        """The server pid and its descendants."""
+        parent_of = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, frontier = [self.pid], [self.pid]
+        while frontier:
+            frontier = [p for p, pp in parent_of.items() if pp in frontier]
+            tree += frontier
+        return tree
+
     def _proc(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / self.tick      # utime + stime
-        threads = int(fields[17])
-        rss = hwm = 0
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
+        """(cpu seconds by pid, RSS sum, HWM sum, threads, io sums) over the process tree; OSError when the
+        server process itself is gone."""
+        cpu: dict[int, float] = {}
+        rss = hwm = threads = 0
+        io: dict[str, int] = {}
+        for pid in self._tree():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/status") as f:
+                    status = f.readlines()
+            except OSError:
+                if pid == self.pid:
+                    raise
+                continue
+            # utime + stime + the reaped children's cutime + cstime (a pool worker that ended still counts)
+            cpu[pid] = sum(int(x) for x in fields[11:15]) / self.tick
+            threads += int(fields[17])
+            for line in status:
                 if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+                    rss += int(line.split()[1]) * 1024
                 elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
-        io = {}
-        try:
-            with open(f"/proc/{self.pid}/io") as f:
-                for line in f:
-                    k, v = line.split(":")
-                    io[k] = int(v)
-        except OSError:
-            pass
+                    hwm += int(line.split()[1]) * 1024
+            try:
+                with open(f"/proc/{pid}/io") as f:
+                    for line in f:
+                        k, v = line.split(":")
+                        io[k] = io.get(k, 0) + int(v)
+            except OSError:
+                pass
         return cpu, rss, hwm, threads, io
+
+    @staticmethod
+    def _cpu_delta(now: dict[int, float], before: dict[int, float]) -> float:
+        return sum(v - before.get(pid, 0.0) for pid, v in now.items())
 
     @staticmethod
     def _sys():
@@ -376,7 +409,7 @@ class ProcMonitor:
             except OSError:
                 return
             now = time.monotonic()
-            self.samples.append(((cpu - prev_cpu) / max(1e-6, now - prev_t) * 100.0, rss, thr))
+            self.samples.append((self._cpu_delta(cpu, prev_cpu) / max(1e-6, now - prev_t) * 100.0, rss, thr))
             prev_cpu, prev_t = cpu, now
 
     def stop(self):
@@ -392,8 +425,9 @@ class ProcMonitor:
                 self._thread.join()
             try:
                 cpu, rss, hwm, thr, io = self._proc()
-                res.update(server_cpu_s=round(cpu - self.p0[0], 2),
-                           server_avg_cores=round((cpu - self.p0[0]) / max(1e-6, wall), 2),
+                used = self._cpu_delta(cpu, self.p0[0])
+                res.update(server_cpu_s=round(used, 2),
+                           server_avg_cores=round(used / max(1e-6, wall), 2),
                            server_rss_start_mb=round(self.p0[1] / 2**20, 1),
                            server_rss_end_mb=round(rss / 2**20, 1),
                            server_rss_hwm_mb=round(hwm / 2**20, 1))

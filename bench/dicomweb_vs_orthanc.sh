@@ -2,11 +2,16 @@
 # Side-by-side DICOMweb benchmark: the same load (bench/dicomweb_bench.py) against Orthanc (Debian
 # packages) and fedgate on this machine, one after the other in one run, then a Markdown table.
 # Usage: bench/dicomweb_vs_orthanc.sh [N=2000] [--write]   (--write appends the table to bench/RESULTS.md)
+# fedgate runs with one server process per core; $FEDGATE_BENCH_PROCESSES overrides: a number, or a list
+# ("1 2": fedgate is benchmarked once per count, fresh data dir each, one column "fedgate-pN" per count).
+# fedgate runs from this checkout (python -m gateway: a worktree with PYTHONPATH=<worktree> runs its own code).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # python -m gateway runs this checkout, whatever the venv installed
 N=${1:-2000}
 WRITE=${2:-}
 PY=.venv/bin/python
+FPROCS=${FEDGATE_BENCH_PROCESSES:-$(nproc)}
 OUT=$(mktemp -d /tmp/dwbench.XXXX)
 PORT_O=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 PORT_F=$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
@@ -29,17 +34,21 @@ $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_O/di
     --server-pid "$OPID" --server-info "Orthanc $(Orthanc --version 2>&1 | head -1)" --out "$OUT/orthanc.json.result"
 kill "$OPID"; wait "$OPID" 2>/dev/null || true; OPID=
 
-# `python -m gateway` from this checkout (with PYTHONPATH=$PWD): the console script of a shared venv imports
-# whichever checkout was installed into it
-FEDGATE_LOG_LEVEL=WARNING PYTHONPATH="$PWD" $PY -m gateway serve --data-dir "$OUT/fedgate" --port "$PORT_F" & FPID=$!
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_F/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
-TOKEN=$(PYTHONPATH="$PWD" $PY -m gateway token --data-dir "$OUT/fedgate" --role pacs)
-$PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_F/dicomweb" --label fedgate \
-    --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite" \
-    --header "Authorization: Bearer $TOKEN" --out "$OUT/fedgate.json.result"
-kill "$FPID"; wait "$FPID" 2>/dev/null || true; FPID=
+RESULTS=("$OUT/orthanc.json.result")
+for P in $FPROCS; do
+  LABEL=fedgate; [ "$(echo $FPROCS | wc -w)" -gt 1 ] && LABEL="fedgate-p$P"
+  FEDGATE_LOG_LEVEL=WARNING $PY -m gateway serve --data-dir "$OUT/$LABEL" --port "$PORT_F" --processes "$P" & FPID=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$PORT_F/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+  sleep 2  # every server process up (readyz answers as soon as the first one does)
+  TOKEN=$($PY -m gateway token --data-dir "$OUT/$LABEL" --role pacs)
+  $PY bench/dicomweb_bench.py run --n "$N" --base-url "http://127.0.0.1:$PORT_F/dicomweb" --label "$LABEL" \
+      --server-pid "$FPID" --server-info "fedgate $(git rev-parse --short HEAD), SQLite, $P server processes" \
+      --header "Authorization: Bearer $TOKEN" --out "$OUT/$LABEL.json.result"
+  kill "$FPID"; wait "$FPID" 2>/dev/null || true; FPID=
+  RESULTS+=("$OUT/$LABEL.json.result")
+done
 
-$PY bench/summarize.py "$OUT/orthanc.json.result" "$OUT/fedgate.json.result" | tee "$OUT/table.md"
+$PY bench/summarize.py "${RESULTS[@]}" | tee "$OUT/table.md"
 if [ "$WRITE" = "--write" ]; then
   {
     echo "## DICOMweb: fedgate vs Orthanc (issue 3) — $(date -u +'%Y-%m-%d %H:%M') UTC"

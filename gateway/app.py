@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    db = await open_database(settings)
+    db = await open_database(settings, migrate=app[keys.STARTUP] != "serve")
     app[keys.DB] = db
     log.info("store ready", extra={"engine": db.dialect})
     workers = WorkerPool(settings.validation_processes)  # CPU-heavy pure work: validation, DICOM parsing
@@ -44,13 +44,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await db.dispose()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the gateway application for ``settings`` (no I/O until the app starts)."""
+def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
+    """Build the gateway application for ``settings`` (no I/O until the app starts).
+
+    ``startup`` (see :data:`gateway.keys.STARTUP`): "all" for a lone server; ``fedgate serve`` with
+    several processes runs the app once with "once" in the parent, then "serve" in every child."""
+    if startup not in ("all", "once", "serve"):
+        raise ValueError(f"startup: {startup!r}")
     app = web.Application(
         middlewares=[error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
+    app[keys.STARTUP] = startup
     app[keys.ERROR_RENDERERS] = {}
     app[keys.PUBLIC_ROUTES] = set()
     app[keys.SERVICES] = {}

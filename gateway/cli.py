@@ -37,9 +37,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.logs import setup_logging
 
-    settings = _settings(args, host=args.host, port=args.port)
+    settings = _settings(args, host=args.host, port=args.port, processes=args.processes)
     setup_logging(settings.log_level, settings.log_format)
-    log.info("starting", extra={"host": settings.host, "port": settings.port})
+    if args.serve_child:  # one of the serving processes started by the parent below
+        from gateway.serve import serve_child
+
+        return serve_child(settings, args.serve_child)
+    log.info("starting", extra={"host": settings.host, "port": settings.port,
+                                "processes": settings.serve_processes})
+    if settings.serve_processes > 1:
+        from gateway.serve import supervise
+
+        return supervise(settings, getattr(args, "argv", None) or sys.argv[1:])
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
                 access_log=None, shutdown_timeout=10)
     return 0
@@ -153,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8080)")
+    p.add_argument("--processes", help="server processes sharing the port: 1 (default), N, or auto (one per "
+                                       "CPU core); also setting 'processes' / $FEDGATE_PROCESSES")
+    p.add_argument("--serve-child", help=argparse.SUPPRESS)  # FD:INDEX:PARENT, set by the parent process
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("load", help="load FHIR resources/Bundles (files or folders of .json) into the store")
@@ -255,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:

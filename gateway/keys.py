@@ -25,3 +25,7 @@ ERROR_RENDERERS: web.AppKey[dict[str, Callable[..., web.StreamResponse]]] = web.
 PUBLIC_ROUTES: web.AppKey[set[str]] = web.AppKey("public_routes")
 #: Services added by later components (dicomweb, federation, inference, ...), by name.
 SERVICES: web.AppKey[dict[str, Any]] = web.AppKey("services")
+#: Which start-up work this process does (``fedgate serve --processes N``): "all" (a lone server: everything),
+#: "once" (the supervising parent: migrations, blob reconcile, consent policy, shipped model cards; no
+#: background tasks, serves nothing) or "serve" (a serving child: the parent did the one-time work).
+STARTUP: web.AppKey[str] = web.AppKey("startup")

@@ -14,7 +14,7 @@ import time
 SAFE_FIELDS = (
     "route", "method", "status", "duration_ms", "component", "version", "engine", "count", "site",
     "request_id", "role", "interaction", "res_type", "phase", "job", "model", "state", "error_type",
-    "instances", "bytes", "port", "host", "seconds",
+    "instances", "bytes", "port", "host", "seconds", "processes", "worker", "exit_code",
 )
 
 
@@ -25,6 +25,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,
         }
         for key in SAFE_FIELDS:
             if key in record.__dict__:

@@ -547,7 +547,8 @@ async def _dicomweb_ctx(app: web.Application):
     settings = app[keys.SETTINGS]
     svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"),
                           app[keys.SERVICES].get("workers"))
-    await svc.reconcile()
+    if app[keys.STARTUP] != "serve":  # not in a serving child: its siblings' temp files are in flight
+        await svc.reconcile()
     app[keys.SERVICES][SERVICE] = svc
     yield
 

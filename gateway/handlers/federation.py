@@ -53,6 +53,7 @@ async def _authenticate(request: web.Request, body: bytes):
     try:
         if hub_tokens.is_hub_token(token):
             requester, hub = hub_tokens.verify(token, body)
+            await hub_tokens.remember(request.app[keys.DB], requester.token_id)
             return requester, f"hub:{hub}"
         return request.app[keys.VERIFIER].verify(token, request.headers.get(PURPOSE_HEADER)), "direct"
     except Unauthorized as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -11,8 +12,9 @@ from gateway import __version__, keys
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process serves HTTP."""
-    return web.json_response({"status": "ok", "version": __version__})
+    """Liveness: the process serves HTTP (``pid``: which server process answered; with
+    ``processes`` > 1 the kernel spreads connections over several)."""
+    return web.json_response({"status": "ok", "version": __version__, "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -108,9 +108,11 @@ async def _inference_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = InferenceService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], backend,
                            app[keys.SERVICES]["dicomweb"], app[keys.FHIR], InferenceConfig.from_extra(cfg))
     app[keys.SERVICES][SERVICE] = svc
-    if cfg.get("register_shipped", True):
+    startup = app[keys.STARTUP]
+    if cfg.get("register_shipped", True) and startup != "serve":
         await svc.register_shipped()
-    task = asyncio.create_task(svc.worker()) if cfg.get("worker", True) else None
+    # jobs are claimed with leases in the store, so every serving process may run a worker
+    task = asyncio.create_task(svc.worker()) if cfg.get("worker", True) and startup != "once" else None
     yield
     if task is not None:
         task.cancel()

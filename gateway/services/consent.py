@@ -87,12 +87,15 @@ class ConsentGate:
         #: AuditSink for refused requests (set by :func:`consent_ctx`).
         self.audit = None
 
-    async def start(self, db) -> None:
-        """Load DUO and disease hierarchies (off the loop), store the policy, recompute if it changed."""
+    async def start(self, db, *, one_time: bool = True) -> None:
+        """Load DUO and disease hierarchies (off the loop); with ``one_time`` (not in a serving child of
+        ``fedgate serve --processes N``, whose parent did it) store the policy, recompute if it changed."""
         self.db = db
         self.ontology = await asyncio.to_thread(load_duo)
         parts = [await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files]
         self.diseases = CompositeHierarchy(tuple(parts))
+        if not one_time:
+            return
         async with db.write() as conn:
             await ensure_indexes(conn)
             if await store_policy_doc(conn, self.policy_doc):
@@ -179,11 +182,13 @@ class ConsentGate:
 async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
     gate = app[keys.GATE]
-    async with app[keys.DB].write() as conn:
-        await ensure_indexes(conn)
+    one_time = app[keys.STARTUP] != "serve"
+    if one_time:
+        async with app[keys.DB].write() as conn:
+            await ensure_indexes(conn)
     if isinstance(gate, ConsentGate):
         gate.audit = app[keys.AUDIT]
-        await gate.start(app[keys.DB])
+        await gate.start(app[keys.DB], one_time=one_time)
     yield
 
 

@@ -48,6 +48,8 @@ OUT_OF_RESOURCES = 0xA700
 UID_MISMATCH = 0xA900  # StudyInstanceUID differs from the one in the request URL
 CANNOT_UNDERSTAND = 0xC000
 WARNING_IDENTICAL = 0xB000  # re-sent identical instance: accepted, nothing changed
+#: PostgreSQL advisory lock key (one-key form) serialising STOW index transactions across server processes.
+STOW_INDEX_LOCK = 0x570317
 
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -564,6 +566,12 @@ class DicomwebService:
         rows are inserted with ON CONFLICT DO NOTHING (first writer's attributes win) instead of being
         looked up first, counts are updated with one statement per table, the ImagingStudy update writes
         only the index rows that changed (:func:`gateway.store.fhir_repo.apply_writes`)."""
+        if conn.dialect.name == "postgresql":
+            # One STOW index transaction at a time across server processes (processes > 1), as SQLite's
+            # BEGIN IMMEDIATE gives: the study/series upserts, count updates and the ImagingStudy
+            # read-modify-write below must see every committed instance of the study (READ COMMITTED
+            # alone lets two transactions each miss the other's rows). Parsing and files stay parallel.
+            await conn.execute(select(func.pg_advisory_xact_lock(STOW_INDEX_LOCK)))
         now = time.time()
         pids, nos = await self._patient_ids(conn, good)
         raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
@@ -635,6 +643,7 @@ class DicomwebService:
         inst_by_study: dict[str, list[dict]] = {u: [] for u in uids}
         for r in inst:
             inst_by_study[r["study_uid"]].append(dict(r))
+        await repo.lock_resources(conn, [("ImagingStudy", u) for u in uids])  # vs. FHIR API writers
         current = await repo.get_current_many(conn, [("ImagingStudy", u) for u in uids] + [("Endpoint", "dicomweb")])
         writes = []
         for uid in uids:

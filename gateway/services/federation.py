@@ -237,6 +237,23 @@ class HubTokenVerifier:
             return False
         return header.get("typ") == "fedgate-hub+jwt" or claims.get("iss") in self.hubs
 
+    async def remember(self, db, jti: str) -> None:
+        """Record an accepted token id in the store; Unauthorized when another server process of this
+        site (``processes`` > 1) has accepted it already.  Rows outlive the token's lifetime limit."""
+        from sqlalchemy import delete
+        from sqlalchemy.exc import IntegrityError
+
+        from gateway.store.audit_schema import fed_token_seen
+
+        now = time.time()
+        try:
+            async with db.write() as conn:
+                await conn.execute(delete(fed_token_seen).where(fed_token_seen.c.expires_ts < now))
+                await conn.execute(fed_token_seen.insert().values(
+                    jti=hashlib.sha256(str(jti).encode()).hexdigest(), expires_ts=now + MAX_TTL_S + 10))
+        except IntegrityError:
+            raise Unauthorized("hub token replayed") from None
+
     def verify(self, token: str, body: bytes) -> tuple[Requester, str]:
         from gateway.auth import parse_purpose
         from gateway.context import ROLES as KNOWN_ROLES

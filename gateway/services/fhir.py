@@ -203,6 +203,7 @@ class FhirService:
                              expression=[f"{res_type}.id"])
         want = parse_etag(if_match)
         async with self.db.write() as conn:
+            await repo.lock_resources(conn, [(res_type, res_id)])
             prev = await repo.get_current(conn, res_type, res_id)
             if want is not None and (prev is None or prev.version != want):
                 raise PreconditionFailed(
@@ -221,6 +222,7 @@ class FhirService:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         async with self.db.write() as conn:
+            await repo.lock_resources(conn, [(res_type, res_id)])
             prev = await repo.get_current(conn, res_type, res_id)
             if prev is None or prev.deleted:
                 return None  # idempotent: deleting nothing succeeds (FHIR R4 §3.1.0.7.1)

@@ -227,7 +227,9 @@ class TransactionPlan:
                     cond_cache[ref] = f"{rtype}/{found.res_id}"
             if conditional:
                 e.resource = rewrite_references(e.resource, lambda r: cond_cache.get(r))
-        # 4. writes, in spec order
+        # 4. writes, in spec order (the resources read-then-written locked first: see repo.lock_resources)
+        await repo.lock_resources(conn, [(e.res_type, e.res_id) for e in self.entries
+                                         if e.method in ("PUT", "DELETE") and e.res_id is not None])
         writes: list[tuple[Entry, repo.Write]] = []
         for method in ("DELETE", "POST", "PUT"):
             for e in self.entries:

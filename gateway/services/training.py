@@ -34,6 +34,7 @@ import datetime as _dt
 import hashlib
 import io
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ import aiohttp
 import numpy as np
 import orjson
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.context import Purpose, Requester
 from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, NotFound, ServiceUnavailable,
@@ -64,6 +66,8 @@ ID_CHUNK = 5000
 #: Pixel cache per site (preprocessed 64×64 slices ≈ 16 KB each): rounds after the first read no files.
 PIXEL_CACHE_MAX = 50_000
 SUBGROUPS = ("sex", "age_band", "manufacturer")
+#: Seconds between checks of a running training run's row for a cancellation made through another process.
+CANCEL_POLL_S = 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,15 +521,18 @@ class SiteTrainer:
 
         if self._keys is None:
             path = Path(self.cfg.key_file) if self.cfg.key_file else self.settings.secrets_dir / "training-x25519.pem"
-            if path.exists():
-                self._keys = fl.SiteKeys.from_pem(path.read_bytes())
-            else:
-                self._keys = fl.SiteKeys.generate()
+            if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-                tmp.write_bytes(self._keys.to_pem())
+                tmp.write_bytes(fl.SiteKeys.generate().to_pem())
                 tmp.chmod(0o600)
-                tmp.replace(path)
+                try:  # create-if-absent: every server process of the site (processes > 1) ends up with one key
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink(missing_ok=True)
+            self._keys = fl.SiteKeys.from_pem(path.read_bytes())
         return self._keys
 
     def check_policy(self, requester: Requester, arch: str) -> None:
@@ -905,25 +912,47 @@ class TrainingHub:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                await self._set(run_id, state="failed", error="the hub stopped during the run")
+                await self._set(run_id, state="failed", error="the hub stopped during the run", active_only=True)
 
-    async def _set(self, run_id: str, **values) -> None:
+    async def _set(self, run_id: str, *, active_only: bool = False, **values) -> None:
+        """Update the run's row; ``active_only``: only while it is queued/running (a cancellation made
+        through another server process is never overwritten by this process's run task)."""
+        q = update(trn_run).where(trn_run.c.run_id == run_id)
+        if active_only:
+            q = q.where(trn_run.c.state.in_(("queued", "running")))
         async with self.db.write() as conn:
-            await conn.execute(update(trn_run).where(trn_run.c.run_id == run_id).values(updated_ts=time.time(), **values))
+            await conn.execute(q.values(updated_ts=time.time(), **values))
+
+    async def _watch_cancel(self, run_id: str, task: asyncio.Task) -> None:
+        """Cancel the run's task when its row says cancelled: ``POST .../cancel`` may reach another server
+        process (``processes`` > 1) than the one running the rounds; the store is what they share."""
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                async with self.db.read() as conn:
+                    state = (await conn.execute(select(trn_run.c.state).where(trn_run.c.run_id == run_id))).scalar()
+            except SQLAlchemyError:
+                continue
+            if state == "cancelled":
+                self._cancel.add(run_id)
+                task.cancel()
+                return
 
     # ------------------------------------------------------------------------------------ the run
     async def _run(self, run_id: str, spec: RunSpec, requester: Requester) -> None:
+        watch = asyncio.create_task(self._watch_cancel(run_id, asyncio.current_task()))
         try:
-            await self._set(run_id, state="running")
+            await self._set(run_id, state="running", active_only=True)
             await self._rounds(run_id, spec, requester)
         except asyncio.CancelledError:
             raise
         except RunFailed as exc:
-            await self._set(run_id, state="failed", error=str(exc))
+            await self._set(run_id, state="failed", error=str(exc), active_only=True)
         except (GatewayError, ValueError, OSError, RuntimeError) as exc:
             log.warning("training run %s failed: %s", run_id, type(exc).__name__)
-            await self._set(run_id, state="failed", error=f"{type(exc).__name__}: {exc}")
+            await self._set(run_id, state="failed", error=f"{type(exc).__name__}: {exc}", active_only=True)
         finally:
+            watch.cancel()
             self._tasks.pop(run_id, None)
 
     def _sites(self, spec: RunSpec):
@@ -1107,12 +1136,15 @@ class TrainingHub:
             n = (await conn.execute(select(func.count()).select_from(trn_model).where(trn_model.c.name == spec.name))).scalar_one()
             version = str(n + 1)
             card = derived_card(spec, version, lineage, requester)
+            res = await conn.execute(update(trn_run).where(
+                trn_run.c.run_id == run_id, trn_run.c.state == "running").values(
+                state="succeeded", model_name=spec.name, model_version=version, weights_hash=weights_hash,
+                lineage=orjson.dumps(lineage).decode(), updated_ts=time.time()))
+            if res.rowcount != 1:  # cancelled meanwhile (possibly through another server process): no model
+                return
             await conn.execute(trn_model.insert().values(
                 name=spec.name, version=version, run_id=run_id, architecture=spec.architecture,
                 weights_hash=weights_hash, torchscript=ts_bytes, card=orjson.dumps(card).decode(), created_ts=time.time()))
-            await conn.execute(update(trn_run).where(trn_run.c.run_id == run_id).values(
-                state="succeeded", model_name=spec.name, model_version=version, weights_hash=weights_hash,
-                lineage=orjson.dumps(lineage).decode(), updated_ts=time.time()))
 
     # ------------------------------------------------------------------------------------ models
     async def models(self, requester: Requester, name: str | None = None) -> list[dict]:

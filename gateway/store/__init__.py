@@ -10,14 +10,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from gateway.settings import Settings
 
 
-async def open_database(settings: "Settings") -> Database:
-    """Create the data dir, connect, and bring the schema up to date (used by server and CLI alike)."""
-    from gateway.store.migrate import migrate
+async def open_database(settings: "Settings", *, migrate: bool = True) -> Database:
+    """Create the data dir, connect, and bring the schema up to date (used by server and CLI alike).
+    ``migrate=False``: another process (``fedgate serve``'s parent) has done that already."""
+    from gateway.store.migrate import migrate as run_migrations
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.effective_database_url)
+    if not migrate:
+        from gateway.store.migrate import load_table_modules
+
+        load_table_modules()  # the tables' metadata, as migrate() would have registered them
+        return db
     try:
-        await migrate(db)
+        await run_migrations(db)
     except BaseException:
         await db.dispose()
         raise

@@ -7,7 +7,7 @@ against it by :func:`gateway.services.audit.verify`.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, String, Table, Text
 
 from gateway.store import schema as s
 
@@ -33,3 +33,12 @@ Index("ix_audit_event_subject", audit_event.c.subject)
 GENESIS = "0" * 64
 
 __all__ = ["GENESIS", "audit_event"]
+
+#: Hub-token ids (``jti``) already accepted by this site, until they expire: replay protection shared by
+#: every server process (``processes`` > 1 — an in-memory set would only cover one of them).
+fed_token_seen = Table(
+    "fed_token_seen",
+    s.metadata,
+    Column("jti", String(128), primary_key=True),
+    Column("expires_ts", Float, nullable=False),
+)

@@ -2,14 +2,22 @@
 
 Reads use pooled connections concurrently.  Writes go through :meth:`Database.write`, which opens a
 transaction (``BEGIN ... COMMIT``, rolled back on any error so nothing partial is stored).  SQLite
-allows one writer at a time, so writes are serialised in-process with an asyncio lock (and
-``busy_timeout`` covers other processes such as ``fedgate import`` against a running server).
+allows one writer at a time, so writes are serialised in-process with an asyncio lock, and across
+processes (``fedgate serve --processes N``, ``fedgate import`` against a running server) by a lock
+file (``fedgate.db.writelock``, flock) and by starting every write transaction with ``BEGIN
+IMMEDIATE``: the write lock is taken before the transaction's first read, so a read-modify-write
+(audit chain head, FHIR version, STOW counts) never works from a snapshot another process changes
+underneath it, and waiting for the lock honours ``busy_timeout`` (a deferred transaction that reads
+and then writes gets SQLITE_BUSY at once instead).  Reads run in autocommit mode, as pysqlite ran
+them before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -60,7 +68,12 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        #: SQLite: a lock file next to the database, flock()-ed around every write transaction (see _lock_file)
+        db_file = make_url(self.url).database if self.dialect == "sqlite" else None
+        self._lock_path = f"{db_file}.writelock" if db_file and db_file != ":memory:" else None
+        self._lock_fd: int | None = None
         # planner statistics: refreshed in the background as data grows (see note_writes)
         self._rows_written = 0
         self._rows_at_analyze = 0
@@ -88,8 +101,47 @@ class Database:
                 yield conn
             return
         async with self._write_lock:
-            async with self.engine.begin() as conn:
-                yield conn
+            locked = await self._lock_file()
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.execution_options(fedgate_write=True)  # → BEGIN IMMEDIATE (_sqlite_begin)
+                    async with conn.begin():
+                        yield conn
+            finally:
+                if locked:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    async def _lock_file(self) -> bool:
+        """Take the database's write lock file (other server processes, ``fedgate import``).  BEGIN IMMEDIATE
+        alone would do, but a writer waiting for SQLite's lock polls (sleeps of 1, 2, 5, 10, ... ms), which
+        costs STOW group commits of several processes most of their gain; a blocked flock() wakes the moment
+        the lock is released.  Uncontended it is one system call; contended the wait runs in a thread."""
+        if self._lock_path is None:
+            return False
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        waiter = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(waiter)
+                break
+            except asyncio.CancelledError:
+                if waiter.done():
+                    break
+                cancelled = True  # the thread takes the lock regardless: wait for it, then hand it back
+        if cancelled:
+            if not waiter.cancelled() and waiter.exception() is None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            raise asyncio.CancelledError
+        waiter.result()
+        return True
 
     async def read_rows(self, stmt, params: dict) -> list[dict]:
         """The rows of one SELECT as dicts (for hot single-statement reads such as the WADO look-up).
@@ -176,10 +228,16 @@ class Database:
             self._reader.shutdown(wait=False)
             self._reader = None
         await self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every sqlite test
     # aiosqlite's adapter exposes a sync-looking cursor through SQLAlchemy's adaptation layer.
+    # Transactions are begun explicitly by _sqlite_begin (pysqlite's own implicit BEGIN before the first
+    # DML statement is deferred, which other processes' writes turn into SQLITE_BUSY).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -188,6 +246,13 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
     cur.execute("PRAGMA cache_size=-65536")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:  # pragma: no cover - exercised by every sqlite test
+    """SQLAlchemy "begin" event: write transactions take SQLite's write lock up front; reads stay
+    in autocommit mode (no BEGIN: each statement is its own read transaction, as before)."""
+    if conn.get_execution_options().get("fedgate_write"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 __all__ = ["Database", "async_url", "redacted", "NullPool"]

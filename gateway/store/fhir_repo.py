@@ -151,6 +151,24 @@ class VersionConflict(Exception):
     """The row changed between read and write (concurrent update)."""
 
 
+#: Class key of the per-resource PostgreSQL advisory locks (two-key form: apart from the audit chain's key).
+RESOURCE_LOCK_CLASS = 0x46484952
+
+
+async def lock_resources(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> None:
+    """Serialise writers of these resources until the transaction ends, across server processes, so a
+    read of the current version followed by the write of the next one cannot interleave with another
+    writer's (versions 1..n without gaps, duplicates or 409s; a first PUT never races another's insert).
+    Call before reading the current versions.  PostgreSQL: transaction-scoped advisory locks, taken in
+    sorted order (no deadlock between writers of several resources).  SQLite: nothing to do — its write
+    transactions start with BEGIN IMMEDIATE, one at a time (gateway.store.db)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for res_type, res_id in sorted(set(keys)):
+        key = func.hashtext(f"{res_type}/{res_id}")
+        await conn.execute(select(func.pg_advisory_xact_lock(RESOURCE_LOCK_CLASS, key)))
+
+
 async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:
     """Persist every write (resource, history, index, common model) on ``conn``; returns new rows."""
     if not writes:

@@ -197,18 +197,21 @@ class ProcGateway(GatewayClient):
                 self.proc.kill()
 
 
-async def start_gateway_process(tmp: Path, name: str, toml: str, *, threads: int = 1) -> ProcGateway:
-    """``fedgate serve`` for site ``name`` with SQLite in ``tmp/name``; ``toml`` = extra settings sections."""
+async def start_gateway_process(tmp: Path, name: str, toml: str, *, threads: int = 1, db_url: str | None = None,
+                                args: tuple[str, ...] = ()) -> ProcGateway:
+    """``fedgate serve`` for site ``name`` with data dir ``tmp/name`` (SQLite there unless ``db_url``);
+    ``toml`` = extra settings (top-level keys first, then sections); ``args`` = extra ``serve`` flags."""
     from tests.procs import wait_ready
 
     data = tmp / name
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    db_url = db_url or f"sqlite:///{data / 'fedgate.db'}"
     cfg = data / "site.toml"
     cfg.write_text(f'site_id = "{name}"\ndata_dir = "{data}"\njwt_secret = "{SECRET}"\nport = {port}\n'
-                   f'log_level = "WARNING"\n\n{toml}\n')
+                   f'database_url = "{db_url}"\nlog_level = "WARNING"\n{toml}\n')
     env = dict(os.environ, FEDGATE_CONFIG=str(cfg), OMP_NUM_THREADS=str(threads))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -216,4 +219,4 @@ async def start_gateway_process(tmp: Path, name: str, toml: str, *, threads: int
     except (RuntimeError, TimeoutError):
         proc.kill()
         raise
-    return ProcGateway(make_settings(data, f"sqlite:///{data / 'fedgate.db'}", site_id=name, jwt_secret=SECRET), url, proc)
+    return ProcGateway(make_settings(data, db_url, site_id=name, jwt_secret=SECRET), url, proc)

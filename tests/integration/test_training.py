@@ -380,6 +380,40 @@ async def test_cancel(net):
         assert r.status == 409
 
 
+async def test_a_run_is_seen_and_cancelled_through_another_server_process(net, tmp_path):
+    """processes > 1: the start, the status and the cancel of one run may reach different server processes.
+    A second ``fedgate serve`` on the hub's store stands for the second process (the kernel would pick one
+    at random): the run started through the first is listed and cancelled through the second, and the
+    first stops its rounds and never overwrites the cancellation."""
+    from gateway.handlers.training import HUB
+
+    hub = net["hub"]
+    sites = "".join(f'[[federation.sites]]\nid = "{n}"\nurl = "{gw.url}"\n' for n, (gw, _) in net["sites"].items())
+    other = await start_gateway_process(tmp_path, "hub", (
+        f'[federation]\nrole = "hub"\nhub_id = "hub"\nhub_key = "{net["priv"]}"\n{sites}'
+        '[training]\nround_deadline_s = 120\n'), db_url=str(hub.settings.effective_database_url))
+    try:
+        run_id = await start(net, rounds=50, local_epochs=1, min_sites=1)
+        await wait(net, run_id, rounds_done=1)
+        async with net["http"].get(f"{other.url}/training/runs/{run_id}", headers=analyst(other)) as r:
+            assert r.status == 200 and (await r.json())["state"] == "running"
+        async with net["http"].post(f"{other.url}/training/runs/{run_id}/cancel", headers=analyst(other)) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["state"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while run_id in hub.app[HUB]._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert run_id not in hub.app[HUB]._tasks, "the process running the rounds did not see the cancellation"
+        n = (await run_doc(net, run_id))["round"]
+        await asyncio.sleep(1.5)
+        doc = await run_doc(net, run_id)
+        assert doc["state"] == "cancelled" and doc["round"] == n < 50 and doc["model"] is None
+        async with net["http"].post(f"{hub.url}/training/runs/{run_id}/cancel", headers=analyst(hub)) as r:
+            assert r.status == 409
+    finally:
+        other.stop()
+
+
 async def test_deploy_run_inference_and_roll_back(net):
     hub, http = net["hub"], net["http"]
     v1 = await wait(net, await start(net, rounds=1, local_epochs=1, min_sites=3, name="fl-lesion"))

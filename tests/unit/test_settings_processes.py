@@ -1,0 +1,30 @@
+"""The ``processes`` setting (``fedgate serve --processes``) and the worker-pool default that follows it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gateway.settings import SettingsError, load_settings
+
+
+def test_processes_from_env_toml_and_flags(tmp_path):
+    cores = os.cpu_count() or 1
+    assert load_settings(env={}).serve_processes == 1  # default: one process, the old code path
+    assert load_settings(env={"FEDGATE_PROCESSES": "3"}).serve_processes == 3
+    assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).serve_processes == cores
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('processes = "auto"\n')
+    assert load_settings(config_file=cfg, env={}).processes == 0
+    assert load_settings(config_file=cfg, env={}, overrides={"processes": "2"}).serve_processes == 2
+    for bad in ("-1", "many"):
+        with pytest.raises(SettingsError, match="processes"):
+            load_settings(env={"FEDGATE_PROCESSES": bad})
+
+
+def test_worker_pools_use_the_cores_the_server_processes_leave():
+    cores = os.cpu_count() or 1
+    assert load_settings(env={}).validation_processes == max(0, min(4, cores - 1))
+    assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).validation_processes == 0
+    assert load_settings(env={"FEDGATE_PROCESSES": "auto", "FEDGATE_VALIDATION_WORKERS": "2"}).validation_processes == 2
