@@ -221,15 +221,14 @@ async def test_fhir_update_writes_only_changed_index_rows(gateway, http):
 
 
 async def test_two_gateways_storing_into_one_study(db_url, tmp_path, http):
-    """Two gateways on one PostgreSQL database (as the processes of a multi-process server are) store
-    concurrently into the same study: the study row lock serialises the count / ImagingStudy updates, so no
-    request fails and the counts and the ImagingStudy are exact."""
+    """Two gateways on one database (as the processes of a multi-process server are) store concurrently
+    into the same study: the STOW index lock and the study row lock (PostgreSQL) or BEGIN IMMEDIATE and the
+    write lock file (SQLite) serialise the count / ImagingStudy updates, so no request fails and the counts
+    and the ImagingStudy are exact."""
     import asyncio
 
     from tests.conftest import make_settings, start_gateway
 
-    if db_url.startswith("sqlite"):
-        pytest.skip("one SQLite file written from two servers is the multi-process server's own concern")
     gws = [await start_gateway(make_settings(tmp_path / f"gw{i}", db_url)) for i in range(2)]
     try:
         study = generate_uid()
