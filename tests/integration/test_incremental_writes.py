@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 
-import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
