@@ -54,7 +54,7 @@ if [ "$WRITE" = "--write" ]; then
     echo "## DICOMweb: fedgate vs Orthanc (issue 3) — $(date -u +'%Y-%m-%d %H:%M') UTC"
     echo
     echo "Machine: $(hostname) ($(nproc) cores), both servers on loopback, run one after the other."
-    echo "Command: \`bench/dicomweb_vs_orthanc.sh $N --write\` (harness: bench/dicomweb_bench.py)"
+    echo "Command: \`FEDGATE_BENCH_PROCESSES=\"$FPROCS\" bench/dicomweb_vs_orthanc.sh $N --write\` (harness: bench/dicomweb_bench.py; fedgate on SQLite, \"pN\" = N server processes)"
     echo
     cat "$OUT/table.md"
     echo
