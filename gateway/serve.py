@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Sequence
 
+from gateway.services.workers import end_with_parent
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.serve")
@@ -170,23 +171,13 @@ def _stop_all(children: list[_Child]) -> None:
 
 def die_with_parent(parent: int) -> None:
     """SIGTERM this process (a graceful stop) when ``parent`` is gone, even after its SIGKILL."""
-    try:
-        import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
+    def gone() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(SHUTDOWN_TIMEOUT_S + 5)  # the graceful stop did not end the process
         os._exit(1)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
+    end_with_parent(parent, gone, signal.SIGTERM)
 
 
 def serve_child(settings: Settings, spec: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,25 @@ def write(datasets: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """A dataset as the bytes of a DICOM file (Part 10, with preamble and file meta)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def stow_body(parts, boundary: str, ctype: str = "application/dicom") -> bytes:
+    """A multipart/related STOW-RS body of ``parts`` (bytes, or datasets written with :func:`to_bytes`)."""
+    out = b""
+    for p in parts:
+        data = p if isinstance(p, (bytes, bytearray)) else to_bytes(p)
+        out += f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def referenced_sops(response: dict, tag: str) -> list[str]:
+    """SOP Instance UIDs in a STOW-RS response's ReferencedSOPSequence (00081199) or FailedSOPSequence
+    (00081198)."""
+    return [i["00081155"]["Value"][0] for i in response.get(tag, {}).get("Value", []) if "00081155" in i]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,27 +21,31 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
-def _exit_with_parent() -> None:
-    """Worker initializer: end this worker when the gateway process is gone (even after SIGKILL, when
-    no shutdown runs), instead of lingering as an orphan.  Linux: PR_SET_PDEATHSIG; elsewhere a thread
-    that notices the parent changing."""
-    parent = os.getppid()
+def end_with_parent(parent: int, on_gone: Callable[[], None], signum: int = signal.SIGTERM) -> None:
+    """End this process when ``parent`` is gone, even after its SIGKILL (when no shutdown of it runs),
+    instead of lingering as an orphan: Linux delivers ``signum`` (PR_SET_PDEATHSIG); elsewhere, and as a
+    back-up, a thread that notices the parent changing calls ``on_gone``.  Used by the worker pool's
+    processes and by the server processes of ``fedgate serve --processes N``."""
     try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os._exit(0)
+        on_gone()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(0)
+        os._exit(1)
+
+
+def _exit_with_parent() -> None:
+    """Worker initializer: end this worker when the gateway process is gone."""
+    end_with_parent(os.getppid(), lambda: os._exit(0))
 
 
 class WorkerPool:

@@ -287,13 +287,12 @@ DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 async def _stow_one_study_per_patient(gw: Gateway, http) -> dict[str, tuple[str, str, str]]:
     """STOW one single-slice study per patient (PatientID = the FHIR Patient's identifier value);
     patient id → (study, series, SOP instance UID)."""
-    from tests.dicom_synth import ct_series
+    from tests.dicom_synth import ct_series, stow_body
 
     uids: dict[str, tuple[str, str, str]] = {}
     for pid in POPULATION:
         (ds,) = ct_series(patient_id=pid, patient_name=f"Test^{pid}", n=1, size=16)
-        body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(ds)
-                + f"\r\n--{BOUNDARY}--\r\n".encode())
+        body = stow_body([ds], BOUNDARY)
         async with http.post(f"{gw.dicomweb}/studies", data=body,
                              headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
             assert r.status == 200, await r.text()
@@ -301,16 +300,8 @@ async def _stow_one_study_per_patient(gw: Gateway, http) -> dict[str, tuple[str,
     return uids
 
 
-def _dicom_bytes(ds) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
-    from tests.dicom_synth import ct_series
+    from tests.dicom_synth import ct_series, stow_body
 
     gw = site
     async with aiohttp.ClientSession() as http:
@@ -368,8 +359,7 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
         assert await dicom_visible() == dict.fromkeys(("studies", "series", "instances", "wado"), set())
         # a study arriving while the consent is withdrawn is stamped with the current (no) profile
         (late,) = ct_series(patient_id="p-gru", patient_name="Test^p-gru", n=1, size=16)
-        body = (f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _dicom_bytes(late)
-                + f"\r\n--{BOUNDARY}--\r\n".encode())
+        body = stow_body([late], BOUNDARY)
         async with http.post(f"{gw.dicomweb}/studies", data=body,
                              headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
             assert r.status == 200, await r.text()

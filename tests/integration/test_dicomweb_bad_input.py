@@ -4,7 +4,6 @@ store's crash safety (a real server process killed mid-STOW, then restarted)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import sqlite3
@@ -19,17 +18,11 @@ from sqlalchemy import func, select
 from gateway import keys
 from gateway.store.dicom_schema import dcm_instance
 from tests.conftest import make_settings, start_gateway
-from tests.dicom_synth import ct_series
+from tests.dicom_synth import ct_series, to_bytes
 from tests.procs import free_port, wait_ready
 
 BOUNDARY = "fedgateTESTboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-
-
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _body(*parts: bytes, ctype: str = "application/dicom") -> bytes:
@@ -67,7 +60,7 @@ async def test_stow_bad_input_table(small, http):
     h = gw.headers("pacs")
     good = ct_series(patient_id="B1", patient_name="Bad^Input", n=3, size=32)
     big = ct_series(patient_id="B2", patient_name="Big^Part", n=1, size=512)[0]
-    good_bytes = [_bytes(d) for d in good]
+    good_bytes = [to_bytes(d) for d in good]
     await_ok = await http.post(f"{gw.dicomweb}/studies", data=_body(good_bytes[0]), headers=h | {"Content-Type": DICOM_MP})
     assert await_ok.status == 200
     truncated = good_bytes[1][: len(good_bytes[1]) // 2]
@@ -79,15 +72,15 @@ async def test_stow_bad_input_table(small, http):
         ("not DICOM", "/studies", DICOM_MP, _body(b"this is not a DICOM file" * 10), 409, [0xC000]),
         ("truncated file", "/studies", DICOM_MP, _body(truncated), 409, [0xC000]),
         ("wrong study UID in path", f"/studies/{other_study}", DICOM_MP, _body(good_bytes[1]), 409, [0xA900]),
-        ("part too large", "/studies", DICOM_MP, _body(_bytes(big)), 409, [0xA700]),
+        ("part too large", "/studies", DICOM_MP, _body(to_bytes(big)), 409, [0xA700]),
         ("part of another media type", "/studies", DICOM_MP, _body(b"{}", ctype="application/json"), 409, [0xC000]),
-        ("different instance, same SOP UID", "/studies", DICOM_MP, _body(_bytes(changed)), 409, [0x0111]),
+        ("different instance, same SOP UID", "/studies", DICOM_MP, _body(to_bytes(changed)), 409, [0x0111]),
         ("missing boundary", "/studies", 'multipart/related; type="application/dicom"', _body(good_bytes[1]), 400, None),
         ("not multipart", "/studies", "application/dicom", good_bytes[1], 415, None),
         ("dicom+json parts", "/studies", f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
          _body(b"[]"), 415, None),
         ("garbage multipart", "/studies", DICOM_MP, b"no boundary lines at all", 400, None),
-        ("request too large", "/studies", DICOM_MP, _body(*[_bytes(big)] * 6), 413, None),
+        ("request too large", "/studies", DICOM_MP, _body(*[to_bytes(big)] * 6), 413, None),
         ("bad study UID in path", "/studies/not-a-uid", DICOM_MP, _body(good_bytes[1]), 400, None),
     ]
     before = await _state(gw)
@@ -155,11 +148,11 @@ async def test_killed_mid_stow_leaves_no_orphans(tmp_path, db_url):
         h = {"Authorization": f"Bearer {token}"}
         first = ct_series(patient_id="K1", patient_name="Kill^One", n=2, size=64)
         async with aiohttp.ClientSession() as s:
-            async with s.post(url + "/dicomweb/studies", data=_body(*[_bytes(d) for d in first]),
+            async with s.post(url + "/dicomweb/studies", data=_body(*[to_bytes(d) for d in first]),
                               headers=h | {"Content-Type": DICOM_MP}) as r:
                 assert r.status == 200
             victim = ct_series(patient_id="K2", patient_name="Kill^Two", n=3, size=256)
-            payload = [_bytes(d) for d in victim]
+            payload = [to_bytes(d) for d in victim]
 
             async def slow_body():
                 yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + payload[0] + b"\r\n"

@@ -6,7 +6,6 @@ and no file is left without its row (or row without its file). Both engines."""
 from __future__ import annotations
 
 import asyncio
-import io
 from collections import Counter
 from pathlib import Path
 
@@ -14,27 +13,16 @@ from sqlalchemy import select
 
 from gateway import keys
 from gateway.store.dicom_schema import dcm_instance
-from tests.dicom_synth import ct_series
+from tests.dicom_synth import ct_series, referenced_sops, stow_body, to_bytes
 
 BOUNDARY = "fedgateCONCURRENTboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _body(parts: list[bytes]) -> bytes:
-    out = b""
-    for p in parts:
-        out += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
+    return stow_body(parts, BOUNDARY)
 
 
-def _sops(body: dict, tag: str) -> list[str]:
-    return [i["00081155"]["Value"][0] for i in body.get(tag, {}).get("Value", []) if "00081155" in i]
 
 
 async def test_concurrent_stow_requests(gateway, http):
@@ -44,7 +32,7 @@ async def test_concurrent_stow_requests(gateway, http):
     more_a = ct_series(patient_id="CONC1", patient_name="Concurrent^Ann", n=8, size=32,
                        study_uid=str(study_a[0].StudyInstanceUID))  # a second series of study A
     every = study_a + study_b + more_a
-    raw = {str(d.SOPInstanceUID): _bytes(d) for d in every}
+    raw = {str(d.SOPInstanceUID): to_bytes(d) for d in every}
     uids = list(raw)
     # 16 requests of 3 instances, interleaving the studies; plus requests that race others for the same SOP:
     # one with identical bytes (a retry) and one with different content under the same UID
@@ -52,7 +40,7 @@ async def test_concurrent_stow_requests(gateway, http):
     changed = study_b[0].copy()
     changed.PatientName = "Changed^Content"
     requests.append([raw[uids[0]]])  # identical to a part of request 0
-    requests.append([_bytes(changed)])  # same UID as study_b[0], different content
+    requests.append([to_bytes(changed)])  # same UID as study_b[0], different content
 
     async def post(parts: list[bytes]) -> tuple[int, dict]:
         async with http.post(f"{gateway.dicomweb}/studies", data=_body(parts), headers=h) as r:
@@ -65,7 +53,7 @@ async def test_concurrent_stow_requests(gateway, http):
         # every part has its outcome: referenced or failed, none missing
         assert len(body.get("00081199", {}).get("Value", [])) + len(body.get("00081198", {}).get("Value", [])) \
             == len(parts)
-        stored.update(_sops(body, "00081199"))
+        stored.update(referenced_sops(body, "00081199"))
         for item in body.get("00081198", {}).get("Value", []):
             failed[item["00081155"]["Value"][0]] += 1
             assert item["00081197"]["Value"][0] == 0x0111, item  # only the deliberate duplicates fail
@@ -83,7 +71,7 @@ async def test_concurrent_stow_requests(gateway, http):
     assert files == {r.blob_path for r in rows}, "a file without its row or a row without its file"
     assert not any((blobs / "tmp").glob("*"))
     b0 = next(r.blob_path for r in rows if r.sop_uid == str(study_b[0].SOPInstanceUID))
-    assert (blobs / b0).read_bytes() in (raw[str(study_b[0].SOPInstanceUID)], _bytes(changed))
+    assert (blobs / b0).read_bytes() in (raw[str(study_b[0].SOPInstanceUID)], to_bytes(changed))
 
     # QIDO counts and the FHIR ImagingStudy follow every request of every batch
     ch = gateway.headers("clinician")

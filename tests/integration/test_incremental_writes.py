@@ -12,7 +12,6 @@ Both engines.
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 
 from pydicom.uid import generate_uid
@@ -21,27 +20,16 @@ from sqlalchemy import func, select
 from gateway import keys
 from gateway.store import schema as s
 from gateway.store.dicom_schema import dcm_series, dcm_study
-from tests.dicom_synth import ct_series
+from tests.dicom_synth import ct_series, referenced_sops, stow_body, to_bytes
 
 BOUNDARY = "fedgateINCREMENTALboundary"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _body(parts: list[bytes]) -> bytes:
-    out = b""
-    for p in parts:
-        out += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
+    return stow_body(parts, BOUNDARY)
 
 
-def _sops(body: dict, tag: str) -> list[str]:
-    return [i["00081155"]["Value"][0] for i in body.get(tag, {}).get("Value", []) if "00081155" in i]
 
 
 async def _rid(gateway, res_type: str, res_id: str) -> int:
@@ -108,7 +96,7 @@ async def test_imaging_study_exact_after_incremental_stows(gateway, http):
 
     async def stow(datasets, *, url_study: str | None = None, raw: list[bytes] | None = None) -> tuple[int, dict]:
         url = f"{gateway.dicomweb}/studies" + (f"/{url_study}" if url_study else "")
-        async with http.post(url, data=_body(raw if raw is not None else [_bytes(d) for d in datasets]),
+        async with http.post(url, data=_body(raw if raw is not None else [to_bytes(d) for d in datasets]),
                              headers=h) as r:
             return r.status, await r.json()
 
@@ -127,21 +115,21 @@ async def test_imaging_study_exact_after_incremental_stows(gateway, http):
     # series two (MR) with an instance of another study in the same request, sent to the study's URL: 202
     stranger = ct_series(patient_id="INCR1", patient_name="Incremental^Ida", n=1, size=16)
     status, body = await stow(series[1] + stranger, url_study=study)
-    assert status == 202 and _sops(body, "00081198") == [str(stranger[0].SOPInstanceUID)]
+    assert status == 202 and referenced_sops(body, "00081198") == [str(stranger[0].SOPInstanceUID)]
     stored(series[1]); version += 1
     await check()
     # a request of nothing new: an identical re-sent instance (warning) and a changed one under a stored UID
     changed = series[0][0].copy()
     changed.PatientName = "Changed^Content"
     status, body = await stow([series[0][1], changed])
-    assert status == 202 and _sops(body, "00081198") == [str(changed.SOPInstanceUID)]
-    assert _sops(body, "00081199") == [str(series[0][1].SOPInstanceUID)]
+    assert status == 202 and referenced_sops(body, "00081198") == [str(changed.SOPInstanceUID)]
+    assert referenced_sops(body, "00081199") == [str(series[0][1].SOPInstanceUID)]
     await check()  # nothing was written: same version
     # series three and four together, one instance twice in the request, and a part that is not DICOM
-    dup = _bytes(series[2][0])
-    status, body = await stow([], raw=[_bytes(d) for d in series[2]] + [dup, b"not a DICOM file"]
-                              + [_bytes(d) for d in series[3]])
-    assert status == 202 and len(_sops(body, "00081199")) == len(series[2]) + len(series[3])
+    dup = to_bytes(series[2][0])
+    status, body = await stow([], raw=[to_bytes(d) for d in series[2]] + [dup, b"not a DICOM file"]
+                              + [to_bytes(d) for d in series[3]])
+    assert status == 202 and len(referenced_sops(body, "00081199")) == len(series[2]) + len(series[3])
     stored(series[2] + series[3]); version += 1
     await check()
     # the FHIR view is searchable by the new instances and the new modality, and not duplicated
@@ -233,8 +221,8 @@ async def test_two_gateways_storing_into_one_study(db_url, tmp_path, http):
         study = generate_uid()
         kw = {"patient_id": "TWO1", "patient_name": "Two^Gateways", "study_uid": study, "size": 16}
         series = [ct_series(n=3, modality=("CT", "MR")[i % 2], **kw) for i in range(8)]
-        bodies = [_body([_bytes(d) for d in ser[:2]]) for ser in series] + [
-            _body([_bytes(ser[2])]) for ser in series]
+        bodies = [_body([to_bytes(d) for d in ser[:2]]) for ser in series] + [
+            _body([to_bytes(ser[2])]) for ser in series]
 
         async def post(i: int, body: bytes) -> int:
             gw = gws[i % 2]

@@ -11,7 +11,7 @@ import pydicom
 import requests
 
 from tests.conftest import data_path
-from tests.dicom_synth import ct_series
+from tests.dicom_synth import ct_series, to_bytes
 from tests.peers.orthanc import orthanc
 
 STUDY_KEYS = ["0020000D", "00100020", "00100010", "00080020", "00080050", "00201206", "00201208"]
@@ -37,17 +37,11 @@ def _qido(url: str, headers: dict | None = None) -> list[dict]:
     return r.json() if r.content else []
 
 
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 async def test_orthanc_pushes_to_fedgate_and_answers_agree(gateway, tmp_path):
     token = gateway.token("pacs")
     servers = {"fedgate": {"Url": gateway.dicomweb + "/", "HttpHeaders": {"Authorization": f"Bearer {token}"}}}
     blobs = [p.read_bytes() for p in sorted(data_path("dicom").rglob("*.dcm"))]
-    blobs += [_bytes(d) for d in ct_series(patient_id="ORTH1", patient_name="Peer^Olga", n=5, size=64)]
+    blobs += [to_bytes(d) for d in ct_series(patient_id="ORTH1", patient_name="Peer^Olga", n=5, size=64)]
 
     def run() -> tuple[list, list, list, list, list, list, bytes, bytes]:
         with orthanc(tmp_path / "orthanc", servers) as o:

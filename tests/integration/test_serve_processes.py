@@ -8,7 +8,6 @@ crashed child restarted, SIGTERM stopping all cleanly, SIGKILL of the parent lea
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import REPO
-from tests.dicom_synth import ct_series
+from tests.dicom_synth import ct_series, stow_body
 from tests.integration.federation_fixtures import ProcGateway, start_gateway_process
 from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient
 from tests.integration.test_workers import _alive, _children
@@ -31,12 +30,7 @@ PROCESSES = 3
 
 
 def _body(datasets) -> bytes:
-    out = b""
-    for ds in datasets:
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + buf.getvalue() + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
+    return stow_body(datasets, BOUNDARY)
 
 
 def _fresh() -> aiohttp.ClientSession:
