@@ -260,9 +260,14 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             for table in stamped_tables():
                 await conn.execute(update(table).where(table.c.patient_id.in_(pids[i:i + 500]))
                                    .values(consent_no=profile_no(key)))
-            rids = select(R.c.rid).where(R.c.patient_id.in_(pids[i:i + 500]))
-            for table in index_tables():  # after fhir_resource, by its rows: the same resources
-                await conn.execute(update(table).where(table.c.rid.in_(rids)).values(consent_no=profile_no(key)))
+    # the search-index rows of those resources: copied from fhir_resource (just restamped), one statement
+    # per table for all the patients rather than one per profile
+    everyone = sorted(p for pids in by_key.values() for p in pids)
+    for i in range(0, len(everyone), 500):
+        rids = select(R.c.rid).where(R.c.patient_id.in_(everyone[i:i + 500]))
+        for table in index_tables():
+            await conn.execute(update(table).where(table.c.rid.in_(rids)).values(
+                consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
     return len(patients)
 
 
