@@ -93,12 +93,14 @@ def _idx(name: str, *cols: Column) -> Table:
 
 
 def _gate_index(table: Table, *value_cols: Column) -> Index:
-    """The lookup index of a gated search (issue #4): ``consent_no`` first, so ``consent_no IN (permitted)``
-    + the search value is one seek per permitted profile and only permitted rows are read.  (A separate
-    index: with ``consent_no`` inside the ungated lookup index the rids of a code would come out unsorted,
-    and SQLite's rid set for ``rid IN (...)`` costs ~25 % more to build; an ungated search cannot use
-    this one.)"""
-    return Index(f"ix_{table.name}_gate", table.c.consent_no, table.c.res_type, table.c.param, *value_cols)
+    """The lookup index of a gated search (issue #4): (type, parameter, ``consent_no``, value, rid), so
+    ``consent_no IN (permitted)`` + the search value is one short seek per permitted profile inside the
+    parameter's subtree and only permitted rows are read.  A separate index, and ``consent_no`` before the
+    value so an ungated search (no ``consent_no`` term) never picks it: with ``consent_no`` after the value
+    in the one lookup index, SQLite used it for ungated searches too, whose rids then came out unsorted and
+    the rid set for ``rid IN (...)`` cost ~25 % more to build.  With ``consent_no`` first the seeks
+    are spread over the whole index (SQLite: 0.56 vs 0.37 ms for 110 profiles over 1,000 patients)."""
+    return Index(f"ix_{table.name}_gate", table.c.res_type, table.c.param, table.c.consent_no, *value_cols)
 
 
 idx_token = _idx("idx_token", Column("system", String(255)), Column("code", String(255), nullable=False))
