@@ -93,20 +93,18 @@ def _idx(name: str, *cols: Column) -> Table:
 
 
 def _gate_index(table: Table, *value_cols: Column) -> Index:
-    """The lookup index of a gated search (issue #4): (type, parameter, value, ``consent_no``, rid), so
-    ``consent_no IN (permitted)`` + the search value is one short seek per permitted profile inside the
-    value's range (or a filter inside the index, as the planner finds cheaper) and only permitted rows
-    are read.
+    """The lookup index of a gated search (issue #4): the plain lookup columns (type, parameter, value,
+    rid) plus ``consent_no``, so ``consent_no IN (permitted)`` is tested inside the index and only the
+    permitted candidates' rows are read (their rids still in order, as the ungated lookup gives them).
 
     Partial (``consent_no IS NOT NULL``, which a gated search's ``consent_no IN (...)`` implies and an
-    ungated one does not): with the same leading columns as the plain lookup index, SQLite picked it for
-    ungated searches too, whose rids then come out ordered by profile rather than by rid and the rid set
-    for ``rid IN (...)`` cost ~25 % more to build; a partial index is never used for a query that does
-    not imply its condition.  (``consent_no`` leading instead spreads the seeks over the whole index:
-    SQLite Patient?gender 0.56 vs 0.33 ms.)"""
+    ungated one does not), so only gated searches use it: with ``consent_no`` in the ungated lookup
+    index SQLite picked it for ungated searches too.  Measured alternatives (SQLite, 100k resources, 110
+    of 150 profiles): ``consent_no`` before rid (seeks per profile) or leading gives the rids out of
+    order, and building the rid set for ``rid IN (...)`` from them cost ~25 % more."""
     not_null = table.c.consent_no.is_not(None)
-    return Index(f"ix_{table.name}_gated", table.c.res_type, table.c.param, *value_cols, table.c.consent_no,
-                 table.c.rid, sqlite_where=not_null, postgresql_where=not_null)
+    return Index(f"ix_{table.name}_gated", table.c.res_type, table.c.param, *value_cols, table.c.rid,
+                 table.c.consent_no, sqlite_where=not_null, postgresql_where=not_null)
 
 
 idx_token = _idx("idx_token", Column("system", String(255)), Column("code", String(255), nullable=False))
