@@ -46,8 +46,8 @@ DICOM_CONSENT_INDEXES = tuple(Index(f"ix_{t.name}_consent_no", t.c.consent_no)
 
 def index_tables() -> tuple:
     """The FHIR search-index tables (``idx_*``): their rows carry their resource's ``consent_no`` (kept
-    equal to ``fhir_resource.consent_no`` by rid, in the same transactions), so a gated search seeks the
-    permitted profiles inside the index lookup that drives it (``fhir_repo.search``)."""
+    equal to ``fhir_resource.consent_no`` by rid, in the same transactions), so a gated search tests
+    consent inside the index lookup that drives it (``fhir_repo.search``, ``schema.GATE_INDEXES``)."""
     return tuple(s.INDEX_TABLES.values())
 
 
@@ -271,5 +271,5 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     return len(patients)
 
 
-__all__ = ["consent_policy", "consent_profile", "index_tables", "load_policy_doc", "lock_patients", "patient_nos", "recompute",
-           "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]
+__all__ = ["consent_policy", "consent_profile", "index_tables", "load_policy_doc", "lock_patients", "patient_nos",
+           "recompute", "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]

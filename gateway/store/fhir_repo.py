@@ -317,9 +317,9 @@ def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: Ac
     The driving clause (the most selective) becomes ``rid IN (index lookup)``; the others are correlated
     ``EXISTS`` probes on the index's ``rid`` column, so no large intermediate rid set is materialised
     (a common code across 100k resources would otherwise be built in full for every query).  With
-    ``scope``, the driving lookup also applies the consent gate to the index rows' ``consent_no`` (part of
-    the lookup indexes: seeks per permitted profile, not a test per candidate resource); the caller
-    uses it only when :func:`_drives` says the clause becomes such a lookup.
+    ``scope``, the driving lookup also applies the consent gate to the index rows' ``consent_no`` (tested
+    inside the partial gate index, ``schema.GATE_INDEXES``, instead of on every candidate resource row);
+    the caller passes it only when :func:`_drives` says the clause becomes such a lookup.
     """
     name = clause.param.name
     if name == "_id":
