@@ -254,6 +254,13 @@ async def test_every_fhir_route_returns_exactly_the_permitted_patients(site):
                 assert r.status == 403
                 assert (await r.json())["resourceType"] == "OperationOutcome"
 
+        # malformed requester attributes → 403 every time,
+        # and the same analyst with valid attributes right after is served
+        for attrs in ({"irb_approved": "yes"}, {"irb_approved": "yes"}, {"irb_approved": True}):
+            h = gw.headers("analyst", purpose={"codes": ["DUO:0000037"]}, attrs=attrs)
+            async with http.get(f"{gw.fhir}/Patient", headers=h) as r:
+                assert r.status == (200 if attrs["irb_approved"] is True else 403), await r.text()
+
         # withdrawal takes effect on the very next request
         gru = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
         withdrawn = consent("p-gru", ["DUO:0000042"], [], {"status": "inactive"})
