@@ -140,12 +140,12 @@ class ConsentGate:
 
     def _parse(self, codes, diseases, attrs: dict) -> tuple[ResearchPurpose, DuoRequester, str, str]:
         """The evaluator's purpose and requester and their keys, memoised on the exact inputs (codes,
-        diseases and the attributes' canonical JSON): parsing, validating and hashing them was most of
-        a cached request's gate time (~10 of 14 µs; issue #4).  Inputs orjson cannot serialise are
-        parsed every time (and refused by ``from_json``)."""
+        diseases and the ``repr`` of the sorted attributes — it tells apart what JSON would not, e.g. NaN
+        from null, 1 from true): parsing, validating and hashing them was most of a cached request's gate
+        time (~10 of 14 µs; issue #4).  Failures are not memoised (refused every time)."""
         try:
-            memo = (tuple(codes), tuple(diseases), orjson.dumps(attrs, option=orjson.OPT_SORT_KEYS))
-        except TypeError:
+            memo = (tuple(codes), tuple(diseases), repr(sorted(attrs.items())))
+        except TypeError:  # keys that do not sort: parse every time
             memo = None
         parsed = self._parsed.get(memo) if memo is not None else None
         if parsed is None:
