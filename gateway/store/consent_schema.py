@@ -44,6 +44,13 @@ DICOM_CONSENT_INDEXES = tuple(Index(f"ix_{t.name}_consent_no", t.c.consent_no)
                               for t in (dcm_study, dcm_series, dcm_instance))
 
 
+def index_tables() -> tuple:
+    """The FHIR search-index tables (``idx_*``): their rows carry their resource's ``consent_no`` (kept
+    equal to ``fhir_resource.consent_no`` by rid, in the same transactions), so a gated search tests
+    consent inside the index lookup that drives it (``fhir_repo.search``, ``schema.GATE_INDEXES``)."""
+    return tuple(s.INDEX_TABLES.values())
+
+
 def stamped_tables() -> tuple:
     """Tables whose rows carry ``consent_no``, the number (:func:`gateway.store.scope.profile_no`) of
     their patient's ``cm_patient.consent_profile`` (``NO_PATIENT`` without a patient), so the gate
@@ -64,18 +71,28 @@ async def _stamp_all(conn: AsyncConnection, table) -> None:
         await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=profile_no(key)))
 
 
+async def _stamp_index_all(conn: AsyncConnection, table) -> None:
+    """Back-fill ``consent_no`` of every row of the search-index table ``table`` from its resource."""
+    R = s.fhir_resource
+    await conn.execute(update(table).values(
+        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+
+
 async def ensure_indexes(conn: AsyncConnection) -> None:
     """Bring stores created before these existed up to date (create_all skips existing tables): the
-    consent index and the stamped ``consent_no`` columns (added and back-filled)."""
+    consent index, the stamped ``consent_no`` columns (added and back-filled) and the gate indexes of
+    the search-index tables."""
     def sync_step(sync) -> list[str]:
         ix_consent_profile.create(sync, checkfirst=True)
         added = []
-        for table in stamped_tables():
+        for table in stamped_tables() + index_tables():
             cols = {c["name"] for c in inspect(sync).get_columns(table.name)}
             if "consent_no" not in cols:
                 sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_no BIGINT"))
                 added.append(table.name)
         for ix in DICOM_CONSENT_INDEXES:
+            ix.create(sync, checkfirst=True)
+        for ix in s.GATE_INDEXES:
             ix.create(sync, checkfirst=True)
         return added
 
@@ -83,10 +100,16 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
     for table in stamped_tables():
         if table.name in added:
             await _stamp_all(conn, table)
+    for table in index_tables():
+        if table.name in added or s.fhir_resource.name in added:
+            await _stamp_index_all(conn, table)
     if conn.dialect.name == "postgresql":
         # No planner statistics on consent_no: its values are opaque numbers, and estimating
         # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost ~0.15 ms of planning per
-        # statement (0.02 ungated, 0.06 without statistics) — more than executing the filter.
+        # statement (0.02 ungated, 0.06 without statistics) — more than executing the filter.  (The
+        # search-index tables keep theirs: there the gate is part of the lookup that sizes the join of a
+        # 10-100 ms search, and without them PostgreSQL under-estimates the permitted rows ~7x and probes
+        # fhir_resource once per candidate instead of hashing — slower than the ungated search.)
         for table in stamped_tables():
             target = (await conn.execute(text(
                 "SELECT attstattarget FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
@@ -134,7 +157,8 @@ consent_policy = Table(
 
 async def stamp_resources(conn: AsyncConnection, written: list[tuple[int, str | None]]) -> None:
     """Stamp newly written resource rows ``(rid, patient_id)`` with their patient's current
-    ``consent_no`` (``NO_PATIENT`` for resources outside any patient compartment)."""
+    ``consent_no`` (``NO_PATIENT`` for resources outside any patient compartment).  Their search-index
+    rows are written afterwards with the stamped number (``fhir_repo.apply_writes``)."""
     R = s.fhir_resource
     for i in range(0, len(written), 500):
         chunk = written[i:i + 500]
@@ -236,8 +260,16 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             for table in stamped_tables():
                 await conn.execute(update(table).where(table.c.patient_id.in_(pids[i:i + 500]))
                                    .values(consent_no=profile_no(key)))
+    # the search-index rows of those resources: copied from fhir_resource (just restamped), one statement
+    # per table for all the patients rather than one per profile
+    everyone = sorted(p for pids in by_key.values() for p in pids)
+    for i in range(0, len(everyone), 500):
+        rids = select(R.c.rid).where(R.c.patient_id.in_(everyone[i:i + 500]))
+        for table in index_tables():
+            await conn.execute(update(table).where(table.c.rid.in_(rids)).values(
+                consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
     return len(patients)
 
 
-__all__ = ["consent_policy", "consent_profile", "load_policy_doc", "lock_patients", "patient_nos", "recompute",
-           "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]
+__all__ = ["consent_policy", "consent_profile", "index_tables", "load_policy_doc", "lock_patients", "patient_nos",
+           "recompute", "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]

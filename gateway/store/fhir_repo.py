@@ -239,8 +239,12 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         new = _derived(w.resource) if w.resource is not None else ({}, {})
         rid = rid_by_key[(w.res_type, w.res_id)]
         base = {"rid": rid, "res_type": w.res_type}
+        # index rows carry the resource's consent_no: a resource that changes patient gets all of them anew
+        moved = w.prev is not None and w.resource is not None and w.prev.patient_id != compartment_patient(w.resource)
         for kind in old[0].keys() | new[0].keys():
             drop, add = _row_diff(old[0].get(kind, []), new[0].get(kind, []))
+            if moved and old[0].get(kind):
+                drop, add = True, list(new[0].get(kind, []))
             if drop:
                 idx_del.setdefault(kind, []).append(rid)
             idx_rows.setdefault(kind, []).extend(base | dict(zip(_IDX_COLS[kind], r)) for r in add)
@@ -258,9 +262,6 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(srcs)))
         if name == "cm_observation":  # component rows point at their panel
             await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
-    for kind, rows_ in idx_rows.items():
-        if rows_:
-            await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
     for table, rows_ in cm_rows.items():
         if rows_:
             await conn.execute(CM_BY_NAME[table].insert(), rows_)
@@ -278,6 +279,19 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             and w.resource is not None and w.prev.patient_id == compartment_patient(w.resource)}
     await stamp_resources(conn, [(rid_by_key[(r.res_type, r.res_id)], r.patient_id) for r in results
                                  if r.patient_id not in touched and (r.res_type, r.res_id) not in same])
+    # Search-index rows carry their resource's consent_no (just stamped, under the patients' locks), so the
+    # gate can be part of the index lookup that drives a search.
+    if any(idx_rows.values()):
+        written = sorted({row["rid"] for rows_ in idx_rows.values() for row in rows_})
+        nos: dict[int, int | None] = {}
+        for i in range(0, len(written), 500):
+            rows_ = await conn.execute(select(R.c.rid, R.c.consent_no).where(R.c.rid.in_(written[i:i + 500])))
+            nos.update((rid, no) for rid, no in rows_)
+        for kind, rows_ in idx_rows.items():
+            if rows_:
+                for row in rows_:
+                    row["consent_no"] = nos[row["rid"]]
+                await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content)
@@ -380,12 +394,15 @@ def _selectivity(clause: Clause) -> int:
     return _SELECTIVITY.get(clause.param.type, 5)
 
 
-def clause_sql(clause: Clause, res_type: str, *, driving: bool = True):
+def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: AccessScope | None = None):
     """SQL predicate over ``fhir_resource`` for one search clause.
 
     The driving clause (the most selective) becomes ``rid IN (index lookup)``; the others are correlated
     ``EXISTS`` probes on the index's ``rid`` column, so no large intermediate rid set is materialised
-    (a common code across 100k resources would otherwise be built in full for every query).
+    (a common code across 100k resources would otherwise be built in full for every query).  With
+    ``scope``, the driving lookup also applies the consent gate to the index rows' ``consent_no`` (tested
+    inside the partial gate index, ``schema.GATE_INDEXES``, instead of on every candidate resource row);
+    the caller passes it only when :func:`_drives` says the clause becomes such a lookup.
     """
     name = clause.param.name
     if name == "_id":
@@ -400,6 +417,8 @@ def clause_sql(clause: Clause, res_type: str, *, driving: bool = True):
         preds.append(or_(*[_value_pred(clause, table, v) for v in clause.values]))
     negate = clause.missing is True or (clause.missing is None and clause.modifier == "not")
     if driving and not negate:
+        if scope is not None:
+            preds.append(scope.row_clause(table.c.consent_no))
         return R.c.rid.in_(select(table.c.rid).where(*preds))
     probe = select(table.c.rid).where(table.c.rid == R.c.rid, *preds).exists()
     return not_(probe) if negate else probe
@@ -423,12 +442,25 @@ def _sort_key(res_type: str, pname: str, desc: bool):
     return (col.desc().nulls_last() if desc else col.asc().nulls_last())
 
 
+def _drives(clause: Clause) -> bool:
+    """Whether :func:`clause_sql` makes this clause, as the first one, an ``rid IN (index lookup)``."""
+    return _selectivity(clause) not in (-1, 9)
+
+
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
     ordered = sorted(q.clauses, key=_selectivity)
-    # consent first: a row it rejects skips the rest (SQLite evaluates terms in order; ~3% on a 24k-row count)
-    where = [scope.row_clause(R.c.consent_no), R.c.deleted.is_(False)]
-    where += [clause_sql(c, q.res_type, driving=i == 0) for i, c in enumerate(ordered)]
-    if not ordered or _selectivity(ordered[0]) in (-1, 9):
+    lookup = bool(ordered) and _drives(ordered[0])
+    where = [R.c.deleted.is_(False)]
+    if lookup and not scope.unrestricted:
+        # the consent gate inside the driving index lookup (its rows carry the resource's consent_no): only
+        # permitted candidates are fetched at all, instead of a consent test on every candidate resource
+        where += [clause_sql(ordered[0], q.res_type, driving=True, scope=scope)]
+    else:
+        # consent first: a row it rejects skips the rest (SQLite evaluates terms in order)
+        where.insert(0, scope.row_clause(R.c.consent_no))
+        where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
+    where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
+    if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
         where.insert(0, R.c.res_type == q.res_type)

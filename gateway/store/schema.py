@@ -86,7 +86,27 @@ def _idx(name: str, *cols: Column) -> Table:
         Column("res_type", String(64), nullable=False),
         Column("param", String(64), nullable=False),
         *cols,
+        #: The resource's ``fhir_resource.consent_no``, kept equal to it by gateway.store.consent_schema
+        #: (same transaction), so the consent gate is part of the index lookup that drives a search.
+        Column("consent_no", BigInteger, nullable=True),
     )
+
+
+def _gate_index(table: Table, *value_cols: Column, also: tuple[Column, ...] = ()) -> Index:
+    """The lookup index of a gated search (issue #4): the plain lookup columns (type, parameter, value,
+    rid) plus ``consent_no``, so ``consent_no IN (permitted)`` is tested inside the index and only the
+    permitted candidates' rows are read (their rids still in order, as the ungated lookup gives them).
+
+    Partial (``consent_no IS NOT NULL``, which a gated search's ``consent_no IN (...)`` implies and an
+    ungated one does not), so only gated searches use it: with ``consent_no`` in the ungated lookup
+    index SQLite picked it for ungated searches too.  Measured alternatives (SQLite, 100k resources, 110
+    of 150 profiles): ``consent_no`` before rid (seeks per profile) or leading gives the rids out of
+    order, and building the rid set for ``rid IN (...)`` from them cost ~25 % more.  ``also``: the
+    other columns a search value tests (token system, ...), so the index covers the lookup — otherwise
+    SQLite may prefer the plain lookup index and test ``consent_no`` on the table row."""
+    not_null = table.c.consent_no.is_not(None)
+    return Index(f"ix_{table.name}_gated", table.c.res_type, table.c.param, *value_cols, table.c.rid,
+                 table.c.consent_no, *also, sqlite_where=not_null, postgresql_where=not_null)
 
 
 idx_token = _idx("idx_token", Column("system", String(255)), Column("code", String(255), nullable=False))
@@ -121,6 +141,14 @@ idx_quantity = _idx(
 )
 Index("ix_idx_quantity_lookup", idx_quantity.c.res_type, idx_quantity.c.param, idx_quantity.c.value)
 Index("ix_idx_quantity_rid", idx_quantity.c.rid)
+
+GATE_INDEXES = (
+    _gate_index(idx_token, idx_token.c.code, also=(idx_token.c.system,)),
+    _gate_index(idx_string, idx_string.c.norm),
+    _gate_index(idx_date, idx_date.c.lo, idx_date.c.hi),
+    _gate_index(idx_ref, idx_ref.c.target_id, also=(idx_ref.c.target_type,)),
+    _gate_index(idx_quantity, idx_quantity.c.value, also=(idx_quantity.c.system, idx_quantity.c.code)),
+)
 
 INDEX_TABLES = {
     "token": idx_token,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, false, literal_column, or_, select, true
+from sqlalchemy import Boolean, ColumnElement, false, or_, select, true
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from gateway.store.schema import cm_patient
 
@@ -31,6 +33,34 @@ def profile_no(key: str | None) -> int | None:
 NO_PATIENT = 0
 
 
+class ConsentNoIn(ColumnElement[bool]):
+    """``col IN (n1, n2, ...)`` over a list of integers computed by the gate (never request input),
+    rendered as literals once per scope: as ~100 bound parameters the driver work cost more than the
+    per-row test itself (PostgreSQL QIDO 1.5 -> 2.9 ms in process), and a constant statement stays in
+    SQLAlchemy's compiled cache and the drivers' prepared-statement caches.
+
+    PostgreSQL gets ``col = ANY ('{n1,n2,...}'::BIGINT[])``: the same test, but one array constant
+    instead of a list that the planner folds into an array on every (custom-planned) execution —
+    0.015 vs 0.045 ms of planning per statement at ~110 numbers, the ungated statement's 0.013."""
+
+    type = Boolean()
+    _traverse_internals = [("col", InternalTraversal.dp_clauseelement), ("nos", InternalTraversal.dp_string)]
+
+    def __init__(self, col: ColumnElement, nos: str) -> None:
+        self.col = col
+        self.nos = nos  # "n1, n2, ..." (integers only)
+
+
+@compiles(ConsentNoIn)
+def _in_list(element: ConsentNoIn, compiler, **kw) -> str:
+    return f"{compiler.process(element.col, **kw)} IN ({element.nos})"
+
+
+@compiles(ConsentNoIn, "postgresql")
+def _any_array(element: ConsentNoIn, compiler, **kw) -> str:
+    return f"{compiler.process(element.col, **kw)} = ANY ('{{{element.nos.replace(' ', '')}}}'::BIGINT[])"
+
+
 @dataclass(frozen=True, slots=True)
 class AccessScope:
     #: True for treatment (clinical roles) and site administration: no research filter, still audited.
@@ -42,14 +72,14 @@ class AccessScope:
     #: The allowed profiles' numbers (:func:`profile_no`); derived from ``allowed_profiles`` when not given.
     allowed_nos: frozenset[int] = frozenset()
 
-    #: ``(0, n1, n2, ...)``: the SQL literal of ``NO_PATIENT`` + ``allowed_nos`` (set in __post_init__).
+    #: ``0, n1, n2, ...``: ``NO_PATIENT`` + ``allowed_nos`` as SQL integer literals (set in __post_init__).
     _in_list: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.allowed_profiles and not self.allowed_nos:
             object.__setattr__(self, "allowed_nos", frozenset(profile_no(k) for k in self.allowed_profiles))
         nos = [NO_PATIENT, *sorted(self.allowed_nos)]
-        object.__setattr__(self, "_in_list", "(" + ", ".join(str(int(n)) for n in nos) + ")")
+        object.__setattr__(self, "_in_list", ", ".join(str(int(n)) for n in nos))
 
     def patient_clause(self, patient_col: ColumnElement, *, allow_no_patient: bool = True) -> ColumnElement:
         """SQL predicate: the row's patient is visible in this scope."""
@@ -70,10 +100,7 @@ class AccessScope:
         :data:`NO_PATIENT`, patients without an effective profile ``NULL``)."""
         if self.unrestricted:
             return true()
-        # A literal list (integers computed here, never request input), rendered once per scope: as ~100
-        # bound parameters the driver work cost more than the per-row test itself (PostgreSQL QIDO
-        # 1.5 -> 2.9 ms in process), and a constant statement stays in SQLAlchemy's compiled cache.
-        return no_col.op("IN")(literal_column(self._in_list))
+        return ConsentNoIn(no_col, self._in_list)
 
     def patient_ids_subquery(self):
         """SELECT of visible patient ids (None when unrestricted: every patient)."""

@@ -94,7 +94,7 @@ def consent(pid: str, codes, diseases, extra) -> dict:
 def patient(pid: str) -> dict:
     system = "urn:fedgate:retro-cohort" if pid == "p-retro" else "urn:fedgate:test"
     return {"resourceType": "Patient", "id": pid, "identifier": [{"system": system, "value": pid}],
-            "gender": "female", "birthDate": "1970-01-01"}
+            "gender": "female", "birthDate": "1970-01-01", "name": [{"family": f"Fam-{pid}"}]}
 
 
 def observation(pid: str, n: int) -> dict:
@@ -180,6 +180,18 @@ async def _visible_everywhere(gw: Gateway, http, headers) -> dict[str, set]:
     seen["_summary=count/2"] = b["total"] / 2
     b = await _bundle(http, f"{f}/Patient", headers, _total="accurate", _count="1")
     seen["_total"] = b["total"]
+    # searches driven by an index lookup (the gate is then part of that lookup: idx_* consent_no), one
+    # per index table
+    for label, url, params in (
+            ("token search", f"{f}/Observation", {"code": "http://loinc.org|8867-4"}),
+            ("token search (no system)", f"{f}/Patient", {"gender": "female"}),
+            ("string search", f"{f}/Patient", {"family": "Fam"}),
+            ("date search", f"{f}/Patient", {"birthdate": "1970-01-01"}),
+            ("reference search", f"{f}/Observation", {"subject": ",".join(f"Patient/{p}" for p in sorted(ALL))}),
+            ("quantity search", f"{f}/Observation", {"value-quantity": "ge0"})):
+        seen[label] = {_pid(r) for r in _resources(await _bundle(http, url, headers, _count="100", **params))}
+    b = await _bundle(http, f"{f}/Observation", headers, code="http://loinc.org|8867-4", _summary="count")
+    seen["token _summary=count/2"] = b["total"] / 2
     b = await _bundle(http, f"{f}/Observation/_history", headers, _count="100")
     seen["type history"] = {_pid(r) for r in _resources(b) if r}
     b = await _bundle(http, f"{f}/_history", headers, _count="500")
@@ -213,6 +225,9 @@ def _expect(permitted: set) -> dict:
         "_revinclude": permitted, "Consent search": with_consent, "_summary=count/2": len(permitted),
         "_total": len(permitted), "type history": permitted, "system history": permitted, "read": permitted,
         "vread": permitted, "instance history": permitted,
+        "token search": permitted, "token search (no system)": permitted, "string search": permitted,
+        "date search": permitted, "reference search": permitted, "quantity search": permitted,
+        "token _summary=count/2": len(permitted),
     }
 
 
@@ -238,6 +253,13 @@ async def test_every_fhir_route_returns_exactly_the_permitted_patients(site):
             async with http.get(f"{gw.fhir}/Patient", headers=headers) as r:
                 assert r.status == 403
                 assert (await r.json())["resourceType"] == "OperationOutcome"
+
+        # malformed requester attributes → 403 every time,
+        # and the same analyst with valid attributes right after is served
+        for attrs in ({"irb_approved": "yes"}, {"irb_approved": "yes"}, {"irb_approved": True}):
+            h = gw.headers("analyst", purpose={"codes": ["DUO:0000037"]}, attrs=attrs)
+            async with http.get(f"{gw.fhir}/Patient", headers=h) as r:
+                assert r.status == (200 if attrs["irb_approved"] is True else 403), await r.text()
 
         # withdrawal takes effect on the very next request
         gru = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
@@ -374,11 +396,13 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
 
 
 async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
-    """A store from before ``consent_no`` existed: start-up adds the column and back-fills it from
-    cm_patient, and every route then returns exactly the permitted patients again."""
+    """A store from before ``consent_no`` existed: start-up adds the column (to the stamped tables and the
+    search-index tables, with the gate indexes) and back-fills it from cm_patient, and every route then
+    returns exactly the permitted patients again."""
     from sqlalchemy import text
 
-    from gateway.store.consent_schema import ensure_indexes, stamped_tables
+    from gateway.store.consent_schema import ensure_indexes, index_tables, stamped_tables
+    from gateway.store.schema import GATE_INDEXES
 
     gw = site
     async with aiohttp.ClientSession() as http:
@@ -387,6 +411,10 @@ async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
         async with gw.app[keys.DB].write() as conn:
             for table in stamped_tables():
                 await conn.execute(text(f"DROP INDEX IF EXISTS ix_{table.name}_consent_no"))
+                await conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN consent_no"))
+            for ix in GATE_INDEXES:  # and from before the search-index tables carried it
+                await conn.execute(text(f"DROP INDEX IF EXISTS {ix.name}"))
+            for table in index_tables():
                 await conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN consent_no"))
         async with gw.app[keys.DB].write() as conn:
             await ensure_indexes(conn)  # what start-up runs (consent_ctx)

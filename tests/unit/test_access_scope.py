@@ -51,3 +51,34 @@ def test_row_clause_renders_integers_only():
     _, t = _table()
     sql = str(scope.row_clause(t.c.consent_no).compile(compile_kwargs={"literal_binds": True}))
     assert sql == "rows.consent_no IN (0, 3, 7)"
+
+
+def test_row_clause_is_one_array_constant_on_postgresql():
+    from sqlalchemy.dialects import postgresql
+
+    scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k1", "k2"}), summary="t",
+                        allowed_nos=frozenset({7, 3}))
+    _, t = _table()
+    sql = str(scope.row_clause(t.c.consent_no).compile(dialect=postgresql.dialect()))
+    assert sql == "rows.consent_no = ANY ('{0,3,7}'::BIGINT[])"
+
+
+def test_scopes_with_different_numbers_never_share_a_cached_statement():
+    """The numbers are part of SQLAlchemy's cache key: a statement compiled for one scope is never
+    reused for another (that would show one requester another's permitted rows)."""
+    eng, t = _table()
+
+    def key(nos):
+        scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k"}), summary="t",
+                            allowed_nos=frozenset(nos))
+        return select(t.c.id).where(scope.row_clause(t.c.consent_no))._generate_cache_key()
+
+    assert key({3, 7}) == key({7, 3})
+    assert key({3, 7}) != key({3, 8})
+    assert key({3}) != key({3, 7})
+    with eng.begin() as conn:
+        conn.execute(insert(t), [{"id": n, "consent_no": n} for n in (3, 7, 8)])
+        for nos, want in (({3, 7}, {3, 7}), ({3, 8}, {3, 8}), ({7}, {7})):
+            scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k"}), summary="t",
+                                allowed_nos=frozenset(nos))
+            assert set(conn.execute(select(t.c.id).where(scope.row_clause(t.c.consent_no))).scalars()) == want
