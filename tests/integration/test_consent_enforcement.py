@@ -427,3 +427,31 @@ async def test_store_without_stamped_numbers_is_back_filled_at_start_up(site):
                                     headers=h | {"Accept": "application/dicom+json"}) as r:
                     found = await r.json() if r.status == 200 else []
                 assert {i["00100020"]["Value"][0] for i in found} == permitted, f"QIDO {level} {name}"
+
+
+async def test_a_resource_moved_to_another_patient_follows_that_patients_consent(site):
+    """An update that changes a resource's patient (subject) restamps all its search-index rows, also the
+    ones whose values did not change (the gate is tested on the index rows of index-driven searches)."""
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        gru = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+        ehr = gw.headers("ehr-system") | FHIR_JSON
+
+        async def visible_ids() -> dict[str, set]:
+            out = {}
+            for label, params in (("token", {"code": "http://loinc.org|8867-4"}),
+                                  ("quantity", {"value-quantity": "ge0"}), ("no index", {})):
+                b = await _bundle(http, f"{gw.fhir}/Observation", gru, _count="100", **params)
+                out[label] = {r["id"] for r in _resources(b)}
+            return out
+
+        before = await visible_ids()
+        assert all(ids == {"o-p-gru-1", "o-p-gru-2"} for ids in before.values()), before
+        # o-p-gru-1 moves to a patient without consent; o-p-none-1 moves to the GRU patient (same code/value)
+        for oid, src, dst in (("o-p-gru-1", "p-gru", "p-none"), ("o-p-none-1", "p-none", "p-gru")):
+            moved = observation(src, 1) | {"subject": {"reference": f"Patient/{dst}"}}
+            async with http.put(f"{gw.fhir}/Observation/{oid}", json=moved, headers=ehr) as r:
+                assert r.status == 200, await r.text()
+        after = await visible_ids()
+        assert all(ids == {"o-p-gru-2", "o-p-none-1"} for ids in after.values()), after
