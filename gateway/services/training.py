@@ -477,8 +477,11 @@ def load_seg_masks(items: list[tuple[str, int]], size: tuple[int, int]) -> dict[
     return out
 
 
-def split_is_test(run_id: str, patient_id: str, fraction: float) -> bool:
-    h = hashlib.sha256(f"{run_id}|{patient_id}".encode()).digest()
+def split_is_test(seed: int, patient_id: str, fraction: float) -> bool:
+    """Whether the patient is held out: SHA-256(seed, patient) < fraction.  Keyed by the run's seed (not
+    its id) so runs with the same seed evaluate on the same patients (a federated run and its local-only
+    baselines compare like with like) and a run is reproducible from its specification."""
+    h = hashlib.sha256(f"seed:{seed}|{patient_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
@@ -593,7 +596,7 @@ class SiteTrainer:
 
         t_site = time.perf_counter()
         scope = await self.gate.scope_for(requester)
-        data = await self._select(run_id, spec, scope)
+        data = await self._select(spec, scope)
         n_patients = len({p for p, *_ in data["rows"]})
         floor = max(spec.min_cohort, self.cfg.min_cohort)
         if n_patients < floor:
@@ -647,7 +650,7 @@ class SiteTrainer:
             extra={"manifest_hash": manifest_hash[:16]}))
         return out
 
-    async def _select(self, run_id: str, spec: RunSpec, scope) -> dict:
+    async def _select(self, spec: RunSpec, scope) -> dict:
         """Cohort ∩ consent scope → (patient, sop, is_test, label, blob, sex, age band, manufacturer) rows."""
         from mappings.cohort import compile_cohort, parse
 
@@ -668,7 +671,9 @@ class SiteTrainer:
                      .where(dcm_instance.c.patient_id.in_(ids), scope.patient_clause(dcm_instance.c.patient_id,
                                                                                       allow_no_patient=False),
                             dcm_instance.c.rows.is_not(None))
-                     .order_by(dcm_instance.c.patient_id, dcm_instance.c.sop_uid))
+                     # a reproducible sample order (UIDs are random): patient, series, instance number
+                     .order_by(dcm_instance.c.patient_id, dcm_series.c.series_number, dcm_instance.c.instance_number,
+                               dcm_instance.c.sop_uid))
                 if spec.images.get("modality"):
                     q = q.where(func.upper(dcm_series.c.modality).in_(spec.images["modality"]))
                 seen = set()
@@ -676,7 +681,7 @@ class SiteTrainer:
                     if r.sop_uid in seen:
                         continue
                     seen.add(r.sop_uid)
-                    rows.append((r.patient_id, r.sop_uid, split_is_test(run_id, r.patient_id, spec.test_fraction),
+                    rows.append((r.patient_id, r.sop_uid, split_is_test(spec.seed, r.patient_id, spec.test_fraction),
                                  int(r.patient_id in positive), r.blob_path, r.sex or "unknown",
                                  age_band(age_on(r.birth_date, today)) or "unknown",
                                  (r.manufacturer or "unknown").strip()))
