@@ -22,7 +22,7 @@ from tests.conftest import REPO
 from tests.dicom_synth import ct_series, stow_body
 from tests.integration.federation_fixtures import ProcGateway, start_gateway_process
 from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient
-from tests.integration.test_workers import _alive, _children
+from tests.integration.test_workers import _alive, _children, sigkill_and_wait_children_gone
 
 BOUNDARY = "fedgateMULTIPROCESSboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -200,11 +200,6 @@ async def test_a_crashed_child_is_restarted_and_children_die_with_the_parent(tmp
         now = _children(gw.proc.pid)
         assert victim not in now and len(now) == PROCESSES, "the parent did not restart the killed process"
         assert set(await _pids(gw, 30)) == now
-        os.kill(gw.proc.pid, signal.SIGKILL)
-        gw.proc.wait(10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in now):
-            await asyncio.sleep(0.1)
-        assert not any(_alive(p) for p in now), "server processes survived the SIGKILL of their parent"
+        assert await sigkill_and_wait_children_gone(gw.proc, now), "server processes survived the SIGKILL of their parent"
     finally:
         gw.stop()

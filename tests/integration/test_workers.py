@@ -35,6 +35,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def sigkill_and_wait_children_gone(proc, children: set[int], timeout: float = 15.0) -> bool:
+    """SIGKILL ``proc`` (no shutdown code runs) and wait up to ``timeout`` s for ``children`` to end; True when
+    none is left."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        await asyncio.sleep(0.1)
+    return not any(_alive(p) for p in children)
+
+
 async def test_workers_exit_when_the_gateway_is_killed(tmp_path):
     gw = await start_gateway_process(tmp_path, "crash", "validation_workers = 2\n")
     try:
@@ -52,11 +63,6 @@ async def test_workers_exit_when_the_gateway_is_killed(tmp_path):
                 break
             await asyncio.sleep(0.1)
         assert workers, "the gateway started no worker process (validation_workers = 2)"
-        os.kill(gw.proc.pid, signal.SIGKILL)
-        gw.proc.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
-            await asyncio.sleep(0.1)
-        assert not any(_alive(p) for p in workers), "orphaned worker processes survived the gateway"
+        assert await sigkill_and_wait_children_gone(gw.proc, workers), "orphaned worker processes survived the gateway"
     finally:
         gw.stop()
