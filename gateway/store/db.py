@@ -25,7 +25,7 @@ from typing import AsyncIterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -103,13 +103,46 @@ class Database:
         async with self._write_lock:
             locked = await self._lock_file()
             try:
-                async with self.engine.connect() as conn:
-                    await conn.execution_options(fedgate_write=True)  # → BEGIN IMMEDIATE (_sqlite_begin)
-                    async with conn.begin():
-                        yield conn
+                conn = await self._begin_immediate()
+                try:
+                    yield conn
+                    await conn.commit()
+                except BaseException:
+                    # failed or cancelled (e.g. a background task stopped at shutdown): no SQLite write lock may
+                    # outlive the transaction, or every later writer gets "database is locked"
+                    try:
+                        await conn.rollback()
+                    except Exception:
+                        await conn.invalidate()  # closing the connection releases the lock
+                    raise
+                finally:
+                    await conn.close()
             finally:
                 if locked:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    async def _begin_immediate(self, attempts: int = 3) -> AsyncConnection:
+        """A pooled connection inside ``BEGIN IMMEDIATE`` (SQLite).  SQLite answers "database is locked"
+        without waiting for ``busy_timeout`` when the connection's own read snapshot is stale (a statement
+        of an earlier use still open); such a connection is dropped and the BEGIN retried on a fresh one.
+        A BEGIN interrupted by cancellation also drops its connection (closing it releases any lock)."""
+        for attempt in range(attempts):
+            conn = await self.engine.connect()
+            try:
+                await conn.execution_options(fedgate_write=True)  # → BEGIN IMMEDIATE (_sqlite_begin)
+                await conn.begin()
+                return conn
+            except OperationalError as exc:
+                await conn.invalidate()
+                await conn.close()
+                if attempt == attempts - 1 or "locked" not in str(exc.orig):
+                    raise
+                log.warning("SQLite refused BEGIN IMMEDIATE; retrying on a new connection")
+            except BaseException:
+                await conn.invalidate()
+                await conn.close()
+                raise
+        raise AssertionError("unreachable")
 
     async def _lock_file(self) -> bool:
         """Take the database's write lock file (other server processes, ``fedgate import``).  BEGIN IMMEDIATE
