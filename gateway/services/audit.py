@@ -171,25 +171,28 @@ async def verify(db) -> VerifyResult:
     last_seq = 0
     async with db.read() as conn:
         result = await conn.stream(select(audit_event).order_by(audit_event.c.seq))
-        async for row in result:
-            n += 1
-            m = row._mapping
-            if m["prev_hash"] != prev:
-                return VerifyResult(False, n, f"row seq={m['seq']}: prev_hash does not link to row before it "
-                                              f"(a row was deleted, inserted or reordered)", m["seq"])
-            if chain_hash(prev, m["content"]) != m["hash"]:
-                return VerifyResult(False, n, f"row seq={m['seq']}: content does not match its hash (modified)", m["seq"])
-            try:
-                event = orjson.loads(m["content"])
-                expected = _row(event, tuple(e["what"]["reference"].split("/", 1)[1] for e in event.get("entity", ())
-                                             if e.get("type", {}).get("code") == "1"))
-            except (orjson.JSONDecodeError, KeyError, IndexError):
-                return VerifyResult(False, n, f"row seq={m['seq']}: content is not an AuditEvent", m["seq"])
-            for col, value in expected.items():
-                if m[col] != value:
-                    return VerifyResult(False, n, f"row seq={m['seq']}: column {col} does not match the event", m["seq"])
-            prev = m["hash"]
-            last_seq = m["seq"]
+        try:  # closed also on an early return: an open statement would pin this pooled connection's snapshot
+            async for row in result:
+                n += 1
+                m = row._mapping
+                if m["prev_hash"] != prev:
+                    return VerifyResult(False, n, f"row seq={m['seq']}: prev_hash does not link to row before it "
+                                                  f"(a row was deleted, inserted or reordered)", m["seq"])
+                if chain_hash(prev, m["content"]) != m["hash"]:
+                    return VerifyResult(False, n, f"row seq={m['seq']}: content does not match its hash (modified)", m["seq"])
+                try:
+                    event = orjson.loads(m["content"])
+                    expected = _row(event, tuple(e["what"]["reference"].split("/", 1)[1] for e in event.get("entity", ())
+                                                 if e.get("type", {}).get("code") == "1"))
+                except (orjson.JSONDecodeError, KeyError, IndexError):
+                    return VerifyResult(False, n, f"row seq={m['seq']}: content is not an AuditEvent", m["seq"])
+                for col, value in expected.items():
+                    if m[col] != value:
+                        return VerifyResult(False, n, f"row seq={m['seq']}: column {col} does not match the event", m["seq"])
+                prev = m["hash"]
+                last_seq = m["seq"]
+        finally:
+            await result.close()
     return VerifyResult(True, n, f"{n} audit events, chain intact (last seq {last_seq})")
 
 
