@@ -4,12 +4,10 @@ Reads use pooled connections concurrently.  Writes go through :meth:`Database.wr
 transaction (``BEGIN ... COMMIT``, rolled back on any error so nothing partial is stored).  SQLite
 allows one writer at a time, so writes are serialised in-process with an asyncio lock, and across
 processes (``fedgate serve --processes N``, ``fedgate import`` against a running server) by a lock
-file (``fedgate.db.writelock``, flock) and by starting every write transaction with ``BEGIN
-IMMEDIATE``: the write lock is taken before the transaction's first read, so a read-modify-write
-(audit chain head, FHIR version, STOW counts) never works from a snapshot another process changes
-underneath it, and waiting for the lock honours ``busy_timeout`` (a deferred transaction that reads
-and then writes gets SQLITE_BUSY at once instead).  Reads run in autocommit mode, as pysqlite ran
-them before.
+file (``fedgate.db.writelock``, flock) held for the whole write transaction: a read-modify-write
+(audit chain head, FHIR version, STOW counts) of one process never interleaves with another's, and a
+waiting process wakes the moment the lock is released.  Transactions begin as pysqlite begins them
+(before the first write statement); ``busy_timeout`` covers writers that do not take the lock file.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from typing import AsyncIterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -68,7 +66,6 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         #: SQLite: a lock file next to the database, flock()-ed around every write transaction (see _lock_file)
         db_file = make_url(self.url).database if self.dialect == "sqlite" else None
@@ -103,7 +100,7 @@ class Database:
         async with self._write_lock:
             locked = await self._lock_file()
             try:
-                conn = await self._begin_immediate()
+                conn = await self._begin()
                 try:
                     yield conn
                     await conn.commit()
@@ -121,28 +118,17 @@ class Database:
                 if locked:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    async def _begin_immediate(self, attempts: int = 3) -> AsyncConnection:
-        """A pooled connection inside ``BEGIN IMMEDIATE`` (SQLite).  SQLite answers "database is locked"
-        without waiting for ``busy_timeout`` when the connection's own read snapshot is stale (a statement
-        of an earlier use still open); such a connection is dropped and the BEGIN retried on a fresh one.
-        A BEGIN interrupted by cancellation also drops its connection (closing it releases any lock)."""
-        for attempt in range(attempts):
-            conn = await self.engine.connect()
-            try:
-                await conn.execution_options(fedgate_write=True)  # → BEGIN IMMEDIATE (_sqlite_begin)
-                await conn.begin()
-                return conn
-            except OperationalError as exc:
-                await conn.invalidate()
-                await conn.close()
-                if attempt == attempts - 1 or "locked" not in str(exc.orig):
-                    raise
-                log.warning("SQLite refused BEGIN IMMEDIATE; retrying on a new connection")
-            except BaseException:
-                await conn.invalidate()
-                await conn.close()
-                raise
-        raise AssertionError("unreachable")
+    async def _begin(self) -> AsyncConnection:
+        """A pooled connection inside a transaction; a BEGIN interrupted by cancellation drops its connection
+        (closing it releases any lock)."""
+        conn = await self.engine.connect()
+        try:
+            await conn.begin()
+        except BaseException:
+            await conn.invalidate()
+            await conn.close()
+            raise
+        return conn
 
     async def _lock_file(self) -> bool:
         """Take the database's write lock file (other server processes, ``fedgate import``).  BEGIN IMMEDIATE
@@ -268,9 +254,6 @@ class Database:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every sqlite test
     # aiosqlite's adapter exposes a sync-looking cursor through SQLAlchemy's adaptation layer.
-    # Transactions are begun explicitly by _sqlite_begin (pysqlite's own implicit BEGIN before the first
-    # DML statement is deferred, which other processes' writes turn into SQLITE_BUSY).
-    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -279,13 +262,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
     cur.execute("PRAGMA cache_size=-65536")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
-
-
-def _sqlite_begin(conn) -> None:  # pragma: no cover - exercised by every sqlite test
-    """SQLAlchemy "begin" event: write transactions take SQLite's write lock up front; reads stay
-    in autocommit mode (no BEGIN: each statement is its own read transaction, as before)."""
-    if conn.get_execution_options().get("fedgate_write"):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 __all__ = ["Database", "async_url", "redacted", "NullPool"]
