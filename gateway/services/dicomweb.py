@@ -568,7 +568,7 @@ class DicomwebService:
         only the index rows that changed (:func:`gateway.store.fhir_repo.apply_writes`)."""
         if conn.dialect.name == "postgresql":
             # One STOW index transaction at a time across server processes (processes > 1), as SQLite's
-            # BEGIN IMMEDIATE gives: the study/series upserts, count updates and the ImagingStudy
+            # write lock file gives: the study/series upserts, count updates and the ImagingStudy
             # read-modify-write below must see every committed instance of the study (READ COMMITTED
             # alone lets two transactions each miss the other's rows). Parsing and files stay parallel.
             await conn.execute(select(func.pg_advisory_xact_lock(STOW_INDEX_LOCK)))

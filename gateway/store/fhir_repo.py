@@ -161,7 +161,7 @@ async def lock_resources(conn: AsyncConnection, keys: Iterable[tuple[str, str]])
     writer's (versions 1..n without gaps, duplicates or 409s; a first PUT never races another's insert).
     Call before reading the current versions.  PostgreSQL: transaction-scoped advisory locks, taken in
     sorted order (no deadlock between writers of several resources).  SQLite: nothing to do — its write
-    transactions start with BEGIN IMMEDIATE, one at a time (gateway.store.db)."""
+    transactions run one at a time, across processes too (write lock file, gateway.store.db)."""
     if conn.dialect.name != "postgresql":
         return
     for res_type, res_id in sorted(set(keys)):

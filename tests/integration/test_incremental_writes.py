@@ -209,8 +209,8 @@ async def test_fhir_update_writes_only_changed_index_rows(gateway, http):
 
 async def test_two_gateways_storing_into_one_study(db_url, tmp_path, http):
     """Two gateways on one database (as the processes of a multi-process server are) store concurrently
-    into the same study: the STOW index lock and the study row lock (PostgreSQL) or BEGIN IMMEDIATE and the
-    write lock file (SQLite) serialise the count / ImagingStudy updates, so no request fails and the counts
+    into the same study: the STOW index lock and the study row lock (PostgreSQL) or the write lock file
+    (SQLite) serialise the count / ImagingStudy updates, so no request fails and the counts
     and the ImagingStudy are exact."""
     import asyncio
 
