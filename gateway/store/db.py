@@ -132,9 +132,9 @@ class Database:
 
     async def _lock_file(self) -> bool:
         """Take the database's write lock file (other server processes, ``fedgate import``), held for the
-        whole write transaction.  SQLite's own lock would serialise the writes, but a writer waiting for it polls (sleeps of 1, 2, 5, 10, ... ms), which
-        costs STOW group commits of several processes most of their gain; a blocked flock() wakes the moment
-        the lock is released.  Uncontended it is one system call; contended the wait runs in a thread."""
+        whole write transaction.  SQLite's own lock would serialise the writes, but a writer waiting for it
+        polls (sleeps of 1, 2, 5, 10, ... ms), which costs STOW group commits of several processes most of
+        their gain; a blocked flock() wakes the moment the lock is released.  Uncontended it is one system call; contended the wait runs in a thread."""
         if self._lock_path is None:
             return False
         if self._lock_fd is None:
