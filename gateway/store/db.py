@@ -70,6 +70,8 @@ class Database:
         #: SQLite: a lock file next to the database, flock()-ed around every write transaction (see _lock_file)
         db_file = make_url(self.url).database if self.dialect == "sqlite" else None
         self._lock_path = f"{db_file}.writelock" if db_file and db_file != ":memory:" else None
+        #: the SQLite file read_rows' own connection opens (None: in-memory/URI databases, PostgreSQL)
+        self._reader_file = db_file if db_file and db_file != ":memory:" and not db_file.startswith("file:") else None
         self._lock_fd: int | None = None
         # planner statistics: refreshed in the background as data grows (see note_writes)
         self._rows_written = 0
@@ -134,7 +136,8 @@ class Database:
         """Take the database's write lock file (other server processes, ``fedgate import``), held for the
         whole write transaction.  SQLite's own lock would serialise the writes, but a writer waiting for it
         polls (sleeps of 1, 2, 5, 10, ... ms), which costs STOW group commits of several processes most of
-        their gain; a blocked flock() wakes the moment the lock is released.  Uncontended it is one system call; contended the wait runs in a thread."""
+        their gain; a blocked flock() wakes the moment the lock is released.  Uncontended it is one system
+        call; contended the wait runs in a thread."""
         if self._lock_path is None:
             return False
         if self._lock_fd is None:
@@ -171,7 +174,7 @@ class Database:
         machine). WAL mode: the reader sees every committed write, from any process. Values come as the
         sqlite3 driver returns them (no SQLAlchemy result types: fine for text/number columns, not for
         Boolean/DateTime ones). Elsewhere (and for an in-memory SQLite) the pooled connection as usual."""
-        path = self._reader_path()
+        path = self._reader_file
         if path is None:
             async with self.read() as conn:
                 return [dict(r) for r in (await conn.execute(stmt, params)).mappings()]
@@ -187,14 +190,6 @@ class Database:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
         return await asyncio.get_running_loop().run_in_executor(self._reader, self._sqlite_rows, path, sql, args)
-
-    def _reader_path(self) -> str | None:
-        if not self.is_sqlite:
-            return None
-        db = make_url(self.url).database
-        if not db or db == ":memory:" or db.startswith("file:"):
-            return None
-        return db
 
     def _sqlite_rows(self, path: str, sql: str, args: list) -> list[dict]:  # the reader thread
         if self._reader_conn is None:
