@@ -611,10 +611,9 @@ class DicomwebService:
         if seg_rows:
             await conn.execute(dcm_seg_segment.insert(), seg_rows)
         i, se_t, st_t = dcm_instance.c, dcm_series.c, dcm_study.c
-        # the batch's study rows are locked first (a row lock on PostgreSQL; SQLite has one writer anyway):
-        # a concurrent writer of the same study, in another process, waits here, so the counts, series and
-        # ImagingStudy version read below (each statement a fresh READ COMMITTED snapshot) include its rows
-        await conn.execute(update(dcm_study).where(st_t.study_uid.in_(list(studies))).values(updated_ts=now))
+        # concurrent writers of the same study (other processes) are serialised by STOW_INDEX_LOCK above
+        # (PostgreSQL) or the write lock file (SQLite), so the counts, series and ImagingStudy read below
+        # include their rows
         await conn.execute(update(dcm_series).where(se_t.series_uid.in_(list(series))).values(
             num_instances=select(func.count()).where(i.series_uid == se_t.series_uid).scalar_subquery(),
             updated_ts=now))
@@ -625,7 +624,7 @@ class DicomwebService:
             by_study[r["study_uid"]].append(dict(r))
         await conn.execute(update(dcm_study).where(st_t.study_uid == bindparam("b_uid")).values(
             num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
-            num_series=bindparam("b_n"), modalities=bindparam("b_mods")), [
+            num_series=bindparam("b_n"), modalities=bindparam("b_mods"), updated_ts=now), [
             {"b_uid": u, "b_n": len(rows), "b_mods": "\\".join(sorted({r["modality"] for r in rows if r["modality"]}))}
             for u, rows in by_study.items()])
         await self._sync_imaging_studies(conn, by_study)
