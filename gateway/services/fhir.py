@@ -236,11 +236,14 @@ class FhirService:
         except InvalidResource as exc:
             raise invalid_error(exc) from None
 
-    async def _conditional_match(self, conn, res_type: str, query: str, what: str) -> repo.Stored | None:
+    async def _conditional_match(self, conn, res_type: str, query: str, what: str,
+                                 lock: bool = True) -> repo.Stored | None:
         pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not pairs:
             raise BadRequest(f"{what}: empty search criteria")
         q = self.parse_search(res_type, pairs)
+        if lock:  # vs. the same condition in another process (conditional create/update/delete)
+            await repo.lock_conditions(conn, [(res_type, query)])
         q.count, q.total = 2, "none"
         result = await repo.search(conn, q, AccessScope())
         if len(result.matches) > 1:

@@ -169,11 +169,16 @@ class TransactionPlan:
 
     async def execute(self, conn) -> dict[str, Any]:
         svc = self.service
+        # conditional writes: their criteria locked first, all together (see repo.lock_conditions)
+        await repo.lock_conditions(conn, [
+            (e.res_type, e.if_none_exist) if e.method == "POST" else (e.res_type, e.query or "")
+            for e in self.entries if (e.method == "POST" and e.if_none_exist)
+            or (e.method in ("PUT", "DELETE") and e.res_id is None)])
         # 1. conditional creates: an existing match replaces the create (and its fullUrl maps to it)
         for e in self.entries:
             if e.method == "POST" and e.if_none_exist:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.if_none_exist, "ifNoneExist")
+                    found = await svc._conditional_match(conn, e.res_type, e.if_none_exist, "ifNoneExist", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -184,7 +189,7 @@ class TransactionPlan:
         for e in self.entries:
             if e.method in ("PUT", "DELETE") and e.res_id is None:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.query or "", "conditional url")
+                    found = await svc._conditional_match(conn, e.res_type, e.query or "", "conditional url", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -218,7 +223,7 @@ class TransactionPlan:
                 if ref not in cond_cache:
                     rtype, _, query = ref.partition("?")
                     try:
-                        found = await svc._conditional_match(conn, rtype, query, "conditional reference")
+                        found = await svc._conditional_match(conn, rtype, query, "conditional reference", lock=False)
                     except GatewayError as exc:
                         raise _entry_error(e.index, exc) from None
                     if found is None:

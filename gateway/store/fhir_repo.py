@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+from urllib.parse import parse_qsl
 
 import orjson
 from sqlalchemy import and_, delete, func, not_, or_, select, update
@@ -167,6 +168,26 @@ async def lock_resources(conn: AsyncConnection, keys: Iterable[tuple[str, str]])
     for res_type, res_id in sorted(set(keys)):
         key = func.hashtext(f"{res_type}/{res_id}")
         await conn.execute(select(func.pg_advisory_xact_lock(RESOURCE_LOCK_CLASS, key)))
+
+
+#: Class key of the conditional-operation locks (apart from the per-resource ones).
+CONDITION_LOCK_CLASS = 0x46484943
+
+
+async def lock_conditions(conn: AsyncConnection, conditions: Iterable[tuple[str, str]]) -> None:
+    """Serialise conditional creates/updates/deletes with the same criteria until the transaction ends,
+    across server processes, so two ``If-None-Exist: identifier=x`` creates racing each other give one
+    resource, not two (the second waits, then its search sees the first one's commit: PostgreSQL READ
+    COMMITTED reads what was committed before each statement).  ``conditions``: (type, query string);
+    the criteria are normalised (parameter order does not matter) and the locks taken in sorted order (no
+    deadlock between two transaction bundles).  Take them before :func:`lock_resources`.  SQLite: nothing
+    to do, as for :func:`lock_resources`."""
+    if conn.dialect.name != "postgresql":
+        return
+    keys = {f"{t}?" + "&".join(f"{k}={v}" for k, v in sorted(parse_qsl(q.lstrip("?"), keep_blank_values=True)))
+            for t, q in conditions}
+    for key in sorted(keys):
+        await conn.execute(select(func.pg_advisory_xact_lock(CONDITION_LOCK_CLASS, func.hashtext(key))))
 
 
 async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:

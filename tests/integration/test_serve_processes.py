@@ -134,6 +134,34 @@ async def test_stow_into_one_study_and_fhir_updates_from_many_clients(tmp_path, 
             async with http.get(f"{gw.fhir}/Patient/p-multi/_history", params={"_count": "100"}, headers=eh) as r:
                 hist = await r.json()
         assert sorted(int(e["resource"]["meta"]["versionId"]) for e in hist["entry"]) == list(range(1, 41))
+
+        # conditional creates racing through every process (If-None-Exist, and a transaction Bundle's
+        # ifNoneExist): one resource per identifier, created once; every other request finds it (200)
+        async def creator(value: str, c: int) -> tuple[int, str]:
+            doc = patient(value)
+            del doc["id"]
+            cond = f"identifier=urn:fedgate:test|{value}"
+            async with _fresh() as http:
+                if c % 2:
+                    async with http.post(f"{gw.fhir}/Patient", json=doc,
+                                         headers=eh | {"If-None-Exist": cond}) as r:
+                        assert r.status in (200, 201), await r.text()
+                        return r.status, (await r.json())["id"]
+                bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+                    "resource": doc, "request": {"method": "POST", "url": "Patient", "ifNoneExist": cond}}]}
+                async with http.post(gw.fhir, json=bundle, headers=eh) as r:
+                    assert r.status == 200, await r.text()
+                    [entry] = (await r.json())["entry"]
+                    return int(entry["response"]["status"].split()[0]), entry["response"]["location"].split("/")[1]
+
+        for value in ("p-cond-1", "p-cond-2", "p-cond-3"):
+            answers = await asyncio.gather(*(creator(value, c) for c in range(8)))
+            assert sorted(s for s, _ in answers) == [200] * 7 + [201], answers
+            assert len({i for _, i in answers}) == 1, answers
+            async with _fresh() as http:
+                async with http.get(f"{gw.fhir}/Patient", params={"identifier": f"urn:fedgate:test|{value}"},
+                                    headers=eh) as r:
+                    assert (await r.json())["total"] == 1
     finally:
         children = _children(gw.proc.pid)
         gw.proc.send_signal(signal.SIGTERM)
