@@ -54,6 +54,7 @@ from gateway.services.access import AccessRecord
 from gateway.services.federation import FederationConfig, SiteService, _detail, age_band, age_on, sign_hub_token
 from gateway.settings import Settings, SettingsError
 from gateway.store.blobs import BlobStore
+from gateway.store.db import xact_lock
 from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.schema import cm_patient
 from gateway.store.training_schema import trn_model, trn_round, trn_run, trn_site_round
@@ -66,6 +67,9 @@ ID_CHUNK = 5000
 #: Pixel cache per site (preprocessed 64×64 slices ≈ 16 KB each): rounds after the first read no files.
 PIXEL_CACHE_MAX = 50_000
 SUBGROUPS = ("sex", "age_band", "manufacturer")
+#: Class key of the advisory lock that numbers a model's versions (PostgreSQL, several server processes).
+MODEL_LOCK_CLASS = 0x464D4F44
+
 #: Seconds between checks of a running training run's row for a cancellation made through another process.
 CANCEL_POLL_S = 0.5
 
@@ -1138,8 +1142,7 @@ class TrainingHub:
         lineage["co2e_g"] = round(lineage["co2e_g"], 6)
         ts_bytes = await asyncio.to_thread(torchscript, spec.architecture, state)
         async with self.db.write() as conn:
-            n = (await conn.execute(select(func.count()).select_from(trn_model).where(trn_model.c.name == spec.name))).scalar_one()
-            version = str(n + 1)
+            version = await next_model_version(conn, spec.name)
             card = derived_card(spec, version, lineage, requester)
             res = await conn.execute(update(trn_run).where(
                 trn_run.c.run_id == run_id, trn_run.c.state == "running").values(
@@ -1235,6 +1238,15 @@ def torchscript(arch: str, state) -> bytes:
     buf = io.BytesIO()
     torch.jit.save(torch.jit.trace(module, torch.zeros(1, 1, 64, 64)), buf)
     return buf.getvalue()
+
+
+async def next_model_version(conn, name: str) -> str:
+    """The next version number of model ``name`` ("1", "2", ...), on a write transaction that then
+    inserts it.  Runs of the same model finishing together in two server processes (PostgreSQL) get one
+    number each: the second waits on the advisory lock until the first has committed its version."""
+    await xact_lock(conn, MODEL_LOCK_CLASS, name)
+    n = (await conn.execute(select(func.count()).select_from(trn_model).where(trn_model.c.name == name))).scalar_one()
+    return str(n + 1)
 
 
 def derived_card(spec: RunSpec, version: str, lineage: dict, requester: Requester) -> dict:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -44,6 +44,16 @@ def async_url(url: str) -> str:
 def redacted(url: str) -> str:
     """The URL with any password hidden, for logs."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+async def xact_lock(conn: AsyncConnection, cls: int, key: str) -> None:
+    """PostgreSQL: a transaction-scoped advisory lock on (``cls``, hash of ``key``), so that writers in
+    several server processes (``processes`` > 1) that read-then-write the same thing run one after the
+    other until the transaction ends (a hash collision only serialises two unrelated writers).  SQLite:
+    nothing to do — its write transactions already run one at a time, across processes too (the write
+    lock file, :class:`Database`)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_advisory_xact_lock(cls, func.hashtext(key))))
 
 
 class Database:

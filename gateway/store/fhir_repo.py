@@ -16,6 +16,7 @@ from sqlalchemy import and_, delete, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
+from gateway.store.db import xact_lock
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant
@@ -163,11 +164,8 @@ async def lock_resources(conn: AsyncConnection, keys: Iterable[tuple[str, str]])
     Call before reading the current versions.  PostgreSQL: transaction-scoped advisory locks, taken in
     sorted order (no deadlock between writers of several resources).  SQLite: nothing to do — its write
     transactions run one at a time, across processes too (write lock file, gateway.store.db)."""
-    if conn.dialect.name != "postgresql":
-        return
     for res_type, res_id in sorted(set(keys)):
-        key = func.hashtext(f"{res_type}/{res_id}")
-        await conn.execute(select(func.pg_advisory_xact_lock(RESOURCE_LOCK_CLASS, key)))
+        await xact_lock(conn, RESOURCE_LOCK_CLASS, f"{res_type}/{res_id}")
 
 
 #: Class key of the conditional-operation locks (apart from the per-resource ones).
@@ -182,12 +180,10 @@ async def lock_conditions(conn: AsyncConnection, conditions: Iterable[tuple[str,
     the criteria are normalised (parameter order does not matter) and the locks taken in sorted order (no
     deadlock between two transaction bundles).  Take them before :func:`lock_resources`.  SQLite: nothing
     to do, as for :func:`lock_resources`."""
-    if conn.dialect.name != "postgresql":
-        return
     keys = {f"{t}?" + "&".join(f"{k}={v}" for k, v in sorted(parse_qsl(q.lstrip("?"), keep_blank_values=True)))
             for t, q in conditions}
     for key in sorted(keys):
-        await conn.execute(select(func.pg_advisory_xact_lock(CONDITION_LOCK_CLASS, func.hashtext(key))))
+        await xact_lock(conn, CONDITION_LOCK_CLASS, key)
 
 
 async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:

@@ -531,3 +531,38 @@ async def test_federated_segmentation_learns_the_seg_masks(net):
     bad = {"architecture": "ct_lesion_segmenter", "cohort": COHORT, "label": LABEL}  # a Condition is not a mask
     async with net["http"].post(net["hub"].url + "/training/runs", json=bad, headers=analyst(net["hub"])) as r:
         assert r.status == 400 and "segment" in await r.text()
+
+
+async def test_model_versions_are_numbered_one_writer_at_a_time(db_url):
+    """Two runs of one model finishing together in two server processes (two connections to one store):
+    the second waits for the first's version to be committed and takes the next number (PostgreSQL: the
+    advisory lock of next_model_version; SQLite: its write lock file) — never the same number twice."""
+    from gateway.services.training import next_model_version
+    from gateway.store.db import Database
+    from gateway.store.migrate import migrate
+    from gateway.store.training_schema import trn_model
+
+    a, b = Database(db_url), Database(db_url)
+    await migrate(a)
+
+    def row(version: str) -> dict:
+        return dict(name="m", version=version, run_id="r" + version, architecture="x", weights_hash="h",
+                    torchscript=b"", card="{}", created_ts=time.time())
+
+    async def second() -> str:
+        async with b.write() as conn:
+            version = await next_model_version(conn, "m")
+            await conn.execute(trn_model.insert().values(row(version)))
+        return version
+
+    try:
+        async with a.write() as conn:
+            assert await next_model_version(conn, "m") == "1"
+            other = asyncio.create_task(second())
+            await asyncio.sleep(0.5)
+            assert not other.done(), "the second writer numbered its version before the first committed"
+            await conn.execute(trn_model.insert().values(row("1")))
+        assert await asyncio.wait_for(other, 30) == "2"
+    finally:
+        await a.dispose()
+        await b.dispose()
