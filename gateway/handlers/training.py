@@ -116,6 +116,8 @@ async def _ctx(app: web.Application) -> AsyncIterator[None]:
         hub = TrainingHub(settings, tcfg, fcfg, app[keys.DB], session, hub_private_key(settings, fcfg), app[keys.AUDIT])
         app[HUB] = hub
         app[keys.SERVICES]["training.hub"] = hub
+        if app[keys.STARTUP] != "serve":  # once per start-up: runs left behind by a hub process that died
+            await hub.reap_orphans()
         yield
         await hub.close()
 

@@ -94,6 +94,7 @@ class TrainingConfig:
     carbon_g_per_kwh: float = 350.0  # grid carbon intensity for the CO2e estimate
     repository: str = ""  # site: where deployed models go (default data_dir/model_repository)
     round_deadline_s: float = 900.0  # hub: per-site deadline of one round
+    heartbeat_s: float = 15.0  # hub: a running run's row is touched this often; 4 missed → orphaned (failed)
     max_rounds: int = 1000
     key_file: str = ""  # site: X25519 key for secure aggregation (default data_dir/secrets)
 
@@ -115,7 +116,7 @@ class TrainingConfig:
         for f in ("min_cohort", "min_cell", "max_rounds"):
             if f in raw:
                 kw[f] = int(raw[f])
-        for f in ("cpu_watts", "gpu_watts", "carbon_g_per_kwh", "round_deadline_s"):
+        for f in ("cpu_watts", "gpu_watts", "carbon_g_per_kwh", "round_deadline_s", "heartbeat_s"):
             if f in raw:
                 kw[f] = float(raw[f])
         for f in ("device", "repository", "key_file"):
@@ -866,13 +867,36 @@ class TrainingHub:
     def _may_see(requester: Requester, row) -> bool:
         return requester.is_admin or orjson.loads(row.requester)["subject"] == requester.subject
 
+    def _orphaned(self, row) -> bool:
+        """Queued/running, no task of this process runs it, and no heartbeat for 4 × ``heartbeat_s``."""
+        return (row.state in ("queued", "running") and row.run_id not in self._tasks
+                and row.updated_ts < time.time() - 4 * self.cfg.heartbeat_s)
+
+    async def reap_orphans(self) -> None:
+        """Mark orphaned runs failed: the hub process running them died (SIGKILL, power loss) without
+        :meth:`close`.  Runs of a live process — this one or another on the same store — keep their
+        heartbeat fresh and are left alone.  Called at start-up and whenever a read sees an orphan."""
+        cutoff = time.time() - 4 * self.cfg.heartbeat_s
+        q = update(trn_run).where(trn_run.c.state.in_(("queued", "running")), trn_run.c.updated_ts < cutoff)
+        if self._tasks:
+            q = q.where(trn_run.c.run_id.not_in(list(self._tasks)))
+        async with self.db.write() as conn:
+            res = await conn.execute(q.values(state="failed", updated_ts=time.time(),
+                                              error="the hub process running it stopped (no heartbeat)"))
+        if res.rowcount:
+            log.warning("training runs orphaned by a stopped hub process marked failed", extra={"runs": res.rowcount})
+
     async def get(self, requester: Requester, run_id: str) -> dict:
-        async with self.db.read() as conn:
-            row = await self._row(conn, run_id)
-            if not self._may_see(requester, row):
-                raise NotFound(f"training run {run_id} not found")
-            rounds = (await conn.execute(select(trn_round).where(trn_round.c.run_id == run_id)
-                                         .order_by(trn_round.c.round, trn_round.c.site_id))).mappings().all()
+        for attempt in (1, 2):
+            async with self.db.read() as conn:
+                row = await self._row(conn, run_id)
+                if not self._may_see(requester, row):
+                    raise NotFound(f"training run {run_id} not found")
+                rounds = (await conn.execute(select(trn_round).where(trn_round.c.run_id == run_id)
+                                             .order_by(trn_round.c.round, trn_round.c.site_id))).mappings().all()
+            if attempt == 2 or not self._orphaned(row):
+                break
+            await self.reap_orphans()
         return self._view(row, rounds)
 
     @staticmethod
@@ -896,6 +920,10 @@ class TrainingHub:
     async def list(self, requester: Requester) -> list[dict]:
         async with self.db.read() as conn:
             rows = (await conn.execute(select(trn_run).order_by(trn_run.c.created_ts.desc()).limit(500))).all()
+        if any(self._orphaned(r) for r in rows):
+            await self.reap_orphans()
+            async with self.db.read() as conn:
+                rows = (await conn.execute(select(trn_run).order_by(trn_run.c.created_ts.desc()).limit(500))).all()
         return [self._view(r) for r in rows if self._may_see(requester, r)]
 
     async def cancel(self, requester: Requester, run_id: str) -> dict:
@@ -934,10 +962,16 @@ class TrainingHub:
 
     async def _watch_cancel(self, run_id: str, task: asyncio.Task) -> None:
         """Cancel the run's task when its row says cancelled: ``POST .../cancel`` may reach another server
-        process (``processes`` > 1) than the one running the rounds; the store is what they share."""
+        process (``processes`` > 1) than the one running the rounds; the store is what they share.  Also
+        the run's heartbeat: its row's ``updated_ts`` is touched every ``heartbeat_s``, so a hub process
+        that died during the run (SIGKILL, power loss) is recognised by every other (:meth:`reap_orphans`)."""
+        beat = time.monotonic()
         while True:
-            await asyncio.sleep(CANCEL_POLL_S)
+            await asyncio.sleep(min(CANCEL_POLL_S, self.cfg.heartbeat_s))
             try:
+                if time.monotonic() - beat >= self.cfg.heartbeat_s:
+                    await self._set(run_id, active_only=True)
+                    beat = time.monotonic()
                 async with self.db.read() as conn:
                     state = (await conn.execute(select(trn_run.c.state).where(trn_run.c.run_id == run_id))).scalar()
             except SQLAlchemyError:

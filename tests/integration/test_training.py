@@ -414,6 +414,50 @@ async def test_a_run_is_seen_and_cancelled_through_another_server_process(net, t
         other.stop()
 
 
+async def test_a_run_of_a_killed_hub_process_is_marked_failed_and_live_runs_are_left_alone(net, tmp_path):
+    """A hub process SIGKILLed during a run cannot fail its run: its heartbeat stops, and any other hub
+    process on the store marks the run failed (at its start-up, or when the run is read); a run of a live
+    process keeps its heartbeat and stays running — also for a process starting up meanwhile."""
+    hub = net["hub"]
+    sites = "".join(f'[[federation.sites]]\nid = "{n}"\nurl = "{gw.url}"\n' for n, (gw, _) in net["sites"].items())
+    toml = (f'[federation]\nrole = "hub"\nhub_id = "hub"\nhub_key = "{net["priv"]}"\n{sites}'
+            '[training]\nround_deadline_s = 120\nheartbeat_s = 0.3\n')
+    store = str(hub.settings.effective_database_url)
+    doomed, live = await asyncio.gather(start_gateway_process(tmp_path, "hub-doomed", toml, db_url=store),
+                                        start_gateway_process(tmp_path, "hub-live", toml, db_url=store))
+    later = None
+    try:
+        body = {"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL, **FAST,
+                "rounds": 50, "local_epochs": 1, "min_sites": 1}
+        runs = {}
+        for name, gw in (("doomed", doomed), ("live", live)):
+            async with net["http"].post(gw.url + "/training/runs", json=body, headers=analyst(gw)) as r:
+                assert r.status == 201, await r.text()
+                runs[name] = (await r.json())["id"]
+        for run_id in runs.values():
+            await wait(net, run_id, rounds_done=1)
+        doomed.proc.kill()
+        doomed.proc.wait(10)
+        await asyncio.sleep(4 * 0.3 + 0.5)
+
+        async def state(gw, run_id) -> dict:
+            async with net["http"].get(f"{gw.url}/training/runs/{run_id}", headers=analyst(gw)) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+        orphan = await state(live, runs["doomed"])  # read through another live process
+        assert orphan["state"] == "failed" and "stopped" in orphan["error"], orphan
+        later = await start_gateway_process(tmp_path, "hub-later", toml, db_url=store)  # its start-up reaps
+        assert (await state(later, runs["live"]))["state"] == "running"
+        assert (await state(later, runs["doomed"]))["state"] == "failed"
+        async with net["http"].post(f"{live.url}/training/runs/{runs['live']}/cancel", headers=analyst(live)) as r:
+            assert r.status == 200, await r.text()
+    finally:
+        for gw in (doomed, live, later):
+            if gw is not None:
+                gw.stop()
+
+
 async def test_deploy_run_inference_and_roll_back(net):
     hub, http = net["hub"], net["http"]
     v1 = await wait(net, await start(net, rounds=1, local_epochs=1, min_sites=3, name="fl-lesion"))
