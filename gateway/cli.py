@@ -130,6 +130,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from gateway.reindex_cli import cmd_reindex as run
+
+    return run(args, _settings(args))
+
+
 def cmd_omop_export(args: argparse.Namespace) -> int:
     from gateway.omop_cli import cmd_export
 
@@ -219,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file failed")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("reindex", help="rebuild the FHIR search index and common model from the stored "
+                                       "resources (after an upgrade that changes search parameters or mappings)")
+    p.add_argument("--json", action="store_true", help="JSON output, no progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
     osub = p.add_subparsers(dest="omop_command", required=True)

@@ -316,6 +316,54 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     ]
 
 
+async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[int, int]:
+    """Rebuild the search-index and common-model rows of up to ``limit`` current resources with rid >
+    ``after_rid`` from their stored content, on ``conn`` (a write transaction); returns (how many were
+    rebuilt, the last rid; 0 when none is left).  :func:`apply_writes` writes only the rows that differ
+    from the previous version's *derived* rows, so after a change to the search parameters or the
+    common-model mapping the stored rows must be rebuilt once (``fedgate reindex``).  Rows from DICOM
+    (``dcm_*``, ``src_type = 'dicom'``) and OMOP imports are not touched."""
+    rows = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.content, R.c.consent_no)
+                               .where(R.c.rid > after_rid, R.c.deleted.is_(False))
+                               .order_by(R.c.rid).limit(limit))).all()
+    if not rows:
+        return 0, 0
+    last = rows[-1].rid
+    # PostgreSQL: no FHIR write of these resources in between (SQLite: the write transaction is alone)
+    await lock_resources(conn, [(r.res_type, r.res_id) for r in rows])
+    rows = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.content, R.c.consent_no, R.c.patient_id)
+                               .where(R.c.rid.in_([r.rid for r in rows]), R.c.deleted.is_(False))
+                               .order_by(R.c.rid))).all()
+    rids = [r.rid for r in rows]
+    srcs = [f"{r.res_type}/{r.res_id}" for r in rows]
+    for table in s.INDEX_TABLES.values():
+        await conn.execute(delete(table).where(table.c.rid.in_(rids)))
+    for name, table in CM_BY_NAME.items():
+        await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(srcs)))
+        if name == "cm_observation":  # component rows point at their panel
+            await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
+    idx_rows: dict[str, list[dict]] = {}
+    cm_rows: dict[str, list[dict]] = {}
+    for r in rows:
+        idx, cm = _derived(orjson.loads(r.content))
+        base = {"rid": r.rid, "res_type": r.res_type, "consent_no": r.consent_no}
+        for kind, values in idx.items():
+            idx_rows.setdefault(kind, []).extend(base | dict(zip(_IDX_COLS[kind], v)) for v in values)
+        for table, values in cm.items():
+            cm_rows.setdefault(table, []).extend(dict(v) for v in values)
+    for kind, values in idx_rows.items():
+        await conn.execute(s.INDEX_TABLES[kind].insert(), values)
+    for table, values in cm_rows.items():
+        await conn.execute(CM_BY_NAME[table].insert(), values)
+    # the patients' effective consent (cm_patient.consent_profile, the stamps) as apply_writes leaves it
+    touched = {r.patient_id for r in rows if r.res_type in ("Patient", "Consent")} - {None}
+    if touched:
+        from gateway.store.consent_schema import recompute
+
+        await recompute(conn, touched)
+    return len(rows), last
+
+
 # ------------------------------------------------------------------------------------------------
 # Search
 # ------------------------------------------------------------------------------------------------
