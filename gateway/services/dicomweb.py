@@ -486,27 +486,30 @@ class DicomwebService:
     async def _index_batched(self, new: list[Outcome]) -> None:
         """Index rows of concurrent STOW requests written in one transaction (group commit).
 
-        The first request that finds no transaction in progress leads: it writes everything queued so far
-        (its own instances and those of requests that arrived meanwhile), marks them ``indexed``, wakes
-        their requests, and hands the lead to the next queued request, if any. At concurrency 1 this is
-        one transaction per request as before; at 16 the per-transaction work (patient match, study and
-        series counts, ImagingStudy sync) is shared by every request in the batch. If a batch of several
-        requests fails, each request is retried in a transaction of its own, so one request's failure
-        never fails another's.
+        The first request that finds no transaction in progress leads: it opens the write transaction and
+        only then takes everything queued (its own instances and those of requests that arrived meanwhile,
+        including while it waited for the write lock — another server process's transaction, an audit
+        flush), writes them, marks them ``indexed``, wakes their requests, and hands the lead to the next
+        queued request, if any. At concurrency 1 this is one transaction per request as before; at 16 the
+        per-transaction work (patient match, study and series counts, ImagingStudy sync) is shared by
+        every request in the batch. If a batch of several requests fails, each request is retried in a
+        transaction of its own, so one request's failure never fails another's.
         """
         entry = _Batch(new, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         if self._leading and await self._wait_turn(entry) == "done":
             return
         self._leading = True
-        batch, self._queue = self._queue, []
+        taken: list[_Batch] = []
         written = False
         try:
-            await self._write_group(batch, entry)
+            await self._write_group(entry, taken)
             written = True
         finally:
             if not written:  # our own failure (or cancellation): the others go back to the queue, untouched
-                self._queue[:0] = [b for b in batch if b is not entry and not b.turn.done()]
+                if entry in self._queue:  # failed before taking the queue (waiting for the write lock)
+                    self._queue.remove(entry)
+                self._queue[:0] = [b for b in taken if b is not entry and not b.turn.done()]
             self._leading = False
             if self._queue:  # hand the lead on
                 self._leading = True
@@ -533,13 +536,19 @@ class DicomwebService:
                     break
             raise
 
-    async def _write_group(self, batch: list[_Batch], entry: _Batch) -> None:
+    async def _write_group(self, entry: _Batch, taken: list[_Batch]) -> None:
+        """Write the queued requests (``entry``, the leader's, among them) in one transaction; the queue is
+        taken into ``taken`` once the transaction holds the write lock."""
         try:
-            await self._write_batch([o for b in batch for o in b.outcomes])
+            async with self.db.write() as conn:
+                # the batch is taken only now: requests that arrived while the lock was busy join it
+                taken[:], self._queue = self._queue, []
+                outcomes = [o for b in taken for o in b.outcomes]
+                await self._index(conn, outcomes)
         except SQLAlchemyError:
-            if len(batch) == 1:
+            if len(taken) <= 1:
                 raise
-            for b in batch:  # isolate the failing request: each in a transaction of its own
+            for b in taken:  # isolate the failing request: each in a transaction of its own
                 if b is entry:
                     continue
                 try:
@@ -550,7 +559,9 @@ class DicomwebService:
                     b.turn.set_result("done")
             await self._write_batch(entry.outcomes)
             return
-        for b in batch:
+        for o in outcomes:
+            o.indexed = True
+        for b in taken:
             if b is not entry:
                 b.turn.set_result("done")
 
