@@ -573,10 +573,13 @@ class DicomwebService:
 
     async def _index(self, conn, good: list[Outcome]) -> None:
         """Index rows, study/series counts and the FHIR ImagingStudy of a batch, on ``conn`` (one
-        transaction).  About 18 statements for a batch within one study (was ~37): the study and series
+        transaction).  About 14 statements for a batch within one study (was ~37): the study and series
         rows are inserted with ON CONFLICT DO NOTHING (first writer's attributes win) instead of being
-        looked up first, counts are updated with one statement per table, the ImagingStudy update writes
-        only the index rows that changed (:func:`gateway.store.fhir_repo.apply_writes`)."""
+        looked up first; the instance rows likewise, their RETURNING telling which SOP instances another
+        request stored first (no separate look-up); counts are updated with one statement per table (the
+        study's returning its row when the batch holds one study); the ImagingStudy is extended with the new
+        instances instead of being rebuilt from every instance row (see :meth:`_sync_imaging_studies`) and
+        written with only the index rows that changed (:func:`gateway.store.fhir_repo.apply_writes`)."""
         if conn.dialect.name == "postgresql":
             # One STOW index transaction at a time across server processes (processes > 1), as SQLite's
             # write lock file gives: the study/series upserts, count updates and the ImagingStudy
@@ -585,38 +588,50 @@ class DicomwebService:
             await conn.execute(select(func.pg_advisory_xact_lock(STOW_INDEX_LOCK)))
         now = time.time()
         pids, nos = await self._patient_ids(conn, good)
-        raced = set((await conn.execute(select(dcm_instance.c.sop_uid).where(
-            dcm_instance.c.sop_uid.in_([o.sop_uid for o in good])))).scalars())
-        studies: dict[str, dict] = {}
-        series: dict[str, dict] = {}
-        instances: list[dict] = []
-        sr_rows: list[dict] = []
-        seg_rows: list[dict] = []
+        batch: dict[str, Outcome] = {}
         for o in good:
             if o.failure is not None:  # found raced by an earlier try of this batch
                 continue
-            sr, seg = o.content
-            pid = pids[o.patient_key]
-            if o.sop_uid in raced:  # stored by a concurrent request since _check_duplicates (or earlier in the batch)
+            if o.sop_uid in batch:  # two requests of this batch with one SOP Instance UID: the first wins
                 o.failure, o.reason = DUPLICATE_SOP, "stored concurrently by another request"
                 self.blobs.remove(o.rel)
                 continue
-            raced.add(o.sop_uid)
+            batch[o.sop_uid] = o
+        studies: dict[str, dict] = {}
+        series: dict[str, dict] = {}
+        instances: list[dict] = []
+        for o in batch.values():
+            pid = pids[o.patient_key]
             st, se, inst = (dict(r, patient_id=pid, consent_no=nos[pid]) for r in o.rows)
             st["updated_ts"] = se["updated_ts"] = now
             inst.update(blob_path=o.rel, stored_ts=now, metadata=o.meta_json)
             studies.setdefault(st["study_uid"], st | {"num_series": 0, "num_instances": 0})
             series.setdefault(se["series_uid"], se | {"num_instances": 0})
             instances.append(inst)
-            base = {"sop_uid": o.sop_uid, "patient_id": pid}
-            sr_rows.extend(base | r for r in sr)
-            seg_rows.extend(base | {"study_uid": o.study_uid, "series_uid": o.series_uid} | r for r in seg)
         if not instances:
             return
         # studies/series new to the store (first writer's attributes win; counts recomputed below)
         await conn.execute(_insert_new(conn, dcm_study, "study_uid"), list(studies.values()))
         await conn.execute(_insert_new(conn, dcm_series, "series_uid"), list(series.values()))
-        await conn.execute(dcm_instance.insert(), instances)
+        # instances: one already stored (by a concurrent request since _check_duplicates, or another process)
+        # is skipped, and missing from RETURNING; its study and series rows exist (written with it)
+        inserted = set((await conn.execute(_insert_new(conn, dcm_instance, "sop_uid").returning(
+            dcm_instance.c.sop_uid), instances)).scalars())
+        sr_rows: list[dict] = []
+        seg_rows: list[dict] = []
+        added: dict[str, list[dict]] = {}
+        for o, inst in zip(batch.values(), instances):
+            if o.sop_uid not in inserted:
+                o.failure, o.reason = DUPLICATE_SOP, "stored concurrently by another request"
+                self.blobs.remove(o.rel)
+                continue
+            sr, seg = o.content
+            base = {"sop_uid": o.sop_uid, "patient_id": inst["patient_id"]}
+            sr_rows.extend(base | r for r in sr)
+            seg_rows.extend(base | {"study_uid": o.study_uid, "series_uid": o.series_uid} | r for r in seg)
+            added.setdefault(o.study_uid, []).append(inst)
+        if not inserted:
+            return
         if sr_rows:
             await conn.execute(dcm_sr_item.insert(), sr_rows)
         if seg_rows:
@@ -625,36 +640,65 @@ class DicomwebService:
         # concurrent writers of the same study (other processes) are serialised by STOW_INDEX_LOCK above
         # (PostgreSQL) or the write lock file (SQLite), so the counts, series and ImagingStudy read below
         # include their rows
-        await conn.execute(update(dcm_series).where(se_t.series_uid.in_(list(series))).values(
+        touched = sorted({inst["series_uid"] for insts in added.values() for inst in insts})
+        await conn.execute(update(dcm_series).where(se_t.series_uid.in_(touched)).values(
             num_instances=select(func.count()).where(i.series_uid == se_t.series_uid).scalar_subquery(),
             updated_ts=now))
-        ser_rows = (await conn.execute(select(dcm_series).where(se_t.study_uid.in_(list(studies)))
+        ser_rows = (await conn.execute(select(dcm_series).where(se_t.study_uid.in_(list(added)))
                                        .order_by(se_t.series_number))).mappings().all()
-        by_study: dict[str, list[dict]] = {u: [] for u in studies}
+        by_study: dict[str, list[dict]] = {u: [] for u in added}
         for r in ser_rows:
             by_study[r["study_uid"]].append(dict(r))
-        await conn.execute(update(dcm_study).where(st_t.study_uid == bindparam("b_uid")).values(
+        counts = update(dcm_study).where(st_t.study_uid == bindparam("b_uid")).values(
             num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
-            num_series=bindparam("b_n"), modalities=bindparam("b_mods"), updated_ts=now), [
-            {"b_uid": u, "b_n": len(rows), "b_mods": "\\".join(sorted({r["modality"] for r in rows if r["modality"]}))}
-            for u, rows in by_study.items()])
-        await self._sync_imaging_studies(conn, by_study)
+            num_series=bindparam("b_n"), modalities=bindparam("b_mods"), updated_ts=now)
+        params = [{"b_uid": u, "b_n": len(rows), "b_mods": "\\".join(sorted({r["modality"] for r in rows if r["modality"]}))}
+                  for u, rows in by_study.items()]
+        st_rows = None
+        if len(params) == 1:  # the usual batch: one study, whose updated row the ImagingStudy needs
+            st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(counts.returning(*dcm_study.c), params[0])).mappings()}
+        else:  # (no RETURNING for an executemany UPDATE): read after
+            await conn.execute(counts, params)
+        await self._sync_imaging_studies(conn, by_study, added, st_rows)
 
-    async def _sync_imaging_studies(self, conn, series_by_study: dict[str, list[dict]]) -> None:
-        """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID), built in full
-        from the index rows (``series_by_study``: each study's series rows, ordered by series number)."""
+    async def _sync_imaging_studies(self, conn, series_by_study: dict[str, list[dict]],
+                                    added: dict[str, list[dict]] | None = None,
+                                    st_rows: dict[str, dict] | None = None) -> None:
+        """Write/update the FHIR ImagingStudy of each study (id = the Study Instance UID) from the index rows
+        (``series_by_study``: each study's series rows, ordered by series number; ``st_rows``: the study rows,
+        read here when not given).
+
+        ``added``: the instance rows this transaction inserted, by study. The current version is then
+        extended with them instead of reading every instance row of the study again (a 1,000-instance study
+        cost 64 ms per 10-instance STOW, growing with the study) — only if that version is exactly what the
+        index rows give (the resource built from the study and series rows and its own instance list equals
+        it: not edited over FHIR) and the extended list has as many instances as the index counts (no rows
+        removed behind it, e.g. by the start-up reconcile); otherwise it is rebuilt in full, as before. The
+        result is the full rebuild's: instances ordered by instance number as the engine's ORDER BY orders
+        them (NULL first on SQLite, last on PostgreSQL), equal numbers in the order they were stored."""
         uids = list(series_by_study)
-        st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
-            select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
-        inst = (await conn.execute(select(
-            dcm_instance.c.study_uid, dcm_instance.c.series_uid, dcm_instance.c.sop_uid,
-            dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number).where(dcm_instance.c.study_uid.in_(uids))
-            .order_by(dcm_instance.c.instance_number))).mappings().all()
-        inst_by_study: dict[str, list[dict]] = {u: [] for u in uids}
-        for r in inst:
-            inst_by_study[r["study_uid"]].append(dict(r))
+        if st_rows is None:
+            st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
+                select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
         await repo.lock_resources(conn, [("ImagingStudy", u) for u in uids])  # vs. FHIR API writers
         current = await repo.get_current_many(conn, [("ImagingStudy", u) for u in uids] + [("Endpoint", "dicomweb")])
+        nulls_first = conn.dialect.name != "postgresql"
+        inst_by_study: dict[str, list[dict]] = {}
+        for uid in uids:
+            merged = _extended_instances(current.get(("ImagingStudy", uid)), st_rows[uid], series_by_study[uid],
+                                         (added or {}).get(uid), nulls_first)
+            if merged is not None:
+                inst_by_study[uid] = merged
+        rebuild = [u for u in uids if u not in inst_by_study]
+        if rebuild:
+            inst = (await conn.execute(select(
+                dcm_instance.c.study_uid, dcm_instance.c.series_uid, dcm_instance.c.sop_uid,
+                dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number).where(dcm_instance.c.study_uid.in_(rebuild))
+                .order_by(dcm_instance.c.instance_number))).mappings().all()
+            for u in rebuild:
+                inst_by_study[u] = []
+            for r in inst:
+                inst_by_study[r["study_uid"]].append(dict(r))
         writes = []
         for uid in uids:
             resource = imaging_study_resource(st_rows[uid], series_by_study[uid], inst_by_study[uid])
@@ -762,6 +806,32 @@ class DicomwebService:
 
     def blob_path(self, row: dict) -> Path:
         return self.blobs.path(row["blob_path"])
+
+
+def _extended_instances(prev: "repo.Stored | None", study: dict, series: list[dict], added: list[dict] | None,
+                        nulls_first: bool) -> list[dict] | None:
+    """The instance rows of a study for :func:`imaging_study_resource`: those listed in its current
+    ImagingStudy ``prev`` plus ``added``, in the full rebuild's order — or None when ``prev`` cannot be
+    trusted to list exactly the stored instances (see ``DicomwebService._sync_imaging_studies``)."""
+    if added is None or prev is None or prev.deleted or not prev.content:
+        return None
+    old = prev.resource()
+    old.pop("meta", None)
+    listed: list[dict] = []
+    for se in old.get("series") or []:
+        for item in se.get("instance") or []:
+            code = (item.get("sopClass") or {}).get("code") or ""
+            listed.append({"series_uid": se.get("uid"), "sop_uid": item.get("uid"),
+                           "sop_class_uid": code[8:] if code.startswith("urn:oid:") else code,
+                           "instance_number": item.get("number")})
+    known = {se.get("uid") for se in old.get("series") or []}
+    if imaging_study_resource(study, [r for r in series if r["series_uid"] in known], listed) != old:
+        return None  # edited over FHIR, or study/series rows differ from what it was built from
+    merged = listed + [{k: r[k] for k in ("series_uid", "sop_uid", "sop_class_uid", "instance_number")} for r in added]
+    if len(merged) != study["num_instances"]:
+        return None  # instance rows removed (or added) behind the ImagingStudy's back
+    # a stable sort: the listed instances are in this order already, new ones go after equal numbers
+    return sorted(merged, key=lambda r: ((r["instance_number"] is None) != nulls_first, r["instance_number"] or 0))
 
 
 def _insert_new(conn, table, key: str):

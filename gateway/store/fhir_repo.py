@@ -6,7 +6,7 @@ connection from :meth:`Database.write`, so they commit or roll back together.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -128,6 +128,28 @@ def _derived(resource: dict[str, Any]) -> tuple[dict[str, list[tuple]], dict[str
     return idx, cm
 
 
+#: ``_derived`` of recently written versions, by their JSON text (the text carries versionId and lastUpdated,
+#: so an entry never goes stale): the next update of the same resource — a STOW adding instances to a
+#: study rewrites its ImagingStudy each time — diffs against the previous version's rows without parsing
+#: and re-extracting it (≈ 0.5 ms for a 100-instance ImagingStudy, 3 ms for 1,000). Per process, small.
+_DERIVED_CACHE: "OrderedDict[str, tuple[dict, dict]]" = OrderedDict()
+_DERIVED_CACHE_SIZE = 32
+
+
+def _derived_of(content: str, resource: dict[str, Any] | None = None) -> tuple[dict[str, list[tuple]], dict[str, list[tuple]]]:
+    """``_derived`` of the version whose JSON text is ``content`` (``resource``: that text parsed, if at hand),
+    remembered for the next update of the resource (callers never modify the returned rows)."""
+    hit = _DERIVED_CACHE.get(content)
+    if hit is not None:
+        _DERIVED_CACHE.move_to_end(content)
+        return hit
+    derived = _derived(resource if resource is not None else orjson.loads(content))
+    _DERIVED_CACHE[content] = derived
+    if len(_DERIVED_CACHE) > _DERIVED_CACHE_SIZE:
+        _DERIVED_CACHE.popitem(last=False)
+    return derived
+
+
 def _row_diff(old: list[tuple], new: list[tuple]) -> tuple[bool, list[tuple]]:
     """(whether the old rows must be deleted, the rows to insert): unchanged → (False, []); only
     additions → (False, the added rows); anything removed or changed → (True, every new row)."""
@@ -234,9 +256,9 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     cm_del: dict[str, list[str]] = {}
     idx_rows: dict[str, list[dict]] = {}
     cm_rows: dict[str, list[dict]] = {}
-    for w in writes:
-        old = _derived(w.prev.resource()) if w.prev is not None and w.prev.content else ({}, {})
-        new = _derived(w.resource) if w.resource is not None else ({}, {})
+    for w, r in zip(writes, results):
+        old = _derived_of(w.prev.content) if w.prev is not None and w.prev.content else ({}, {})
+        new = _derived_of(r.content, w.resource) if w.resource is not None else ({}, {})
         rid = rid_by_key[(w.res_type, w.res_id)]
         base = {"rid": rid, "res_type": w.res_type}
         # index rows carry the resource's consent_no: a resource that changes patient gets all of them anew
