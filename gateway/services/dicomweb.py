@@ -540,7 +540,7 @@ class DicomwebService:
         """Write the queued requests (``entry``, the leader's, among them) in one transaction; the queue is
         taken into ``taken`` once the transaction holds the write lock."""
         try:
-            async with self.db.write() as conn:
+            async with self.db.write(inline=True) as conn:  # short, many small statements: see Database.write
                 # the batch is taken only now: requests that arrived while the lock was busy join it
                 taken[:], self._queue = self._queue, []
                 outcomes = [o for b in taken for o in b.outcomes]
@@ -566,7 +566,7 @@ class DicomwebService:
                 b.turn.set_result("done")
 
     async def _write_batch(self, outcomes: list[Outcome]) -> None:
-        async with self.db.write() as conn:
+        async with self.db.write(inline=True) as conn:
             await self._index(conn, outcomes)
         for o in outcomes:
             o.indexed = True
