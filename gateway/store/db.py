@@ -278,7 +278,11 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
     # aiosqlite's adapter exposes a sync-looking cursor through SQLAlchemy's adaptation layer.
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # FULL: in WAL mode NORMAL does not sync the WAL at commit, so a power loss could take back the last
+    # committed transactions — a STOW instance already acknowledged (its file fsync-ed, its row not) would then
+    # be deleted by the start-up reconcile as a file without a row. FULL syncs the WAL at every commit (on
+    # the connection's thread, once per group-committed STOW batch).
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA cache_size=-65536")
