@@ -104,8 +104,8 @@ class Database:
         than SQLite's work on them: for a STOW index transaction (≈ 15 statements, each well under a
         millisecond in SQLite) the server's CPU per transaction fell from 12.4–15.0 to 8.2–8.7 ms, same
         window. Only for such short transactions: the loop runs the whole transaction without yielding. The
-        BEGIN, COMMIT (WAL append, automatic checkpoint with its fsync) and ROLLBACK still run on the
-        connection's thread; the write lock file (taken first) means no statement waits for another writer."""
+        COMMIT (WAL sync, automatic checkpoint) and ROLLBACK still run on the connection's thread; the write
+        lock file (taken first) means no statement waits for another writer (the deferred BEGIN included)."""
         if self._write_lock is None:
             async with self.engine.begin() as conn:
                 yield conn
