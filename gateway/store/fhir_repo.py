@@ -6,13 +6,13 @@ connection from :meth:`Database.write`, so they commit or roll back together.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import and_, delete, func, not_, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -71,12 +71,30 @@ async def get_current(conn: AsyncConnection, res_type: str, res_id: str) -> Stor
     return _stored(row) if row else None
 
 
+#: statements of the hot write path built once (bind parameters), by a key naming their shape: building the
+#: expression objects anew for every STOW's ImagingStudy update cost more than executing them
+_STMTS: dict[tuple, Any] = {}
+
+
+def _stmt(key: tuple, build) -> Any:
+    stmt = _STMTS.get(key)
+    if stmt is None:
+        stmt = _STMTS[key] = build()
+    return stmt
+
+
 async def get_current_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
     """Current rows (deleted ones included) for (type, id) keys, in one statement; absent keys are missing."""
     keys = list(keys)
     if not keys:
         return {}
-    rows = await conn.execute(select(*_COLS).where(or_(*[and_(R.c.res_type == t, R.c.res_id == i) for t, i in keys])))
+    if len(keys) > 16:  # rare (transaction bundles): built for this call
+        stmt = select(*_COLS).where(or_(*[and_(R.c.res_type == t, R.c.res_id == i) for t, i in keys]))
+        rows = await conn.execute(stmt)
+    else:
+        stmt = _stmt(("current", len(keys)), lambda: select(*_COLS).where(or_(*[
+            and_(R.c.res_type == bindparam(f"t{n}"), R.c.res_id == bindparam(f"i{n}")) for n in range(len(keys))])))
+        rows = await conn.execute(stmt, {k: v for n, (t, i) in enumerate(keys) for k, v in ((f"t{n}", t), (f"i{n}", i))})
     return {(r.res_type, r.res_id): _stored(r) for r in rows}
 
 
@@ -128,6 +146,28 @@ def _derived(resource: dict[str, Any]) -> tuple[dict[str, list[tuple]], dict[str
         table, row = row_for(obj)
         cm.setdefault(table, []).append(tuple(sorted(row.items())))
     return idx, cm
+
+
+#: ``_derived`` of recently written versions, by their JSON text (the text carries versionId and lastUpdated,
+#: so an entry never goes stale): the next update of the same resource — a STOW adding instances to a
+#: study rewrites its ImagingStudy each time — diffs against the previous version's rows without parsing
+#: and re-extracting it (≈ 0.5 ms for a 100-instance ImagingStudy, 3 ms for 1,000). Per process, small.
+_DERIVED_CACHE: "OrderedDict[str, tuple[dict, dict]]" = OrderedDict()
+_DERIVED_CACHE_SIZE = 32
+
+
+def _derived_of(content: str, resource: dict[str, Any] | None = None) -> tuple[dict[str, list[tuple]], dict[str, list[tuple]]]:
+    """``_derived`` of the version whose JSON text is ``content`` (``resource``: that text parsed, if at hand),
+    remembered for the next update of the resource (callers never modify the returned rows)."""
+    hit = _DERIVED_CACHE.get(content)
+    if hit is not None:
+        _DERIVED_CACHE.move_to_end(content)
+        return hit
+    derived = _derived(resource if resource is not None else orjson.loads(content))
+    _DERIVED_CACHE[content] = derived
+    if len(_DERIVED_CACHE) > _DERIVED_CACHE_SIZE:
+        _DERIVED_CACHE.popitem(last=False)
+    return derived
 
 
 def _row_diff(old: list[tuple], new: list[tuple]) -> tuple[bool, list[tuple]]:
@@ -223,20 +263,19 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
                               w.resource is None, patient, content))
 
     if updates:
-        from sqlalchemy import bindparam
-
-        stmt = (
+        stmt = _stmt(("update current",), lambda: (
             update(R)
             .where(R.c.rid == bindparam("b_rid"), R.c.version == bindparam("b_version"))
             .values({k: bindparam(k) for k in ("version", "last_updated", "lu_ts", "deleted", "patient_id", "content")})
-        )
+        ))
         res = await conn.execute(stmt, [{k: u[k] for k in ("b_rid", "b_version", "version", "last_updated", "lu_ts", "deleted", "patient_id", "content")} for u in updates])
         if res.rowcount is not None and res.rowcount >= 0 and res.rowcount != len(updates):
             raise VersionConflict("a resource was changed concurrently")
     rid_by_key: dict[tuple[str, str], int] = {(w.res_type, w.res_id): w.prev.rid for w in writes if w.prev is not None}
     if new_rows:
         ret = await conn.execute(
-            R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id, sort_by_parameter_order=True), new_rows
+            _stmt(("insert current",), lambda: R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id,
+                                                                     sort_by_parameter_order=True)), new_rows
         )
         for r in ret:
             rid_by_key[(r.res_type, r.res_id)] = r.rid
@@ -251,9 +290,9 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     cm_del: dict[str, list[str]] = {}
     idx_rows: dict[str, list[dict]] = {}
     cm_rows: dict[str, list[dict]] = {}
-    for w in writes:
-        old = _derived(w.prev.resource()) if w.prev is not None and w.prev.content else ({}, {})
-        new = _derived(w.resource) if w.resource is not None else ({}, {})
+    for w, r in zip(writes, results):
+        old = _derived_of(w.prev.content) if w.prev is not None and w.prev.content else ({}, {})
+        new = _derived_of(r.content, w.resource) if w.resource is not None else ({}, {})
         rid = rid_by_key[(w.res_type, w.res_id)]
         base = {"rid": rid, "res_type": w.res_type}
         # index rows carry the resource's consent_no: a resource that changes patient gets all of them anew
@@ -273,10 +312,12 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             cm_rows.setdefault(table, []).extend(dict(r) for r in add)
     for kind, rids in idx_del.items():
         table = s.INDEX_TABLES[kind]
-        await conn.execute(delete(table).where(table.c.rid.in_(rids)))
+        await conn.execute(_stmt(("idx delete", kind), lambda: delete(table).where(
+            table.c.rid.in_(bindparam("b_rids", expanding=True)))), {"b_rids": rids})
     for name, srcs in cm_del.items():
         table = CM_BY_NAME[name]
-        await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(srcs)))
+        await conn.execute(_stmt(("cm delete", name), lambda: delete(table).where(
+            table.c.src_type == "fhir", table.c.src_id.in_(bindparam("b_srcs", expanding=True)))), {"b_srcs": srcs})
         if name == "cm_observation":  # component rows point at their panel
             await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
     for table, rows_ in cm_rows.items():
@@ -302,7 +343,8 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         written = sorted({row["rid"] for rows_ in idx_rows.values() for row in rows_})
         nos: dict[int, int | None] = {}
         for i in range(0, len(written), 500):
-            rows_ = await conn.execute(select(R.c.rid, R.c.consent_no).where(R.c.rid.in_(written[i:i + 500])))
+            rows_ = await conn.execute(_stmt(("consent_no",), lambda: select(R.c.rid, R.c.consent_no).where(
+                R.c.rid.in_(bindparam("b_rids", expanding=True)))), {"b_rids": written[i:i + 500]})
             nos.update((rid, no) for rid, no in rows_)
         for kind, rows_ in idx_rows.items():
             if rows_:

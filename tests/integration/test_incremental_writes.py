@@ -139,6 +139,84 @@ async def test_imaging_study_exact_after_incremental_stows(gateway, http):
         assert (await r.json())["total"] == 1
 
 
+async def _full_rebuild(db, study: str) -> dict:
+    """The ImagingStudy as a full rebuild makes it: from the study, series and every instance row (ordered as
+    the index orders them), through the pure mapping — what the incremental update must equal."""
+    from gateway.store.dicom_schema import dcm_instance
+    from mappings.dicom.imagingstudy import imaging_study_resource
+
+    async with db.read() as conn:
+        st = dict((await conn.execute(select(dcm_study).where(dcm_study.c.study_uid == study))).mappings().one())
+        se = [dict(r) for r in (await conn.execute(select(dcm_series).where(dcm_series.c.study_uid == study)
+                                                   .order_by(dcm_series.c.series_number))).mappings()]
+        inst = [dict(r) for r in (await conn.execute(select(dcm_instance).where(dcm_instance.c.study_uid == study)
+                                                     .order_by(dcm_instance.c.instance_number))).mappings()]
+    return imaging_study_resource(st, se, inst)
+
+
+async def _stored_imaging_study(http, gateway, study: str) -> dict:
+    async with http.get(f"{gateway.fhir}/ImagingStudy/{study}", headers=gateway.headers("clinician")) as r:
+        assert r.status == 200
+        res = await r.json()
+    res.pop("meta")
+    return res
+
+
+async def test_incremental_imaging_study_equals_full_rebuild(gateway, http):
+    """The ImagingStudy extended with each STOW's new instances (instead of rebuilt from every instance row)
+    is exactly the full rebuild after every request: instances arriving out of instance-number order, one
+    without an InstanceNumber (NULL: first on SQLite, last on PostgreSQL), several series in one request,
+    identical re-sends, changed duplicates, bad parts — and it falls back to the full rebuild when the stored
+    version cannot be trusted: edited over FHIR, or instance rows removed behind its back."""
+    db = gateway.app[keys.DB]
+    h = gateway.headers("pacs") | {"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+                                   "Accept": "application/dicom+json"}
+    study = generate_uid()
+    kw = {"patient_id": "REBUILD1", "patient_name": "Rebuild^Rita", "study_uid": study, "size": 16}
+    a = ct_series(n=10, **kw)
+    b = ct_series(n=4, modality="MR", **kw)
+    for d in b:
+        d.SeriesNumber = 2
+    del b[2].InstanceNumber
+    c = ct_series(n=2, modality="PT", **kw)
+    for d in c:
+        d.SeriesNumber = 3
+
+    async def stow(raw: list[bytes], expect: int) -> None:
+        async with http.post(f"{gateway.dicomweb}/studies", data=_body(raw), headers=h) as r:
+            assert r.status == expect, await r.text()
+        assert await _stored_imaging_study(http, gateway, study) == await _full_rebuild(db, study)
+
+    await stow([to_bytes(d) for d in a[6:8]], 200)
+    await stow([to_bytes(d) for d in a[0:3] + b[3:]], 200)
+    await stow([to_bytes(a[8]), to_bytes(b[2]), to_bytes(a[0]), b"not DICOM"], 202)  # a[0] again: warning
+    changed = a[8].copy()
+    changed.PatientName = "Changed^Content"
+    await stow([to_bytes(d) for d in a[3:6] + b[:2]] + [to_bytes(changed)], 202)
+    await stow([to_bytes(c[1])] * 2, 202)  # the same instance twice in one request
+    res = await _stored_imaging_study(http, gateway, study)
+    got_a = [i["uid"] for se in res["series"] if se["uid"] == str(a[0].SeriesInstanceUID) for i in se["instance"]]
+    assert got_a == [str(d.SOPInstanceUID) for d in a[:9]]  # instance-number order, not arrival order
+    # edited over FHIR (description changed, an instance dropped): the next STOW rebuilds it in full
+    edited = dict(res, description="edited over FHIR")
+    edited["series"] = [dict(se, instance=se["instance"][1:]) if se["uid"] == str(a[0].SeriesInstanceUID) else se
+                        for se in res["series"]]
+    async with http.put(f"{gateway.fhir}/ImagingStudy/{study}", json=edited,
+                        headers=gateway.headers("ehr-system") | FHIR_JSON) as r:
+        assert r.status == 200, await r.text()
+    await stow([to_bytes(a[9])], 200)
+    assert "edited over FHIR" not in str(await _stored_imaging_study(http, gateway, study))
+    # an instance row removed behind the ImagingStudy (as the start-up reconcile does for a lost file)
+    from gateway.store.dicom_schema import dcm_instance
+
+    async with db.write() as conn:
+        await conn.execute(dcm_instance.delete().where(dcm_instance.c.sop_uid == str(b[0].SOPInstanceUID)))
+    await stow([to_bytes(c[0])], 200)
+    res = await _stored_imaging_study(http, gateway, study)
+    assert res["numberOfInstances"] == 10 + 4 - 1 + 2
+    assert str(b[0].SOPInstanceUID) not in str(res)
+
+
 async def test_fhir_update_writes_only_changed_index_rows(gateway, http):
     h = gateway.headers("ehr-system") | FHIR_JSON
 
@@ -247,6 +325,8 @@ async def test_two_gateways_storing_into_one_study(db_url, tmp_path, http):
         assert (st["num_series"], st["num_instances"], st["modalities"]) == (8, 24, "CT\\MR")
         assert se == {str(ser[0].SeriesInstanceUID): 3 for ser in series}
         assert res["meta"]["versionId"] == str(versions)
+        res.pop("meta")
+        assert res == await _full_rebuild(gws[0].app[keys.DB], study)
     finally:
         for gw in gws:
             await gw.server.close()
