@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import keys
 from gateway.services.access import AccessRecord
@@ -122,7 +123,10 @@ class ChainedAudit:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # never cancel the flusher inside a write: let a flush in progress finish first (cancelled, its
+            # transaction would be rolled back at shutdown, and its connection could still be mid-statement)
+            async with self._lock:
+                self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
@@ -134,26 +138,40 @@ class ChainedAudit:
             await self._wake.wait()
             await asyncio.sleep(self.batch_delay_s)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except (SQLAlchemyError, OSError) as exc:  # the events stay queued: retried shortly
+                log.warning("audit flush failed, will retry: %s", type(exc).__name__)
+                self._wake.set()
+                await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
         async with self._lock:
             if not self._pending or self.db is None:
                 return
             batch, self._pending = self._pending, []
-            async with self.db.write() as conn:
-                if not self.db.is_sqlite:
-                    await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_KEY})"))
-                prev = (await conn.execute(select(audit_event.c.hash).order_by(audit_event.c.seq.desc()).limit(1))).scalar()
-                prev = prev or GENESIS
-                rows = []
-                for event, patients in batch:
-                    content = canonical(event).decode()
-                    h = chain_hash(prev, content)
-                    rows.append(_row(event, patients) | {"content": content, "prev_hash": prev, "hash": h})
-                    prev = h
-                await conn.execute(audit_event.insert(), rows)
-            self.written += len(rows)
+            try:
+                await self._write(batch)
+            except BaseException:
+                # not written (a database error, or the request that triggered this flush was cancelled):
+                # the events go back to the head of the queue for the next flush — an access is never unaudited
+                self._pending[:0] = batch
+                raise
+            self.written += len(batch)
+
+    async def _write(self, batch: list[tuple[dict, tuple[str, ...]]]) -> None:
+        async with self.db.write() as conn:
+            if not self.db.is_sqlite:
+                await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_KEY})"))
+            prev = (await conn.execute(select(audit_event.c.hash).order_by(audit_event.c.seq.desc()).limit(1))).scalar()
+            prev = prev or GENESIS
+            rows = []
+            for event, patients in batch:
+                content = canonical(event).decode()
+                h = chain_hash(prev, content)
+                rows.append(_row(event, patients) | {"content": content, "prev_hash": prev, "hash": h})
+                prev = h
+            await conn.execute(audit_event.insert(), rows)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestServer
 
@@ -106,3 +107,68 @@ async def test_accesses_are_audited_chained_and_admin_searchable(settings):
     finally:
         await db.dispose()
     assert keys.AUDIT  # the sink is wired in create_app
+
+
+async def _held_chain(db: Database, release: "asyncio.Event", holding: "asyncio.Event") -> None:
+    """A write transaction holding what an audit flush needs (SQLite: the write lock; PostgreSQL: the chain
+    head's advisory lock) until ``release``."""
+    from gateway.services.audit import ADVISORY_KEY
+
+    async with db.write() as conn:
+        if not db.is_sqlite:
+            await conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({ADVISORY_KEY})"))
+        holding.set()
+        await release.wait()
+
+
+async def _chain_rows(db: Database) -> list[str]:
+    async with db.read() as conn:
+        return list((await conn.execute(sa.select(audit_event.c.interaction).order_by(audit_event.c.seq))).scalars())
+
+
+async def test_no_event_is_lost_when_a_flush_is_cancelled_or_the_sink_stops_mid_flush(db_url):
+    """A flush whose write is cancelled (the client of the request that triggered it went away, or the
+    server stops) puts its events back; stop() lets a flush in progress finish instead of cancelling it.
+    Before, both lost the batch: an access without its AuditEvent."""
+    import asyncio
+
+    from gateway.context import SYSTEM
+    from gateway.services.access import AccessRecord
+    from gateway.services.audit import ChainedAudit
+    from gateway.store.migrate import migrate
+
+    db = Database(db_url)
+    await migrate(db)
+    try:
+        sink = ChainedAudit("site-a", batch_delay_s=0.01)
+        sink.db = db  # flushes on demand only (no background flusher yet)
+        for i in range(5):
+            await sink.record(AccessRecord(SYSTEM, "R", f"cancelled-{i}", "0"))
+        release, holding = asyncio.Event(), asyncio.Event()
+        blocker = asyncio.create_task(_held_chain(db, release, holding))
+        await holding.wait()
+        flush = asyncio.create_task(sink.flush())
+        await asyncio.sleep(0.3)  # the flush took its batch and waits for the database
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        release.set()
+        await blocker
+        await sink.flush()
+        assert await _chain_rows(db) == [f"cancelled-{i}" for i in range(5)]
+
+        await sink.start(db)  # the background flusher, stopped while its flush waits for the database
+        release, holding = asyncio.Event(), asyncio.Event()
+        blocker = asyncio.create_task(_held_chain(db, release, holding))
+        await holding.wait()
+        for i in range(5):
+            await sink.record(AccessRecord(SYSTEM, "R", f"stopping-{i}", "0"))
+        await asyncio.sleep(0.3)
+        stopping = asyncio.create_task(sink.stop())
+        await asyncio.sleep(0.2)
+        release.set()
+        await blocker
+        await stopping
+        assert await _chain_rows(db) == [f"cancelled-{i}" for i in range(5)] + [f"stopping-{i}" for i in range(5)]
+    finally:
+        await db.dispose()
