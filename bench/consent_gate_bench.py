@@ -128,6 +128,8 @@ QUERIES = {
 QIDO = {
     "QIDO studies?limit=50": ("studies", {"limit": "50"}),
     "QIDO studies?ModalitiesInStudy=CT&limit=50": ("studies", {"ModalitiesInStudy": "CT", "limit": "50"}),
+    "QIDO series?limit=50": ("series", {"limit": "50"}),
+    "QIDO instances?limit=50": ("instances", {"limit": "50"}),
 }
 
 
