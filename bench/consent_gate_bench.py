@@ -128,6 +128,8 @@ QUERIES = {
 QIDO = {
     "QIDO studies?limit=50": ("studies", {"limit": "50"}),
     "QIDO studies?ModalitiesInStudy=CT&limit=50": ("studies", {"ModalitiesInStudy": "CT", "limit": "50"}),
+    "QIDO series?limit=50": ("series", {"limit": "50"}),
+    "QIDO instances?limit=50": ("instances", {"limit": "50"}),
 }
 
 
@@ -151,6 +153,8 @@ async def main() -> None:
     ap.add_argument("--studies", type=int, default=0, help="also STOW this many studies and time QIDO")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--data-dir", default="", help="keep the store here and reuse it on the next run")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="time only the queries whose name contains TEXT (repeatable; default: all)")
     args = ap.parse_args()
     tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="consent-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,8 @@ async def main() -> None:
             todo = [(name, f"{base}/{rtype}", params) for name, (rtype, params) in QUERIES.items()]
             if n_studies:
                 todo += [(name, f"{dweb}/{level}", params) for name, (level, params) in QIDO.items()]
+            if args.only:
+                todo = [t for t in todo if any(o in t[0] for o in args.only)]
             for name, url, params in todo:
                 for h in (gated, superuser):  # warm-up
                     for _ in range(5):

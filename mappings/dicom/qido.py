@@ -221,15 +221,23 @@ class QidoQuery:
             frm = IN.join(SE, SE.c.series_uid == IN.c.series_uid).join(ST, ST.c.study_uid == IN.c.study_uid)
             order = [IN.c.series_uid, IN.c.instance_number, IN.c.sop_uid]
             patient = IN.c.patient_id
+        own = patient.table
         # consent gate: the level's own row carries its patient's profile number (no per-row patient subquery)
-        where = [scope.row_clause(patient.table.c.consent_no)]
+        where = [scope.row_clause(own.c.consent_no)]
+        # the path's UIDs: every level's rows carry their study's (and instances their series') UID
         if self.study_uid:
-            where.append(ST.c.study_uid == self.study_uid)
+            where.append(own.c.study_uid == self.study_uid)
         if self.series_uid:
-            where.append(SE.c.series_uid == self.series_uid)
+            where.append((own if own is not ST else SE).c.series_uid == self.series_uid)
         where += [self._predicate(a, v) for a, v in self.matches]
         stmt = select(*cols).select_from(frm).where(*where).order_by(*order).limit(self.limit).offset(self.offset)
-        count = select(func.count()).select_from(frm).where(*where)
+        # The total (X-Total-Count) needs the joins only for matches on a parent level's attributes: a
+        # series or instance row exists only with its parent rows (inserted with them in the STOW index
+        # transaction, never deleted apart), so counting the level's own table gives the same number —
+        # a b-tree count ungated and a seek of the consent_no index gated, where the join made SQLite
+        # read every row of the level (gated QIDO series 0.2 ms slower than ungated; issue #4).
+        joins = {a.table for a, _ in self.matches} | ({SE} if self.series_uid and own is ST else set())
+        count = select(func.count()).select_from(own if joins <= {own} else frm).where(*where)
         return stmt, count
 
     # ------------------------------------------------------------------------------- JSON

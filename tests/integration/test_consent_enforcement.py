@@ -338,7 +338,23 @@ async def test_qido_and_wado_return_exactly_the_permitted_patients(site):
                     found = await r.json() if r.status == 200 else []
                 got = {item["00100020"]["Value"][0] for item in found}
                 assert got == permitted, f"QIDO {level} {name}: {rule}"
+                # the total counts exactly the permitted matches, also past the page (limit=1), with and
+                # without a match on a parent level's attribute (counted over the joined levels)
+                for params in ({"limit": "1"}, {"limit": "1", "StudyDescription": "*"} if level != "studies"
+                               else {"limit": "1", "ModalitiesInStudy": "CT"}):
+                    async with http.get(f"{gw.dicomweb}/{level}", params=params,
+                                        headers=h | {"Accept": "application/dicom+json"}) as r:
+                        assert r.status in (200, 204), await r.text()
+                        assert int(r.headers["X-Total-Count"]) == len(permitted), (level, params, name)
             for pid, (st, se, sop) in uids.items():
+                visible = int(pid in permitted)
+                for url in (f"{gw.dicomweb}/studies/{st}/series", f"{gw.dicomweb}/studies/{st}/instances",
+                            f"{gw.dicomweb}/studies/{st}/series/{se}/instances"):
+                    async with http.get(url, params={"limit": "1"},
+                                        headers=h | {"Accept": "application/dicom+json"}) as r:
+                        assert r.status in (200, 204), await r.text()
+                        assert int(r.headers["X-Total-Count"]) == visible, (url, name, pid)
+                        assert len(await r.json() if r.status == 200 else []) == visible, (url, name, pid)
                 inst = f"{gw.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
                 for url, accept in ((f"{gw.dicomweb}/studies/{st}/metadata", "application/dicom+json"),
                                     (inst, 'multipart/related; type="application/dicom"'),

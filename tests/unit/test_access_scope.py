@@ -82,3 +82,24 @@ def test_scopes_with_different_numbers_never_share_a_cached_statement():
             scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k"}), summary="t",
                                 allowed_nos=frozenset(nos))
             assert set(conn.execute(select(t.c.id).where(scope.row_clause(t.c.consent_no))).scalars()) == want
+
+
+def test_row_clause_is_a_plain_in_on_sqlite_so_an_index_can_serve_it():
+    """SQLite has no native boolean: SQLAlchemy renders a boolean expression that is not a comparison as
+    ``expr = 1`` in a WHERE clause, and ``(consent_no IN (...)) = 1`` is a term no index can serve —
+    the gated QIDO total then scanned every row instead of seeking the ``consent_no`` index."""
+    from sqlalchemy import Index, func, text
+    from sqlalchemy.dialects import sqlite
+
+    eng, t = _table()
+    scope = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k1", "k2"}), summary="t",
+                        allowed_nos=frozenset({7, 3}))
+    count = select(func.count()).select_from(t).where(scope.row_clause(t.c.consent_no))
+    sql = str(count.compile(dialect=sqlite.dialect()))
+    assert sql.endswith("WHERE rows.consent_no IN (0, 3, 7)"), sql
+    with eng.begin() as conn:
+        Index("ix_rows_consent_no", t.c.consent_no).create(conn)
+        conn.execute(insert(t), [{"id": i, "consent_no": i % 50} for i in range(2000)])
+        plan = " ".join(r[3] for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+        assert "SEARCH rows USING COVERING INDEX ix_rows_consent_no (consent_no=?)" in plan, plan
+        assert conn.execute(count).scalar_one() == 3 * 40
