@@ -28,6 +28,8 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED = {IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.2"}
 CHUNK = 256 * 1024
+#: bytes of a STOW part collected before a thread writes them (see _PartWriter)
+WRITE_BATCH = 1024 * 1024
 
 SERVICE = "dicomweb"
 
@@ -124,9 +126,11 @@ class _MultipartStream:
         del buf[:k + 4]
         return headers
 
-    async def body(self, sink) -> None:
-        """Hand the current part's bytes to ``sink(data)`` (bytes or a memoryview, to be used before the
-        next call), up to (not including) the next delimiter."""
+    async def body(self, sink, drain=None) -> None:
+        """Hand the current part's bytes to ``sink(data)``, up to (not including) the next delimiter.
+        ``data`` is bytes, a memoryview of an immutable ``bytes`` block (the sink may keep either), or a
+        memoryview of the splitter's own buffer (valid only during the call: copy it to keep it).
+        ``await drain()``, if given, runs before each further block is read (the sink's back-pressure)."""
         buf, delim = self.buf, self.delim
         keep = len(delim) - 1  # a delimiter may straddle two blocks
         while (i := buf.find(delim)) < 0:
@@ -134,6 +138,8 @@ class _MultipartStream:
                 with memoryview(buf) as view, view[:len(buf) - keep] as head:
                     sink(head)
                 del buf[:len(buf) - keep]
+            if drain is not None:
+                await drain()
             chunk = await self.content.readany()
             if not chunk:
                 raise BadRequest("malformed multipart body: it ends inside a part (no closing boundary)")
@@ -142,8 +148,7 @@ class _MultipartStream:
             if len(chunk) > 2 * len(delim) and chunk.find(delim) < 0 and (bytes(buf) + chunk[:keep]).find(delim) < 0:
                 if buf:
                     sink(bytes(buf))
-                with memoryview(chunk) as view, view[:len(chunk) - keep] as head:
-                    sink(head)
+                sink(memoryview(chunk)[:len(chunk) - keep])  # a view of the (immutable) block: no copy
                 buf[:] = chunk[len(chunk) - keep:]
                 continue
             buf += chunk
@@ -151,6 +156,87 @@ class _MultipartStream:
             with memoryview(buf) as view, view[:i] as head:
                 sink(head)
             del buf[:i]  # next_part() consumes the delimiter
+
+
+class _PartWriter:
+    """Writes one part's temp file off the event loop: the received blocks are kept (no copy where they are
+    immutable) and handed to a thread about every :data:`WRITE_BATCH` bytes, so the event loop only splits
+    the body while the page-cache copies (≈ 1 ms per 514 KB instance, measured: a fifth of the loop's STOW
+    time) run beside it. The last hand-over writes the rest, tells the loop the file is complete, then
+    ``fsync``-s and closes it in the same thread job (blob store step 3, one hand-over per part instead of
+    a write on the loop plus a separate fsync job). At most two batches per part are held in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.chunks: list = []
+        self.pending = 0
+        self.job: asyncio.Future | None = None  # the batch being written
+        self.owned = False  # the final job closes the fd
+
+    def feed(self, data) -> None:
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)  # a view of the splitter's buffer, which changes after the call
+        self.chunks.append(data)
+        self.pending += len(data)
+
+    async def drain(self) -> None:
+        if self.pending >= WRITE_BATCH:
+            if self.job is not None:
+                await self.job  # back-pressure: one batch in the thread, one being collected
+            chunks, self.chunks, self.pending = self.chunks, [], 0
+            self.job = asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, chunks)
+
+    async def finish(self) -> asyncio.Future:
+        """Write the rest; returns once the file is complete, with a future of its fsync (OSError or None)."""
+        if self.job is not None:
+            await self.job
+            self.job = None
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        chunks, self.chunks, self.pending = self.chunks, [], 0
+        self.owned = True
+        synced = loop.run_in_executor(None, _write_sync_close, self.fd, chunks, loop, written)
+        await written  # (a write error is raised here)
+        return synced
+
+    def abort(self) -> None:
+        """Close the fd (once an in-flight batch is done: a thread may be writing to it)."""
+        if self.owned:
+            return
+        self.owned = True
+        if self.job is not None and not self.job.done():
+            self.job.add_done_callback(lambda _f, fd=self.fd: os.close(fd))
+        else:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, chunks: list) -> None:
+    for c in chunks:
+        view = memoryview(c)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _write_sync_close(fd: int, chunks: list, loop: asyncio.AbstractEventLoop, written: asyncio.Future) -> OSError | None:
+    """Thread job: the last batch, then (the loop told the file is complete, so parsing can start) fsync."""
+    def tell(exc: BaseException | None) -> None:
+        if not written.done():
+            written.set_result(None) if exc is None else written.set_exception(exc)
+
+    try:
+        try:
+            _write_all(fd, chunks)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(tell, exc)
+            return None
+        loop.call_soon_threadsafe(tell, None)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            return exc
+        return None
+    finally:
+        os.close(fd)
 
 
 def _part_type(headers: bytes) -> str:
@@ -163,7 +249,8 @@ def _part_type(headers: bytes) -> str:
 
 async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[Part]:
     """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body.
-    ``on_part(part)`` is called as each part is complete (the service starts parsing it then)."""
+    ``on_part(part, synced)`` is called as each part is complete and written (the service starts parsing it
+    then); ``synced``: a future of the file's fsync (its OSError or None), None for a rejected part."""
     settings = request.app[keys.SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_stow_bytes:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
@@ -188,31 +275,34 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 parts.append(Part(None, failure=CANNOT_UNDERSTAND, reason=f"part media type {ptype!r} is not "
                                   "application/dicom"))
                 if on_part is not None:
-                    on_part(parts[-1])
+                    on_part(parts[-1], None)
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
-            fd = os.open(part.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            writer = _PartWriter(part.tmp)
 
-            def sink(data, fd: int = fd, part: Part = part) -> None:
+            def sink(data, writer: _PartWriter = writer, part: Part = part) -> None:
                 count(len(data))
                 part.size += len(data)
                 if part.size > settings.max_instance_bytes:
                     return  # drain the part, keep nothing
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                writer.feed(data)
 
+            synced = None
             try:
-                await stream.body(sink)
+                await stream.body(sink, writer.drain)
+                if part.size <= settings.max_instance_bytes:
+                    synced = await writer.finish()
             finally:
-                os.close(fd)
+                if synced is None:
+                    writer.abort()
             if part.size > settings.max_instance_bytes:
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
+                synced = None
             if on_part is not None:
-                on_part(parts[-1])
+                on_part(parts[-1], synced)
     except BaseException:
         _cleanup(parts)
         raise

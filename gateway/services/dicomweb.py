@@ -243,12 +243,13 @@ class ParseFeed:
         self._inflight: asyncio.Future | None = None
         self._syncs: list[tuple[Path, asyncio.Future]] = []
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, synced: asyncio.Future | None = None) -> None:
+        """``synced``: the part's fsync already under way (a future of its OSError or None), else it starts here."""
         self.slots.append(None)
         if part.failure is not None:  # rejected while streaming: nothing to parse
             self.slots[-1] = Outcome(None, None, failure=part.failure, reason=part.reason)
             return
-        self._syncs.append((part.tmp, asyncio.ensure_future(self._fsync(part.tmp))))
+        self._syncs.append((part.tmp, synced if synced is not None else asyncio.ensure_future(self._fsync(part.tmp))))
         self._pending.append((len(self.slots) - 1, part))
         if self._inflight is None:
             self._submit()
