@@ -10,6 +10,7 @@ consent gate's :class:`~gateway.store.scope.AccessScope`.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import struct
@@ -108,7 +109,11 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     out.meta_json = orjson.dumps(meta).decode()
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
-    out.content = _content_rows(ds)
+    try:
+        out.content = _content_rows(ds)
+    except (EOFError, OSError, struct.error) as exc:  # a sequence cut short (truncated SR): nothing stored
+        return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
+                       reason=f"{type(exc).__name__}: {exc}"[:300])
     out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
     return out
@@ -126,15 +131,40 @@ def _pixel_meta(ds, ts: str) -> dict:
             "BulkDataURI": f"{attrs.BULK_PREFIX}7FE00010"}
 
 
+#: bytes read at once for the header of a STOW instance: pydicom asks the file object for its position at
+#: every element (an lseek system call on a file, ~75 per CT instance); from memory it costs nothing
+HEADER_READ = 64 * 1024
+
+
 def _read_header(part: Part):
-    """The fast path: read up to the pixel data only, check the pixel data's length from its element
-    header, encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the
+    """The fast path: read up to the pixel data only (parsed from one :data:`HEADER_READ` read where the header
+    ends inside it, else from the file), check the pixel data's length from its element header, encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the
     file is not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
     endian, float pixel data), so that :func:`_read_full` handles it exactly as before."""
     with open(part.tmp, "rb") as f:
-        ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
-        pixel_at = f.tell()
-        head = f.read(12) if pixel_at < part.size else b""
+        data = f.read(HEADER_READ)
+        ds = None
+        if len(data) == part.size:  # the whole file: parse it from memory
+            src = io.BytesIO(data)
+            ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+        elif len(data) == HEADER_READ:
+            try:
+                src = io.BytesIO(data)
+                ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                    NotImplementedError, struct.error, OSError):
+                ds = None  # perhaps only cut short by the buffer: read it from the file below
+        if ds is not None:
+            pixel_at = src.tell()
+            if len(data) < part.size and pixel_at + 12 > len(data):
+                ds = None  # the header does not end inside the buffer (or a read went past it)
+            else:
+                head = data[pixel_at:pixel_at + 12] if pixel_at < part.size else b""
+        if ds is None:
+            f.seek(0)
+            ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
+            pixel_at = f.tell()
+            head = f.read(12) if pixel_at < part.size else b""
     attrs.check_instance(ds)
     ts = _transfer_syntax(ds)
     if str(ds.SOPClassUID) == SEG_CLASS or ts == "1.2.840.10008.1.2.2":
