@@ -164,7 +164,8 @@ class _PartWriter:
     the body while the page-cache copies (≈ 1 ms per 514 KB instance, measured: a fifth of the loop's STOW
     time) run beside it. The last hand-over writes the rest, tells the loop the file is complete, then
     ``fsync``-s and closes it in the same thread job (blob store step 3, one hand-over per part instead of
-    a write on the loop plus a separate fsync job). At most two batches per part are held in memory."""
+    a write on the loop plus a separate fsync job); the receiving loop does not wait for it. At most two
+    batches per part are held in memory."""
 
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -186,8 +187,10 @@ class _PartWriter:
             chunks, self.chunks, self.pending = self.chunks, [], 0
             self.job = asyncio.get_running_loop().run_in_executor(None, _write_all, self.fd, chunks)
 
-    async def finish(self) -> asyncio.Future:
-        """Write the rest; returns once the file is complete, with a future of its fsync (OSError or None)."""
+    async def finish(self) -> tuple[asyncio.Future, asyncio.Future]:
+        """Hand the rest to a thread; returns (a future done when the file is complete — with the write's
+        OSError, if any —, a future of its fsync: OSError or None) without waiting for either, so the next
+        part is received while this one is written."""
         if self.job is not None:
             await self.job
             self.job = None
@@ -196,8 +199,7 @@ class _PartWriter:
         chunks, self.chunks, self.pending = self.chunks, [], 0
         self.owned = True
         synced = loop.run_in_executor(None, _write_sync_close, self.fd, chunks, loop, written)
-        await written  # (a write error is raised here)
-        return synced
+        return written, synced
 
     def abort(self) -> None:
         """Close the fd (once an in-flight batch is done: a thread may be writing to it)."""
@@ -249,8 +251,9 @@ def _part_type(headers: bytes) -> str:
 
 async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[Part]:
     """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body.
-    ``on_part(part, synced)`` is called as each part is complete and written (the service starts parsing it
-    then); ``synced``: a future of the file's fsync (its OSError or None), None for a rejected part."""
+    ``on_part(part[, written, synced])`` is called as each part is complete (the service parses it once
+    ``written`` is done); ``written`` / ``synced``: futures of its file's write and fsync (see
+    :meth:`_PartWriter.finish`), not given for a part rejected while streaming."""
     settings = request.app[keys.SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_stow_bytes:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
@@ -275,7 +278,7 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 parts.append(Part(None, failure=CANNOT_UNDERSTAND, reason=f"part media type {ptype!r} is not "
                                   "application/dicom"))
                 if on_part is not None:
-                    on_part(parts[-1], None)
+                    on_part(parts[-1])
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
@@ -288,21 +291,20 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                     return  # drain the part, keep nothing
                 writer.feed(data)
 
-            synced = None
+            done = None
             try:
                 await stream.body(sink, writer.drain)
                 if part.size <= settings.max_instance_bytes:
-                    synced = await writer.finish()
+                    done = await writer.finish()
             finally:
-                if synced is None:
+                if done is None:
                     writer.abort()
             if part.size > settings.max_instance_bytes:
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
-                synced = None
             if on_part is not None:
-                on_part(parts[-1], synced)
+                on_part(parts[-1], *(done or ()))
     except BaseException:
         _cleanup(parts)
         raise

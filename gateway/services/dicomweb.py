@@ -272,15 +272,31 @@ class ParseFeed:
         self._pending: list[tuple[int, Part]] = []
         self._inflight: asyncio.Future | None = None
         self._syncs: list[tuple[Path, asyncio.Future]] = []
+        self._writes: list[asyncio.Future] = []
 
-    def add(self, part: Part, synced: asyncio.Future | None = None) -> None:
-        """``synced``: the part's fsync already under way (a future of its OSError or None), else it starts here."""
+    def add(self, part: Part, written: asyncio.Future | None = None, synced: asyncio.Future | None = None) -> None:
+        """``written``: a future done when the part's file is complete (parsing waits for it; its exception
+        fails the part with 0xA700), else the file is complete now. ``synced``: its fsync already under way
+        (a future of its OSError or None), else it starts here."""
         self.slots.append(None)
         if part.failure is not None:  # rejected while streaming: nothing to parse
             self.slots[-1] = Outcome(None, None, failure=part.failure, reason=part.reason)
             return
         self._syncs.append((part.tmp, synced if synced is not None else asyncio.ensure_future(self._fsync(part.tmp))))
-        self._pending.append((len(self.slots) - 1, part))
+        i = len(self.slots) - 1
+        if written is None:
+            self._ready(i, part, None)
+        else:
+            self._writes.append(written)
+            written.add_done_callback(lambda w: self._ready(i, part, w))
+
+    def _ready(self, i: int, part: Part, written: asyncio.Future | None) -> None:
+        if written is not None and (written.cancelled() or written.exception() is not None):
+            exc = None if written.cancelled() else written.exception()
+            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
+                                    reason=f"the instance could not be written: {type(exc).__name__}"[:300])
+            return
+        self._pending.append((i, part))
         if self._inflight is None:
             self._submit()
 
@@ -311,6 +327,8 @@ class ParseFeed:
 
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
+        if self._writes:  # (their done-callbacks, registered first, have run when this returns)
+            await asyncio.gather(*self._writes, return_exceptions=True)
         while True:
             job = self._inflight
             if job is not None:

@@ -112,8 +112,9 @@ async def test_part_files_are_written_byte_for_byte(size, batch, tmp_path, monke
         path = tmp_path / f"{len(paths)}.part"
         writer = _PartWriter(path)
         await stream.body(writer.feed, writer.drain)
-        synced = await writer.finish()
-        assert path.read_bytes() == parts[len(paths)][1]  # complete once finish() returns
+        written, synced = await writer.finish()
+        await written
+        assert path.read_bytes() == parts[len(paths)][1]  # complete once `written` is done
         assert await synced is None
         paths.append(path)
     assert len(paths) == len(parts)
