@@ -14,6 +14,7 @@ so after any failure there is no row without its file and no file without its ro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 from pathlib import Path
@@ -25,9 +26,13 @@ class BlobStore:
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._real_root = os.path.realpath(root)
+        self._tmp_prefix = f"{secrets.token_hex(8)}-{os.getpid()}-"
+        self._tmp_seq = itertools.count()
 
     def temp_path(self) -> Path:
-        return self.tmp / f"{secrets.token_hex(12)}.part"
+        """A new temp file name: a random prefix per store (per process) and a counter — unique without a
+        call for random bytes per part (a ``getrandom`` system call each: 8 % of the STOW event loop)."""
+        return self.tmp / f"{self._tmp_prefix}{next(self._tmp_seq)}.part"
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
