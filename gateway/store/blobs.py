@@ -1,7 +1,7 @@
 """On-disk blob store for DICOM instances: atomic write, then index; reconciled at start-up.
 
 Write protocol (one instance):
-  1. the request body part is streamed to ``tmp/<random>.part`` (memory does not grow with its size);
+  1. the request body part is streamed to ``tmp/<unique>.part`` (memory does not grow with its size);
   2. the file is parsed and checked; on failure it is deleted;
   3. it is ``fsync``-ed and renamed to ``<study>/<series>/<sop>.dcm`` (atomic on POSIX);
   4. the index rows are written in one database transaction; if that fails the file is removed.
