@@ -218,14 +218,23 @@ class _PartWriter:
         return written, synced
 
     def abort(self) -> None:
-        """Close the fd (once an in-flight batch is done: a thread may be writing to it)."""
+        """Close the fd and remove the file (once an in-flight batch is done: a thread may be writing to it,
+        or be about to create it)."""
         if self.owned:
             return
         self.owned = True
+
+        def gone(job: asyncio.Future | None) -> None:
+            if job is not None and not job.cancelled() and job.exception() is None:
+                os.close(job.result())
+            self.path.unlink(missing_ok=True)
+
         if self.job is not None:
-            self.job.add_done_callback(lambda job: job.cancelled() or job.exception() or os.close(job.result()))
-        elif self.fd is not None:
-            os.close(self.fd)
+            self.job.add_done_callback(gone)
+        else:
+            if self.fd is not None:
+                os.close(self.fd)
+            gone(None)
 
 
 def _write_batch(path: Path, fd: int | None, chunks: list) -> int:
@@ -284,6 +293,7 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
     svc = _svc(request)
     stream = _MultipartStream(request.content, boundary)
     parts: list[Part] = []
+    finals: list[tuple[asyncio.Future, asyncio.Future]] = []  # each written part's (written, synced)
     total = 0
 
     def count(n: int) -> None:
@@ -327,9 +337,14 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
+            if done is not None:
+                finals.append(done)
             if on_part is not None:
                 on_part(parts[-1], *(done or ()))
     except BaseException:
+        for _written, synced in finals:  # a part's file is created by its writer thread: remove it after
+            if not synced.done():
+                synced.add_done_callback(lambda _f: _cleanup(parts))
         _cleanup(parts)
         raise
     if not parts:

@@ -137,9 +137,10 @@ HEADER_READ = 64 * 1024
 
 
 def _read_header(part: Part):
-    """The fast path: read up to the pixel data only (parsed from one :data:`HEADER_READ` read where the header
-    ends inside it, else from the file), check the pixel data's length from its element header, encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the
-    file is not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
+    """The fast path: read up to the pixel data only (parsed from one :data:`HEADER_READ` read where the
+    header ends inside it, else from the file), check the pixel data's length from its element header,
+    encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the file is
+    not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
     endian, float pixel data), so that :func:`_read_full` handles it exactly as before."""
     with open(part.tmp, "rb") as f:
         data = f.read(HEADER_READ)
@@ -325,6 +326,19 @@ class ParseFeed:
             if self._pending and not job.cancelled():
                 self._submit()
 
+    @staticmethod
+    def discard(feed: "ParseFeed | None", parts: list[Part]) -> None:
+        """Remove the parts' temp files — a file whose writer thread is still at work once it is done (the
+        thread creates it: removed now, it would be left behind)."""
+        jobs = {tmp: fut for tmp, fut in feed._syncs} if feed is not None else {}
+        for p in parts:
+            if p.tmp is None:
+                continue
+            fut = jobs.get(p.tmp)
+            if fut is not None and not fut.done():
+                fut.add_done_callback(lambda _f, tmp=p.tmp: tmp.unlink(missing_ok=True))
+            p.tmp.unlink(missing_ok=True)
+
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
         if self._writes:  # (their done-callbacks, registered first, have run when this returns)
@@ -377,13 +391,17 @@ class DicomwebService:
                     retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
         ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
-        require_write(requester)
-        if feed is None:
-            feed = self.parse_feed(study_in_path)
-            for p in parts:
-                feed.add(p)
-        # the rename into place below happens only for instances that passed every check
-        outcomes, sync_errors = await feed.results()
+        try:
+            require_write(requester)
+            if feed is None:
+                feed = self.parse_feed(study_in_path)
+                for p in parts:
+                    feed.add(p)
+            # the rename into place below happens only for instances that passed every check
+            outcomes, sync_errors = await feed.results()
+        except BaseException:  # refused or cancelled: no temp file left behind
+            ParseFeed.discard(feed, parts)
+            raise
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:
@@ -409,9 +427,7 @@ class DicomwebService:
             for o in committed:  # rows not written (error, cancellation): no file without its row
                 if not o.indexed and o.failure is None:
                     self.blobs.remove(o.rel)
-            for p in parts:
-                if p.tmp is not None and p.tmp.exists():
-                    p.tmp.unlink(missing_ok=True)
+            ParseFeed.discard(feed, parts)
         if good:
             self.db.note_writes(len(good))
         stored = [o for o in outcomes if o.failure is None]
