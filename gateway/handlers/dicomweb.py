@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -28,6 +29,20 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED = {IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.2"}
 CHUNK = 256 * 1024
+#: bytes of a STOW part collected before a thread writes them (see _PartWriter)
+WRITE_BATCH = 1024 * 1024
+#: threads writing and fsync-ing STOW part files: an fsync waits on the disk for milliseconds (≈ 4.6 ms per
+#: 514 KB file measured on the busy bench VM), so they get threads of their own rather than queueing the
+#: next parts' writes (and every other ``to_thread`` user) behind the default executor's cpu + 4
+WRITER_THREADS = 16
+_writers: ThreadPoolExecutor | None = None
+
+
+def _writer_pool() -> ThreadPoolExecutor:
+    global _writers
+    if _writers is None:
+        _writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="stow-write")
+    return _writers
 
 SERVICE = "dicomweb"
 
@@ -124,9 +139,11 @@ class _MultipartStream:
         del buf[:k + 4]
         return headers
 
-    async def body(self, sink) -> None:
-        """Hand the current part's bytes to ``sink(data)`` (bytes or a memoryview, to be used before the
-        next call), up to (not including) the next delimiter."""
+    async def body(self, sink, drain=None) -> None:
+        """Hand the current part's bytes to ``sink(data)``, up to (not including) the next delimiter.
+        ``data`` is bytes, a memoryview of an immutable ``bytes`` block (the sink may keep either), or a
+        memoryview of the splitter's own buffer (valid only during the call: copy it to keep it).
+        ``await drain()``, if given, runs before each further block is read (the sink's back-pressure)."""
         buf, delim = self.buf, self.delim
         keep = len(delim) - 1  # a delimiter may straddle two blocks
         while (i := buf.find(delim)) < 0:
@@ -134,6 +151,8 @@ class _MultipartStream:
                 with memoryview(buf) as view, view[:len(buf) - keep] as head:
                     sink(head)
                 del buf[:len(buf) - keep]
+            if drain is not None:
+                await drain()
             chunk = await self.content.readany()
             if not chunk:
                 raise BadRequest("malformed multipart body: it ends inside a part (no closing boundary)")
@@ -142,8 +161,7 @@ class _MultipartStream:
             if len(chunk) > 2 * len(delim) and chunk.find(delim) < 0 and (bytes(buf) + chunk[:keep]).find(delim) < 0:
                 if buf:
                     sink(bytes(buf))
-                with memoryview(chunk) as view, view[:len(chunk) - keep] as head:
-                    sink(head)
+                sink(memoryview(chunk)[:len(chunk) - keep])  # a view of the (immutable) block: no copy
                 buf[:] = chunk[len(chunk) - keep:]
                 continue
             buf += chunk
@@ -151,6 +169,109 @@ class _MultipartStream:
             with memoryview(buf) as view, view[:i] as head:
                 sink(head)
             del buf[:i]  # next_part() consumes the delimiter
+
+
+class _PartWriter:
+    """Writes one part's temp file off the event loop: the received blocks are kept (no copy where they are
+    immutable) and handed to a thread about every :data:`WRITE_BATCH` bytes, so the event loop only splits
+    the body while the file creation and page-cache copies (≈ 1 ms per 514 KB instance, measured: a fifth
+    of the loop's STOW time; creating the file alone was another 8 %) run beside it. The last hand-over
+    writes the rest, tells the loop the file is complete, then ``fsync``-s and closes it in the same thread
+    job (blob store step 3, one hand-over per part instead of a write on the loop plus a separate fsync
+    job); the receiving loop does not wait for it. At most two batches per part are held in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None  # opened (O_EXCL) by the first thread job
+        self.chunks: list = []
+        self.pending = 0
+        self.job: asyncio.Future | None = None  # the batch being written; its result is the fd
+        self.owned = False  # the final job closes the fd
+
+    def feed(self, data) -> None:
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)  # a view of the splitter's buffer, which changes after the call
+        self.chunks.append(data)
+        self.pending += len(data)
+
+    async def _settle(self) -> None:
+        if self.job is not None:
+            job, self.job = self.job, None
+            self.fd = await job  # back-pressure: one batch in the thread, one being collected
+
+    async def drain(self) -> None:
+        if self.pending >= WRITE_BATCH:
+            await self._settle()
+            chunks, self.chunks, self.pending = self.chunks, [], 0
+            self.job = asyncio.get_running_loop().run_in_executor(_writer_pool(), _write_batch, self.path, self.fd, chunks)
+
+    async def finish(self) -> tuple[asyncio.Future, asyncio.Future]:
+        """Hand the rest to a thread; returns (a future done when the file is complete — with the write's
+        OSError, if any —, a future of its fsync: OSError or None) without waiting for either, so the next
+        part is received while this one is written."""
+        await self._settle()
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        chunks, self.chunks, self.pending = self.chunks, [], 0
+        self.owned = True
+        synced = loop.run_in_executor(_writer_pool(), _write_sync_close, self.path, self.fd, chunks, loop, written)
+        return written, synced
+
+    def abort(self) -> None:
+        """Close the fd and remove the file (once an in-flight batch is done: a thread may be writing to it,
+        or be about to create it)."""
+        if self.owned:
+            return
+        self.owned = True
+
+        def gone(job: asyncio.Future | None) -> None:
+            if job is not None and not job.cancelled() and job.exception() is None:
+                os.close(job.result())
+            self.path.unlink(missing_ok=True)
+
+        if self.job is not None:
+            self.job.add_done_callback(gone)
+        else:
+            if self.fd is not None:
+                os.close(self.fd)
+            gone(None)
+
+
+def _write_batch(path: Path, fd: int | None, chunks: list) -> int:
+    """Thread job: create the file (first batch), write ``chunks``; returns the fd (closed on an error)."""
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for c in chunks:
+            view = memoryview(c)
+            while view:
+                view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_sync_close(path: Path, fd: int | None, chunks: list, loop: asyncio.AbstractEventLoop,
+                      written: asyncio.Future) -> OSError | None:
+    """Thread job: the last batch, then (the loop told the file is complete, so parsing can start) fsync."""
+    def tell(exc: BaseException | None) -> None:
+        if not written.done():
+            written.set_result(None) if exc is None else written.set_exception(exc)
+
+    try:
+        fd = _write_batch(path, fd, chunks)
+    except BaseException as exc:
+        loop.call_soon_threadsafe(tell, exc)
+        return None
+    loop.call_soon_threadsafe(tell, None)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
 
 
 def _part_type(headers: bytes) -> str:
@@ -163,13 +284,16 @@ def _part_type(headers: bytes) -> str:
 
 async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[Part]:
     """Stream every body part to a temp file (PS3.18 §8.6.1.2); memory does not grow with the body.
-    ``on_part(part)`` is called as each part is complete (the service starts parsing it then)."""
+    ``on_part(part[, written, synced])`` is called as each part is complete (the service parses it once
+    ``written`` is done); ``written`` / ``synced``: futures of its file's write and fsync (see
+    :meth:`_PartWriter.finish`), not given for a part rejected while streaming."""
     settings = request.app[keys.SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_stow_bytes:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {settings.max_stow_bytes}")
     svc = _svc(request)
     stream = _MultipartStream(request.content, boundary)
     parts: list[Part] = []
+    finals: list[tuple[asyncio.Future, asyncio.Future]] = []  # each written part's (written, synced)
     total = 0
 
     def count(n: int) -> None:
@@ -192,28 +316,35 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
-            fd = os.open(part.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            writer = _PartWriter(part.tmp)
 
-            def sink(data, fd: int = fd, part: Part = part) -> None:
+            def sink(data, writer: _PartWriter = writer, part: Part = part) -> None:
                 count(len(data))
                 part.size += len(data)
                 if part.size > settings.max_instance_bytes:
                     return  # drain the part, keep nothing
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                writer.feed(data)
 
+            done = None
             try:
-                await stream.body(sink)
+                await stream.body(sink, writer.drain)
+                if part.size <= settings.max_instance_bytes:
+                    done = await writer.finish()
             finally:
-                os.close(fd)
+                if done is None:
+                    writer.abort()
             if part.size > settings.max_instance_bytes:
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,
                                  reason=f"instance larger than {settings.max_instance_bytes} bytes")
+            if done is not None:
+                finals.append(done)
             if on_part is not None:
-                on_part(parts[-1])
+                on_part(parts[-1], *(done or ()))
     except BaseException:
+        for _written, synced in finals:  # a part's file is created by its writer thread: remove it after
+            if not synced.done():
+                synced.add_done_callback(lambda _f: _cleanup(parts))
         _cleanup(parts)
         raise
     if not parts:

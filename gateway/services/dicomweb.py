@@ -10,6 +10,7 @@ consent gate's :class:`~gateway.store.scope.AccessScope`.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import struct
@@ -108,7 +109,11 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     out.meta_json = orjson.dumps(meta).decode()
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
-    out.content = _content_rows(ds)
+    try:
+        out.content = _content_rows(ds)
+    except (EOFError, OSError, struct.error) as exc:  # a sequence cut short (truncated SR): nothing stored
+        return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
+                       reason=f"{type(exc).__name__}: {exc}"[:300])
     out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
     return out
@@ -126,15 +131,41 @@ def _pixel_meta(ds, ts: str) -> dict:
             "BulkDataURI": f"{attrs.BULK_PREFIX}7FE00010"}
 
 
+#: bytes read at once for the header of a STOW instance: pydicom asks the file object for its position at
+#: every element (an lseek system call on a file, ~75 per CT instance); from memory it costs nothing
+HEADER_READ = 64 * 1024
+
+
 def _read_header(part: Part):
-    """The fast path: read up to the pixel data only, check the pixel data's length from its element
-    header, encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the
-    file is not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
+    """The fast path: read up to the pixel data only (parsed from one :data:`HEADER_READ` read where the
+    header ends inside it, else from the file), check the pixel data's length from its element header,
+    encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the file is
+    not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
     endian, float pixel data), so that :func:`_read_full` handles it exactly as before."""
     with open(part.tmp, "rb") as f:
-        ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
-        pixel_at = f.tell()
-        head = f.read(12) if pixel_at < part.size else b""
+        data = f.read(HEADER_READ)
+        ds = None
+        if len(data) == part.size:  # the whole file: parse it from memory
+            src = io.BytesIO(data)
+            ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+        elif len(data) == HEADER_READ:
+            try:
+                src = io.BytesIO(data)
+                ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                    NotImplementedError, struct.error, OSError):
+                ds = None  # perhaps only cut short by the buffer: read it from the file below
+        if ds is not None:
+            pixel_at = src.tell()
+            if len(data) < part.size and pixel_at + 12 > len(data):
+                ds = None  # the header does not end inside the buffer (or a read went past it)
+            else:
+                head = data[pixel_at:pixel_at + 12] if pixel_at < part.size else b""
+        if ds is None:
+            f.seek(0)
+            ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
+            pixel_at = f.tell()
+            head = f.read(12) if pixel_at < part.size else b""
     attrs.check_instance(ds)
     ts = _transfer_syntax(ds)
     if str(ds.SOPClassUID) == SEG_CLASS or ts == "1.2.840.10008.1.2.2":
@@ -242,14 +273,31 @@ class ParseFeed:
         self._pending: list[tuple[int, Part]] = []
         self._inflight: asyncio.Future | None = None
         self._syncs: list[tuple[Path, asyncio.Future]] = []
+        self._writes: list[asyncio.Future] = []
 
-    def add(self, part: Part) -> None:
+    def add(self, part: Part, written: asyncio.Future | None = None, synced: asyncio.Future | None = None) -> None:
+        """``written``: a future done when the part's file is complete (parsing waits for it; its exception
+        fails the part with 0xA700), else the file is complete now. ``synced``: its fsync already under way
+        (a future of its OSError or None), else it starts here."""
         self.slots.append(None)
         if part.failure is not None:  # rejected while streaming: nothing to parse
             self.slots[-1] = Outcome(None, None, failure=part.failure, reason=part.reason)
             return
-        self._syncs.append((part.tmp, asyncio.ensure_future(self._fsync(part.tmp))))
-        self._pending.append((len(self.slots) - 1, part))
+        self._syncs.append((part.tmp, synced if synced is not None else asyncio.ensure_future(self._fsync(part.tmp))))
+        i = len(self.slots) - 1
+        if written is None:
+            self._ready(i, part, None)
+        else:
+            self._writes.append(written)
+            written.add_done_callback(lambda w: self._ready(i, part, w))
+
+    def _ready(self, i: int, part: Part, written: asyncio.Future | None) -> None:
+        if written is not None and (written.cancelled() or written.exception() is not None):
+            exc = None if written.cancelled() else written.exception()
+            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
+                                    reason=f"the instance could not be written: {type(exc).__name__}"[:300])
+            return
+        self._pending.append((i, part))
         if self._inflight is None:
             self._submit()
 
@@ -278,8 +326,23 @@ class ParseFeed:
             if self._pending and not job.cancelled():
                 self._submit()
 
+    @staticmethod
+    def discard(feed: "ParseFeed | None", parts: list[Part]) -> None:
+        """Remove the parts' temp files — a file whose writer thread is still at work once it is done (the
+        thread creates it: removed now, it would be left behind)."""
+        jobs = {tmp: fut for tmp, fut in feed._syncs} if feed is not None else {}
+        for p in parts:
+            if p.tmp is None:
+                continue
+            fut = jobs.get(p.tmp)
+            if fut is not None and not fut.done():
+                fut.add_done_callback(lambda _f, tmp=p.tmp: tmp.unlink(missing_ok=True))
+            p.tmp.unlink(missing_ok=True)
+
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
+        if self._writes:  # (their done-callbacks, registered first, have run when this returns)
+            await asyncio.gather(*self._writes, return_exceptions=True)
         while True:
             job = self._inflight
             if job is not None:
@@ -328,13 +391,17 @@ class DicomwebService:
                     retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
         ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
-        require_write(requester)
-        if feed is None:
-            feed = self.parse_feed(study_in_path)
-            for p in parts:
-                feed.add(p)
-        # the rename into place below happens only for instances that passed every check
-        outcomes, sync_errors = await feed.results()
+        try:
+            require_write(requester)
+            if feed is None:
+                feed = self.parse_feed(study_in_path)
+                for p in parts:
+                    feed.add(p)
+            # the rename into place below happens only for instances that passed every check
+            outcomes, sync_errors = await feed.results()
+        except BaseException:  # refused or cancelled: no temp file left behind
+            ParseFeed.discard(feed, parts)
+            raise
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:
@@ -360,9 +427,7 @@ class DicomwebService:
             for o in committed:  # rows not written (error, cancellation): no file without its row
                 if not o.indexed and o.failure is None:
                     self.blobs.remove(o.rel)
-            for p in parts:
-                if p.tmp is not None and p.tmp.exists():
-                    p.tmp.unlink(missing_ok=True)
+            ParseFeed.discard(feed, parts)
         if good:
             self.db.note_writes(len(good))
         stored = [o for o in outcomes if o.failure is None]

@@ -55,6 +55,37 @@ async def _state(gw) -> tuple[int, int, int]:
     return rows, files, tmp
 
 
+
+async def _no_temp_files(gw, before) -> tuple[int, int, int]:
+    """The store's state once the writer threads are done (a failed request's part files are removed
+    when their writer thread has finished with them)."""
+    for _ in range(100):
+        state = await _state(gw)
+        if state == before:
+            break
+        await asyncio.sleep(0.02)
+    return state
+
+
+async def test_failed_requests_leave_no_temp_files(small, http):
+    """Parts already handed to the writer threads when the request fails (body cut inside a later part,
+    a requester who may not store) or is abandoned leave no temp file behind."""
+    gw = small
+    h = gw.headers("pacs")
+    parts = [to_bytes(d) for d in ct_series(patient_id="T1", patient_name="Temp^Files", n=3, size=64)]
+    before = await _state(gw)
+    cut = _body(*parts)[: -len(parts[-1]) // 2]  # the last part never ends
+    async with http.post(f"{gw.dicomweb}/studies", data=cut, headers=h | {"Content-Type": DICOM_MP}) as r:
+        assert r.status == 400
+    assert await _no_temp_files(gw, before) == before
+    analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(*parts), headers=analyst | {"Content-Type": DICOM_MP}) as r:
+        assert r.status == 403
+    assert await _no_temp_files(gw, before) == before
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(*parts), headers=h | {"Content-Type": DICOM_MP}) as r:
+        assert r.status == 200
+    assert (await _state(gw))[2] == 0
+
 async def test_stow_bad_input_table(small, http):
     gw = small
     h = gw.headers("pacs")

@@ -56,3 +56,30 @@ async def test_unreadable_part_fails_alone(files, tmp_path):
     feed.add(Part(bad, bad.stat().st_size))
     outcomes, _ = await feed.results()
     assert outcomes[0].failure is None and outcomes[1].failure == CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_parts_wait_for_their_write(files, seed):
+    """Parts whose files are still being written (the receive path does not wait for its writer thread) are
+    parsed once written, whatever order the writes complete in; a failed write fails that part alone (0xA700)."""
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    feed = ParseFeed(WorkerPool(0), None)
+    writes, expected = [], []
+    for n, (path, sop) in enumerate(files):
+        written = loop.create_future()
+        feed.add(Part(path, path.stat().st_size), written, None)
+        fail = n == 3
+        writes.append((written, fail))
+        expected.append(OUT_OF_RESOURCES if fail else None)
+    order = list(range(len(writes)))
+    rng.shuffle(order)
+    for i in order:
+        written, fail = writes[i]
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.choice([0, 0.001]))
+        written.set_exception(OSError(28, "No space left on device")) if fail else written.set_result(None)
+    outcomes, errors = await feed.results()
+    assert not errors
+    assert [o.failure for o in outcomes] == expected
+    assert [o.sop_uid for o, f in zip(outcomes, expected) if f is None] == [s for (_, s), f in zip(files, expected) if f is None]
