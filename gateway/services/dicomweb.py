@@ -546,10 +546,12 @@ class DicomwebService:
                                                           "content is already stored")
 
     def _commit_files(self, new: list[Outcome], done: list[Outcome]) -> None:
+        dirty: set[str] = set()
         for o in new:
             o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
-            self.blobs.commit(o.tmp, o.rel, fsynced=True)
+            self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
             done.append(o)
+        self.blobs.sync_dirs(dirty)  # before the index rows: no acknowledged row whose file name may be lost
 
     async def _index_batched(self, new: list[Outcome]) -> None:
         """Index rows of concurrent STOW requests written in one transaction (group commit).

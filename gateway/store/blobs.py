@@ -3,7 +3,8 @@
 Write protocol (one instance):
   1. the request body part is streamed to ``tmp/<unique>.part`` (memory does not grow with its size);
   2. the file is parsed and checked; on failure it is deleted;
-  3. it is ``fsync``-ed and renamed to ``<study>/<series>/<sop>.dcm`` (atomic on POSIX);
+  3. it is ``fsync``-ed and renamed to ``<study>/<series>/<sop>.dcm`` (atomic on POSIX), and the
+     directories that got new entries are ``fsync``-ed (once per batch), so the names survive a power loss;
   4. the index rows are written in one database transaction; if that fails the file is removed.
 
 A crash between 3 and 4 leaves a file without a row; a crash during 1–2 leaves a temp file.
@@ -52,14 +53,39 @@ class BlobStore:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 
-    def commit(self, tmp: Path, rel: str, *, fsynced: bool = False) -> Path:
-        """fsync (unless the caller did already) + atomic rename of a temp file to its final place."""
+    def commit(self, tmp: Path, rel: str, *, fsynced: bool = False, dirty: set[str] | None = None) -> Path:
+        """fsync (unless the caller did already) + atomic rename of a temp file to its final place.
+        ``dirty``: collects the directories whose entries changed (the file's, and those of directories
+        created for it), for :meth:`sync_dirs` before the index rows are committed; without it the
+        directories are synced here."""
         final = self.path(rel)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        parent = final.parent
+        changed = {str(parent)}
+        if not parent.is_dir():  # a new series (perhaps study) directory: its own entry must reach the disk too
+            changed.add(str(parent.parent))
+            if not parent.parent.is_dir():
+                changed.add(str(parent.parent.parent))
+            parent.mkdir(parents=True, exist_ok=True)
         if not fsynced:
             self.fsync(tmp)
         os.replace(tmp, final)
+        if dirty is None:
+            self.sync_dirs(changed)
+        else:
+            dirty.update(changed)
         return final
+
+    @staticmethod
+    def sync_dirs(dirs: set[str]) -> None:
+        """fsync directories, so that renames into them survive a power loss: the file's data was synced
+        before its rename, but the new name lives in the directory (POSIX: fsync the directory too).  Done
+        once per STOW batch, before the index rows that point at the files are committed."""
+        for d in sorted(dirs):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def remove(self, rel: str) -> None:
         try:
