@@ -31,7 +31,7 @@ from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
 from gateway.store.blobs import BlobStore
-from gateway.store.db import Database
+from gateway.store.db import Database, built_once
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 from gateway.services.workers import WorkerPool
@@ -484,7 +484,7 @@ class DicomwebService:
             pid, issuer = key
             match = None
             if pid:
-                q = self._stmt(("patient", bool(issuer)), lambda: _patient_match_stmt(bool(issuer)))
+                q = built_once(("stow patient", bool(issuer)), lambda: _patient_match_stmt(bool(issuer)))
                 rows = (await conn.execute(q, {"p_code": pid, "p_sys": issuer, "p_oid": f"urn:oid:{issuer}"}
                                            if issuer else {"p_code": pid})).scalars().all()
                 match = rows[0] if len(rows) == 1 else None
@@ -514,25 +514,16 @@ class DicomwebService:
         nos[None] = NO_PATIENT
         return out, nos
 
-    def _stmt(self, key: tuple, build) -> Any:
-        """A statement built once (with bind parameters) and reused: building the expression objects of the
-        STOW index transaction anew each time cost about a fifth of its CPU."""
-        stmt = self._stmts.get(key)
-        if stmt is None:
-            stmt = self._stmts[key] = build()
-        return stmt
-
     async def _check_duplicates(self, good: list[Outcome]) -> None:
         """Already stored SOP Instance UIDs: identical bytes → warning (no change), different → 0x0111."""
         existing: dict[str, str] = {}
         uids = [o.sop_uid for o in good]
         for i in range(0, len(uids), 50):
             chunk = uids[i:i + 50]
-            key = ("dup", len(chunk))
-            stmt = self._stmts.get(key)
-            if stmt is None:  # one statement per list length, so Database.read_rows compiles it once
-                stmt = self._stmts[key] = select(dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
-                    dcm_instance.c.sop_uid.in_([bindparam(f"u{j}") for j in range(len(chunk))]))
+            # one statement per list length, so Database.read_rows compiles it once
+            stmt = built_once(("stow dup", len(chunk)), lambda: select(
+                dcm_instance.c.sop_uid, dcm_instance.c.blob_path).where(
+                dcm_instance.c.sop_uid.in_([bindparam(f"u{j}") for j in range(len(chunk))])))
             rows = await self.db.read_rows(stmt, {f"u{j}": u for j, u in enumerate(chunk)})
             existing.update((r["sop_uid"], r["blob_path"]) for r in rows)
         for o in good:
@@ -682,13 +673,13 @@ class DicomwebService:
             return
         # studies/series new to the store (first writer's attributes win; counts recomputed below)
         d = conn.dialect.name
-        await conn.execute(self._stmt(("new", "study", d), lambda: _insert_new(conn, dcm_study, "study_uid")),
+        await conn.execute(built_once(("stow new", "study", d), lambda: _insert_new(conn, dcm_study, "study_uid")),
                            list(studies.values()))
-        await conn.execute(self._stmt(("new", "series", d), lambda: _insert_new(conn, dcm_series, "series_uid")),
+        await conn.execute(built_once(("stow new", "series", d), lambda: _insert_new(conn, dcm_series, "series_uid")),
                            list(series.values()))
         # instances: one already stored (by a concurrent request since _check_duplicates, or another process)
         # is skipped, and missing from RETURNING; its study and series rows exist (written with it)
-        inserted = set((await conn.execute(self._stmt(("new", "instance", d), lambda: _insert_new(
+        inserted = set((await conn.execute(built_once(("stow new", "instance", d), lambda: _insert_new(
             conn, dcm_instance, "sop_uid").returning(dcm_instance.c.sop_uid)), instances)).scalars())
         sr_rows: list[dict] = []
         seg_rows: list[dict] = []
@@ -714,17 +705,17 @@ class DicomwebService:
         # (PostgreSQL) or the write lock file (SQLite), so the counts, series and ImagingStudy read below
         # include their rows
         touched = sorted({inst["series_uid"] for insts in added.values() for inst in insts})
-        await conn.execute(self._stmt(("series counts",), lambda: update(dcm_series).where(
+        await conn.execute(built_once(("stow series counts",), lambda: update(dcm_series).where(
             se_t.series_uid.in_(bindparam("b_series", expanding=True))).values(
             num_instances=select(func.count()).where(i.series_uid == se_t.series_uid).scalar_subquery(),
             updated_ts=bindparam("b_now"))), {"b_series": touched, "b_now": now})
-        ser_rows = (await conn.execute(self._stmt(("series of studies",), lambda: select(dcm_series).where(
+        ser_rows = (await conn.execute(built_once(("stow series of studies",), lambda: select(dcm_series).where(
             se_t.study_uid.in_(bindparam("b_studies", expanding=True))).order_by(se_t.series_number)),
             {"b_studies": list(added)})).mappings().all()
         by_study: dict[str, list[dict]] = {u: [] for u in added}
         for r in ser_rows:
             by_study[r["study_uid"]].append(dict(r))
-        counts = self._stmt(("study counts",), lambda: update(dcm_study).where(
+        counts = built_once(("stow study counts",), lambda: update(dcm_study).where(
             st_t.study_uid == bindparam("b_uid")).values(
             num_instances=select(func.count()).where(i.study_uid == st_t.study_uid).scalar_subquery(),
             num_series=bindparam("b_n"), modalities=bindparam("b_mods"), updated_ts=bindparam("b_now")))
@@ -733,7 +724,7 @@ class DicomwebService:
                   for u, rows in by_study.items()]
         st_rows = None
         if len(params) == 1:  # the usual batch: one study, whose updated row the ImagingStudy needs
-            returning = self._stmt(("study counts returning",), lambda: counts.returning(*dcm_study.c))
+            returning = built_once(("stow study counts returning",), lambda: counts.returning(*dcm_study.c))
             st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(returning, params[0])).mappings()}
         else:  # (no RETURNING for an executemany UPDATE): read after
             await conn.execute(counts, params)

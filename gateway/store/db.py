@@ -46,6 +46,21 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+#: statements of hot paths built once (with bind parameters), by a key naming their shape (see built_once)
+_BUILT: dict[tuple, object] = {}
+
+
+def built_once(key: tuple, build):
+    """The statement ``build()`` makes, built on the first call for ``key`` and reused after: building the
+    SQLAlchemy expression objects anew for every STOW index transaction or ImagingStudy update cost more
+    CPU than executing them.  ``key`` names the statement's shape (and the dialect, where ``build`` depends
+    on it); only for statements whose shape comes from code, never from request values."""
+    stmt = _BUILT.get(key)
+    if stmt is None:
+        stmt = _BUILT[key] = build()
+    return stmt
+
+
 async def xact_lock(conn: AsyncConnection, cls: int, key: str) -> None:
     """PostgreSQL: a transaction-scoped advisory lock on (``cls``, hash of ``key``), so that writers in
     several server processes (``processes`` > 1) that read-then-write the same thing run one after the

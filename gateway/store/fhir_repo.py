@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
-from gateway.store.db import xact_lock
+from gateway.store.db import built_once, xact_lock
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant
@@ -71,18 +71,6 @@ async def get_current(conn: AsyncConnection, res_type: str, res_id: str) -> Stor
     return _stored(row) if row else None
 
 
-#: statements of the hot write path built once (bind parameters), by a key naming their shape: building the
-#: expression objects anew for every STOW's ImagingStudy update cost more than executing them
-_STMTS: dict[tuple, Any] = {}
-
-
-def _stmt(key: tuple, build) -> Any:
-    stmt = _STMTS.get(key)
-    if stmt is None:
-        stmt = _STMTS[key] = build()
-    return stmt
-
-
 async def get_current_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
     """Current rows (deleted ones included) for (type, id) keys, in one statement; absent keys are missing."""
     keys = list(keys)
@@ -92,7 +80,7 @@ async def get_current_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]
         stmt = select(*_COLS).where(or_(*[and_(R.c.res_type == t, R.c.res_id == i) for t, i in keys]))
         rows = await conn.execute(stmt)
     else:
-        stmt = _stmt(("current", len(keys)), lambda: select(*_COLS).where(or_(*[
+        stmt = built_once(("fhir current", len(keys)), lambda: select(*_COLS).where(or_(*[
             and_(R.c.res_type == bindparam(f"t{n}"), R.c.res_id == bindparam(f"i{n}")) for n in range(len(keys))])))
         rows = await conn.execute(stmt, {k: v for n, (t, i) in enumerate(keys) for k, v in ((f"t{n}", t), (f"i{n}", i))})
     return {(r.res_type, r.res_id): _stored(r) for r in rows}
@@ -226,6 +214,21 @@ async def lock_conditions(conn: AsyncConnection, conditions: Iterable[tuple[str,
         await xact_lock(conn, CONDITION_LOCK_CLASS, key)
 
 
+async def _delete_derived(conn: AsyncConnection, idx_del: dict[str, list[int]], cm_del: dict[str, list[str]]) -> None:
+    """Delete resources' search-index rows (``idx_del``: kind → rids) and FHIR-derived common-model rows
+    (``cm_del``: table → "Type/id" sources; Observation component rows go with their panel)."""
+    for kind, rids in idx_del.items():
+        table = s.INDEX_TABLES[kind]
+        await conn.execute(built_once(("fhir idx delete", kind), lambda: delete(table).where(
+            table.c.rid.in_(bindparam("b_rids", expanding=True)))), {"b_rids": rids})
+    for name, srcs in cm_del.items():
+        table = CM_BY_NAME[name]
+        await conn.execute(built_once(("fhir cm delete", name), lambda: delete(table).where(
+            table.c.src_type == "fhir", table.c.src_id.in_(bindparam("b_srcs", expanding=True)))), {"b_srcs": srcs})
+        if name == "cm_observation":  # component rows point at their panel
+            await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
+
+
 async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[Stored]:
     """Persist every write (resource, history, index, common model) on ``conn``; returns new rows."""
     if not writes:
@@ -263,7 +266,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
                               w.resource is None, patient, content))
 
     if updates:
-        stmt = _stmt(("update current",), lambda: (
+        stmt = built_once(("fhir update current",), lambda: (
             update(R)
             .where(R.c.rid == bindparam("b_rid"), R.c.version == bindparam("b_version"))
             .values({k: bindparam(k) for k in ("version", "last_updated", "lu_ts", "deleted", "patient_id", "content")})
@@ -274,7 +277,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     rid_by_key: dict[tuple[str, str], int] = {(w.res_type, w.res_id): w.prev.rid for w in writes if w.prev is not None}
     if new_rows:
         ret = await conn.execute(
-            _stmt(("insert current",), lambda: R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id,
+            built_once(("fhir insert current",), lambda: R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id,
                                                                      sort_by_parameter_order=True)), new_rows
         )
         for r in ret:
@@ -310,16 +313,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             if drop:
                 cm_del.setdefault(table, []).append(src)
             cm_rows.setdefault(table, []).extend(dict(r) for r in add)
-    for kind, rids in idx_del.items():
-        table = s.INDEX_TABLES[kind]
-        await conn.execute(_stmt(("idx delete", kind), lambda: delete(table).where(
-            table.c.rid.in_(bindparam("b_rids", expanding=True)))), {"b_rids": rids})
-    for name, srcs in cm_del.items():
-        table = CM_BY_NAME[name]
-        await conn.execute(_stmt(("cm delete", name), lambda: delete(table).where(
-            table.c.src_type == "fhir", table.c.src_id.in_(bindparam("b_srcs", expanding=True)))), {"b_srcs": srcs})
-        if name == "cm_observation":  # component rows point at their panel
-            await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
+    await _delete_derived(conn, idx_del, cm_del)
     for table, rows_ in cm_rows.items():
         if rows_:
             await conn.execute(CM_BY_NAME[table].insert(), rows_)
@@ -343,7 +337,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         written = sorted({row["rid"] for rows_ in idx_rows.values() for row in rows_})
         nos: dict[int, int | None] = {}
         for i in range(0, len(written), 500):
-            rows_ = await conn.execute(_stmt(("consent_no",), lambda: select(R.c.rid, R.c.consent_no).where(
+            rows_ = await conn.execute(built_once(("fhir consent_no",), lambda: select(R.c.rid, R.c.consent_no).where(
                 R.c.rid.in_(bindparam("b_rids", expanding=True)))), {"b_rids": written[i:i + 500]})
             nos.update((rid, no) for rid, no in rows_)
         for kind, rows_ in idx_rows.items():
@@ -365,25 +359,20 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
     from the previous version's *derived* rows, so after a change to the search parameters or the
     common-model mapping the stored rows must be rebuilt once (``fedgate reindex``).  Rows from DICOM
     (``dcm_*``, ``src_type = 'dicom'``) and OMOP imports are not touched."""
-    rows = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.content, R.c.consent_no)
+    keys = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id)
                                .where(R.c.rid > after_rid, R.c.deleted.is_(False))
                                .order_by(R.c.rid).limit(limit))).all()
-    if not rows:
+    if not keys:
         return 0, 0
-    last = rows[-1].rid
-    # PostgreSQL: no FHIR write of these resources in between (SQLite: the write transaction is alone)
-    await lock_resources(conn, [(r.res_type, r.res_id) for r in rows])
+    # PostgreSQL: no FHIR write of these resources in between (SQLite: the write transaction is alone);
+    # their content is read once locked
+    await lock_resources(conn, [(r.res_type, r.res_id) for r in keys])
     rows = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.content, R.c.consent_no, R.c.patient_id)
-                               .where(R.c.rid.in_([r.rid for r in rows]), R.c.deleted.is_(False))
+                               .where(R.c.rid.in_([r.rid for r in keys]), R.c.deleted.is_(False))
                                .order_by(R.c.rid))).all()
     rids = [r.rid for r in rows]
     srcs = [f"{r.res_type}/{r.res_id}" for r in rows]
-    for table in s.INDEX_TABLES.values():
-        await conn.execute(delete(table).where(table.c.rid.in_(rids)))
-    for name, table in CM_BY_NAME.items():
-        await conn.execute(delete(table).where(table.c.src_type == "fhir", table.c.src_id.in_(srcs)))
-        if name == "cm_observation":  # component rows point at their panel
-            await conn.execute(delete(table).where(table.c.parent_id.in_(srcs)))
+    await _delete_derived(conn, {kind: rids for kind in s.INDEX_TABLES}, {name: srcs for name in CM_BY_NAME})
     idx_rows: dict[str, list[dict]] = {}
     cm_rows: dict[str, list[dict]] = {}
     for r in rows:
@@ -403,7 +392,7 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
         from gateway.store.consent_schema import recompute
 
         await recompute(conn, touched)
-    return len(rows), last
+    return len(rows), keys[-1].rid
 
 
 # ------------------------------------------------------------------------------------------------
