@@ -71,11 +71,14 @@ async def _stamp_all(conn: AsyncConnection, table) -> None:
         await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=profile_no(key)))
 
 
-async def _stamp_index_all(conn: AsyncConnection, table) -> None:
-    """Back-fill ``consent_no`` of every row of the search-index table ``table`` from its resource."""
+async def _stamp_index(conn: AsyncConnection, table, rids=None) -> None:
+    """Copy ``consent_no`` onto the rows of the search-index table ``table`` from their resources: those of
+    ``rids`` (a SELECT of rids), or every row."""
     R = s.fhir_resource
-    await conn.execute(update(table).values(
-        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+    q = update(table)
+    if rids is not None:
+        q = q.where(table.c.rid.in_(rids))
+    await conn.execute(q.values(consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
 
 
 async def ensure_indexes(conn: AsyncConnection) -> None:
@@ -102,7 +105,7 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
             await _stamp_all(conn, table)
     for table in index_tables():
         if table.name in added or s.fhir_resource.name in added:
-            await _stamp_index_all(conn, table)
+            await _stamp_index(conn, table)
     if conn.dialect.name == "postgresql":
         # No planner statistics on consent_no: its values are opaque numbers, and estimating
         # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost ~0.15 ms of planning per
@@ -266,8 +269,7 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     for i in range(0, len(everyone), 500):
         rids = select(R.c.rid).where(R.c.patient_id.in_(everyone[i:i + 500]))
         for table in index_tables():
-            await conn.execute(update(table).where(table.c.rid.in_(rids)).values(
-                consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+            await _stamp_index(conn, table, rids)
     return len(patients)
 
 
