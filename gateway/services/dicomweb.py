@@ -36,7 +36,7 @@ from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 from gateway.services.workers import WorkerPool
 from mappings.dicom import attributes as attrs
-from mappings.dicom import fastjson
+from mappings.dicom import fastjson, rawread
 from mappings.dicom.qido import QidoQuery
 from mappings.dicom.imagingstudy import imaging_study_resource
 
@@ -145,18 +145,23 @@ def _read_header(part: Part):
     with open(part.tmp, "rb") as f:
         data = f.read(HEADER_READ)
         ds = None
-        if len(data) == part.size:  # the whole file: parse it from memory
+        pixel_at = -1
+        fast = rawread.read_header(data) if len(data) in (part.size, HEADER_READ) else None
+        if fast is not None:  # the common layout (see mappings.dicom.rawread): as dcmread reads it
+            ds, _ts, pixel_at = fast
+        elif len(data) == part.size:  # the whole file: parse it from memory
             src = io.BytesIO(data)
             ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+            pixel_at = src.tell()
         elif len(data) == HEADER_READ:
             try:
                 src = io.BytesIO(data)
                 ds = dcmread(src, defer_size=1024, stop_before_pixels=True)
+                pixel_at = src.tell()
             except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
                     NotImplementedError, struct.error, OSError):
                 ds = None  # perhaps only cut short by the buffer: read it from the file below
         if ds is not None:
-            pixel_at = src.tell()
             if len(data) < part.size and pixel_at + 12 > len(data):
                 ds = None  # the header does not end inside the buffer (or a read went past it)
             else:
