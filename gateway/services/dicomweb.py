@@ -101,16 +101,17 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
             AttributeError, OSError, NotImplementedError, struct.error) as exc:
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
-    out = Outcome(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
+    out = Outcome(*(attrs.text(src, kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                                    "SeriesInstanceUID")))
     if study_in_path and out.study_uid != study_in_path:
         out.failure, out.reason = UID_MISMATCH, f"StudyInstanceUID {out.study_uid} differs from the URL's {study_in_path}"
         return out
     out.tmp, out.size = part.tmp, part.size
     out.meta_json = orjson.dumps(meta).decode()
-    src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
     try:
-        out.content = _content_rows(ds)
+        out.content = _content_rows(ds, out.sop_class)
     except (EOFError, OSError, struct.error) as exc:  # a sequence cut short (truncated SR): nothing stored
         return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
                        reason=f"{type(exc).__name__}: {exc}"[:300])
@@ -171,9 +172,13 @@ def _read_header(part: Part):
             ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
             pixel_at = f.tell()
             head = f.read(12) if pixel_at < part.size else b""
-    attrs.check_instance(ds)
+    # the metadata first: an element pydicom has converted (by an access) is encoded by pydicom, slowly
+    meta = fastjson.dataset_json(ds, bulk_data_threshold=attrs.BULK_THRESHOLD,
+                                 bulk_data_element_handler=attrs.bulk_handler)
+    src = attrs.MetaView(meta, ds)  # the checks read the decoded metadata, not pydicom conversions
+    attrs.check_instance(src)
     ts = _transfer_syntax(ds)
-    if str(ds.SOPClassUID) == SEG_CLASS or ts == "1.2.840.10008.1.2.2":
+    if attrs.text(src, "SOPClassUID") == SEG_CLASS or ts == "1.2.840.10008.1.2.2":
         return None, None, None
     length = None
     if head:
@@ -193,12 +198,10 @@ def _read_header(part: Part):
         if end < part.size:
             return None, None, None  # elements after the pixel data
         if ts in UNCOMPRESSED_TS:
-            _check_expected_length(ds, length)
-    meta = fastjson.dataset_json(ds, bulk_data_threshold=attrs.BULK_THRESHOLD,
-                                 bulk_data_element_handler=attrs.bulk_handler)
+            _check_expected_length(src, length)
     if length is not None:
         meta.pop("7FE00010", None)
-        meta["7FE00010"] = _pixel_meta(ds, ts)
+        meta["7FE00010"] = _pixel_meta(src, ts)
     elif "7FE00010" not in meta and ds.get("Rows") is not None:
         meta["7FE00010"] = attrs.pixel_placeholder(ds)
     return ds, ts, meta
@@ -244,9 +247,8 @@ def _check_expected_length(ds, length: int) -> None:
         raise attrs.InvalidInstance(f"PixelData holds {length} bytes, the header needs {expected} (truncated)")
 
 
-def _content_rows(ds) -> tuple[list[dict], list[dict]]:
+def _content_rows(ds, sop_class: str) -> tuple[list[dict], list[dict]]:
     """SR content items and SEG segments of a dataset (worker thread)."""
-    sop_class = str(ds.SOPClassUID)
     sr, seg = [], []
     try:
         if sop_class.startswith(SR_CLASS_PREFIX):

@@ -40,6 +40,15 @@ def _s(ds: Dataset | MetaView, keyword: str, limit: int | None = None) -> str | 
     return text[:limit] if limit else text
 
 
+def text(src: Dataset | MetaView, keyword: str) -> str:
+    """``str(ds.<keyword>)`` of a single-valued string attribute, from the decoded metadata where it holds
+    the value as text (same string: see :mod:`mappings.dicom.fastjson`), else from pydicom."""
+    value = src.get(keyword)
+    if isinstance(value, str):
+        return value
+    return str(getattr(src.ds if isinstance(src, MetaView) else src, keyword))
+
+
 def _f(ds: Dataset | MetaView, keyword: str) -> float | None:
     value = ds.get(keyword)
     if value is None or value == "":

@@ -84,11 +84,27 @@ def _vr_of(tag: BaseTag, raw: RawDataElement) -> str:
     return vr
 
 
+#: pydicom's verdict on (VR, value) pairs seen before: its validation (regular expressions, lengths) was a
+#: third of the encoding, and most values repeat from instance to instance (dates, names, series and study
+#: UIDs, window settings, ...). Bounded: cleared when full.
+_VALID: dict[tuple[str, str], bool] = {}
+_VALID_MAX = 20_000
+
+
 def _check(vr: str, value: str) -> None:
-    try:
-        validate_value(vr, value, _RAISE)
-    except ValueError:
-        raise _Doubt from None
+    key = (vr, value)
+    ok = _VALID.get(key)
+    if ok is None:
+        try:
+            validate_value(vr, value, _RAISE)
+            ok = True
+        except ValueError:
+            ok = False
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()
+        _VALID[key] = ok
+    if not ok:
+        raise _Doubt
 
 
 def _strings(vr: str, data: bytes, codec: str | None) -> list[str]:
