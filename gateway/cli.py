@@ -49,7 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from gateway.serve import supervise
 
         return supervise(settings, getattr(args, "argv", None) or sys.argv[1:])
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+    from gateway.services.workers import tune_gc
+
+    app = create_app(settings)
+    tune_gc()
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
                 access_log=None, shutdown_timeout=10)
     return 0
 

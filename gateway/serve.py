@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Sequence
 
-from gateway.services.workers import end_with_parent
+from gateway.services.workers import end_with_parent, tune_gc
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.serve")
@@ -190,7 +190,9 @@ def serve_child(settings: Settings, spec: str) -> int:
     die_with_parent(parent)
     sock = socket.socket(fileno=fd)
     log.info("server process ready", extra={"worker": index})
-    web.run_app(create_app(settings, startup="serve"), sock=sock, print=None, access_log=None,
+    app = create_app(settings, startup="serve")
+    tune_gc()
+    web.run_app(app, sock=sock, print=None, access_log=None,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     return 0
 

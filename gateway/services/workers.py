@@ -8,6 +8,7 @@ processes do, while the event loop and the database thread serve other requests.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -43,9 +44,27 @@ def end_with_parent(parent: int, on_gone: Callable[[], None], signum: int = sign
         os._exit(1)
 
 
+#: allocations (of container objects) between two young-generation collections in a serving process
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Fewer garbage collections in a long-running serving or worker process. Per-request work allocates
+    many short-lived dicts and tuples (DICOM elements, JSON, rows), and Python's default (a young
+    collection every 700 net allocations) spent ≈ 3–4 % of the STOW event loop in the collector (perf);
+    the objects alive after start-up (modules, dictionaries, the app) are moved out of the collector's
+    sight (``gc.freeze``), so that older-generation passes do not walk them again and again. Reference
+    counting still frees almost everything at once; cycles are still collected, only less often."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _exit_with_parent() -> None:
-    """Worker initializer: end this worker when the gateway process is gone."""
+    """Worker initializer: end this worker when the gateway process is gone (and tune its collector)."""
     end_with_parent(os.getppid(), lambda: os._exit(0))
+    tune_gc()
 
 
 class WorkerPool:

@@ -95,9 +95,14 @@ class MetaView:
     def __init__(self, meta: dict[str, Any], ds: Dataset) -> None:
         self.meta, self.ds = meta, ds
 
+    _keys: dict[str, str | None] = {}  # keyword → its tag as a DICOM JSON key (looked up once)
+
     def get(self, keyword: str, default: Any = None) -> Any:
-        tag = tag_for_keyword(keyword)
-        entry = self.meta.get(f"{tag:08X}") if tag is not None else None
+        key = self._keys.get(keyword, "")
+        if key == "":
+            tag = tag_for_keyword(keyword)
+            key = self._keys[keyword] = f"{tag:08X}" if tag is not None else None
+        entry = self.meta.get(key) if key is not None else None
         if entry is None or entry.get("vr") == "DS":
             return self.ds.get(keyword, default)
         values = entry.get("Value")
