@@ -177,7 +177,7 @@ def read_header(data: bytes) -> tuple[FileDataset, str, int] | None:
             return None
         # as pydicom's _read_file_meta_info and read_partial: the first element, the group length and the
         # transfer syntax are converted while reading
-        file_meta = FileMetaDataset(Dataset(meta_raw, parent_encoding=default_encoding))
+        file_meta = FileMetaDataset(meta_raw)  # (pydicom wraps a Dataset of them: the same elements)
         file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True,
                                         character_encoding=default_encoding)
         file_meta[next(iter(meta_raw))]
@@ -190,7 +190,8 @@ def read_header(data: bytes) -> tuple[FileDataset, str, int] | None:
         raw, pixel_at, encoding = _elements(data, pos, None, default_encoding, top=True, implicit=implicit)
     except (_Decline, struct.error, UnicodeDecodeError, ValueError, LookupError, TypeError):
         return None
-    dataset = _dataset(raw, default_encoding, encoding, implicit)
-    ds = FileDataset(io.BytesIO(data), dataset, data[:128], file_meta, implicit, True)
-    ds.set_original_encoding(implicit, True, dataset._character_set)
+    # pydicom builds a Dataset of the elements, then a FileDataset around the same element dict, whose
+    # character set it reads through the first (converting (0008,0005)): the FileDataset alone ends the same
+    ds = FileDataset(io.BytesIO(data), raw, data[:128], file_meta, implicit, True)
+    ds.set_original_encoding(implicit, True, ds._character_set)
     return ds, str(ts), pixel_at

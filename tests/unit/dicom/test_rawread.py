@@ -93,6 +93,10 @@ def _check(name: str, data: bytes) -> bool:
     assert ts == want.file_meta.TransferSyntaxUID, name
     assert (ds.preamble, ds.is_implicit_VR, ds.is_little_endian) == (want.preamble, want.is_implicit_VR,
                                                                      want.is_little_endian), name
+    for got_ds, want_ds in ((ds, want), (ds.file_meta, want.file_meta)):  # every attribute pydicom sets
+        skip = {"_dict", "buffer", "file_meta", "fileobj_type", "filename", "timestamp"}
+        assert {k: v for k, v in vars(got_ds).items() if k not in skip} == \
+            {k: v for k, v in vars(want_ds).items() if k not in skip}, name
     _same_dataset(ds.file_meta, want.file_meta, f"{name} file meta")
     _same_dataset(ds, want, name)
     assert ds.to_json_dict(suppress_invalid_tags=True) == want.to_json_dict(suppress_invalid_tags=True), name
