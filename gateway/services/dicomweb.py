@@ -819,24 +819,29 @@ class DicomwebService:
     # ---------------------------------------------------------------------------------- QIDO-RS
     async def search(self, requester: Requester, level: str, q: QidoQuery) -> tuple[list[dict], int]:
         scope = await self.gate.scope_for(requester)
-        async with self.db.read() as conn:
-            stmt, count_stmt = q.statements(level, scope)
-            total = (await conn.execute(count_stmt)).scalar_one()
-            rows = (await conn.execute(stmt)).mappings().all()
-            results = [dict(r) for r in rows]
-            extra = q.extra_tags(level)
-            if extra or q.include_all:
-                await self._attach_metadata(conn, level, results)
+        stmt, count_stmt = q.statements(level, scope)
+        with_meta = bool(q.extra_tags(level) or q.include_all)
+
+        def read(conn) -> tuple[int, list[dict]]:  # one hand-over for every statement (Database.read_sync)
+            total = conn.execute(count_stmt).scalar_one()
+            results = [dict(r) for r in conn.execute(stmt).mappings()]
+            if with_meta:
+                self._attach_metadata(conn, level, results)
+            return total, results
+
+        total, results = await self.db.read_sync(read)
         await self._audit(requester, "E", f"qido-{level}", scope, {r.get("patient_id") for r in results})
         return [q.render(level, r) for r in results], total
 
-    async def _attach_metadata(self, conn, level: str, results: list[dict]) -> None:
+    @staticmethod
+    def _attach_metadata(conn, level: str, results: list[dict]) -> None:
         """Representative instance metadata for includefield (first instance of the study/series)."""
         key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
+        col = getattr(dcm_instance.c, key)
+        stmt = built_once(("qido meta", key), lambda: select(dcm_instance.c.metadata).where(
+            col == bindparam("uid")).order_by(dcm_instance.c.instance_number).limit(1))
         for r in results:
-            col = getattr(dcm_instance.c, key)
-            meta = (await conn.execute(select(dcm_instance.c.metadata).where(col == r[key])
-                                       .order_by(dcm_instance.c.instance_number).limit(1))).scalar()
+            meta = conn.execute(stmt, {"uid": r[key]}).scalar()
             r["_meta"] = orjson.loads(meta) if meta else {}
 
     async def _audit(self, requester: Requester, action: str, interaction: str, scope: AccessScope,
