@@ -19,7 +19,8 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.middlewares import requester_of
-from gateway.services.dicomweb import OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part, check_study_uid
+from gateway.services.dicomweb import (HEADER_READ, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part,
+                                       check_study_uid)
 from mappings.dicom import attributes as attrs
 from mappings.dicom import pixels
 from mappings.dicom.qido import QidoError, QidoQuery
@@ -317,9 +318,12 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
             writer = _PartWriter(part.tmp)
+            head = bytearray()  # its first bytes: parsed as soon as the part has arrived (see ParseFeed)
 
-            def sink(data, writer: _PartWriter = writer, part: Part = part) -> None:
+            def sink(data, writer: _PartWriter = writer, part: Part = part, head: bytearray = head) -> None:
                 count(len(data))
+                if len(head) < HEADER_READ:
+                    head += data[:HEADER_READ - len(head)]
                 part.size += len(data)
                 if part.size > settings.max_instance_bytes:
                     return  # drain the part, keep nothing
@@ -333,6 +337,8 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
             finally:
                 if done is None:
                     writer.abort()
+            if done is not None:
+                part.head = bytes(head)
             if part.size > settings.max_instance_bytes:
                 part.tmp.unlink(missing_ok=True)
                 parts[-1] = Part(None, failure=OUT_OF_RESOURCES,

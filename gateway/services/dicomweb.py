@@ -64,6 +64,12 @@ class Part:
     size: int = 0
     failure: int | None = None
     reason: str = ""
+    #: its first :data:`HEADER_READ` bytes as received, to parse while its file is still being written
+    head: bytes | None = None
+
+
+class _NeedsFile(Exception):
+    """The received header bytes are not enough for this part: parse it again once its file is written."""
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Outcome:
     meta_json: str | None = None
     content: tuple[list, list] = ([], [])  # SR items, SEG segments
     size: int = 0
+    retry: bool = False  # parsed from its received header, it needs its file: parse again once written
     rel: str | None = None  # blob path once committed
     indexed: bool = False  # its index rows are committed
     patient_key: tuple[str | None, str | None] = (None, None)
@@ -97,7 +104,11 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     try:
         ds, ts, meta = _read_header(part)
         if ds is None:  # not the common layout: read it all, as before
+            if part.head is not None:
+                raise _NeedsFile
             ds, ts, meta = _read_full(part)
+    except _NeedsFile:
+        return Outcome(None, None, retry=True)
     except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
             AttributeError, OSError, NotImplementedError, struct.error) as exc:
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
@@ -142,9 +153,12 @@ def _read_header(part: Part):
     header ends inside it, else from the file), check the pixel data's length from its element header,
     encode the metadata with :mod:`mappings.dicom.fastjson`. Returns (None, None, None) when the file is
     not of the common layout (SEG, encapsulated pixel data, elements after the pixel data, big
-    endian, float pixel data), so that :func:`_read_full` handles it exactly as before."""
-    with open(part.tmp, "rb") as f:
-        data = f.read(HEADER_READ)
+    endian, float pixel data), so that :func:`_read_full` handles it exactly as before. ``part.head``: the
+    part's first bytes as received (the same bytes as that read), parsed before the file is complete;
+    what would need the file raises :class:`_NeedsFile`."""
+    f = open(part.tmp, "rb") if part.head is None else None
+    try:
+        data = f.read(HEADER_READ) if f is not None else part.head
         ds = None
         pixel_at = -1
         fast = rawread.read_header(data) if len(data) in (part.size, HEADER_READ) else None
@@ -168,10 +182,15 @@ def _read_header(part: Part):
             else:
                 head = data[pixel_at:pixel_at + 12] if pixel_at < part.size else b""
         if ds is None:
+            if f is None:
+                raise _NeedsFile
             f.seek(0)
             ds = dcmread(f, defer_size=1024, stop_before_pixels=True)
             pixel_at = f.tell()
             head = f.read(12) if pixel_at < part.size else b""
+    finally:
+        if f is not None:
+            f.close()
     # the metadata first: an element pydicom has converted (by an access) is encoded by pydicom, slowly
     meta = fastjson.dataset_json(ds, bulk_data_threshold=attrs.BULK_THRESHOLD,
                                  bulk_data_element_handler=attrs.bulk_handler)
@@ -292,6 +311,8 @@ class ParseFeed:
         self._jobs: set[asyncio.Future] = set()  # this request's parse calls in flight
         self._syncs: list[tuple[Path, asyncio.Future]] = []
         self._writes: list[asyncio.Future] = []
+        self._written: dict[int, asyncio.Future] = {}  # parts parsed from their received header: file writes
+        self._write_failed: dict[int, BaseException | None] = {}
 
     def add(self, part: Part, written: asyncio.Future | None = None, synced: asyncio.Future | None = None) -> None:
         """``written``: a future done when the part's file is complete (parsing waits for it; its exception
@@ -305,9 +326,18 @@ class ParseFeed:
         i = len(self.slots) - 1
         if written is None:
             self._ready(i, part, None)
+        elif part.head is not None:  # parsed from the received header now, while the file is being written
+            self._writes.append(written)
+            self._written[i] = written
+            written.add_done_callback(lambda w: self._wrote(i, w))
+            self._ready(i, part, None)
         else:
             self._writes.append(written)
             written.add_done_callback(lambda w: self._ready(i, part, w))
+
+    def _wrote(self, i: int, written: asyncio.Future) -> None:
+        if written.cancelled() or written.exception() is not None:  # the part fails, whatever its parse said
+            self._write_failed[i] = None if written.cancelled() else written.exception()
 
     def _ready(self, i: int, part: Part, written: asyncio.Future | None) -> None:
         if written is not None and (written.cancelled() or written.exception() is not None):
@@ -336,8 +366,16 @@ class ParseFeed:
 
     async def _parse(self, group: list[tuple[int, Part]]) -> None:
         outcomes = await self.workers.run(parse_parts, [p for _, p in group], self.study)
-        for (i, _), o in zip(group, outcomes):
-            self.slots[i] = o
+        for (i, p), o in zip(group, outcomes):
+            p.head = None  # (parsed: the bytes are not needed any more)
+            if not o.retry:
+                self.slots[i] = o
+                continue
+            written = self._written[i]  # its header needs the file: parse it from the file once written
+            if written.done():
+                self._ready(i, p, written)
+            else:
+                written.add_done_callback(lambda w, i=i, p=p: self._ready(i, p, w))
 
     def _next(self, job: asyncio.Future) -> None:
         self._jobs.discard(job)
@@ -369,6 +407,9 @@ class ParseFeed:
             await asyncio.wait(jobs)  # (their _next callbacks, registered first, have run when this returns)
             for job in jobs:
                 job.result()  # a failed call (not a failed part: those are Outcomes) fails the request
+        for i, exc in self._write_failed.items():
+            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
+                                    reason=f"the instance could not be written: {type(exc).__name__}"[:300])
         errors = {tmp: err for tmp, fut in self._syncs if (err := await fut) is not None}
         if any(o is None for o in self.slots):
             raise RuntimeError("STOW: a received part was not parsed")  # a bug: never drop a part silently

@@ -83,3 +83,50 @@ async def test_parts_wait_for_their_write(files, seed):
     assert not errors
     assert [o.failure for o in outcomes] == expected
     assert [o.sop_uid for o, f in zip(outcomes, expected) if f is None] == [s for (_, s), f in zip(files, expected) if f is None]
+
+
+@pytest.fixture(scope="module")
+def long_header(tmp_path_factory):
+    """A CT whose header does not end inside the received block (a 70 KB private element before the pixels)."""
+    ds = ct_series(patient_id="LONG", patient_name="Long^Header", n=1, size=16)[0]
+    ds.add_new(0x00091010, "LO", "FEDGATE")
+    ds.add_new(0x00091011, "OB", bytes(70_000))
+    path = tmp_path_factory.mktemp("long") / "long.dcm"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue())
+    return path, str(ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_parts_parsed_from_their_received_header(files, long_header, seed):
+    """Parts handed over with their received first bytes are parsed at once, before their write completes;
+    one whose header does not end in those bytes is parsed again from its file once written; a failed write
+    fails its part (0xA700) even though its header parsed."""
+    from gateway.services.dicomweb import HEADER_READ
+
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    feed = ParseFeed(WorkerPool(0), None)
+    items = list(files[:6]) + [long_header] + list(files[6:])
+    writes, expected = [], []
+    for n, (path, sop) in enumerate(items):
+        written = loop.create_future()
+        raw = path.read_bytes()
+        feed.add(Part(path, len(raw), head=raw[:HEADER_READ]), written, None)
+        fail = n == 2
+        writes.append((written, fail))
+        expected.append((OUT_OF_RESOURCES, None) if fail else (None, sop))
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.choice([0, 0.001, 0.003]))
+    order = list(range(len(writes)))
+    rng.shuffle(order)
+    for i in order:
+        written, fail = writes[i]
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.choice([0, 0.001, 0.003]))
+        written.set_exception(OSError(5, "EIO")) if fail else written.set_result(None)
+    outcomes, errors = await feed.results()
+    assert not errors
+    assert [(o.failure, o.sop_uid) for o in outcomes] == expected
+    assert not any(o.retry for o in outcomes)
