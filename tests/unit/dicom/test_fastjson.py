@@ -199,7 +199,8 @@ def test_utf8_names_and_code_extensions():
     _same(_file(ds), stop_before_pixels=True)
 
 
-def test_sequences_nested_and_odd():
+def ct_with_sequences() -> Dataset:
+    """A CT with a nested sequence (an item holding a code sequence), an empty item and an empty sequence."""
     ds = _ct()
     item = Dataset()
     item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
@@ -209,6 +210,11 @@ def test_sequences_nested_and_odd():
     item.PurposeOfReferenceCodeSequence = Sequence([inner])
     ds.ReferencedImageSequence = Sequence([item, Dataset()])
     ds.AnatomicRegionSequence = Sequence([])
+    return ds
+
+
+def test_sequences_nested_and_odd():
+    ds = ct_with_sequences()
     raw = _file(ds)
     got = _same(raw, stop_before_pixels=True)
     assert got["00081140"]["Value"][0]["00081155"] == {"vr": "UI", "Value": ["1.2.3.4"]}

@@ -17,27 +17,18 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from gateway.services import dicomweb as dw
 from mappings.dicom import rawread
 from tests.conftest import data_path
-from tests.unit.dicom.test_fastjson import _ct, _file
+from tests.unit.dicom.test_fastjson import _ct, _file, ct_with_sequences
 
 DEMO = sorted(p for p in data_path("dicom").rglob("*.dcm"))
 PYDICOM = sorted(Path(get_testdata_file("CT_small.dcm")).parent.glob("*.dcm"))
 
 
 def _synthetic() -> dict[str, bytes]:
-    seq = _ct()
-    item = Dataset()
-    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    item.ReferencedSOPInstanceUID = "1.2.3.4"
-    inner = Dataset()
-    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "T-D3000", "SRT", "Chest"
-    item.PurposeOfReferenceCodeSequence = Sequence([inner])
-    seq.ReferencedImageSequence = Sequence([item, Dataset()])
-    seq.AnatomicRegionSequence = Sequence([])
+    seq = ct_with_sequences()
     utf8 = _ct(SpecificCharacterSet="ISO_IR 192", PatientName="Wang^XiaoDong=王^小東")
     jis = _ct(SpecificCharacterSet=["ISO 2022 IR 6", "ISO 2022 IR 87"], PatientName="Yamada^Tarou")
     empty = _ct(StudyDescription="", AccessionNumber="", SeriesNumber=None)
