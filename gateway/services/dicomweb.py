@@ -310,9 +310,7 @@ class ParseFeed:
         self._pending: list[tuple[int, Part]] = []
         self._jobs: set[asyncio.Future] = set()  # this request's parse calls in flight
         self._syncs: list[tuple[Path, asyncio.Future]] = []
-        self._writes: list[asyncio.Future] = []
-        self._written: dict[int, asyncio.Future] = {}  # parts parsed from their received header: file writes
-        self._write_failed: dict[int, BaseException | None] = {}
+        self._writes: dict[int, asyncio.Future] = {}  # part index → its file's write (a failed one fails it)
 
     def add(self, part: Part, written: asyncio.Future | None = None, synced: asyncio.Future | None = None) -> None:
         """``written``: a future done when the part's file is complete (parsing waits for it; its exception
@@ -324,27 +322,20 @@ class ParseFeed:
             return
         self._syncs.append((part.tmp, synced if synced is not None else asyncio.ensure_future(self._fsync(part.tmp))))
         i = len(self.slots) - 1
-        if written is None:
-            self._ready(i, part, None)
-        elif part.head is not None:  # parsed from the received header now, while the file is being written
-            self._writes.append(written)
-            self._written[i] = written
-            written.add_done_callback(lambda w: self._wrote(i, w))
+        if written is not None:
+            self._writes[i] = written
+        if written is None or part.head is not None:  # (the latter: parsed now, while the file is being written)
             self._ready(i, part, None)
         else:
-            self._writes.append(written)
             written.add_done_callback(lambda w: self._ready(i, part, w))
 
-    def _wrote(self, i: int, written: asyncio.Future) -> None:
-        if written.cancelled() or written.exception() is not None:  # the part fails, whatever its parse said
-            self._write_failed[i] = None if written.cancelled() else written.exception()
+    @staticmethod
+    def _failed(written: asyncio.Future) -> bool:
+        return written.cancelled() or written.exception() is not None
 
     def _ready(self, i: int, part: Part, written: asyncio.Future | None) -> None:
-        if written is not None and (written.cancelled() or written.exception() is not None):
-            exc = None if written.cancelled() else written.exception()
-            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
-                                    reason=f"the instance could not be written: {type(exc).__name__}"[:300])
-            return
+        if written is not None and self._failed(written):
+            return  # not parsed: results() answers the part 0xA700
         self._pending.append((i, part))
         if not self._jobs or ParseFeed._active < PARSE_PIPELINE:
             self._submit()
@@ -371,7 +362,7 @@ class ParseFeed:
             if not o.retry:
                 self.slots[i] = o
                 continue
-            written = self._written[i]  # its header needs the file: parse it from the file once written
+            written = self._writes[i]  # its header needs the file: parse it from the file once written
             if written.done():
                 self._ready(i, p, written)
             else:
@@ -399,7 +390,7 @@ class ParseFeed:
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
         if self._writes:  # (their done-callbacks, registered first, have run when this returns)
-            await asyncio.gather(*self._writes, return_exceptions=True)
+            await asyncio.gather(*self._writes.values(), return_exceptions=True)
         while self._jobs or self._pending:
             if self._pending and not self._jobs:
                 self._submit()
@@ -407,9 +398,11 @@ class ParseFeed:
             await asyncio.wait(jobs)  # (their _next callbacks, registered first, have run when this returns)
             for job in jobs:
                 job.result()  # a failed call (not a failed part: those are Outcomes) fails the request
-        for i, exc in self._write_failed.items():
-            self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
-                                    reason=f"the instance could not be written: {type(exc).__name__}"[:300])
+        for i, written in self._writes.items():  # a part whose file was not written fails, whatever its parse said
+            if self._failed(written):
+                exc = None if written.cancelled() else written.exception()
+                self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
+                                        reason=f"the instance could not be written: {type(exc).__name__}"[:300])
         errors = {tmp: err for tmp, fut in self._syncs if (err := await fut) is not None}
         if any(o is None for o in self.slots):
             raise RuntimeError("STOW: a received part was not parsed")  # a bug: never drop a part silently

@@ -232,9 +232,14 @@ class Database:
             self._compiled[stmt] = compiled
         sql, names, fixed = compiled
         args = [params[n] if n in params else fixed[n] for n in names]
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread(), self._sqlite_rows, path, sql,
+                                                                args)
+
+    def _reader_thread(self) -> ThreadPoolExecutor:
+        """The one thread of read_rows / read_sync on SQLite (their connections live on it)."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
-        return await asyncio.get_running_loop().run_in_executor(self._reader, self._sqlite_rows, path, sql, args)
+        return self._reader
 
     async def read_sync(self, fn):
         """``fn(conn)`` with a synchronous SQLAlchemy ``Connection``, for a read of several statements (QIDO's
@@ -247,9 +252,7 @@ class Database:
         if self._reader_file is None:
             async with self.read() as conn:
                 return await conn.run_sync(fn)
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
-        return await asyncio.get_running_loop().run_in_executor(self._reader, self._sync_read, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread(), self._sync_read, fn)
 
     def _sync_read(self, fn):  # the reader thread
         if self._sync_engine is None:
