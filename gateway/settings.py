@@ -39,6 +39,9 @@ class Settings:
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
     #: Largest accepted single instance (one STOW-RS body part), in bytes (larger parts fail with 0xA700).
     max_instance_bytes: int = 1024 * 1024 * 1024
+    #: Write STOW-RS part files with O_DIRECT (bypassing the page cache) where the file system supports it;
+    #: false: through the page cache. See docs/dicomweb.md.
+    stow_direct_io: bool = True
     #: Default and maximum page size for FHIR search.
     default_page_size: int = 50
     max_page_size: int = 1000
@@ -122,6 +125,15 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind == "int":
             return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in {"1", "true", "yes", "on"}:
+                return True
+            if word in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
         if kind == "Path":
             return Path(value)
         if kind == "str":

@@ -28,3 +28,14 @@ def test_worker_pools_use_the_cores_the_server_processes_leave():
     assert load_settings(env={}).validation_processes == max(0, min(4, cores - 1))
     assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).validation_processes == 0
     assert load_settings(env={"FEDGATE_PROCESSES": "auto", "FEDGATE_VALIDATION_WORKERS": "2"}).validation_processes == 2
+
+
+def test_boolean_settings_from_env_and_toml(tmp_path):
+    assert load_settings(env={}).stow_direct_io is True
+    for word, want in (("0", False), ("false", False), ("Off", False), ("1", True), ("yes", True)):
+        assert load_settings(env={"FEDGATE_STOW_DIRECT_IO": word}).stow_direct_io is want
+    cfg = tmp_path / "f.toml"
+    cfg.write_text("stow_direct_io = false\n")
+    assert load_settings(config_file=cfg, env={}).stow_direct_io is False
+    with pytest.raises(SettingsError, match="stow_direct_io"):
+        load_settings(env={"FEDGATE_STOW_DIRECT_IO": "maybe"})

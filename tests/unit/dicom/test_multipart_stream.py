@@ -5,7 +5,11 @@ without headers and data that looks like the start of a delimiter; malformed bod
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -82,12 +86,28 @@ async def test_empty_multipart_has_no_parts():
     assert await _split(b"--" + B + b"--\r\n", 5) == []
 
 
-def _open_on(fd: int, path) -> bool:
-    """Whether ``fd`` is (still) open on ``path`` (a closed fd number may have been reused for another file)."""
+def _open_anywhere(path) -> bool:
+    """Whether any fd of this process is open on ``path``."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _direct_io_dir(tmp_path) -> bool:
+    """Whether files under ``tmp_path`` accept O_DIRECT (ext4/xfs: yes; tmpfs: no)."""
+    fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
+        os.unlink(tmp_path / "probe")
 
 
 class SlowBlocks(Blocks):
@@ -99,10 +119,12 @@ class SlowBlocks(Blocks):
         return bytes(await super().readany())
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 @pytest.mark.parametrize("size,batch", [(1, 64), (7, 1000), (1024, 4096), (65536, 100_000), (10**7, 1 << 20)])
-async def test_part_files_are_written_byte_for_byte(size, batch, tmp_path, monkeypatch):
+async def test_part_files_are_written_byte_for_byte(size, batch, direct, tmp_path, monkeypatch):
     """The STOW receive path's writer (_PartWriter: blocks kept without a copy where immutable, written by a
-    thread per batch, the last batch + fsync + close in one job) leaves exactly each part's bytes on disk."""
+    thread per batch, the last batch + fsync + close in one job) leaves exactly each part's bytes on disk,
+    with O_DIRECT (whole blocks from the staging buffer, a tail kept for the next batch) or without."""
     monkeypatch.setattr(handlers, "WRITE_BATCH", batch)
     parts = [(b"Content-Type: application/dicom\r\n", os.urandom(300_000) + TRICKY + os.urandom(5000)),
              (b"", b""), (b"", TRICKY * 50), (b"", os.urandom(70_001))]
@@ -110,15 +132,46 @@ async def test_part_files_are_written_byte_for_byte(size, batch, tmp_path, monke
     paths = []
     while (await stream.next_part()) is not None:
         path = tmp_path / f"{len(paths)}.part"
-        writer = _PartWriter(path)
+        writer = _PartWriter(path, direct)
         await stream.body(writer.feed, writer.drain)
         written, synced = await writer.finish()
         await written
         assert path.read_bytes() == parts[len(paths)][1]  # complete once `written` is done
         assert await synced is None
+        assert writer.file.fd is None and not _open_anywhere(path)  # the job closed it
         paths.append(path)
     assert len(paths) == len(parts)
-    assert writer.fd is None or not _open_on(writer.fd, paths[-1])  # the job closed it
+
+
+async def test_part_writer_uses_o_direct_where_the_file_system_has_it(tmp_path, monkeypatch):
+    """On a file system with O_DIRECT (the test's tmp dir on ext4/xfs) whole blocks are written directly
+    (the file is open with O_DIRECT while the batches are written); on one without it (tmpfs: /dev/shm)
+    the same bytes go through the page cache."""
+    monkeypatch.setattr(handlers, "WRITE_BATCH", 100_000)
+    data = os.urandom(3 * handlers._STAGE_BYTES + 12345)
+    dirs = [(tmp_path, _direct_io_dir(tmp_path))]
+    if os.path.isdir("/dev/shm"):
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        dirs.append((shm, _direct_io_dir(shm)))
+    assert any(ok for _d, ok in dirs), "no O_DIRECT-capable directory to test with"
+    try:
+        for d, capable in dirs:
+            path = d / "x.part"
+            writer = _PartWriter(path, True)
+            flags = []
+            for i in range(0, len(data), 50_000):
+                writer.feed(data[i:i + 50_000])
+                await writer.drain()
+                if writer.file.fd is not None:
+                    flags.append(bool(fcntl.fcntl(writer.file.fd, fcntl.F_GETFL) & os.O_DIRECT))
+            assert flags and all(f == capable for f in flags)
+            written, synced = await writer.finish()
+            await written
+            assert await synced is None
+            assert path.read_bytes() == data
+    finally:
+        if len(dirs) > 1:
+            shutil.rmtree(dirs[1][0])
 
 
 async def test_part_writer_abort_closes_and_removes_after_the_batch_in_flight(tmp_path, monkeypatch):
@@ -130,7 +183,7 @@ async def test_part_writer_abort_closes_and_removes_after_the_batch_in_flight(tm
     writer.feed(memoryview(bytearray(b"b" * 5)))  # a view of a mutable buffer is copied
     writer.abort()
     writer.abort()  # idempotent
-    fd = await job
+    await job
     await asyncio.sleep(0.01)
-    assert not _open_on(fd, tmp_path / "x.part")
+    assert writer.file.fd is None and not _open_anywhere(tmp_path / "x.part")
     assert not (tmp_path / "x.part").exists()  # removed after the thread created and wrote it
