@@ -32,6 +32,7 @@ from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database, built_once
+from gateway.store.inline import table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 from gateway.services.workers import WorkerPool
@@ -745,9 +746,9 @@ class DicomwebService:
         if not inserted:
             return
         if sr_rows:
-            await conn.execute(dcm_sr_item.insert(), sr_rows)
+            await conn.execute(table_insert(dcm_sr_item), sr_rows)
         if seg_rows:
-            await conn.execute(dcm_seg_segment.insert(), seg_rows)
+            await conn.execute(table_insert(dcm_seg_segment), seg_rows)
         i, se_t, st_t = dcm_instance.c, dcm_series.c, dcm_study.c
         # concurrent writers of the same study (other processes) are serialised by STOW_INDEX_LOCK above
         # (PostgreSQL) or the write lock file (SQLite), so the counts, series and ImagingStudy read below

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import orjson
-from sqlalchemy import Column, Index, Integer, String, Table, Text, inspect, select, text, update
+from sqlalchemy import Column, Index, Integer, String, Table, Text, bindparam, inspect, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
+from gateway.store.db import built_once
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
+from gateway.store.inline import table_insert
 from gateway.store.scope import NO_PATIENT, profile_no
 from mappings.fhir.consent_duo import (
     effective,
@@ -130,10 +132,10 @@ async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> di
     P = s.cm_patient
     ids = sorted({p for p in patient_ids if p})
     out: dict[str, str | None] = {}
+    stmt = built_once(("lock patients",), lambda: select(P.c.patient_id, P.c.consent_profile).where(
+        P.c.patient_id.in_(bindparam("b_ids", expanding=True))).order_by(P.c.patient_id).with_for_update(read=True))
     for i in range(0, len(ids), 500):
-        rows = (await conn.execute(
-            select(P.c.patient_id, P.c.consent_profile).where(P.c.patient_id.in_(ids[i:i + 500]))
-            .order_by(P.c.patient_id).with_for_update(read=True))).all()
+        rows = (await conn.execute(stmt, {"b_ids": ids[i:i + 500]})).all()
         for pid, key in rows:
             if out.get(pid) is None:
                 out[pid] = key
@@ -169,8 +171,10 @@ async def stamp_resources(conn: AsyncConnection, written: list[tuple[int, str | 
         by_no: dict[int | None, list[int]] = {}
         for rid, pid in chunk:
             by_no.setdefault(nos[pid], []).append(rid)
+        stmt = built_once(("stamp resources",), lambda: update(R).where(
+            R.c.rid.in_(bindparam("b_rids", expanding=True))).values(consent_no=bindparam("b_no")))
         for no, rids in by_no.items():
-            await conn.execute(update(R).where(R.c.rid.in_(rids)).values(consent_no=no))
+            await conn.execute(stmt, {"b_rids": rids, "b_no": no})
 
 
 async def stamp_dicom(conn: AsyncConnection, patient_ids: Iterable[str] | None = None) -> None:
@@ -255,7 +259,7 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
                                        .where(consent_profile.c.key.in_(sorted(new_profiles))))).scalars())
         missing = [{"key": k, "profile": v} for k, v in new_profiles.items() if k not in have]
         if missing:
-            await conn.execute(consent_profile.insert(), missing)
+            await conn.execute(table_insert(consent_profile), missing)
     for key, pids in by_key.items():
         for i in range(0, len(pids), 500):
             # cm_patient first: stampers of new rows (lock_patients) wait on it or are waited for

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
 from gateway.store.db import built_once, xact_lock
+from gateway.store.inline import table_insert
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant
@@ -282,7 +283,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         )
         for r in ret:
             rid_by_key[(r.res_type, r.res_id)] = r.rid
-    await conn.execute(H.insert(), history)
+    await conn.execute(table_insert(H), history)
 
     # Search index and common-model rows: only the difference to the previous version is written.
     # A table whose rows for the resource are unchanged is not touched; one that only gains rows gets
@@ -316,7 +317,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     await _delete_derived(conn, idx_del, cm_del)
     for table, rows_ in cm_rows.items():
         if rows_:
-            await conn.execute(CM_BY_NAME[table].insert(), rows_)
+            await conn.execute(table_insert(CM_BY_NAME[table]), rows_)
     # Consent gate (issue #4): a written Patient or Consent changes the patient's effective consent
     # profile; recompute it in this transaction so the very next request sees it.
     touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
@@ -344,7 +345,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             if rows_:
                 for row in rows_:
                     row["consent_no"] = nos[row["rid"]]
-                await conn.execute(s.INDEX_TABLES[kind].insert(), rows_)
+                await conn.execute(table_insert(s.INDEX_TABLES[kind]), rows_)
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content)
@@ -383,9 +384,9 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
         for table, values in cm.items():
             cm_rows.setdefault(table, []).extend(dict(v) for v in values)
     for kind, values in idx_rows.items():
-        await conn.execute(s.INDEX_TABLES[kind].insert(), values)
+        await conn.execute(table_insert(s.INDEX_TABLES[kind]), values)
     for table, values in cm_rows.items():
-        await conn.execute(CM_BY_NAME[table].insert(), values)
+        await conn.execute(table_insert(CM_BY_NAME[table]), values)
     # the patients' effective consent (cm_patient.consent_profile, the stamps) as apply_writes leaves it
     touched = {r.patient_id for r in rows if r.res_type in ("Patient", "Consent")} - {None}
     if touched:
