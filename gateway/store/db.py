@@ -132,9 +132,12 @@ class Database:
         call_soon_threadsafe, loop wake-up), which for a transaction of many small statements cost more CPU
         than SQLite's work on them: for a STOW index transaction (≈ 15 statements, each well under a
         millisecond in SQLite) the server's CPU per transaction fell from 12.4–15.0 to 8.2–8.7 ms, same
-        window. Only for such short transactions: the loop runs the whole transaction without yielding. The
-        COMMIT (WAL sync, automatic checkpoint) and ROLLBACK still run on the connection's thread; the write
-        lock file (taken first) means no statement waits for another writer (the deferred BEGIN included).
+        window. Only for such short transactions: the loop runs the whole transaction without yielding, its
+        COMMIT or ROLLBACK and the connection's return to the pool (a reset) included: the COMMIT's WAL fsync
+        (and, about every 1,000 WAL pages, an automatic checkpoint of a few milliseconds) blocks the loop,
+        but two thread round trips less while the write lock is held were worth more on a busy 2-core machine
+        (STOW at concurrency 16, A/B, 5 of 5 runs faster, median +16 %). The write lock file (taken first)
+        means no statement waits for another writer (the deferred BEGIN included).
         The caller gets an :class:`~gateway.store.inline.InlineConnection`: statements built once run on the
         sqlite3 connection without SQLAlchemy's per-statement machinery (STOW index transaction at concurrency 4:
         the event loop's CPU per transaction fell from 9.6–11.5 to 5.5–7.0 ms, means of two A/B runs)."""
@@ -151,11 +154,7 @@ class Database:
                     if inline:
                         driver = (await conn.get_raw_connection()).driver_connection
                         driver._execute = _run_inline  # shadows aiosqlite.Connection._execute (see _run_inline)
-                    try:
-                        yield conn if driver is None else InlineConnection(conn, driver._conn)
-                    finally:
-                        if driver is not None:
-                            del driver._execute
+                    yield conn if driver is None else InlineConnection(conn, driver._conn)
                     await conn.commit()
                 except BaseException:
                     # failed or cancelled (e.g. a background task stopped at shutdown): no SQLite write lock may
@@ -166,7 +165,11 @@ class Database:
                         await conn.invalidate()  # closing the connection releases the lock
                     raise
                 finally:
-                    await conn.close()
+                    try:
+                        await conn.close()
+                    finally:
+                        if driver is not None:
+                            del driver._execute
             finally:
                 if locked:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
