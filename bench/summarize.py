@@ -113,12 +113,47 @@ def main(paths):
         for name in all_rows:
             cells = [fmt([run.get(name) for run in groups[k] if name in run]) for k in order]
             print(f"| {name} | " + " | ".join(cells) + " |")
+    ratio_table(groups, order)
     for r in disks:
         print(f"\nDisk ceiling, {r['dataset']['instances']} files / {r['dataset']['total_mb']} MB:\n")
         print("| mode | MB/s (median) | runs MB/s | files/s |")
         print("|---|---|---|---|")
         for mode, v in r["disk"].items():
             print(f"| {mode} | {v['mb_per_s']} | {v.get('mb_per_s_all')} | {v['files_per_s']} |")
+
+
+#: issue 3's targets, as ratios to Orthanc: (metric, ">=" or "<=", bound); STOW rows for every level run
+TARGETS = [("QIDO c=1 p95 ms", "<=", 0.5), ("QIDO c=8 p95 ms", "<=", 0.5),
+           ("QIDO c=1 queries/s", ">=", 2.0), ("QIDO c=8 queries/s", ">=", 2.0),
+           ("WADO instance c=8 inst/s", ">=", 1.5), ("series /metadata p50 ms", "<=", 0.5)]
+
+
+def ratio_table(groups, order):
+    """Per target metric and server: the median of the per-round ratios to Orthanc (the i-th run of a label
+    paired with Orthanc's i-th run of the same dataset size), min-max, and whether the target is met."""
+    for size in sorted({k[1] for k in order}):
+        base = groups.get(("orthanc", size))
+        others = [k for k in order if k[1] == size and k[0] != "orthanc"]
+        if not base or not others:
+            continue
+        stow = [name for name in base[0] if name.startswith("STOW") and name.endswith("inst/s")]
+        targets = [(name, ">=", 1.25) for name in stow] + TARGETS
+        print(f"\nRatios to Orthanc, N={size} (median of the per-round ratios, min-max; target):\n")
+        print("| metric | target | " + " | ".join(k[0] for k in others) + " |")
+        print("|---|---|" + "---|" * len(others))
+        for name, op, bound in targets:
+            cells = []
+            for k in others:
+                rs = [run[name] / b[name] for run, b in zip(groups[k], base)
+                      if isinstance(run.get(name), (int, float)) and isinstance(b.get(name), (int, float)) and b[name]]
+                if not rs:
+                    cells.append("-")
+                    continue
+                m = statistics.median(rs)
+                met = m >= bound if op == ">=" else m <= bound
+                cell = f"{m:.2f}" + (f" ({min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else "")
+                cells.append(cell + (" met" if met else " **not met**"))
+            print(f"| {name} | {op} {bound} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
