@@ -314,11 +314,12 @@ class _PartFile:
         pos = 0
         for c in ([self.tail, *chunks] if self.tail else chunks):
             with memoryview(c) as view:
-                while view:
-                    n = min(len(view), _STAGE_BYTES - pos)
-                    buf[pos:pos + n] = view[:n]
+                off, end = 0, len(view)
+                while off < end:
+                    n = min(end - off, _STAGE_BYTES - pos)
+                    buf[pos:pos + n] = view[off:off + n]
                     pos += n
-                    view = view[n:]
+                    off += n
                     if pos == _STAGE_BYTES:
                         self._write_all(memoryview(buf))
                         pos = 0

@@ -95,7 +95,7 @@ class _Plan:
             if post - expanding or compiled.literal_execute_params:
                 raise _Unplannable
         self.expanding = frozenset(post)
-        self.by_lengths: dict[tuple, tuple[str, tuple]] = {}
+        self.by_lengths: dict[tuple, str] = {}
         self.returns = bool(compiled._result_columns)
         self.dml = bool(compiled.isinsert or compiled.isupdate or compiled.isdelete)
         self.row = None
