@@ -354,6 +354,7 @@ async def test_reindex_rebuilds_stale_rows_exactly(gateway, http):
     """``fedgate reindex`` (run as the CLI, while the server runs) rebuilds the FHIR search-index and
     common-model rows from the stored resources: rows made stale (lost, changed, spurious) come back
     exactly as the incremental writes had made them, and searches find the resources again."""
+    import asyncio
     import json
     import os
     import subprocess
@@ -390,8 +391,10 @@ async def test_reindex_rebuilds_stale_rows_exactly(gateway, http):
     assert await found_by_identifier() == 0
     env = dict(os.environ, FEDGATE_DATA_DIR=str(gateway.settings.data_dir),
                FEDGATE_DATABASE_URL=str(gateway.settings.effective_database_url))
-    out = subprocess.run([sys.executable, "-m", "gateway", "reindex", "--json"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    # in a thread: this event loop serves the gateway, whose background writes (audit flush, ANALYZE) must be
+    # able to finish and release the write lock the CLI waits for (a blocking call here deadlocked them)
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "reindex", "--json"],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     async with gateway.app[keys.DB].read() as conn:
         live = (await conn.execute(select(func.count()).select_from(s.fhir_resource).where(
