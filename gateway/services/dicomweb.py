@@ -31,8 +31,7 @@ from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
 from gateway.store.blobs import BlobStore
-from gateway.store.db import Database, built_once
-from gateway.store.inline import table_insert
+from gateway.store.db import Database, built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 from gateway.services.workers import WorkerPool

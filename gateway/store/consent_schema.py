@@ -18,9 +18,8 @@ from sqlalchemy import Column, Index, Integer, String, Table, Text, bindparam, i
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
-from gateway.store.db import built_once
+from gateway.store.db import built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
-from gateway.store.inline import table_insert
 from gateway.store.scope import NO_PATIENT, profile_no
 from mappings.fhir.consent_duo import (
     effective,

@@ -64,6 +64,11 @@ def built_once(key: tuple, build):
     return stmt
 
 
+def table_insert(table):
+    """``table.insert()``, built once per table (an executemany INSERT of rows given as dicts)."""
+    return built_once(("table insert", table.name), table.insert)
+
+
 async def xact_lock(conn: AsyncConnection, cls: int, key: str) -> None:
     """PostgreSQL: a transaction-scoped advisory lock on (``cls``, hash of ``key``), so that writers in
     several server processes (``processes`` > 1) that read-then-write the same thing run one after the

@@ -16,8 +16,7 @@ from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
-from gateway.store.db import built_once, xact_lock
-from gateway.store.inline import table_insert
+from gateway.store.db import built_once, table_insert, xact_lock
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant

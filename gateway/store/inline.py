@@ -1,9 +1,9 @@
 """SQLite write transactions of many small statements, run straight on the sqlite3 connection.
 
 :meth:`gateway.store.db.Database.write` ``inline`` hands its caller an :class:`InlineConnection` instead
-of the SQLAlchemy ``AsyncConnection``. Statements built with :func:`~gateway.store.db.built_once` (and
-plain ``Table.insert()`` statements, see :func:`table_insert`) are compiled once per set of parameter
-names into SQL text, positional parameter order, bind and result processors, and then executed on the
+of the SQLAlchemy ``AsyncConnection``. Statements built with :func:`~gateway.store.db.built_once` (plain
+``Table.insert()`` statements too: :func:`~gateway.store.db.table_insert`) are compiled once per set of
+parameter names into SQL text, positional parameter order, bind and result processors, and then executed on the
 transaction's ``sqlite3`` connection directly: no statement cache-key computation, execution context,
 greenlet switch, aiosqlite call or result-object machinery per statement. For a STOW index transaction
 (≈ 20 statements) that machinery was most of the event loop's CPU in the transaction (perf and cProfile:
@@ -26,7 +26,6 @@ import re
 import sqlite3
 from typing import Any
 
-from sqlalchemy import Table
 from sqlalchemy.exc import DBAPIError, InvalidRequestError, MultipleResultsFound, NoResultFound
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,18 +38,6 @@ _PLANNABLE: dict[int, object] = {}
 def plannable(stmt) -> None:
     """Mark a statement that lives as long as the process (see :func:`gateway.store.db.built_once`)."""
     _PLANNABLE[id(stmt)] = stmt
-
-
-_INSERTS: dict[str, object] = {}
-
-
-def table_insert(table: Table):
-    """``table.insert()``, built once per table (an executemany INSERT of rows given as dicts)."""
-    stmt = _INSERTS.get(table.name)
-    if stmt is None:
-        stmt = _INSERTS[table.name] = table.insert()
-        plannable(stmt)
-    return stmt
 
 
 class _Plan:

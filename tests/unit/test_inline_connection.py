@@ -12,8 +12,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.store import inline
-from gateway.store.db import Database, built_once
-from gateway.store.inline import InlineConnection, table_insert
+from gateway.store.db import Database, built_once, table_insert
+from gateway.store.inline import InlineConnection
 
 md = MetaData()
 item = Table(
