@@ -3,17 +3,24 @@
 One event loop uses about one core; a CPU-bound mix (STOW parsing and indexing, WADO streaming, FHIR
 validation) needs more.  With ``processes = N`` (N > 1) the parent:
 
-1. binds N listening sockets to the port with ``SO_REUSEPORT`` (so a busy port fails at once, and the
-   kernel spreads new connections over the N sockets);
+1. binds the port (one listening socket; a busy port fails at once);
 2. does the one-time start-up by running the application once with ``startup="once"``: migrations,
    consent indexes and policy recompute, blob-store reconcile (which deletes stray temp files — never
    safe while another process is receiving), the shipped model cards (see :data:`gateway.keys.STARTUP`);
-3. starts N children (``python -m gateway serve ... --serve-child FD:INDEX:PARENT``), each serving one
-   of the sockets with ``startup="serve"`` and every route (the kernel picks the process, so every
-   process must answer everything the same way: shared state lives in the database);
-4. supervises: a child that exits while the parent is running is logged and restarted (its socket is
-   held by the parent meanwhile, so connections queue instead of being refused); a child that keeps
-   dying within seconds of its start makes the parent stop everything and exit 1 (a broken
+3. starts N children (``python -m gateway serve ... --serve-child FD:INDEX:PARENT``), each with one end
+   of a Unix socket pair (``FD``) to the parent, serving every route with ``startup="serve"`` (any
+   process may get any connection, so every process must answer everything the same way: shared state
+   lives in the database);
+4. accepts the connections itself and hands each (``SCM_RIGHTS``) to the child with the fewest open
+   connections (:class:`_Dispatcher`; the children report theirs). HTTP clients keep their connections
+   open: a PACS or a viewer opens a handful and sends everything over them, so where the connections
+   land decides where the work goes. With ``SO_REUSEPORT`` (one listening socket per child, the kernel
+   hashing each connection to one; before 2026-12-03) 4 connections landed all in one process one time
+   in 8 and 3 + 1 one time in 2 — measured on 2 processes, STOW at 4 connections: 211 instances/s with
+   4 + 0 against 365 with 3 + 1 (bench/RESULTS.md);
+5. supervises: a child that exits while the parent is running is logged and restarted (connections
+   meanwhile go to the others; with none left, they wait in the parent until one is back); a child
+   that keeps dying within seconds of its start makes the parent stop everything and exit 1 (a broken
    configuration, not a crash to paper over).  SIGTERM/SIGINT: the children get SIGTERM and shut down
    gracefully (requests finished, audit flushed), then the parent exits.
 
@@ -26,13 +33,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from typing import Sequence
+
+from aiohttp import web
 
 from gateway.services.workers import end_with_parent, tune_gc
 from gateway.settings import Settings
@@ -46,30 +57,19 @@ QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 5
 
 
-def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
-    """``n`` sockets bound to ``host:port`` with SO_REUSEPORT (port 0: the first one's port)."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket (port 0: any free port). A plain bind (no ``SO_REUSEPORT``): a port that
+    anyone listens on fails at once, instead of a second server silently sharing it."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
-    if port:
-        # SO_REUSEPORT would also let us share the port with *another* server that set it (a second fedgate
-        # started by mistake would silently take half the connections): a plain bind fails if anyone listens
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(addr)
-    socks: list[socket.socket] = []
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(n):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind(addr)
-            addr = s.getsockname()  # port 0 → every further socket takes the same port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
     except OSError:
-        for s in socks:
-            s.close()
+        s.close()
         raise
-    return socks
+    return s
 
 
 async def _one_time_startup(settings: Settings) -> None:
@@ -82,12 +82,130 @@ async def _one_time_startup(settings: Settings) -> None:
     await runner.cleanup()
 
 
+#: A child's load report: connections it has taken over in all, connections open now.
+_REPORT = struct.Struct("!QI")
+#: How long an accepted connection may wait in the parent for a serving process (all restarting).
+PENDING_TIMEOUT_S = 30.0
+
+
 class _Child:
-    def __init__(self, index: int, sock: socket.socket) -> None:
-        self.index, self.sock = index, sock
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.quick_exits = 0
+        self.ctrl: socket.socket | None = None  # the parent's end of the socket pair; None: not serving
+        self.handed = 0  # connections handed to this process (since its start)
+        self.taken = 0  # ... of which it has reported taking over
+        self.open = 0  # its open connections, as last reported
+        self.last = 0  # sequence number of the last hand-over (ties go to the longest unused)
+
+    def load(self) -> int:
+        return self.open + self.handed - self.taken
+
+
+class _Dispatcher:
+    """Accepts connections on the listening socket and hands each to the serving process with the fewest
+    open connections (handed over but not yet reported count as open). Runs in a thread of the parent;
+    the children's reports arrive on the same socket pairs."""
+
+    def __init__(self, listener: socket.socket, children: list[_Child]) -> None:
+        self.listener = listener
+        self.children = children
+        self.lock = threading.Lock()  # children's ctrl sockets and counters (the supervisor replaces them)
+        self.stopping = threading.Event()
+        self.pending: list[tuple[socket.socket, float]] = []
+        self.seq = 0
+        self.thread = threading.Thread(target=self._run, name="fedgate-dispatch", daemon=True)
+
+    def attach(self, c: _Child) -> socket.socket:
+        """A new socket pair for ``c`` (started or restarted); returns the child's end (to pass it)."""
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_end.setblocking(False)
+        with self.lock:
+            self._detach(c)
+            c.ctrl, c.handed, c.taken, c.open = parent_end, 0, 0, 0
+        return child_end
+
+    def _detach(self, c: _Child) -> None:
+        if c.ctrl is not None:
+            c.ctrl.close()
+            c.ctrl = None
+
+    def _run(self) -> None:
+        self.listener.setblocking(False)
+        while not self.stopping.is_set():
+            with self.lock:
+                ctrls = {c.ctrl: c for c in self.children if c.ctrl is not None}
+            try:
+                readable, _, _ = select.select([self.listener, *ctrls], [], [], 0.2)
+            except (OSError, ValueError):  # a ctrl socket closed by the supervisor meanwhile
+                continue
+            with self.lock:
+                for sock in readable:
+                    c = ctrls.get(sock)
+                    if c is not None and c.ctrl is sock:
+                        self._read_reports(c)
+                if self.listener in readable:
+                    self._accept()
+                self._hand_pending()
+
+    def _read_reports(self, c: _Child) -> None:
+        while True:
+            try:
+                msg = c.ctrl.recv(64)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if len(msg) != _REPORT.size:  # end of file: the child is gone (or stopping)
+                self._detach(c)
+                return
+            c.taken, c.open = _REPORT.unpack(msg)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: leave it in the backlog, try again on the next round
+                log.warning("accept failed: %s", exc.strerror)
+                return
+            self.pending.append((conn, time.monotonic()))
+
+    def _hand_pending(self) -> None:
+        keep = []
+        for conn, since in self.pending:
+            if self._hand(conn):
+                conn.close()  # (the child has its own descriptor now)
+            elif time.monotonic() - since > PENDING_TIMEOUT_S:
+                conn.close()
+            else:
+                keep.append((conn, since))
+        self.pending = keep
+
+    def _hand(self, conn: socket.socket) -> bool:
+        for c in sorted((c for c in self.children if c.ctrl is not None), key=lambda c: (c.load(), c.last)):
+            try:
+                socket.send_fds(c.ctrl, [b"c"], [conn.fileno()])
+            except OSError:  # gone (its restart attaches a new pair) or its queue full: the next one
+                continue
+            c.handed += 1
+            self.seq += 1
+            c.last = self.seq
+            return True
+        return False
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        with self.lock:
+            for conn, _ in self.pending:
+                conn.close()
+            self.pending = []
+            for c in self.children:
+                self._detach(c)
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
@@ -95,7 +213,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     ``argv``: this ``fedgate serve`` command line; the children get the same (same settings)."""
     n = settings.serve_processes
     try:
-        socks = bind_sockets(settings.host, settings.port, n)
+        listener = bind_listener(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot bind %s:%s: %s", settings.host, settings.port, exc)
         return 1
@@ -105,17 +223,18 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    children = [_Child(i, s) for i, s in enumerate(socks)]
+    children = [_Child(i) for i in range(n)]
+    dispatcher = _Dispatcher(listener, children)
     code = 0
     try:
         asyncio.run(_one_time_startup(settings))
         if stopping.is_set():
             return 0
-        for s in socks:
-            s.listen(1024)
+        listener.listen(1024)
         for c in children:
-            _start(c, argv)
-        log.info("serving", extra={"host": settings.host, "port": socks[0].getsockname()[1], "processes": n})
+            _start(c, argv, dispatcher)
+        dispatcher.thread.start()
+        log.info("serving", extra={"host": settings.host, "port": listener.getsockname()[1], "processes": n})
         while not stopping.is_set():
             for c in children:
                 rc = c.proc.poll() if c.proc is not None else None
@@ -130,22 +249,27 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     code = 1
                     stopping.set()
                     break
-                _start(c, argv)
+                _start(c, argv, dispatcher)
             stopping.wait(0.2)
     finally:
+        listener.close()  # no new connections while the children finish theirs
+        if dispatcher.thread.is_alive():
+            dispatcher.stop()
         _stop_all(children)
-        for s in socks:
-            s.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
 
 
-def _start(c: _Child, argv: Sequence[str]) -> None:
-    fd = c.sock.fileno()
-    cmd = [sys.executable, "-m", "gateway", *argv, "--serve-child", f"{fd}:{c.index}:{os.getpid()}"]
-    # own process group: a terminal's Ctrl-C reaches the parent only, which then stops the children in order
-    c.proc = subprocess.Popen(cmd, pass_fds=(fd,), process_group=0)
+def _start(c: _Child, argv: Sequence[str], dispatcher: _Dispatcher) -> None:
+    child_end = dispatcher.attach(c)
+    try:
+        fd = child_end.fileno()
+        cmd = [sys.executable, "-m", "gateway", *argv, "--serve-child", f"{fd}:{c.index}:{os.getpid()}"]
+        # own process group: a terminal's Ctrl-C reaches the parent only, which then stops the children in order
+        c.proc = subprocess.Popen(cmd, pass_fds=(fd,), process_group=0)
+    finally:
+        child_end.close()
     c.started = time.monotonic()
 
 
@@ -180,21 +304,115 @@ def die_with_parent(parent: int) -> None:
     end_with_parent(parent, gone, signal.SIGTERM)
 
 
-def serve_child(settings: Settings, spec: str) -> int:
-    """One serving process: ``spec`` = ``FD:INDEX:PARENT`` (the inherited listening socket)."""
-    from aiohttp import web
+class HandedSite(web.BaseSite):
+    """An aiohttp site serving the connections the parent hands over (``SCM_RIGHTS`` on ``ctrl``, one
+    descriptor per message) instead of a listening socket; it reports its load back (``_REPORT``: taken
+    over in all, open now) whenever that changes, checked every :data:`REPORT_INTERVAL_S`."""
 
+    __slots__ = ("_ctrl", "_taken", "_reported", "_poll", "_pending")
+
+    def __init__(self, runner: web.BaseRunner, ctrl: socket.socket) -> None:
+        super().__init__(runner)
+        self._ctrl = ctrl
+        self._taken = 0
+        self._reported = (0, 0)
+        self._poll: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+
+    @property
+    def name(self) -> str:
+        return "connections handed over by the parent process"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._ctrl.setblocking(False)
+        loop.add_reader(self._ctrl.fileno(), self._receive)
+        self._poll = loop.create_task(self._report_loop())
+
+    def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self._ctrl, 16, 4, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:  # the parent is gone: the graceful stop follows (die_with_parent)
+                loop.remove_reader(self._ctrl.fileno())
+                return
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                conn.setblocking(False)
+                task = loop.create_task(loop.connect_accepted_socket(self._runner.server, conn))
+                self._pending.add(task)
+                task.add_done_callback(self._taken_over)
+
+    def _taken_over(self, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        self._taken += 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a handed-over connection could not be served: %s", type(task.exception()).__name__)
+        self._report()
+
+    def _report(self) -> None:
+        server = self._runner.server
+        now = (self._taken, len(server.connections) if server is not None else 0)
+        if now != self._reported:
+            try:
+                self._ctrl.send(_REPORT.pack(*now))
+            except OSError:  # (parent gone, or its queue full: the next report carries the totals)
+                return
+            self._reported = now
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            self._report()
+
+    async def stop(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        if self._ctrl.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self._ctrl.fileno())
+            self._ctrl.close()  # the parent sees the end of file: no more connections for this process
+        await super().stop()
+
+
+#: How often a serving process checks whether its open connections changed (to report them).
+REPORT_INTERVAL_S = 0.05
+
+
+def serve_child(settings: Settings, spec: str) -> int:
+    """One serving process: ``spec`` = ``FD:INDEX:PARENT`` (FD: its end of the socket pair)."""
     from gateway.app import create_app
 
     fd, index, parent = (int(x) for x in spec.split(":"))
     die_with_parent(parent)
-    sock = socket.socket(fileno=fd)
-    log.info("server process ready", extra={"worker": index})
+    ctrl = socket.socket(fileno=fd)
     app = create_app(settings, startup="serve")
     tune_gc()
-    web.run_app(app, sock=sock, print=None, access_log=None,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    asyncio.run(_serve(app, ctrl, index))
     return 0
 
 
-__all__ = ["bind_sockets", "die_with_parent", "serve_child", "supervise"]
+async def _serve(app: web.Application, ctrl: socket.socket, index: int) -> None:
+    """What ``web.run_app`` does, with a :class:`HandedSite`: serve until SIGTERM/SIGINT, then stop
+    gracefully (no new connections, requests in progress finished within SHUTDOWN_TIMEOUT_S, cleanup)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        await HandedSite(runner, ctrl).start()
+        log.info("server process ready", extra={"worker": index})
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+__all__ = ["HandedSite", "bind_listener", "die_with_parent", "serve_child", "supervise"]

@@ -1,9 +1,10 @@
 """``fedgate serve --processes N`` (issue #3): several server processes share the port and every route
-answers the same in each — the kernel picks the process per connection, so the shared state is the
-store.  Real processes on both engines: concurrent STOW into one study from many clients (QIDO, the FHIR
+answers the same in each — the parent picks the process per connection (the one with the fewest open
+connections), so the shared state is the store.  Real processes on both engines: concurrent STOW into one study from many clients (QIDO, the FHIR
 ImagingStudy and the audit chain agree with what was sent), concurrent FHIR updates of one resource
 (versions 1..n, no gap, no duplicate, no 409), consent withdrawal seen at once by every process, a
-crashed child restarted, SIGTERM stopping all cleanly, SIGKILL of the parent leaving no child behind."""
+crashed child restarted, SIGTERM stopping all cleanly, SIGKILL of the parent leaving no child behind,
+kept-alive connections spread evenly, the port not shared with a second server."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _body(datasets) -> bytes:
 
 
 def _fresh() -> aiohttp.ClientSession:
-    """A session opening a new connection per request: the kernel spreads them over the processes."""
+    """A session opening a new connection per request: the parent spreads them over the processes."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
@@ -229,5 +230,40 @@ async def test_a_crashed_child_is_restarted_and_children_die_with_the_parent(tmp
         assert victim not in now and len(now) == PROCESSES, "the parent did not restart the killed process"
         assert set(await _pids(gw, 30)) == now
         assert await sigkill_and_wait_children_gone(gw.proc, now), "server processes survived the SIGKILL of their parent"
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_kept_alive_connections_are_spread_evenly_and_the_port_is_not_shared(tmp_path, db_url):
+    """Clients that keep their connections open (a PACS, a viewer, the benchmark) get them spread over the
+    processes: the parent hands each new connection to the process with the fewest open ones. (With one
+    SO_REUSEPORT socket per process the kernel hashed them: 4 connections all in one of 2 processes one
+    time in 8.)"""
+    gw = await _start(tmp_path, db_url)
+    try:
+        await asyncio.sleep(0.5)  # the readiness probes' closed connections reported by their processes
+        for _ in range(2):  # twice: the first round's connections, once closed, no longer count
+            sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(2 * PROCESSES)]
+            try:
+                async def pid_of(http: aiohttp.ClientSession) -> int:
+                    async with http.get(gw.url + "/healthz") as r:
+                        return (await r.json())["pid"]
+
+                first = await asyncio.gather(*(pid_of(h) for h in sessions))
+                assert sorted(Counter(first).values()) == [2] * PROCESSES, Counter(first)
+                assert set(first) == _children(gw.proc.pid)
+                # the connections stay where they are: each session's next requests reach the same process
+                again = await asyncio.gather(*(pid_of(h) for h in sessions))
+                assert again == first
+            finally:
+                for h in sessions:
+                    await h.close()
+            await asyncio.sleep(0.5)
+        # a second server on the same port fails at once instead of sharing it
+        env = dict(os.environ, FEDGATE_CONFIG=str(gw.settings.data_dir / "site.toml"))
+        second = subprocess.run([sys.executable, "-m", "gateway", "serve", "--processes", "2"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "cannot bind" in second.stderr, second.stderr[-2000:]
     finally:
         gw.stop()
