@@ -252,9 +252,9 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 _start(c, argv, dispatcher)
             stopping.wait(0.2)
     finally:
-        listener.close()  # no new connections while the children finish theirs
         if dispatcher.thread.is_alive():
             dispatcher.stop()
+        listener.close()  # no new connections while the children finish theirs
         _stop_all(children)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
