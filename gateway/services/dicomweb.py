@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import re
 import struct
 import time
@@ -450,6 +451,9 @@ class DicomwebService:
         except BaseException:  # refused or cancelled: no temp file left behind
             ParseFeed.discard(feed, parts)
             raise
+        for o in outcomes:  # a part whose file did not reach the disk (fsync failed: EIO, ENOSPC): 0xA700
+            if o.failure is None and (err := sync_errors.get(o.tmp)) is not None:
+                o.failure, o.reason = OUT_OF_RESOURCES, _disk_reason(err)
         # the same SOP twice in one request: keep the first
         seen: set[str] = set()
         for o in outcomes:
@@ -460,15 +464,13 @@ class DicomwebService:
         good = [o for o in outcomes if o.failure is None]
         committed: list[Outcome] = []
         try:
-            for o in good:
-                if o.tmp in sync_errors:
-                    raise sync_errors[o.tmp]
             if good:
                 await self._check_duplicates(good)
                 new = [o for o in good if o.failure is None and o.warning is None]
                 # files go into place before (and outside) the write transaction: rename only (already
                 # fsync-ed), never under the (SQLite: serialised) write lock; each stored version gets its own path
                 await asyncio.to_thread(self._commit_files, new, committed)
+                new = [o for o in new if o.failure is None]  # (a file that could not be put in place: 0xA700)
                 if new:
                     await self._index_batched(new)
         finally:
@@ -585,12 +587,25 @@ class DicomwebService:
                                                           "content is already stored")
 
     def _commit_files(self, new: list[Outcome], done: list[Outcome]) -> None:
+        """Rename the (fsync-ed) files into place, then fsync their directories. The storage failing
+        (ENOSPC for a new directory, EIO, ...) fails the instances concerned with 0xA700 — the others of
+        the request go on; a directory fsync failing fails every file renamed into place here (removed)."""
         dirty: set[str] = set()
         for o in new:
             o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
-            self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
+            try:
+                self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
+            except OSError as exc:  # nothing was moved (mkdir / rename failed): the temp file is removed later
+                o.failure, o.reason = OUT_OF_RESOURCES, _disk_reason(exc)
+                continue
             done.append(o)
-        self.blobs.sync_dirs(dirty)  # before the index rows: no acknowledged row whose file name may be lost
+        try:
+            self.blobs.sync_dirs(dirty)  # before the index rows: no acknowledged row whose file name may be lost
+        except OSError as exc:
+            for o in done:
+                self.blobs.remove(o.rel)
+                o.failure, o.reason = OUT_OF_RESOURCES, _disk_reason(exc)
+            done.clear()
 
     async def _index_batched(self, new: list[Outcome]) -> None:
         """Index rows of concurrent STOW requests written in one transaction (group commit).
@@ -977,6 +992,12 @@ def _insert_new(conn, table, key: str):
 
 
 _UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _disk_reason(exc: OSError) -> str:
+    """A failure reason for a storage error: what went wrong, never the path (it names the UIDs)."""
+    what = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return f"the instance could not be stored: {what}"[:300]
 
 
 def check_study_uid(uid: str) -> str:

@@ -4,9 +4,11 @@ store's crash safety (a real server process killed mid-STOW, then restarted)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +161,69 @@ async def test_stow_bad_input_table(small, http):
                         headers=h | {"Accept": 'multipart/related; type="application/dicom"; '
                                                'transfer-syntax=1.2.840.10008.1.2.4.50'}) as r:
         assert r.status == 406  # no JPEG encoder: say so rather than send something else
+
+
+async def test_storage_errors_fail_only_their_instances(small, http, monkeypatch):
+    """The disk failing while instances are put in place (ENOSPC creating a directory or renaming, EIO on
+    a directory fsync) fails those instances with 0xA700 (Out of Resources) and the reason — a 202 or
+    409, never a 500 — and leaves nothing of them behind; the request's other instances are stored. The
+    faults are the operating system's answers (``os.replace`` / ``os.fsync`` raising), injected."""
+    gw = small
+    h = gw.headers("pacs") | {"Content-Type": DICOM_MP}
+    ds = ct_series(patient_id="D1", patient_name="Disk^Full", n=3, size=32)
+    victim = str(ds[1].SOPInstanceUID)
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(str(dst)).startswith(victim + "."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rows, files, _ = await _state(gw)
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(*[to_bytes(d) for d in ds]), headers=h) as r:
+        assert r.status == 202, await r.text()
+        body = await r.json()
+    [failed] = body["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700] and failed["00081155"]["Value"] == [victim]
+    reason = failed["00091010"]["Value"][0]
+    assert os.strerror(errno.ENOSPC) in reason and victim not in reason
+    assert sorted(i["00081155"]["Value"][0] for i in body["00081199"]["Value"]) == sorted(
+        str(d.SOPInstanceUID) for d in ds if str(d.SOPInstanceUID) != victim)
+    stored = (rows + 2, files + 2, 0)
+    assert await _no_temp_files(gw, stored) == stored
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    more = ct_series(patient_id="D2", patient_name="Disk^Error", n=2, size=32)
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(*[to_bytes(d) for d in more]), headers=h) as r:
+        assert r.status == 409, await r.text()
+        body = await r.json()
+    assert _reasons(body) == [0xA700, 0xA700]
+    assert await _no_temp_files(gw, stored) == stored
+
+    def fsync_files(fd):  # a part file's data not reaching the disk
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_files)
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(*[to_bytes(d) for d in more]), headers=h) as r:
+        assert r.status == 409, await r.text()
+        body = await r.json()
+    assert _reasons(body) == [0xA700, 0xA700]
+    assert await _no_temp_files(gw, stored) == stored
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    # the disk is back: the failed instances can be sent again
+    async with http.post(f"{gw.dicomweb}/studies", data=_body(to_bytes(ds[1]), *[to_bytes(d) for d in more]),
+                         headers=h) as r:
+        assert r.status == 200, await r.text()
+    assert await _state(gw) == (rows + 5, files + 5, 0)
 
 
 def _serve(data_dir: Path, port: int, db_url: str) -> subprocess.Popen:
