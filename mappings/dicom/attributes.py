@@ -11,7 +11,7 @@ import hashlib
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -95,24 +95,37 @@ class MetaView:
     def __init__(self, meta: dict[str, Any], ds: Dataset) -> None:
         self.meta, self.ds = meta, ds
 
-    _keys: dict[str, str | None] = {}  # keyword → its tag as a DICOM JSON key (looked up once)
+    _keys: dict[str, tuple[str, int] | None] = {}  # keyword → (its DICOM JSON key, its tag), looked up once
 
     def get(self, keyword: str, default: Any = None) -> Any:
-        key = self._keys.get(keyword, "")
-        if key == "":
+        found = self._keys.get(keyword, ())
+        if found == ():
             tag = tag_for_keyword(keyword)
-            key = self._keys[keyword] = f"{tag:08X}" if tag is not None else None
-        entry = self.meta.get(key) if key is not None else None
-        if entry is None or entry.get("vr") == "DS":
+            found = self._keys[keyword] = (f"{tag:08X}", tag) if tag is not None else None
+        if found is None:
             return self.ds.get(keyword, default)
+        key, tag = found
+        entry = self.meta.get(key)
+        if entry is None:
+            # not in the data set: what pydicom answers too (an element the encoding dropped: pydicom's value)
+            return self.ds.get(keyword, default) if tag in self.ds._dict else default
+        vr = entry.get("vr")
         values = entry.get("Value")
+        if vr == "DS":
+            # the original strings (pydicom's str of each DSfloat: the value between the backslashes, stripped)
+            # from the raw bytes; the JSON holds them as numbers ("120", not 120.0)
+            raw = self.ds._dict.get(tag)
+            if values is None or type(raw) is not RawDataElement or type(raw.value) is not bytes:
+                return self.ds.get(keyword, default)
+            texts = [v.strip() for v in raw.value.decode("latin_1").strip().rstrip(" \x00").split("\\")]
+            return texts[0] if len(texts) == 1 else texts
         if values is None:
             return "" if "InlineBinary" not in entry and "BulkDataURI" not in entry else self.ds.get(keyword, default)
-        if entry["vr"] == "PN":
+        if vr == "PN":
             if any(set(v) != {"Alphabetic"} for v in values):
                 return self.ds.get(keyword, default)
             values = [v["Alphabetic"] for v in values]
-        elif entry["vr"] == "SQ":
+        elif vr == "SQ":
             return self.ds.get(keyword, default)
         return values[0] if len(values) == 1 else list(values)
 

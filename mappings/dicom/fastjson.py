@@ -178,7 +178,44 @@ def _string_value(vr: str, items: list[str]) -> list | None:
     return items
 
 
+#: encoded raw elements seen before, by everything their encoding depends on (tag, VR, value bytes, character
+#: set, bulk data rule): the header of a series repeats from instance to instance (patient, study, series,
+#: equipment and acquisition attributes: ≈ 45 of a CT instance's 56 elements), so most elements of a STOW
+#: instance are a dictionary look-up instead of a decode, a validation and a conversion (the encoding was a
+#: third of the parse). The dictionaries handed out are shared between data sets: read-only for callers.
+#: Bounded: cleared when full, like :data:`_VALID`.
+_SEEN: dict[tuple, dict] = {}
+_SEEN_MAX = 20_000
+#: values longer than this are not memoised (text blobs, large arrays: rarely repeated, costly to hash)
+_SEEN_BYTES = 256
+#: elements that differ in every instance (SOP Instance UIDs, instance number, position, time and date of
+#: the image): memoising them would only churn the memo
+_PER_INSTANCE = frozenset({0x00020003, 0x00080018, 0x00080012, 0x00080013, 0x00080032, 0x00080033,
+                           0x00200013, 0x00200032, 0x00201041, 0x00280106, 0x00280107})
+_DOUBTFUL: dict = {}  # memo value of an element the fast path leaves to pydicom
+
+
 def _element(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict:
+    data = elem.value
+    number = tag + 0  # a plain int (BaseTag compares in Python: slow as a dictionary key)
+    if type(data) is not bytes or len(data) > _SEEN_BYTES or number in _PER_INSTANCE or isinstance(elem, DataElement):
+        return _encode(tag, elem, codec, handler, limit)
+    key = (number, elem.VR, data, codec, elem.is_little_endian, handler, limit)
+    got = _SEEN.get(key)
+    if got is None:
+        try:
+            got = _encode(tag, elem, codec, handler, limit)
+        except _Doubt:
+            got = _DOUBTFUL
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[key] = got
+    if got is _DOUBTFUL:
+        raise _Doubt
+    return got
+
+
+def _encode(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict:
     if isinstance(elem, DataElement):
         if elem.VR != "SQ":
             raise _Doubt  # converted already (by someone's access): pydicom's own view of it
@@ -248,7 +285,21 @@ def dataset_json(ds: Dataset, *, bulk_data_threshold: int, bulk_data_element_han
 
 
 def _pydicom_element(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict | None:
-    """pydicom's encoding of one element, dropped (as ``suppress_invalid_tags`` does) when it fails."""
+    """pydicom's encoding of one element, dropped (as ``suppress_invalid_tags`` does) when it fails.
+    (0008,0005), which pydicom converts while reading (so the fast path leaves it to pydicom), is memoised
+    by its value: one per character set, not one pydicom encoding per instance."""
+    elem = ds._dict[tag]
+    if tag == _CHARSET_TAG and isinstance(elem, DataElement) and elem.VR == "CS":
+        value = elem.value
+        key = (_CHARSET_TAG, value) if isinstance(value, str) or value is None else (_CHARSET_TAG, *value)
+        got = _SEEN.get(key, _DOUBTFUL)
+        if got is _DOUBTFUL:
+            got = _SEEN[key] = _pydicom_encoding(ds, tag, handler, threshold)
+        return got
+    return _pydicom_encoding(ds, tag, handler, threshold)
+
+
+def _pydicom_encoding(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict | None:
     with config.strict_reading():
         try:
             return ds[tag].to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=threshold)

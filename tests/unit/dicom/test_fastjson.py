@@ -259,3 +259,35 @@ def test_index_rows_of_odd_values_equal_pydicom(extra):
             setattr(ds, keyword, value)
     via_json, via_pydicom = _rows_both_ways(_file(ds))
     assert via_json == via_pydicom
+
+
+def test_memoised_elements_follow_the_character_set():
+    """The element memo (``fastjson._SEEN``): the same bytes under another character set are decoded again,
+    and a warm memo gives pydicom's result (a memo keyed on the bytes alone would answer the first)."""
+    from mappings.dicom import fastjson
+
+    fastjson._SEEN.clear()
+    for charset, expected in (("ISO_IR 100", "CafÃ©"), ("ISO_IR 192", "Café"), ("ISO_IR 100", "CafÃ©")):
+        ds = _ct(SpecificCharacterSet=charset)
+        read = pydicom.dcmread(io.BytesIO(_file(ds)), stop_before_pixels=True)
+        _raw_element(read, 0x00081030, "LO", b"Caf\xc3\xa9")
+        buf = io.BytesIO()
+        read.save_as(buf, enforce_file_format=True)
+        for _ in range(2):  # cold, then warm
+            got = _same(buf.getvalue(), defer_size=1024, stop_before_pixels=True)
+            assert got["00081030"] == {"vr": "LO", "Value": [expected]}
+    assert any(key[0] == 0x00081030 for key in fastjson._SEEN)  # (the memo was used)
+
+
+@pytest.mark.parametrize("value", [b"0.50", b" 1.5e2", b"120 ", b"0.5\\0.50 ", b" 3 \\ 4", b"+1.0", b""],
+                         ids=["plain", "lead", "trail", "multi", "padded-multi", "plus", "empty"])
+def test_index_rows_read_decimal_strings_as_pydicom(value):
+    """DS values come from the raw bytes (pydicom's string of each value), not from the JSON numbers."""
+    ds = pydicom.dcmread(io.BytesIO(_file(_ct())), stop_before_pixels=True)
+    for tag in (0x00180050, 0x00180060, 0x00280030):  # SliceThickness, KVP, PixelSpacing
+        _raw_element(ds, tag, "DS", value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    via_json, via_pydicom = _rows_both_ways(buf.getvalue())
+    assert via_json == via_pydicom
+    assert via_json[1]["pixel_spacing"] == ("\\".join(v.strip() for v in value.decode().split("\\")) or None)
