@@ -402,8 +402,7 @@ class ParseFeed:
         for i, written in self._writes.items():  # a part whose file was not written fails, whatever its parse said
             if self._failed(written):
                 exc = None if written.cancelled() else written.exception()
-                self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES,
-                                        reason=f"the instance could not be written: {type(exc).__name__}"[:300])
+                self.slots[i] = Outcome(None, None, failure=OUT_OF_RESOURCES, reason=_disk_reason(exc))
         errors = {tmp: err for tmp, fut in self._syncs if (err := await fut) is not None}
         if any(o is None for o in self.slots):
             raise RuntimeError("STOW: a received part was not parsed")  # a bug: never drop a part silently
@@ -994,9 +993,11 @@ def _insert_new(conn, table, key: str):
 _UID = re.compile(r"[0-9.]{1,64}")
 
 
-def _disk_reason(exc: OSError) -> str:
-    """A failure reason for a storage error: what went wrong, never the path (it names the UIDs)."""
-    what = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+def _disk_reason(exc: BaseException | None) -> str:
+    """A failure reason for a storage error (a part's write, its fsync, its rename, a directory fsync): what
+    went wrong — the OS's words for an OSError —, never the path (it names the UIDs)."""
+    code = getattr(exc, "errno", None)
+    what = os.strerror(code) if code else type(exc).__name__ if exc is not None else "the write was cancelled"
     return f"the instance could not be stored: {what}"[:300]
 
 

@@ -82,6 +82,7 @@ async def test_parts_wait_for_their_write(files, seed):
     outcomes, errors = await feed.results()
     assert not errors
     assert [o.failure for o in outcomes] == expected
+    assert outcomes[3].reason == "the instance could not be stored: No space left on device"  # the OS's words
     assert [o.sop_uid for o, f in zip(outcomes, expected) if f is None] == [s for (_, s), f in zip(files, expected) if f is None]
 
 
