@@ -58,6 +58,7 @@ done
 $PY bench/summarize.py "${RESULTS[@]}" | tee "$OUT/table.md"
 if [ "$WRITE" = "--write" ]; then
   {
+    echo  # (a blank line: the file's last section may end without one)
     echo "## DICOMweb: fedgate vs Orthanc (issue 3) — $(date -u +'%Y-%m-%d %H:%M') UTC"
     echo
     echo "Machine: $(hostname) ($(nproc) cores), both servers on loopback, run one after the other."

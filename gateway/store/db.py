@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, StaticPool
 
-from gateway.store.inline import InlineConnection, plannable
+from gateway.store.inline import InlineConnection, Plan, Unplannable, plan_select, plannable
 
 log = logging.getLogger(__name__)
 
@@ -227,27 +227,33 @@ class Database:
     async def read_rows(self, stmt, params: dict) -> list[dict]:
         """The rows of one SELECT as dicts (for hot single-statement reads such as the WADO look-up).
 
-        On SQLite the statement (compiled once) runs on a reader thread with its own read-only connection:
-        one hand-over to a thread instead of the pooled aiosqlite path's four or so (checkout, cursor,
-        execute, fetch, rollback on return — about 0.2 ms, a fifth of a WADO instance request on a busy
-        machine). WAL mode: the reader sees every committed write, from any process. Values come as the
-        sqlite3 driver returns them (no SQLAlchemy result types: fine for text/number columns, not for
-        Boolean/DateTime ones). Elsewhere (and for an in-memory SQLite) the pooled connection as usual."""
+        On SQLite the statement runs on a reader thread with its own read-only connection: one hand-over to
+        a thread instead of the pooled aiosqlite path's four or so (checkout, cursor, execute, fetch, rollback
+        on return — about 0.2 ms, a fifth of a WADO instance request on a busy machine). WAL mode: the reader
+        sees every committed write, from any process. The statement is compiled once per set of parameter
+        names by the inline write path's planner (:func:`gateway.store.inline.plan_select`: bind and result
+        processors, expanding ``IN`` lists, SQLAlchemy's values); one it cannot plan, PostgreSQL and an
+        in-memory SQLite take the pooled connection as usual."""
         path = self._reader_file
-        if path is None:
+        plan = None
+        if path is not None:
+            key = (stmt, frozenset(params))
+            plan = self._compiled.get(key, ())
+            if plan == ():
+                plan = plan_select(stmt, self.engine.dialect, key[1])
+                if len(self._compiled) >= 256:
+                    self._compiled.clear()
+                self._compiled[key] = plan
+        if plan is not None:
+            try:
+                sql, args = plan.args(params)
+            except Unplannable:  # (an empty IN list)
+                plan = None
+        if plan is None:
             async with self.read() as conn:
                 return [dict(r) for r in (await conn.execute(stmt, params)).mappings()]
-        compiled = self._compiled.get(stmt)
-        if compiled is None:
-            c = stmt.compile(dialect=self.engine.dialect)
-            compiled = (c.string, tuple(c.positiontup or ()), dict(c.params))
-            if len(self._compiled) >= 256:
-                self._compiled.clear()
-            self._compiled[stmt] = compiled
-        sql, names, fixed = compiled
-        args = [params[n] if n in params else fixed[n] for n in names]
         return await asyncio.get_running_loop().run_in_executor(self._reader_thread(), self._sqlite_rows, path, sql,
-                                                                args)
+                                                                args, plan)
 
     def _reader_thread(self) -> ThreadPoolExecutor:
         """The one thread of read_rows / read_sync on SQLite (their connections live on it)."""
@@ -280,7 +286,7 @@ class Database:
             finally:
                 conn.rollback()  # end the read transaction: the next read sees every later commit
 
-    def _sqlite_rows(self, path: str, sql: str, args: list) -> list[dict]:  # the reader thread
+    def _sqlite_rows(self, path: str, sql: str, args: list, plan: Plan) -> list[dict]:  # the reader thread
         if self._reader_conn is None:
             conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA query_only=1")
@@ -288,8 +294,7 @@ class Database:
             self._reader_conn = conn
         cur = self._reader_conn.execute(sql, args)
         try:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            return plan.dicts(cur)
         finally:
             cur.close()
 

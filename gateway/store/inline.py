@@ -128,13 +128,30 @@ class _Plan:
             sql = self.by_lengths[key] = _POSTCOMPILE.sub(lambda m: ", ".join("?" * lengths[m.group(1)]), self.sql)
         return sql, out
 
-    def rows(self, cursor: sqlite3.Cursor) -> list:
+    def _fetched(self, cursor: sqlite3.Cursor) -> list:
         fetched = cursor.fetchall()
-        make = self.row._make
         if self.result_procs:
             procs = self.result_procs
-            return [make(v if p is None or v is None else p(v) for p, v in zip(procs, r)) for r in fetched]
-        return [make(r) for r in fetched]
+            return [tuple(v if p is None or v is None else p(v) for p, v in zip(procs, r)) for r in fetched]
+        return fetched
+
+    def dicts(self, cursor: sqlite3.Cursor) -> list[dict]:
+        """The rows as dicts by column key (result processors applied), for :meth:`Database.read_rows`."""
+        keys = self.row._fields
+        return [dict(zip(keys, r)) for r in self._fetched(cursor)]
+
+    def rows(self, cursor: sqlite3.Cursor) -> list:
+        make = self.row._make
+        return [make(r) for r in self._fetched(cursor)]
+
+
+def plan_select(stmt, dialect, keys: frozenset) -> _Plan | None:
+    """A SELECT compiled once for :meth:`Database.read_rows` (None: one SQLAlchemy must run itself)."""
+    try:
+        plan = _Plan(stmt.compile(dialect=dialect), keys)
+    except _Unplannable:
+        return None
+    return plan if plan.returns and not plan.dml else None
 
 
 class _Unplannable(Exception):
@@ -249,3 +266,8 @@ class InlineConnection:
             return InlineResult(rows, count if plan.dml else -1)
         except sqlite3.Error as exc:
             raise DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
+
+
+#: public names for :meth:`gateway.store.db.Database.read_rows`
+Plan = _Plan
+Unplannable = _Unplannable

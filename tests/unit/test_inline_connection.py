@@ -140,3 +140,23 @@ async def test_inline_errors_are_sqlalchemy_errors_and_roll_back(dbs):
 def test_only_statements_built_once_are_planned():
     assert id(table_insert(item)) in inline._PLANNABLE
     assert id(item.insert()) not in inline._PLANNABLE
+
+
+async def test_read_rows_gives_what_the_pooled_path_gives(dbs):
+    """Database.read_rows (the WADO look-up's path: a reader thread, statements planned by the inline planner)
+    returns SQLAlchemy's values: Boolean columns as bool (the sqlite3 driver gives 0/1), expanding IN lists,
+    literal values; an empty IN list takes the pooled path."""
+    _sa, db = dbs
+    async with db.write(inline=True) as conn:
+        await conn.execute(table_insert(item), ROWS)
+    cases = [(_select_in(), {"codes": ["c0", "c1", "c2", "zz"]}), (_select_in(), {"codes": ["c4"]}),
+             (_stmt("select all", lambda: select(item).order_by(c.id)), {}), (_select_first(), {"x": "nope"}),
+             (_select_in(), {"codes": []}), (select(c.code, c.flag).where(c.n == 7).order_by(c.code), {})]
+    for stmt, params in cases:
+        async with db.read() as conn:
+            want = [dict(r) for r in (await conn.execute(stmt, params)).mappings()]
+        got = await db.read_rows(stmt, params)
+        assert got == want and [type(v) for r in got for v in r.values()] == [type(v) for r in want for v in r.values()]
+    assert await db.read_rows(_select_in(), {"codes": ["c0", "c1"]}) == [
+        {"code": "c0", "flag": True, "weight": 0.0, "n": 7}, {"code": "c1", "flag": False, "weight": 0.25, "n": 7}]
+    assert any(plan is not None for plan in db._compiled.values())  # (the reader thread's path was taken)
