@@ -72,14 +72,28 @@ async def _stamp_all(conn: AsyncConnection, table) -> None:
         await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=profile_no(key)))
 
 
-async def _stamp_index(conn: AsyncConnection, table, rids=None) -> None:
-    """Copy ``consent_no`` onto the rows of the search-index table ``table`` from their resources: those of
-    ``rids`` (a SELECT of rids), or every row."""
+async def _stamp_index(conn: AsyncConnection, table) -> None:
+    """Copy ``consent_no`` onto every row of the search-index table ``table`` from its resource (back-fill;
+    :func:`_stamp_index_stmt` does it for some patients)."""
     R = s.fhir_resource
-    q = update(table)
-    if rids is not None:
-        q = q.where(table.c.rid.in_(rids))
-    await conn.execute(q.values(consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+    await conn.execute(update(table).values(
+        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+
+
+def _stamp_stmt(table):
+    """``consent_no = :b_no`` on the rows of ``table`` whose patient is in ``:b_ids`` (built once: it runs in
+    every write transaction that creates a patient, e.g. STOW's first instance of a new one, where building
+    and compiling a statement per call cost more than running it)."""
+    return built_once(("stamp by patients", table.name), lambda: update(table).where(
+        table.c.patient_id.in_(bindparam("b_ids", expanding=True))).values(consent_no=bindparam("b_no")))
+
+
+def _stamp_index_stmt(table):
+    """:func:`_stamp_index` for the resources of the patients in ``:b_ids`` (built once)."""
+    R = s.fhir_resource
+    return built_once(("stamp index by patients", table.name), lambda: update(table).where(
+        table.c.rid.in_(select(R.c.rid).where(R.c.patient_id.in_(bindparam("b_ids", expanding=True))))).values(
+        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
 
 
 async def ensure_indexes(conn: AsyncConnection) -> None:
@@ -191,11 +205,12 @@ async def stamp_dicom(conn: AsyncConnection, patient_ids: Iterable[str] | None =
             by_no.setdefault(nos[pid], []).append(pid)
         for no, pids in by_no.items():
             for table in stamped_tables()[1:]:
-                await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=no))
+                await conn.execute(_stamp_stmt(table), {"b_ids": pids, "b_no": no})
 
 
 async def load_policy_doc(conn: AsyncConnection) -> dict:
-    row = (await conn.execute(select(consent_policy.c.document).where(consent_policy.c.id == 1))).first()
+    stmt = built_once(("policy doc",), lambda: select(consent_policy.c.document).where(consent_policy.c.id == 1))
+    row = (await conn.execute(stmt)).first()
     return orjson.loads(row[0]) if row else {}
 
 
@@ -221,15 +236,20 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     if ids is not None and not ids:
         return 0
     collections = parse_policy(await load_policy_doc(conn))
-    pq = select(P.c.patient_id, P.c.identifiers, P.c.sex, P.c.birth_year)
-    cq = select(R.c.patient_id, R.c.content).where(R.c.res_type == "Consent", R.c.deleted.is_(False))
+    # (statements built once, with the patient list as an expanding parameter: see _stamp_stmt)
+    def of_ids(q, column):
+        return q if ids is None else q.where(column.in_(bindparam("b_ids", expanding=True)))
+
+    wp = built_once(("recompute patients", ids is None), lambda: of_ids(
+        select(P.c.patient_id, P.c.identifiers, P.c.sex, P.c.birth_year), P.c.patient_id))
+    wc = built_once(("recompute consents", ids is None), lambda: of_ids(select(R.c.patient_id, R.c.content).where(
+        R.c.res_type == "Consent", R.c.deleted.is_(False)), R.c.patient_id))
     patients: list = []
     consents: dict[str, list] = {}
     for chunk in ([ids[i:i + 500] for i in range(0, len(ids), 500)] if ids is not None else [None]):
-        wp = pq if chunk is None else pq.where(P.c.patient_id.in_(chunk))
-        wc = cq if chunk is None else cq.where(R.c.patient_id.in_(chunk))
-        patients.extend((await conn.execute(wp)).all())
-        for pid, content in (await conn.execute(wc)).all():
+        params = None if chunk is None else {"b_ids": chunk}
+        patients.extend((await conn.execute(wp, params)).all())
+        for pid, content in (await conn.execute(wc, params)).all():
             if pid is not None and content:
                 consents.setdefault(pid, []).append(orjson.loads(content))
     if not patients:
@@ -254,25 +274,26 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
             new_profiles[key] = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
         by_key.setdefault(key, []).append(pid)
     if new_profiles:
-        have = set((await conn.execute(select(consent_profile.c.key)
-                                       .where(consent_profile.c.key.in_(sorted(new_profiles))))).scalars())
+        known_q = built_once(("profiles known",), lambda: select(consent_profile.c.key).where(
+            consent_profile.c.key.in_(bindparam("b_keys", expanding=True))))
+        have = set((await conn.execute(known_q, {"b_keys": sorted(new_profiles)})).scalars())
         missing = [{"key": k, "profile": v} for k, v in new_profiles.items() if k not in have]
         if missing:
             await conn.execute(table_insert(consent_profile), missing)
+    set_profile = built_once(("set consent profile",), lambda: update(P).where(
+        P.c.patient_id.in_(bindparam("b_ids", expanding=True))).values(consent_profile=bindparam("b_key")))
     for key, pids in by_key.items():
         for i in range(0, len(pids), 500):
             # cm_patient first: stampers of new rows (lock_patients) wait on it or are waited for
-            await conn.execute(update(P).where(P.c.patient_id.in_(pids[i:i + 500])).values(consent_profile=key))
+            await conn.execute(set_profile, {"b_ids": pids[i:i + 500], "b_key": key})
             for table in stamped_tables():
-                await conn.execute(update(table).where(table.c.patient_id.in_(pids[i:i + 500]))
-                                   .values(consent_no=profile_no(key)))
+                await conn.execute(_stamp_stmt(table), {"b_ids": pids[i:i + 500], "b_no": profile_no(key)})
     # the search-index rows of those resources: copied from fhir_resource (just restamped), one statement
     # per table for all the patients rather than one per profile
     everyone = sorted(p for pids in by_key.values() for p in pids)
     for i in range(0, len(everyone), 500):
-        rids = select(R.c.rid).where(R.c.patient_id.in_(everyone[i:i + 500]))
         for table in index_tables():
-            await _stamp_index(conn, table, rids)
+            await conn.execute(_stamp_index_stmt(table), {"b_ids": everyone[i:i + 500]})
     return len(patients)
 
 
