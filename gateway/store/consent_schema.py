@@ -72,12 +72,16 @@ async def _stamp_all(conn: AsyncConnection, table) -> None:
         await conn.execute(update(table).where(table.c.patient_id.in_(pids)).values(consent_no=profile_no(key)))
 
 
+def _resource_consent_no(table):
+    """The ``consent_no`` of the resource a row of the search-index table ``table`` belongs to."""
+    R = s.fhir_resource
+    return select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()
+
+
 async def _stamp_index(conn: AsyncConnection, table) -> None:
     """Copy ``consent_no`` onto every row of the search-index table ``table`` from its resource (back-fill;
     :func:`_stamp_index_stmt` does it for some patients)."""
-    R = s.fhir_resource
-    await conn.execute(update(table).values(
-        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+    await conn.execute(update(table).values(consent_no=_resource_consent_no(table)))
 
 
 def _stamp_stmt(table):
@@ -93,7 +97,7 @@ def _stamp_index_stmt(table):
     R = s.fhir_resource
     return built_once(("stamp index by patients", table.name), lambda: update(table).where(
         table.c.rid.in_(select(R.c.rid).where(R.c.patient_id.in_(bindparam("b_ids", expanding=True))))).values(
-        consent_no=select(R.c.consent_no).where(R.c.rid == table.c.rid).scalar_subquery()))
+        consent_no=_resource_consent_no(table)))
 
 
 async def ensure_indexes(conn: AsyncConnection) -> None:
