@@ -834,7 +834,10 @@ class DicomwebService:
         for uid in uids:
             resource = imaging_study_resource(st_rows[uid], series_by_study[uid], inst_by_study[uid])
             prev = current.get(("ImagingStudy", resource["id"]))
-            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
+            # linked to the study's patient even when the subject names it by DICOM identifier only (issue #19)
+            pid = st_rows[uid].get("patient_id")
+            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
+                                     links=frozenset({pid}) if pid else frozenset()))
         if ("Endpoint", "dicomweb") not in current:
             from mappings.dicom.imagingstudy import endpoint_resource
 
