@@ -846,7 +846,10 @@ class DicomwebService:
                 study_row, series_rows = await dicom_views.subject_rows(conn, st_rows[uid], series_rows)
             resource = imaging_study_resource(study_row, series_rows, inst_by_study[uid])
             prev = current.get(("ImagingStudy", resource["id"]))
-            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
+            # linked to the study's patient even when the subject names it by DICOM identifier only (issue #19)
+            pid = st_rows[uid].get("patient_id")
+            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
+                                     links=frozenset({pid}) if pid else frozenset()))
         if ("Endpoint", "dicomweb") not in current:
             from mappings.dicom.imagingstudy import endpoint_resource
 
