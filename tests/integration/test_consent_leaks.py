@@ -258,6 +258,20 @@ async def test_leak1_dicom_only_patient_imagingstudy(site, db_url):
         for url in (f"{gw.fhir}/ImagingStudy/_history", f"{gw.fhir}/_history"):
             status, body = await _status(http, url, hr)
             assert status == 200 and "ACC-LEAK1" not in body and study not in body, url
+        # a DICOM-only patient whom the site policy permits (its collection: issuer urn:fedgate:retro-cohort):
+        # its ImagingStudy is visible to a purpose the policy permits, and still not to GRU
+        ds2 = ct_series(patient_id="DICOM-RETRO-1", patient_name="Retro^Dicom", n=1, accession="ACC-RETRO",
+                        issuer="urn:fedgate:retro-cohort")
+        async with http.post(f"{gw.dicomweb}/studies", data=stow_body(ds2, boundary),
+                             headers=gw.headers("pacs") | {
+                                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                                 "Accept": "application/dicom+json"}) as r:
+            assert r.status == 200, await r.text()
+        hmb = gw.headers("analyst", purpose={"codes": ["DUO:0000037"]}, attrs={"irb_approved": True})
+        url2 = f"{gw.fhir}/ImagingStudy/{ds2[0].StudyInstanceUID}"
+        assert (await _status(http, url2, hmb))[0] == 200
+        assert (await _status(http, url2, hr))[0] == 404
+        assert (await _status(http, f"{gw.fhir}/ImagingStudy/{study}", hmb))[0] == 404
 
 
 async def test_backfill_links_of_a_store_written_before_them(site, db_url):
