@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("path", help="folder (searched recursively) or file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any file failed")
+    p.add_argument("--json", action="store_true", help="JSON output: a summary and one entry per file")
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # (the default now: kept for old scripts)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("reindex", help="rebuild the FHIR search index and common model from the stored "
