@@ -428,6 +428,9 @@ class _Batch:
 
 
 class DicomwebService:
+    #: the application's :class:`~gateway.metrics.Metrics` (instances and bytes stored), wired at start-up
+    metrics_observer = None
+
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
                  workers: WorkerPool | None = None) -> None:
         self.workers = workers or WorkerPool(0)
@@ -495,6 +498,10 @@ class DicomwebService:
         failed = [o for o in outcomes if o.failure is not None]
         if outcomes_out is not None:
             outcomes_out.extend(outcomes)
+        if self.metrics_observer is not None:
+            dup = sum(1 for o in stored if o.warning == WARNING_IDENTICAL)
+            self.metrics_observer.observe_stow(len(stored) - dup, dup, len(failed),
+                                               sum(o.size for o in stored if o.warning != WARNING_IDENTICAL))
         await self.audit.record(AccessRecord(
             requester, "C", "stow", "0" if not failed else ("4" if stored else "8"),
             tuple(f"ImagingStudy/{u}" for u in sorted({o.study_uid for o in stored}))[:200], (), "", "",
