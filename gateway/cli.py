@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pg-url", help="target PostgreSQL database URL")
     e.add_argument("--schema", help="target schema (created with the official DDL)")
     e.add_argument("--csv", help="target directory for CSV files")
-    e.add_argument("--replace", action="store_true", help="drop and re-create an existing schema")
+    e.add_argument("--replace", action="store_true", help="drop and re-create an existing schema, or replace an earlier CSV export in --csv")
     e.add_argument("--vocabulary", help="OHDSI vocabulary directory (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv)")
     e.add_argument("--subject", default="cli-omop-export", help="requester subject recorded in the audit")
     e.set_defaults(func=cmd_omop_export)
