@@ -26,6 +26,7 @@ from gateway.services.validation import ModelValidator
 from gateway.services.workers import WorkerPool
 from gateway.settings import Settings
 from gateway.store import open_database
+from gateway.store.access import AccessLayer
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     workers = WorkerPool(settings.validation_processes)  # CPU-heavy pure work: validation, DICOM parsing
     app[keys.SERVICES]["workers"] = workers
     validator = ModelValidator(workers)
+    app[keys.ACCESS] = AccessLayer(db, app[keys.GATE], app[keys.AUDIT])  # the one access layer (issue #19)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
-                                 max_count=settings.max_page_size, validator=validator)
+                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
     yield
     validator.close()
     await db.dispose()

@@ -66,8 +66,7 @@ def render_table(ans: dict, out=sys.stdout) -> None:
     w(f"{'TOTAL':<14}{'partial' if ans.get('partial') else 'complete':<10}{_fmt(ans.get('count')):>10}"
       f"{ans.get('elapsed_ms', 0):>9.0f}\n")
     consent = ans.get("consent") or {}
-    w(f"\nconsent: matching the criteria {_fmt(consent.get('matching'))}, eligible for this purpose "
-      f"{_fmt(consent.get('eligible'))}\n")
+    w(f"\nconsent: eligible for this purpose {_fmt(consent.get('eligible'))} (only these patients are counted)\n")
     for name, cells in (ans.get("breakdowns") or {}).items():
         w(f"\n{name}:\n")
         for cat, v in cells.items():

@@ -486,10 +486,13 @@ async def _search(request: web.Request, level: str) -> web.Response:
                             series_uid=series)
     except QidoError as exc:
         raise BadRequest(str(exc), expression=[exc.param]) from None
-    results, total = await _svc(request).search(requester_of(request), level, q)
+    notes: list[str] = []  # (admins: conflicting studies among the results, issue #19)
+    results, total = await _svc(request).search(requester_of(request), level, q, notes)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
-        headers["Warning"] = f'299 fedgate "{total - q.offset - len(results)} more results; use offset"'
+        notes.insert(0, f"{total - q.offset - len(results)} more results; use offset")
+    if notes:
+        headers["Warning"] = ", ".join(f'299 fedgate "{n}"' for n in notes)
     return web.Response(body=orjson.dumps(results), content_type=DICOM_JSON, headers=headers)
 
 

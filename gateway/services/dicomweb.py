@@ -31,6 +31,7 @@ from gateway.errors import BadRequest, NotFound
 from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
+from gateway.store import dicom_views
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database, built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
@@ -832,11 +833,16 @@ class DicomwebService:
         if st_rows is None:
             st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
                 select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
+        # studies holding instances of several patients (issue #19): per-patient parts for research answers;
+        # their ImagingStudy lists only its subject's (the study row's patient's) series and instances
+        conflicts = await dicom_views.sync_parts(conn, st_rows, added)
         await repo.lock_resources(conn, [("ImagingStudy", u) for u in uids])  # vs. FHIR API writers
         current = await repo.get_current_many(conn, [("ImagingStudy", u) for u in uids] + [("Endpoint", "dicomweb")])
         nulls_first = conn.dialect.name != "postgresql"
         inst_by_study: dict[str, list[dict]] = {}
         for uid in uids:
+            if uid in conflicts:
+                continue  # rebuilt below, from its subject's instances only
             merged = _extended_instances(current.get(("ImagingStudy", uid)), st_rows[uid], series_by_study[uid],
                                          (added or {}).get(uid), nulls_first)
             if merged is not None:
@@ -845,17 +851,26 @@ class DicomwebService:
         if rebuild:
             inst = (await conn.execute(select(
                 dcm_instance.c.study_uid, dcm_instance.c.series_uid, dcm_instance.c.sop_uid,
-                dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number).where(dcm_instance.c.study_uid.in_(rebuild))
+                dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number, dcm_instance.c.patient_id).where(
+                dcm_instance.c.study_uid.in_(rebuild))
                 .order_by(dcm_instance.c.instance_number))).mappings().all()
             for u in rebuild:
                 inst_by_study[u] = []
             for r in inst:
-                inst_by_study[r["study_uid"]].append(dict(r))
+                if r["study_uid"] not in conflicts or r["patient_id"] == st_rows[r["study_uid"]]["patient_id"]:
+                    inst_by_study[r["study_uid"]].append({k: v for k, v in r.items() if k != "patient_id"})
         writes = []
         for uid in uids:
-            resource = imaging_study_resource(st_rows[uid], series_by_study[uid], inst_by_study[uid])
+            series_rows = series_by_study[uid]
+            study_row = st_rows[uid]
+            if uid in conflicts:  # the subject's part: its own series (a shared series as its instances give it)
+                study_row, series_rows = await dicom_views.subject_rows(conn, st_rows[uid], series_rows)
+            resource = imaging_study_resource(study_row, series_rows, inst_by_study[uid])
             prev = current.get(("ImagingStudy", resource["id"]))
-            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
+            # linked to the study's patient even when the subject names it by DICOM identifier only (issue #19)
+            pid = st_rows[uid].get("patient_id")
+            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
+                                     links=frozenset({pid}) if pid else frozenset()))
         if ("Endpoint", "dicomweb") not in current:
             from mappings.dicom.imagingstudy import endpoint_resource
 
@@ -901,32 +916,62 @@ class DicomwebService:
             log.warning("blob store reconciled", extra={"files_removed": removed, "rows_removed": len(missing)})
 
     # ---------------------------------------------------------------------------------- QIDO-RS
-    async def search(self, requester: Requester, level: str, q: QidoQuery) -> tuple[list[dict], int]:
+    async def search(self, requester: Requester, level: str, q: QidoQuery,
+                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
+        """QIDO-RS. A research scope reads per-patient rows when conflicting studies (instances of several
+        patients) are stored, so every answer is built from permitted instances only (issue #19); an admin
+        gets the conflicting studies among the results in ``warnings``."""
         scope = await self.gate.scope_for(requester)
-        stmt, count_stmt = q.statements(level, scope)
+        plain = q.statements(level, scope)
         with_meta = bool(q.extra_tags(level) or q.include_all)
+        meta_stmt = self._meta_stmt(level, scope) if with_meta else None
+        report = warnings is not None and requester.is_admin
 
-        def read(conn) -> tuple[int, list[dict]]:  # one hand-over for every statement (Database.read_sync)
+        def read(conn) -> tuple[int, list[dict], list[str]]:  # one hand-over for every statement (read_sync)
+            stmt, count_stmt = plain
+            if not scope.unrestricted and conn.execute(dicom_views.has_conflicts_stmt()).first() is not None:
+                stmt, count_stmt = q.statements(level, scope, self._views())
             total = conn.execute(count_stmt).scalar_one()
             results = [dict(r) for r in conn.execute(stmt).mappings()]
-            if with_meta:
-                self._attach_metadata(conn, level, results)
-            return total, results
+            if meta_stmt is not None:
+                key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
+                for r in results:
+                    meta = conn.execute(meta_stmt, {"uid": r[key], "pid": r.get("patient_id")}).scalar()
+                    r["_meta"] = orjson.loads(meta) if meta else {}
+            conflicts: list[str] = []
+            if report and results:
+                uids = sorted({r["study_uid"] for r in results})
+                conflicts = list(conn.execute(dicom_views.conflicting_stmt(), {"b_uids": uids}).scalars())
+            return total, results, conflicts
 
-        total, results = await self.db.read_sync(read)
+        total, results, conflicts = await self.db.read_sync(read)
+        if warnings is not None:
+            warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
+                         for u in conflicts]
         await self._audit(requester, "E", f"qido-{level}", scope, {r.get("patient_id") for r in results})
         return [q.render(level, r) for r in results], total
 
     @staticmethod
-    def _attach_metadata(conn, level: str, results: list[dict]) -> None:
-        """Representative instance metadata for includefield (first instance of the study/series)."""
+    def _views() -> dict:
+        return {dcm_study: dicom_views.study_view(), dcm_series: dicom_views.series_view()}
+
+    def _meta_stmt(self, level: str, scope: AccessScope):
+        """Representative instance metadata for includefield (the first instance of the study/series) — for
+        a research scope the first *permitted* instance of the row's own patient (a study's row may be one
+        patient's part of a conflicting study), never another patient's (issue #19)."""
         key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
-        col = getattr(dcm_instance.c, key)
-        stmt = built_once(("qido meta", key), lambda: select(dcm_instance.c.metadata).where(
-            col == bindparam("uid")).order_by(dcm_instance.c.instance_number).limit(1))
-        for r in results:
-            meta = conn.execute(stmt, {"uid": r[key]}).scalar()
-            r["_meta"] = orjson.loads(meta) if meta else {}
+        ck = ("qido meta", key, scope if not scope.unrestricted else None)
+        stmt = self._stmts.get(ck)
+        if stmt is None:
+            c = dcm_instance.c
+            stmt = select(c.metadata).where(getattr(c, key) == bindparam("uid"))
+            if not scope.unrestricted:
+                stmt = stmt.where(scope.row_clause(c.consent_no), c.patient_id.is_not_distinct_from(bindparam("pid")))
+            stmt = stmt.order_by(c.instance_number).limit(1)
+            if len(self._stmts) >= 256:
+                self._stmts.clear()
+            self._stmts[ck] = stmt
+        return stmt
 
     async def _audit(self, requester: Requester, action: str, interaction: str, scope: AccessScope,
                      patients: Iterable[str | None], resources: Iterable[str] = ()) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, Unprocessable
@@ -173,11 +173,17 @@ class OmopService:
         st, se = s.metadata.tables.get("dcm_study"), s.metadata.tables.get("dcm_series")
         if st is None or se is None:
             return []
+        # per-patient rows (issue #19): a study or series holding instances of several patients gives one
+        # row per patient, built from that patient's instances, gated by that patient
+        from gateway.store import dicom_views
+
+        st, se = dicom_views.study_view(), dicom_views.series_view()
         stmt = (select(se.c.series_uid, se.c.study_uid, se.c.modality, se.c.body_part, se.c.series_date,
-                       st.c.study_date, st.c.patient_id)
-                .join(st, st.c.study_uid == se.c.study_uid).where(st.c.patient_id.is_not(None)))
+                       st.c.study_date, se.c.patient_id)
+                .join(st, and_(st.c.study_uid == se.c.study_uid, st.c.patient_id == se.c.patient_id))
+                .where(se.c.patient_id.is_not(None)))
         if visible is not None:
-            stmt = stmt.where(st.c.patient_id.in_(visible))
+            stmt = stmt.where(se.c.patient_id.in_(visible))
         return [ImagingSeries(r.patient_id, r.study_uid, r.series_uid, r.series_date or r.study_date, r.modality,
                               (r.body_part or "").upper() or None,
                               f"/dicomweb/studies/{r.study_uid}/series/{r.series_uid}")
