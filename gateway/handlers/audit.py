@@ -52,7 +52,7 @@ async def read(request: web.Request) -> web.Response:
     who = _admin(request)
     await _flush(request)
     seq = request.match_info["id"]
-    if not seq.isdigit():
+    if not seq.isdigit() or len(seq) > 18:  # beyond 64 bits: never a row (not an overflow in the database)
         raise NotFound(f"AuditEvent/{seq} not found")
     from sqlalchemy import select
 

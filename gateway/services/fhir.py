@@ -21,7 +21,7 @@ from gateway.store.db import Database
 from gateway.store.scope import AccessScope
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import ID_RE
-from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -113,7 +113,7 @@ class FhirService:
 
     async def vread(self, requester: Requester, res_type: str, res_id: str, version: str) -> repo.Stored:
         self.check_type(res_type)
-        if not version.isdigit():
+        if version_number(version) is None:  # not digits, or beyond 64 bits: never a stored version
             raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
         scope = await self._scope(requester)
         async with self.db.read() as conn:
@@ -154,6 +154,8 @@ class FhirService:
                     count = min(max(int(v), 0), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
+                    if offset > MAX_OFFSET:
+                        raise BadRequest(f"history parameter '_offset': must be at most {MAX_OFFSET}", expression=[k])
                 elif k == "_since":
                     since = parse_range(v)[0]
                 elif k in ("_format", "_pretty"):

@@ -18,6 +18,7 @@ from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
 from gateway.store.scope import UNRESTRICTED
 from mappings.fhir.references import ID_RE, rewrite_references
+from mappings.fhir.search import version_number
 from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -288,8 +289,11 @@ async def _read_entry(svc: "FhirService", conn, e: Entry) -> None:
         }
         e.status = 200
         return
-    st = (await repo.get_version(conn, e.res_type, e.res_id, int(e.version)) if e.version and e.version.isdigit()
-          else await repo.get_current(conn, e.res_type, e.res_id))
+    if e.version and e.version.isdigit():  # beyond 64 bits: never a stored version (not an overflow)
+        v = version_number(e.version)
+        st = await repo.get_version(conn, e.res_type, e.res_id, v) if v is not None else None
+    else:
+        st = await repo.get_current(conn, e.res_type, e.res_id)
     if st is None or st.deleted:
         raise _entry_error(e.index, NotFound(f"{e.res_type}/{e.res_id} is not known"))
     e.stored, e.status = st, 200
