@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -178,6 +179,32 @@ class CheckpointLog:
         return heads, ""
 
 
+#: The records made while serving the current request (set by the error middleware per request; the handler
+#: runs in the middleware's task, so services' ``record`` calls see the same list).  The middleware records a
+#: refused request itself unless failures recorded for it already name every resource and patient it named.
+_REQUEST_OUTCOMES: contextvars.ContextVar[list[AccessRecord] | None] = contextvars.ContextVar(
+    "fedgate_audit_outcomes", default=None)
+
+
+def begin_request() -> contextvars.Token:
+    return _REQUEST_OUTCOMES.set([])
+
+
+def end_request(token: contextvars.Token) -> None:
+    _REQUEST_OUTCOMES.reset(token)
+
+
+def request_recorded_failure(resources: tuple[str, ...] = (), patients: tuple[str, ...] = ()) -> bool:
+    """Whether failures (outcome other than success) were recorded while serving the current request that
+    name every one of ``resources`` and ``patients``."""
+    failures = [r for r in _REQUEST_OUTCOMES.get() or () if r.outcome != Outcome.SUCCESS]
+    if not failures:
+        return False
+    named_r = {x for r in failures for x in r.resources}
+    named_p = {x for r in failures for x in r.patients}
+    return set(resources) <= named_r and set(patients) <= named_p
+
+
 class ChainedAudit:
     """Batched, hash-chained AuditEvent writer."""
 
@@ -196,6 +223,9 @@ class ChainedAudit:
     async def record(self, event: AccessRecord) -> None:
         recorded = datetime.now(UTC).isoformat(timespec="microseconds")
         self._pending.append((to_audit_event(event, self.site, recorded), tuple(event.patients)))
+        made = _REQUEST_OUTCOMES.get()
+        if made is not None:
+            made.append(event)
         self._wake.set()
         if self.db is None:  # not started (e.g. a test app without the store ctx): nothing to write to
             return
