@@ -40,6 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import keys
 from gateway.services.access import AccessRecord
 from gateway.services.audit_codes import Action, Interaction, Outcome
+from gateway.settings import secret_file
 from gateway.store.audit_schema import GENESIS, audit_event
 
 log = logging.getLogger(__name__)
@@ -129,19 +130,9 @@ class CheckpointLog:
         if key:
             return cls(path, key.encode())
         key_path = Path(conf.get("key_file") or settings.secrets_dir / "audit-checkpoint.key")
-        if not key_path.exists():
-            if not create:
-                return None
-            key_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = key_path.with_name(f"{key_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(secrets.token_hex(32))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, key_path)  # atomic create-if-absent: every process agrees on one key
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        return cls(path, key_path.read_text().strip().encode())
+        if not key_path.exists() and not create:
+            return None
+        return cls(path, secret_file(key_path, lambda: secrets.token_hex(32)).encode())
 
     def mac(self, seq: int, head: str, at: str) -> str:
         return hmac.new(self.key, f"{seq}:{head}:{at}".encode(), hashlib.sha256).hexdigest()
