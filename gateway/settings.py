@@ -105,18 +105,23 @@ class Settings:
         """The HS256 development secret, created on first use in ``data_dir/secrets``."""
         if self.jwt_secret:
             return self.jwt_secret
-        path = self.secrets_dir / "jwt-hs256.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(48))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: two processes agree on one key
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        return path.read_text().strip()
+        return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+
+def secret_file(path: Path, generate) -> str:
+    """The secret in ``path``, created (mode 0600, from ``generate()``) on first use; several processes
+    starting at once agree on one value (atomic create-if-absent)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(generate())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

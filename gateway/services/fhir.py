@@ -23,7 +23,7 @@ from gateway.store.db import Database
 from gateway.store.scope import AccessScope
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import ID_RE
-from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -132,7 +132,7 @@ class FhirService:
         access = access or await self.open(requester)
         ref = (f"{res_type}/{res_id}",)
         st = None
-        if version.isdigit() and len(version) <= 9:
+        if version_number(version) is not None:  # not digits, or beyond 64 bits: never a stored version
             scope = access.scope if access.restricted else None
             if conn is None:
                 async with access.read() as c:
@@ -176,6 +176,8 @@ class FhirService:
                     count = min(max(int(v), 0), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
+                    if offset > MAX_OFFSET:
+                        raise BadRequest(f"history parameter '_offset': must be at most {MAX_OFFSET}", expression=[k])
                 elif k == "_since":
                     since = parse_range(v)[0]
                 elif k in ("_format", "_pretty"):

@@ -668,9 +668,10 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
         sp = params_for(res_type)[pname]
         table = s.INDEX_TABLES[sp.type]
-        value_col = {"date": table.c.lo if not desc else table.c.hi, "string": getattr(table.c, "norm", None),
-                     "token": getattr(table.c, "code", None), "quantity": getattr(table.c, "value", None),
-                     "reference": getattr(table.c, "target_id", None)}[sp.type]
+        # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
+        value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
+                     "reference": "target_id"}[sp.type]
+        value_col = table.c[value_col]
         agg = func.max(value_col) if desc else func.min(value_col)
         col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
     return (col.desc().nulls_last() if desc else col.asc().nulls_last())

@@ -82,6 +82,7 @@ DEFAULT = {
 VISIBLE = {"studies": ("studies",), "series": ("studies", "series"), "instances": ("studies", "series", "instances")}
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 MAX_LIMIT = 1000
+MAX_OFFSET = 2**63 - 1  # limit/offset: signed 64-bit in both databases
 
 
 def resolve(name: str) -> Attr | str:
@@ -127,6 +128,8 @@ class QidoQuery:
                     raise QidoError(name, f"{value!r} is not an integer") from None
                 if n < 0:
                     raise QidoError(name, "must be ≥ 0")
+                if n > MAX_OFFSET:
+                    raise QidoError(name, f"must be at most {MAX_OFFSET}")
                 if name == "limit":
                     q.limit = min(n, MAX_LIMIT)
                 else:
@@ -151,6 +154,8 @@ class QidoQuery:
                 if attr.level not in VISIBLE[level]:
                     raise QidoError(name, f"is not a {level} level attribute")
                 q.matches.append((attr, value))
+        for attr, value in q.matches:  # a value the attribute's VR cannot match (StudyDate=abc) is the request's
+            q._predicate(attr, value)  # error (400), found here rather than while the query is built
         return q
 
     # ------------------------------------------------------------------------------- SQL

@@ -82,6 +82,21 @@ def parse_search(
     return q
 
 
+#: Search parameter types ``_sort`` can order by (each has one comparable index column, see fhir_repo._sort_key).
+SORTABLE_TYPES = ("string", "token", "date", "quantity", "reference")
+#: Largest ``_offset`` (a signed 64-bit integer: the databases' LIMIT/OFFSET type).
+MAX_OFFSET = 2**63 - 1
+
+
+def version_number(text: str | None) -> int | None:
+    """A ``_history/[vid]`` as an int, or None when it is not one a store can hold (not digits, or beyond
+    a signed 64-bit integer): such a version is never known (404), instead of an overflow in the database."""
+    if not text or not text.isdigit() or len(text) > 19:
+        return None
+    n = int(text)
+    return n if n <= MAX_OFFSET else None
+
+
 def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default: int, maximum: int) -> None:
     if name == "_count":
         try:
@@ -96,6 +111,8 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             q.offset = max(0, int(value))
         except ValueError:
             raise SearchError(name, f"{value!r} is not an integer") from None
+        if q.offset > MAX_OFFSET:
+            raise SearchError(name, f"must be at most {MAX_OFFSET}")
     elif name == "_sort":
         for part in value.split(","):
             part = part.strip()
@@ -103,6 +120,9 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             pname = part[1:] if desc else part
             if pname not in ("_lastUpdated", "_id") and pname not in params_for(q.res_type):
                 raise SearchError(name, f"cannot sort {q.res_type} by {pname!r}")
+            if pname not in ("_lastUpdated", "_id") and params_for(q.res_type)[pname].type not in SORTABLE_TYPES:
+                raise SearchError(name, f"cannot sort by {pname!r}: a {params_for(q.res_type)[pname].type} parameter "
+                                        f"(sortable: {', '.join(SORTABLE_TYPES)} parameters, _id, _lastUpdated)")
             q.sort.append((pname, desc))
     elif name in ("_include", "_revinclude"):
         if modifier and modifier != "iterate":
