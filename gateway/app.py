@@ -57,6 +57,9 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app = web.Application(
         middlewares=[metrics.metrics_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
+        # a request line up to 64 KiB reaches the routes, so an over-long id or query gets the protocol's
+        # error form (OperationOutcome, ...) rather than aiohttp's plain-text 400 at 8 KiB (issue 20)
+        handler_args={"max_line_size": 64 * 1024},
     )
     app[keys.SETTINGS] = settings
     app[keys.STARTUP] = startup

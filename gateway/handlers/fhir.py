@@ -7,6 +7,7 @@ renders the result; every error is an OperationOutcome with the matching status 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from email.utils import format_datetime
 from urllib.parse import urlencode
@@ -28,7 +29,16 @@ TYPE_RE = r"[A-Z][A-Za-z]+"
 ID_RE = r"[A-Za-z0-9\-.]{1,64}"
 
 
+_BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)(/_history(/[^/]*)?)?/?")
+
+
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
+    if exc.status == 404 and request.match_info.route.resource is None:
+        m = _BAD_ID_PATH.fullmatch(request.path)
+        if m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
+            shown = m.group(1) if len(m.group(1)) <= 80 else m.group(1)[:80] + "..."
+            exc = BadRequest(f"{shown!r} ({len(m.group(1)):,} characters) is not a FHIR id "
+                             "([A-Za-z0-9-.]{1,64})", expression=["id"])
     issue = {"severity": "error" if exc.status < 500 else "fatal", "code": exc.issue_code, "diagnostics": exc.message}
     if exc.expression:
         issue["expression"] = exc.expression

@@ -179,6 +179,9 @@ def _parse_checked(part: Part, study_in_path: str | None) -> Outcome:
                        reason=failure_reason(exc))
     out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
+    if reason := attrs.control_character(out.rows, out.content):  # NUL etc.: refused on both engines
+        return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
+                       reason=reason)
     return out
 
 

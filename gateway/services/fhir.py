@@ -173,7 +173,9 @@ class FhirService:
         for k, v in pairs:
             try:
                 if k == "_count":
-                    count = min(max(int(v), 0), self.max_count)
+                    if int(v) < 0:
+                        raise BadRequest("history parameter '_count': must be ≥ 0", expression=[k])
+                    count = min(int(v), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
                     if offset > MAX_OFFSET:

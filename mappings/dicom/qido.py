@@ -12,6 +12,7 @@ Unknown attributes and unsupported parameters → 400 (the error names the param
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,9 @@ def _like(value: str) -> str:
     return esc.replace("*", "%").replace("?", "_")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f]")
+
+
 @dataclass
 class QidoQuery:
     base: str
@@ -121,6 +125,9 @@ class QidoQuery:
               series_uid: str | None = None, default_limit: int = 100) -> "QidoQuery":
         q = cls(base, study_uid, series_uid, limit=default_limit)
         for name, value in pairs:
+            if _CONTROL.search(name) or _CONTROL.search(value):  # NUL etc. (PS3.5 §6.1.2.3: ESC is the only one)
+                raise QidoError(name if not _CONTROL.search(name) else repr(name),
+                                "contains a control character that no DICOM string value may hold")
             if name == "limit" or name == "offset":
                 try:
                     n = int(value)

@@ -55,6 +55,9 @@ class SearchQuery:
     ignored: list[str] = field(default_factory=list)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def parse_search(
     res_type: str,
     pairs: Iterable[tuple[str, str]],
@@ -66,6 +69,9 @@ def parse_search(
     q = SearchQuery(res_type)
     params = params_for(res_type)
     for raw_name, raw_value in pairs:
+        if _CONTROL.search(raw_name) or _CONTROL.search(raw_value):  # NUL etc.: no stored string holds one
+            raise SearchError(raw_name if not _CONTROL.search(raw_name) else repr(raw_name),
+                              "contains a control character (below U+0020 other than tab, CR, LF)")
         name, _, modifier = raw_name.partition(":")
         if name in RESULT_PARAMS:
             _result_param(q, name, modifier, raw_value, default_count, max_count)
