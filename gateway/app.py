@@ -17,6 +17,7 @@ from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
 from gateway.middlewares import auth_middleware, error_middleware
+from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
@@ -52,7 +53,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     if startup not in ("all", "once", "serve"):
         raise ValueError(f"startup: {startup!r}")
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[cors_middleware, forwarded_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
@@ -63,6 +64,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(consent_ctx)
