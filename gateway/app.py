@@ -18,6 +18,7 @@ from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
 from gateway import metrics
 from gateway.middlewares import auth_middleware, error_middleware
+from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
@@ -55,7 +56,8 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     if startup not in ("all", "once", "serve"):
         raise ValueError(f"startup: {startup!r}")
     app = web.Application(
-        middlewares=[metrics.metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics.metrics_middleware, cors_middleware, forwarded_middleware, error_middleware,
+                     auth_middleware],
         client_max_size=settings.max_body_bytes,
         # a request line up to 64 KiB reaches the routes, so an over-long id or query gets the protocol's
         # error form (OperationOutcome, ...) rather than aiohttp's plain-text 400 at 8 KiB (issue 20)
@@ -69,6 +71,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(consent_ctx)

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
+from gateway.edge import FORWARDED, PREFIX
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.middlewares import requester_of
 from gateway.services.dicomweb import (HEADER_READ, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part,
@@ -65,12 +66,12 @@ def base_url(request: web.Request) -> str:
     if configured:
         return configured.rstrip("/") + "/dicomweb"
     host = request.host
-    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None:
+    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None and not request.get(FORWARDED):
         # some clients (dicomweb-client) send Host without the port: use the port we were reached on
         sock = request.transport.get_extra_info("sockname")
         if sock and sock[1] not in (80, 443):
             host = f"{host}:{sock[1]}"
-    return f"{request.scheme}://{host}/dicomweb"
+    return f"{request.scheme}://{host}{request.get(PREFIX, '')}/dicomweb"
 
 
 # ------------------------------------------------------------------------------------------- STOW-RS

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
+from gateway.edge import public_base
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from gateway.ids import new_id
 from gateway.middlewares import requester_of
@@ -59,7 +60,7 @@ def base_url(request: web.Request) -> str:
     configured = request.app[keys.SETTINGS].base_url
     if configured:
         return configured.rstrip("/") + "/fhir"
-    return f"{request.scheme}://{request.host}/fhir"
+    return public_base(request) + "/fhir"
 
 
 def check_accept(request: web.Request) -> None:

@@ -66,7 +66,7 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                 "_total. Bearer JWT required on every interaction except metadata."
             ),
             "security": {
-                "cors": False,
+                "cors": bool(settings.cors_origin_list),
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                          "code": "OAuth", "display": "OAuth"}]}],
                 "description": "Bearer JWT (HS256 dev secret or RS256/ES256 via JWKS); DUO consent gate on every read.",
