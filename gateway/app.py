@@ -16,6 +16,7 @@ from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
+from gateway import metrics
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
@@ -52,7 +53,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     if startup not in ("all", "once", "serve"):
         raise ValueError(f"startup: {startup!r}")
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[metrics.metrics_middleware, error_middleware, auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
@@ -75,6 +76,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
     training_handlers.setup_routes(app)  # after federation (its config) and inference (deployment)
+    metrics.setup_routes(app)  # last: its start-up wires the services built above
     return app
 
 

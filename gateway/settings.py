@@ -1,7 +1,8 @@
 """One settings object for the whole process.
 
 Sources, later ones winning: built-in defaults < TOML file (``--config`` or ``$FEDGATE_CONFIG``)
-< environment variables ``FEDGATE_<FIELD>`` < command-line flags.  The data directory holds the
+< environment variables ``FEDGATE_<FIELD>`` (or ``FEDGATE_<FIELD>_FILE``: the value is that file's content,
+for secrets mounted as files) < command-line flags.  The data directory holds the
 SQLite file (``fedgate.db``), the blob store (``blobs/``) and development secrets (``secrets/``).
 """
 
@@ -66,6 +67,10 @@ class Settings:
     #: endpoints that issue the tokens fedgate verifies (empty: not advertised; tokens still accepted)
     smart_authorize_url: str = ""
     smart_token_url: str = ""
+    #: Prometheus metrics at /metrics: "protected" (the metrics_token, or an admin/site token), "open", "off".
+    metrics: str = "protected"
+    #: Bearer token a Prometheus scraper sends to /metrics (empty: only admin/site gateway tokens).
+    metrics_token: str = ""
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -173,7 +178,16 @@ def load_settings(
                 extra[key] = value
     for name in _FIELDS:
         env_key = f"FEDGATE_{name.upper()}"
-        if name != "extra" and env_key in env:
+        if name == "extra":
+            continue
+        if env_key + "_FILE" in env:  # a secret mounted as a file (Docker/Kubernetes secrets)
+            path = env[env_key + "_FILE"]
+            try:
+                values[name] = _coerce(name, Path(path).read_text().strip())
+            except OSError as exc:
+                raise SettingsError(f"setting {name!r}: cannot read {env_key}_FILE {path}: "
+                                    f"{exc.strerror or exc}") from None
+        if env_key in env:
             values[name] = _coerce(name, env[env_key])
     for key, value in (overrides or {}).items():
         if value is None:

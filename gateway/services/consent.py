@@ -27,7 +27,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -132,10 +132,18 @@ class ConsentGate:
                     return True
         return False
 
+    #: called with each decision's outcome ("unrestricted" | "restricted" | "refused"): the metrics
+    observer: Callable[[str], None] | None = None
+
     async def scope_for(self, requester: Requester) -> AccessScope:
         try:
-            return await self._scope_for(requester)
+            scope = await self._scope_for(requester)
+            if self.observer is not None:
+                self.observer("unrestricted" if scope.unrestricted else "restricted")
+            return scope
         except Forbidden as err:
+            if self.observer is not None:
+                self.observer("refused")
             if self.audit is not None:
                 await self.audit.record(AccessRecord(requester, "E", "access", "4", scope_summary="refused",
                                                      detail=err.message))

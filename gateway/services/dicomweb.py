@@ -95,6 +95,16 @@ class Outcome:
     patient_meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What ``fedgate import`` did with one file."""
+
+    file: str
+    status: str  # stored | duplicate | skipped | failed
+    sop_uid: str | None = None
+    reason: str = ""
+
+
 UNCOMPRESSED_TS = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
@@ -418,6 +428,9 @@ class _Batch:
 
 
 class DicomwebService:
+    #: the application's :class:`~gateway.metrics.Metrics` (instances and bytes stored), wired at start-up
+    metrics_observer = None
+
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
                  workers: WorkerPool | None = None) -> None:
         self.workers = workers or WorkerPool(0)
@@ -436,9 +449,11 @@ class DicomwebService:
         return ParseFeed(self.workers, study_in_path)
 
     async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
-                    retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
+                    retrieve_base: str, feed: "ParseFeed | None" = None,
+                    outcomes_out: list | None = None) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
-        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
+        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now).
+        ``outcomes_out``: if given, receives every part's :class:`Outcome`, in the order of ``parts``."""
         try:
             require_write(requester)
             if feed is None:
@@ -481,6 +496,12 @@ class DicomwebService:
             self.db.note_writes(len(good))
         stored = [o for o in outcomes if o.failure is None]
         failed = [o for o in outcomes if o.failure is not None]
+        if outcomes_out is not None:
+            outcomes_out.extend(outcomes)
+        if self.metrics_observer is not None:
+            dup = sum(1 for o in stored if o.warning == WARNING_IDENTICAL)
+            self.metrics_observer.observe_stow(len(stored) - dup, dup, len(failed),
+                                               sum(o.size for o in stored if o.warning != WARNING_IDENTICAL))
         await self.audit.record(AccessRecord(
             requester, "C", "stow", "0" if not failed else ("4" if stored else "8"),
             tuple(f"ImagingStudy/{u}" for u in sorted({o.study_uid for o in stored}))[:200], (), "", "",
@@ -841,8 +862,10 @@ class DicomwebService:
             writes.append(repo.Write("Endpoint", "dicomweb", endpoint_resource(), None, "POST"))
         await repo.apply_writes(conn, writes)
 
-    async def bulk_import(self, requester: Requester, files: list[Path]) -> tuple[int, int, list[str]]:
-        """Store files already on disk (``fedgate import``): copies them through the same path as STOW."""
+    async def bulk_import(self, requester: Requester, files: list[Path]) -> list["ImportResult"]:
+        """Store files already on disk (``fedgate import``) through the same path as STOW-RS; one
+        :class:`ImportResult` per file, in order: stored, duplicate (identical instance already stored)
+        or failed with the reason STOW would give."""
         import shutil
 
         parts = []
@@ -850,10 +873,16 @@ class DicomwebService:
             tmp = self.blobs.temp_path()
             shutil.copyfile(f, tmp)
             parts.append(Part(tmp, tmp.stat().st_size))
-        status, body = await self.store(requester, parts, None, "")
-        ok = len(body.get("00081199", {}).get("Value", []))
-        bad = body.get("00081198", {}).get("Value", [])
-        return ok, len(bad), [i.get("00091010", {}).get("Value", [""])[0] for i in bad]
+        outcomes: list[Outcome] = []
+        await self.store(requester, parts, None, "", outcomes_out=outcomes)
+        results = []
+        for f, o in zip(files, outcomes):
+            if o.failure is not None:
+                results.append(ImportResult(str(f), "failed", o.sop_uid, o.reason or f"DICOM status 0x{o.failure:04X}"))
+            else:
+                results.append(ImportResult(str(f), "duplicate" if o.warning == WARNING_IDENTICAL else "stored",
+                                            o.sop_uid))
+        return results
 
     async def reconcile(self) -> None:
         """Start-up repair: temp files and unindexed files removed, rows without files dropped."""

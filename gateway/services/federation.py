@@ -527,6 +527,9 @@ class SiteService:
 class HubService:
     """Fans a query out to the configured sites concurrently and merges what comes back in time."""
 
+    #: the application's :class:`~gateway.metrics.Metrics` (site round trips), wired at start-up
+    metrics_observer = None
+
     def __init__(self, settings: Settings, cfg: FederationConfig, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.cfg = cfg
@@ -582,7 +585,10 @@ class HubService:
             out.update(status="error", error=f"{type(exc).__name__}: site unreachable")
         except orjson.JSONDecodeError:
             out.update(status="error", error="site answered with invalid JSON")
-        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        elapsed = time.perf_counter() - t0
+        out["elapsed_ms"] = round(elapsed * 1000, 1)
+        if self.metrics_observer is not None:
+            self.metrics_observer.observe_round_trip(site.id, out["status"], elapsed)
         return out
 
 

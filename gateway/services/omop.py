@@ -123,7 +123,7 @@ class OmopService:
         vrows = vocabulary_rows(vocab, result.concept_ids)
         t_map = time.perf_counter()
         if target.csv_dir is not None:
-            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows)
+            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows, target.replace)
             where = {"csv": str(target.csv_dir)}
         else:
             await write_postgres(target.pg_url or "", target.schema or "", result, vrows, replace=target.replace)
@@ -405,12 +405,27 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]]) -> None:
+def _previous_export(directory: Path) -> bool:
+    """``directory`` holds an earlier CSV export and nothing else (so ``replace`` may remove it)."""
+    names = [p.name for p in directory.iterdir()]
+    return "coverage.json" in names and all(
+        (directory / n).is_file() and (n.endswith(".csv") or n == "coverage.json") for n in names)
+
+
+def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]], replace: bool = False) -> None:
     """One ``<table>.csv`` per OMOP table (header = DDL columns) + ``coverage.json``; written into a
-    temporary directory that is renamed into place when complete."""
+    temporary directory that is renamed into place when complete. ``replace``: an earlier export in
+    ``directory`` (only its CSV files and coverage.json) is replaced; any other non-empty folder is refused."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
-        raise Conflict(f"csv: {directory.name} exists and is not empty", expression=["csv"])
+        if not replace:
+            raise Conflict(f"csv: {directory.name} exists and is not empty (use replace for an earlier export)",
+                           expression=["csv"])
+        if not _previous_export(directory):
+            raise Conflict(f"csv: {directory.name} holds files other than an earlier export's: not replaced",
+                           expression=["csv"])
+        for f in directory.iterdir():
+            f.unlink()
     tmp = directory.with_name(directory.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     for table, rows in list(vrows.items()) + list(result.tables.items()):
