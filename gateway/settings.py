@@ -63,6 +63,10 @@ class Settings:
     jwt_audience: str = "fedgate"
     #: RS256/ES256 verification material for production: a JWKS file path or URL.
     jwks: str = ""
+    #: SMART App Launch (/.well-known/smart-configuration): the OIDC issuer's authorization and token
+    #: endpoints that issue the tokens fedgate verifies (empty: not advertised; tokens still accepted)
+    smart_authorize_url: str = ""
+    smart_token_url: str = ""
     #: Prometheus metrics at /metrics: "protected" (the metrics_token, or an admin/site token), "open", "off".
     metrics: str = "protected"
     #: Bearer token a Prometheus scraper sends to /metrics (empty: only admin/site gateway tokens).

@@ -682,6 +682,11 @@ def _drives(clause: Clause) -> bool:
     return _selectivity(clause) not in (-1, 9)
 
 
+def compartment_clause(patient_id: str):
+    """Rows in Patient ``patient_id``'s compartment: the patient link stamped when the version was written."""
+    return R.c.patient_id == patient_id
+
+
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
     ordered = sorted(q.clauses, key=_selectivity)
     lookup = bool(ordered) and _drives(ordered[0])
@@ -695,6 +700,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
         where.insert(0, scope.row_clause(R.c.consent_no))
         where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
+    if q.compartment is not None:
+        where.append(compartment_clause(q.compartment))
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)

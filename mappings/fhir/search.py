@@ -53,6 +53,8 @@ class SearchQuery:
     summary: str | None = None  # "count" | "false"
     total: str = "accurate"  # none | estimate | accurate
     ignored: list[str] = field(default_factory=list)
+    #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id, else None
+    compartment: str | None = None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
