@@ -23,7 +23,8 @@ from gateway.store.schema import cm_condition, cm_observation, cm_patient, cm_pr
 from gateway.store.scope import AccessScope
 from mappings.cohort.language import CohortError, Node, find
 
-#: (system or None, code) → the codes to match (the code itself and its descendants).
+#: (system or None, code) → the codes to match (the code itself and its descendants).  Without one,
+#: ``descendants`` reads the vocabulary store's active is-a closure in the same statement.
 Expander = Callable[[str | None, str], Iterable[str]]
 
 
@@ -253,13 +254,19 @@ class Compiler:
         if not b.code:
             return []
         by_system: dict[str | None, set[str]] = {}
+        ors = []
         for tok in b.code:
             system, code = _split(tok)
             codes = {code}
             if b.descendants and self.expand is not None:
                 codes.update(self.expand(system, code))
+            elif b.descendants:
+                # the vocabulary store's active closure (gateway/store/vocab_schema.py), as a semi-join
+                from gateway.store.vocab_schema import descendants_select  # noqa: PLC0415
+
+                below = t.c.code.in_(descendants_select(system, code))
+                ors.append(and_(below, t.c.system == system) if system else below)
             by_system.setdefault(system, set()).update(codes)
-        ors = []
         for system, codes in by_system.items():
             c = t.c.code.in_(sorted(codes)) if len(codes) > 1 else t.c.code == next(iter(codes))
             ors.append(and_(c, t.c.system == system) if system else c)

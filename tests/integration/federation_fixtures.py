@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import keys
 from gateway.app import create_app
-from gateway.services.federation_synth import SiteProfile, expand_codes, generate, load, profile_keys
+from gateway.services.federation_synth import SiteProfile, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
+from gateway.vocab_cli import load_demo
 from tests.conftest import REPO, Gateway, GatewayClient, make_settings
 from tests.procs import free_port
 
@@ -80,6 +81,7 @@ async def populate(db_url: str, rows: dict) -> None:
     try:
         await migrate(db)
         await load(db, rows)
+        await load_demo(db)  # code hierarchies, as `fedgate vocab load --demo` / `fedgate demo` load them
     finally:
         await db.dispose()
 
@@ -97,7 +99,6 @@ async def start_site(tmp: Path, profile: SiteProfile, n: int, db_url: str, pub_p
     app[keys.GATE] = ProfileGate()
     audit = ListAudit()
     app[keys.AUDIT] = audit
-    app[keys.SERVICES]["code_expander"] = expand_codes
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     gw = Gateway(server, settings)

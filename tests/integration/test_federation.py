@@ -16,7 +16,8 @@ import pytest
 
 from gateway.auth import issue_dev_token
 from gateway.services.federation import SiteService, age_band, age_on, sign_hub_token
-from gateway.services.federation_synth import DEMO_SITES, expand_codes
+from gateway.services.federation_synth import DEMO_SITES
+from tests.vocab_ref import expand_codes
 from mappings.cohort.disclosure import CellKeys, Disclosure
 from tests.integration.federation_fixtures import ALLOWED, Silent, hub_key_pem, start_hub, start_site
 from tests.integration.federation_ref import COHORTS, Oracle
