@@ -14,7 +14,7 @@ import datetime as _dt
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from sqlalchemy import Float, Select, and_, cast, false, func, literal, not_, null, or_, select, true
+from sqlalchemy import Float, Select, and_, cast, false, func, literal, not_, null, or_, select, true, union_all
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -204,17 +204,16 @@ class Compiler:
         kind, b = node.kind, node.body
         if kind == "condition":
             t = cm_condition
-            conds = self._codes(t, b) + _date_range(t.c.onset, b.date)
+            conds = _date_range(t.c.onset, b.date)
             if b.clinical_status:
                 conds.append(t.c.clinical_status == b.clinical_status)
-            return self._event_select(t.c.patient_id, iso_days(t.c.onset), conds)
+            return self._coded_events(t, b, iso_days(t.c.onset), conds)
         if kind == "procedure":
             t = cm_procedure
-            return self._event_select(t.c.patient_id, iso_days(t.c.performed),
-                                      self._codes(t, b) + _date_range(t.c.performed, b.date))
+            return self._coded_events(t, b, iso_days(t.c.performed), _date_range(t.c.performed, b.date))
         if kind == "observation":
             t = cm_observation
-            conds = self._codes(t, b) + _date_range(t.c.effective, b.date)
+            conds = _date_range(t.c.effective, b.date)
             if b.value is not None:
                 conds += [t.c.value_num.is_not(None), *_range(t.c.value_num, b.value.min, b.value.max)]
             if b.unit is not None:
@@ -225,7 +224,7 @@ class Compiler:
                     system, code = _split(tok)
                     vc.append(and_(t.c.value_code == code, *([t.c.value_system == system] if system else [])))
                 conds.append(or_(*vc))
-            return self._event_select(t.c.patient_id, iso_days(t.c.effective), conds)
+            return self._coded_events(t, b, iso_days(t.c.effective), conds)
         if kind == "imaging":
             return self._imaging(b)
         if kind == "age":  # at == "study": age at an imaging study
@@ -251,26 +250,40 @@ class Compiler:
         return select(pid.label("patient_id"), day.label("day")).where(pid.is_not(None), *conds).subquery()
 
     def _codes(self, t, b) -> list[ColumnElement]:
+        """The code criterion as conditions on ``t`` (the expander's codes included); codes whose
+        descendants come from the vocabulary store are left to :meth:`_coded_events`."""
         if not b.code:
             return []
         by_system: dict[str | None, set[str]] = {}
-        ors = []
         for tok in b.code:
             system, code = _split(tok)
             codes = {code}
             if b.descendants and self.expand is not None:
                 codes.update(self.expand(system, code))
-            elif b.descendants:
-                # the vocabulary store's active closure (gateway/store/vocab_schema.py), as a semi-join
-                from gateway.store.vocab_schema import descendants_select  # noqa: PLC0415
-
-                below = t.c.code.in_(descendants_select(system, code))
-                ors.append(and_(below, t.c.system == system) if system else below)
             by_system.setdefault(system, set()).update(codes)
+        ors = []
         for system, codes in by_system.items():
             c = t.c.code.in_(sorted(codes)) if len(codes) > 1 else t.c.code == next(iter(codes))
             ors.append(and_(c, t.c.system == system) if system else c)
         return [or_(*ors)]
+
+    def _coded_events(self, t, b, day: ColumnElement, conds: list[ColumnElement]):
+        """Events of a coded leaf: ``conds`` (its other conditions) and its codes.  With ``descendants``
+        and no expander, the descendants come from the vocabulary store's active closure
+        (gateway/store/vocab_schema.py) in the same statement, as a join that drives from the
+        descendant list into the code index (a ``code IN (subquery)`` made SQLite scan the table)."""
+        if not (b.code and b.descendants and self.expand is None):
+            return self._event_select(t.c.patient_id, day, self._codes(t, b) + conds)
+        from gateway.store.vocab_schema import descendants_select  # noqa: PLC0415
+
+        cols = (t.c.patient_id.label("patient_id"), day.label("day"))
+        branches = [select(*cols).where(t.c.patient_id.is_not(None), *self._codes(t, b), *conds)]
+        for tok in b.code:
+            system, code = _split(tok)
+            d = descendants_select(system, code).distinct().subquery()  # DISTINCT: SQLite materialises it
+            j = select(*cols).select_from(d.join(t, t.c.code == d.c.descendant))
+            branches.append(j.where(t.c.patient_id.is_not(None), *([t.c.system == system] if system else []), *conds))
+        return union_all(*branches).subquery()
 
     def _imaging(self, b):
         d = _dicom()
