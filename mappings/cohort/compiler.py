@@ -303,8 +303,35 @@ class Compiler:
         if b.slice_thickness is not None:
             conds += [se.c.slice_thickness.is_not(None),
                       *_range(se.c.slice_thickness, b.slice_thickness.min, b.slice_thickness.max)]
-        return (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
-                .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds).subquery())
+        dicom = (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
+                 .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds))
+        branches = [dicom]
+        # the same criterion over imaging known from other origins (docs/vocab.md, "Imaging"): a field an
+        # origin does not carry cannot be confirmed there, so a criterion using it matches DICOM only
+        dicom_only = (b.manufacturer, b.model, b.protocol, b.series_description, b.slice_thickness)
+        if all(x is None for x in dicom_only):
+            from gateway.store.schema import cm_imaging_series, cm_imaging_study  # noqa: PLC0415
+
+            ims = cm_imaging_series  # OMOP image_occurrence: modality, anatomic site, date
+            if b.study_description is None:
+                oc = [ims.c.patient_id.is_not(None)]
+                if b.modality:
+                    oc.append(ims.c.modality.in_([m.upper() for m in b.modality]))
+                if b.body_part:
+                    oc.append(ims.c.body_part.in_([p.upper() for p in b.body_part]))
+                oc += _date_range(ims.c.started, b.study_date)
+                branches.append(select(ims.c.patient_id.label("patient_id"), iso_days(ims.c.started).label("day"))
+                                .where(*oc))
+            ist = cm_imaging_study  # FHIR ImagingStudy: modalities, description, started (no body part)
+            if not b.body_part:
+                fc = [ist.c.patient_id.is_not(None), ist.c.src_type != "OMOP"]
+                if b.modality:
+                    fc.append(or_(*[ist.c.modalities.contains(f'"{m.upper()}"', autoescape=True) for m in b.modality]))
+                if b.study_description is not None:
+                    fc.append(text_match(ist.c.description, b.study_description))
+                fc += _date_range(ist.c.started, b.study_date)
+                branches.append(select(ist.c.patient_id.label("patient_id"), iso_days(ist.c.started).label("day")).where(*fc))
+        return union_all(*branches).subquery()
 
     @staticmethod
     def _segment_conds(t, s) -> list[ColumnElement]:

@@ -20,30 +20,18 @@ from gateway.app import create_app
 from gateway.services.federation_synth import SiteProfile, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
-from gateway.store.scope import AccessScope
 from gateway.vocab_cli import load_demo
 from tests.conftest import REPO, Gateway, GatewayClient, make_settings
 from tests.procs import free_port
 
 SECRET = "test-secret-" + "x" * 32
-#: Purpose code → consent profiles it may use (the test's stand-in for the DUO evaluation, see ProfileGate).
 _K = profile_keys()
-ALLOWED = {"DUO:0000042": {_K["GRU"]}, "DUO:0000006": {_K["GRU"], _K["HMB"]},
-           "DUO:0000007": {_K["GRU"], _K["HMB"], _K["DS-CVD"]}}
-
-
-class ProfileGate:
-    """A consent gate restricting research requests to the consent profiles their purpose allows.
-
-    The real DUO gate (issue #4) is built concurrently; this one exercises the same seam
-    (``scope_for`` → :class:`AccessScope`) so the site's eligible-vs-matching split is checked here
-    against counts computed independently from the generated consent profiles."""
-
-    async def scope_for(self, requester) -> AccessScope:
-        allowed: set[str] = set()
-        for code in requester.purpose.codes:
-            allowed |= ALLOWED.get(code, set())
-        return AccessScope(False, frozenset(allowed), f"profiles {sorted(allowed)}")
+#: Purpose code → the synthetic consent profiles (federation_synth.CONSENT_DUO) whose decision is permit,
+#: written by hand from DUO.md (the sites run the real DUO consent gate, issue 23):
+#: GRU (DUO:0000042) permits any research; NRES (DUO:0000004) has no restriction; HMB (DUO:0000006)
+#: permits health/medical/biomedical research (DUO:0000006 and below), not a general-research request;
+#: DS-CVD needs a requested disease under MONDO:0004995, which these purposes do not name.
+ALLOWED = {"DUO:0000042": {_K["GRU"], _K["NRES"]}, "DUO:0000006": {_K["GRU"], _K["HMB"], _K["NRES"]}}
 
 
 class ListAudit:
@@ -95,8 +83,7 @@ async def start_site(tmp: Path, profile: SiteProfile, n: int, db_url: str, pub_p
     await populate(db_url, rows)
     settings = make_settings(tmp / profile.name, db_url, site_id=profile.name,
                              extra={"federation": site_federation(pub_pem, **fed)})
-    app = create_app(settings)
-    app[keys.GATE] = ProfileGate()
+    app = create_app(settings)  # with the real DUO consent gate
     audit = ListAudit()
     app[keys.AUDIT] = audit
     server = TestServer(app, host="127.0.0.1")
