@@ -24,6 +24,8 @@ from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
+from gateway.services.vocab import VocabService, vocab_ctx
+from gateway.handlers import terminology as terminology_handlers
 from gateway.services.workers import WorkerPool
 from gateway.settings import Settings
 from gateway.store import open_database
@@ -41,6 +43,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.SERVICES]["workers"] = workers
     validator = ModelValidator(workers)
     app[keys.ACCESS] = AccessLayer(db, app[keys.GATE], app[keys.AUDIT])  # the one access layer (issue #19)
+    app[keys.SERVICES]["vocab"] = VocabService(db)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
                                  max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
     yield
@@ -74,10 +77,12 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(vocab_ctx)  # before the gate: it reads the loaded disease ontologies
     app.cleanup_ctx.append(consent_ctx)
     app.cleanup_ctx.append(audit_ctx)
     health.setup_routes(app)
     audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
+    terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
