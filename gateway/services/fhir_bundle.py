@@ -17,6 +17,7 @@ from gateway.errors import BadRequest, GatewayError, NotFound, PreconditionFaile
 from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
 from mappings.fhir.references import ID_RE, rewrite_references
+from mappings.fhir.search import version_number
 from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover

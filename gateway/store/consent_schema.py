@@ -56,7 +56,9 @@ def stamped_tables() -> tuple:
     """Tables whose rows carry ``consent_no``, the number (:func:`gateway.store.scope.profile_no`) of
     their patient's ``cm_patient.consent_profile`` (``NO_PATIENT`` without a patient), so the gate
     filters on the row itself (``AccessScope.row_clause``) instead of a per-row patient subquery."""
-    return (s.fhir_resource, dcm_study, dcm_series, dcm_instance)
+    from gateway.store.dicom_schema import dcm_series_part, dcm_study_part
+
+    return (s.fhir_resource, dcm_study, dcm_series, dcm_instance, dcm_study_part, dcm_series_part)
 
 
 async def _stamp_all(conn: AsyncConnection, table) -> None:

@@ -599,7 +599,14 @@ def _value_pred(clause: Clause, table, value) -> Any:
     if t == "token":
         system, code = value
         preds = []
-        if code is not None:
+        if code is not None and clause.modifier in ("below", "above"):
+            # subsumption through the vocabulary store's active closure (docs/vocab.md); the code itself too
+            from gateway.store.vocab_schema import ancestors_select, descendants_select
+
+            sys_ = system if isinstance(system, str) else None
+            related = (descendants_select if clause.modifier == "below" else ancestors_select)(sys_, code)
+            preds.append(or_(table.c.code == code, table.c.code.in_(related)))
+        elif code is not None:
             preds.append(table.c.code == code)
         if system is None:
             preds.append(table.c.system.is_(None))
@@ -692,9 +699,10 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
         sp = params_for(res_type)[pname]
         table = s.INDEX_TABLES[sp.type]
-        value_col = {"date": table.c.lo if not desc else table.c.hi, "string": getattr(table.c, "norm", None),
-                     "token": getattr(table.c, "code", None), "quantity": getattr(table.c, "value", None),
-                     "reference": getattr(table.c, "target_id", None)}[sp.type]
+        # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
+        value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
+                     "reference": "target_id"}[sp.type]
+        value_col = table.c[value_col]
         agg = func.max(value_col) if desc else func.min(value_col)
         col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
     return (col.desc().nulls_last() if desc else col.asc().nulls_last())
@@ -703,6 +711,11 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 def _drives(clause: Clause) -> bool:
     """Whether :func:`clause_sql` makes this clause, as the first one, an ``rid IN (index lookup)``."""
     return _selectivity(clause) not in (-1, 9)
+
+
+def compartment_clause(patient_id: str):
+    """Rows in Patient ``patient_id``'s compartment: the patient link stamped when the version was written."""
+    return R.c.patient_id == patient_id
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
@@ -718,6 +731,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
         where.insert(0, scope.row_clause(R.c.consent_no))
         where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
+    if q.compartment is not None:
+        where.append(compartment_clause(q.compartment))
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
