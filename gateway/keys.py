@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.auth import TokenVerifier
+    from gateway.metrics import Metrics
     from gateway.services.access import AuditSink, Gate
     from gateway.services.fhir import FhirService
     from gateway.settings import Settings
@@ -33,3 +34,5 @@ SERVICES: web.AppKey[dict[str, Any]] = web.AppKey("services")
 #: "once" (the supervising parent: migrations, blob reconcile, consent policy, shipped model cards; no
 #: background tasks, serves nothing) or "serve" (a serving child: the parent did the one-time work).
 STARTUP: web.AppKey[str] = web.AppKey("startup")
+#: The application's Prometheus metrics (gateway/metrics.py).
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")

@@ -82,6 +82,10 @@ WRITE_ROLES = frozenset({"ehr-system", "pacs", "clinician", "site", "admin"})
 
 def require_write(requester: Requester) -> None:
     """Raise Forbidden unless ``requester`` may write data."""
+    if requester.read_only:
+        from gateway.errors import Forbidden
+
+        raise Forbidden("the token's SMART scopes grant reads only (ask for user/*.write or user/*.cud)")
     if not requester.has_role(*WRITE_ROLES):
         from gateway.errors import Forbidden
 

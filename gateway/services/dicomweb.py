@@ -96,11 +96,58 @@ class Outcome:
     patient_meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What ``fedgate import`` did with one file."""
+
+    file: str
+    status: str  # stored | duplicate | skipped | failed
+    sop_uid: str | None = None
+    reason: str = ""
+
+
 UNCOMPRESSED_TS = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
-    """Read and check one instance file (worker process). Never raises; failures are in the Outcome."""
+    """Read and check one instance file (worker process). Never raises; failures are in the Outcome, with
+    a reason written for people (:func:`failure_reason`): one bad part never fails the request."""
+    try:
+        return _parse_checked(part, study_in_path)
+    except Exception as exc:  # noqa: BLE001 — whatever a malformed file makes a reader raise fails it alone
+        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
+
+
+_LENGTH_VR = re.compile(r"parse \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\) according to VR '([A-Z]{2})'")
+_TAG_IN = re.compile(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A STOW failure reason for people (never the reader's raw exception text: it may quote values)."""
+    from pydicom.errors import BytesLengthException
+
+    if isinstance(exc, attrs.InvalidInstance):
+        return str(exc)[:300]  # fedgate's own words, naming the attribute
+    if isinstance(exc, InvalidDicomError):
+        return ("not a DICOM PS3.10 file: the 128-byte preamble followed by 'DICM' and the file meta "
+                "information are missing")
+    if isinstance(exc, BytesLengthException):
+        m = _LENGTH_VR.search(str(exc))
+        where = f"element ({m[1]},{m[2]}) is encoded as VR {m[3]} but " if m else "an element's "
+        return f"{where}its value length does not fit that VR (not a whole number of values)"
+    if isinstance(exc, RecursionError) or "Recursion limit" in str(exc):
+        return f"sequences are nested too deeply (at most {attrs.MAX_SEQUENCE_DEPTH} levels are accepted)"
+    if isinstance(exc, (EOFError, struct.error)):
+        return "the file ends inside an element: it is truncated or an element's length is wrong"
+    if isinstance(exc, MemoryError):
+        return "an element's length is larger than the file (a huge or corrupt length)"
+    m = _TAG_IN.search(str(exc))
+    at = f" (at element ({m[1]},{m[2]}))" if m else ""
+    return (f"the data set could not be read{at}: an element's VR, length or value does not follow the "
+            "transfer syntax")
+
+
+def _parse_checked(part: Part, study_in_path: str | None) -> Outcome:
     if part.failure is not None:
         return Outcome(None, None, failure=part.failure, reason=part.reason)
     try:
@@ -111,9 +158,8 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
             ds, ts, meta = _read_full(part)
     except _NeedsFile:
         return Outcome(None, None, retry=True)
-    except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
-            AttributeError, OSError, NotImplementedError, struct.error) as exc:
-        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:  # noqa: BLE001 — see _parse_part
+        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out = Outcome(*(attrs.text(src, kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                                     "SeriesInstanceUID")))
@@ -121,15 +167,21 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
         out.failure, out.reason = UID_MISMATCH, f"StudyInstanceUID {out.study_uid} differs from the URL's {study_in_path}"
         return out
     out.tmp, out.size = part.tmp, part.size
+    if attrs.sequence_depth(meta) > attrs.MAX_SEQUENCE_DEPTH:
+        raise attrs.InvalidInstance(f"sequences are nested more than {attrs.MAX_SEQUENCE_DEPTH} levels deep "
+                                    "(the most fedgate accepts)")
     out.meta_json = orjson.dumps(meta).decode()
     out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
     try:
         out.content = _content_rows(ds, out.sop_class)
     except (EOFError, OSError, struct.error) as exc:  # a sequence cut short (truncated SR): nothing stored
         return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
-                       reason=f"{type(exc).__name__}: {exc}"[:300])
+                       reason=failure_reason(exc))
     out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
+    if reason := attrs.control_character(out.rows, out.content):  # NUL etc.: refused on both engines
+        return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
+                       reason=reason)
     return out
 
 
@@ -137,6 +189,7 @@ def _transfer_syntax(ds) -> str:
     ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ""
     if not ts:
         raise attrs.InvalidInstance("file meta TransferSyntaxUID is missing")
+    attrs.check_uid("TransferSyntaxUID", ts)
     return ts
 
 
@@ -260,10 +313,17 @@ def _check_pixel_length(ds, file_size: int, ts: str) -> None:
 
 
 def _check_expected_length(ds, length: int) -> None:
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    expected = (rows * cols * spp * frames * bits + 7) // 8
+    from mappings.dicom.pixels import native_frame_bits
+
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise attrs.InvalidInstance("Rows, Columns, SamplesPerPixel, BitsAllocated or NumberOfFrames is not "
+                                    "a number") from None
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    expected = (native_frame_bits(rows, cols, spp, bits, photometric) * frames + 7) // 8
     if length < expected:
         raise attrs.InvalidInstance(f"PixelData holds {length} bytes, the header needs {expected} (truncated)")
 
@@ -419,6 +479,9 @@ class _Batch:
 
 
 class DicomwebService:
+    #: the application's :class:`~gateway.metrics.Metrics` (instances and bytes stored), wired at start-up
+    metrics_observer = None
+
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
                  workers: WorkerPool | None = None) -> None:
         self.workers = workers or WorkerPool(0)
@@ -437,9 +500,11 @@ class DicomwebService:
         return ParseFeed(self.workers, study_in_path)
 
     async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
-                    retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
+                    retrieve_base: str, feed: "ParseFeed | None" = None,
+                    outcomes_out: list | None = None) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
-        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
+        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now).
+        ``outcomes_out``: if given, receives every part's :class:`Outcome`, in the order of ``parts``."""
         try:
             require_write(requester)
             if feed is None:
@@ -482,6 +547,12 @@ class DicomwebService:
             self.db.note_writes(len(good))
         stored = [o for o in outcomes if o.failure is None]
         failed = [o for o in outcomes if o.failure is not None]
+        if outcomes_out is not None:
+            outcomes_out.extend(outcomes)
+        if self.metrics_observer is not None:
+            dup = sum(1 for o in stored if o.warning == WARNING_IDENTICAL)
+            self.metrics_observer.observe_stow(len(stored) - dup, dup, len(failed),
+                                               sum(o.size for o in stored if o.warning != WARNING_IDENTICAL))
         await self.audit.record(AccessRecord(
             requester, "C", "stow", "0" if not failed else ("4" if stored else "8"),
             tuple(f"ImagingStudy/{u}" for u in sorted({o.study_uid for o in stored}))[:200], (), "", "",
@@ -592,7 +663,11 @@ class DicomwebService:
         the request go on; a directory fsync failing fails every file renamed into place here (removed)."""
         dirty: set[str] = set()
         for o in new:
-            o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            try:
+                o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            except ValueError:  # (parsing checked the UIDs already: a second line of defence)
+                o.failure, o.reason = CANNOT_UNDERSTAND, "a UID of the instance cannot name a storage path"
+                continue
             try:
                 self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
             except OSError as exc:  # nothing was moved (mkdir / rename failed): the temp file is removed later
@@ -856,8 +931,10 @@ class DicomwebService:
             writes.append(repo.Write("Endpoint", "dicomweb", endpoint_resource(), None, "POST"))
         await repo.apply_writes(conn, writes)
 
-    async def bulk_import(self, requester: Requester, files: list[Path]) -> tuple[int, int, list[str]]:
-        """Store files already on disk (``fedgate import``): copies them through the same path as STOW."""
+    async def bulk_import(self, requester: Requester, files: list[Path]) -> list["ImportResult"]:
+        """Store files already on disk (``fedgate import``) through the same path as STOW-RS; one
+        :class:`ImportResult` per file, in order: stored, duplicate (identical instance already stored)
+        or failed with the reason STOW would give."""
         import shutil
 
         parts = []
@@ -865,10 +942,16 @@ class DicomwebService:
             tmp = self.blobs.temp_path()
             shutil.copyfile(f, tmp)
             parts.append(Part(tmp, tmp.stat().st_size))
-        status, body = await self.store(requester, parts, None, "")
-        ok = len(body.get("00081199", {}).get("Value", []))
-        bad = body.get("00081198", {}).get("Value", [])
-        return ok, len(bad), [i.get("00091010", {}).get("Value", [""])[0] for i in bad]
+        outcomes: list[Outcome] = []
+        await self.store(requester, parts, None, "", outcomes_out=outcomes)
+        results = []
+        for f, o in zip(files, outcomes):
+            if o.failure is not None:
+                results.append(ImportResult(str(f), "failed", o.sop_uid, o.reason or f"DICOM status 0x{o.failure:04X}"))
+            else:
+                results.append(ImportResult(str(f), "duplicate" if o.warning == WARNING_IDENTICAL else "stored",
+                                            o.sop_uid))
+        return results
 
     async def reconcile(self) -> None:
         """Start-up repair: temp files and unindexed files removed, rows without files dropped."""

@@ -29,7 +29,6 @@ import asyncio
 import datetime as _dt
 import hashlib
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.context import Requester
 from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.services.access import AccessRecord
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, secret_file
 from gateway.store import cohort_reads
 from gateway.store.schema import cm_patient
 from gateway.store.scope import AccessScope
@@ -163,19 +162,10 @@ def hub_private_key(settings: Settings, cfg: FederationConfig) -> ec.EllipticCur
     if cfg.hub_key:
         key = serialization.load_pem_private_key(_pem(cfg.hub_key), password=None)
     else:
-        path = settings.secrets_dir / "federation-hub-es256.pem"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = secret_file(settings.secrets_dir / "federation-hub-es256.pem", lambda: ec.generate_private_key(
+            ec.SECP256R1()).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()).decode())
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SettingsError("setting 'federation.hub_key': not an EC private key (ES256 needs P-256)")
     return key
@@ -497,6 +487,9 @@ class SiteService:
 class HubService:
     """Fans a query out to the configured sites concurrently and merges what comes back in time."""
 
+    #: the application's :class:`~gateway.metrics.Metrics` (site round trips), wired at start-up
+    metrics_observer = None
+
     def __init__(self, settings: Settings, cfg: FederationConfig, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.cfg = cfg
@@ -552,7 +545,10 @@ class HubService:
             out.update(status="error", error=f"{type(exc).__name__}: site unreachable")
         except orjson.JSONDecodeError:
             out.update(status="error", error="site answered with invalid JSON")
-        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        elapsed = time.perf_counter() - t0
+        out["elapsed_ms"] = round(elapsed * 1000, 1)
+        if self.metrics_observer is not None:
+            self.metrics_observer.observe_round_trip(site.id, out["status"], elapsed)
         return out
 
 

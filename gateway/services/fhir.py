@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
 
+import orjson
+
 from gateway.context import Requester
 from gateway.ids import new_id
 from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, Gone, NotFound, PreconditionFailed,
@@ -23,7 +25,9 @@ from gateway.store.db import Database
 from gateway.store.scope import AccessScope
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import ID_RE
-from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.compartment import PATIENT_COMPARTMENT
+from mappings.fhir.jsonpatch import PatchError, apply_patch
+from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -75,10 +79,7 @@ class FhirService:
         if not known_type(res_type):
             raise NotFound(f"resource type {res_type!r} is not a FHIR R4 resource type")
 
-    async def _scope(self, requester: Requester) -> AccessScope:
-        return await self.gate.scope_for(requester)
-
-    async def _audit(self, requester: Requester, action: str, interaction: str, outcome: str,
+    async def _audit(self, requester: Requester, action: Action, interaction: Interaction, outcome: Outcome,
                      stored: Iterable[repo.Stored] = (), scope: AccessScope | None = None, detail: str = "") -> None:
         items = list(stored)
         await self.audit.record(
@@ -132,7 +133,7 @@ class FhirService:
         access = access or await self.open(requester)
         ref = (f"{res_type}/{res_id}",)
         st = None
-        if version.isdigit() and len(version) <= 9:
+        if version_number(version) is not None:  # not digits, or beyond 64 bits: never a stored version
             scope = access.scope if access.restricted else None
             if conn is None:
                 async with access.read() as c:
@@ -165,6 +166,62 @@ class FhirService:
                             patients=[s.patient_id for s in items], detail=q.res_type)
         return result
 
+    async def compartment_search(self, requester: Requester, patient_id: str, q: SearchQuery) -> repo.SearchResult:
+        """``GET Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the search restricted to the patient's compartment
+        (R4 Patient CompartmentDefinition); the consent gate applies as to any search."""
+        if q.res_type not in PATIENT_COMPARTMENT:
+            raise BadRequest(f"{q.res_type} is not in the Patient compartment (R4 CompartmentDefinition)")
+        q.compartment = patient_id
+        return await self.search(requester, q)
+
+    async def system_search(self, requester: Requester, types: list[str], pairs: list[tuple[str, str]],
+                            lenient: bool = False) -> tuple[repo.SearchResult, int, int]:
+        """``GET [base]?_type=A,B&...`` (FHIR R4 §3.1.0.9 "search-system"): the same criteria on each type,
+        results in ``_type`` order, one page (``_count``/``_offset``) over them all. Returns (result, count, offset)."""
+        if not types:
+            raise BadRequest("system search needs _type (a comma-separated list of resource types)",
+                             expression=["_type"])
+        for t in types:
+            self.check_type(t)
+        paging = [(k, v) for k, v in pairs if k in ("_count", "_offset")]
+        criteria = [(k, v) for k, v in pairs if k not in ("_count", "_offset")]
+        probe = self.parse_search(types[0], paging, lenient=lenient)
+        count, offset = probe.count, probe.offset
+        matches: list[repo.Stored] = []
+        included: list[repo.Stored] = []
+        total = 0
+        scope = await self._scope(requester)
+        async with self.db.read() as conn:
+            for t in types:
+                q = self.parse_search(t, criteria, lenient=lenient)
+                q.count, q.offset, q.total = min(offset + count, self.max_count), 0, "accurate"
+                res = await repo.search(conn, q, scope)
+                total += res.total or 0
+                matches += res.matches
+                included += res.included
+        page = matches[offset:offset + count]
+        await self._audit(requester, "E", "search-system", "0", page + included, scope, detail=",".join(types))
+        return repo.SearchResult(page, total, included), count, offset
+
+    async def everything(self, requester: Requester, patient_id: str, types: list[str] | None) -> list[repo.Stored]:
+        """``Patient/{id}/$everything`` (FHIR R4 Patient-everything): the Patient and every resource in its
+        compartment (R4 CompartmentDefinition types; ``_type`` narrows), each type capped at ``max_count``.
+        The Patient is read through the gate first: one the caller may not see is a 404."""
+        patient = await self.read(requester, "Patient", patient_id)
+        for t in types or ():
+            if t not in PATIENT_COMPARTMENT:
+                raise BadRequest(f"_type {t!r} is not in the Patient compartment", expression=["_type"])
+        scope = await self._scope(requester)
+        out = [patient] if not types or "Patient" in types else []
+        async with self.db.read() as conn:
+            for t in types or PATIENT_COMPARTMENT:
+                if t == "Patient":
+                    continue
+                q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
+                out += (await repo.search(conn, q, scope)).matches
+        await self._audit(requester, "R", "everything", "0", out, scope)
+        return out
+
     async def history(self, requester: Requester, res_type: str | None, res_id: str | None,
                       pairs: list[tuple[str, str]]) -> tuple[list[repo.Stored], int, int, int]:
         if res_type:
@@ -173,9 +230,13 @@ class FhirService:
         for k, v in pairs:
             try:
                 if k == "_count":
-                    count = min(max(int(v), 0), self.max_count)
+                    if int(v) < 0:
+                        raise BadRequest("history parameter '_count': must be ≥ 0", expression=[k])
+                    count = min(int(v), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
+                    if offset > MAX_OFFSET:
+                        raise BadRequest(f"history parameter '_offset': must be at most {MAX_OFFSET}", expression=[k])
                 elif k == "_since":
                     since = parse_range(v)[0]
                 elif k in ("_format", "_pretty"):
@@ -205,17 +266,20 @@ class FhirService:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
+        access = None
         if if_none_exist:  # conditional create: the criteria are searched, so the requester's access counts
-            await self.conditional_allowed(await self.open(requester), "If-None-Exist")
+            access = await self.open(requester)
+            await self.conditional_allowed(access, "If-None-Exist")
         async with self.db.write() as conn:
             if if_none_exist:
-                found = await self._conditional_match(conn, res_type, if_none_exist, "If-None-Exist")
+                found = await self._conditional_match(conn, access, res_type, if_none_exist, "If-None-Exist")
                 if found is not None:
-                    await self._audit(requester, "R", "create", "0", [found], detail="conditional: exists")
+                    await self._audit(requester, Action.READ, Interaction.CREATE, Outcome.SUCCESS, [found],
+                                      detail="conditional: exists")
                     return WriteOutcome(found, created=False, existing=True)
             res_id = new_id()
             [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, resource, None, "POST")])
-        await self._audit(requester, "C", "create", "0", [stored])
+        await self._audit(requester, Action.CREATE, Interaction.CREATE, Outcome.SUCCESS, [stored])
         return WriteOutcome(stored, created=True)
 
     async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
@@ -241,8 +305,28 @@ class FhirService:
             except repo.VersionConflict:
                 raise Conflict(f"{res_type}/{res_id} was changed concurrently; retry") from None
         created = prev is None or prev.deleted
-        await self._audit(requester, "C" if created else "U", "update", "0", [stored])
+        await self._audit(requester, Action.CREATE if created else Action.UPDATE, Interaction.UPDATE, Outcome.SUCCESS,
+                          [stored])
         return WriteOutcome(stored, created=created)
+
+    async def patch(self, requester: Requester, res_type: str, res_id: str, ops: Any,
+                    if_match: str | None) -> WriteOutcome:
+        """patch: JSON Patch (RFC 6902) on the current version (FHIR R4 §3.1.0.6), then an update with
+        If-Match (the caller's, else the version patched: a concurrent change → 412, never lost)."""
+        require_write(requester)
+        cur = await self.read(requester, res_type, res_id)  # the gate: a resource the caller may not see is 404
+        want = parse_etag(if_match)
+        if want is not None and want != cur.version:  # before the patch: it was written against that version
+            raise PreconditionFailed(f"If-Match version {want} does not match current version {cur.version} "
+                                     f"of {res_type}/{res_id}")
+        try:
+            patched = apply_patch(orjson.loads(cur.content), ops)
+        except PatchError as exc:
+            expr = [f"Patch[{exc.index}]"] if exc.index is not None else None
+            raise (Unprocessable if exc.kind == "test" else BadRequest)(str(exc), expression=expr) from None
+        if patched.get("resourceType") != res_type or patched.get("id") != res_id:
+            raise Unprocessable("a patch may not change resourceType or id")
+        return await self.update(requester, res_type, res_id, patched, if_match or f'W/"{cur.version}"')
 
     async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
         require_write(requester)  # issue #4: analysts read only
@@ -253,7 +337,7 @@ class FhirService:
             if prev is None or prev.deleted:
                 return None  # idempotent: deleting nothing succeeds (FHIR R4 §3.1.0.7.1)
             [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, None, prev, "DELETE")])
-        await self._audit(requester, "D", "delete", "0", [prev])
+        await self._audit(requester, Action.DELETE, Interaction.DELETE, Outcome.SUCCESS, [prev])
         return stored
 
     def _validated(self, body: Any, res_type: str) -> dict[str, Any]:
@@ -273,7 +357,7 @@ class FhirService:
             raise Forbidden(f"{what}: conditional operations need a treatment purpose (a research purpose may "
                             "not search resources it is not permitted to see)")
 
-    async def _conditional_match(self, conn, res_type: str, query: str, what: str,
+    async def _conditional_match(self, conn, access: Access, res_type: str, query: str, what: str,
                                  lock: bool = True) -> repo.Stored | None:
         pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not pairs:
@@ -282,7 +366,7 @@ class FhirService:
         if lock:  # vs. the same condition in another process (conditional create/update/delete)
             await repo.lock_conditions(conn, [(res_type, query)])
         q.count, q.total = 2, "none"
-        result = await repo.search(conn, q, AccessScope())
+        result = await repo.search(conn, q, access.scope)  # (unrestricted: conditional_allowed passed)
         if len(result.matches) > 1:
             raise PreconditionFailed(f"{what}: criteria match more than one {res_type}")
         return result.matches[0] if result.matches else None
@@ -325,5 +409,5 @@ class FhirService:
         async with self.db.write() as conn:
             response = await plan.execute(conn)
         self.db.note_writes(len(plan.stored))
-        await self._audit(requester, "C", "transaction", "0", plan.stored)
+        await self._audit(requester, Action.CREATE, Interaction.TRANSACTION, Outcome.SUCCESS, plan.stored)
         return response

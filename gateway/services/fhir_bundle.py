@@ -17,6 +17,7 @@ from gateway.errors import BadRequest, GatewayError, NotFound, PreconditionFaile
 from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
 from mappings.fhir.references import ID_RE, rewrite_references
+from mappings.fhir.search import version_number
 from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,7 +189,7 @@ class TransactionPlan:
         for e in self.entries:
             if e.method == "POST" and e.if_none_exist:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.if_none_exist, "ifNoneExist", lock=False)
+                    found = await svc._conditional_match(conn, self.access, e.res_type, e.if_none_exist, "ifNoneExist", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -199,7 +200,7 @@ class TransactionPlan:
         for e in self.entries:
             if e.method in ("PUT", "DELETE") and e.res_id is None:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.query or "", "conditional url", lock=False)
+                    found = await svc._conditional_match(conn, self.access, e.res_type, e.query or "", "conditional url", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -233,7 +234,7 @@ class TransactionPlan:
                 if ref not in cond_cache:
                     rtype, _, query = ref.partition("?")
                     try:
-                        found = await svc._conditional_match(conn, rtype, query, "conditional reference", lock=False)
+                        found = await svc._conditional_match(conn, self.access, rtype, query, "conditional reference", lock=False)
                     except GatewayError as exc:
                         raise _entry_error(e.index, exc) from None
                     if found is None:

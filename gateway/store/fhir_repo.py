@@ -298,9 +298,12 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     link_rows: list[dict] = []
     multi_links: dict[tuple[str, str], frozenset[str]] = {}
     # patient links of every new version (issue #19): computed once, here, stored per version
-    live = [w for w in writes if w.resource is not None]
+    # (a writer that names the patients — DICOM's ImagingStudy — is trusted with them: its identifier-only
+    # subject is the DICOM PatientID, which no FHIR Patient identifier need carry)
+    live = [w for w in writes if w.resource is not None and not w.links]
     all_links = dict(zip((id(w) for w in live), await links_of(
         conn, [dict(w.resource, id=w.res_id) for w in live], [dict(w.resource, id=w.res_id) for w in live])))
+    all_links.update((id(w), patient_links(w.resource).ids) for w in writes if w.resource is not None and w.links)
     for w in writes:
         version = (w.prev.version + 1) if w.prev else 1
         content = None
@@ -476,6 +479,27 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
     return len(rows), keys[-1].rid
 
 
+async def _relinks(conn: AsyncConnection, rows, resources: list[dict]) -> list[frozenset[str]]:
+    """Links of stored versions as :func:`apply_writes` computes them: an ImagingStudy of a study in the
+    DICOM index is linked to that study's patient (as the DICOM writer declares it)."""
+    from gateway.store.dicom_schema import dcm_study
+
+    uids = sorted({r.res_id for r in rows if r.res_type == "ImagingStudy"})
+    dicom: dict[str, str] = {}
+    for i in range(0, len(uids), 500):
+        dicom.update((await conn.execute(select(dcm_study.c.study_uid, dcm_study.c.patient_id).where(
+            dcm_study.c.study_uid.in_(uids[i:i + 500]), dcm_study.c.patient_id.is_not(None)))).all())
+    plain = [(n, res) for n, (r, res) in enumerate(zip(rows, resources))
+             if not (r.res_type == "ImagingStudy" and r.res_id in dicom)]
+    out: list[frozenset[str]] = [frozenset()] * len(rows)
+    for (n, _), lk in zip(plain, await links_of(conn, [res for _, res in plain])):
+        out[n] = lk
+    for n, (r, res) in enumerate(zip(rows, resources)):
+        if r.res_type == "ImagingStudy" and r.res_id in dicom:
+            out[n] = patient_links(res).ids | {dicom[r.res_id]}
+    return out
+
+
 async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
     """Recompute the patient links (issue #19) of every stored version (``history``) and of every current
     resource — ``patient_id``, ``multi_link``, ``fhir_link`` — and restamp ``consent_no`` from them: the
@@ -496,7 +520,7 @@ async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
                 break
             last = (rows[-1].res_type, rows[-1].res_id, rows[-1].version)
             resources = [orjson.loads(r.content) for r in rows]
-            links = await links_of(conn, resources)
+            links = await _relinks(conn, rows, resources)
             out = [{"res_type": r.res_type, "res_id": r.res_id, "version": r.version, "patient_id": p}
                    for r, lk in zip(rows, links) for p in sorted(lk)]
             if out:
@@ -512,7 +536,7 @@ async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
             break
         after = rows[-1].rid
         resources = [orjson.loads(r.content) for r in rows]
-        links = await links_of(conn, resources)
+        links = await _relinks(conn, rows, resources)
         for r, res, lk in zip(rows, resources, links):
             pid = primary_patient(lk, compartment_patient(res))
             is_multi = bool(lk - {pid})
@@ -575,7 +599,14 @@ def _value_pred(clause: Clause, table, value) -> Any:
     if t == "token":
         system, code = value
         preds = []
-        if code is not None:
+        if code is not None and clause.modifier in ("below", "above"):
+            # subsumption through the vocabulary store's active closure (docs/vocab.md); the code itself too
+            from gateway.store.vocab_schema import ancestors_select, descendants_select
+
+            sys_ = system if isinstance(system, str) else None
+            related = (descendants_select if clause.modifier == "below" else ancestors_select)(sys_, code)
+            preds.append(or_(table.c.code == code, table.c.code.in_(related)))
+        elif code is not None:
             preds.append(table.c.code == code)
         if system is None:
             preds.append(table.c.system.is_(None))
@@ -668,9 +699,10 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
         sp = params_for(res_type)[pname]
         table = s.INDEX_TABLES[sp.type]
-        value_col = {"date": table.c.lo if not desc else table.c.hi, "string": getattr(table.c, "norm", None),
-                     "token": getattr(table.c, "code", None), "quantity": getattr(table.c, "value", None),
-                     "reference": getattr(table.c, "target_id", None)}[sp.type]
+        # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
+        value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
+                     "reference": "target_id"}[sp.type]
+        value_col = table.c[value_col]
         agg = func.max(value_col) if desc else func.min(value_col)
         col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
     return (col.desc().nulls_last() if desc else col.asc().nulls_last())
@@ -679,6 +711,11 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 def _drives(clause: Clause) -> bool:
     """Whether :func:`clause_sql` makes this clause, as the first one, an ``rid IN (index lookup)``."""
     return _selectivity(clause) not in (-1, 9)
+
+
+def compartment_clause(patient_id: str):
+    """Rows in Patient ``patient_id``'s compartment: the patient link stamped when the version was written."""
+    return R.c.patient_id == patient_id
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
@@ -694,6 +731,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
         where.insert(0, scope.row_clause(R.c.consent_no))
         where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
+    if q.compartment is not None:
+        where.append(compartment_clause(q.compartment))
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)

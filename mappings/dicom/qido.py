@@ -12,6 +12,7 @@ Unknown attributes and unsupported parameters → 400 (the error names the param
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,7 @@ DEFAULT = {
 VISIBLE = {"studies": ("studies",), "series": ("studies", "series"), "instances": ("studies", "series", "instances")}
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 MAX_LIMIT = 1000
+MAX_OFFSET = 2**63 - 1  # limit/offset: signed 64-bit in both databases
 
 
 def resolve(name: str) -> Attr | str:
@@ -103,6 +105,9 @@ def _like(value: str) -> str:
     return esc.replace("*", "%").replace("?", "_")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f]")
+
+
 @dataclass
 class QidoQuery:
     base: str
@@ -120,6 +125,9 @@ class QidoQuery:
               series_uid: str | None = None, default_limit: int = 100) -> "QidoQuery":
         q = cls(base, study_uid, series_uid, limit=default_limit)
         for name, value in pairs:
+            if _CONTROL.search(name) or _CONTROL.search(value):  # NUL etc. (PS3.5 §6.1.2.3: ESC is the only one)
+                raise QidoError(name if not _CONTROL.search(name) else repr(name),
+                                "contains a control character that no DICOM string value may hold")
             if name == "limit" or name == "offset":
                 try:
                     n = int(value)
@@ -127,6 +135,8 @@ class QidoQuery:
                     raise QidoError(name, f"{value!r} is not an integer") from None
                 if n < 0:
                     raise QidoError(name, "must be ≥ 0")
+                if n > MAX_OFFSET:
+                    raise QidoError(name, f"must be at most {MAX_OFFSET}")
                 if name == "limit":
                     q.limit = min(n, MAX_LIMIT)
                 else:
@@ -151,6 +161,8 @@ class QidoQuery:
                 if attr.level not in VISIBLE[level]:
                     raise QidoError(name, f"is not a {level} level attribute")
                 q.matches.append((attr, value))
+        for attr, value in q.matches:  # a value the attribute's VR cannot match (StudyDate=abc) is the request's
+            q._predicate(attr, value)  # error (400), found here rather than while the query is built
         return q
 
     # ------------------------------------------------------------------------------- SQL
