@@ -22,11 +22,18 @@ PUBLIC, SELF_AUTH, GATED, NO_PATIENT_DATA = "public", "self-auth", "gated", "no-
 ROUTE_ACCESS: dict[str, str] = {
     # health & metadata
     "healthz": PUBLIC, "readyz": PUBLIC, "openapi": PUBLIC, "fhir.metadata": PUBLIC,
+    "metrics": PUBLIC,  # aggregate counters only
+    "fhir.smart_configuration": PUBLIC, "smart_configuration": PUBLIC,
+    # terminology operations (vocabularies, no patient data)
+    **{f"fhir.{op}{post}": NO_PATIENT_DATA for op in ("codesystem_lookup", "codesystem_subsumes", "valueset_expand")
+       for post in ("", "_post")},
     # FHIR
     "fhir.audit_search": NO_PATIENT_DATA, "fhir.audit_read": NO_PATIENT_DATA,  # admin-only audit trail
     "fhir.bundle": GATED, "fhir.bundle_slash": GATED,
     "fhir.history_system": GATED, "fhir.history_type": GATED, "fhir.history_instance": GATED,
     "fhir.search": GATED, "fhir.search_post": GATED, "fhir.read": GATED, "fhir.vread": GATED,
+    "fhir.search_system": GATED, "fhir.search_system_slash": GATED, "fhir.search_compartment": GATED,
+    "fhir.everything": GATED, "fhir.patch": GATED,  # (PATCH answers with the whole patched resource)
     # writes answer with what was sent (conditional forms ask the gate: fhir service)
     "fhir.create": NO_PATIENT_DATA, "fhir.update": NO_PATIENT_DATA, "fhir.delete": NO_PATIENT_DATA,
     # DICOMweb

@@ -52,6 +52,7 @@ class Interaction(StrEnum):
     TRANSACTION = "transaction"
     BATCH = "batch"
     OPERATION = "operation"
+    EVERYTHING = "everything"  # Patient/$everything (issue 22)
     # DICOMweb
     QIDO_STUDIES = "qido-studies"
     QIDO_SERIES = "qido-series"

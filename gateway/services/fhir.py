@@ -190,7 +190,7 @@ class FhirService:
         matches: list[repo.Stored] = []
         included: list[repo.Stored] = []
         total = 0
-        scope = await self._scope(requester)
+        scope = (await self.open(requester)).scope  # (through the access layer; was self._scope, removed)
         async with self.db.read() as conn:
             for t in types:
                 q = self.parse_search(t, criteria, lenient=lenient)
@@ -211,7 +211,7 @@ class FhirService:
         for t in types or ():
             if t not in PATIENT_COMPARTMENT:
                 raise BadRequest(f"_type {t!r} is not in the Patient compartment", expression=["_type"])
-        scope = await self._scope(requester)
+        scope = (await self.open(requester)).scope  # (through the access layer; was self._scope, removed)
         out = [patient] if not types or "Patient" in types else []
         async with self.db.read() as conn:
             for t in types or PATIENT_COMPARTMENT:
