@@ -21,6 +21,7 @@ SAFE_FIELDS = (
     "route", "method", "status", "duration_ms", "component", "version", "engine", "count", "site",
     "request_id", "role", "interaction", "res_type", "phase", "job", "model", "state", "error_type",
     "instances", "bytes", "port", "host", "seconds", "processes", "worker", "exit_code", "where",
+    "settings_source", "url", "in_flight", "metric",
 )
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.errors import Forbidden, NotFound
+from gateway.handlers.fhir import base_url as fhir_base_url
 from gateway.middlewares import requester_of
 from gateway.services import audit as audit_service
 from gateway.services.access import AccessRecord
@@ -36,10 +37,10 @@ async def search(request: web.Request) -> web.Response:
     who = _admin(request)
     await _flush(request)
     events, total = await audit_service.search(request.app[keys.DB], list(request.query.items()))
-    base = f"{request.scheme}://{request.host}/fhir"
+    base = fhir_base_url(request)
     bundle = {
         "resourceType": "Bundle", "type": "searchset", "total": total,
-        "link": [{"relation": "self", "url": str(request.url)}],
+        "link": [{"relation": "self", "url": f"{base}/AuditEvent" + (f"?{request.query_string}" if request.query_string else "")}],
     }
     if events:
         bundle["entry"] = [{"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}

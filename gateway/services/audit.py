@@ -219,6 +219,11 @@ class ChainedAudit:
         self.written = 0
         self.anchor: CheckpointLog | None = None
 
+    @property
+    def backlog(self) -> int:
+        """Events accepted but not yet written to the chain (the metrics' audit backlog)."""
+        return len(self._pending)
+
     async def record(self, event: AccessRecord) -> None:
         recorded = datetime.now(UTC).isoformat(timespec="microseconds")
         self._pending.append((to_audit_event(event, self.site, recorded), tuple(event.patients)))

@@ -9,7 +9,8 @@ from gateway import __version__
 from gateway.settings import Settings
 from mappings.fhir.searchparams import COMMON_PARAMS, FULL_TYPES, GENERIC_PARAMS, SEARCH_PARAMS
 
-INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create",
+                "search-type"]
 OTHER_TYPES = (
     "Claim", "ExplanationOfBenefit", "Immunization", "MedicationRequest", "CarePlan", "CareTeam", "Endpoint",
     "Media", "DocumentReference", "ServiceRequest", "Provenance", "ResearchStudy", "ResearchSubject", "Group",
@@ -22,6 +23,17 @@ def _params(params) -> list[dict[str, Any]]:
            for n, sp in COMMON_PARAMS.items()]
     out += [{"name": sp.name, "type": sp.type} for sp in params.values()]
     return out
+
+
+def _oauth_uris(settings: Settings) -> dict[str, Any]:
+    """The SMART oauth-uris extension when the issuer's endpoints are configured (also in
+    /.well-known/smart-configuration)."""
+    if not (settings.smart_authorize_url and settings.smart_token_url):
+        return {}
+    return {"extension": [{
+        "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+        "extension": [{"url": "authorize", "valueUri": settings.smart_authorize_url},
+                      {"url": "token", "valueUri": settings.smart_token_url}]}]}
 
 
 def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
@@ -44,6 +56,9 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
             "searchRevInclude": [f"{src}:{p.name}" for src, ps in SEARCH_PARAMS.items() for p in ps.values()
                                  if p.type == "reference" and p.target in (rtype, None) and p.name in ("patient", "subject")],
             "searchParam": _params(params),
+            **({"operation": [{"name": "everything",
+                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
+               if rtype == "Patient" else {}),
         })
     return {
         "resourceType": "CapabilityStatement",
@@ -55,7 +70,7 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
         "implementation": {"description": f"fedgate site {settings.site_id}", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": [],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
             "documentation": (
@@ -66,12 +81,17 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                 "_total. Bearer JWT required on every interaction except metadata."
             ),
             "security": {
-                "cors": False,
+                "cors": bool(settings.cors_origin_list),
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                         "code": "OAuth", "display": "OAuth"}]}],
+                                         "code": "OAuth", "display": "OAuth"}]},
+                            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}]}],
+                **_oauth_uris(settings),
                 "description": "Bearer JWT (HS256 dev secret or RS256/ES256 via JWKS); DUO consent gate on every read.",
             },
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"},
+                            {"code": "search-system"}],
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
         }],
     }

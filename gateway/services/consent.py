@@ -27,7 +27,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -77,6 +77,8 @@ class ConsentGate:
         self._by_no: dict[int, str] = {}
         self._collided: set[str] = set()
         self._scopes: dict[tuple, AccessScope] = {}
+        #: combined profile key → its member keys (issue #19)
+        self._combos: dict[str, tuple[str, ...]] = {}
         #: (codes, diseases, attributes JSON) → (purpose, requester, their keys): see :meth:`_parse`
         self._parsed: dict[tuple, tuple] = {}
         self._lock = asyncio.Lock()
@@ -116,7 +118,14 @@ class ConsentGate:
             rows = (await conn.execute(select(consent_profile.c.key, consent_profile.c.profile))).all()
         for key, text in rows:
             if key not in self._profiles:
-                self._profiles[key] = entries_of(orjson.loads(text))
+                doc = orjson.loads(text)
+                if isinstance(doc, dict) and "all_of" in doc:
+                    # a combined profile (resources linked to several patients, issue #19): permitted
+                    # only when every member profile is (consent_schema.combined_key)
+                    self._combos[key] = tuple(doc["all_of"])
+                    self._profiles[key] = []
+                else:
+                    self._profiles[key] = entries_of(doc)
                 no = profile_no(key)
                 other = self._by_no.setdefault(no, key)
                 if other != key:  # two profiles share a row number: permit neither (fail closed)
@@ -132,10 +141,18 @@ class ConsentGate:
                     return True
         return False
 
+    #: called with each decision's outcome ("unrestricted" | "restricted" | "refused"): the metrics
+    observer: Callable[[str], None] | None = None
+
     async def scope_for(self, requester: Requester) -> AccessScope:
         try:
-            return await self._scope_for(requester)
+            scope = await self._scope_for(requester)
+            if self.observer is not None:
+                self.observer("unrestricted" if scope.unrestricted else "restricted")
+            return scope
         except Forbidden as err:
+            if self.observer is not None:
+                self.observer("refused")
             if self.audit is not None:
                 await self.audit.record(AccessRecord(requester, "E", "access", "4", scope_summary="refused",
                                                      detail=err.message))
@@ -186,8 +203,10 @@ class ConsentGate:
         scope = self._scopes.get(ckey)
         if scope is None:
             async with self._lock:
-                allowed = frozenset(k for k, entries in self._profiles.items()
-                                    if k not in self._collided and self._permits(entries, wanted, who, today))
+                single = {k for k, entries in self._profiles.items() if k not in self._combos
+                          and k not in self._collided and self._permits(entries, wanted, who, today)}
+                allowed = frozenset(single | {k for k, members in self._combos.items() if k not in self._collided
+                                              and all(m in single for m in members)})
                 scope = AccessScope(
                     unrestricted=False, allowed_profiles=allowed,
                     allowed_nos=frozenset(profile_no(k) for k in allowed),

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, Unprocessable
@@ -123,7 +123,7 @@ class OmopService:
         vrows = vocabulary_rows(vocab, result.concept_ids)
         t_map = time.perf_counter()
         if target.csv_dir is not None:
-            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows)
+            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows, target.replace)
             where = {"csv": str(target.csv_dir)}
         else:
             await write_postgres(target.pg_url or "", target.schema or "", result, vrows, replace=target.replace)
@@ -173,11 +173,17 @@ class OmopService:
         st, se = s.metadata.tables.get("dcm_study"), s.metadata.tables.get("dcm_series")
         if st is None or se is None:
             return []
+        # per-patient rows (issue #19): a study or series holding instances of several patients gives one
+        # row per patient, built from that patient's instances, gated by that patient
+        from gateway.store import dicom_views
+
+        st, se = dicom_views.study_view(), dicom_views.series_view()
         stmt = (select(se.c.series_uid, se.c.study_uid, se.c.modality, se.c.body_part, se.c.series_date,
-                       st.c.study_date, st.c.patient_id)
-                .join(st, st.c.study_uid == se.c.study_uid).where(st.c.patient_id.is_not(None)))
+                       st.c.study_date, se.c.patient_id)
+                .join(st, and_(st.c.study_uid == se.c.study_uid, st.c.patient_id == se.c.patient_id))
+                .where(se.c.patient_id.is_not(None)))
         if visible is not None:
-            stmt = stmt.where(st.c.patient_id.in_(visible))
+            stmt = stmt.where(se.c.patient_id.in_(visible))
         return [ImagingSeries(r.patient_id, r.study_uid, r.series_uid, r.series_date or r.study_date, r.modality,
                               (r.body_part or "").upper() or None,
                               f"/dicomweb/studies/{r.study_uid}/series/{r.series_uid}")
@@ -405,12 +411,27 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]]) -> None:
+def _previous_export(directory: Path) -> bool:
+    """``directory`` holds an earlier CSV export and nothing else (so ``replace`` may remove it)."""
+    names = [p.name for p in directory.iterdir()]
+    return "coverage.json" in names and all(
+        (directory / n).is_file() and (n.endswith(".csv") or n == "coverage.json") for n in names)
+
+
+def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]], replace: bool = False) -> None:
     """One ``<table>.csv`` per OMOP table (header = DDL columns) + ``coverage.json``; written into a
-    temporary directory that is renamed into place when complete."""
+    temporary directory that is renamed into place when complete. ``replace``: an earlier export in
+    ``directory`` (only its CSV files and coverage.json) is replaced; any other non-empty folder is refused."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
-        raise Conflict(f"csv: {directory.name} exists and is not empty", expression=["csv"])
+        if not replace:
+            raise Conflict(f"csv: {directory.name} exists and is not empty (use replace for an earlier export)",
+                           expression=["csv"])
+        if not _previous_export(directory):
+            raise Conflict(f"csv: {directory.name} holds files other than an earlier export's: not replaced",
+                           expression=["csv"])
+        for f in directory.iterdir():
+            f.unlink()
     tmp = directory.with_name(directory.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     for table, rows in list(vrows.items()) + list(result.tables.items()):

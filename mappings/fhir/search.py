@@ -53,6 +53,11 @@ class SearchQuery:
     summary: str | None = None  # "count" | "false"
     total: str = "accurate"  # none | estimate | accurate
     ignored: list[str] = field(default_factory=list)
+    #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id, else None
+    compartment: str | None = None
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def parse_search(
@@ -66,6 +71,9 @@ def parse_search(
     q = SearchQuery(res_type)
     params = params_for(res_type)
     for raw_name, raw_value in pairs:
+        if _CONTROL.search(raw_name) or _CONTROL.search(raw_value):  # NUL etc.: no stored string holds one
+            raise SearchError(raw_name if not _CONTROL.search(raw_name) else repr(raw_name),
+                              "contains a control character (below U+0020 other than tab, CR, LF)")
         name, _, modifier = raw_name.partition(":")
         if name in RESULT_PARAMS:
             _result_param(q, name, modifier, raw_value, default_count, max_count)

@@ -83,6 +83,11 @@ def check_envelope(resource: Any, *, expected_type: str | None = None) -> type:
     rid = resource.get("id")
     if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
         raise InvalidResource([Issue(f"{rtype}.id", "must match [A-Za-z0-9\\-.]{1,64}")])
+    from mappings.fhir.jsonrules import json_issues  # here: jsonrules imports Issue from this module
+
+    issues = json_issues(resource, rtype)
+    if issues:
+        raise InvalidResource(issues, structural=True)
     return cls
 
 

@@ -35,7 +35,7 @@ class ProfileGate:
     """A consent gate restricting research requests to the consent profiles their purpose allows.
 
     The real DUO gate (issue #4) is built concurrently; this one exercises the same seam
-    (``scope_for`` → :class:`AccessScope`) so the site's eligible-vs-matching split is checked here
+    (``scope_for`` → :class:`AccessScope`) so the site's eligible counts are checked here
     against counts computed independently from the generated consent profiles."""
 
     async def scope_for(self, requester) -> AccessScope:
