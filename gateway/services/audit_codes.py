@@ -53,6 +53,7 @@ class Interaction(StrEnum):
     TRANSACTION = "transaction"
     BATCH = "batch"
     OPERATION = "operation"
+    EVERYTHING = "everything"  # Patient/{id}/$everything
     # DICOMweb
     QIDO_STUDIES = "qido-studies"
     QIDO_SERIES = "qido-series"
