@@ -46,8 +46,8 @@ class Interaction(StrEnum):
     HISTORY_TYPE = "history-type"
     HISTORY_SYSTEM = "history-system"
     CREATE = "create"
-    SEARCH = "search"
     SEARCH_TYPE = "search-type"
+    SEARCH = "search-type"  # alias (the access layer's name for a type search)
     SEARCH_SYSTEM = "search-system"
     CAPABILITIES = "capabilities"
     TRANSACTION = "transaction"
