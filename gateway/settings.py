@@ -1,7 +1,8 @@
 """One settings object for the whole process.
 
 Sources, later ones winning: built-in defaults < TOML file (``--config`` or ``$FEDGATE_CONFIG``)
-< environment variables ``FEDGATE_<FIELD>`` < command-line flags.  The data directory holds the
+< environment variables ``FEDGATE_<FIELD>`` (or ``FEDGATE_<FIELD>_FILE``: the value is that file's content,
+for secrets mounted as files) < command-line flags.  The data directory holds the
 SQLite file (``fedgate.db``), the blob store (``blobs/``) and development secrets (``secrets/``).
 """
 
@@ -62,6 +63,14 @@ class Settings:
     jwt_audience: str = "fedgate"
     #: RS256/ES256 verification material for production: a JWKS file path or URL.
     jwks: str = ""
+    #: SMART App Launch (/.well-known/smart-configuration): the OIDC issuer's authorization and token
+    #: endpoints that issue the tokens fedgate verifies (empty: not advertised; tokens still accepted)
+    smart_authorize_url: str = ""
+    smart_token_url: str = ""
+    #: Prometheus metrics at /metrics: "protected" (the metrics_token, or an admin/site token), "open", "off".
+    metrics: str = "protected"
+    #: Bearer token a Prometheus scraper sends to /metrics (empty: only admin/site gateway tokens).
+    metrics_token: str = ""
     #: Browser origins allowed to call the gateway cross-origin (CORS), comma/space separated, e.g.
     #: "https://viewer.example.org"; "*" = any origin (development only); empty (default) = none: no CORS
     #: headers are sent and preflights are refused (see docs/deploy.md).
@@ -127,18 +136,23 @@ class Settings:
         """The HS256 development secret, created on first use in ``data_dir/secrets``."""
         if self.jwt_secret:
             return self.jwt_secret
-        path = self.secrets_dir / "jwt-hs256.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(48))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: two processes agree on one key
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        return path.read_text().strip()
+        return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+
+def secret_file(path: Path, generate) -> str:
+    """The secret in ``path``, created (mode 0600, from ``generate()``) on first use; several processes
+    starting at once agree on one value (atomic create-if-absent)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(generate())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -199,7 +213,16 @@ def load_settings(
                 extra[key] = value
     for name in _FIELDS:
         env_key = f"FEDGATE_{name.upper()}"
-        if name != "extra" and env_key in env:
+        if name == "extra":
+            continue
+        if env_key + "_FILE" in env:  # a secret mounted as a file (Docker/Kubernetes secrets)
+            path = env[env_key + "_FILE"]
+            try:
+                values[name] = _coerce(name, Path(path).read_text().strip())
+            except OSError as exc:
+                raise SettingsError(f"setting {name!r}: cannot read {env_key}_FILE {path}: "
+                                    f"{exc.strerror or exc}") from None
+        if env_key in env:
             values[name] = _coerce(name, env[env_key])
     for key, value in (overrides or {}).items():
         if value is None:

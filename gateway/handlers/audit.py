@@ -15,6 +15,7 @@ from gateway.handlers.fhir import base_url as fhir_base_url
 from gateway.middlewares import requester_of
 from gateway.services import audit as audit_service
 from gateway.services.access import AccessRecord
+from gateway.services.audit_codes import Action, Interaction, Outcome
 
 FHIR_JSON = "application/fhir+json"
 
@@ -44,7 +45,8 @@ async def search(request: web.Request) -> web.Response:
     if events:
         bundle["entry"] = [{"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}
                            for e in events]
-    await request.app[keys.AUDIT].record(AccessRecord(who, "E", "search-type", "0", detail="AuditEvent search",
+    await request.app[keys.AUDIT].record(AccessRecord(who, Action.EXECUTE, Interaction.SEARCH_TYPE, Outcome.SUCCESS,
+                                                      detail="AuditEvent search",
                                                       path="/fhir/AuditEvent"))
     return web.Response(body=orjson.dumps(bundle), content_type=FHIR_JSON)
 
@@ -53,7 +55,7 @@ async def read(request: web.Request) -> web.Response:
     who = _admin(request)
     await _flush(request)
     seq = request.match_info["id"]
-    if not seq.isdigit():
+    if not seq.isdigit() or len(seq) > 18:  # beyond 64 bits: never a row (not an overflow in the database)
         raise NotFound(f"AuditEvent/{seq} not found")
     from sqlalchemy import select
 
@@ -65,7 +67,8 @@ async def read(request: web.Request) -> web.Response:
         raise NotFound(f"AuditEvent/{seq} not found")
     event = orjson.loads(content)
     event["id"] = seq
-    await request.app[keys.AUDIT].record(AccessRecord(who, "R", "read", "0", (f"AuditEvent/{seq}",),
+    await request.app[keys.AUDIT].record(AccessRecord(who, Action.READ, Interaction.READ, Outcome.SUCCESS,
+                                                      (f"AuditEvent/{seq}",),
                                                       path="/fhir/AuditEvent/{id}"))
     return web.Response(body=orjson.dumps(event), content_type=FHIR_JSON)
 

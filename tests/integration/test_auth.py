@@ -94,7 +94,7 @@ async def test_failures_in_the_protocols_form(gateway, http):
         assert (await _status(http, gateway.url + path))[0] == 200, path
 
 
-OPEN = {"healthz", "readyz", "openapi", "fhir.metadata"}
+OPEN = {"healthz", "readyz", "openapi", "fhir.metadata", "fhir.smart_configuration", "smart_configuration"}
 
 
 def _sample_url(resource) -> str | None:
