@@ -153,13 +153,14 @@ async def _written_urls(gw, headers) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("style", sorted(PROXY_HEADERS))
-async def test_forwarded_from_a_trusted_proxy(tmp_path, db_url, style):
+async def test_forwarded_from_a_trusted_proxy(tmp_path, db_url):
     gw = await start_gateway(make_settings(tmp_path / "data", db_url, trusted_proxies="127.0.0.0/8, ::1"))
     try:
-        urls = await _written_urls(gw, PROXY_HEADERS[style])
-        bad = [u for u in urls if not (u == PUBLIC + "/fhir" or u.startswith((PUBLIC + "/fhir/", PUBLIC + "/dicomweb/")))]
-        assert not bad, bad
+        for style, headers in PROXY_HEADERS.items():
+            urls = await _written_urls(gw, headers)
+            bad = [u for u in urls
+                   if not (u == PUBLIC + "/fhir" or u.startswith((PUBLIC + "/fhir/", PUBLIC + "/dicomweb/")))]
+            assert not bad, (style, bad)
     finally:
         await gw.server.close()
 
