@@ -200,6 +200,12 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     return cmd_list(args, _settings(args))
 
 
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from gateway.vocab_cli import cmd_vocab as run
+
+    return run(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="JSON output")
     _common(m)
     m.set_defaults(func=cmd_model_list)
+
+    from gateway.vocab_cli import add_parser as add_vocab_parser
+
+    add_vocab_parser(sub, _common, cmd_vocab)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

@@ -203,9 +203,10 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     from gateway import keys
     from gateway.app import create_app
     from gateway.services.federation import FederationConfig, hub_private_key, public_pem
-    from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load
+    from gateway.services.federation_synth import DEMO_SITES, generate, load
     from gateway.store.db import Database
     from gateway.store.migrate import migrate
+    from gateway.vocab_cli import load_demo
 
     root.mkdir(parents=True, exist_ok=True)
     hub_settings = load_settings(env={}, overrides={
@@ -228,6 +229,7 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
             try:
                 await migrate(db)
                 await load(db, await asyncio.to_thread(generate, profile, patients, 1))
+                await load_demo(db)  # the code hierarchies (SNOMED, MONDO, ...) every site serves from
             finally:
                 await db.dispose()
             marker.write_text(json.dumps({"site": profile.name, "patients": patients}))
@@ -239,7 +241,6 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     runners = []
     for s in [*sites, hub_settings]:
         app = create_app(s)
-        app[keys.SERVICES]["code_expander"] = expand_codes
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, s.port).start()

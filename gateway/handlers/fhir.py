@@ -33,10 +33,19 @@ ID_RE = r"[A-Za-z0-9\-.]{1,64}"
 _BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)(/_history(/[^/]*)?)?/?")
 
 
+#: the FHIR operations this server implements (docs/fhir.md); any other ``$name`` answers 400 not-supported
+SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand"
+
+
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
-    if exc.status == 404 and request.match_info.route.resource is None:
+    if exc.status in (404, 405) and request.match_info.route.resource is None:
+        op = next((seg for seg in request.path.split("/") if seg.startswith("$")), None)
         m = _BAD_ID_PATH.fullmatch(request.path)
-        if m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
+        if op is not None:  # an operation no route implements: say so, like the same entry in a Bundle
+            shown = op if len(op) <= 40 else op[:40] + "..."
+            exc = GatewayError(f"FHIR operation {shown!r} is not supported here (this server implements "
+                               f"{SUPPORTED_OPERATIONS})", status=400, issue_code="not-supported")
+        elif m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
             shown = m.group(1) if len(m.group(1)) <= 80 else m.group(1)[:80] + "..."
             exc = BadRequest(f"{shown!r} ({len(m.group(1)):,} characters) is not a FHIR id "
                              "([A-Za-z0-9-.]{1,64})", expression=["id"])

@@ -27,6 +27,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import orjson
@@ -41,7 +42,7 @@ from gateway.settings import Settings
 from gateway.store.consent_schema import consent_profile, ensure_indexes, recompute, store_policy_doc
 from gateway.store.scope import AccessScope, profile_no
 from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
-from ontologies import CompositeHierarchy, evaluate, load_duo, load_hierarchy
+from ontologies import ClosureHierarchy, CompositeHierarchy, evaluate, load_duo, load_hierarchy
 from ontologies.evaluator import ConsentInputError, ResearchPurpose
 from ontologies.evaluator import Requester as DuoRequester
 
@@ -72,6 +73,8 @@ class ConsentGate:
         self.db = None
         self.ontology = None
         self.diseases = CompositeHierarchy(())
+        self._file_parts: tuple = ()
+        self._vocab_gen: tuple | None = None
         self._profiles: dict[str, list[Entry]] = {}
         #: profile_no → key, and keys whose number collides with another's (never permitted)
         self._by_no: dict[int, str] = {}
@@ -96,8 +99,10 @@ class ConsentGate:
         ``fedgate serve --processes N``, whose parent did it) store the policy, recompute if it changed."""
         self.db = db
         self.ontology = await asyncio.to_thread(load_duo)
-        parts = [await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files]
-        self.diseases = CompositeHierarchy(tuple(parts))
+        self._file_parts = tuple([await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files])
+        self.diseases = CompositeHierarchy(self._file_parts)
+        async with db.read() as conn:
+            await self._refresh_vocab(conn)
         if not one_time:
             return
         async with db.write() as conn:
@@ -112,6 +117,7 @@ class ConsentGate:
             return
         self._checked_at = now
         async with self.db.read() as conn:
+            await self._refresh_vocab(conn)
             count = (await conn.execute(select(func.count()).select_from(consent_profile))).scalar_one()
             if count == len(self._profiles):
                 return
@@ -131,6 +137,20 @@ class ConsentGate:
                 if other != key:  # two profiles share a row number: permit neither (fail closed)
                     self._collided |= {key, other}
                     log.error("consent profile numbers collide; both profiles are denied")
+
+    async def _refresh_vocab(self, conn) -> None:
+        """The disease ontologies loaded in the vocabulary store (``fedgate vocab load``: MONDO, DOID,
+        HPO, ...) after the configured files (first match wins); reloaded when a load switches version,
+        and the cached decisions with them.  A code no hierarchy knows still fails closed."""
+        from gateway.store import vocab_schema
+
+        gen = await vocab_schema.generation(conn)
+        if gen == self._vocab_gen:
+            return
+        closure = await vocab_schema.hierarchies(conn)
+        self.diseases = CompositeHierarchy(self._file_parts + (ClosureHierarchy(MappingProxyType(closure), "vocab-store"),))
+        self._vocab_gen = gen
+        self._scopes.clear()
 
     def _permits(self, entries: list[Entry], purpose: ResearchPurpose, who: DuoRequester, today: date) -> bool:
         day = today.isoformat()

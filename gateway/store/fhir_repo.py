@@ -575,7 +575,14 @@ def _value_pred(clause: Clause, table, value) -> Any:
     if t == "token":
         system, code = value
         preds = []
-        if code is not None:
+        if code is not None and clause.modifier in ("below", "above"):
+            # subsumption through the vocabulary store's active closure (docs/vocab.md); the code itself too
+            from gateway.store.vocab_schema import ancestors_select, descendants_select
+
+            sys_ = system if isinstance(system, str) else None
+            related = (descendants_select if clause.modifier == "below" else ancestors_select)(sys_, code)
+            preds.append(or_(table.c.code == code, table.c.code.in_(related)))
+        elif code is not None:
             preds.append(table.c.code == code)
         if system is None:
             preds.append(table.c.system.is_(None))

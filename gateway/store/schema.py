@@ -268,6 +268,19 @@ cm_imaging_study = _cm(
     Column("n_series", Integer),
     Column("n_instances", Integer),
 )
+#: Imaging series known from a source without a DICOM index row (OMOP image_occurrence imports; one row
+#: per series), so cohorts and re-exports see them like DICOM-born series (docs/vocab.md, "Imaging").
+cm_imaging_series = _cm(
+    "cm_imaging_series",
+    Column("study_uid", String(128)),
+    Column("series_uid", String(128)),
+    Column("modality", String(16)),
+    Column("body_part", String(64)),
+    Column("started", String(32)),
+)
+Index("ix_cm_imaging_series_src", cm_imaging_series.c.src_type, cm_imaging_series.c.src_id)
+Index("ix_cm_imaging_series_patient", cm_imaging_series.c.patient_id)
+Index("ix_cm_imaging_series_study", cm_imaging_series.c.study_uid)
 cm_consent = _cm(
     "cm_consent",
     Column("status", String(32)),

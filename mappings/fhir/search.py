@@ -170,7 +170,7 @@ def _clause(sp: SearchParam, modifier: str | None, raw: str) -> Clause:
             raise SearchError(f"{sp.name}:missing", "value must be true or false")
         return Clause(sp, modifier, (), raw == "true")
     allowed = {
-        "token": {None, "not"},
+        "token": {None, "not", "below", "above"},
         "string": {None, "exact", "contains"},
         "date": {None},
         "reference": {None},

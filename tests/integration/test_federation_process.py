@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 
 from gateway.auth import issue_dev_token
-from gateway.services.federation_synth import DEMO_SITES, expand_codes, profile_keys
+from gateway.services.federation_synth import DEMO_SITES, profile_keys
+from tests.vocab_ref import expand_codes
 from mappings.cohort.disclosure import Disclosure
 from tests.integration.federation_fixtures import (
     hub_key_pem,
