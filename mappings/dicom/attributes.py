@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Iterable
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement
@@ -205,6 +205,27 @@ def index_rows(ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_sy
         "blob_path": blob_path, "size": size, "stored_ts": now,
     }
     return study, series, instance
+
+
+#: control characters no indexed DICOM string may hold (PS3.5 §6.1.2.3: ESC for ISO 2022 code extensions,
+#: and TAB/LF/CR of the text VRs are the only ones); NUL padding at the end is stripped before this check
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f]")
+_COLUMN_KEYWORDS = {"dicom_patient_id": "PatientID", "patient_name": "PatientName",
+                    "referring_physician": "ReferringPhysicianName", "study_description": "StudyDescription",
+                    "series_description": "SeriesDescription", "accession_number": "AccessionNumber"}
+
+
+def control_character(rows: Iterable[dict], content: Iterable[Iterable[dict]] = ()) -> str | None:
+    """A reason naming the first index value (or SR/SEG content value) holding a control character such as
+    NUL, else None. Such a part is refused on both engines alike (PostgreSQL cannot store U+0000 in text;
+    issue 20, docs/dicomweb.md "Control characters")."""
+    for row in [*rows, *(r for group in content for r in group)]:
+        for col, value in row.items():
+            if isinstance(value, str) and (m := CONTROL_RE.search(value)):
+                name = _COLUMN_KEYWORDS.get(col, col)
+                char = "NUL" if m.group(0) == "\x00" else f"U+{ord(m.group(0)):04X}"
+                return f"{name} contains the control character {char}, which no DICOM string value may hold"
+    return None
 
 
 def bulk_handler(elem: DataElement) -> str:

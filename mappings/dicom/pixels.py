@@ -1,5 +1,10 @@
 """Pixel-level work for WADO-RS (runs in worker threads): transcoding between uncompressed transfer
-syntaxes, frame extraction, rendering to JPEG/PNG with windowing and viewport, bulk data values."""
+syntaxes, frame extraction, rendering to JPEG/PNG with windowing and viewport, bulk data values.
+
+Compressed pixel data (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) is decoded by
+:func:`decompressed` with pydicom's decoders and the pylibjpeg plugins (``pylibjpeg-libjpeg``,
+``pylibjpeg-openjpeg``, ``pylibjpeg-rle``); :func:`frames_as` serves frames as stored, decoded, or
+re-encoded for the media type a client accepts (PS3.18 §8.7)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ from pydicom import dcmread
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from mappings.dicom.negotiate import (DICOM, EXPLICIT_LE as _ELE, FRAME_MEDIA, J2K_LOSSLESS, JPEG_BASELINE, OCTET,
+                                      RLE, Want, frame_media_of)
 
 from mappings.dicom.transcode import (BIG_ENDIAN, DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE, NATIVE,  # noqa: F401
                                       TranscodeError, native_pixels_le, transcode_native)
@@ -28,14 +37,68 @@ class PixelError(ValueError):
         self.kind = kind
 
 
-def transcode(path: Path, target: str) -> bytes:
-    """The instance re-encoded in another uncompressed transfer syntax (Part 10 file bytes); see
-    :mod:`mappings.dicom.transcode` (every direction between the native syntaxes, big endian and deflate
-    included)."""
+def can_decode(ts: str) -> bool:
+    """Whether pixel data stored in ``ts`` can be decoded here (uncompressed, or a decoder plugin is installed)."""
+    uid = UID(ts)
+    if not uid.is_compressed:
+        return True
+    from pydicom.pixels.decoders.base import get_decoder
+
     try:
-        return transcode_native(str(path), target)
-    except TranscodeError as exc:
-        raise PixelError("unsupported", str(exc)) from None
+        return get_decoder(uid).is_available
+    except NotImplementedError:
+        return False
+
+
+#: transfer syntaxes :func:`frames_as` and :func:`transcode` can encode pixel data to (besides uncompressed)
+ENCODABLE = frozenset({RLE, J2K_LOSSLESS})
+
+
+def decompressed(ds):
+    """``ds`` with compressed pixel data decoded in place to native Explicit VR Little Endian (pydicom's
+    ``Dataset.decompress``: colour YBR JPEG frames become RGB); uncompressed data sets are returned as is."""
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or not UID(ts).is_compressed or "PixelData" not in ds:
+        return ds
+    try:
+        ds.decompress()
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+        raise PixelError("unsupported", f"cannot decode pixel data stored as {UID(ts).name}: {exc}") from None
+    return ds
+
+
+def _compressed(ds, target: str):
+    """``ds`` (already decoded) re-encoded in ``target`` (RLE Lossless or JPEG 2000 lossless)."""
+    try:
+        ds.compress(target)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise PixelError("unsupported", f"cannot encode pixel data as {UID(target).name}: {exc}") from None
+    return ds
+
+
+def transcode(path: Path, target: str) -> bytes:
+    """The instance re-encoded in another transfer syntax (Part 10 file bytes): between the native syntaxes
+    (big endian and deflate included) by :mod:`mappings.dicom.transcode`; to RLE / JPEG 2000 lossless, or from
+    a compressed syntax, through pydicom's codecs (compressed pixel data is decoded first)."""
+    if target not in ENCODABLE:
+        stored = str(dcmread(path, stop_before_pixels=True).file_meta.get("TransferSyntaxUID") or "")
+        if not UID(stored).is_compressed:
+            try:
+                return transcode_native(str(path), target)
+            except TranscodeError as exc:
+                raise PixelError("unsupported", str(exc)) from None
+    ds = dcmread(path)
+    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed or target in ENCODABLE:
+        decompressed(ds)
+    if target in ENCODABLE:
+        _compressed(ds, target)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+    buf = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = target
+    ds.save_as(buf, implicit_vr=target == IMPLICIT_LE, little_endian=target != BIG_ENDIAN, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def native_frame_bits(rows: int, cols: int, spp: int, bits: int, photometric: str) -> int:
@@ -80,28 +143,111 @@ def _check_native_length(ds, n_frames: int) -> int:
 
 def frames(path: Path, numbers: list[int]) -> list[bytes]:
     ds = dcmread(path)
+    n_frames = _check_frames(ds, numbers)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    if ts not in UNCOMPRESSED:
+        return _stored_frames(ds, n_frames, numbers)
+    return _native_frames(ds, numbers)
+
+
+def _check_frames(ds, numbers: list[int]) -> int:
     if "PixelData" not in ds:
         raise PixelError("range", "the instance has no pixel data")
     n_frames = _frame_count(ds)
     bad = [n for n in numbers if n > n_frames]
     if bad:
         raise PixelError("range", f"frame(s) {bad} beyond NumberOfFrames {n_frames}")
-    ts = str(ds.file_meta.TransferSyntaxUID)
-    if ts not in NATIVE:
-        try:
-            encoded = []
-            for frame in generate_frames(ds.PixelData, number_of_frames=n_frames):
-                encoded.append(frame)
-                if len(encoded) >= max(numbers):
-                    break
-        except (ValueError, TypeError, EOFError, KeyError) as exc:
-            raise PixelError("unsupported", "the encapsulated pixel data cannot be split into frames "
-                                            f"({type(exc).__name__})") from None
-        if len(encoded) < max(numbers):
-            raise PixelError("range", f"the pixel data holds {len(encoded)} frame(s)")
-        return [encoded[n - 1] for n in numbers]
-    per = _check_native_length(ds, n_frames)
-    data = native_pixels_le(ds)  # frames go out little endian (big-endian words swapped)
+    return n_frames
+
+
+def _stored_frames(ds, n_frames: int, numbers: list[int]) -> list[bytes]:
+    """The requested frames of encapsulated pixel data, as stored."""
+    try:
+        encoded = []
+        for frame in generate_frames(ds.PixelData, number_of_frames=n_frames):
+            encoded.append(frame)
+            if len(encoded) >= max(numbers):
+                break
+    except (ValueError, TypeError, EOFError, KeyError) as exc:
+        raise PixelError("unsupported", "the encapsulated pixel data cannot be split into frames "
+                                        f"({type(exc).__name__})") from None
+    if len(encoded) < max(numbers):
+        raise PixelError("range", f"the pixel data holds {len(encoded)} frame(s)")
+    return [encoded[n - 1] for n in numbers]
+
+
+def _jpeg_frames(ds, numbers: list[int]) -> list[bytes] | None:
+    """8-bit frames encoded as JPEG baseline by Pillow (None where baseline cannot hold the pixels)."""
+    spp = int(ds.get("SamplesPerPixel") or 1)
+    if int(ds.BitsAllocated) != 8 or spp not in (1, 3) or int(ds.get("PixelRepresentation") or 0):
+        return None
+    decompressed(ds)
+    arr = ds.pixel_array
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    if spp == 3 and photometric != "RGB":
+        return None
+    out = []
+    for n in numbers:
+        frame = arr[n - 1] if n_frames > 1 else arr
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8), "RGB" if spp == 3 else "L").save(
+            buf, "JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def frames_as(path: Path, numbers: list[int], wants: list[Want]) -> tuple[Want, str, str, list[bytes]]:
+    """Frames in the first representation of ``wants`` that can be produced: as stored, decoded to native
+    (``application/octet-stream``, Explicit VR Little Endian) or encoded (JPEG baseline from 8-bit pixels,
+    RLE, JPEG 2000 lossless).  Returns (the want served, part media type, transfer syntax, frames); raises
+    PixelError 'unsupported' (→ 406) when none can be."""
+    ds = dcmread(path)
+    n_frames = _check_frames(ds, numbers)
+    stored = str(ds.file_meta.TransferSyntaxUID)
+    compressed = stored not in UNCOMPRESSED
+    stored_media = frame_media_of(stored) if compressed else OCTET
+    for w in wants:
+        if not w.multipart and len(numbers) > 1:
+            continue  # a single-part response holds one frame
+        media = OCTET if w.media in ("*/*", DICOM, "application/*") else w.media
+        if media == "image/*":
+            if compressed and stored_media != OCTET and w.ts in (None, "*", stored):
+                return w, stored_media, stored, _stored_frames(ds, n_frames, numbers)
+            continue
+        allowed = FRAME_MEDIA.get(media)
+        if allowed is None:
+            continue
+        ts = w.ts or allowed[0]
+        if ts == "*" or ts == stored:
+            if media == OCTET and ts == "*" or stored in allowed:
+                if not compressed:
+                    return w, media, stored, _native_frames(ds, numbers)
+                return w, media, stored, _stored_frames(ds, n_frames, numbers)
+            continue
+        if ts not in allowed:
+            continue
+        if ts == _ELE:
+            if not can_decode(stored):
+                continue
+            return w, media, ts, _native_frames(decompressed(ds), numbers)
+        if ts == JPEG_BASELINE and can_decode(stored):
+            jpeg = _jpeg_frames(ds, numbers)
+            if jpeg is not None:
+                return w, media, ts, jpeg
+            continue
+        if ts in ENCODABLE and can_decode(stored):
+            _compressed(decompressed(ds), ts)
+            return w, media, ts, _stored_frames(ds, n_frames, numbers)
+    raise PixelError("unsupported", f"frames stored as {UID(stored).name} cannot be sent in any accepted "
+                                    "representation (transfer-syntax=* sends them as stored)")
+
+
+def _native_frames(ds, numbers: list[int]) -> list[bytes]:
+    """The requested frames of native pixel data, little endian (big-endian words swapped), after checking
+    the pixel data holds every frame the header describes."""
+    per = _check_native_length(ds, _frame_count(ds))
+    data = native_pixels_le(ds)
     if per % 8:  # bit-packed (BitsAllocated 1), frames not on byte boundaries
         bitarr = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
         return [np.packbits(bitarr[(n - 1) * per:n * per], bitorder="little").tobytes() for n in numbers]

@@ -128,9 +128,10 @@ async def test_import_refuses_bad_uids(tmp_path, db_url):
     (folder / "dot.dcm").write_bytes(odd.with_uids(odd.ct(), StudyInstanceUID="."))
     (folder / "sha.dcm").write_bytes(odd.sha256_uids())
     settings = make_settings(tmp_path / "data", db_url)
-    summary = await _run(settings, sorted(folder.iterdir()), False)
-    assert summary["stored"] == 1 and summary["failed"] == 2
-    assert all("not a valid DICOM UID" in k for k in summary["failure_reasons"])
+    results = {r.file.rsplit("/", 1)[-1]: r for r in await _run(settings, sorted(folder.iterdir()), False)}
+    assert results["good.dcm"].status == "stored"
+    for bad in ("dot.dcm", "sha.dcm"):
+        assert results[bad].status == "failed" and "not a valid DICOM UID" in results[bad].reason
     files = [p for p in (tmp_path / "data" / "blobs").rglob("*.dcm")]
     assert len(files) == 1
 
