@@ -136,7 +136,7 @@ def failure_reason(exc: BaseException) -> str:
         where = f"element ({m[1]},{m[2]}) is encoded as VR {m[3]} but " if m else "an element's "
         return f"{where}its value length does not fit that VR (not a whole number of values)"
     if isinstance(exc, RecursionError) or "Recursion limit" in str(exc):
-        return f"sequences are nested too deeply (at most {attrs.MAX_SEQUENCE_DEPTH} levels are accepted)"
+        return f"sequences are nested more than {attrs.MAX_SEQUENCE_DEPTH} levels deep (the most fedgate accepts)"
     if isinstance(exc, (EOFError, struct.error)):
         return "the file ends inside an element: it is truncated or an element's length is wrong"
     if isinstance(exc, MemoryError):

@@ -119,6 +119,17 @@ class BlobStore:
                 out.add(p.relative_to(self.root).as_posix())
         return out
 
+    @staticmethod
+    def remove_temp_files_of(root: Path, pid: int) -> int:
+        """Remove the temp files of a server process that is gone (its pid is in their names, see
+        :meth:`temp_path`): run by the supervising parent when a child exits (kill -9 included), so a
+        dead child's temp files do not wait for a parent restart. Files of live processes are not touched."""
+        removed = 0
+        for p in (root / "tmp").glob(f"*-{int(pid)}-*.part"):
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def reconcile(self, indexed: set[str]) -> tuple[int, set[str]]:
         """Remove temp files and files without an index row; returns (files removed, rows without a file)."""
         removed = 0
