@@ -14,6 +14,7 @@ so after any failure there is no row without its file and no file without its ro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -28,7 +29,16 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        #: why nothing can be stored (a read-only mount, no permission), or None: the store still serves reads
+        #: and STOW fails each instance with 0xA700 and this reason (checked at start; a store that becomes
+        #: read-only later fails the same way, part by part, on its first write)
+        self.unwritable: str | None = None
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.tmp, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            self.unwritable = os.strerror(exc.errno) if exc.errno else type(exc).__name__
         self._real_root = os.path.realpath(root)
         self._tmp_prefix = f"{secrets.token_hex(8)}-{os.getpid()}-"
         self._tmp_seq = itertools.count()
