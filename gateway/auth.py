@@ -128,7 +128,9 @@ class TokenVerifier:
                                     issuer=self.settings.jwt_issuer, options=opts)
             elif alg in ("RS256", "ES256") and self._jwks is not None:
                 kid = header.get("kid")
-                key = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
+                kty = "RSA" if alg == "RS256" else "EC"  # a key of the other family cannot verify it (was a 500)
+                key = next((k for k in self._jwks.keys if (kid is None or k.key_id == kid)
+                            and getattr(k, "key_type", kty) == kty), None)
                 if key is None:
                     raise Unauthorized("bearer token signed by an unknown key")
                 claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience,
@@ -148,6 +150,8 @@ class TokenVerifier:
         except jwt.InvalidAudienceError:
             raise Unauthorized("bearer token audience is not this gateway") from None
         except jwt.PyJWTError as exc:
+            raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # key material the algorithm cannot use
             raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
         roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
         read_only = False

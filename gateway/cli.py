@@ -164,6 +164,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_dicom_conflicts(args: argparse.Namespace) -> int:
+    from gateway.dicom_cli import cmd_conflicts as run
+
+    return run(args, _settings(args))
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     from gateway.reindex_cli import cmd_reindex as run
 
@@ -192,6 +198,12 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     from gateway.inference_cli import cmd_list
 
     return cmd_list(args, _settings(args))
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from gateway.vocab_cli import cmd_vocab as run
+
+    return run(args, _settings(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # (the default now: kept for old scripts)
     p.set_defaults(func=cmd_import)
 
+    p = sub.add_parser("dicom-conflicts", help="list DICOM studies holding instances of several patients "
+                                               "(admin: a PACS merge error or a reused StudyInstanceUID)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any study is conflicting")
+    p.set_defaults(func=cmd_dicom_conflicts)
+
     p = sub.add_parser("reindex", help="rebuild the FHIR search index and common model from the stored "
                                        "resources (after an upgrade that changes search parameters or mappings)")
     p.add_argument("--json", action="store_true", help="JSON output, no progress bar")
@@ -302,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="JSON output")
     _common(m)
     m.set_defaults(func=cmd_model_list)
+
+    from gateway.vocab_cli import add_parser as add_vocab_parser
+
+    add_vocab_parser(sub, _common, cmd_vocab)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

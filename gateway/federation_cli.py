@@ -66,8 +66,7 @@ def render_table(ans: dict, out=sys.stdout) -> None:
     w(f"{'TOTAL':<14}{'partial' if ans.get('partial') else 'complete':<10}{_fmt(ans.get('count')):>10}"
       f"{ans.get('elapsed_ms', 0):>9.0f}\n")
     consent = ans.get("consent") or {}
-    w(f"\nconsent: matching the criteria {_fmt(consent.get('matching'))}, eligible for this purpose "
-      f"{_fmt(consent.get('eligible'))}\n")
+    w(f"\nconsent: eligible for this purpose {_fmt(consent.get('eligible'))} (only these patients are counted)\n")
     for name, cells in (ans.get("breakdowns") or {}).items():
         w(f"\n{name}:\n")
         for cat, v in cells.items():
@@ -204,9 +203,10 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     from gateway import keys
     from gateway.app import create_app
     from gateway.services.federation import FederationConfig, hub_private_key, public_pem
-    from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load
+    from gateway.services.federation_synth import DEMO_SITES, generate, load
     from gateway.store.db import Database
     from gateway.store.migrate import migrate
+    from gateway.vocab_cli import load_demo
 
     root.mkdir(parents=True, exist_ok=True)
     hub_settings = load_settings(env={}, overrides={
@@ -229,6 +229,7 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
             try:
                 await migrate(db)
                 await load(db, await asyncio.to_thread(generate, profile, patients, 1))
+                await load_demo(db)  # the code hierarchies (SNOMED, MONDO, ...) every site serves from
             finally:
                 await db.dispose()
             marker.write_text(json.dumps({"site": profile.name, "patients": patients}))
@@ -240,7 +241,6 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     runners = []
     for s in [*sites, hub_settings]:
         app = create_app(s)
-        app[keys.SERVICES]["code_expander"] = expand_codes
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, s.port).start()

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from gateway.services.fhir import FhirService
     from gateway.settings import Settings
     from gateway.store.db import Database
+    from gateway.store.access import AccessLayer
 
 SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
 DB: web.AppKey["Database"] = web.AppKey("db")
@@ -20,6 +21,9 @@ VERIFIER: web.AppKey["TokenVerifier"] = web.AppKey("verifier")
 GATE: web.AppKey["Gate"] = web.AppKey("gate")
 AUDIT: web.AppKey["AuditSink"] = web.AppKey("audit")
 FHIR: web.AppKey["FhirService"] = web.AppKey("fhir")
+#: The one access layer (gateway.store.access.AccessLayer): every read of patient data gets its query
+#: builder from it (issue #19).  Built in the store context, after the gate may have been replaced.
+ACCESS: web.AppKey["AccessLayer"] = web.AppKey("access")
 #: path prefix → renderer(request, GatewayError) → Response; the error middleware picks the longest match.
 ERROR_RENDERERS: web.AppKey[dict[str, Callable[..., web.StreamResponse]]] = web.AppKey("error_renderers")
 #: Route names that need no authentication (everything else is gated; a test walks the router).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import secrets
@@ -21,7 +22,8 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.edge import FORWARDED, PREFIX
+from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.middlewares import requester_of
 from gateway.services.dicomweb import (HEADER_READ, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part,
                                        check_study_uid)
@@ -30,10 +32,13 @@ from mappings.dicom import negotiate
 from mappings.dicom import pixels
 from mappings.dicom.qido import QidoError, QidoQuery
 
+log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED = {IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.2"}
+UNCOMPRESSED = set(pixels.UNCOMPRESSED)  # explicit/implicit VR little endian, big endian, deflate
+#: stored bytes of the instances transcoded before a WADO response starts (see _retrieve)
+TRANSCODE_AHEAD = 64 * 1024 * 1024
 CHUNK = 256 * 1024
 #: bytes of a STOW part collected before a thread writes them (see _PartWriter)
 WRITE_BATCH = 1024 * 1024
@@ -62,12 +67,12 @@ def base_url(request: web.Request) -> str:
     if configured:
         return configured.rstrip("/") + "/dicomweb"
     host = request.host
-    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None:
+    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None and not request.get(FORWARDED):
         # some clients (dicomweb-client) send Host without the port: use the port we were reached on
         sock = request.transport.get_extra_info("sockname")
         if sock and sock[1] not in (80, 443):
             host = f"{host}:{sock[1]}"
-    return f"{request.scheme}://{host}/dicomweb"
+    return f"{request.scheme}://{host}{request.get(PREFIX, '')}/dicomweb"
 
 
 # ------------------------------------------------------------------------------------------- STOW-RS
@@ -487,10 +492,13 @@ async def _search(request: web.Request, level: str) -> web.Response:
                             series_uid=series)
     except QidoError as exc:
         raise BadRequest(str(exc), expression=[exc.param]) from None
-    results, total = await _svc(request).search(requester_of(request), level, q)
+    notes: list[str] = []  # (admins: conflicting studies among the results, issue #19)
+    results, total = await _svc(request).search(requester_of(request), level, q, notes)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
-        headers["Warning"] = f'299 fedgate "{total - q.offset - len(results)} more results; use offset"'
+        notes.insert(0, f"{total - q.offset - len(results)} more results; use offset")
+    if notes:
+        headers["Warning"] = ", ".join(f'299 fedgate "{n}"' for n in notes)
     return web.Response(body=orjson.dumps(results), content_type=DICOM_JSON, headers=headers)
 
 
@@ -557,21 +565,51 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
         return web.Response(body=body, headers={"Content-Type": _media_with_ts(negotiate.DICOM, target or row["transfer_syntax"])})
     if request.method != "HEAD" and all(t is None for t in plan):
         return await _retrieve_as_stored(request, svc, rows)
+    # transcoding is decided before the response starts: the instances to transcode (up to TRANSCODE_AHEAD
+    # stored bytes) are transcoded first, so one that cannot be answers 406 instead of breaking a started 200
+    ready: dict[int, bytes] = {}
+    ahead = 0
+    for i, (row, target) in enumerate(zip(rows, plan)):
+        if target is None or request.method == "HEAD":
+            continue
+        if ahead >= TRANSCODE_AHEAD:
+            break
+        ready[i] = await _transcoded(svc, row, target)
+        ahead += int(row.get("size") or 0)
     resp, boundary = await _multipart(request, "application/dicom")
-    for row, target in zip(rows, plan):
-        path = svc.blob_path(row)
-        ts = target or row["transfer_syntax"]
-        await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
-        if target is None:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    await resp.write(chunk)
-        else:
-            await resp.write(await asyncio.to_thread(pixels.transcode, path, target))
-        await resp.write(b"\r\n")
+    try:
+        for i, (row, target) in enumerate(zip(rows, plan)):
+            path = svc.blob_path(row)
+            ts = target or row["transfer_syntax"]
+            await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
+            if target is None:
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        await resp.write(chunk)
+            else:
+                await resp.write(ready.pop(i, None) or await _transcoded(svc, row, target))
+            await resp.write(b"\r\n")
+    except (GatewayError, OSError) as exc:  # past the status line: end the connection, never a 500 inside a 200
+        log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
+        resp.force_close()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
     await resp.write(f"--{boundary}--\r\n".encode())
     await resp.write_eof()
     return resp
+
+
+async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
+    """One instance transcoded (worker thread); an instance that cannot be → 406 with the reason."""
+    try:
+        return await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target)
+    except pixels.PixelError as exc:
+        raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — a stored file pydicom cannot re-encode
+        log.warning("transcode failed", extra={"error_type": type(exc).__name__})
+        raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target} (ask for "
+                            "transfer-syntax=* to get it as stored)") from None
 
 
 async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: list[dict]) -> web.StreamResponse:
@@ -673,6 +711,9 @@ async def frames(request: web.Request) -> web.StreamResponse:
         want, media, ts, data = await asyncio.to_thread(pixels.frames_as, svc.blob_path(row), nums, wants)
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
+    except Exception as exc:  # noqa: BLE001 — a stored file whose pixel data pydicom cannot read: 406
+        log.warning("frames failed", extra={"error_type": type(exc).__name__})
+        raise NotAcceptable("the instance's pixel data cannot be split into frames") from None
     return await _send_parts(request, media, ts, data, want.multipart)
 
 

@@ -7,6 +7,7 @@ renders the result; every error is an OperationOutcome with the matching status 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from email.utils import format_datetime
 from urllib.parse import urlencode
@@ -15,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
+from gateway.edge import public_base
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from gateway.ids import new_id
 from gateway.middlewares import requester_of
@@ -28,7 +30,25 @@ TYPE_RE = r"[A-Z][A-Za-z]+"
 ID_RE = r"[A-Za-z0-9\-.]{1,64}"
 
 
+_BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)(/_history(/[^/]*)?)?/?")
+
+
+#: the FHIR operations this server implements (docs/fhir.md); any other ``$name`` answers 400 not-supported
+SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand"
+
+
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
+    if exc.status in (404, 405) and request.match_info.route.resource is None:
+        op = next((seg for seg in request.path.split("/") if seg.startswith("$")), None)
+        m = _BAD_ID_PATH.fullmatch(request.path)
+        if op is not None:  # an operation no route implements: say so, like the same entry in a Bundle
+            shown = op if len(op) <= 40 else op[:40] + "..."
+            exc = GatewayError(f"FHIR operation {shown!r} is not supported here (this server implements "
+                               f"{SUPPORTED_OPERATIONS})", status=400, issue_code="not-supported")
+        elif m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
+            shown = m.group(1) if len(m.group(1)) <= 80 else m.group(1)[:80] + "..."
+            exc = BadRequest(f"{shown!r} ({len(m.group(1)):,} characters) is not a FHIR id "
+                             "([A-Za-z0-9-.]{1,64})", expression=["id"])
     issue = {"severity": "error" if exc.status < 500 else "fatal", "code": exc.issue_code, "diagnostics": exc.message}
     if exc.expression:
         issue["expression"] = exc.expression
@@ -49,7 +69,7 @@ def base_url(request: web.Request) -> str:
     configured = request.app[keys.SETTINGS].base_url
     if configured:
         return configured.rstrip("/") + "/fhir"
-    return f"{request.scheme}://{request.host}/fhir"
+    return public_base(request) + "/fhir"
 
 
 def check_accept(request: web.Request) -> None:

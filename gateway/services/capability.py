@@ -18,6 +18,10 @@ OTHER_TYPES = (
 )
 
 
+#: FHIR terminology operations served from the vocabulary store (gateway/handlers/terminology.py).
+TERMINOLOGY_OPS = {"CodeSystem": ("lookup", "subsumes"), "ValueSet": ("expand",)}
+
+
 def _params(params) -> list[dict[str, Any]]:
     out = [{"name": n, "type": "token" if n == "_id" else "date" if n == "_lastUpdated" else sp.type}
            for n, sp in COMMON_PARAMS.items()]
@@ -60,6 +64,14 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
                if rtype == "Patient" else {}),
         })
+    # terminology operations over the vocabulary store (docs/vocab.md)
+    for rtype, ops in TERMINOLOGY_OPS.items():
+        entry = next((r for r in resources if r["type"] == rtype), None)
+        if entry is None:
+            entry = {"type": rtype}
+            resources.append(entry)
+        entry["operation"] = [{"name": n, "definition": f"http://hl7.org/fhir/OperationDefinition/{rtype}-{n}"}
+                              for n in ops]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -77,11 +89,12 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                 "FHIR R4 over JSON. DICOMweb (PS3.18) is served at ../dicomweb (STOW-RS, QIDO-RS, WADO-RS). "
                 "Conditional update/delete are supported inside transaction Bundles. Search: strict handling "
                 "(unknown parameters → 400) unless Prefer: handling=lenient; modifiers :missing (all types), "
-                ":not (token), :exact/:contains (string); _sort, _count, _include, _revinclude, _summary=count, "
+                ":not, :below, :above (token; subsumption through the loaded vocabularies), :exact/:contains (string); "
+                "CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand for the loaded code systems; _sort, _count, _include, _revinclude, _summary=count, "
                 "_total. Bearer JWT required on every interaction except metadata."
             ),
             "security": {
-                "cors": False,
+                "cors": bool(settings.cors_origin_list),
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                          "code": "OAuth", "display": "OAuth"}]},
                             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",

@@ -16,8 +16,10 @@ import orjson
 
 from gateway.context import Requester
 from gateway.ids import new_id
-from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable, GatewayError, Conflict
-from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
+from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, Gone, NotFound, PreconditionFailed,
+                            Unprocessable)
+from gateway.services.access import AccessRecord, Action, AuditSink, Gate, Interaction, Outcome, require_write
+from gateway.store.access import Access, AccessLayer
 from gateway.store import fhir_repo as repo
 from gateway.store.db import Database
 from gateway.store.scope import AccessScope
@@ -25,7 +27,7 @@ from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import ID_RE
 from mappings.fhir.compartment import PATIENT_COMPARTMENT
 from mappings.fhir.jsonpatch import PatchError, apply_patch
-from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -61,9 +63,11 @@ class WriteOutcome:
 class FhirService:
     def __init__(
         self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000,
-        validator: ModelValidator | None = None,
+        validator: ModelValidator | None = None, access: AccessLayer | None = None,
     ) -> None:
         self.db = db
+        #: the one access layer (issue #19): every read below gets its query builder from it
+        self.access = access or AccessLayer(db, gate, audit)
         self.validator = validator or ModelValidator(0)
         self.gate = gate
         self.audit = audit
@@ -98,53 +102,71 @@ class FhirService:
             raise BadRequest(str(exc), expression=[exc.param]) from None
 
     # -- read ----------------------------------------------------------------------------------
-    async def read(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored:
+    # Every read goes through the access layer (gateway.store.access, issue #19): the requester's Access
+    # (the gate's scope) builds the query.  For a research (restricted) scope a deleted resource, and
+    # every version of it, answers 404 exactly like one that never existed (no 410, no version leak);
+    # treatment and site scopes keep FHIR's 410 Gone.
+
+    async def open(self, requester: Requester) -> Access:
+        return await self.access.open(requester)
+
+    async def read(self, requester: Requester, res_type: str, res_id: str, *, access: Access | None = None,
+                   conn=None) -> repo.Stored:
         self.check_type(res_type)
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
-            cur = await repo.get_current(conn, res_type, res_id)
-            visible = cur is not None and (
-                scope.unrestricted or cur.patient_id is None
-                or await self._patient_visible(conn, cur.patient_id, scope)
-            )
-        if cur is None or not visible:
-            await self._audit(requester, "R", "read", "4", scope=scope, detail="not found or not permitted")
+        access = access or await self.open(requester)
+        if conn is None:
+            async with access.read() as c:
+                cur = await repo.get_visible(c, access.scope, res_type, res_id)
+        else:
+            cur = await repo.get_visible(conn, access.scope, res_type, res_id)
+        ref = (f"{res_type}/{res_id}",)
+        if cur is None or (cur.deleted and access.restricted):
+            await access.record(Action.READ, Interaction.READ, Outcome.MINOR_FAILURE, resources=ref,
+                                detail="not found or not permitted")
             raise NotFound(f"{res_type}/{res_id} is not known")
         if cur.deleted:
+            await access.record(Action.READ, Interaction.READ, Outcome.MINOR_FAILURE, resources=ref, detail="deleted")
             raise Gone(f"{res_type}/{res_id} was deleted", headers={"ETag": cur.etag})
-        await self._audit(requester, "R", "read", "0", [cur], scope)
+        await access.record(Action.READ, Interaction.READ, Outcome.SUCCESS, resources=ref, patients=(cur.patient_id,))
         return cur
 
-    async def vread(self, requester: Requester, res_type: str, res_id: str, version: str) -> repo.Stored:
+    async def vread(self, requester: Requester, res_type: str, res_id: str, version: str, *,
+                    access: Access | None = None, conn=None) -> repo.Stored:
         self.check_type(res_type)
-        if not version.isdigit():
-            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
-            st = await repo.get_version(conn, res_type, res_id, int(version))
-            if st is not None and not scope.unrestricted:
-                cur = await repo.get_current(conn, res_type, res_id)
-                pid = cur.patient_id if cur else st.patient_id
-                if pid is not None and not await self._patient_visible(conn, pid, scope):
-                    st = None
-        if st is None:
+        access = access or await self.open(requester)
+        ref = (f"{res_type}/{res_id}",)
+        st = None
+        if version_number(version) is not None:  # not digits, or beyond 64 bits: never a stored version
+            scope = access.scope if access.restricted else None
+            if conn is None:
+                async with access.read() as c:
+                    st = await repo.get_version(c, res_type, res_id, int(version), scope)
+            else:
+                st = await repo.get_version(conn, res_type, res_id, int(version), scope)
+        if st is None or (st.deleted and access.restricted):
+            await access.record(Action.READ, Interaction.VREAD, Outcome.MINOR_FAILURE, resources=ref,
+                                detail="not found or not permitted")
             raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
         if st.deleted:
+            await access.record(Action.READ, Interaction.VREAD, Outcome.MINOR_FAILURE, resources=ref, detail="deleted")
             raise Gone(f"{res_type}/{res_id}/_history/{version} is a deletion", headers={"ETag": st.etag})
-        await self._audit(requester, "R", "vread", "0", [st], scope)
+        await access.record(Action.READ, Interaction.VREAD, Outcome.SUCCESS, resources=ref, patients=(st.patient_id,))
         return st
 
-    async def _patient_visible(self, conn, patient_id: str, scope: AccessScope) -> bool:
-        return bool(await repo.get_many(conn, [("Patient", patient_id)], scope))
-
     # -- search & history ------------------------------------------------------------------------
-    async def search(self, requester: Requester, q: SearchQuery) -> repo.SearchResult:
+    async def search(self, requester: Requester, q: SearchQuery, *, access: Access | None = None,
+                     conn=None) -> repo.SearchResult:
         self.check_type(q.res_type)
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
-            result = await repo.search(conn, q, scope)
-        await self._audit(requester, "E", "search-type", "0", result.matches + result.included, scope,
-                          detail=q.res_type)
+        access = access or await self.open(requester)
+        if conn is None:
+            async with access.read() as c:
+                result = await repo.search(c, q, access.scope)
+        else:
+            result = await repo.search(conn, q, access.scope)
+        items = result.matches + result.included
+        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in items],
+                            patients=[s.patient_id for s in items], detail=q.res_type)
         return result
 
     async def compartment_search(self, requester: Requester, patient_id: str, q: SearchQuery) -> repo.SearchResult:
@@ -211,9 +233,13 @@ class FhirService:
         for k, v in pairs:
             try:
                 if k == "_count":
-                    count = min(max(int(v), 0), self.max_count)
+                    if int(v) < 0:
+                        raise BadRequest("history parameter '_count': must be ≥ 0", expression=[k])
+                    count = min(int(v), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
+                    if offset > MAX_OFFSET:
+                        raise BadRequest(f"history parameter '_offset': must be at most {MAX_OFFSET}", expression=[k])
                 elif k == "_since":
                     since = parse_range(v)[0]
                 elif k in ("_format", "_pretty"):
@@ -224,16 +250,18 @@ class FhirService:
                 if isinstance(exc, BadRequest):
                     raise
                 raise BadRequest(f"history parameter {k!r}: {exc}", expression=[k]) from None
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
+        access = await self.open(requester)
+        async with access.read() as conn:
             if res_id:
-                cur = await repo.get_current(conn, res_type, res_id)
-                if cur is None or (cur.patient_id and not scope.unrestricted
-                                   and not await self._patient_visible(conn, cur.patient_id, scope)):
+                cur = await repo.get_visible(conn, access.scope, res_type, res_id)
+                if cur is None or (cur.deleted and access.restricted):
+                    await access.record(Action.READ, Interaction.HISTORY, Outcome.MINOR_FAILURE,
+                                        resources=(f"{res_type}/{res_id}",), detail="not found or not permitted")
                     raise NotFound(f"{res_type}/{res_id} is not known")
-            rows, total = await repo.history(conn, scope, res_type=res_type, res_id=res_id, since=since,
+            rows, total = await repo.history(conn, access.scope, res_type=res_type, res_id=res_id, since=since,
                                              count=count, offset=offset)
-        await self._audit(requester, "R", "history", "0", rows, scope)
+        await access.record(Action.READ, Interaction.HISTORY, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in rows], patients=[s.patient_id for s in rows])
         return rows, total, count, offset
 
     # -- write ---------------------------------------------------------------------------------
@@ -241,6 +269,8 @@ class FhirService:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
+        if if_none_exist:  # conditional create: the criteria are searched, so the requester's access counts
+            await self.conditional_allowed(await self.open(requester), "If-None-Exist")
         async with self.db.write() as conn:
             if if_none_exist:
                 found = await self._conditional_match(conn, res_type, if_none_exist, "If-None-Exist")
@@ -315,6 +345,17 @@ class FhirService:
         except InvalidResource as exc:
             raise invalid_error(exc) from None
 
+    async def conditional_allowed(self, access: Access, what: str) -> None:
+        """Conditional operations (If-None-Exist, conditional update/delete/references) match the criteria
+        over *every* resource, and their outcome (created or not, which id) would tell a research scope
+        about resources it may not see (issue #19, leak 6): they need an unrestricted (treatment or site)
+        purpose.  Refused, audited, whatever the criteria match — no existence oracle."""
+        if access.restricted:
+            await access.record(Action.CREATE, Interaction.CREATE, Outcome.MINOR_FAILURE,
+                                detail=f"conditional operation ({what}) refused for a research purpose")
+            raise Forbidden(f"{what}: conditional operations need a treatment purpose (a research purpose may "
+                            "not search resources it is not permitted to see)")
+
     async def _conditional_match(self, conn, res_type: str, query: str, what: str,
                                  lock: bool = True) -> repo.Stored | None:
         pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
@@ -361,6 +402,7 @@ class FhirService:
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)
+        plan.access = await self.open(requester)  # GET entries and conditional operations: the requester's access
         plan.prepare(check_models=False)  # envelopes, ids, fullUrls (cheap)
         await plan.check_models(self.validator)  # the expensive model validation, off the event loop
         async with self.db.write() as conn:

@@ -8,7 +8,8 @@ The rows match the tables of ``gateway/store/dicom_schema.py``; the metadata JSO
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import re
+from typing import Any, Iterable
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement
@@ -23,6 +24,11 @@ BULK_THRESHOLD = 1024
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+#: sequences nested deeper than this are refused at STOW: nothing fedgate serves (DICOM JSON, rendering,
+#: transcoding) must recurse without bound, and real instances stay far below (SR trees: ~10 levels)
+MAX_SEQUENCE_DEPTH = 32
+
+_UID_COMPONENT = re.compile(r"0|[1-9][0-9]*")
 
 
 class InvalidInstance(ValueError):
@@ -77,12 +83,48 @@ def dicom_patient_key(patient_id: str | None, issuer: str | None) -> str:
     return f"dicom-{h}"
 
 
+def uid_problem(value: str) -> str | None:
+    """Why ``value`` is not a UID per DICOM PS3.5 §9.1 (None when it is one): at most 64 characters,
+    components of digits separated by single periods, no component starting with 0 unless it is "0".
+    Every UID that fedgate uses in a storage path or an index is checked with this on ingest, so no
+    attribute value can change a path's meaning (".", "..", "/", NUL are not UIDs)."""
+    if len(value) > 64:
+        return f"is {len(value)} characters long; a UID has at most 64"
+    for component in value.split("."):
+        if not component:
+            return "has an empty component (a UID is digits separated by single periods)"
+        if not component.isascii() or not component.isdigit():
+            return "holds characters other than digits and periods"
+        if not _UID_COMPONENT.fullmatch(component):
+            return f"has a component with a leading zero ({component[:16]!r})"
+    return None
+
+
+def check_uid(keyword: str, value: str | None) -> None:
+    if not value:
+        raise InvalidInstance(f"{keyword} is missing")
+    why = uid_problem(value)
+    if why is not None:
+        raise InvalidInstance(f"{keyword} is not a valid DICOM UID (PS3.5 §9.1): it {why}")
+
+
 def check_instance(ds: Dataset) -> None:
     for kw in REQUIRED:
-        if not _s(ds, kw):
-            raise InvalidInstance(f"{kw} is missing")
-        if kw.endswith("UID") and len(_s(ds, kw)) > 64:
-            raise InvalidInstance(f"{kw} is longer than 64 characters")
+        check_uid(kw, _s(ds, kw))
+
+
+def sequence_depth(meta: dict[str, Any]) -> int:
+    """How deep sequences nest in a DICOM JSON data set (0: no sequence), without recursion."""
+    deepest, todo = 0, [(meta, 0)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SEQUENCE_DEPTH:
+            break
+        for attr in node.values():
+            if isinstance(attr, dict) and attr.get("vr") == "SQ":
+                todo.extend((item, depth + 1) for item in attr.get("Value") or () if isinstance(item, dict))
+    return deepest
 
 
 class MetaView:
@@ -163,6 +205,27 @@ def index_rows(ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_sy
         "blob_path": blob_path, "size": size, "stored_ts": now,
     }
     return study, series, instance
+
+
+#: control characters no indexed DICOM string may hold (PS3.5 §6.1.2.3: ESC for ISO 2022 code extensions,
+#: and TAB/LF/CR of the text VRs are the only ones); NUL padding at the end is stripped before this check
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f]")
+_COLUMN_KEYWORDS = {"dicom_patient_id": "PatientID", "patient_name": "PatientName",
+                    "referring_physician": "ReferringPhysicianName", "study_description": "StudyDescription",
+                    "series_description": "SeriesDescription", "accession_number": "AccessionNumber"}
+
+
+def control_character(rows: Iterable[dict], content: Iterable[Iterable[dict]] = ()) -> str | None:
+    """A reason naming the first index value (or SR/SEG content value) holding a control character such as
+    NUL, else None. Such a part is refused on both engines alike (PostgreSQL cannot store U+0000 in text;
+    issue 20, docs/dicomweb.md "Control characters")."""
+    for row in [*rows, *(r for group in content for r in group)]:
+        for col, value in row.items():
+            if isinstance(value, str) and (m := CONTROL_RE.search(value)):
+                name = _COLUMN_KEYWORDS.get(col, col)
+                char = "NUL" if m.group(0) == "\x00" else f"U+{ord(m.group(0)):04X}"
+                return f"{name} contains the control character {char}, which no DICOM string value may hold"
+    return None
 
 
 def bulk_handler(elem: DataElement) -> str:
