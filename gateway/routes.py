@@ -23,6 +23,9 @@ ROUTE_ACCESS: dict[str, str] = {
     # health & metadata
     "healthz": PUBLIC, "readyz": PUBLIC, "openapi": PUBLIC, "fhir.metadata": PUBLIC,
     "metrics": PUBLIC,  # aggregate counters only
+    # OHIF viewer: the static app and its login page (data comes through the gated DICOMweb routes)
+    "viewer": PUBLIC, "viewer-files": PUBLIC, "viewer-config": PUBLIC, "viewer-login": PUBLIC,
+    "viewer-dev-token": SELF_AUTH,  # checks the login itself, issues a token
     "fhir.smart_configuration": PUBLIC, "smart_configuration": PUBLIC,
     # terminology operations (vocabularies, no patient data)
     **{f"fhir.{op}{post}": NO_PATIENT_DATA for op in ("codesystem_lookup", "codesystem_subsumes", "valueset_expand")
