@@ -126,24 +126,13 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _conflicts(settings: Settings) -> list[dict]:
     from gateway.store import dicom_views, open_database
-    from gateway.store.dicom_schema import dcm_study_part
 
     db = await open_database(settings)
     try:
         async with db.read() as conn:
-            rows = (await conn.execute(dicom_views.list_conflicts_stmt())).all()
-            parts = (await conn.execute(
-                dcm_study_part.select().with_only_columns(dcm_study_part.c.study_uid, dcm_study_part.c.patient_id,
-                                                          dcm_study_part.c.num_series, dcm_study_part.c.num_instances)
-                .order_by(dcm_study_part.c.study_uid, dcm_study_part.c.patient_id))).all()
+            return await dicom_views.list_conflicts(conn)
     finally:
         await db.dispose()
-    by_study: dict[str, list[dict]] = {}
-    for p in parts:
-        by_study.setdefault(p.study_uid, []).append(
-            {"patient": p.patient_id, "series": p.num_series, "instances": p.num_instances})
-    return [{"study_uid": r.study_uid, "patients": r.patients, "instances": int(r.instances or 0),
-             "parts": by_study.get(r.study_uid, [])} for r in rows]
 
 
 def cmd_conflicts(args: argparse.Namespace, settings: Settings) -> int:

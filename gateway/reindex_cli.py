@@ -3,7 +3,8 @@
 Updates write only the index rows that differ from the previous version's (gateway.store.fhir_repo
 ``apply_writes``), trusting that the stored rows are what the current code derives.  After an upgrade
 that changes search parameters or the common-model mapping, run this once (the server may keep running:
-each batch is one write transaction that locks its resources).  Consent stamps are kept.
+each batch is one write transaction that locks its resources).  Then the patient links of every stored
+version are recomputed and the consent stamps restamped from them (issue #19; one write transaction).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ async def run(settings: Settings, progress: bool) -> dict:
 
     from gateway.store import open_database
     from gateway.store import schema as s
-    from gateway.store.fhir_repo import reindex
+    from gateway.store.fhir_repo import reindex, relink
 
     db = await open_database(settings)
     t0 = time.perf_counter()
@@ -43,6 +44,8 @@ async def run(settings: Settings, progress: bool) -> dict:
                     break
                 done += n
                 bar.update(n)
+        async with db.write() as conn:
+            await relink(conn)
     finally:
         await db.dispose()
     return {"resources": done, "seconds": round(time.perf_counter() - t0, 2)}

@@ -40,13 +40,13 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import func, select
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.services.access import AccessRecord
 from gateway.settings import Settings, SettingsError, secret_file
-from gateway.store.schema import cm_observation, cm_patient
+from gateway.store import cohort_reads
+from gateway.store.schema import cm_patient
 from gateway.store.scope import AccessScope
 from mappings.cohort import CohortError, compile_cohort, parse
 from mappings.cohort.compiler import Expander
@@ -441,14 +441,7 @@ class SiteService:
 
     async def _series(self, conn, req: CohortRequest, scope: AccessScope, ids: list[str]):
         """(patient, modality, manufacturer) of the eligible patients, by id chunks (the cohort SQL runs once)."""
-        from gateway.store.dicom_schema import dcm_series
-
-        out = []
-        for i in range(0, len(ids), ID_CHUNK):
-            stmt = (select(dcm_series.c.patient_id, func.upper(dcm_series.c.modality), dcm_series.c.manufacturer)
-                    .distinct().where(dcm_series.c.patient_id.in_(ids[i:i + ID_CHUNK])))
-            out.extend((await conn.execute(stmt)).all())
-        return out
+        return await cohort_reads.series_of(conn, scope, ids)
 
     async def _stat(self, conn, name: str, req: CohortRequest, scope: AccessScope, elig: Mapping[str, Any]) -> dict:
         values: dict[str, float] = {}
@@ -462,28 +455,8 @@ class SiteService:
                 if r.birth_date and r.birth_date[:4].isdigit():
                     values[pid] = float(r.birth_date[:4])
         else:
-            kind, _, arg = name.partition(":")
-            if name == "slice_thickness":
-                from gateway.store.dicom_schema import dcm_series as t
-
-                col, where = t.c.slice_thickness, []
-            elif kind == "observation":
-                t = cm_observation
-                system, _, code = arg.rpartition("|")
-                col, where = t.c.value_num, [t.c.code == code] + ([t.c.system == system] if system else [])
-            else:
-                from gateway.store.dicom_schema import dcm_sr_item as t
-
-                scheme, _, code = arg.rpartition(":")
-                col, where = t.c.num_value, [t.c.concept_code == code] + ([t.c.concept_scheme == scheme] if scheme else [])
-            ids = sorted(elig)
-            for i in range(0, len(ids), ID_CHUNK):
-                stmt = (select(t.c.patient_id, func.avg(col))
-                        .where(col.is_not(None), *where, t.c.patient_id.in_(ids[i:i + ID_CHUNK]))
-                        .group_by(t.c.patient_id))
-                for pid, v in (await conn.execute(stmt)).all():
-                    if pid in elig and v is not None:
-                        values[pid] = float(v)
+            values = {pid: v for pid, v in (await cohort_reads.mean_values(conn, scope, name, sorted(elig))).items()
+                      if pid in elig}
         return self._release_stat(name, values)
 
     def _release_stat(self, name: str, values: Mapping[str, float]) -> dict:

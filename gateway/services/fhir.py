@@ -79,10 +79,7 @@ class FhirService:
         if not known_type(res_type):
             raise NotFound(f"resource type {res_type!r} is not a FHIR R4 resource type")
 
-    async def _scope(self, requester: Requester) -> AccessScope:
-        return await self.gate.scope_for(requester)
-
-    async def _audit(self, requester: Requester, action: str, interaction: str, outcome: str,
+    async def _audit(self, requester: Requester, action: Action, interaction: Interaction, outcome: Outcome,
                      stored: Iterable[repo.Stored] = (), scope: AccessScope | None = None, detail: str = "") -> None:
         items = list(stored)
         await self.audit.record(
@@ -273,17 +270,20 @@ class FhirService:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
+        access = None
         if if_none_exist:  # conditional create: the criteria are searched, so the requester's access counts
-            await self.conditional_allowed(await self.open(requester), "If-None-Exist")
+            access = await self.open(requester)
+            await self.conditional_allowed(access, "If-None-Exist")
         async with self.db.write() as conn:
             if if_none_exist:
-                found = await self._conditional_match(conn, res_type, if_none_exist, "If-None-Exist")
+                found = await self._conditional_match(conn, access, res_type, if_none_exist, "If-None-Exist")
                 if found is not None:
-                    await self._audit(requester, "R", "create", "0", [found], detail="conditional: exists")
+                    await self._audit(requester, Action.READ, Interaction.CREATE, Outcome.SUCCESS, [found],
+                                      detail="conditional: exists")
                     return WriteOutcome(found, created=False, existing=True)
             res_id = new_id()
             [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, resource, None, "POST")])
-        await self._audit(requester, "C", "create", "0", [stored])
+        await self._audit(requester, Action.CREATE, Interaction.CREATE, Outcome.SUCCESS, [stored])
         return WriteOutcome(stored, created=True)
 
     async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
@@ -309,7 +309,8 @@ class FhirService:
             except repo.VersionConflict:
                 raise Conflict(f"{res_type}/{res_id} was changed concurrently; retry") from None
         created = prev is None or prev.deleted
-        await self._audit(requester, "C" if created else "U", "update", "0", [stored])
+        await self._audit(requester, Action.CREATE if created else Action.UPDATE, Interaction.UPDATE, Outcome.SUCCESS,
+                          [stored])
         return WriteOutcome(stored, created=created)
 
     async def patch(self, requester: Requester, res_type: str, res_id: str, ops: Any,
@@ -340,7 +341,7 @@ class FhirService:
             if prev is None or prev.deleted:
                 return None  # idempotent: deleting nothing succeeds (FHIR R4 §3.1.0.7.1)
             [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, None, prev, "DELETE")])
-        await self._audit(requester, "D", "delete", "0", [prev])
+        await self._audit(requester, Action.DELETE, Interaction.DELETE, Outcome.SUCCESS, [prev])
         return stored
 
     def _validated(self, body: Any, res_type: str) -> dict[str, Any]:
@@ -360,7 +361,7 @@ class FhirService:
             raise Forbidden(f"{what}: conditional operations need a treatment purpose (a research purpose may "
                             "not search resources it is not permitted to see)")
 
-    async def _conditional_match(self, conn, res_type: str, query: str, what: str,
+    async def _conditional_match(self, conn, access: Access, res_type: str, query: str, what: str,
                                  lock: bool = True) -> repo.Stored | None:
         pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not pairs:
@@ -369,7 +370,7 @@ class FhirService:
         if lock:  # vs. the same condition in another process (conditional create/update/delete)
             await repo.lock_conditions(conn, [(res_type, query)])
         q.count, q.total = 2, "none"
-        result = await repo.search(conn, q, AccessScope())
+        result = await repo.search(conn, q, access.scope)  # (unrestricted: conditional_allowed passed)
         if len(result.matches) > 1:
             raise PreconditionFailed(f"{what}: criteria match more than one {res_type}")
         return result.matches[0] if result.matches else None
@@ -412,5 +413,5 @@ class FhirService:
         async with self.db.write() as conn:
             response = await plan.execute(conn)
         self.db.note_writes(len(plan.stored))
-        await self._audit(requester, "C", "transaction", "0", plan.stored)
+        await self._audit(requester, Action.CREATE, Interaction.TRANSACTION, Outcome.SUCCESS, plan.stored)
         return response

@@ -189,7 +189,7 @@ class TransactionPlan:
         for e in self.entries:
             if e.method == "POST" and e.if_none_exist:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.if_none_exist, "ifNoneExist", lock=False)
+                    found = await svc._conditional_match(conn, self.access, e.res_type, e.if_none_exist, "ifNoneExist", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -200,7 +200,7 @@ class TransactionPlan:
         for e in self.entries:
             if e.method in ("PUT", "DELETE") and e.res_id is None:
                 try:
-                    found = await svc._conditional_match(conn, e.res_type, e.query or "", "conditional url", lock=False)
+                    found = await svc._conditional_match(conn, self.access, e.res_type, e.query or "", "conditional url", lock=False)
                 except GatewayError as exc:
                     raise _entry_error(e.index, exc) from None
                 if found is not None:
@@ -234,7 +234,7 @@ class TransactionPlan:
                 if ref not in cond_cache:
                     rtype, _, query = ref.partition("?")
                     try:
-                        found = await svc._conditional_match(conn, rtype, query, "conditional reference", lock=False)
+                        found = await svc._conditional_match(conn, self.access, rtype, query, "conditional reference", lock=False)
                     except GatewayError as exc:
                         raise _entry_error(e.index, exc) from None
                     if found is None:

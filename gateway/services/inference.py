@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from gateway.context import SYSTEM, Purpose, Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound, Unprocessable
 from gateway.services.access import AccessRecord, AuditSink, Gate
+from gateway.store.access import where as gated_where
 from gateway.store.db import Database
 from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.jobs_schema import inf_job, inf_model_card
@@ -185,12 +186,12 @@ class InferenceService:
                           ("series", series, False)):
             if (v is None and req) or (v is not None and (not isinstance(v, str) or not v or len(v) > 64)):
                 raise BadRequest(f"{f}: expected a non-empty string")
+        scope = await self.gate.scope_for(requester)  # the gate first: no read before its decision
         async with self.db.read() as conn:
             card = await self._card(conn, name, version)
         self._check_purpose(requester, card)
-        scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
-            q = select(dcm_series).where(dcm_series.c.study_uid == study, scope.patient_clause(dcm_series.c.patient_id))
+            q = select(dcm_series).where(dcm_series.c.study_uid == study, gated_where(scope, dcm_series))
             if series:
                 q = q.where(dcm_series.c.series_uid == series)
             rows = [dict(r) for r in (await conn.execute(q)).mappings().all()]
@@ -223,15 +224,15 @@ class InferenceService:
             root = parse(cohort, "$.cohort")
         except CohortError as exc:
             raise BadRequest(str(exc), expression=[exc.field]) from None
+        scope = await self.gate.scope_for(requester)  # the gate first: no read before its decision
         async with self.db.read() as conn:
             card = await self._card(conn, name, version)
         self._check_purpose(requester, card)
-        scope = await self.gate.scope_for(requester)
         patients = compile_cohort(root, scope).subquery()
         async with self.db.read() as conn:
             rows = [dict(r) for r in (await conn.execute(select(dcm_series).where(
                 dcm_series.c.patient_id.in_(select(patients.c.patient_id)),
-                scope.patient_clause(dcm_series.c.patient_id)).order_by(dcm_series.c.series_uid)
+                gated_where(scope, dcm_series)).order_by(dcm_series.c.series_uid)
                 .limit(MAX_COHORT_SERIES + 1))).mappings().all()]
             sops = await self._sop_classes(conn, [r["series_uid"] for r in rows])
         if len(rows) > MAX_COHORT_SERIES:
@@ -289,11 +290,28 @@ class InferenceService:
         return job_view(row), True
 
     async def job(self, requester: Requester, job_id: str) -> dict:
+        scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
             row = (await conn.execute(select(inf_job).where(inf_job.c.job_id == job_id))).first()
-        if row is None or not self._may_see(requester, row):
+            visible = await self._visible_series(conn, scope, [row] if row is not None else [])
+        if row is None or not self._may_see(requester, row) or row.series_uid not in visible:
             raise NotFound(f"job {job_id} not found")
         return job_view(row)
+
+    @staticmethod
+    async def _visible_series(conn, scope, rows) -> set[str]:
+        """The jobs' series with an instance the scope may see (issue #19: a job's results are its series'
+        patient data — a research scope sees the jobs of permitted patients' series only)."""
+        uids = sorted({r.series_uid for r in rows})
+        if not uids:
+            return set()
+        if scope.unrestricted:
+            return set(uids)
+        out: set[str] = set()
+        for i in range(0, len(uids), 500):
+            out |= set((await conn.execute(select(dcm_instance.c.series_uid).distinct().where(
+                dcm_instance.c.series_uid.in_(uids[i:i + 500]), gated_where(scope, dcm_instance)))).scalars())
+        return out
 
     async def jobs(self, requester: Requester, state: str | None = None, study: str | None = None,
                    limit: int = 100) -> list[dict]:
@@ -304,9 +322,11 @@ class InferenceService:
             q = q.where(inf_job.c.state == state)
         if study:
             q = q.where(inf_job.c.study_uid == study)
+        scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
             rows = (await conn.execute(q)).all()
-        return [job_view(r) for r in rows if self._may_see(requester, r)]
+            visible = await self._visible_series(conn, scope, rows)
+        return [job_view(r) for r in rows if self._may_see(requester, r) and r.series_uid in visible]
 
     @staticmethod
     def _may_see(requester: Requester, row) -> bool:
@@ -424,7 +444,7 @@ class InferenceService:
         scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
             inst = (await conn.execute(select(dcm_instance).where(
-                dcm_instance.c.series_uid == row.series_uid, scope.patient_clause(dcm_instance.c.patient_id))
+                dcm_instance.c.series_uid == row.series_uid, gated_where(scope, dcm_instance))
                 .order_by(dcm_instance.c.instance_number, dcm_instance.c.sop_uid))).mappings().all()
         if card.selector.sop_class:
             inst = [i for i in inst if i["sop_class_uid"] in card.selector.sop_class]

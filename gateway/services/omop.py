@@ -27,6 +27,7 @@ from gateway.context import Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, Unprocessable
 from gateway.services.access import AccessRecord
 from gateway.store import schema as s
+from gateway.store.access import where as gated_where
 from gateway.store.consent_schema import recompute as recompute_consent
 from gateway.store.migrate import load_table_modules
 from gateway.store.scope import AccessScope
@@ -147,8 +148,8 @@ class OmopService:
         # the patients the gate admits (a SELECT of cm_patient ids; None = every patient); an empty
         # restricted scope selects nothing
         visible = None if scope.unrestricted else (
-            select(s.cm_patient.c.patient_id).where(scope.patient_clause(s.cm_patient.c.patient_id,
-                                                                         allow_no_patient=False)))
+            select(s.cm_patient.c.patient_id).where(gated_where(scope, s.cm_patient),
+                                                    s.cm_patient.c.patient_id.is_not(None)))  # (access layer)
 
         def gated(table, cols=None):
             stmt = (select(*(table.c[c] for c in cols)) if cols else select(table)).where(table.c.patient_id.is_not(None))

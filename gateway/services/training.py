@@ -53,6 +53,7 @@ from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, NotFo
 from gateway.services.access import AccessRecord
 from gateway.services.federation import FederationConfig, SiteService, _detail, age_band, age_on, sign_hub_token
 from gateway.settings import Settings, SettingsError
+from gateway.store.access import where as gated_where
 from gateway.store.blobs import BlobStore
 from gateway.store.db import xact_lock
 from gateway.store.dicom_schema import dcm_instance, dcm_series
@@ -673,9 +674,9 @@ class SiteTrainer:
                             cm_patient.c.consent_profile)
                      .join(dcm_series, dcm_series.c.series_uid == dcm_instance.c.series_uid)
                      .join(cm_patient, cm_patient.c.patient_id == dcm_instance.c.patient_id)
-                     .where(dcm_instance.c.patient_id.in_(ids), scope.patient_clause(dcm_instance.c.patient_id,
-                                                                                      allow_no_patient=False),
-                            dcm_instance.c.rows.is_not(None))
+                     # through the access layer's predicates: each instance by its own patient link (issue #19)
+                     .where(dcm_instance.c.patient_id.in_(ids), gated_where(scope, dcm_instance),
+                            gated_where(scope, cm_patient), dcm_instance.c.rows.is_not(None))
                      # a reproducible sample order (UIDs are random): patient, series, instance number
                      .order_by(dcm_instance.c.patient_id, dcm_series.c.series_number, dcm_instance.c.instance_number,
                                dcm_instance.c.sop_uid))
@@ -750,14 +751,26 @@ class SiteTrainer:
     async def manifests(self, requester: Requester, run_id: str) -> list[dict]:
         if not requester.is_admin:
             raise Forbidden("the site's training manifests need the site admin role")
+        scope = await self.gate.scope_for(requester)  # the manifests name patients and instances
         async with self.db.read() as conn:
             rows = (await conn.execute(select(trn_site_round).where(trn_site_round.c.run_id == run_id)
                                        .order_by(trn_site_round.c.round))).mappings().all()
+            visible = None
+            if rows and not scope.unrestricted:  # a research scope sees its permitted patients' entries only
+                visible = set((await conn.execute(select(cm_patient.c.patient_id).where(
+                    gated_where(scope, cm_patient), cm_patient.c.patient_id.is_not(None)))).scalars())
         if not rows:
             raise NotFound(f"no training rounds of run {run_id} at this site")
-        await self.audit.record(AccessRecord(requester, "R", "training-manifest", "0", detail=f"run={run_id}"))
-        return [{**{str(k): v for k, v in r.items() if k != "manifest"}, "manifest": orjson.loads(r["manifest"])}
-                for r in rows]
+        out = []
+        for r in rows:
+            manifest = orjson.loads(r["manifest"])
+            if visible is not None:
+                manifest = {k: [e for e in v if e and e[0] in visible] if isinstance(v, list) else v
+                            for k, v in manifest.items()}
+            out.append({**{str(k): v for k, v in r.items() if k != "manifest"}, "manifest": manifest})
+        await self.audit.record(AccessRecord(requester, "R", "training-manifest", "0", scope_summary=scope.summary,
+                                             detail=f"run={run_id}"))
+        return out
 
     async def deploy(self, requester: Requester, doc: Any, inference, *, hub: str, path: str = "") -> dict:
         """Install a model version from the hub into this site's model repository and activate it

@@ -81,7 +81,8 @@ def _gates() -> dict[str, object]:
     from gateway.store import dicom_schema as d
 
     gates: dict[str, object] = {}
-    for t in (s.fhir_resource, d.dcm_study, d.dcm_series, d.dcm_instance, *s.INDEX_TABLES.values()):
+    for t in (s.fhir_resource, d.dcm_study, d.dcm_series, d.dcm_instance, d.dcm_study_part, d.dcm_series_part,
+              *s.INDEX_TABLES.values()):
         gates[t.name] = ("row", "consent_no")
     for t in s.CM_TABLES.values():
         gates[t.name] = ("patient", "patient_id")

@@ -54,13 +54,19 @@ def conflicting_stmt():
         dcm_study_part.c.study_uid.in_(bindparam("b_uids", expanding=True))))
 
 
-def list_conflicts_stmt():
-    """Every conflicting study: (study_uid, number of patients, number of instances)."""
-    from sqlalchemy import func
-
+async def list_conflicts(conn) -> list[dict]:
+    """Every conflicting study (admin report, ``fedgate dicom-conflicts``): its UID, number of patients and
+    instances, and per patient (common-model id) its series and instance counts."""
     p = dcm_study_part.c
-    return select(p.study_uid, func.count().label("patients"), func.sum(p.num_instances).label("instances")).group_by(
-        p.study_uid).order_by(p.study_uid)
+    rows = (await conn.execute(select(p.study_uid, p.patient_id, p.num_series, p.num_instances)
+                               .order_by(p.study_uid, p.patient_id))).all()
+    out: dict[str, dict] = {}
+    for r in rows:
+        c = out.setdefault(r.study_uid, {"study_uid": r.study_uid, "patients": 0, "instances": 0, "parts": []})
+        c["patients"] += 1
+        c["instances"] += int(r.num_instances or 0)
+        c["parts"].append({"patient": r.patient_id, "series": r.num_series, "instances": r.num_instances})
+    return list(out.values())
 
 
 def _dataset(meta_json: str | None):
@@ -167,4 +173,4 @@ async def subject_rows(conn, study_row: dict, series_rows: list[dict]) -> tuple[
 
 
 __all__ = ["study_view", "series_view", "sync_parts", "rebuild", "subject_rows", "has_conflicts_stmt",
-           "conflicting_stmt", "list_conflicts_stmt"]
+           "conflicting_stmt", "list_conflicts"]

@@ -298,9 +298,12 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     link_rows: list[dict] = []
     multi_links: dict[tuple[str, str], frozenset[str]] = {}
     # patient links of every new version (issue #19): computed once, here, stored per version
-    live = [w for w in writes if w.resource is not None]
+    # (a writer that names the patients — DICOM's ImagingStudy — is trusted with them: its identifier-only
+    # subject is the DICOM PatientID, which no FHIR Patient identifier need carry)
+    live = [w for w in writes if w.resource is not None and not w.links]
     all_links = dict(zip((id(w) for w in live), await links_of(
         conn, [dict(w.resource, id=w.res_id) for w in live], [dict(w.resource, id=w.res_id) for w in live])))
+    all_links.update((id(w), patient_links(w.resource).ids) for w in writes if w.resource is not None and w.links)
     for w in writes:
         version = (w.prev.version + 1) if w.prev else 1
         content = None
@@ -476,6 +479,27 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
     return len(rows), keys[-1].rid
 
 
+async def _relinks(conn: AsyncConnection, rows, resources: list[dict]) -> list[frozenset[str]]:
+    """Links of stored versions as :func:`apply_writes` computes them: an ImagingStudy of a study in the
+    DICOM index is linked to that study's patient (as the DICOM writer declares it)."""
+    from gateway.store.dicom_schema import dcm_study
+
+    uids = sorted({r.res_id for r in rows if r.res_type == "ImagingStudy"})
+    dicom: dict[str, str] = {}
+    for i in range(0, len(uids), 500):
+        dicom.update((await conn.execute(select(dcm_study.c.study_uid, dcm_study.c.patient_id).where(
+            dcm_study.c.study_uid.in_(uids[i:i + 500]), dcm_study.c.patient_id.is_not(None)))).all())
+    plain = [(n, res) for n, (r, res) in enumerate(zip(rows, resources))
+             if not (r.res_type == "ImagingStudy" and r.res_id in dicom)]
+    out: list[frozenset[str]] = [frozenset()] * len(rows)
+    for (n, _), lk in zip(plain, await links_of(conn, [res for _, res in plain])):
+        out[n] = lk
+    for n, (r, res) in enumerate(zip(rows, resources)):
+        if r.res_type == "ImagingStudy" and r.res_id in dicom:
+            out[n] = patient_links(res).ids | {dicom[r.res_id]}
+    return out
+
+
 async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
     """Recompute the patient links (issue #19) of every stored version (``history``) and of every current
     resource — ``patient_id``, ``multi_link``, ``fhir_link`` — and restamp ``consent_no`` from them: the
@@ -496,7 +520,7 @@ async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
                 break
             last = (rows[-1].res_type, rows[-1].res_id, rows[-1].version)
             resources = [orjson.loads(r.content) for r in rows]
-            links = await links_of(conn, resources)
+            links = await _relinks(conn, rows, resources)
             out = [{"res_type": r.res_type, "res_id": r.res_id, "version": r.version, "patient_id": p}
                    for r, lk in zip(rows, links) for p in sorted(lk)]
             if out:
@@ -512,7 +536,7 @@ async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
             break
         after = rows[-1].rid
         resources = [orjson.loads(r.content) for r in rows]
-        links = await links_of(conn, resources)
+        links = await _relinks(conn, rows, resources)
         for r, res, lk in zip(rows, resources, links):
             pid = primary_patient(lk, compartment_patient(res))
             is_multi = bool(lk - {pid})

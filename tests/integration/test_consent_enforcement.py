@@ -79,6 +79,7 @@ def consent(pid: str, codes, diseases, extra) -> dict:
                  if c not in ("DUO:0000042", "DUO:0000006", "DUO:0000007", "DUO:0000011")]
         + [{"coding": [{"system": MONDO, "code": f"MONDO:{d}"}]} for d in diseases],
     }
+    provision = {k: v for k, v in provision.items() if v != []}  # (FHIR JSON: no empty arrays)
     if "period" in extra:
         provision["period"] = extra["period"]
     provision = {k: v for k, v in provision.items() if v != []}  # R4 JSON: no empty arrays

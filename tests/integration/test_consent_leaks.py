@@ -258,3 +258,59 @@ async def test_leak1_dicom_only_patient_imagingstudy(site, db_url):
         for url in (f"{gw.fhir}/ImagingStudy/_history", f"{gw.fhir}/_history"):
             status, body = await _status(http, url, hr)
             assert status == 200 and "ACC-LEAK1" not in body and study not in body, url
+        # a DICOM-only patient whom the site policy permits (its collection: issuer urn:fedgate:retro-cohort):
+        # its ImagingStudy is visible to a purpose the policy permits, and still not to GRU
+        ds2 = ct_series(patient_id="DICOM-RETRO-1", patient_name="Retro^Dicom", n=1, accession="ACC-RETRO",
+                        issuer="urn:fedgate:retro-cohort")
+        async with http.post(f"{gw.dicomweb}/studies", data=stow_body(ds2, boundary),
+                             headers=gw.headers("pacs") | {
+                                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                                 "Accept": "application/dicom+json"}) as r:
+            assert r.status == 200, await r.text()
+        hmb = gw.headers("analyst", purpose={"codes": ["DUO:0000037"]}, attrs={"irb_approved": True})
+        url2 = f"{gw.fhir}/ImagingStudy/{ds2[0].StudyInstanceUID}"
+        assert (await _status(http, url2, hmb))[0] == 200
+        assert (await _status(http, url2, hr))[0] == 404
+        assert (await _status(http, f"{gw.fhir}/ImagingStudy/{study}", hmb))[0] == 404
+
+
+async def test_backfill_links_of_a_store_written_before_them(site, db_url):
+    """A store written before patient links (rows stamped from subject/patient/beneficiary only, no
+    ``fhir_link``) is back-filled on start-up (``consent_schema.ensure_indexes``): the leak closes."""
+    from sqlalchemy import delete, update
+
+    from gateway import keys
+    from gateway.store import schema as s
+    from gateway.store.consent_schema import ensure_indexes
+
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        await _put(http, gw, linked_resources("p-no", "no")[0])  # Task.for p-no
+        await _put(http, gw, obs("both", "p-ok", performer=[_ref("p-no")]))
+        hr = research(gw)
+        db = gw.app[keys.DB]
+        R = s.fhir_resource
+        async with db.write() as conn:  # what the code before issue #19 left behind
+            await conn.execute(delete(s.fhir_link))
+            await conn.execute(delete(s.schema_version).where(s.schema_version.c.component == "fhir_link"))
+            await conn.execute(update(R).where(R.c.res_id == "task-no").values(patient_id=None, consent_no=0,
+                                                                               multi_link=None))
+            await conn.execute(update(R).where(R.c.res_id == "both").values(multi_link=None))
+            ok_no = (await conn.execute(R.select().where(R.c.res_id == "p-ok"))).first().consent_no
+            await conn.execute(update(R).where(R.c.res_id == "both").values(consent_no=ok_no))
+            for table in s.INDEX_TABLES.values():
+                await conn.execute(update(table).where(table.c.res_type.in_(["Task", "Observation"])).values(
+                    consent_no=None))
+                await conn.execute(update(table).where(table.c.res_type == "Task").values(consent_no=0))
+        assert (await _status(http, f"{gw.fhir}/Task/task-no", hr))[0] == 200  # the old leak
+        assert (await _status(http, f"{gw.fhir}/Observation/both", hr))[0] == 200
+        async with db.write() as conn:
+            await ensure_indexes(conn)
+        assert (await _status(http, f"{gw.fhir}/Task/task-no", hr))[0] == 404
+        assert (await _status(http, f"{gw.fhir}/Observation/both", hr))[0] == 404
+        assert await _total(http, f"{gw.fhir}/Task", hr, _id="task-no") == 0
+        status, body = await _status(http, f"{gw.fhir}/Observation", hr, code="http://loinc.org|8867-4")
+        assert status == 200 and '"both"' not in body  # the search index's stamps too
+        assert (await _status(http, f"{gw.fhir}/Task/task-no/_history/1", hr))[0] == 404
+        assert (await _status(http, f"{gw.fhir}/Patient/p-ok", hr))[0] == 200

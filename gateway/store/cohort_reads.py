@@ -1,0 +1,57 @@
+"""Reads of the federation site answer (issue #19): series and per-patient values of a gated cohort.
+
+The site first selects the cohort's *eligible* patients (the cohort SQL intersected with the consent
+scope); these reads then take only those patients' rows, and each read carries the scope's predicate for
+its table as well (``gateway.store.access.where`` where the table is registered), so nothing released is
+computed over a refused patient even if a caller passed the wrong ids."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from gateway.store.access import where
+from gateway.store.dicom_schema import dcm_series, dcm_sr_item
+from gateway.store.schema import cm_observation
+from gateway.store.scope import AccessScope
+
+ID_CHUNK = 5000
+
+
+async def series_of(conn, scope: AccessScope, ids: list[str]) -> list[tuple]:
+    """(patient, upper-case modality, manufacturer) of the series of the patients ``ids``."""
+    out = []
+    for i in range(0, len(ids), ID_CHUNK):
+        stmt = (select(dcm_series.c.patient_id, func.upper(dcm_series.c.modality), dcm_series.c.manufacturer)
+                .distinct().where(dcm_series.c.patient_id.in_(ids[i:i + ID_CHUNK]), where(scope, dcm_series)))
+        out.extend((await conn.execute(stmt)).all())
+    return out
+
+
+async def mean_values(conn, scope: AccessScope, name: str, ids: list[str]) -> dict[str, float]:
+    """Per patient of ``ids``, the mean of a numeric field: ``slice_thickness`` (series),
+    ``observation:<system|code>`` (value_num), ``sr:<scheme:code>`` (SR NUM items)."""
+    kind, _, arg = name.partition(":")
+    if name == "slice_thickness":
+        t = dcm_series
+        col, conds = t.c.slice_thickness, [where(scope, t)]
+    elif kind == "observation":
+        t = cm_observation
+        system, _, code = arg.rpartition("|")
+        col, conds = t.c.value_num, [t.c.code == code, where(scope, t)] + ([t.c.system == system] if system else [])
+    else:
+        t = dcm_sr_item
+        scheme, _, code = arg.rpartition(":")
+        col, conds = t.c.num_value, [t.c.concept_code == code, scope.patient_clause(t.c.patient_id)] + (
+            [t.c.concept_scheme == scheme] if scheme else [])
+    values: dict[str, float] = {}
+    for i in range(0, len(ids), ID_CHUNK):
+        stmt = (select(t.c.patient_id, func.avg(col))
+                .where(col.is_not(None), *conds, t.c.patient_id.in_(ids[i:i + ID_CHUNK]))
+                .group_by(t.c.patient_id))
+        for pid, v in (await conn.execute(stmt)).all():
+            if v is not None:
+                values[pid] = float(v)
+    return values
+
+
+__all__ = ["series_of", "mean_values"]
