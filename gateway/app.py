@@ -16,6 +16,7 @@ from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
+from gateway.handlers import viewer as viewer_handlers
 from gateway import metrics
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
@@ -89,6 +90,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
     training_handlers.setup_routes(app)  # after federation (its config) and inference (deployment)
+    viewer_handlers.setup_routes(app)  # the OHIF viewer at /viewer (static files + sign-in)
     metrics.setup_routes(app)  # last: its start-up wires the services built above
     return app
 

@@ -63,26 +63,14 @@ async def _load(settings: Settings, args) -> list[dict]:
     return out
 
 
-async def _list(settings: Settings) -> list[dict]:
+async def _with_db(settings: Settings, fn, *, write: bool = False):
+    """``fn(conn)`` on the settings' store (a write transaction with ``write``)."""
     from gateway.store import open_database
-    from gateway.store.vocab_schema import list_releases
 
     db = await open_database(settings)
     try:
-        async with db.read() as conn:
-            return await list_releases(conn)
-    finally:
-        await db.dispose()
-
-
-async def _prune(settings: Settings) -> list[int]:
-    from gateway.store import open_database
-    from gateway.store.vocab_schema import prune
-
-    db = await open_database(settings)
-    try:
-        async with db.write() as conn:
-            return await prune(conn)
+        async with (db.write() if write else db.read()) as conn:
+            return await fn(conn)
     finally:
         await db.dispose()
 
@@ -97,9 +85,13 @@ def cmd_vocab(args: argparse.Namespace, settings: Settings) -> int:
                 return 2
             result: object = asyncio.run(_load(settings, args))
         elif args.vocab_command == "list":
-            result = asyncio.run(_list(settings))
+            from gateway.store.vocab_schema import list_releases
+
+            result = asyncio.run(_with_db(settings, list_releases))
         else:
-            result = {"pruned": asyncio.run(_prune(settings))}
+            from gateway.store.vocab_schema import prune
+
+            result = {"pruned": asyncio.run(_with_db(settings, prune, write=True))}
     except (VocabFormatError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"fedgate vocab: {exc}", file=sys.stderr)
         return 2

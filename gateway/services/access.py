@@ -14,9 +14,8 @@ from gateway.context import Requester
 from gateway.store.scope import UNRESTRICTED, AccessScope
 
 
-# The typed audit codes (issue #19) live in gateway.services.audit_codes; re-exported here for the
-# access layer's callers.
-from gateway.services.audit_codes import Action, Interaction, Outcome  # noqa: E402
+# The typed audit codes (one definition: gateway/services/audit_codes.py), re-exported for the access layer.
+from gateway.services.audit_codes import Action, Interaction, Outcome  # noqa: E402,F401
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.services.federation_synth import SiteProfile, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
+from gateway.store.scope import AccessScope
 from gateway.vocab_cli import load_demo
 from tests.conftest import REPO, Gateway, GatewayClient, make_settings
 from tests.procs import free_port

@@ -153,13 +153,14 @@ async def _written_urls(gw, headers) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("style", sorted(PROXY_HEADERS))
-async def test_forwarded_from_a_trusted_proxy(tmp_path, db_url, style):
+async def test_forwarded_from_a_trusted_proxy(tmp_path, db_url):
     gw = await start_gateway(make_settings(tmp_path / "data", db_url, trusted_proxies="127.0.0.0/8, ::1"))
     try:
-        urls = await _written_urls(gw, PROXY_HEADERS[style])
-        bad = [u for u in urls if not (u == PUBLIC + "/fhir" or u.startswith((PUBLIC + "/fhir/", PUBLIC + "/dicomweb/")))]
-        assert not bad, bad
+        for style, headers in PROXY_HEADERS.items():
+            urls = await _written_urls(gw, headers)
+            bad = [u for u in urls
+                   if not (u == PUBLIC + "/fhir" or u.startswith((PUBLIC + "/fhir/", PUBLIC + "/dicomweb/")))]
+            assert not bad, (style, bad)
     finally:
         await gw.server.close()
 
@@ -206,3 +207,44 @@ def test_settings_reject_bad_values(tmp_path):
 
 
 
+
+
+# ------------------------------------------------------------------------------------ viewer routes
+
+
+async def test_viewer_config_and_dev_sign_in(tmp_path, db_url):
+    """/viewer/app-config.js points OHIF at this gateway's /dicomweb; the dev sign-in exists only when enabled
+    and validates its input; files outside the OHIF build are never served."""
+    import jwt
+
+    for dev in (False, True):
+        gw = await start_gateway(make_settings(tmp_path / f"data{dev}", db_url, viewer_dev_login=dev))
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(gw.url + "/viewer/app-config.js") as r:
+                    assert r.status == 200 and r.content_type == "application/javascript"
+                    js = await r.text()
+                    assert "window.location.origin + '/dicomweb'" in js and '"routerBasename":"/viewer"' in js
+                    assert ('"devLogin":true' in js) is dev
+                async with http.get(gw.url + "/viewer/login") as r:
+                    assert r.status == 200 and "fedgate viewer" in await r.text()
+                async with http.post(gw.url + "/viewer/dev-token", json={"role": "analyst", "purpose": "DUO:0000042"}) as r:
+                    if not dev:
+                        assert r.status == 404
+                        continue
+                    assert r.status == 200, await r.text()
+                    tok = (await r.json())["access_token"]
+                claims = jwt.decode(tok, options={"verify_signature": False})
+                assert claims["roles"] == ["analyst"] and claims["purpose"] == {"codes": ["DUO:0000042"], "diseases": []}
+                async with http.get(gw.dicomweb + "/studies", headers={"Authorization": f"Bearer {tok}"}) as r:
+                    assert r.status in (200, 204)
+                for body in ({"role": "root"}, {"role": "clinician", "purpose": "nonsense"}, ["x"], {"role": "analyst", "purpose": 3}):
+                    async with http.post(gw.url + "/viewer/dev-token", json=body) as r:
+                        assert r.status == 400, body
+                        assert r.content_type == "application/problem+json"
+                for path in ("/viewer/../../etc/passwd", "/viewer/%2e%2e/%2e%2e/pyproject.toml", "/viewer/nope.js"):
+                    async with http.get(gw.url + path) as r:
+                        assert r.status in (404, 503), path  # 503: the OHIF build is not installed here
+                        assert "[project]" not in await r.text()
+        finally:
+            await gw.server.close()

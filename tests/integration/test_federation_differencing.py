@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gateway.context import Purpose, Requester
 from gateway.services.federation import CohortRequest, FederationConfig, SiteService
-from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate
+from gateway.services.federation_synth import DEMO_SITES, generate
 from gateway.store.db import Database
 from tests.conftest import make_settings
 from tests.integration.federation_fixtures import ListAudit, ProfileGate, populate
@@ -42,7 +42,7 @@ async def test_differencing_a_withdrawn_patient_reveals_nothing(tmp_path, db_url
     settings = make_settings(tmp_path / "site", db_url, site_id="site-a")
     db = Database(db_url)
     try:
-        site = SiteService(settings, FederationConfig(), db, expand_codes)
+        site = SiteService(settings, FederationConfig(), db)  # (no "descendants" in these cohorts)
         analyst = Requester("ana", frozenset({"analyst"}), None, {"irb_approved": True},
                             Purpose("research", ("DUO:0000006",)))
         gate, audit = ProfileGate(), ListAudit()
