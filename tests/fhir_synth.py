@@ -161,14 +161,26 @@ def _field(cls: type, name: str):
     return cls.model_fields.get(name) or next((x for n, x in cls.model_fields.items() if x.alias == name), None)
 
 
+_FILLER = {"extension": [{"url": "urn:x", "valueString": "x"}]}
+
+
+def _no_empty(node: Any) -> Any:
+    """FHIR JSON omits empty elements (the gateway rejects them): an empty object gets an extension."""
+    if isinstance(node, dict):
+        return {k: _no_empty(v) for k, v in node.items()} if node else dict(_FILLER)
+    if isinstance(node, list):
+        return [_no_empty(v) for v in node]
+    return node
+
+
 def minimal(rtype: str, rid: str) -> dict[str, Any] | None:
     """A valid ``rtype`` resource with id ``rid``, or None when repair does not converge."""
     cls = get_fhir_model_class(rtype)
     doc: dict[str, Any] = {"resourceType": rtype, "id": rid}
     for _ in range(25):
         try:
-            cls.model_validate(doc)
-            return doc
+            cls.model_validate(_no_empty(doc))
+            return _no_empty(doc)
         except ValidationError as exc:
             errors = exc.errors()
         progressed = False
@@ -277,6 +289,7 @@ def with_reference(base: dict[str, Any], path: tuple[str, ...], ref: dict) -> di
         else:
             node[step] = value
         node = value
+    doc = _no_empty(doc)
     try:
         cls.model_validate(doc)
     except ValidationError:

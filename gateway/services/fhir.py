@@ -161,7 +161,7 @@ class FhirService:
         else:
             result = await repo.search(conn, q, access.scope)
         items = result.matches + result.included
-        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+        await access.record(Action.EXECUTE, Interaction.SEARCH_TYPE, Outcome.SUCCESS,
                             resources=[f"{s.res_type}/{s.res_id}" for s in items],
                             patients=[s.patient_id for s in items], detail=q.res_type)
         return result
@@ -200,9 +200,9 @@ class FhirService:
                 matches += res.matches
                 included += res.included
         page = matches[offset:offset + count]
-        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+        await access.record(Action.EXECUTE, Interaction.SEARCH_SYSTEM, Outcome.SUCCESS,
                             resources=[f"{s.res_type}/{s.res_id}" for s in page + included],
-                            patients=[s.patient_id for s in page + included], detail="system:" + ",".join(types))
+                            patients=[s.patient_id for s in page + included], detail=",".join(types))
         return repo.SearchResult(page, total, included), count, offset
 
     async def everything(self, requester: Requester, patient_id: str, types: list[str] | None) -> list[repo.Stored]:
@@ -221,9 +221,8 @@ class FhirService:
                     continue
                 q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
                 out += (await repo.search(conn, q, access.scope)).matches
-        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
-                            resources=[f"{s.res_type}/{s.res_id}" for s in out],
-                            patients=[s.patient_id for s in out], detail="Patient/$everything")
+        await access.record(Action.READ, Interaction.OPERATION, Outcome.SUCCESS, detail="$everything",
+                            resources=[f"{s.res_type}/{s.res_id}" for s in out], patients=[s.patient_id for s in out])
         return out
 
     async def history(self, requester: Requester, res_type: str | None, res_id: str | None,
@@ -252,16 +251,18 @@ class FhirService:
                     raise
                 raise BadRequest(f"history parameter {k!r}: {exc}", expression=[k]) from None
         access = await self.open(requester)
+        kind = (Interaction.HISTORY_INSTANCE if res_id else Interaction.HISTORY_TYPE if res_type
+                else Interaction.HISTORY_SYSTEM)
         async with access.read() as conn:
             if res_id:
                 cur = await repo.get_visible(conn, access.scope, res_type, res_id)
                 if cur is None or (cur.deleted and access.restricted):
-                    await access.record(Action.READ, Interaction.HISTORY, Outcome.MINOR_FAILURE,
+                    await access.record(Action.READ, kind, Outcome.MINOR_FAILURE,
                                         resources=(f"{res_type}/{res_id}",), detail="not found or not permitted")
                     raise NotFound(f"{res_type}/{res_id} is not known")
             rows, total = await repo.history(conn, access.scope, res_type=res_type, res_id=res_id, since=since,
                                              count=count, offset=offset)
-        await access.record(Action.READ, Interaction.HISTORY, Outcome.SUCCESS,
+        await access.record(Action.READ, kind, Outcome.SUCCESS,
                             resources=[f"{s.res_type}/{s.res_id}" for s in rows], patients=[s.patient_id for s in rows])
         return rows, total, count, offset
 

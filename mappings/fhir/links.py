@@ -5,7 +5,7 @@ A resource belongs to every patient it references anywhere:
 * every ``Reference`` element whose ``reference`` names a Patient (``Patient/x``, absolute URLs ending in
   ``Patient/x``, versioned ones), walking the whole resource — ``contained`` resources included;
 * references by ``identifier`` only (``{"type": "Patient", "identifier": {...}}``, or untyped ones at an
-  element of the R4 Patient CompartmentDefinition for the type, :data:`PATIENT_COMPARTMENT`): they are
+  element of the R4 Patient CompartmentDefinition for the type, :data:`COMPARTMENT_ELEMENTS`): they are
   resolved by the store through Patient identifiers (:attr:`Links.identifiers`);
 * contained Patients: their identifiers likewise (a contained Patient is some patient's data);
 * a Patient itself, and the Patients its ``link`` names.
@@ -25,11 +25,11 @@ from mappings.fhir.references import parse_reference
 #: The link of what names a patient that cannot be resolved (no consent: hidden from research).
 UNKNOWN = "?"
 
-#: FHIR R4 (4.0.1) CompartmentDefinition/patient: resource type → the top-level elements that its
-#: compartment parameters search (``Appointment.actor`` is ``participant.actor``, ``Group.member`` is
-#: ``member.entity``, ...).  Vendored from the specification (compartmentdefinition-patient.json); used to
-#: decide that an *untyped* identifier-only reference at such an element names a patient.
-PATIENT_COMPARTMENT: dict[str, tuple[str, ...]] = {
+#: FHIR R4 (4.0.1) CompartmentDefinition/patient (its parameters: ``mappings.fhir.compartment``): resource
+#: type → the top-level elements those parameters search (``Appointment.actor`` is ``participant.actor``,
+#: ``Group.member`` is ``member.entity``, ...), from the parameters' expressions in the specification; used
+#: to decide that an *untyped* identifier-only reference at such an element names a patient.
+COMPARTMENT_ELEMENTS: dict[str, tuple[str, ...]] = {
     "Account": ("subject",),
     "AdverseEvent": ("subject",),
     "AllergyIntolerance": ("patient", "recorder", "asserter"),
@@ -142,7 +142,7 @@ def patient_links(resource: dict[str, Any]) -> Links:
     rtype = resource.get("resourceType")
     if rtype == "Patient" and isinstance(resource.get("id"), str):
         ids.add(resource["id"])
-    compartment = PATIENT_COMPARTMENT.get(rtype, ())
+    compartment = COMPARTMENT_ELEMENTS.get(rtype, ())
 
     def contained_patient(res: dict) -> None:
         nonlocal unknown
@@ -203,4 +203,4 @@ def primary_patient(links: frozenset[str], compartment_patient: str | None) -> s
     return next(iter(real)) if len(real) == 1 and UNKNOWN not in links else None
 
 
-__all__ = ["Links", "PATIENT_COMPARTMENT", "UNKNOWN", "patient_links", "primary_patient"]
+__all__ = ["Links", "COMPARTMENT_ELEMENTS", "UNKNOWN", "patient_links", "primary_patient"]
