@@ -832,6 +832,8 @@ async def _dicomweb_ctx(app: web.Application):
                           app[keys.SERVICES].get("workers"))
     if app[keys.STARTUP] != "serve":  # not in a serving child: its siblings' temp files are in flight
         await svc.reconcile()
+    else:  # a serving child (perhaps replacing one that died): what a dead sibling left half stored
+        await svc.adopt_dead_journals()
     app[keys.SERVICES][SERVICE] = svc
     yield
 

@@ -547,6 +547,8 @@ class DicomwebService:
             for o in committed:  # rows not written (error, cancellation): no file without its row
                 if not o.indexed and o.failure is None:
                     self.blobs.remove(o.rel)
+            if good:
+                self.blobs.pending(done=[o.rel for o in good if o.rel])
             ParseFeed.discard(feed, parts)
         if good:
             self.db.note_writes(len(good))
@@ -672,6 +674,11 @@ class DicomwebService:
                 o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
             except ValueError:  # (parsing checked the UIDs already: a second line of defence)
                 o.failure, o.reason = CANNOT_UNDERSTAND, "a UID of the instance cannot name a storage path"
+        # journalled before the renames: if this process dies before their rows are committed, the process
+        # started in its place removes the files that got no row (see BlobStore.pending / adopt_dead_journals)
+        self.blobs.pending(add=[o.rel for o in new if o.failure is None])
+        for o in new:
+            if o.failure is not None:
                 continue
             try:
                 self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
@@ -957,6 +964,27 @@ class DicomwebService:
                 results.append(ImportResult(str(f), "duplicate" if o.warning == WARNING_IDENTICAL else "stored",
                                             o.sop_uid))
         return results
+
+    async def adopt_dead_journals(self) -> None:
+        """In a serving process (``--processes N``): a sibling that died (kill -9) between renaming files
+        into place and committing their rows left them listed in its journal; those without a row are
+        removed now, so no file without its row waits for the next parent start (issue 20)."""
+        if self.blobs.unwritable:
+            return
+        journals = await asyncio.to_thread(self.blobs.dead_journals)
+        for journal, rels in journals:
+            found: set[str] = set()
+            for i in range(0, len(rels), 200):
+                chunk = rels[i:i + 200]
+                async with self.db.read() as conn:
+                    found |= set((await conn.execute(select(dcm_instance.c.blob_path).where(
+                        dcm_instance.c.blob_path.in_(chunk)))).scalars())
+            gone = [r for r in rels if r not in found]
+            for rel in gone:
+                self.blobs.remove(rel)
+            journal.unlink(missing_ok=True)
+            if gone:
+                log.warning("files of a dead server process without index rows removed", extra={"count": len(gone)})
 
     async def reconcile(self) -> None:
         """Start-up repair: temp files and unindexed files removed, rows without files dropped (not on a

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
+import threading
 import os
 import secrets
 import re
@@ -42,6 +43,13 @@ class BlobStore:
         self._real_root = os.path.realpath(root)
         self._tmp_prefix = f"{secrets.token_hex(8)}-{os.getpid()}-"
         self._tmp_seq = itertools.count()
+        #: files this process renamed into place whose index rows are not committed yet, mirrored in its
+        #: journal ``tmp/<prefix>journal``: when the process dies (kill -9) between rename and commit, the
+        #: process started in its place removes exactly those files that got no row (:meth:`dead_journals`)
+        #: — without waiting for a full reconcile at the next parent start
+        self._pending: set[str] = set()
+        self._journal = self.tmp / f"{self._tmp_prefix}journal"
+        self._journal_lock = threading.Lock()
 
     def temp_path(self) -> Path:
         """A new temp file name: a random prefix per store (per process) and a counter — unique without a
@@ -59,6 +67,37 @@ class BlobStore:
             if not _SAFE_UID.fullmatch(uid or ""):
                 raise ValueError("a storage path is made of UIDs only")
         return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(4)}.dcm"
+
+    def pending(self, add: list[str] = (), done: list[str] = ()) -> None:
+        """Note files about to be renamed into place (``add``, before the rename) or settled (``done``: their
+        rows committed, or the files removed); the journal file is rewritten (no fsync: it is for a process
+        crash, which keeps the page cache; after a power loss the start-up reconcile covers everything)."""
+        with self._journal_lock:
+            self._pending.update(add)
+            self._pending.difference_update(done)
+            if not self._pending:
+                self._journal.unlink(missing_ok=True)
+                return
+            tmp = self._journal.with_name(self._journal.name + ".new")
+            tmp.write_text("\n".join(sorted(self._pending)) + "\n")
+            os.replace(tmp, self._journal)
+
+    def dead_journals(self) -> list[tuple[Path, list[str]]]:
+        """Journals of server processes that are gone, with the files they had in flight."""
+        out = []
+        for j in self.tmp.glob("*-*-journal"):
+            try:
+                pid = int(j.name.rsplit("-", 2)[1])
+            except (IndexError, ValueError):
+                continue
+            if pid == os.getpid() or _alive(pid):
+                continue
+            try:
+                rels = [r for r in j.read_text().splitlines() if r]
+            except OSError:
+                continue
+            out.append((j, rels))
+        return out
 
     def path(self, rel: str) -> Path:
         """The file of a relative blob path (string checks only: no per-request filesystem walk)."""
@@ -143,6 +182,8 @@ class BlobStore:
     def reconcile(self, indexed: set[str]) -> tuple[int, set[str]]:
         """Remove temp files and files without an index row; returns (files removed, rows without a file)."""
         removed = 0
+        for j in self.tmp.glob("*-*-journal*"):  # (every in-flight file is judged below, by its row)
+            j.unlink(missing_ok=True)
         for p in self.tmp.glob("*.part"):
             p.unlink(missing_ok=True)
             removed += 1
@@ -151,3 +192,13 @@ class BlobStore:
             self.remove(rel)
             removed += 1
         return removed, indexed - on_disk
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
