@@ -16,15 +16,21 @@ from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
+from gateway.handlers import viewer as viewer_handlers
+from gateway import metrics
 from gateway.middlewares import auth_middleware, error_middleware
+from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
+from gateway.services.vocab import VocabService, vocab_ctx
+from gateway.handlers import terminology as terminology_handlers
 from gateway.services.workers import WorkerPool
 from gateway.settings import Settings
 from gateway.store import open_database
+from gateway.store.access import AccessLayer
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     workers = WorkerPool(settings.validation_processes)  # CPU-heavy pure work: validation, DICOM parsing
     app[keys.SERVICES]["workers"] = workers
     validator = ModelValidator(workers)
+    app[keys.ACCESS] = AccessLayer(db, app[keys.GATE], app[keys.AUDIT])  # the one access layer (issue #19)
+    app[keys.SERVICES]["vocab"] = VocabService(db)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
-                                 max_count=settings.max_page_size, validator=validator)
+                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
     yield
     validator.close()
     await db.dispose()
@@ -52,7 +60,8 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     if startup not in ("all", "once", "serve"):
         raise ValueError(f"startup: {startup!r}")
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[metrics.metrics_middleware, cors_middleware, forwarded_middleware, error_middleware,
+                     auth_middleware],
         client_max_size=settings.max_body_bytes,
         # a request line up to 64 KiB reaches the routes, so an over-long id or query gets the protocol's
         # error form (OperationOutcome, ...) rather than aiohttp's plain-text 400 at 8 KiB (issue 20)
@@ -66,18 +75,23 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(vocab_ctx)  # before the gate: it reads the loaded disease ontologies
     app.cleanup_ctx.append(consent_ctx)
     app.cleanup_ctx.append(audit_ctx)
     health.setup_routes(app)
     audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
+    terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
     training_handlers.setup_routes(app)  # after federation (its config) and inference (deployment)
+    viewer_handlers.setup_routes(app)  # the OHIF viewer at /viewer (static files + sign-in)
+    metrics.setup_routes(app)  # last: its start-up wires the services built above
     return app
 
 

@@ -26,6 +26,41 @@ from gateway.settings import Settings
 
 PURPOSE_HEADER = "X-Purpose-Of-Use"
 
+#: SMART App Launch scope contexts → the fedgate role a token with such scopes acts as (docs/fhir.md, "SMART")
+SMART_CONTEXT_ROLES = {"user": "clinician", "system": "ehr-system"}
+
+
+def smart_roles(scope: Any) -> tuple[frozenset[str], bool]:
+    """Roles and read-only flag from SMART scopes (v1 ``user/*.read``, ``user/*.*``, ``system/*.write``; v2
+    ``user/*.rs``, ``system/*.cruds``): ``user/`` → clinician, ``system/`` → ehr-system, for every resource
+    type (``*``) only. Reads only unless a scope grants writes. ``patient/`` scopes (one patient's data) map to
+    nothing: fedgate has no per-patient restriction to enforce them with, so it fails closed."""
+    if isinstance(scope, list):
+        items = [str(s) for s in scope]
+    elif isinstance(scope, str):
+        items = scope.split()
+    else:
+        return frozenset(), False
+    roles: set[str] = set()
+    write = False
+    for item in items:
+        context, _, rest = item.partition("/")
+        rtype, _, perm = rest.partition(".")
+        role = SMART_CONTEXT_ROLES.get(context)
+        if role is None or rtype != "*" or not perm:
+            continue
+        perm = perm.split("?")[0]  # v2 query constraints (user/*.rs?category=...) only narrow: the role reads
+        if perm in ("read", "write", "*"):
+            reads, writes = perm in ("read", "*"), perm in ("write", "*")
+        elif perm and set(perm) <= set("cruds") and list(perm) == sorted(perm, key="cruds".index):
+            reads, writes = bool(set(perm) & set("rs")), bool(set(perm) & set("cud"))
+        else:
+            continue
+        if reads or writes:
+            roles.add(role)
+            write = write or writes
+    return frozenset(roles), bool(roles) and not write
+
 
 def parse_purpose(value: Any) -> Purpose | None:
     """A purpose from a claim (str or object) or header text; None when absent."""
@@ -93,7 +128,9 @@ class TokenVerifier:
                                     issuer=self.settings.jwt_issuer, options=opts)
             elif alg in ("RS256", "ES256") and self._jwks is not None:
                 kid = header.get("kid")
-                key = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
+                kty = "RSA" if alg == "RS256" else "EC"  # a key of the other family cannot verify it (was a 500)
+                key = next((k for k in self._jwks.keys if (kid is None or k.key_id == kid)
+                            and getattr(k, "key_type", kty) == kty), None)
                 if key is None:
                     raise Unauthorized("bearer token signed by an unknown key")
                 claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience,
@@ -114,17 +151,23 @@ class TokenVerifier:
             raise Unauthorized("bearer token audience is not this gateway") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # key material the algorithm cannot use
+            raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
         roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
+        read_only = False
+        if not roles:  # an OIDC/SMART token: roles from its scopes
+            roles, read_only = smart_roles(claims.get("scope", claims.get("scp")))
         if not roles:
-            raise Unauthorized("bearer token carries no known role")
+            raise Unauthorized("bearer token carries no known role (roles claim) or SMART scope "
+                               "(user/*.read, user/*.*, system/*.read, v2 .rs/.cruds)")
         attrs = claims.get("attrs") or {}
         if not isinstance(attrs, dict):
             raise Unauthorized("bearer token claim 'attrs' must be an object")
         purpose = parse_purpose(claims.get("purpose")) or parse_purpose(purpose_header)
         if purpose is None:
             purpose = Purpose() if roles & CLINICAL_ROLES or "admin" in roles else Purpose("research", (), ())
-        return (Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims.get("jti")),
-                float(claims["exp"]))
+        return (Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims.get("jti"),
+                          read_only), float(claims["exp"]))
 
 
 def issue_dev_token(

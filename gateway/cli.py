@@ -31,10 +31,29 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(config_file=args.config, overrides=overrides)
 
 
+def settings_source(args: argparse.Namespace, env: dict | None = None) -> str:
+    """Where the settings came from, for the start log line: names only (no values: they may be secrets)."""
+    import os
+
+    env = os.environ if env is None else env
+    parts = ["defaults"]
+    config = getattr(args, "config", None) or env.get("FEDGATE_CONFIG")
+    if config:
+        parts.append(f"config {config}")
+    names = sorted(k for k in env if k.startswith("FEDGATE_") and k != "FEDGATE_CONFIG")
+    if names:
+        parts.append("env " + ",".join(names))
+    flags = sorted(k for k in ("host", "port", "processes", "data_dir", "database_url", "log_level")
+                   if getattr(args, k, None) is not None)
+    if flags:
+        parts.append("flags " + ",".join("--" + f.replace("_", "-") for f in flags))
+    return "; ".join(parts)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from gateway.app import create_app
+    from gateway import __version__
     from gateway.logs import setup_logging
 
     settings = _settings(args, host=args.host, port=args.port, processes=args.processes)
@@ -43,18 +62,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from gateway.serve import serve_child
 
         return serve_child(settings, args.serve_child)
-    log.info("starting", extra={"host": settings.host, "port": settings.port,
-                                "processes": settings.serve_processes})
+    engine = "postgresql" if settings.effective_database_url.startswith("postgres") else "sqlite"
+    log.info("starting", extra={"version": __version__, "settings_source": settings_source(args), "engine": engine,
+                                "host": settings.host, "port": settings.port, "processes": settings.serve_processes})
     if settings.serve_processes > 1:
+        from gateway.metrics import prepare_multiprocess_dir
         from gateway.serve import supervise
 
-        return supervise(settings, getattr(args, "argv", None) or sys.argv[1:])
+        prepare_multiprocess_dir(settings.data_dir)  # before the serving processes start: they inherit it
+        code = supervise(settings, getattr(args, "argv", None) or sys.argv[1:])
+        log.info("stopped", extra={"exit_code": code})
+        return code
+    from gateway.app import create_app
     from gateway.services.workers import tune_gc
 
     app = create_app(settings)
     tune_gc()
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
+
+    def listening(_banner: str) -> None:
+        log.info("serving", extra={"url": f"http://{settings.host}:{settings.port}", "processes": 1})
+
+    web.run_app(app, host=settings.host, port=settings.port, print=listening,
                 access_log=None, shutdown_timeout=10)
+    log.info("stopped", extra={"exit_code": 0})
     return 0
 
 
@@ -134,6 +164,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_dicom_conflicts(args: argparse.Namespace) -> int:
+    from gateway.dicom_cli import cmd_conflicts as run
+
+    return run(args, _settings(args))
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     from gateway.reindex_cli import cmd_reindex as run
 
@@ -162,6 +198,12 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     from gateway.inference_cli import cmd_list
 
     return cmd_list(args, _settings(args))
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from gateway.vocab_cli import cmd_vocab as run
+
+    return run(args, _settings(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,8 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("path", help="folder (searched recursively) or file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any file failed")
+    p.add_argument("--json", action="store_true", help="JSON output: a summary and one entry per file")
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # (the default now: kept for old scripts)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("dicom-conflicts", help="list DICOM studies holding instances of several patients "
+                                               "(admin: a PACS merge error or a reused StudyInstanceUID)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any study is conflicting")
+    p.set_defaults(func=cmd_dicom_conflicts)
 
     p = sub.add_parser("reindex", help="rebuild the FHIR search index and common model from the stored "
                                        "resources (after an upgrade that changes search parameters or mappings)")
@@ -244,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pg-url", help="target PostgreSQL database URL")
     e.add_argument("--schema", help="target schema (created with the official DDL)")
     e.add_argument("--csv", help="target directory for CSV files")
-    e.add_argument("--replace", action="store_true", help="drop and re-create an existing schema")
+    e.add_argument("--replace", action="store_true", help="drop and re-create an existing schema, or replace an earlier CSV export in --csv")
     e.add_argument("--vocabulary", help="OHDSI vocabulary directory (CONCEPT.csv, CONCEPT_RELATIONSHIP.csv)")
     e.add_argument("--subject", default="cli-omop-export", help="requester subject recorded in the audit")
     e.set_defaults(func=cmd_omop_export)
@@ -271,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="JSON output")
     _common(m)
     m.set_defaults(func=cmd_model_list)
+
+    from gateway.vocab_cli import add_parser as add_vocab_parser
+
+    add_vocab_parser(sub, _common, cmd_vocab)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

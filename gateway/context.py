@@ -41,6 +41,8 @@ class Requester:
     attributes: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     purpose: Purpose = Purpose()
     token_id: str | None = None
+    #: True for a token whose SMART scopes grant reads only (``user/*.read``, ``system/*.rs``): writes → 403
+    read_only: bool = False
 
     def has_role(self, *roles: str) -> bool:
         return bool(self.roles.intersection(roles))

@@ -34,6 +34,19 @@ EXAMPLE_SR = {
 }
 
 
+def runnable_command() -> str:
+    """How to run ``fedgate`` again from any plain shell: the absolute path of this interpreter's console
+    script (a venv's ``bin/fedgate`` is not on PATH unless the venv is activated)."""
+    import shlex
+    import shutil
+
+    script = Path(sys.executable).with_name("fedgate")
+    if script.exists():
+        return shlex.quote(str(script))
+    found = shutil.which("fedgate")
+    return shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m gateway"
+
+
 # ------------------------------------------------------------------------------------------------
 # fedgate query
 # ------------------------------------------------------------------------------------------------
@@ -53,8 +66,7 @@ def render_table(ans: dict, out=sys.stdout) -> None:
     w(f"{'TOTAL':<14}{'partial' if ans.get('partial') else 'complete':<10}{_fmt(ans.get('count')):>10}"
       f"{ans.get('elapsed_ms', 0):>9.0f}\n")
     consent = ans.get("consent") or {}
-    w(f"\nconsent: matching the criteria {_fmt(consent.get('matching'))}, eligible for this purpose "
-      f"{_fmt(consent.get('eligible'))}\n")
+    w(f"\nconsent: eligible for this purpose {_fmt(consent.get('eligible'))} (only these patients are counted)\n")
     for name, cells in (ans.get("breakdowns") or {}).items():
         w(f"\n{name}:\n")
         for cat, v in cells.items():
@@ -63,7 +75,61 @@ def render_table(ans: dict, out=sys.stdout) -> None:
         q = st.get("quantiles") or {}
         w(f"\n{name}: n={_fmt(st.get('count'))} mean={st.get('mean')} std={st.get('std')} "
           f"p25={q.get('p25')} p50={q.get('p50')} p75={q.get('p75')}\n")
-    w("\n(<5 = suppressed: fewer than the site's threshold; counts rounded at each site, see docs/federation.md)\n")
+    w("\n" + "\n".join(table_notes(ans)) + "\n")
+
+
+#: breakdowns where one patient can fall in several categories (one per kind of series they have)
+MULTI_VALUED = {"modality", "manufacturer"}
+
+
+def _disclosure(ans: dict) -> tuple[set[int], set[int]]:
+    thresholds, bases = set(), set()
+    for res in (ans.get("per_site") or {}).values():
+        d = (res or {}).get("disclosure") or {}
+        if d.get("min_cell"):
+            thresholds.add(int(d["min_cell"]))
+        if d.get("round_base"):
+            bases.add(int(d["round_base"]))
+    return thresholds, bases
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def table_notes(ans: dict) -> list[str]:
+    """The table's footer: every suppressed or rounded figure explained (what ``--json`` carries as fields)."""
+    thresholds, bases = _disclosure(ans)
+    thr = "/".join(str(t) for t in sorted(thresholds)) or "the site's threshold"
+    base = "/".join(str(b) for b in sorted(bases)) or "the site's rounding base"
+    notes = ["Notes (disclosure control at each site, docs/federation.md):",
+             f"- <5 = suppressed: a site released no figure for that cell because it held fewer than {thr} "
+             "patients (zero included), or by complementary suppression (see below); a suppressed cell adds "
+             "nothing to the sums here."]
+    notes.append(f"- Every released count is rounded at its site to a multiple of {base} (cell-key rounding: the "
+                 "same patients always give the same figure); totals are sums of rounded site figures, so a "
+                 "total and the sum of its cells can differ by the rounding of each cell.")
+    total = ans.get("count")
+    complementary = []
+    for name, cells in (ans.get("breakdowns") or {}).items():
+        values = [v for v in cells.values() if v is not None]
+        hidden = sum(1 for v in cells.values() if v is None)
+        if name in MULTI_VALUED:
+            notes.append(f"- {name}: a patient with series of several kinds is counted under each, so the "
+                         "cells may add up to more than the total.")
+        elif total is not None and hidden and sum(values) != total:
+            complementary.append(f"{name} ({sum(values)} shown of {total}, {_plural(hidden, 'cell')} suppressed)")
+    if complementary:
+        notes.append("- Complementary suppression: when exactly one non-empty cell of a breakdown falls below the "
+                     "threshold, a site also hides the next smallest, so the hidden one cannot be recovered as "
+                     "total minus the others — the shown cells then add up to less than the total (rounding "
+                     "moves it too)"
+                     + (": " + "; ".join(complementary) if complementary else "") + ".")
+    n_sites = len(ans.get("sites") or [])
+    ok = (ans.get("status") or {}).get("ok")
+    if ans.get("partial") and ok is not None:
+        notes.append(f"- Partial: {ok} of {_plural(n_sites, 'site')} answered in time; the others add nothing.")
+    return notes
 
 
 async def run_query(hub: str, token: str, body: dict, timeout_s: float = 60.0) -> tuple[int, Any]:
@@ -137,9 +203,10 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     from gateway import keys
     from gateway.app import create_app
     from gateway.services.federation import FederationConfig, hub_private_key, public_pem
-    from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load
+    from gateway.services.federation_synth import DEMO_SITES, generate, load
     from gateway.store.db import Database
     from gateway.store.migrate import migrate
+    from gateway.vocab_cli import load_demo
 
     root.mkdir(parents=True, exist_ok=True)
     hub_settings = load_settings(env={}, overrides={
@@ -162,6 +229,7 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
             try:
                 await migrate(db)
                 await load(db, await asyncio.to_thread(generate, profile, patients, 1))
+                await load_demo(db)  # the code hierarchies (SNOMED, MONDO, ...) every site serves from
             finally:
                 await db.dispose()
             marker.write_text(json.dumps({"site": profile.name, "patients": patients}))
@@ -173,7 +241,6 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     runners = []
     for s in [*sites, hub_settings]:
         app = create_app(s)
-        app[keys.SERVICES]["code_expander"] = expand_codes
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, s.port).start()
@@ -184,8 +251,9 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     print(f"fedgate demo: hub {hub_url}; sites " + ", ".join(f"{s.site_id} http://{host}:{s.port}" for s in sites))
     print(f"  {patients} synthetic patients per site (vendors, demographics, consent mixes, SR/SEG differ); data in {root}")
     print("query it (in another shell):")
-    print(f"  fedgate query {root / 'cohort.json'} --hub {hub_url} --data-dir {root / 'hub'} --purpose DUO:0000006")
-    print(f"  fedgate query {root / 'cohort-sr.json'} --hub {hub_url} --data-dir {root / 'hub'} --purpose DUO:0000042 --json")
+    fedgate, top = runnable_command(), root.resolve()
+    print(f"  {fedgate} query {top / 'cohort.json'} --hub {hub_url} --data-dir {top / 'hub'} --purpose DUO:0000006")
+    print(f"  {fedgate} query {top / 'cohort-sr.json'} --hub {hub_url} --data-dir {top / 'hub'} --purpose DUO:0000042 --json")
     print("Ctrl-C stops it.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

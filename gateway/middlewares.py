@@ -18,6 +18,8 @@ from gateway import keys
 from gateway.auth import PURPOSE_HEADER
 from gateway.context import Requester
 from gateway.errors import STATUS_ERRORS, GatewayError, Unauthorized
+from gateway.request_audit import refusal_record
+from gateway.services import audit as audit_service
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +67,49 @@ def _from_http(exc: web.HTTPException) -> GatewayError:
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     start = time.perf_counter()
     status = 500
+    answered = False  # false when the handler was cancelled (the client went away): nothing to audit here
+    audit_token = audit_service.begin_request()
     try:
         resp = await handler(request)
-        status = resp.status
+        status, answered = resp.status, True
         return resp
     except GatewayError as exc:
-        status = exc.status
+        status, answered = exc.status, True
         return _render(request, exc)
     except web.HTTPException as exc:
-        status = exc.status
+        status, answered = exc.status, True
         if exc.status < 400:
             raise
         return _render(request, _from_http(exc))
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a 500
-        log.exception("unhandled error", extra={"route": route_template(request), "method": request.method,
-                                                "error_type": type(exc).__name__})
+        answered = True
+        # no exception message, no traceback values: both can quote the request's data (a PN value, SQL with
+        # its parameters); the frames (file, line, function) locate the bug
+        log.error("unhandled error", extra={"route": route_template(request), "method": request.method,
+                                            "error_type": type(exc).__name__, "where": safe_frames(exc)})
         return _render(request, GatewayError("internal error; see server log", status=500))
     finally:
+        try:
+            if answered and status >= 400:
+                # refused or failed, and no service recorded it with what it named: the trail still gets it
+                rec = refusal_record(request, status, request.get(REQUESTER), route_template(request))
+                if not audit_service.request_recorded_failure(rec.resources, rec.patients):
+                    await request.app[keys.AUDIT].record(rec)
+        except Exception as exc:  # noqa: BLE001 - the response is made; the events stay queued for the flusher
+            log.warning("audit of a refused request deferred", extra={"error_type": type(exc).__name__})
+        finally:
+            audit_service.end_request(audit_token)
         log.info("request", extra={"route": route_template(request), "method": request.method, "status": status,
                                    "duration_ms": round((time.perf_counter() - start) * 1000, 2)})
+
+
+def safe_frames(exc: BaseException, limit: int = 12) -> str:
+    """Where ``exc`` was raised: ``file:line function`` of its innermost frames — no message, no values."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-limit:]
+    return " <- ".join(f"{f.filename.rsplit('/', 2)[-1] if '/' in f.filename else f.filename}:{f.lineno} {f.name}"
+                       for f in reversed(frames))
 
 
 @web.middleware

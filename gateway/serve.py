@@ -45,6 +45,7 @@ from typing import Sequence
 
 from aiohttp import web
 
+from gateway.metrics import process_gone
 from gateway.services.workers import end_with_parent, tune_gc
 from gateway.settings import Settings
 
@@ -234,13 +235,14 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         for c in children:
             _start(c, argv, dispatcher)
         dispatcher.thread.start()
-        log.info("serving", extra={"host": settings.host, "port": listener.getsockname()[1], "processes": n})
+        log.info("serving", extra={"url": f"http://{settings.host}:{listener.getsockname()[1]}", "processes": n})
         while not stopping.is_set():
             for c in children:
                 rc = c.proc.poll() if c.proc is not None else None
                 if rc is None or stopping.is_set():
                     continue
                 lived = time.monotonic() - c.started
+                process_gone(c.proc.pid)
                 c.quick_exits = c.quick_exits + 1 if lived < QUICK_EXIT_S else 0
                 log.error("server process exited; restarting it",
                           extra={"worker": c.index, "exit_code": rc, "seconds": round(lived, 1)})
@@ -252,6 +254,9 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 _start(c, argv, dispatcher)
             stopping.wait(0.2)
     finally:
+        if stopping.is_set():
+            log.info("stopping", extra={"processes": sum(1 for c in children if c.proc is not None
+                                                         and c.proc.poll() is None)})
         if dispatcher.thread.is_alive():
             dispatcher.stop()
         listener.close()  # no new connections while the children finish theirs

@@ -1,7 +1,8 @@
 """One settings object for the whole process.
 
 Sources, later ones winning: built-in defaults < TOML file (``--config`` or ``$FEDGATE_CONFIG``)
-< environment variables ``FEDGATE_<FIELD>`` < command-line flags.  The data directory holds the
+< environment variables ``FEDGATE_<FIELD>`` (or ``FEDGATE_<FIELD>_FILE``: the value is that file's content,
+for secrets mounted as files) < command-line flags.  The data directory holds the
 SQLite file (``fedgate.db``), the blob store (``blobs/``) and development secrets (``secrets/``).
 """
 
@@ -62,6 +63,32 @@ class Settings:
     jwt_audience: str = "fedgate"
     #: RS256/ES256 verification material for production: a JWKS file path or URL.
     jwks: str = ""
+    #: SMART App Launch (/.well-known/smart-configuration): the OIDC issuer's authorization and token
+    #: endpoints that issue the tokens fedgate verifies (empty: not advertised; tokens still accepted)
+    smart_authorize_url: str = ""
+    smart_token_url: str = ""
+    #: Prometheus metrics at /metrics: "protected" (the metrics_token, or an admin/site token), "open", "off".
+    metrics: str = "protected"
+    #: Bearer token a Prometheus scraper sends to /metrics (empty: only admin/site gateway tokens).
+    metrics_token: str = ""
+    #: Browser origins allowed to call the gateway cross-origin (CORS), comma/space separated, e.g.
+    #: "https://viewer.example.org"; "*" = any origin (development only); empty (default) = none: no CORS
+    #: headers are sent and preflights are refused (see docs/deploy.md).
+    cors_origins: str = ""
+    #: Reverse proxies whose Forwarded / X-Forwarded-Host/-Proto/-Prefix headers are believed (IPs or CIDRs,
+    #: comma/space separated); empty (default) = none: such headers are ignored. ``base_url`` wins over both.
+    trusted_proxies: str = ""
+    #: The OHIF viewer at /viewer (installed by scripts/setup.d/40-ohif.sh into ``viewer_dir``).
+    viewer_enabled: bool = True
+    #: Where the OHIF build (its ``dist/``) lies; empty = ``viewer/ohif`` in the repository.
+    viewer_dir: str = ""
+    #: Development sign-in for the viewer: ``POST /viewer/dev-token`` signs a token with the dev secret for a
+    #: chosen role/purpose. Never enable in production (any caller becomes any role); production signs in
+    #: through ``viewer_oidc_authority`` (the OIDC issuer whose JWKS is ``jwks``).
+    viewer_dev_login: bool = False
+    #: OIDC issuer URL for the viewer's production sign-in (authorization code + PKCE), and its client id.
+    viewer_oidc_authority: str = ""
+    viewer_oidc_client_id: str = "fedgate-viewer"
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -77,6 +104,15 @@ class Settings:
     def serve_processes(self) -> int:
         """How many serving processes ``fedgate serve`` runs (``processes``, 0 = the CPU count)."""
         return self.processes if self.processes > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """``cors_origins`` as a tuple of origins (no trailing slash)."""
+        return tuple(o.rstrip("/") for o in self.cors_origins.replace(",", " ").split() if o)
+
+    @property
+    def trusted_proxy_list(self) -> tuple[str, ...]:
+        return tuple(p for p in self.trusted_proxies.replace(",", " ").split() if p)
 
     @property
     def sqlite_path(self) -> Path:
@@ -100,21 +136,27 @@ class Settings:
         """The HS256 development secret, created on first use in ``data_dir/secrets``."""
         if self.jwt_secret:
             return self.jwt_secret
-        path = self.secrets_dir / "jwt-hs256.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(48))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: two processes agree on one key
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        return path.read_text().strip()
+        return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+
+def secret_file(path: Path, generate) -> str:
+    """The secret in ``path``, created (mode 0600, from ``generate()``) on first use; several processes
+    starting at once agree on one value (atomic create-if-absent)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(generate())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_LIST_FIELDS = {"cors_origins", "trusted_proxies"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -136,6 +178,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
         if kind == "Path":
             return Path(value)
+        if kind == "str" and name in _LIST_FIELDS and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)  # TOML arrays for the list-valued settings
         if kind == "str":
             return str(value)
     except (TypeError, ValueError) as exc:
@@ -169,7 +213,16 @@ def load_settings(
                 extra[key] = value
     for name in _FIELDS:
         env_key = f"FEDGATE_{name.upper()}"
-        if name != "extra" and env_key in env:
+        if name == "extra":
+            continue
+        if env_key + "_FILE" in env:  # a secret mounted as a file (Docker/Kubernetes secrets)
+            path = env[env_key + "_FILE"]
+            try:
+                values[name] = _coerce(name, Path(path).read_text().strip())
+            except OSError as exc:
+                raise SettingsError(f"setting {name!r}: cannot read {env_key}_FILE {path}: "
+                                    f"{exc.strerror or exc}") from None
+        if env_key in env:
             values[name] = _coerce(name, env[env_key])
     for key, value in (overrides or {}).items():
         if value is None:
@@ -187,4 +240,15 @@ def load_settings(
                             "(use 1, 2, ... or 0 / \"auto\" for one per core)")
     if settings.auth_mode not in {"jwt", "none"}:
         raise SettingsError(f"setting 'auth_mode': {settings.auth_mode!r} is not one of jwt, none")
+    if settings.trusted_proxies:
+        import ipaddress
+
+        for item in settings.trusted_proxy_list:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise SettingsError(f"setting 'trusted_proxies': {item!r} is not an IP address or CIDR") from None
+    for origin in settings.cors_origin_list:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SettingsError(f"setting 'cors_origins': {origin!r} is not an origin (scheme://host[:port]) or *")
     return settings

@@ -29,6 +29,33 @@ PG_ADMIN = os.environ.get("FEDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:54
 ENGINES = [e for e in os.environ.get("FEDGATE_TEST_ENGINES", "sqlite,postgresql").split(",") if e]
 
 
+#: Test modules that need the ``ml`` extra (torch, tritonclient): marked ``ml``. Without torch installed,
+#: ``pytest -m "not ml"`` does not even import them; any other selection fails on them (never a silent skip).
+ML_TEST_MODULES = frozenset({
+    "test_inference_api.py", "test_inference_monitoring.py", "test_inference_triton.py", "test_training.py",
+    "test_cards_preprocess.py", "test_fl.py",
+})
+
+
+def _ml_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "tritonclient"))
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in ML_TEST_MODULES and "not ml" in (config.getoption("markexpr") or "") \
+            and not _ml_installed():
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ML_TEST_MODULES:
+            item.add_marker(pytest.mark.ml)
+
+
 def data_path(*parts: str) -> Path:
     """Test data: the repository's demo copy first (a clone has no ../shared), else ../shared/data."""
     local = REPO / "demo" / "data" / Path(*parts)

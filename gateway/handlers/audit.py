@@ -11,9 +11,11 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.errors import Forbidden, NotFound
+from gateway.handlers.fhir import base_url as fhir_base_url
 from gateway.middlewares import requester_of
 from gateway.services import audit as audit_service
 from gateway.services.access import AccessRecord
+from gateway.services.audit_codes import Action, Interaction, Outcome
 
 FHIR_JSON = "application/fhir+json"
 
@@ -35,15 +37,16 @@ async def search(request: web.Request) -> web.Response:
     who = _admin(request)
     await _flush(request)
     events, total = await audit_service.search(request.app[keys.DB], list(request.query.items()))
-    base = f"{request.scheme}://{request.host}/fhir"
+    base = fhir_base_url(request)
     bundle = {
         "resourceType": "Bundle", "type": "searchset", "total": total,
-        "link": [{"relation": "self", "url": str(request.url)}],
+        "link": [{"relation": "self", "url": f"{base}/AuditEvent" + (f"?{request.query_string}" if request.query_string else "")}],
     }
     if events:
         bundle["entry"] = [{"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}
                            for e in events]
-    await request.app[keys.AUDIT].record(AccessRecord(who, "E", "search-type", "0", detail="AuditEvent search",
+    await request.app[keys.AUDIT].record(AccessRecord(who, Action.EXECUTE, Interaction.SEARCH_TYPE, Outcome.SUCCESS,
+                                                      detail="AuditEvent search",
                                                       path="/fhir/AuditEvent"))
     return web.Response(body=orjson.dumps(bundle), content_type=FHIR_JSON)
 
@@ -52,7 +55,7 @@ async def read(request: web.Request) -> web.Response:
     who = _admin(request)
     await _flush(request)
     seq = request.match_info["id"]
-    if not seq.isdigit():
+    if not seq.isdigit() or len(seq) > 18:  # beyond 64 bits: never a row (not an overflow in the database)
         raise NotFound(f"AuditEvent/{seq} not found")
     from sqlalchemy import select
 
@@ -64,7 +67,8 @@ async def read(request: web.Request) -> web.Response:
         raise NotFound(f"AuditEvent/{seq} not found")
     event = orjson.loads(content)
     event["id"] = seq
-    await request.app[keys.AUDIT].record(AccessRecord(who, "R", "read", "0", (f"AuditEvent/{seq}",),
+    await request.app[keys.AUDIT].record(AccessRecord(who, Action.READ, Interaction.READ, Outcome.SUCCESS,
+                                                      (f"AuditEvent/{seq}",),
                                                       path="/fhir/AuditEvent/{id}"))
     return web.Response(body=orjson.dumps(event), content_type=FHIR_JSON)
 

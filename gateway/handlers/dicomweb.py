@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import secrets
@@ -21,18 +22,23 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.edge import FORWARDED, PREFIX
+from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.middlewares import requester_of
 from gateway.services.dicomweb import (HEADER_READ, OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DicomwebService, Part,
                                        check_study_uid)
 from mappings.dicom import attributes as attrs
+from mappings.dicom import negotiate
 from mappings.dicom import pixels
 from mappings.dicom.qido import QidoError, QidoQuery
 
+log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED = {IMPLICIT_LE, EXPLICIT_LE, "1.2.840.10008.1.2.2"}
+UNCOMPRESSED = set(pixels.UNCOMPRESSED)  # explicit/implicit VR little endian, big endian, deflate
+#: stored bytes of the instances transcoded before a WADO response starts (see _retrieve)
+TRANSCODE_AHEAD = 64 * 1024 * 1024
 CHUNK = 256 * 1024
 #: bytes of a STOW part collected before a thread writes them (see _PartWriter)
 WRITE_BATCH = 1024 * 1024
@@ -61,12 +67,12 @@ def base_url(request: web.Request) -> str:
     if configured:
         return configured.rstrip("/") + "/dicomweb"
     host = request.host
-    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None:
+    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None and not request.get(FORWARDED):
         # some clients (dicomweb-client) send Host without the port: use the port we were reached on
         sock = request.transport.get_extra_info("sockname")
         if sock and sock[1] not in (80, 443):
             host = f"{host}:{sock[1]}"
-    return f"{request.scheme}://{host}/dicomweb"
+    return f"{request.scheme}://{host}{request.get(PREFIX, '')}/dicomweb"
 
 
 # ------------------------------------------------------------------------------------------- STOW-RS
@@ -486,10 +492,13 @@ async def _search(request: web.Request, level: str) -> web.Response:
                             series_uid=series)
     except QidoError as exc:
         raise BadRequest(str(exc), expression=[exc.param]) from None
-    results, total = await _svc(request).search(requester_of(request), level, q)
+    notes: list[str] = []  # (admins: conflicting studies among the results, issue #19)
+    results, total = await _svc(request).search(requester_of(request), level, q, notes)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
-        headers["Warning"] = f'299 fedgate "{total - q.offset - len(results)} more results; use offset"'
+        notes.insert(0, f"{total - q.offset - len(results)} more results; use offset")
+    if notes:
+        headers["Warning"] = ", ".join(f'299 fedgate "{n}"' for n in notes)
     return web.Response(body=orjson.dumps(results), content_type=DICOM_JSON, headers=headers)
 
 
@@ -508,35 +517,28 @@ async def search_instances(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------------------- WADO-RS
 
 
-def _accept_dicom(request: web.Request) -> str:
-    """The transfer syntax to send (PS3.18 §8.7.3.5): '*' = as stored; default Explicit VR Little Endian."""
-    accept = request.headers.get("Accept", "")
-    if not accept:
-        return EXPLICIT_LE
-    for item in accept.split(","):
-        fields = [f.strip() for f in item.split(";")]
-        media = fields[0].lower()
-        params = {k.strip().lower(): v.strip().strip('"') for k, _, v in (f.partition("=") for f in fields[1:])}
-        if media in ("*/*", "multipart/*"):
-            return params.get("transfer-syntax", EXPLICIT_LE)
-        if media == "multipart/related" and params.get("type", "application/dicom").lower() in (
-                "application/dicom", "application/*", "*/*"):
-            return params.get("transfer-syntax", EXPLICIT_LE)
-    raise NotAcceptable(f"Accept {accept!r}: instances are sent as multipart/related; type=\"application/dicom\"")
-
-
-def _plan_transfer(rows: list[dict], wanted: str) -> list[str | None]:
-    """Per instance: None = send as stored, else the syntax to transcode to (uncompressed only)."""
+def _plan_transfer(rows: list[dict], wants: list[negotiate.Want]) -> list[str | None]:
+    """Per instance (PS3.18 §8.7.3.5): None = send as stored, else the transfer syntax to transcode to — the
+    first accepted application/dicom representation that can be produced (uncompressed, RLE or JPEG 2000
+    lossless; compressed instances are decoded first).  406 if an instance has none."""
+    dicom = [w for w in wants if w.media in (negotiate.DICOM, "application/*", "*/*")]
+    if not dicom:
+        accept = wants[0].media if wants else ""
+        raise NotAcceptable(f"Accept {accept!r}: instances are sent as multipart/related; type=\"application/dicom\"")
     plan = []
     for r in rows:
         stored = r["transfer_syntax"]
-        if wanted == "*" or wanted == stored:
-            plan.append(None)
-        elif wanted in UNCOMPRESSED and stored in UNCOMPRESSED:
-            plan.append(wanted)
+        for w in dicom:
+            ts = w.ts or EXPLICIT_LE
+            if ts == "*" or ts == stored:
+                plan.append(None)
+                break
+            if (ts in UNCOMPRESSED or ts in pixels.ENCODABLE) and pixels.can_decode(stored):
+                plan.append(ts)
+                break
         else:
-            raise NotAcceptable(f"instance {r['sop_uid']} is stored as {stored}; it cannot be sent as {wanted} "
-                                "(ask for transfer-syntax=* to get it as stored)")
+            raise NotAcceptable(f"instance {r['sop_uid']} is stored as {stored}; it cannot be sent in an accepted "
+                                "transfer syntax (ask for transfer-syntax=* to get it as stored)")
     return plan
 
 
@@ -550,28 +552,64 @@ async def _multipart(request: web.Request, ctype: str) -> tuple[web.StreamRespon
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Study/Series/Instance (PS3.18 §10.4.1): multipart/related application/dicom."""
     svc = _svc(request)
-    wanted = _accept_dicom(request)
+    wants = _wants(request, negotiate.DICOM)
     m = request.match_info
     rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"),
                                metadata=False)
-    plan = _plan_transfer(rows, wanted)
+    plan = _plan_transfer(rows, wants)
+    if len(rows) == 1 and not next(w for w in wants if w.media in (negotiate.DICOM, "application/*", "*/*")).multipart:
+        # single part application/dicom (one instance): the file itself
+        [row], [target] = rows, plan
+        body = (await asyncio.to_thread(Path(svc.blob_path(row)).read_bytes) if target is None
+                else await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target))
+        return web.Response(body=body, headers={"Content-Type": _media_with_ts(negotiate.DICOM, target or row["transfer_syntax"])})
     if request.method != "HEAD" and all(t is None for t in plan):
         return await _retrieve_as_stored(request, svc, rows)
+    # transcoding is decided before the response starts: the instances to transcode (up to TRANSCODE_AHEAD
+    # stored bytes) are transcoded first, so one that cannot be answers 406 instead of breaking a started 200
+    ready: dict[int, bytes] = {}
+    ahead = 0
+    for i, (row, target) in enumerate(zip(rows, plan)):
+        if target is None or request.method == "HEAD":
+            continue
+        if ahead >= TRANSCODE_AHEAD:
+            break
+        ready[i] = await _transcoded(svc, row, target)
+        ahead += int(row.get("size") or 0)
     resp, boundary = await _multipart(request, "application/dicom")
-    for row, target in zip(rows, plan):
-        path = svc.blob_path(row)
-        ts = target or row["transfer_syntax"]
-        await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
-        if target is None:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    await resp.write(chunk)
-        else:
-            await resp.write(await asyncio.to_thread(pixels.transcode, path, target))
-        await resp.write(b"\r\n")
+    try:
+        for i, (row, target) in enumerate(zip(rows, plan)):
+            path = svc.blob_path(row)
+            ts = target or row["transfer_syntax"]
+            await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
+            if target is None:
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        await resp.write(chunk)
+            else:
+                await resp.write(ready.pop(i, None) or await _transcoded(svc, row, target))
+            await resp.write(b"\r\n")
+    except (GatewayError, OSError) as exc:  # past the status line: end the connection, never a 500 inside a 200
+        log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
+        resp.force_close()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
     await resp.write(f"--{boundary}--\r\n".encode())
     await resp.write_eof()
     return resp
+
+
+async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
+    """One instance transcoded (worker thread); an instance that cannot be → 406 with the reason."""
+    try:
+        return await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target)
+    except pixels.PixelError as exc:
+        raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — a stored file pydicom cannot re-encode
+        log.warning("transcode failed", extra={"error_type": type(exc).__name__})
+        raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target} (ask for "
+                            "transfer-syntax=* to get it as stored)") from None
 
 
 async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: list[dict]) -> web.StreamResponse:
@@ -631,31 +669,52 @@ def _frame_numbers(text: str) -> list[int]:
     return nums
 
 
+def _wants(request: web.Request, default_part: str) -> list[negotiate.Want]:
+    try:
+        return negotiate.parse_accept(request.headers.get("Accept"), default_part)
+    except negotiate.AcceptError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _media_with_ts(media: str, ts: str | None) -> str:
+    return f"{media}; transfer-syntax={ts}" if ts else media
+
+
+async def _send_parts(request: web.Request, media: str, ts: str | None, blobs: list[bytes],
+                      multipart: bool) -> web.StreamResponse:
+    if not multipart:  # single part (PS3.18 §8.7.3.2): the one frame / value is the body
+        [blob] = blobs
+        return web.Response(body=blob, headers={"Content-Type": _media_with_ts(media, ts)})
+    resp, boundary = await _multipart(request, media)
+    for blob in blobs:
+        await resp.write(f"--{boundary}\r\nContent-Type: {_media_with_ts(media, ts)}\r\n\r\n".encode())
+        await resp.write(blob)
+        await resp.write(b"\r\n")
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
 async def frames(request: web.Request) -> web.StreamResponse:
-    """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.3): multipart/related application/octet-stream, uncompressed."""
-    accept = request.headers.get("Accept", "")
-    # uncompressed frames go out as application/octet-stream parts; clients that ask for multipart/related
-    # with another part type (dicomweb-client asks for application/dicom by default) get the same
-    if accept and not any(a.split(";")[0].strip().lower() in ("multipart/related", "multipart/*", "*/*")
-                          for a in accept.split(",")):
-        raise NotAcceptable(f"Accept {accept!r}: frames are sent as multipart/related; type=\"application/octet-stream\"")
+    """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.3), negotiated per §8.7: multipart/related (or, for one frame,
+    single part) of application/octet-stream (uncompressed; compressed frames are decoded), the stored
+    compressed form (image/jpeg, image/jls, image/jp2, image/dicom-rle with its transfer syntax, or
+    ``transfer-syntax=*``), or frames encoded here (JPEG baseline from 8-bit pixels, RLE, JPEG 2000 lossless).
+    406 when no accepted representation can be produced."""
+    wants = _wants(request, negotiate.OCTET)
     svc = _svc(request)
     m = request.match_info
     nums = _frame_numbers(m["frames"])
     [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
                                 metadata=False)
     try:
-        data = await asyncio.to_thread(pixels.frames, svc.blob_path(row), nums)
+        want, media, ts, data = await asyncio.to_thread(pixels.frames_as, svc.blob_path(row), nums, wants)
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
-    resp, boundary = await _multipart(request, "application/octet-stream")
-    for blob in data:
-        await resp.write(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
-        await resp.write(blob)
-        await resp.write(b"\r\n")
-    await resp.write(f"--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
+    except Exception as exc:  # noqa: BLE001 — a stored file whose pixel data pydicom cannot read: 406
+        log.warning("frames failed", extra={"error_type": type(exc).__name__})
+        raise NotAcceptable("the instance's pixel data cannot be split into frames") from None
+    return await _send_parts(request, media, ts, data, want.multipart)
 
 
 def _pixel_error(exc: "pixels.PixelError"):
@@ -740,6 +799,13 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 async def bulkdata(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Bulkdata (PS3.18 §10.4.1.1.6): the value of one bulk attribute."""
+    wants = _wants(request, negotiate.OCTET)
+    for want in wants:  # bulk data is sent as stored: application/octet-stream, multipart or single part
+        if want.media in (negotiate.OCTET, "*/*", "application/*") and want.ts in (None, "*", EXPLICIT_LE):
+            break
+    else:
+        raise NotAcceptable(f"Accept {request.headers.get('Accept')!r}: bulk data is sent as application/octet-stream "
+                            "(single part, or multipart/related; type=\"application/octet-stream\")")
     svc = _svc(request)
     m = request.match_info
     [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
@@ -748,12 +814,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
         data = await asyncio.to_thread(pixels.bulk_value, svc.blob_path(row), m["tag"])
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
-    resp, boundary = await _multipart(request, "application/octet-stream")
-    await resp.write(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
-    await resp.write(data)
-    await resp.write(f"\r\n--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
+    return await _send_parts(request, negotiate.OCTET, None, [data], want.multipart)
 
 
 # ------------------------------------------------------------------------------------------- wiring

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
+from gateway.edge import public_base
 from gateway.errors import (BadRequest, GatewayError, MethodNotAllowed, NotAcceptable, PayloadTooLarge,
                             UnsupportedMediaType)
 from gateway.ids import new_id
@@ -33,13 +34,22 @@ ID_RE = r"[A-Za-z0-9\-.]{1,64}"
 _BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)(/_history(/[^/]*)?)?/?")
 
 
+#: the FHIR operations this server implements (docs/fhir.md); any other ``$name`` answers 400 not-supported
+SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand"
+
+
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
     if exc.status == 405 and (m := re.fullmatch(r"/fhir/(" + TYPE_RE + r")(/[^/]+)?/?", request.path)) \
             and m.group(1) in READ_ONLY_TYPES:  # not the generic routes' methods
         exc.headers["Allow"] = READ_ONLY_TYPES[m.group(1)]
-    if exc.status == 404 and request.match_info.route.resource is None:
+    if exc.status in (404, 405) and request.match_info.route.resource is None:
+        op = next((seg for seg in request.path.split("/") if seg.startswith("$")), None)
         m = _BAD_ID_PATH.fullmatch(request.path)
-        if m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
+        if op is not None:  # an operation no route implements: say so, like the same entry in a Bundle
+            shown = op if len(op) <= 40 else op[:40] + "..."
+            exc = GatewayError(f"FHIR operation {shown!r} is not supported here (this server implements "
+                               f"{SUPPORTED_OPERATIONS})", status=400, issue_code="not-supported")
+        elif m and not re.fullmatch(ID_RE, m.group(1)):  # Type/<not an id>: the id is wrong, not the route
             shown = m.group(1) if len(m.group(1)) <= 80 else m.group(1)[:80] + "..."
             exc = BadRequest(f"{shown!r} ({len(m.group(1)):,} characters) is not a FHIR id "
                              "([A-Za-z0-9-.]{1,64})", expression=["id"])
@@ -75,7 +85,7 @@ def base_url(request: web.Request) -> str:
     configured = request.app[keys.SETTINGS].base_url
     if configured:
         return configured.rstrip("/") + "/fhir"
-    return f"{request.scheme}://{request.host}/fhir"
+    return public_base(request) + "/fhir"
 
 
 def check_accept(request: web.Request) -> None:
@@ -92,9 +102,11 @@ def check_accept(request: web.Request) -> None:
     raise NotAcceptable(f"Accept {accept!r} is not supported; this server speaks application/fhir+json")
 
 
-async def read_json_body(request: web.Request) -> object:
+async def read_json_body(request: web.Request,
+                         allowed: tuple[str, ...] = ("application/fhir+json", "application/json", "application/json+fhir"),
+                         ) -> object:
     ctype = request.content_type
-    if ctype not in ("application/fhir+json", "application/json", "application/json+fhir"):
+    if ctype not in allowed:
         raise UnsupportedMediaType(f"Content-Type {ctype!r} is not supported; send application/fhir+json")
     limit = request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -175,6 +187,37 @@ async def metadata(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type=FHIR_JSON)
 
 
+SMART_SCOPES = ["openid", "fhirUser", "user/*.read", "user/*.write", "user/*.*", "user/*.rs", "user/*.cruds",
+                "system/*.read", "system/*.write", "system/*.*", "system/*.rs", "system/*.cruds"]
+
+
+def smart_configuration_doc(settings) -> dict:
+    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``) from the settings."""
+    doc: dict = {
+        "scopes_supported": SMART_SCOPES,
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
+        "capabilities": ["permission-user", "permission-v1", "permission-v2", "client-confidential-symmetric",
+                         "client-confidential-asymmetric"],
+    }
+    if settings.jwt_issuer.startswith(("http://", "https://")):
+        doc["issuer"] = settings.jwt_issuer
+    if settings.jwks.startswith(("http://", "https://")):
+        doc["jwks_uri"] = settings.jwks
+    if settings.smart_authorize_url and settings.smart_token_url:
+        doc["authorization_endpoint"] = settings.smart_authorize_url
+        doc["token_endpoint"] = settings.smart_token_url
+        doc["capabilities"] += ["launch-standalone", "client-public", "sso-openid-connect"]
+    return doc
+
+
+async def smart_configuration(request: web.Request) -> web.Response:
+    """SMART App Launch discovery (http://hl7.org/fhir/smart-app-launch/conformance.html), public."""
+    return web.json_response(smart_configuration_doc(request.app[keys.SETTINGS]))
+
+
 async def read(request: web.Request) -> web.Response:
     """read: GET [base]/[type]/[id] (FHIR R4 §3.1.0.2)."""
     check_accept(request)
@@ -223,26 +266,38 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-async def _search(request: web.Request, pairs: list[tuple[str, str]]) -> web.Response:
+async def _search(request: web.Request, pairs: list[tuple[str, str]], compartment: str | None = None) -> web.Response:
     svc = _svc(request)
     res_type = request.match_info["type"]
     svc.check_type(res_type)
     q = svc.parse_search(res_type, pairs, lenient=_lenient(request))
-    result = await svc.search(requester_of(request), q)
+    if compartment is None:
+        result = await svc.search(requester_of(request), q)
+        path = res_type
+    else:
+        result = await svc.compartment_search(requester_of(request), compartment, q)
+        path = f"Patient/{compartment}/{res_type}"
     base = base_url(request)
     plain = [(k, v) for k, v in pairs if k not in ("_offset",) and k not in q.ignored]
+    return _searchset(base, path, plain, q.offset, q.count, q.summary, result)
 
-    def link(offset: int) -> str:
-        return f"{base}/{res_type}?" + urlencode(plain + [("_offset", str(offset))])
 
-    links = [("self", f"{base}/{res_type}?" + urlencode(plain + ([("_offset", str(q.offset))] if q.offset else [])))]
-    if q.summary != "count" and q.count:
-        more = (result.total is None and len(result.matches) == q.count) or (
-            result.total is not None and q.offset + q.count < result.total)
+def _searchset(base: str, path: str, plain: list[tuple[str, str]], offset: int, count: int | None,
+               summary: str | None, result) -> web.Response:
+    """A searchset Bundle of one page, with self/next/previous links on ``base/path``."""
+    where = f"{base}/{path}" if path else base
+
+    def link(at: int) -> str:
+        return f"{where}?" + urlencode(plain + [("_offset", str(at))])
+
+    links = [("self", f"{where}?" + urlencode(plain + ([("_offset", str(offset))] if offset else [])))]
+    if summary != "count" and count:
+        more = (result.total is None and len(result.matches) == count) or (
+            result.total is not None and offset + count < result.total)
         if more:
-            links.append(("next", link(q.offset + q.count)))
-        if q.offset > 0:
-            links.append(("previous", link(max(0, q.offset - q.count))))
+            links.append(("next", link(offset + count)))
+        if offset > 0:
+            links.append(("previous", link(max(0, offset - count))))
     entries = [_entry(base, st, "match") for st in result.matches]
     entries += [_entry(base, st, "include") for st in result.included]
     body = bundle_bytes("searchset", entries, total=result.total, links=links)
@@ -263,6 +318,49 @@ async def search_post(request: web.Request) -> web.Response:
     form = await request.post() if request.can_read_body else {}
     pairs = list(request.query.items()) + [(k, str(v)) for k, v in form.items()]
     return await _search(request, pairs)
+
+
+async def compartment_search(request: web.Request) -> web.Response:
+    """compartment search: GET [base]/Patient/[id]/[type]?params (FHIR R4 §3.1.1.1.5)."""
+    check_accept(request)
+    return await _search(request, list(request.query.items()), compartment=request.match_info["id"])
+
+
+async def system_search(request: web.Request) -> web.Response:
+    """search-system: GET [base]?_type=A,B&params (FHIR R4 §3.1.0.9)."""
+    check_accept(request)
+    pairs = list(request.query.items())
+    types = [t.strip() for k, v in pairs if k == "_type" for t in v.split(",") if t.strip()]
+    rest = [(k, v) for k, v in pairs if k != "_type"]
+    result, count, offset = await _svc(request).system_search(requester_of(request), types, rest, _lenient(request))
+    plain = [("_type", ",".join(types))] + [(k, v) for k, v in rest if k != "_offset"]
+    return _searchset(base_url(request), "", plain, offset, count, None, result)
+
+
+async def everything(request: web.Request) -> web.Response:
+    """Patient/[id]/$everything (FHIR R4 OperationDefinition Patient-everything): a searchset Bundle."""
+    check_accept(request)
+    types = [t.strip() for v in request.query.getall("_type", []) for t in v.split(",") if t.strip()] or None
+    for k in request.query:
+        if k not in ("_type", "_format", "_pretty"):
+            raise BadRequest(f"$everything parameter {k!r} is not supported (use _type)", expression=[k])
+    rows = await _svc(request).everything(requester_of(request), request.match_info["id"], types)
+    base = base_url(request)
+    body = bundle_bytes("searchset", [_entry(base, st, "match") for st in rows], total=len(rows),
+                        links=[("self", f"{base}/Patient/{request.match_info['id']}/$everything")])
+    return web.Response(body=body, content_type=FHIR_JSON)
+
+
+async def patch(request: web.Request) -> web.Response:
+    """patch: PATCH [base]/[type]/[id] with a JSON Patch document (FHIR R4 §3.1.0.6), If-Match honoured."""
+    check_accept(request)
+    if request.content_type not in ("application/json-patch+json", "application/json"):
+        raise UnsupportedMediaType(f"Content-Type {request.content_type!r} is not supported; PATCH takes "
+                                   "application/json-patch+json (JSON Patch, RFC 6902)")
+    ops = await read_json_body(request, allowed=("application/json-patch+json", "application/json"))
+    m = request.match_info
+    out = await _svc(request).patch(requester_of(request), m["type"], m["id"], ops, request.headers.get("If-Match"))
+    return resource_response(out.stored, 200, location_base=base_url(request), prefer=_prefer_return(request))
 
 
 async def _history(request: web.Request, res_type: str | None, res_id: str | None) -> web.Response:
@@ -331,7 +429,14 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(f"/fhir/{t}/{i}", read, name="fhir.read")
     r.add_put(f"/fhir/{t}/{i}", update, name="fhir.update")
     r.add_delete(f"/fhir/{t}/{i}", delete, name="fhir.delete")
+    r.add_patch(f"/fhir/{t}/{i}", patch, name="fhir.patch")
+    r.add_get("/fhir", system_search, name="fhir.search_system")
+    r.add_get("/fhir/", system_search, name="fhir.search_system_slash")
+    r.add_get(f"/fhir/Patient/{i}/$everything", everything, name="fhir.everything")
+    r.add_get(f"/fhir/Patient/{i}/{t}", compartment_search, name="fhir.search_compartment")
     r.add_get(f"/fhir/{t}/{i}/_history", history_instance, name="fhir.history_instance")
     r.add_get(f"/fhir/{t}/{i}/_history/{{vid}}", vread, name="fhir.vread")
     app[keys.ERROR_RENDERERS]["/fhir"] = render_operation_outcome
-    app[keys.PUBLIC_ROUTES].add("fhir.metadata")
+    r.add_get("/fhir/.well-known/smart-configuration", smart_configuration, name="fhir.smart_configuration")
+    r.add_get("/.well-known/smart-configuration", smart_configuration, name="smart_configuration")
+    app[keys.PUBLIC_ROUTES].update({"fhir.metadata", "fhir.smart_configuration", "smart_configuration"})

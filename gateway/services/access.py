@@ -8,10 +8,55 @@ runs with :class:`OpenGate` (every request unrestricted) and :class:`NullAudit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 from gateway.context import Requester
 from gateway.store.scope import UNRESTRICTED, AccessScope
+
+
+class Action(str, Enum):
+    """AuditEvent.action (FHIR R4 valueset audit-event-action).  A ``str`` enum: it compares and
+    serialises as its code, so sinks written for plain strings keep working."""
+
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, Enum):
+    """AuditEvent.outcome (FHIR R4 valueset audit-event-outcome)."""
+
+    SUCCESS = "0"
+    MINOR_FAILURE = "4"  # refused, not found, bad request
+    SERIOUS_FAILURE = "8"
+    MAJOR_FAILURE = "12"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Interaction(str, Enum):
+    """What was done (AuditEvent.subtype: FHIR restful-interaction codes and fedgate's own)."""
+
+    READ = "read"
+    VREAD = "vread"
+    SEARCH = "search-type"
+    HISTORY = "history"
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+    TRANSACTION = "transaction"
+    BATCH = "batch"
+    ACCESS = "access"  # the gate's decision itself (a refused purpose)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,9 +64,9 @@ class AccessRecord:
     """One audited access (PHI-free: resource references, not content)."""
 
     requester: Requester
-    action: str  # C | R | U | D | E (FHIR AuditEvent.action)
-    interaction: str  # read | vread | search | create | update | delete | history | transaction | ...
-    outcome: str  # "0" success, "4" minor failure, "8" serious failure (AuditEvent.outcome)
+    action: Action | str  # C | R | U | D | E (FHIR AuditEvent.action)
+    interaction: Interaction | str  # read | vread | search | create | update | delete | history | ...
+    outcome: Outcome | str  # "0" success, "4" minor failure, "8" serious failure (AuditEvent.outcome)
     resources: tuple[str, ...] = ()  # "Type/id"
     patients: tuple[str, ...] = ()
     scope_summary: str = ""
@@ -37,6 +82,10 @@ WRITE_ROLES = frozenset({"ehr-system", "pacs", "clinician", "site", "admin"})
 
 def require_write(requester: Requester) -> None:
     """Raise Forbidden unless ``requester`` may write data."""
+    if requester.read_only:
+        from gateway.errors import Forbidden
+
+        raise Forbidden("the token's SMART scopes grant reads only (ask for user/*.write or user/*.cud)")
     if not requester.has_role(*WRITE_ROLES):
         from gateway.errors import Forbidden
 

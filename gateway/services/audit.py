@@ -6,19 +6,30 @@
   head is serialised with a transaction-scoped advisory lock, so several processes may share a store.
   ``flush()`` is awaited before audit searches and at shutdown, so nothing recorded is lost on a
   clean stop.
-* :func:`verify` walks the chain and names the first row whose hash, link or search columns do not
-  match (``fedgate audit verify``).
+* Rows carry a gap-free ``seq`` (1, 2, 3, ... assigned under the chain-head lock), and after every flush the
+  new chain head is anchored *outside* the database: :class:`CheckpointLog` appends an HMAC-signed
+  ``(seq, hash)`` line to an append-only file (default ``data_dir/audit/checkpoints.jsonl``, key in
+  ``data_dir/secrets/audit-checkpoint.key``; the ``[audit]`` settings section can move both).
+* :func:`verify` walks the chain and names the first row whose hash, link, sequence number or search
+  columns do not match, then checks every checkpoint against it: a chain shorter than a checkpoint was
+  truncated, a checkpoint whose hash differs from the row's was re-chained (``fedgate audit verify``).
+  Threat model: docs/audit.md.
 * :func:`search` serves ``GET /fhir/AuditEvent`` (admins only; see the handler).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +39,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import keys
 from gateway.services.access import AccessRecord
+from gateway.services.audit_codes import Action, Interaction, Outcome
+from gateway.settings import secret_file
 from gateway.store.audit_schema import GENESIS, audit_event
 
 log = logging.getLogger(__name__)
@@ -63,13 +76,15 @@ def to_audit_event(rec: AccessRecord, site: str, recorded: str) -> dict[str, Any
     }
     if who.organization:
         agent["who"]["display"] = who.organization
+    # typed codes: a value outside the enums raises here (a programming error), never reaches the trail
+    action, interaction, outcome = Action(rec.action), Interaction(rec.interaction), Outcome(rec.outcome)
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": {"system": DCM, "code": "110110", "display": "Patient Record"},
-        "subtype": [{"system": REST, "code": rec.interaction}],
-        "action": rec.action,
+        "subtype": [{"system": REST, "code": interaction.value}],
+        "action": action.value,
         "recorded": recorded,
-        "outcome": rec.outcome,
+        "outcome": outcome.value,
         "purposeOfEvent": pov,
         "agent": [agent],
         "source": {"site": site, "observer": {"display": site}},
@@ -94,6 +109,93 @@ def _row(event: dict[str, Any], rec_patients: tuple[str, ...]) -> dict[str, Any]
     }
 
 
+class CheckpointLog:
+    """Signed chain heads, appended to a file outside the database (the anchor of ``audit verify``).
+
+    One JSON line per checkpoint: ``{"seq", "hash", "at", "mac"}`` with ``mac = HMAC-SHA256(key,
+    "seq:hash:at")``.  The file is only ever opened with ``O_APPEND``; several server processes sharing a
+    store append to the same file (one ``write`` per line)."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path = Path(path)
+        self.key = key
+
+    @classmethod
+    def for_settings(cls, settings, *, create: bool = True) -> CheckpointLog | None:
+        """The settings' log: ``[audit] checkpoint_file`` / ``key`` (hex or text), defaults under data_dir.
+        With ``create`` false (verify), None when no key exists yet."""
+        conf = dict(settings.extra.get("audit", {}) or {})
+        path = Path(conf.get("checkpoint_file") or settings.data_dir / "audit" / "checkpoints.jsonl")
+        key = conf.get("key") or ""
+        if key:
+            return cls(path, key.encode())
+        key_path = Path(conf.get("key_file") or settings.secrets_dir / "audit-checkpoint.key")
+        if not key_path.exists() and not create:
+            return None
+        return cls(path, secret_file(key_path, lambda: secrets.token_hex(32)).encode())
+
+    def mac(self, seq: int, head: str, at: str) -> str:
+        return hmac.new(self.key, f"{seq}:{head}:{at}".encode(), hashlib.sha256).hexdigest()
+
+    def append(self, seq: int, head: str) -> None:
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        line = orjson.dumps({"seq": seq, "hash": head, "at": at, "mac": self.mac(seq, head, at)}) + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read(self) -> tuple[dict[int, str], str]:
+        """``({seq: hash}, problem)``: the checkpoints, or the first line that is not a valid signed one."""
+        heads: dict[int, str] = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return heads, ""
+        for n, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                cp = orjson.loads(line)
+                seq, head, at, mac = int(cp["seq"]), str(cp["hash"]), str(cp["at"]), str(cp["mac"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                return heads, f"checkpoint file line {n} is not a checkpoint"
+            if not hmac.compare_digest(mac, self.mac(seq, head, at)):
+                return heads, f"checkpoint file line {n}: signature does not match (forged or altered checkpoint)"
+            if heads.get(seq, head) != head:
+                return heads, f"checkpoint file line {n}: two different chain heads signed for seq={seq}"
+            heads[seq] = head
+        return heads, ""
+
+
+#: The records made while serving the current request (set by the error middleware per request; the handler
+#: runs in the middleware's task, so services' ``record`` calls see the same list).  The middleware records a
+#: refused request itself unless failures recorded for it already name every resource and patient it named.
+_REQUEST_OUTCOMES: contextvars.ContextVar[list[AccessRecord] | None] = contextvars.ContextVar(
+    "fedgate_audit_outcomes", default=None)
+
+
+def begin_request() -> contextvars.Token:
+    return _REQUEST_OUTCOMES.set([])
+
+
+def end_request(token: contextvars.Token) -> None:
+    _REQUEST_OUTCOMES.reset(token)
+
+
+def request_recorded_failure(resources: tuple[str, ...] = (), patients: tuple[str, ...] = ()) -> bool:
+    """Whether failures (outcome other than success) were recorded while serving the current request that
+    name every one of ``resources`` and ``patients``."""
+    failures = [r for r in _REQUEST_OUTCOMES.get() or () if r.outcome != Outcome.SUCCESS]
+    if not failures:
+        return False
+    named_r = {x for r in failures for x in r.resources}
+    named_p = {x for r in failures for x in r.patients}
+    return set(resources) <= named_r and set(patients) <= named_p
+
+
 class ChainedAudit:
     """Batched, hash-chained AuditEvent writer."""
 
@@ -107,18 +209,29 @@ class ChainedAudit:
         self.batch_delay_s = batch_delay_s
         self.max_batch = max_batch
         self.written = 0
+        self.anchor: CheckpointLog | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Events accepted but not yet written to the chain (the metrics' audit backlog)."""
+        return len(self._pending)
 
     async def record(self, event: AccessRecord) -> None:
         recorded = datetime.now(UTC).isoformat(timespec="microseconds")
         self._pending.append((to_audit_event(event, self.site, recorded), tuple(event.patients)))
+        made = _REQUEST_OUTCOMES.get()
+        if made is not None:
+            made.append(event)
         self._wake.set()
         if self.db is None:  # not started (e.g. a test app without the store ctx): nothing to write to
             return
         if len(self._pending) >= self.max_batch:
             await self.flush()
 
-    async def start(self, db) -> None:
+    async def start(self, db, anchor: CheckpointLog | None = None) -> None:
         self.db = db
+        if anchor is not None:
+            self.anchor = anchor
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -151,27 +264,36 @@ class ChainedAudit:
                 return
             batch, self._pending = self._pending, []
             try:
-                await self._write(batch)
+                head = await self._write(batch)
             except BaseException:
                 # not written (a database error, or the request that triggered this flush was cancelled):
                 # the events go back to the head of the queue for the next flush — an access is never unaudited
                 self._pending[:0] = batch
                 raise
             self.written += len(batch)
+            if self.anchor is not None:
+                try:  # after the commit: a checkpoint never names a head that was rolled back
+                    self.anchor.append(*head)
+                except OSError as exc:  # the rows are written; the next flush anchors a later head
+                    log.warning("audit checkpoint not written: %s", type(exc).__name__)
 
-    async def _write(self, batch: list[tuple[dict, tuple[str, ...]]]) -> None:
+    async def _write(self, batch: list[tuple[dict, tuple[str, ...]]]) -> tuple[int, str]:
+        """Append ``batch`` to the chain; returns the new head ``(seq, hash)``."""
         async with self.db.write() as conn:
             if not self.db.is_sqlite:
                 await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_KEY})"))
-            prev = (await conn.execute(select(audit_event.c.hash).order_by(audit_event.c.seq.desc()).limit(1))).scalar()
-            prev = prev or GENESIS
+            last = (await conn.execute(select(audit_event.c.seq, audit_event.c.hash)
+                                       .order_by(audit_event.c.seq.desc()).limit(1))).first()
+            seq, prev = (last[0], last[1]) if last is not None else (0, GENESIS)
             rows = []
             for event, patients in batch:
                 content = canonical(event).decode()
                 h = chain_hash(prev, content)
-                rows.append(_row(event, patients) | {"content": content, "prev_hash": prev, "hash": h})
+                seq += 1  # gap-free, assigned under the chain-head lock (a sequence would leave gaps on rollback)
+                rows.append(_row(event, patients) | {"seq": seq, "content": content, "prev_hash": prev, "hash": h})
                 prev = h
             await conn.execute(audit_event.insert(), rows)
+        return seq, prev
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +304,15 @@ class VerifyResult:
     seq: int | None = None
 
 
-async def verify(db) -> VerifyResult:
-    """Walk the chain in ``seq`` order; the first inconsistent row is named."""
+async def verify(db, anchor: CheckpointLog | None = None) -> VerifyResult:
+    """Walk the chain in ``seq`` order; the first inconsistent row is named.  Then every checkpoint of
+    ``anchor`` must name a row of the chain with the same hash (none: the chain is checked on its own,
+    and the result says it is not anchored)."""
+    heads: dict[int, str] = {}
+    if anchor is not None:
+        heads, problem = anchor.read()
+        if problem:
+            return VerifyResult(False, 0, problem)
     prev = GENESIS
     n = 0
     last_seq = 0
@@ -193,6 +322,9 @@ async def verify(db) -> VerifyResult:
             async for row in result:
                 n += 1
                 m = row._mapping
+                if m["seq"] != last_seq + 1:
+                    what = "the first rows of the chain were" if last_seq == 0 else f"rows after seq={last_seq} were"
+                    return VerifyResult(False, n, f"row seq={m['seq']}: sequence gap, {what} deleted", m["seq"])
                 if m["prev_hash"] != prev:
                     return VerifyResult(False, n, f"row seq={m['seq']}: prev_hash does not link to row before it "
                                                   f"(a row was deleted, inserted or reordered)", m["seq"])
@@ -207,11 +339,24 @@ async def verify(db) -> VerifyResult:
                 for col, value in expected.items():
                     if m[col] != value:
                         return VerifyResult(False, n, f"row seq={m['seq']}: column {col} does not match the event", m["seq"])
+                if heads.get(m["seq"], m["hash"]) != m["hash"]:
+                    return VerifyResult(False, n, f"row seq={m['seq']}: hash differs from the signed checkpoint "
+                                                  f"(the chain was rewritten and re-chained)", m["seq"])
                 prev = m["hash"]
                 last_seq = m["seq"]
         finally:
             await result.close()
-    return VerifyResult(True, n, f"{n} audit events, chain intact (last seq {last_seq})")
+    if heads and max(heads) > last_seq:
+        return VerifyResult(False, n, f"chain ends at seq={last_seq} but a signed checkpoint names seq={max(heads)}: "
+                                      f"rows at the tail were deleted", last_seq + 1)
+    if n and not heads:  # the gateway anchors every flush: a chain without checkpoints lost its anchor
+        why = "no checkpoint key" if anchor is None else f"no signed checkpoint in {anchor.path}"
+        return VerifyResult(False, n, f"{n} audit events but {why}: the chain is not anchored (checkpoint file or "
+                                      f"key deleted?); deletion of its newest rows could not be detected", None)
+    anchored = max(heads) if heads else 0
+    tail = f"; {last_seq - anchored} newer than the last checkpoint" if last_seq > anchored else ""
+    return VerifyResult(True, n, f"{n} audit events, chain intact (last seq {last_seq}), anchored by "
+                                 f"{len(heads)} signed checkpoints (last seq {anchored}){tail}")
 
 
 async def search(db, params: list[tuple[str, str]], *, max_count: int = 1000) -> tuple[list[dict], int]:
@@ -264,13 +409,13 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx (after the store): start the flusher; flush what is pending at shutdown."""
     sink = app[keys.AUDIT]
     if isinstance(sink, ChainedAudit):
-        await sink.start(app[keys.DB])
+        await sink.start(app[keys.DB], CheckpointLog.for_settings(app[keys.SETTINGS]))
     yield
     if isinstance(sink, ChainedAudit):
         await sink.stop()
 
 
-__all__ = ["ChainedAudit", "VerifyResult", "audit_ctx", "chain_hash", "search", "to_audit_event", "verify"]
+__all__ = ["ChainedAudit", "CheckpointLog", "VerifyResult", "audit_ctx", "chain_hash", "search", "to_audit_event", "verify"]
 
 
 def verify_main(settings) -> int:
@@ -282,7 +427,7 @@ def verify_main(settings) -> int:
     async def run() -> VerifyResult:
         db = await open_database(settings)
         try:
-            return await verify(db)
+            return await verify(db, CheckpointLog.for_settings(settings, create=False))
         finally:
             await db.dispose()
 

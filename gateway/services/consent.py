@@ -27,7 +27,8 @@ import tomllib
 from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -41,7 +42,7 @@ from gateway.settings import Settings
 from gateway.store.consent_schema import consent_profile, ensure_indexes, recompute, store_policy_doc
 from gateway.store.scope import AccessScope, profile_no
 from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
-from ontologies import CompositeHierarchy, evaluate, load_duo, load_hierarchy
+from ontologies import ClosureHierarchy, CompositeHierarchy, evaluate, load_duo, load_hierarchy
 from ontologies.evaluator import ConsentInputError, ResearchPurpose
 from ontologies.evaluator import Requester as DuoRequester
 
@@ -72,11 +73,15 @@ class ConsentGate:
         self.db = None
         self.ontology = None
         self.diseases = CompositeHierarchy(())
+        self._file_parts: tuple = ()
+        self._vocab_gen: tuple | None = None
         self._profiles: dict[str, list[Entry]] = {}
         #: profile_no → key, and keys whose number collides with another's (never permitted)
         self._by_no: dict[int, str] = {}
         self._collided: set[str] = set()
         self._scopes: dict[tuple, AccessScope] = {}
+        #: combined profile key → its member keys (issue #19)
+        self._combos: dict[str, tuple[str, ...]] = {}
         #: (codes, diseases, attributes JSON) → (purpose, requester, their keys): see :meth:`_parse`
         self._parsed: dict[tuple, tuple] = {}
         self._lock = asyncio.Lock()
@@ -94,8 +99,10 @@ class ConsentGate:
         ``fedgate serve --processes N``, whose parent did it) store the policy, recompute if it changed."""
         self.db = db
         self.ontology = await asyncio.to_thread(load_duo)
-        parts = [await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files]
-        self.diseases = CompositeHierarchy(tuple(parts))
+        self._file_parts = tuple([await asyncio.to_thread(load_hierarchy, p) for p in self.disease_files])
+        self.diseases = CompositeHierarchy(self._file_parts)
+        async with db.read() as conn:
+            await self._refresh_vocab(conn)
         if not one_time:
             return
         async with db.write() as conn:
@@ -110,18 +117,40 @@ class ConsentGate:
             return
         self._checked_at = now
         async with self.db.read() as conn:
+            await self._refresh_vocab(conn)
             count = (await conn.execute(select(func.count()).select_from(consent_profile))).scalar_one()
             if count == len(self._profiles):
                 return
             rows = (await conn.execute(select(consent_profile.c.key, consent_profile.c.profile))).all()
         for key, text in rows:
             if key not in self._profiles:
-                self._profiles[key] = entries_of(orjson.loads(text))
+                doc = orjson.loads(text)
+                if isinstance(doc, dict) and "all_of" in doc:
+                    # a combined profile (resources linked to several patients, issue #19): permitted
+                    # only when every member profile is (consent_schema.combined_key)
+                    self._combos[key] = tuple(doc["all_of"])
+                    self._profiles[key] = []
+                else:
+                    self._profiles[key] = entries_of(doc)
                 no = profile_no(key)
                 other = self._by_no.setdefault(no, key)
                 if other != key:  # two profiles share a row number: permit neither (fail closed)
                     self._collided |= {key, other}
                     log.error("consent profile numbers collide; both profiles are denied")
+
+    async def _refresh_vocab(self, conn) -> None:
+        """The disease ontologies loaded in the vocabulary store (``fedgate vocab load``: MONDO, DOID,
+        HPO, ...) after the configured files (first match wins); reloaded when a load switches version,
+        and the cached decisions with them.  A code no hierarchy knows still fails closed."""
+        from gateway.store import vocab_schema
+
+        gen = await vocab_schema.generation(conn)
+        if gen == self._vocab_gen:
+            return
+        closure = await vocab_schema.hierarchies(conn)
+        self.diseases = CompositeHierarchy(self._file_parts + (ClosureHierarchy(MappingProxyType(closure), "vocab-store"),))
+        self._vocab_gen = gen
+        self._scopes.clear()
 
     def _permits(self, entries: list[Entry], purpose: ResearchPurpose, who: DuoRequester, today: date) -> bool:
         day = today.isoformat()
@@ -132,10 +161,18 @@ class ConsentGate:
                     return True
         return False
 
+    #: called with each decision's outcome ("unrestricted" | "restricted" | "refused"): the metrics
+    observer: Callable[[str], None] | None = None
+
     async def scope_for(self, requester: Requester) -> AccessScope:
         try:
-            return await self._scope_for(requester)
+            scope = await self._scope_for(requester)
+            if self.observer is not None:
+                self.observer("unrestricted" if scope.unrestricted else "restricted")
+            return scope
         except Forbidden as err:
+            if self.observer is not None:
+                self.observer("refused")
             if self.audit is not None:
                 await self.audit.record(AccessRecord(requester, "E", "access", "4", scope_summary="refused",
                                                      detail=err.message))
@@ -186,8 +223,10 @@ class ConsentGate:
         scope = self._scopes.get(ckey)
         if scope is None:
             async with self._lock:
-                allowed = frozenset(k for k, entries in self._profiles.items()
-                                    if k not in self._collided and self._permits(entries, wanted, who, today))
+                single = {k for k, entries in self._profiles.items() if k not in self._combos
+                          and k not in self._collided and self._permits(entries, wanted, who, today)}
+                allowed = frozenset(single | {k for k, members in self._combos.items() if k not in self._collided
+                                              and all(m in single for m in members)})
                 scope = AccessScope(
                     unrestricted=False, allowed_profiles=allowed,
                     allowed_nos=frozenset(profile_no(k) for k in allowed),

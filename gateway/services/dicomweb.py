@@ -31,6 +31,7 @@ from gateway.errors import BadRequest, NotFound
 from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
+from gateway.store import dicom_views
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database, built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
@@ -95,11 +96,58 @@ class Outcome:
     patient_meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What ``fedgate import`` did with one file."""
+
+    file: str
+    status: str  # stored | duplicate | skipped | failed
+    sop_uid: str | None = None
+    reason: str = ""
+
+
 UNCOMPRESSED_TS = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
-    """Read and check one instance file (worker process). Never raises; failures are in the Outcome."""
+    """Read and check one instance file (worker process). Never raises; failures are in the Outcome, with
+    a reason written for people (:func:`failure_reason`): one bad part never fails the request."""
+    try:
+        return _parse_checked(part, study_in_path)
+    except Exception as exc:  # noqa: BLE001 — whatever a malformed file makes a reader raise fails it alone
+        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
+
+
+_LENGTH_VR = re.compile(r"parse \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\) according to VR '([A-Z]{2})'")
+_TAG_IN = re.compile(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A STOW failure reason for people (never the reader's raw exception text: it may quote values)."""
+    from pydicom.errors import BytesLengthException
+
+    if isinstance(exc, attrs.InvalidInstance):
+        return str(exc)[:300]  # fedgate's own words, naming the attribute
+    if isinstance(exc, InvalidDicomError):
+        return ("not a DICOM PS3.10 file: the 128-byte preamble followed by 'DICM' and the file meta "
+                "information are missing")
+    if isinstance(exc, BytesLengthException):
+        m = _LENGTH_VR.search(str(exc))
+        where = f"element ({m[1]},{m[2]}) is encoded as VR {m[3]} but " if m else "an element's "
+        return f"{where}its value length does not fit that VR (not a whole number of values)"
+    if isinstance(exc, RecursionError) or "Recursion limit" in str(exc):
+        return f"sequences are nested too deeply (at most {attrs.MAX_SEQUENCE_DEPTH} levels are accepted)"
+    if isinstance(exc, (EOFError, struct.error)):
+        return "the file ends inside an element: it is truncated or an element's length is wrong"
+    if isinstance(exc, MemoryError):
+        return "an element's length is larger than the file (a huge or corrupt length)"
+    m = _TAG_IN.search(str(exc))
+    at = f" (at element ({m[1]},{m[2]}))" if m else ""
+    return (f"the data set could not be read{at}: an element's VR, length or value does not follow the "
+            "transfer syntax")
+
+
+def _parse_checked(part: Part, study_in_path: str | None) -> Outcome:
     if part.failure is not None:
         return Outcome(None, None, failure=part.failure, reason=part.reason)
     try:
@@ -110,9 +158,8 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
             ds, ts, meta = _read_full(part)
     except _NeedsFile:
         return Outcome(None, None, retry=True)
-    except (InvalidDicomError, attrs.InvalidInstance, EOFError, ValueError, KeyError, TypeError,
-            AttributeError, OSError, NotImplementedError, struct.error) as exc:
-        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=f"{type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:  # noqa: BLE001 — see _parse_part
+        return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out = Outcome(*(attrs.text(src, kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                                     "SeriesInstanceUID")))
@@ -120,13 +167,16 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
         out.failure, out.reason = UID_MISMATCH, f"StudyInstanceUID {out.study_uid} differs from the URL's {study_in_path}"
         return out
     out.tmp, out.size = part.tmp, part.size
+    if attrs.sequence_depth(meta) > attrs.MAX_SEQUENCE_DEPTH:
+        raise attrs.InvalidInstance(f"sequences are nested more than {attrs.MAX_SEQUENCE_DEPTH} levels deep "
+                                    "(the most fedgate accepts)")
     out.meta_json = orjson.dumps(meta).decode()
     out.rows = attrs.index_rows(src, blob_path="", size=part.size, transfer_syntax=ts, now=0.0, patient_id=None)
     try:
         out.content = _content_rows(ds, out.sop_class)
     except (EOFError, OSError, struct.error) as exc:  # a sequence cut short (truncated SR): nothing stored
         return Outcome(out.sop_class, out.sop_uid, out.study_uid, out.series_uid, failure=CANNOT_UNDERSTAND,
-                       reason=f"{type(exc).__name__}: {exc}"[:300])
+                       reason=failure_reason(exc))
     out.patient_key = (attrs._s(src, "PatientID", 64), attrs._s(src, "IssuerOfPatientID", 64))
     out.patient_meta = {"sex": attrs._s(src, "PatientSex", 16), "birth": attrs._s(src, "PatientBirthDate", 8)}
     if reason := attrs.control_character(out.rows, out.content):  # NUL etc.: refused on both engines
@@ -139,6 +189,7 @@ def _transfer_syntax(ds) -> str:
     ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ""
     if not ts:
         raise attrs.InvalidInstance("file meta TransferSyntaxUID is missing")
+    attrs.check_uid("TransferSyntaxUID", ts)
     return ts
 
 
@@ -262,10 +313,17 @@ def _check_pixel_length(ds, file_size: int, ts: str) -> None:
 
 
 def _check_expected_length(ds, length: int) -> None:
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    expected = (rows * cols * spp * frames * bits + 7) // 8
+    from mappings.dicom.pixels import native_frame_bits
+
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise attrs.InvalidInstance("Rows, Columns, SamplesPerPixel, BitsAllocated or NumberOfFrames is not "
+                                    "a number") from None
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    expected = (native_frame_bits(rows, cols, spp, bits, photometric) * frames + 7) // 8
     if length < expected:
         raise attrs.InvalidInstance(f"PixelData holds {length} bytes, the header needs {expected} (truncated)")
 
@@ -421,6 +479,9 @@ class _Batch:
 
 
 class DicomwebService:
+    #: the application's :class:`~gateway.metrics.Metrics` (instances and bytes stored), wired at start-up
+    metrics_observer = None
+
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, blobs: BlobStore,
                  workers: WorkerPool | None = None) -> None:
         self.workers = workers or WorkerPool(0)
@@ -439,9 +500,11 @@ class DicomwebService:
         return ParseFeed(self.workers, study_in_path)
 
     async def store(self, requester: Requester, parts: list[Part], study_in_path: str | None,
-                    retrieve_base: str, feed: "ParseFeed | None" = None) -> tuple[int, dict]:
+                    retrieve_base: str, feed: "ParseFeed | None" = None,
+                    outcomes_out: list | None = None) -> tuple[int, dict]:
         """Store the received parts; returns (HTTP status, DICOM JSON response dataset) per PS3.18 10.5.3.
-        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now)."""
+        ``feed``: the :meth:`parse_feed` the parts were given to while they arrived (else they are parsed now).
+        ``outcomes_out``: if given, receives every part's :class:`Outcome`, in the order of ``parts``."""
         try:
             require_write(requester)
             if feed is None:
@@ -484,6 +547,12 @@ class DicomwebService:
             self.db.note_writes(len(good))
         stored = [o for o in outcomes if o.failure is None]
         failed = [o for o in outcomes if o.failure is not None]
+        if outcomes_out is not None:
+            outcomes_out.extend(outcomes)
+        if self.metrics_observer is not None:
+            dup = sum(1 for o in stored if o.warning == WARNING_IDENTICAL)
+            self.metrics_observer.observe_stow(len(stored) - dup, dup, len(failed),
+                                               sum(o.size for o in stored if o.warning != WARNING_IDENTICAL))
         await self.audit.record(AccessRecord(
             requester, "C", "stow", "0" if not failed else ("4" if stored else "8"),
             tuple(f"ImagingStudy/{u}" for u in sorted({o.study_uid for o in stored}))[:200], (), "", "",
@@ -594,7 +663,11 @@ class DicomwebService:
         the request go on; a directory fsync failing fails every file renamed into place here (removed)."""
         dirty: set[str] = set()
         for o in new:
-            o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            try:
+                o.rel = self.blobs.relative_path(o.study_uid, o.series_uid, o.sop_uid)
+            except ValueError:  # (parsing checked the UIDs already: a second line of defence)
+                o.failure, o.reason = CANNOT_UNDERSTAND, "a UID of the instance cannot name a storage path"
+                continue
             try:
                 self.blobs.commit(o.tmp, o.rel, fsynced=True, dirty=dirty)
             except OSError as exc:  # nothing was moved (mkdir / rename failed): the temp file is removed later
@@ -814,11 +887,16 @@ class DicomwebService:
         if st_rows is None:
             st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
                 select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
+        # studies holding instances of several patients (issue #19): per-patient parts for research answers;
+        # their ImagingStudy lists only its subject's (the study row's patient's) series and instances
+        conflicts = await dicom_views.sync_parts(conn, st_rows, added)
         await repo.lock_resources(conn, [("ImagingStudy", u) for u in uids])  # vs. FHIR API writers
         current = await repo.get_current_many(conn, [("ImagingStudy", u) for u in uids] + [("Endpoint", "dicomweb")])
         nulls_first = conn.dialect.name != "postgresql"
         inst_by_study: dict[str, list[dict]] = {}
         for uid in uids:
+            if uid in conflicts:
+                continue  # rebuilt below, from its subject's instances only
             merged = _extended_instances(current.get(("ImagingStudy", uid)), st_rows[uid], series_by_study[uid],
                                          (added or {}).get(uid), nulls_first)
             if merged is not None:
@@ -827,25 +905,36 @@ class DicomwebService:
         if rebuild:
             inst = (await conn.execute(select(
                 dcm_instance.c.study_uid, dcm_instance.c.series_uid, dcm_instance.c.sop_uid,
-                dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number).where(dcm_instance.c.study_uid.in_(rebuild))
+                dcm_instance.c.sop_class_uid, dcm_instance.c.instance_number, dcm_instance.c.patient_id).where(
+                dcm_instance.c.study_uid.in_(rebuild))
                 .order_by(dcm_instance.c.instance_number))).mappings().all()
             for u in rebuild:
                 inst_by_study[u] = []
             for r in inst:
-                inst_by_study[r["study_uid"]].append(dict(r))
+                if r["study_uid"] not in conflicts or r["patient_id"] == st_rows[r["study_uid"]]["patient_id"]:
+                    inst_by_study[r["study_uid"]].append({k: v for k, v in r.items() if k != "patient_id"})
         writes = []
         for uid in uids:
-            resource = imaging_study_resource(st_rows[uid], series_by_study[uid], inst_by_study[uid])
+            series_rows = series_by_study[uid]
+            study_row = st_rows[uid]
+            if uid in conflicts:  # the subject's part: its own series (a shared series as its instances give it)
+                study_row, series_rows = await dicom_views.subject_rows(conn, st_rows[uid], series_rows)
+            resource = imaging_study_resource(study_row, series_rows, inst_by_study[uid])
             prev = current.get(("ImagingStudy", resource["id"]))
-            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST"))
+            # linked to the study's patient even when the subject names it by DICOM identifier only (issue #19)
+            pid = st_rows[uid].get("patient_id")
+            writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
+                                     links=frozenset({pid}) if pid else frozenset()))
         if ("Endpoint", "dicomweb") not in current:
             from mappings.dicom.imagingstudy import endpoint_resource
 
             writes.append(repo.Write("Endpoint", "dicomweb", endpoint_resource(), None, "POST"))
         await repo.apply_writes(conn, writes)
 
-    async def bulk_import(self, requester: Requester, files: list[Path]) -> tuple[int, int, list[str]]:
-        """Store files already on disk (``fedgate import``): copies them through the same path as STOW."""
+    async def bulk_import(self, requester: Requester, files: list[Path]) -> list["ImportResult"]:
+        """Store files already on disk (``fedgate import``) through the same path as STOW-RS; one
+        :class:`ImportResult` per file, in order: stored, duplicate (identical instance already stored)
+        or failed with the reason STOW would give."""
         import shutil
 
         parts = []
@@ -853,10 +942,16 @@ class DicomwebService:
             tmp = self.blobs.temp_path()
             shutil.copyfile(f, tmp)
             parts.append(Part(tmp, tmp.stat().st_size))
-        status, body = await self.store(requester, parts, None, "")
-        ok = len(body.get("00081199", {}).get("Value", []))
-        bad = body.get("00081198", {}).get("Value", [])
-        return ok, len(bad), [i.get("00091010", {}).get("Value", [""])[0] for i in bad]
+        outcomes: list[Outcome] = []
+        await self.store(requester, parts, None, "", outcomes_out=outcomes)
+        results = []
+        for f, o in zip(files, outcomes):
+            if o.failure is not None:
+                results.append(ImportResult(str(f), "failed", o.sop_uid, o.reason or f"DICOM status 0x{o.failure:04X}"))
+            else:
+                results.append(ImportResult(str(f), "duplicate" if o.warning == WARNING_IDENTICAL else "stored",
+                                            o.sop_uid))
+        return results
 
     async def reconcile(self) -> None:
         """Start-up repair: temp files and unindexed files removed, rows without files dropped."""
@@ -875,32 +970,62 @@ class DicomwebService:
             log.warning("blob store reconciled", extra={"files_removed": removed, "rows_removed": len(missing)})
 
     # ---------------------------------------------------------------------------------- QIDO-RS
-    async def search(self, requester: Requester, level: str, q: QidoQuery) -> tuple[list[dict], int]:
+    async def search(self, requester: Requester, level: str, q: QidoQuery,
+                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
+        """QIDO-RS. A research scope reads per-patient rows when conflicting studies (instances of several
+        patients) are stored, so every answer is built from permitted instances only (issue #19); an admin
+        gets the conflicting studies among the results in ``warnings``."""
         scope = await self.gate.scope_for(requester)
-        stmt, count_stmt = q.statements(level, scope)
+        plain = q.statements(level, scope)
         with_meta = bool(q.extra_tags(level) or q.include_all)
+        meta_stmt = self._meta_stmt(level, scope) if with_meta else None
+        report = warnings is not None and requester.is_admin
 
-        def read(conn) -> tuple[int, list[dict]]:  # one hand-over for every statement (Database.read_sync)
+        def read(conn) -> tuple[int, list[dict], list[str]]:  # one hand-over for every statement (read_sync)
+            stmt, count_stmt = plain
+            if not scope.unrestricted and conn.execute(dicom_views.has_conflicts_stmt()).first() is not None:
+                stmt, count_stmt = q.statements(level, scope, self._views())
             total = conn.execute(count_stmt).scalar_one()
             results = [dict(r) for r in conn.execute(stmt).mappings()]
-            if with_meta:
-                self._attach_metadata(conn, level, results)
-            return total, results
+            if meta_stmt is not None:
+                key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
+                for r in results:
+                    meta = conn.execute(meta_stmt, {"uid": r[key], "pid": r.get("patient_id")}).scalar()
+                    r["_meta"] = orjson.loads(meta) if meta else {}
+            conflicts: list[str] = []
+            if report and results:
+                uids = sorted({r["study_uid"] for r in results})
+                conflicts = list(conn.execute(dicom_views.conflicting_stmt(), {"b_uids": uids}).scalars())
+            return total, results, conflicts
 
-        total, results = await self.db.read_sync(read)
+        total, results, conflicts = await self.db.read_sync(read)
+        if warnings is not None:
+            warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
+                         for u in conflicts]
         await self._audit(requester, "E", f"qido-{level}", scope, {r.get("patient_id") for r in results})
         return [q.render(level, r) for r in results], total
 
     @staticmethod
-    def _attach_metadata(conn, level: str, results: list[dict]) -> None:
-        """Representative instance metadata for includefield (first instance of the study/series)."""
+    def _views() -> dict:
+        return {dcm_study: dicom_views.study_view(), dcm_series: dicom_views.series_view()}
+
+    def _meta_stmt(self, level: str, scope: AccessScope):
+        """Representative instance metadata for includefield (the first instance of the study/series) — for
+        a research scope the first *permitted* instance of the row's own patient (a study's row may be one
+        patient's part of a conflicting study), never another patient's (issue #19)."""
         key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
-        col = getattr(dcm_instance.c, key)
-        stmt = built_once(("qido meta", key), lambda: select(dcm_instance.c.metadata).where(
-            col == bindparam("uid")).order_by(dcm_instance.c.instance_number).limit(1))
-        for r in results:
-            meta = conn.execute(stmt, {"uid": r[key]}).scalar()
-            r["_meta"] = orjson.loads(meta) if meta else {}
+        ck = ("qido meta", key, scope if not scope.unrestricted else None)
+        stmt = self._stmts.get(ck)
+        if stmt is None:
+            c = dcm_instance.c
+            stmt = select(c.metadata).where(getattr(c, key) == bindparam("uid"))
+            if not scope.unrestricted:
+                stmt = stmt.where(scope.row_clause(c.consent_no), c.patient_id.is_not_distinct_from(bindparam("pid")))
+            stmt = stmt.order_by(c.instance_number).limit(1)
+            if len(self._stmts) >= 256:
+                self._stmts.clear()
+            self._stmts[ck] = stmt
+        return stmt
 
     async def _audit(self, requester: Requester, action: str, interaction: str, scope: AccessScope,
                      patients: Iterable[str | None], resources: Iterable[str] = ()) -> None:

@@ -29,7 +29,6 @@ import asyncio
 import datetime as _dt
 import hashlib
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,12 +40,12 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import func, select
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.services.access import AccessRecord
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, secret_file
 from gateway.store.schema import cm_observation, cm_patient
 from gateway.store.scope import AccessScope
 from mappings.cohort import CohortError, compile_cohort, parse
@@ -163,19 +162,10 @@ def hub_private_key(settings: Settings, cfg: FederationConfig) -> ec.EllipticCur
     if cfg.hub_key:
         key = serialization.load_pem_private_key(_pem(cfg.hub_key), password=None)
     else:
-        path = settings.secrets_dir / "federation-hub-es256.pem"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            tmp.unlink(missing_ok=True)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = secret_file(settings.secrets_dir / "federation-hub-es256.pem", lambda: ec.generate_private_key(
+            ec.SECP256R1()).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()).decode())
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SettingsError("setting 'federation.hub_key': not an EC private key (ES256 needs P-256)")
     return key
@@ -404,19 +394,17 @@ class SiteService:
         return result
 
     async def _answer(self, req: CohortRequest, scope: AccessScope) -> dict:
-        eligible_flag = scope.patient_clause(cm_patient.c.patient_id, allow_no_patient=False)
-        # one pass: the cohort's patients (matching at all) with the consent scope as a flag column
-        stmt = compile_cohort(req.root, None, expand=self.expand, today=req.age_at).with_only_columns(
-            cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date,
-            case((eligible_flag, 1), else_=0).label("eligible") if not scope.unrestricted
-            else literal(1).label("eligible"))
+        # Only patients whose consent permits the purpose are ever read (issue #19, leak 5): the cohort SQL
+        # is intersected with the scope, so no released value — counts, breakdowns, stats, cell keys —
+        # depends on a refused patient.  (An earlier ``consent.matching`` counted every patient matching
+        # the criteria: comparing count(A) with count(A or X) told whether a withdrawn patient had X.)
+        stmt = compile_cohort(req.root, scope, expand=self.expand, today=req.age_at).with_only_columns(
+            cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date)
         async with self.db.read() as conn:
             rows = (await conn.execute(stmt)).all()
-            seen: dict[str, tuple] = {}
+            elig: dict[str, tuple] = {}
             for r in rows:
-                seen.setdefault(r.patient_id, r)
-            match_ids = list(seen)
-            elig = {pid: r for pid, r in seen.items() if r.eligible}
+                elig.setdefault(r.patient_id, r)
             series_rows = []
             if elig and ({"modality", "manufacturer"} & set(req.breakdowns)):
                 series_rows = await self._series(conn, req, scope, sorted(elig))
@@ -426,8 +414,7 @@ class SiteService:
         d, k = self.disclosure, self.keys
         result: dict[str, Any] = {
             "count": d.release(len(elig), k.cell_key(elig)),
-            "consent": {"matching": d.release(len(match_ids), k.cell_key(match_ids)),
-                        "eligible": d.release(len(elig), k.cell_key(elig))},
+            "consent": {"eligible": d.release(len(elig), k.cell_key(elig))},
             "breakdowns": {},
             "disclosure": {"min_cell": d.min_cell, "round_base": d.base, "method": "cell-key rounding"},
         }
@@ -527,6 +514,9 @@ class SiteService:
 class HubService:
     """Fans a query out to the configured sites concurrently and merges what comes back in time."""
 
+    #: the application's :class:`~gateway.metrics.Metrics` (site round trips), wired at start-up
+    metrics_observer = None
+
     def __init__(self, settings: Settings, cfg: FederationConfig, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.cfg = cfg
@@ -582,7 +572,10 @@ class HubService:
             out.update(status="error", error=f"{type(exc).__name__}: site unreachable")
         except orjson.JSONDecodeError:
             out.update(status="error", error="site answered with invalid JSON")
-        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        elapsed = time.perf_counter() - t0
+        out["elapsed_ms"] = round(elapsed * 1000, 1)
+        if self.metrics_observer is not None:
+            self.metrics_observer.observe_round_trip(site.id, out["status"], elapsed)
         return out
 
 
@@ -605,7 +598,7 @@ def merge(answers: list[dict], req: CohortRequest) -> dict:
     counted in ``suppressed``), pooled moments, summed histograms, quantiles from the merged histogram."""
     ok = [a for a in answers if a["status"] == "ok"]
     total: int | None = None
-    consent = {"matching": None, "eligible": None}
+    consent: dict[str, int | None] = {"eligible": None}
     breakdowns: dict[str, dict[str, int | None]] = {}
     suppressed: dict[str, int] = {}
     for a in ok:

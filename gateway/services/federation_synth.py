@@ -21,11 +21,11 @@ from gateway.store.db import Database
 SCT = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 
-#: SNOMED CT codes used (with a tiny hierarchy: diabetes mellitus → type 1 / type 2).
+#: SNOMED CT codes used.  Their hierarchy (diabetes mellitus → type 1 / type 2, ...) is not here: it is
+#: the vocabulary store's (``fedgate vocab load --demo`` loads demo/data/vocab, as ``fedgate demo`` does).
 DIABETES, T1DM, T2DM = "73211009", "46635009", "44054006"
 HEART_FAILURE = "84114007"
 HYPERTENSION = "38341003"
-HIERARCHY = {(SCT, DIABETES): {T1DM, T2DM}}
 HBA1C = "4548-4"  # LOINC, %
 BMI = "39156-5"  # LOINC, kg/m2
 CARDIAC_MRI = "241620005"  # SCT procedure
@@ -213,13 +213,4 @@ async def load(db: Database, rows: dict[str, list[dict]], *, chunk: int = 5000) 
             await stamp_dicom(conn, {r["patient_id"] for r in rows["cm_patient"]})  # QIDO filters on the rows
 
 
-def expand_codes(system: str | None, code: str) -> set[str]:
-    """Descendants in the demo hierarchy (an :data:`mappings.cohort.compiler.Expander`)."""
-    out: set[str] = set()
-    for (sys_, parent), children in HIERARCHY.items():
-        if parent == code and system in (None, sys_):
-            out |= children
-    return out
-
-
-__all__ = ["SiteProfile", "DEMO_SITES", "generate", "load", "expand_codes", "CONSENT_PROFILES", "profile_keys"]
+__all__ = ["SiteProfile", "DEMO_SITES", "generate", "load", "CONSENT_PROFILES", "profile_keys"]

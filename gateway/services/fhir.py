@@ -12,16 +12,22 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
 
+import orjson
+
 from gateway.context import Requester
 from gateway.ids import new_id
-from gateway.errors import BadRequest, Gone, NotFound, PreconditionFailed, Unprocessable, GatewayError, Conflict
-from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
+from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, Gone, NotFound, PreconditionFailed,
+                            Unprocessable)
+from gateway.services.access import AccessRecord, Action, AuditSink, Gate, Interaction, Outcome, require_write
+from gateway.store.access import Access, AccessLayer
 from gateway.store import fhir_repo as repo
 from gateway.store.db import Database
 from gateway.store.scope import AccessScope
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import ID_RE
-from mappings.fhir.search import SearchError, SearchQuery, parse_search
+from mappings.fhir.compartment import PATIENT_COMPARTMENT
+from mappings.fhir.jsonpatch import PatchError, apply_patch
+from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -57,9 +63,11 @@ class WriteOutcome:
 class FhirService:
     def __init__(
         self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000,
-        validator: ModelValidator | None = None,
+        validator: ModelValidator | None = None, access: AccessLayer | None = None,
     ) -> None:
         self.db = db
+        #: the one access layer (issue #19): every read below gets its query builder from it
+        self.access = access or AccessLayer(db, gate, audit)
         self.validator = validator or ModelValidator(0)
         self.gate = gate
         self.audit = audit
@@ -94,54 +102,128 @@ class FhirService:
             raise BadRequest(str(exc), expression=[exc.param]) from None
 
     # -- read ----------------------------------------------------------------------------------
-    async def read(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored:
+    # Every read goes through the access layer (gateway.store.access, issue #19): the requester's Access
+    # (the gate's scope) builds the query.  For a research (restricted) scope a deleted resource, and
+    # every version of it, answers 404 exactly like one that never existed (no 410, no version leak);
+    # treatment and site scopes keep FHIR's 410 Gone.
+
+    async def open(self, requester: Requester) -> Access:
+        return await self.access.open(requester)
+
+    async def read(self, requester: Requester, res_type: str, res_id: str, *, access: Access | None = None,
+                   conn=None) -> repo.Stored:
         self.check_type(res_type)
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
-            cur = await repo.get_current(conn, res_type, res_id)
-            visible = cur is not None and (
-                scope.unrestricted or cur.patient_id is None
-                or await self._patient_visible(conn, cur.patient_id, scope)
-            )
-        if cur is None or not visible:
-            await self._audit(requester, "R", "read", "4", scope=scope, detail="not found or not permitted")
+        access = access or await self.open(requester)
+        if conn is None:
+            async with access.read() as c:
+                cur = await repo.get_visible(c, access.scope, res_type, res_id)
+        else:
+            cur = await repo.get_visible(conn, access.scope, res_type, res_id)
+        ref = (f"{res_type}/{res_id}",)
+        if cur is None or (cur.deleted and access.restricted):
+            await access.record(Action.READ, Interaction.READ, Outcome.MINOR_FAILURE, resources=ref,
+                                detail="not found or not permitted")
             raise NotFound(f"{res_type}/{res_id} is not known")
         if cur.deleted:
+            await access.record(Action.READ, Interaction.READ, Outcome.MINOR_FAILURE, resources=ref, detail="deleted")
             raise Gone(f"{res_type}/{res_id} was deleted", headers={"ETag": cur.etag})
-        await self._audit(requester, "R", "read", "0", [cur], scope)
+        await access.record(Action.READ, Interaction.READ, Outcome.SUCCESS, resources=ref, patients=(cur.patient_id,))
         return cur
 
-    async def vread(self, requester: Requester, res_type: str, res_id: str, version: str) -> repo.Stored:
+    async def vread(self, requester: Requester, res_type: str, res_id: str, version: str, *,
+                    access: Access | None = None, conn=None) -> repo.Stored:
         self.check_type(res_type)
-        if not version.isdigit():
-            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
-            st = await repo.get_version(conn, res_type, res_id, int(version))
-            if st is not None and not scope.unrestricted:
-                cur = await repo.get_current(conn, res_type, res_id)
-                pid = cur.patient_id if cur else st.patient_id
-                if pid is not None and not await self._patient_visible(conn, pid, scope):
-                    st = None
-        if st is None:
+        access = access or await self.open(requester)
+        ref = (f"{res_type}/{res_id}",)
+        st = None
+        if version_number(version) is not None:  # not digits, or beyond 64 bits: never a stored version
+            scope = access.scope if access.restricted else None
+            if conn is None:
+                async with access.read() as c:
+                    st = await repo.get_version(c, res_type, res_id, int(version), scope)
+            else:
+                st = await repo.get_version(conn, res_type, res_id, int(version), scope)
+        if st is None or (st.deleted and access.restricted):
+            await access.record(Action.READ, Interaction.VREAD, Outcome.MINOR_FAILURE, resources=ref,
+                                detail="not found or not permitted")
             raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
         if st.deleted:
+            await access.record(Action.READ, Interaction.VREAD, Outcome.MINOR_FAILURE, resources=ref, detail="deleted")
             raise Gone(f"{res_type}/{res_id}/_history/{version} is a deletion", headers={"ETag": st.etag})
-        await self._audit(requester, "R", "vread", "0", [st], scope)
+        await access.record(Action.READ, Interaction.VREAD, Outcome.SUCCESS, resources=ref, patients=(st.patient_id,))
         return st
 
-    async def _patient_visible(self, conn, patient_id: str, scope: AccessScope) -> bool:
-        return bool(await repo.get_many(conn, [("Patient", patient_id)], scope))
-
     # -- search & history ------------------------------------------------------------------------
-    async def search(self, requester: Requester, q: SearchQuery) -> repo.SearchResult:
+    async def search(self, requester: Requester, q: SearchQuery, *, access: Access | None = None,
+                     conn=None) -> repo.SearchResult:
         self.check_type(q.res_type)
+        access = access or await self.open(requester)
+        if conn is None:
+            async with access.read() as c:
+                result = await repo.search(c, q, access.scope)
+        else:
+            result = await repo.search(conn, q, access.scope)
+        items = result.matches + result.included
+        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in items],
+                            patients=[s.patient_id for s in items], detail=q.res_type)
+        return result
+
+    async def compartment_search(self, requester: Requester, patient_id: str, q: SearchQuery) -> repo.SearchResult:
+        """``GET Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the search restricted to the patient's compartment
+        (R4 Patient CompartmentDefinition); the consent gate applies as to any search."""
+        if q.res_type not in PATIENT_COMPARTMENT:
+            raise BadRequest(f"{q.res_type} is not in the Patient compartment (R4 CompartmentDefinition)")
+        q.compartment = patient_id
+        return await self.search(requester, q)
+
+    async def system_search(self, requester: Requester, types: list[str], pairs: list[tuple[str, str]],
+                            lenient: bool = False) -> tuple[repo.SearchResult, int, int]:
+        """``GET [base]?_type=A,B&...`` (FHIR R4 §3.1.0.9 "search-system"): the same criteria on each type,
+        results in ``_type`` order, one page (``_count``/``_offset``) over them all. Returns (result, count, offset)."""
+        if not types:
+            raise BadRequest("system search needs _type (a comma-separated list of resource types)",
+                             expression=["_type"])
+        for t in types:
+            self.check_type(t)
+        paging = [(k, v) for k, v in pairs if k in ("_count", "_offset")]
+        criteria = [(k, v) for k, v in pairs if k not in ("_count", "_offset")]
+        probe = self.parse_search(types[0], paging, lenient=lenient)
+        count, offset = probe.count, probe.offset
+        matches: list[repo.Stored] = []
+        included: list[repo.Stored] = []
+        total = 0
         scope = await self._scope(requester)
         async with self.db.read() as conn:
-            result = await repo.search(conn, q, scope)
-        await self._audit(requester, "E", "search-type", "0", result.matches + result.included, scope,
-                          detail=q.res_type)
-        return result
+            for t in types:
+                q = self.parse_search(t, criteria, lenient=lenient)
+                q.count, q.offset, q.total = min(offset + count, self.max_count), 0, "accurate"
+                res = await repo.search(conn, q, scope)
+                total += res.total or 0
+                matches += res.matches
+                included += res.included
+        page = matches[offset:offset + count]
+        await self._audit(requester, "E", "search-system", "0", page + included, scope, detail=",".join(types))
+        return repo.SearchResult(page, total, included), count, offset
+
+    async def everything(self, requester: Requester, patient_id: str, types: list[str] | None) -> list[repo.Stored]:
+        """``Patient/{id}/$everything`` (FHIR R4 Patient-everything): the Patient and every resource in its
+        compartment (R4 CompartmentDefinition types; ``_type`` narrows), each type capped at ``max_count``.
+        The Patient is read through the gate first: one the caller may not see is a 404."""
+        patient = await self.read(requester, "Patient", patient_id)
+        for t in types or ():
+            if t not in PATIENT_COMPARTMENT:
+                raise BadRequest(f"_type {t!r} is not in the Patient compartment", expression=["_type"])
+        scope = await self._scope(requester)
+        out = [patient] if not types or "Patient" in types else []
+        async with self.db.read() as conn:
+            for t in types or PATIENT_COMPARTMENT:
+                if t == "Patient":
+                    continue
+                q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
+                out += (await repo.search(conn, q, scope)).matches
+        await self._audit(requester, "R", "everything", "0", out, scope)
+        return out
 
     async def history(self, requester: Requester, res_type: str | None, res_id: str | None,
                       pairs: list[tuple[str, str]]) -> tuple[list[repo.Stored], int, int, int]:
@@ -156,6 +238,8 @@ class FhirService:
                     count = min(int(v), self.max_count)
                 elif k == "_offset":
                     offset = max(int(v), 0)
+                    if offset > MAX_OFFSET:
+                        raise BadRequest(f"history parameter '_offset': must be at most {MAX_OFFSET}", expression=[k])
                 elif k == "_since":
                     since = parse_range(v)[0]
                 elif k in ("_format", "_pretty"):
@@ -166,16 +250,18 @@ class FhirService:
                 if isinstance(exc, BadRequest):
                     raise
                 raise BadRequest(f"history parameter {k!r}: {exc}", expression=[k]) from None
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
+        access = await self.open(requester)
+        async with access.read() as conn:
             if res_id:
-                cur = await repo.get_current(conn, res_type, res_id)
-                if cur is None or (cur.patient_id and not scope.unrestricted
-                                   and not await self._patient_visible(conn, cur.patient_id, scope)):
+                cur = await repo.get_visible(conn, access.scope, res_type, res_id)
+                if cur is None or (cur.deleted and access.restricted):
+                    await access.record(Action.READ, Interaction.HISTORY, Outcome.MINOR_FAILURE,
+                                        resources=(f"{res_type}/{res_id}",), detail="not found or not permitted")
                     raise NotFound(f"{res_type}/{res_id} is not known")
-            rows, total = await repo.history(conn, scope, res_type=res_type, res_id=res_id, since=since,
+            rows, total = await repo.history(conn, access.scope, res_type=res_type, res_id=res_id, since=since,
                                              count=count, offset=offset)
-        await self._audit(requester, "R", "history", "0", rows, scope)
+        await access.record(Action.READ, Interaction.HISTORY, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in rows], patients=[s.patient_id for s in rows])
         return rows, total, count, offset
 
     # -- write ---------------------------------------------------------------------------------
@@ -183,6 +269,8 @@ class FhirService:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
+        if if_none_exist:  # conditional create: the criteria are searched, so the requester's access counts
+            await self.conditional_allowed(await self.open(requester), "If-None-Exist")
         async with self.db.write() as conn:
             if if_none_exist:
                 found = await self._conditional_match(conn, res_type, if_none_exist, "If-None-Exist")
@@ -220,6 +308,25 @@ class FhirService:
         await self._audit(requester, "C" if created else "U", "update", "0", [stored])
         return WriteOutcome(stored, created=created)
 
+    async def patch(self, requester: Requester, res_type: str, res_id: str, ops: Any,
+                    if_match: str | None) -> WriteOutcome:
+        """patch: JSON Patch (RFC 6902) on the current version (FHIR R4 §3.1.0.6), then an update with
+        If-Match (the caller's, else the version patched: a concurrent change → 412, never lost)."""
+        require_write(requester)
+        cur = await self.read(requester, res_type, res_id)  # the gate: a resource the caller may not see is 404
+        want = parse_etag(if_match)
+        if want is not None and want != cur.version:  # before the patch: it was written against that version
+            raise PreconditionFailed(f"If-Match version {want} does not match current version {cur.version} "
+                                     f"of {res_type}/{res_id}")
+        try:
+            patched = apply_patch(orjson.loads(cur.content), ops)
+        except PatchError as exc:
+            expr = [f"Patch[{exc.index}]"] if exc.index is not None else None
+            raise (Unprocessable if exc.kind == "test" else BadRequest)(str(exc), expression=expr) from None
+        if patched.get("resourceType") != res_type or patched.get("id") != res_id:
+            raise Unprocessable("a patch may not change resourceType or id")
+        return await self.update(requester, res_type, res_id, patched, if_match or f'W/"{cur.version}"')
+
     async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
         require_write(requester)  # issue #4: analysts read only
         self.check_type(res_type)
@@ -237,6 +344,17 @@ class FhirService:
             return validate_resource(body, expected_type=res_type)
         except InvalidResource as exc:
             raise invalid_error(exc) from None
+
+    async def conditional_allowed(self, access: Access, what: str) -> None:
+        """Conditional operations (If-None-Exist, conditional update/delete/references) match the criteria
+        over *every* resource, and their outcome (created or not, which id) would tell a research scope
+        about resources it may not see (issue #19, leak 6): they need an unrestricted (treatment or site)
+        purpose.  Refused, audited, whatever the criteria match — no existence oracle."""
+        if access.restricted:
+            await access.record(Action.CREATE, Interaction.CREATE, Outcome.MINOR_FAILURE,
+                                detail=f"conditional operation ({what}) refused for a research purpose")
+            raise Forbidden(f"{what}: conditional operations need a treatment purpose (a research purpose may "
+                            "not search resources it is not permitted to see)")
 
     async def _conditional_match(self, conn, res_type: str, query: str, what: str,
                                  lock: bool = True) -> repo.Stored | None:
@@ -284,6 +402,7 @@ class FhirService:
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)
+        plan.access = await self.open(requester)  # GET entries and conditional operations: the requester's access
         plan.prepare(check_models=False)  # envelopes, ids, fullUrls (cheap)
         await plan.check_models(self.validator)  # the expensive model validation, off the event loop
         async with self.db.write() as conn:

@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl, urlsplit
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PreconditionFailed
 from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
-from gateway.store.scope import UNRESTRICTED
 from mappings.fhir.references import ID_RE, rewrite_references
+from mappings.fhir.search import version_number
 from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,6 +129,9 @@ class TransactionPlan:
     entries: list[Entry] = field(default_factory=list)
     refmap: dict[str, str] = field(default_factory=dict)
     stored: list[repo.Stored] = field(default_factory=list)
+    #: the requester's access (gateway.store.access): GET entries read through it, and a restricted one may
+    #: not use conditional operations (issue #19, leak 6)
+    access: Any = None
 
     def prepare(self, *, check_models: bool = True) -> None:
         """Parse (and unless ``check_models`` is False, model-validate) every entry; assign ids (no I/O)."""
@@ -171,6 +174,14 @@ class TransactionPlan:
 
     async def execute(self, conn) -> dict[str, Any]:
         svc = self.service
+        conditional = [e for e in self.entries if (e.method == "POST" and e.if_none_exist)
+                       or (e.method in ("PUT", "DELETE") and e.res_id is None)
+                       or (e.resource is not None and _has_conditional_reference(e.resource))]
+        if conditional:
+            try:
+                await svc.conditional_allowed(self.access, "conditional entry")
+            except GatewayError as exc:
+                raise _entry_error(conditional[0].index, exc) from None
         # conditional writes: their criteria locked first, all together (see repo.lock_conditions)
         await repo.lock_conditions(conn, [
             (e.res_type, e.if_none_exist) if e.method == "POST" else (e.res_type, e.query or "")
@@ -268,10 +279,10 @@ class TransactionPlan:
         for (e, _), st in zip(writes, results):
             e.stored = st
         self.stored = [st for st in results]
-        # 5. reads
+        # 5. reads, through the requester's access like a direct read
         for e in self.entries:
             if e.method == "GET":
-                await _read_entry(svc, conn, e)
+                await _read_entry(svc, conn, e, self.access)
         return {
             "resourceType": "Bundle",
             "id": new_id(),
@@ -280,20 +291,30 @@ class TransactionPlan:
         }
 
 
-async def _read_entry(svc: "FhirService", conn, e: Entry) -> None:
-    if e.res_id is None:
-        q = svc.parse_search(e.res_type, parse_qsl(e.query or "", keep_blank_values=True))
-        result = await repo.search(conn, q, UNRESTRICTED)
-        e.response_resource = {
-            "resourceType": "Bundle", "type": "searchset", "total": result.total,
-            "entry": [{"resource": m.resource()} for m in result.matches],
-        }
-        e.status = 200
-        return
-    st = (await repo.get_version(conn, e.res_type, e.res_id, int(e.version)) if e.version and e.version.isdigit()
-          else await repo.get_current(conn, e.res_type, e.res_id))
-    if st is None or st.deleted:
-        raise _entry_error(e.index, NotFound(f"{e.res_type}/{e.res_id} is not known"))
+def _has_conditional_reference(resource: dict) -> bool:
+    from mappings.fhir.references import iter_references
+
+    return any("?" in r and not r.startswith("#") for r in iter_references(resource))
+
+
+async def _read_entry(svc: "FhirService", conn, e: Entry, access) -> None:
+    requester = access.requester
+    try:
+        if e.res_id is None:
+            q = svc.parse_search(e.res_type, parse_qsl(e.query or "", keep_blank_values=True))
+            result = await svc.search(requester, q, access=access, conn=conn)
+            e.response_resource = {
+                "resourceType": "Bundle", "type": "searchset", "total": result.total,
+                "entry": [{"resource": m.resource()} for m in result.matches],
+            }
+            e.status = 200
+            return
+        if e.version:
+            st = await svc.vread(requester, e.res_type, e.res_id, e.version, access=access, conn=conn)
+        else:
+            st = await svc.read(requester, e.res_type, e.res_id, access=access, conn=conn)
+    except GatewayError as exc:
+        raise _entry_error(e.index, exc) from None
     e.stored, e.status = st, 200
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 
 from gateway.context import Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, Unprocessable
@@ -53,7 +53,8 @@ CHUNK = 5_000
 _EVENT = ("pk", "src_type", "src_id", "patient_id", "system", "code", "encounter_id")
 #: The common-model columns the OMOP mapping reads (mappings/omop/export.py).
 EXPORT_COLUMNS = {
-    "cm_patient": ("pk", "src_type", "src_id", "patient_id", "birth_date", "sex", "race", "ethnicity", "deceased_date"),
+    "cm_patient": ("pk", "src_type", "src_id", "patient_id", "birth_date", "sex", "race", "ethnicity", "deceased_date",
+                   "identifiers"),
     "cm_encounter": ("pk", "src_type", "src_id", "patient_id", "class_code", "code", "start", "end"),
     "cm_condition": _EVENT + ("onset", "abatement", "clinical_status"),
     "cm_observation": _EVENT + ("category", "value_num", "unit", "value_system", "value_code", "value_text", "effective"),
@@ -120,10 +121,10 @@ class OmopService:
         data = await self.collect(scope)
         vocab = await self.vocabulary()
         result: OmopExport = await asyncio.to_thread(export_rows, data, vocab)
-        vrows = vocabulary_rows(vocab, result.concept_ids)
+        vrows = vocabulary_rows(vocab, result.concept_ids, result.local_concepts, result.local_systems)
         t_map = time.perf_counter()
         if target.csv_dir is not None:
-            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows)
+            await asyncio.to_thread(write_csv, target.csv_dir, result, vrows, target.replace)
             where = {"csv": str(target.csv_dir)}
         else:
             await write_postgres(target.pg_url or "", target.schema or "", result, vrows, replace=target.replace)
@@ -173,11 +174,17 @@ class OmopService:
         st, se = s.metadata.tables.get("dcm_study"), s.metadata.tables.get("dcm_series")
         if st is None or se is None:
             return []
+        # per-patient rows (issue #19): a study or series holding instances of several patients gives one
+        # row per patient, built from that patient's instances, gated by that patient
+        from gateway.store import dicom_views
+
+        st, se = dicom_views.study_view(), dicom_views.series_view()
         stmt = (select(se.c.series_uid, se.c.study_uid, se.c.modality, se.c.body_part, se.c.series_date,
-                       st.c.study_date, st.c.patient_id)
-                .join(st, st.c.study_uid == se.c.study_uid).where(st.c.patient_id.is_not(None)))
+                       st.c.study_date, se.c.patient_id)
+                .join(st, and_(st.c.study_uid == se.c.study_uid, st.c.patient_id == se.c.patient_id))
+                .where(se.c.patient_id.is_not(None)))
         if visible is not None:
-            stmt = stmt.where(st.c.patient_id.in_(visible))
+            stmt = stmt.where(se.c.patient_id.in_(visible))
         return [ImagingSeries(r.patient_id, r.study_uid, r.series_uid, r.series_date or r.study_date, r.modality,
                               (r.body_part or "").upper() or None,
                               f"/dicomweb/studies/{r.study_uid}/series/{r.series_uid}")
@@ -195,7 +202,23 @@ class OmopService:
                 s.fhir_resource.c.res_type == "ImagingStudy", s.fhir_resource.c.res_id.in_(ids[i:i + 500]),
                 s.fhir_resource.c.deleted.is_(False)))
             content.update({r.res_id: orjson.loads(r.content) for r in res if r.content})
+        # studies imported from OMOP: their series as imported (cm_imaging_series)
+        omop = {r.study_uid for r in rows if r.src_type == "OMOP"}
+        omop_series: dict[str, list] = {}
+        if omop:
+            ims = s.cm_imaging_series
+            uids = sorted(omop)
+            for i in range(0, len(uids), 500):
+                res = await conn.execute(select(ims).where(ims.c.src_type == "OMOP", ims.c.study_uid.in_(uids[i:i + 500])))
+                for x in res:
+                    omop_series.setdefault(x.study_uid, []).append(x)
         for r in rows:
+            if r.study_uid in omop_series:
+                for x in omop_series[r.study_uid]:
+                    if x.patient_id == r.patient_id:
+                        out.append(ImagingSeries(r.patient_id, r.study_uid, x.series_uid or "", x.started or r.started,
+                                                 x.modality, x.body_part))
+                continue
             res = content.get(r.src_id.split("/", 1)[-1]) or {}
             series = res.get("series") or []
             mods = orjson.loads(r.modalities) if r.modalities else []
@@ -405,12 +428,27 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]]) -> None:
+def _previous_export(directory: Path) -> bool:
+    """``directory`` holds an earlier CSV export and nothing else (so ``replace`` may remove it)."""
+    names = [p.name for p in directory.iterdir()]
+    return "coverage.json" in names and all(
+        (directory / n).is_file() and (n.endswith(".csv") or n == "coverage.json") for n in names)
+
+
+def write_csv(directory: Path, result: OmopExport, vrows: dict[str, list[dict]], replace: bool = False) -> None:
     """One ``<table>.csv`` per OMOP table (header = DDL columns) + ``coverage.json``; written into a
-    temporary directory that is renamed into place when complete."""
+    temporary directory that is renamed into place when complete. ``replace``: an earlier export in
+    ``directory`` (only its CSV files and coverage.json) is replaced; any other non-empty folder is refused."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
-        raise Conflict(f"csv: {directory.name} exists and is not empty", expression=["csv"])
+        if not replace:
+            raise Conflict(f"csv: {directory.name} exists and is not empty (use replace for an earlier export)",
+                           expression=["csv"])
+        if not _previous_export(directory):
+            raise Conflict(f"csv: {directory.name} holds files other than an earlier export's: not replaced",
+                           expression=["csv"])
+        for f in directory.iterdir():
+            f.unlink()
     tmp = directory.with_name(directory.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     for table, rows in list(vrows.items()) + list(result.tables.items()):
@@ -442,14 +480,21 @@ async def read_omop(pg_url: str, schema: str) -> dict[str, list[dict]]:
         if "person" not in have:
             raise BadRequest(f"schema: {schema!r} has no OMOP person table", expression=["schema"])
         out = {}
-        for t in IMPORT_TABLES:
-            out[t] = [dict(r) for r in await conn.fetch(f'SELECT * FROM "{schema}"."{t}"')] if t in have else []
+        for t in IMPORT_TABLES:  # in key order (the first column), so re-imports number rows alike
+            out[t] = [dict(r) for r in await conn.fetch(f'SELECT * FROM "{schema}"."{t}" ORDER BY 1')] if t in have else []
+        # site-local concepts (ids > 2,000,000,000) and their vocabularies: system|code of local codes
+        out["concept"] = [dict(r) for r in await conn.fetch(
+            f'SELECT concept_id, vocabulary_id, concept_code, concept_name, domain_id FROM "{schema}"."concept" '
+            "WHERE concept_id > 2000000000")] if "concept" in have else []
+        out["vocabulary"] = [dict(r) for r in await conn.fetch(
+            f'SELECT vocabulary_id, vocabulary_reference FROM "{schema}"."vocabulary"')] if "vocabulary" in have else []
         return out
     finally:
         await conn.close()
 
 
 def _to_cm(vocab: Vocabulary, src: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    vocab = imp.with_local_concepts(vocab, src.get("concept", ()), src.get("vocabulary", ()))
     imaging_procs = {r["procedure_occurrence_id"] for r in src["image_occurrence"]}
     feature_meas = {r["image_feature_event_id"] for r in src["image_feature"] if r.get("image_feature_event_id")}
     return {
@@ -460,4 +505,5 @@ def _to_cm(vocab: Vocabulary, src: dict[str, list[dict]]) -> dict[str, list[dict
         "cm_observation": imp.measurement_rows(vocab, src["measurement"], feature_meas)
         + imp.observation_rows(vocab, src["observation"]),
         "cm_imaging_study": imp.imaging_rows(vocab, src["image_occurrence"]),
+        "cm_imaging_series": imp.imaging_series_rows(vocab, src["image_occurrence"]),
     }

@@ -18,7 +18,10 @@ import hashlib
 import itertools
 import os
 import secrets
+import re
 from pathlib import Path
+
+_SAFE_UID = re.compile(r"[0-9]{1,64}(?:\.[0-9]{1,64}){0,63}")
 
 
 class BlobStore:
@@ -37,7 +40,14 @@ class BlobStore:
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
-        """A fresh path per stored version (a random suffix), so a new file never overwrites a stored one."""
+        """A fresh path per stored version (a random suffix), so a new file never overwrites a stored one.
+        Only UIDs (PS3.5 §9.1: digits in components separated by single periods) make a path: no value
+        can name another directory (".", "..", "/", NUL), so the path stored in the index is the file's
+        path on disk, after any normalisation (an instance with StudyInstanceUID "." was acknowledged,
+        then deleted by the start-up reconcile: ``study/./sop`` is not how the disk lists it)."""
+        for uid in (study_uid, series_uid, sop_uid):
+            if not _SAFE_UID.fullmatch(uid or ""):
+                raise ValueError("a storage path is made of UIDs only")
         return f"{study_uid}/{series_uid}/{sop_uid}.{secrets.token_hex(4)}.dcm"
 
     def path(self, rel: str) -> Path:

@@ -56,7 +56,9 @@ def stamped_tables() -> tuple:
     """Tables whose rows carry ``consent_no``, the number (:func:`gateway.store.scope.profile_no`) of
     their patient's ``cm_patient.consent_profile`` (``NO_PATIENT`` without a patient), so the gate
     filters on the row itself (``AccessScope.row_clause``) instead of a per-row patient subquery."""
-    return (s.fhir_resource, dcm_study, dcm_series, dcm_instance)
+    from gateway.store.dicom_schema import dcm_series_part, dcm_study_part
+
+    return (s.fhir_resource, dcm_study, dcm_series, dcm_instance, dcm_study_part, dcm_series_part)
 
 
 async def _stamp_all(conn: AsyncConnection, table) -> None:
@@ -112,6 +114,9 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
             if "consent_no" not in cols:
                 sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_no BIGINT"))
                 added.append(table.name)
+        cols = {c["name"] for c in inspect(sync).get_columns(s.fhir_resource.name)}
+        if "multi_link" not in cols:  # issue #19
+            sync.execute(text(f"ALTER TABLE {s.fhir_resource.name} ADD COLUMN multi_link BOOLEAN"))
         for ix in DICOM_CONSENT_INDEXES:
             ix.create(sync, checkfirst=True)
         for ix in s.GATE_INDEXES:
@@ -125,6 +130,7 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
     for table in index_tables():
         if table.name in added or s.fhir_resource.name in added:
             await _stamp_index(conn, table)
+    await _backfill_links(conn)
     if conn.dialect.name == "postgresql":
         # No planner statistics on consent_no: its values are opaque numbers, and estimating
         # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost ~0.15 ms of planning per
@@ -138,6 +144,19 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
                 "AND attname = 'consent_no'"), {"t": table.name})).scalar()
             if target != 0:
                 await conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN consent_no SET STATISTICS 0"))
+
+
+async def _backfill_links(conn: AsyncConnection) -> None:
+    """Compute the patient links (issue #19) of every stored version once, for stores written before them
+    (marked done by the ``fhir_link`` row of ``schema_version``)."""
+    V = s.schema_version
+    done = (await conn.execute(select(V.c.version).where(V.c.component == "fhir_link"))).first()
+    if done is not None:
+        return
+    from gateway.store.fhir_repo import relink
+
+    await relink(conn)
+    await conn.execute(V.insert().values(component="fhir_link", version=1))
 
 
 async def lock_patients(conn: AsyncConnection, patient_ids: Iterable[str]) -> dict[str, str | None]:
@@ -192,6 +211,98 @@ async def stamp_resources(conn: AsyncConnection, written: list[tuple[int, str | 
             R.c.rid.in_(bindparam("b_rids", expanding=True))).values(consent_no=bindparam("b_no")))
         for no, rids in by_no.items():
             await conn.execute(stmt, {"b_rids": rids, "b_no": no})
+
+
+def combined_key(keys: Iterable[str]) -> str:
+    """The key of the *combined* profile of a resource linked to patients with several distinct effective
+    profiles (issue #19): SHA-256 of the sorted member keys.  Its ``consent_profile`` row holds
+    ``{"all_of": [keys]}``; the gate permits it only when it permits every member."""
+    import hashlib
+
+    members = sorted(set(keys))
+    return hashlib.sha256(("all_of:" + ",".join(members)).encode()).hexdigest()
+
+
+def combined_doc(keys: Iterable[str]) -> str:
+    return orjson.dumps({"all_of": sorted(set(keys))}, option=orjson.OPT_SORT_KEYS).decode()
+
+
+async def linked_nos(conn: AsyncConnection, links: dict[int, frozenset[str]]) -> dict[int, int | None]:
+    """``consent_no`` of resources from their patient links (``rid`` → patient ids): ``NO_PATIENT`` with
+    none; NULL when a linked patient has no effective profile (or is no patient at all:
+    ``mappings.fhir.links.UNKNOWN``); the common profile's number when they share one; else the number of
+    their combined profile (:func:`combined_key`, stored here when new).  Patients read with
+    :func:`lock_patients` (a concurrent recompute then restamps these rows, or they see its result)."""
+    keys = await lock_patients(conn, {p for ps in links.values() for p in ps})
+    out: dict[int, int | None] = {}
+    combos: dict[str, str] = {}
+    for rid, pids in links.items():
+        if not pids:
+            out[rid] = NO_PATIENT
+            continue
+        ks = {keys.get(p) for p in pids}
+        if None in ks:
+            out[rid] = None
+        elif len(ks) == 1:
+            out[rid] = profile_no(next(iter(ks)))
+        else:
+            ck = combined_key(ks)
+            combos.setdefault(ck, combined_doc(ks))
+            out[rid] = profile_no(ck)
+    if combos:
+        known_q = built_once(("profiles known",), lambda: select(consent_profile.c.key).where(
+            consent_profile.c.key.in_(bindparam("b_keys", expanding=True))))
+        have = set((await conn.execute(known_q, {"b_keys": sorted(combos)})).scalars())
+        missing = [{"key": k, "profile": v} for k, v in combos.items() if k not in have]
+        if missing:
+            await conn.execute(table_insert(consent_profile), missing)
+    return out
+
+
+async def stamp_linked(conn: AsyncConnection, links: dict[int, frozenset[str]]) -> None:
+    """Stamp resource rows (``rid`` → patient links) whose ``consent_no`` comes from several links
+    (``fhir_resource.multi_link``), and copy the stamp onto their search-index rows."""
+    if not links:
+        return
+    R = s.fhir_resource
+    nos = await linked_nos(conn, links)
+    by_no: dict[int | None, list[int]] = {}
+    for rid, no in nos.items():
+        by_no.setdefault(no, []).append(rid)
+    stmt = built_once(("stamp resources",), lambda: update(R).where(
+        R.c.rid.in_(bindparam("b_rids", expanding=True))).values(consent_no=bindparam("b_no")))
+    for no, rids in by_no.items():
+        for i in range(0, len(rids), 500):
+            await conn.execute(stmt, {"b_rids": rids[i:i + 500], "b_no": no})
+    rids = sorted(links)
+    for i in range(0, len(rids), 500):
+        for table in index_tables():
+            await conn.execute(built_once(("stamp index by rids", table.name), lambda: update(table).where(
+                table.c.rid.in_(bindparam("b_rids", expanding=True))).values(
+                consent_no=_resource_consent_no(table))), {"b_rids": rids[i:i + 500]})
+
+
+async def current_links(conn: AsyncConnection, rids: Iterable[int] | None = None, *,
+                        patients: Iterable[str] | None = None) -> dict[int, frozenset[str]]:
+    """Patient links of current multi-link resources: by ``rids``, or those linked to any of ``patients``."""
+    R, L = s.fhir_resource, s.fhir_link
+    on = (L.c.res_type == R.c.res_type) & (L.c.res_id == R.c.res_id) & (L.c.version == R.c.version)
+    out: dict[int, set[str]] = {}
+    if patients is not None:
+        ids = sorted(set(patients))
+        found: set[int] = set()
+        stmt = built_once(("multi rows of patients",), lambda: select(R.c.rid).join(L, on).where(
+            L.c.patient_id.in_(bindparam("b_ids", expanding=True)), R.c.multi_link.is_(True)))
+        for i in range(0, len(ids), 500):
+            found.update((await conn.execute(stmt, {"b_ids": ids[i:i + 500]})).scalars())
+        rids = found
+    rids = sorted(set(rids or ()))
+    stmt = built_once(("links of rows",), lambda: select(R.c.rid, L.c.patient_id).join(L, on).where(
+        R.c.rid.in_(bindparam("b_rids", expanding=True))))
+    for i in range(0, len(rids), 500):
+        for rid, pid in await conn.execute(stmt, {"b_rids": rids[i:i + 500]}):
+            out.setdefault(rid, set()).add(pid)
+    return {rid: frozenset(out.get(rid, ())) for rid in rids}
 
 
 async def stamp_dicom(conn: AsyncConnection, patient_ids: Iterable[str] | None = None) -> None:
@@ -298,8 +409,12 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     for i in range(0, len(everyone), 500):
         for table in index_tables():
             await conn.execute(_stamp_index_stmt(table), {"b_ids": everyone[i:i + 500]})
+    # resources linked to several patients (or to these through other links than patient_id): their stamp
+    # is their patients' combined one (issue #19)
+    await stamp_linked(conn, await current_links(conn, patients=everyone))
     return len(patients)
 
 
-__all__ = ["consent_policy", "consent_profile", "index_tables", "load_policy_doc", "lock_patients", "patient_nos",
+__all__ = ["combined_key", "current_links", "linked_nos", "stamp_linked",
+           "consent_policy", "consent_profile", "index_tables", "load_policy_doc", "lock_patients", "patient_nos",
            "recompute", "stamp_dicom", "stamp_resources", "stamped_tables", "store_policy_doc"]

@@ -148,4 +148,23 @@ dcm_seg_segment = Table(
 Index("ix_dcm_seg_segment_type", dcm_seg_segment.c.type_code)
 Index("ix_dcm_seg_segment_patient", dcm_seg_segment.c.patient_id)
 
+
+def _part_table(name: str, of: Table, key: str) -> Table:
+    """A table with the columns of ``of`` keyed by (``key``, patient_id): one row per patient of a study or
+    series that holds instances of several patients (issue #19: a PACS merge error, a reused UID)."""
+    pk = (key, "patient_id")
+    cols = [Column(c.name, c.type, primary_key=c.name in pk, nullable=c.nullable and c.name not in pk) for c in of.c]
+    return Table(name, metadata, *cols)
+
+
+dcm_study_part = _part_table("dcm_study_part", dcm_study, "study_uid")
+"""Per-patient views of a *conflicting* study (its instances belong to several patients): for each patient,
+the study row as that patient's own instances give it (patient name/ID, study attributes, counts,
+modalities).  Rows exist only for conflicting studies; a research scope reads these instead of the study
+row (see ``gateway.store.dicom_access``)."""
+dcm_series_part = _part_table("dcm_series_part", dcm_series, "series_uid")
+"""Per-patient views of a conflicting series (instances of several patients in one series)."""
+Index("ix_dcm_study_part_consent_no", dcm_study_part.c.consent_no)
+Index("ix_dcm_series_part_study", dcm_series_part.c.study_uid)
+
 DICOM_TABLES = (dcm_study, dcm_series, dcm_instance, dcm_sr_item, dcm_seg_segment)

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -21,6 +21,7 @@ from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant
 from mappings.fhir.index import compartment_patient, extract
+from mappings.fhir.links import patient_links, primary_patient
 from mappings.fhir.project import project
 from mappings.fhir.search import ANY, Clause, SearchQuery
 
@@ -38,6 +39,8 @@ class Stored:
     deleted: bool
     patient_id: str | None
     content: str | None  # JSON text (None when deleted)
+    #: consent_no comes from several patient links (fhir_resource.multi_link; issue #19)
+    multi: bool = False
 
     @property
     def etag(self) -> str:
@@ -56,14 +59,55 @@ class Write:
     resource: dict[str, Any] | None
     prev: Stored | None
     method: str  # POST | PUT | DELETE
+    #: patients the writer knows the resource belongs to besides its references (the DICOM patient of an
+    #: ImagingStudy built from DICOM: issue #19, leak 1)
+    links: frozenset[str] = frozenset()
 
 
-_COLS = (R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.patient_id, R.c.content)
+_COLS = (R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.patient_id, R.c.content,
+         R.c.multi_link)
 
 
 def _stored(row) -> Stored:
     return Stored(row.rid, row.res_type, row.res_id, row.version, row.last_updated, bool(row.deleted),
-                  row.patient_id, row.content)
+                  row.patient_id, row.content, bool(row.multi_link))
+
+
+async def resolve_identifiers(conn: AsyncConnection, idents: Iterable[str],
+                              pending: Iterable[dict[str, Any]] = ()) -> dict[str, str]:
+    """"system|value" → id of the (non-deleted) Patient carrying that identifier, through the search
+    index and the Patients being written (``pending``); an identifier carried by several Patients
+    resolves to none of them (the link then becomes ``UNKNOWN``: fail closed)."""
+    idents = set(idents)
+    if not idents:
+        return {}
+    hits: dict[str, set[str]] = {}
+    for res in pending:
+        if res.get("resourceType") == "Patient":
+            for i in res.get("identifier") or ():
+                if isinstance(i, dict) and i.get("value"):
+                    key = f"{i.get('system') or ''}|{i['value']}"
+                    if key in idents:
+                        hits.setdefault(key, set()).add(res.get("id"))
+    codes = sorted({i.partition("|")[2] for i in idents})
+    t = s.idx_token
+    stmt = built_once(("resolve patient identifiers",), lambda: select(R.c.res_id, t.c.system, t.c.code).join(
+        t, t.c.rid == R.c.rid).where(t.c.res_type == "Patient", t.c.param == "identifier",
+                                     t.c.code.in_(bindparam("b_codes", expanding=True)), R.c.deleted.is_(False)))
+    for i in range(0, len(codes), 500):
+        for rid_, system, code in await conn.execute(stmt, {"b_codes": codes[i:i + 500]}):
+            key = f"{system or ''}|{code}"
+            if key in idents:
+                hits.setdefault(key, set()).add(rid_)
+    return {k: next(iter(v)) for k, v in hits.items() if len(v) == 1}
+
+
+async def links_of(conn: AsyncConnection, resources: Sequence[dict[str, Any]],
+                   pending: Iterable[dict[str, Any]] = ()) -> list[frozenset[str]]:
+    """The patient links of each resource (``mappings.fhir.links``), identifiers resolved."""
+    raw = [patient_links(r) for r in resources]
+    found = await resolve_identifiers(conn, {i for lk in raw for g in lk.identifiers for i in g}, pending)
+    return [lk.resolve(found) for lk in raw]
 
 
 async def get_current(conn: AsyncConnection, res_type: str, res_id: str) -> Stored | None:
@@ -103,12 +147,25 @@ async def get_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]], scope
     return out
 
 
-async def get_version(conn: AsyncConnection, res_type: str, res_id: str, version: int) -> Stored | None:
-    row = (
-        await conn.execute(
-            select(H).where(H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version)
-        )
-    ).first()
+async def get_visible(conn: AsyncConnection, scope: AccessScope, res_type: str, res_id: str) -> Stored | None:
+    """The current row (deleted or not) if ``scope`` may see it (``gateway.store.access.where``)."""
+    from gateway.store.access import where
+
+    row = (await conn.execute(select(*_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id,
+                                                   where(scope, R)))).first()
+    return _stored(row) if row else None
+
+
+async def get_version(conn: AsyncConnection, res_type: str, res_id: str, version: int,
+                      scope: AccessScope | None = None) -> Stored | None:
+    """One stored version; with ``scope``, only if it may see it (the history rule: the version's own
+    links and the resource's current state, ``gateway.store.access``)."""
+    from gateway.store.access import where
+
+    cond = [H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version]
+    if scope is not None:
+        cond.append(where(scope, H))
+    row = (await conn.execute(select(H).where(*cond))).first()
     if row is None:
         return None
     return Stored(None, row.res_type, row.res_id, row.version, row.last_updated, row.method == "DELETE",
@@ -238,10 +295,17 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     new_rows: list[dict] = []
     updates: list[dict] = []
     history: list[dict] = []
+    link_rows: list[dict] = []
+    multi_links: dict[tuple[str, str], frozenset[str]] = {}
+    # patient links of every new version (issue #19): computed once, here, stored per version
+    live = [w for w in writes if w.resource is not None]
+    all_links = dict(zip((id(w) for w in live), await links_of(
+        conn, [dict(w.resource, id=w.res_id) for w in live], [dict(w.resource, id=w.res_id) for w in live])))
     for w in writes:
         version = (w.prev.version + 1) if w.prev else 1
         content = None
         patient = None
+        links: frozenset[str] = frozenset()
         if w.resource is not None:
             res = dict(w.resource)
             res["id"] = w.res_id
@@ -251,10 +315,15 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             res["meta"] = meta
             w.resource = res
             content = orjson.dumps(res).decode()
-            patient = compartment_patient(res)
+            links = all_links[id(w)] | w.links
+            patient = primary_patient(links, compartment_patient(res))
+            link_rows.extend({"res_type": w.res_type, "res_id": w.res_id, "version": version, "patient_id": p}
+                             for p in sorted(links))
+        multi = bool(links - {patient})
         row = {
             "res_type": w.res_type, "res_id": w.res_id, "version": version, "last_updated": last_updated,
             "lu_ts": lu_ts, "deleted": w.resource is None, "patient_id": patient, "content": content,
+            "multi_link": multi,
         }
         history.append({k: row[k] for k in ("res_type", "res_id", "version", "last_updated", "lu_ts", "patient_id", "content")}
                        | {"method": w.method})
@@ -263,15 +332,19 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         else:
             updates.append(row | {"b_rid": w.prev.rid, "b_version": w.prev.version})
         results.append(Stored(w.prev.rid if w.prev else None, w.res_type, w.res_id, version, last_updated,
-                              w.resource is None, patient, content))
+                              w.resource is None, patient, content, multi))
+        if multi:
+            multi_links[(w.res_type, w.res_id)] = links
 
     if updates:
         stmt = built_once(("fhir update current",), lambda: (
             update(R)
             .where(R.c.rid == bindparam("b_rid"), R.c.version == bindparam("b_version"))
-            .values({k: bindparam(k) for k in ("version", "last_updated", "lu_ts", "deleted", "patient_id", "content")})
+            .values({k: bindparam(k) for k in ("version", "last_updated", "lu_ts", "deleted", "patient_id", "content",
+                                               "multi_link")})
         ))
-        res = await conn.execute(stmt, [{k: u[k] for k in ("b_rid", "b_version", "version", "last_updated", "lu_ts", "deleted", "patient_id", "content")} for u in updates])
+        res = await conn.execute(stmt, [{k: u[k] for k in ("b_rid", "b_version", "version", "last_updated", "lu_ts", "deleted",
+                                                           "patient_id", "content", "multi_link")} for u in updates])
         if res.rowcount is not None and res.rowcount >= 0 and res.rowcount != len(updates):
             raise VersionConflict("a resource was changed concurrently")
     rid_by_key: dict[tuple[str, str], int] = {(w.res_type, w.res_id): w.prev.rid for w in writes if w.prev is not None}
@@ -283,6 +356,8 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         for r in ret:
             rid_by_key[(r.res_type, r.res_id)] = r.rid
     await conn.execute(table_insert(H), history)
+    if link_rows:
+        await conn.execute(table_insert(s.fhir_link), link_rows)
 
     # Search index and common-model rows: only the difference to the previous version is written.
     # A table whose rows for the resource are unchanged is not touched; one that only gains rows gets
@@ -299,7 +374,8 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         rid = rid_by_key[(w.res_type, w.res_id)]
         base = {"rid": rid, "res_type": w.res_type}
         # index rows carry the resource's consent_no: a resource that changes patient gets all of them anew
-        moved = w.prev is not None and w.resource is not None and w.prev.patient_id != compartment_patient(w.resource)
+        moved = w.prev is not None and w.resource is not None and (
+            w.prev.patient_id != r.patient_id or w.prev.multi or r.multi)
         for kind in old[0].keys() | new[0].keys():
             drop, add = _row_diff(old[0].get(kind, []), new[0].get(kind, []))
             if moved and old[0].get(kind):
@@ -327,10 +403,15 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     if touched:
         await recompute(conn, touched)  # also restamps every resource of those patients
     # an update that keeps the row's patient keeps its stamp (recompute restamps every row of a patient)
-    same = {(w.res_type, w.res_id) for w in writes if w.prev is not None and not w.prev.deleted
-            and w.resource is not None and w.prev.patient_id == compartment_patient(w.resource)}
+    same = {(w.res_type, w.res_id) for w, r in zip(writes, results) if w.prev is not None and not w.prev.deleted
+            and w.resource is not None and w.prev.patient_id == r.patient_id and not w.prev.multi and not r.multi}
     await stamp_resources(conn, [(rid_by_key[(r.res_type, r.res_id)], r.patient_id) for r in results
-                                 if r.patient_id not in touched and (r.res_type, r.res_id) not in same])
+                                 if r.patient_id not in touched and (r.res_type, r.res_id) not in same
+                                 and not r.multi])
+    # several patients (issue #19): the stamp of all of them together (their index rows follow below)
+    from gateway.store.consent_schema import stamp_linked
+
+    await stamp_linked(conn, {rid_by_key[k]: v for k, v in multi_links.items()})
     # Search-index rows carry their resource's consent_no (just stamped, under the patients' locks), so the
     # gate can be part of the index lookup that drives a search.
     if any(idx_rows.values()):
@@ -347,7 +428,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
                 await conn.execute(table_insert(s.INDEX_TABLES[kind]), fit_rows(s.INDEX_TABLES[kind], rows_))
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
-               r.patient_id, r.content)
+               r.patient_id, r.content, r.multi)
         for r in results
     ]
 
@@ -395,6 +476,63 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
     return len(rows), keys[-1].rid
 
 
+async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
+    """Recompute the patient links (issue #19) of every stored version (``history``) and of every current
+    resource — ``patient_id``, ``multi_link``, ``fhir_link`` — and restamp ``consent_no`` from them: the
+    back-fill of stores written before links existed (run once by ``consent_schema.ensure_indexes``) and
+    part of ``fedgate reindex``.  Returns the number of current resources relinked."""
+    from gateway.store.consent_schema import _stamp_all, _stamp_index, index_tables, stamp_linked
+
+    L = s.fhir_link
+    if history:
+        await conn.execute(delete(L))
+        last = ("", "", 0)
+        while True:
+            rows = (await conn.execute(
+                select(H.c.res_type, H.c.res_id, H.c.version, H.c.content)
+                .where(H.c.content.is_not(None), tuple_(H.c.res_type, H.c.res_id, H.c.version) > tuple_(*last))
+                .order_by(H.c.res_type, H.c.res_id, H.c.version).limit(500))).all()
+            if not rows:
+                break
+            last = (rows[-1].res_type, rows[-1].res_id, rows[-1].version)
+            resources = [orjson.loads(r.content) for r in rows]
+            links = await links_of(conn, resources)
+            out = [{"res_type": r.res_type, "res_id": r.res_id, "version": r.version, "patient_id": p}
+                   for r, lk in zip(rows, links) for p in sorted(lk)]
+            if out:
+                await conn.execute(table_insert(L), out)
+    n = 0
+    after = 0
+    multi: dict[int, frozenset[str]] = {}
+    while True:
+        rows = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.content)
+                                   .where(R.c.rid > after, R.c.deleted.is_(False))
+                                   .order_by(R.c.rid).limit(500))).all()
+        if not rows:
+            break
+        after = rows[-1].rid
+        resources = [orjson.loads(r.content) for r in rows]
+        links = await links_of(conn, resources)
+        for r, res, lk in zip(rows, resources, links):
+            pid = primary_patient(lk, compartment_patient(res))
+            is_multi = bool(lk - {pid})
+            await conn.execute(update(R).where(R.c.rid == r.rid).values(patient_id=pid, multi_link=is_multi))
+            if is_multi:
+                multi[r.rid] = lk
+            if not history:
+                await conn.execute(delete(L).where(L.c.res_type == r.res_type, L.c.res_id == r.res_id,
+                                                   L.c.version == r.version))
+                if lk:
+                    await conn.execute(table_insert(L), [{"res_type": r.res_type, "res_id": r.res_id,
+                                                          "version": r.version, "patient_id": p} for p in sorted(lk)])
+            n += 1
+    await _stamp_all(conn, R)
+    for table in index_tables():
+        await _stamp_index(conn, table)
+    await stamp_linked(conn, multi)
+    return n
+
+
 # ------------------------------------------------------------------------------------------------
 # Search
 # ------------------------------------------------------------------------------------------------
@@ -437,7 +575,14 @@ def _value_pred(clause: Clause, table, value) -> Any:
     if t == "token":
         system, code = value
         preds = []
-        if code is not None:
+        if code is not None and clause.modifier in ("below", "above"):
+            # subsumption through the vocabulary store's active closure (docs/vocab.md); the code itself too
+            from gateway.store.vocab_schema import ancestors_select, descendants_select
+
+            sys_ = system if isinstance(system, str) else None
+            related = (descendants_select if clause.modifier == "below" else ancestors_select)(sys_, code)
+            preds.append(or_(table.c.code == code, table.c.code.in_(related)))
+        elif code is not None:
             preds.append(table.c.code == code)
         if system is None:
             preds.append(table.c.system.is_(None))
@@ -530,9 +675,10 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 
         sp = params_for(res_type)[pname]
         table = s.INDEX_TABLES[sp.type]
-        value_col = {"date": table.c.lo if not desc else table.c.hi, "string": getattr(table.c, "norm", None),
-                     "token": getattr(table.c, "code", None), "quantity": getattr(table.c, "value", None),
-                     "reference": getattr(table.c, "target_id", None)}[sp.type]
+        # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
+        value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
+                     "reference": "target_id"}[sp.type]
+        value_col = table.c[value_col]
         agg = func.max(value_col) if desc else func.min(value_col)
         col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
     return (col.desc().nulls_last() if desc else col.asc().nulls_last())
@@ -541,6 +687,11 @@ def _sort_key(res_type: str, pname: str, desc: bool):
 def _drives(clause: Clause) -> bool:
     """Whether :func:`clause_sql` makes this clause, as the first one, an ``rid IN (index lookup)``."""
     return _selectivity(clause) not in (-1, 9)
+
+
+def compartment_clause(patient_id: str):
+    """Rows in Patient ``patient_id``'s compartment: the patient link stamped when the version was written."""
+    return R.c.patient_id == patient_id
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
@@ -556,6 +707,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
         where.insert(0, scope.row_clause(R.c.consent_no))
         where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
+    if q.compartment is not None:
+        where.append(compartment_clause(q.compartment))
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
@@ -615,7 +768,9 @@ async def history(
     count: int = 50,
     offset: int = 0,
 ) -> tuple[list[Stored], int]:
-    where = [scope.patient_clause(H.c.patient_id)]
+    from gateway.store.access import where as gate
+
+    where = [gate(scope, H)]
     if res_type:
         where.append(H.c.res_type == res_type)
     if res_id:

@@ -74,4 +74,13 @@ inf_observation = Table(
 )
 Index("ix_inf_observation_model", inf_observation.c.model_name, inf_observation.c.model_version, inf_observation.c.ts)
 
-__all__ = ["inf_job", "inf_model_card", "inf_observation"]
+async def job_counts(conn) -> dict[str, int]:
+    """Inference jobs per state (for the metrics' queue depth)."""
+    from sqlalchemy import func, select
+
+    rows = await conn.execute(select(inf_job.c.state, func.count()).group_by(inf_job.c.state))
+    return {state: n for state, n in rows.all()}
+
+
+__all__ = ["inf_job", "inf_model_card", "inf_observation", "job_counts"]
+

@@ -27,6 +27,7 @@ TABLE_MODULES = (
     "gateway.store.audit_schema",
     "gateway.store.jobs_schema",
     "gateway.store.training_schema",
+    "gateway.store.vocab_schema",
 )
 
 SCHEMA_VERSION = 1

@@ -58,6 +58,9 @@ fhir_resource = Table(
     #: the gate filters on the row itself (issue #4).  Before ``content``: read without skipping it.
     Column("consent_no", BigInteger, nullable=True),
     Column("content", Text, nullable=True),
+    #: True when the row's consent_no comes from its patient links (fhir_link: several patients, or an
+    #: unknown one) rather than from ``patient_id`` alone (issue #19); NULL in rows older than the column.
+    Column("multi_link", Boolean, nullable=True),
     UniqueConstraint("res_type", "res_id", name="uq_fhir_resource_type_id"),
 )
 Index("ix_fhir_resource_type_lu", fhir_resource.c.res_type, fhir_resource.c.lu_ts)
@@ -76,6 +79,21 @@ fhir_history = Table(
     Column("content", Text, nullable=True),
 )
 Index("ix_fhir_history_type_lu", fhir_history.c.res_type, fhir_history.c.lu_ts)
+
+#: The patients each resource *version* is linked to (issue #19; ``mappings.fhir.links``): every Patient it
+#: references anywhere, computed once when the version is written.  A version is visible to a research scope
+#: only when every linked patient is (``gateway.store.access``).  ``patient_id`` may name no patient at all
+#: (``mappings.fhir.links.UNKNOWN``: a contained or identifier-only Patient that resolves to nobody): such a
+#: patient has no consent, so the version is hidden from research (fail closed).
+fhir_link = Table(
+    "fhir_link",
+    metadata,
+    Column("res_type", String(64), primary_key=True),
+    Column("res_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+)
+Index("ix_fhir_link_patient", fhir_link.c.patient_id)
 
 
 def _idx(name: str, *cols: Column) -> Table:
@@ -250,6 +268,19 @@ cm_imaging_study = _cm(
     Column("n_series", Integer),
     Column("n_instances", Integer),
 )
+#: Imaging series known from a source without a DICOM index row (OMOP image_occurrence imports; one row
+#: per series), so cohorts and re-exports see them like DICOM-born series (docs/vocab.md, "Imaging").
+cm_imaging_series = _cm(
+    "cm_imaging_series",
+    Column("study_uid", String(128)),
+    Column("series_uid", String(128)),
+    Column("modality", String(16)),
+    Column("body_part", String(64)),
+    Column("started", String(32)),
+)
+Index("ix_cm_imaging_series_src", cm_imaging_series.c.src_type, cm_imaging_series.c.src_id)
+Index("ix_cm_imaging_series_patient", cm_imaging_series.c.patient_id)
+Index("ix_cm_imaging_series_study", cm_imaging_series.c.study_uid)
 cm_consent = _cm(
     "cm_consent",
     Column("status", String(32)),

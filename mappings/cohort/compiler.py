@@ -14,7 +14,7 @@ import datetime as _dt
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from sqlalchemy import Float, Select, and_, cast, false, func, literal, not_, null, or_, select, true
+from sqlalchemy import Float, Select, and_, cast, false, func, literal, not_, null, or_, select, true, union_all
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -23,7 +23,8 @@ from gateway.store.schema import cm_condition, cm_observation, cm_patient, cm_pr
 from gateway.store.scope import AccessScope
 from mappings.cohort.language import CohortError, Node, find
 
-#: (system or None, code) → the codes to match (the code itself and its descendants).
+#: (system or None, code) → the codes to match (the code itself and its descendants).  Without one,
+#: ``descendants`` reads the vocabulary store's active is-a closure in the same statement.
 Expander = Callable[[str | None, str], Iterable[str]]
 
 
@@ -203,17 +204,16 @@ class Compiler:
         kind, b = node.kind, node.body
         if kind == "condition":
             t = cm_condition
-            conds = self._codes(t, b) + _date_range(t.c.onset, b.date)
+            conds = _date_range(t.c.onset, b.date)
             if b.clinical_status:
                 conds.append(t.c.clinical_status == b.clinical_status)
-            return self._event_select(t.c.patient_id, iso_days(t.c.onset), conds)
+            return self._coded_events(t, b, iso_days(t.c.onset), conds)
         if kind == "procedure":
             t = cm_procedure
-            return self._event_select(t.c.patient_id, iso_days(t.c.performed),
-                                      self._codes(t, b) + _date_range(t.c.performed, b.date))
+            return self._coded_events(t, b, iso_days(t.c.performed), _date_range(t.c.performed, b.date))
         if kind == "observation":
             t = cm_observation
-            conds = self._codes(t, b) + _date_range(t.c.effective, b.date)
+            conds = _date_range(t.c.effective, b.date)
             if b.value is not None:
                 conds += [t.c.value_num.is_not(None), *_range(t.c.value_num, b.value.min, b.value.max)]
             if b.unit is not None:
@@ -224,7 +224,7 @@ class Compiler:
                     system, code = _split(tok)
                     vc.append(and_(t.c.value_code == code, *([t.c.value_system == system] if system else [])))
                 conds.append(or_(*vc))
-            return self._event_select(t.c.patient_id, iso_days(t.c.effective), conds)
+            return self._coded_events(t, b, iso_days(t.c.effective), conds)
         if kind == "imaging":
             return self._imaging(b)
         if kind == "age":  # at == "study": age at an imaging study
@@ -250,6 +250,8 @@ class Compiler:
         return select(pid.label("patient_id"), day.label("day")).where(pid.is_not(None), *conds).subquery()
 
     def _codes(self, t, b) -> list[ColumnElement]:
+        """The code criterion as conditions on ``t`` (the expander's codes included); codes whose
+        descendants come from the vocabulary store are left to :meth:`_coded_events`."""
         if not b.code:
             return []
         by_system: dict[str | None, set[str]] = {}
@@ -264,6 +266,24 @@ class Compiler:
             c = t.c.code.in_(sorted(codes)) if len(codes) > 1 else t.c.code == next(iter(codes))
             ors.append(and_(c, t.c.system == system) if system else c)
         return [or_(*ors)]
+
+    def _coded_events(self, t, b, day: ColumnElement, conds: list[ColumnElement]):
+        """Events of a coded leaf: ``conds`` (its other conditions) and its codes.  With ``descendants``
+        and no expander, the descendants come from the vocabulary store's active closure
+        (gateway/store/vocab_schema.py) in the same statement, as a join that drives from the
+        descendant list into the code index (a ``code IN (subquery)`` made SQLite scan the table)."""
+        if not (b.code and b.descendants and self.expand is None):
+            return self._event_select(t.c.patient_id, day, self._codes(t, b) + conds)
+        from gateway.store.vocab_schema import descendants_select  # noqa: PLC0415
+
+        cols = (t.c.patient_id.label("patient_id"), day.label("day"))
+        branches = [select(*cols).where(t.c.patient_id.is_not(None), *self._codes(t, b), *conds)]
+        for tok in b.code:
+            system, code = _split(tok)
+            d = descendants_select(system, code).distinct().subquery()  # DISTINCT: SQLite materialises it
+            j = select(*cols).select_from(d.join(t, t.c.code == d.c.descendant))
+            branches.append(j.where(t.c.patient_id.is_not(None), *([t.c.system == system] if system else []), *conds))
+        return union_all(*branches).subquery()
 
     def _imaging(self, b):
         d = _dicom()
@@ -283,8 +303,35 @@ class Compiler:
         if b.slice_thickness is not None:
             conds += [se.c.slice_thickness.is_not(None),
                       *_range(se.c.slice_thickness, b.slice_thickness.min, b.slice_thickness.max)]
-        return (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
-                .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds).subquery())
+        dicom = (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
+                 .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds))
+        branches = [dicom]
+        # the same criterion over imaging known from other origins (docs/vocab.md, "Imaging"): a field an
+        # origin does not carry cannot be confirmed there, so a criterion using it matches DICOM only
+        dicom_only = (b.manufacturer, b.model, b.protocol, b.series_description, b.slice_thickness)
+        if all(x is None for x in dicom_only):
+            from gateway.store.schema import cm_imaging_series, cm_imaging_study  # noqa: PLC0415
+
+            ims = cm_imaging_series  # OMOP image_occurrence: modality, anatomic site, date
+            if b.study_description is None:
+                oc = [ims.c.patient_id.is_not(None)]
+                if b.modality:
+                    oc.append(ims.c.modality.in_([m.upper() for m in b.modality]))
+                if b.body_part:
+                    oc.append(ims.c.body_part.in_([p.upper() for p in b.body_part]))
+                oc += _date_range(ims.c.started, b.study_date)
+                branches.append(select(ims.c.patient_id.label("patient_id"), iso_days(ims.c.started).label("day"))
+                                .where(*oc))
+            ist = cm_imaging_study  # FHIR ImagingStudy: modalities, description, started (no body part)
+            if not b.body_part:
+                fc = [ist.c.patient_id.is_not(None), ist.c.src_type != "OMOP"]
+                if b.modality:
+                    fc.append(or_(*[ist.c.modalities.contains(f'"{m.upper()}"', autoescape=True) for m in b.modality]))
+                if b.study_description is not None:
+                    fc.append(text_match(ist.c.description, b.study_description))
+                fc += _date_range(ist.c.started, b.study_date)
+                branches.append(select(ist.c.patient_id.label("patient_id"), iso_days(ist.c.started).label("day")).where(*fc))
+        return union_all(*branches).subquery()
 
     @staticmethod
     def _segment_conds(t, s) -> list[ColumnElement]:

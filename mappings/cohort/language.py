@@ -268,8 +268,38 @@ def _loc(path: str, loc: tuple) -> str:
     return out
 
 
+#: Bounds of a cohort definition: nesting of all/any/not, and criteria in all.  Deeper or larger definitions
+#: are refused (400) before anything recurses over them or compiles them to SQL (a 900-deep ``not`` chain
+#: overflowed Python's stack, 5,000 ``any`` leaves SQLite's expression limits).
+MAX_DEPTH = 32
+MAX_CRITERIA = 1000
+
+
+def _check_size(doc: Any, path: str) -> None:
+    """Iteratively (no recursion) check MAX_DEPTH and MAX_CRITERIA over the raw JSON."""
+    stack = [(doc, path, 1)]
+    n = 0
+    while stack:
+        node, where, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        n += 1
+        if n > MAX_CRITERIA:
+            raise CohortError(path, f"a cohort definition has at most {MAX_CRITERIA} criteria")
+        if depth > MAX_DEPTH:
+            raise CohortError(where, f"criteria nest at most {MAX_DEPTH} deep (all/any/not)")
+        for kind in ("all", "any"):
+            if isinstance(node.get(kind), list):
+                if len(node[kind]) > MAX_CRITERIA:
+                    raise CohortError(f"{where}.{kind}", f"a cohort definition has at most {MAX_CRITERIA} criteria")
+                stack.extend((c, f"{where}.{kind}[{i}]", depth + 1) for i, c in enumerate(node[kind]))
+        if "not" in node:
+            stack.append((node["not"], f"{where}.not", depth + 1))
+
+
 def parse(doc: Any, path: str = "$") -> Node:
     """Validate a cohort definition (parsed JSON) into a :class:`Node` tree; raises :class:`CohortError`."""
+    _check_size(doc, path)
     ids: dict[str, str] = {}
     node = _parse(doc, path, ids)
     _check_refs(node, ids)

@@ -24,6 +24,11 @@ BULK_THRESHOLD = 1024
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+#: sequences nested deeper than this are refused at STOW: nothing fedgate serves (DICOM JSON, rendering,
+#: transcoding) must recurse without bound, and real instances stay far below (SR trees: ~10 levels)
+MAX_SEQUENCE_DEPTH = 32
+
+_UID_COMPONENT = re.compile(r"0|[1-9][0-9]*")
 
 
 class InvalidInstance(ValueError):
@@ -78,12 +83,48 @@ def dicom_patient_key(patient_id: str | None, issuer: str | None) -> str:
     return f"dicom-{h}"
 
 
+def uid_problem(value: str) -> str | None:
+    """Why ``value`` is not a UID per DICOM PS3.5 §9.1 (None when it is one): at most 64 characters,
+    components of digits separated by single periods, no component starting with 0 unless it is "0".
+    Every UID that fedgate uses in a storage path or an index is checked with this on ingest, so no
+    attribute value can change a path's meaning (".", "..", "/", NUL are not UIDs)."""
+    if len(value) > 64:
+        return f"is {len(value)} characters long; a UID has at most 64"
+    for component in value.split("."):
+        if not component:
+            return "has an empty component (a UID is digits separated by single periods)"
+        if not component.isascii() or not component.isdigit():
+            return "holds characters other than digits and periods"
+        if not _UID_COMPONENT.fullmatch(component):
+            return f"has a component with a leading zero ({component[:16]!r})"
+    return None
+
+
+def check_uid(keyword: str, value: str | None) -> None:
+    if not value:
+        raise InvalidInstance(f"{keyword} is missing")
+    why = uid_problem(value)
+    if why is not None:
+        raise InvalidInstance(f"{keyword} is not a valid DICOM UID (PS3.5 §9.1): it {why}")
+
+
 def check_instance(ds: Dataset) -> None:
     for kw in REQUIRED:
-        if not _s(ds, kw):
-            raise InvalidInstance(f"{kw} is missing")
-        if kw.endswith("UID") and len(_s(ds, kw)) > 64:
-            raise InvalidInstance(f"{kw} is longer than 64 characters")
+        check_uid(kw, _s(ds, kw))
+
+
+def sequence_depth(meta: dict[str, Any]) -> int:
+    """How deep sequences nest in a DICOM JSON data set (0: no sequence), without recursion."""
+    deepest, todo = 0, [(meta, 0)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SEQUENCE_DEPTH:
+            break
+        for attr in node.values():
+            if isinstance(attr, dict) and attr.get("vr") == "SQ":
+                todo.extend((item, depth + 1) for item in attr.get("Value") or () if isinstance(item, dict))
+    return deepest
 
 
 class MetaView:

@@ -83,6 +83,7 @@ DEFAULT = {
 VISIBLE = {"studies": ("studies",), "series": ("studies", "series"), "instances": ("studies", "series", "instances")}
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 MAX_LIMIT = 1000
+MAX_OFFSET = 2**63 - 1  # limit/offset: signed 64-bit in both databases
 
 
 def resolve(name: str) -> Attr | str:
@@ -134,6 +135,8 @@ class QidoQuery:
                     raise QidoError(name, f"{value!r} is not an integer") from None
                 if n < 0:
                     raise QidoError(name, "must be ≥ 0")
+                if n > MAX_OFFSET:
+                    raise QidoError(name, f"must be at most {MAX_OFFSET}")
                 if name == "limit":
                     q.limit = min(n, MAX_LIMIT)
                 else:
@@ -158,14 +161,21 @@ class QidoQuery:
                 if attr.level not in VISIBLE[level]:
                     raise QidoError(name, f"is not a {level} level attribute")
                 q.matches.append((attr, value))
+        for attr, value in q.matches:  # a value the attribute's VR cannot match (StudyDate=abc) is the request's
+            q._predicate(attr, value)  # error (400), found here rather than while the query is built
         return q
 
     # ------------------------------------------------------------------------------- SQL
-    def _predicate(self, attr: Attr, value: str):
-        col = attr.table.c[attr.column]
+    def _predicate(self, attr: Attr, value: str, views: dict | None = None):
+        v = views or {}
+        st, se = v.get(ST, ST), v.get(SE, SE)
+        col = v.get(attr.table, attr.table).c[attr.column]
         vr = attr.vr
         if attr.keyword == "ModalitiesInStudy":
             wanted = [v for v in value.replace("\\", ",").split(",") if v]
+            if views:  # per-patient rows (see statements): that patient's series only
+                return exists(select(se.c.series_uid).where(se.c.study_uid == st.c.study_uid, se.c.modality.in_(wanted),
+                                                            se.c.patient_id.is_not_distinct_from(st.c.patient_id)))
             return exists(select(SE.c.series_uid).where(SE.c.study_uid == ST.c.study_uid, SE.c.modality.in_(wanted)))
         if vr == "UI":
             values = [v.strip() for v in value.replace("\\", ",").split(",") if v.strip()]
@@ -192,7 +202,7 @@ class QidoQuery:
                 raise QidoError(attr.keyword, f"{value!r} is not a number") from None
             return col == num
         if vr == "PN":
-            target = ST.c.patient_name_norm if attr.keyword == "PatientName" else func.upper(col)
+            target = st.c.patient_name_norm if attr.keyword == "PatientName" else func.upper(col)
             norm = norm_name(value) or ""
             if self.fuzzy:
                 pat = _like(norm.rstrip("*")) + "%"
@@ -209,7 +219,12 @@ class QidoQuery:
             return col.like(_like(value), escape="\\")
         return col == value
 
-    def statements(self, level: str, scope) -> tuple[Any, Any]:
+    def statements(self, level: str, scope, views: dict | None = None) -> tuple[Any, Any]:
+        """(page, count) statements.  ``views``: ``{dcm_study: view, dcm_series: view}`` — per-patient rows
+        for a research scope when conflicting studies are stored (``gateway.store.dicom_views``): every
+        row, joined parent included, is one patient's."""
+        if views:
+            return self._view_statements(level, scope, views)
         if level == "studies":
             cols = [ST]
             frm = ST
@@ -246,6 +261,35 @@ class QidoQuery:
         joins = {a.table for a, _ in self.matches} | ({SE} if self.series_uid and own is ST else set())
         count = select(func.count()).select_from(own if joins <= {own} else frm).where(*where)
         return stmt, count
+
+    def _view_statements(self, level: str, scope, views: dict) -> tuple[Any, Any]:
+        st, se = views[ST], views[SE]
+        same_patient = st.c.patient_id.is_not_distinct_from
+        if level == "studies":
+            cols, frm, own = [st], st, st
+            order = [st.c.study_date, st.c.study_uid, st.c.patient_id]
+        elif level == "series":
+            cols = [se, *[c.label("st_" + c.name) for c in st.c]]
+            frm = se.join(st, and_(st.c.study_uid == se.c.study_uid, same_patient(se.c.patient_id)))
+            own = se
+            order = [se.c.study_uid, se.c.series_number, se.c.series_uid, se.c.patient_id]
+        else:
+            cols = [IN.c.sop_uid, IN.c.sop_class_uid, IN.c.instance_number, IN.c.rows, IN.c.columns, IN.c.frames,
+                    IN.c.transfer_syntax, IN.c.patient_id,
+                    *[c for c in se.c if c.name not in ("patient_id", "updated_ts", "consent_no")],
+                    *[c.label("st_" + c.name) for c in st.c]]
+            frm = IN.join(se, and_(se.c.series_uid == IN.c.series_uid, se.c.patient_id.is_not_distinct_from(IN.c.patient_id))) \
+                .join(st, and_(st.c.study_uid == IN.c.study_uid, same_patient(IN.c.patient_id)))
+            own = IN
+            order = [IN.c.series_uid, IN.c.instance_number, IN.c.sop_uid]
+        where = [scope.row_clause(own.c.consent_no)]
+        if self.study_uid:
+            where.append(own.c.study_uid == self.study_uid)
+        if self.series_uid:
+            where.append((own if own is not st else se).c.series_uid == self.series_uid)
+        where += [self._predicate(a, v, views) for a, v in self.matches]
+        stmt = select(*cols).select_from(frm).where(*where).order_by(*order).limit(self.limit).offset(self.offset)
+        return stmt, select(func.count()).select_from(frm).where(*where)
 
     # ------------------------------------------------------------------------------- JSON
     def extra_tags(self, level: str) -> list[str]:

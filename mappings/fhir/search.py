@@ -53,6 +53,8 @@ class SearchQuery:
     summary: str | None = None  # "count" | "false"
     total: str = "accurate"  # none | estimate | accurate
     ignored: list[str] = field(default_factory=list)
+    #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id, else None
+    compartment: str | None = None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -88,6 +90,21 @@ def parse_search(
     return q
 
 
+#: Search parameter types ``_sort`` can order by (each has one comparable index column, see fhir_repo._sort_key).
+SORTABLE_TYPES = ("string", "token", "date", "quantity", "reference")
+#: Largest ``_offset`` (a signed 64-bit integer: the databases' LIMIT/OFFSET type).
+MAX_OFFSET = 2**63 - 1
+
+
+def version_number(text: str | None) -> int | None:
+    """A ``_history/[vid]`` as an int, or None when it is not one a store can hold (not digits, or beyond
+    a signed 64-bit integer): such a version is never known (404), instead of an overflow in the database."""
+    if not text or not text.isdigit() or len(text) > 19:
+        return None
+    n = int(text)
+    return n if n <= MAX_OFFSET else None
+
+
 def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default: int, maximum: int) -> None:
     if name == "_count":
         try:
@@ -102,6 +119,8 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             q.offset = max(0, int(value))
         except ValueError:
             raise SearchError(name, f"{value!r} is not an integer") from None
+        if q.offset > MAX_OFFSET:
+            raise SearchError(name, f"must be at most {MAX_OFFSET}")
     elif name == "_sort":
         for part in value.split(","):
             part = part.strip()
@@ -109,6 +128,9 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             pname = part[1:] if desc else part
             if pname not in ("_lastUpdated", "_id") and pname not in params_for(q.res_type):
                 raise SearchError(name, f"cannot sort {q.res_type} by {pname!r}")
+            if pname not in ("_lastUpdated", "_id") and params_for(q.res_type)[pname].type not in SORTABLE_TYPES:
+                raise SearchError(name, f"cannot sort by {pname!r}: a {params_for(q.res_type)[pname].type} parameter "
+                                        f"(sortable: {', '.join(SORTABLE_TYPES)} parameters, _id, _lastUpdated)")
             q.sort.append((pname, desc))
     elif name in ("_include", "_revinclude"):
         if modifier and modifier != "iterate":
@@ -148,7 +170,7 @@ def _clause(sp: SearchParam, modifier: str | None, raw: str) -> Clause:
             raise SearchError(f"{sp.name}:missing", "value must be true or false")
         return Clause(sp, modifier, (), raw == "true")
     allowed = {
-        "token": {None, "not"},
+        "token": {None, "not", "below", "above"},
         "string": {None, "exact", "contains"},
         "date": {None},
         "reference": {None},

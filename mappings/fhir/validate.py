@@ -44,10 +44,32 @@ def known_type(res_type: str) -> bool:
     return cls is not None and res_type not in ("Element", "BackboneElement")
 
 
+#: Deepest JSON nesting accepted in a resource (objects and arrays). Real resources stay far below (a
+#: Questionnaire with 20 levels of items is ~45); deeper ones (400 nested extensions) overflowed the stack
+#: of the model validation and of every later walk over the resource (a 500).
+MAX_NESTING = 100
+
+
+def nesting_exceeds(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether ``value`` nests objects/arrays deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return False
+
+
 def check_envelope(resource: Any, *, expected_type: str | None = None) -> type:
-    """The cheap checks (object, resourceType, id); returns the model class or raises InvalidResource."""
+    """The cheap checks (object, resourceType, id, nesting depth); returns the model class or raises InvalidResource."""
     if not isinstance(resource, dict):
         raise InvalidResource([Issue("$", "a resource must be a JSON object")], structural=True)
+    if nesting_exceeds(resource):
+        raise InvalidResource([Issue("$", f"the resource nests deeper than {MAX_NESTING} levels")], structural=True)
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or not rtype:
         raise InvalidResource([Issue("resourceType", "missing")], structural=True)

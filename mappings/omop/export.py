@@ -37,6 +37,13 @@ from mappings.omop.ddl import tables as ddl_tables
 from mappings.vocab import NO_MATCH, Concept, Coverage, Mapped, Vocabulary
 
 EHR = 32817
+#: OMOP's range for site-local concepts ("2-billionaires"): concept ids above 2,000,000,000.
+LOCAL_CONCEPT_BASE = 2_000_000_000
+LOCAL_CONCEPT_SPAN = 2**31 - 1 - LOCAL_CONCEPT_BASE - 1  # ids stay within a 32-bit integer column
+#: image_feature.image_feature_event_field_concept_id for features whose value is a MEASUREMENT row
+#: (MI-CDM: the CDM-vocabulary concept of the clinical table/field image_feature_event_id points into;
+#: 1147330 = measurement.measurement_id of the CDM vocabulary).
+MEASUREMENT_EVENT_FIELD = 1147330
 MEASUREMENT_CATEGORIES = frozenset({"vital-signs", "laboratory"})
 EPOCH = dt.date(1970, 1, 1)
 
@@ -133,9 +140,36 @@ class OmopExport:
     tables: dict[str, list[dict]]
     coverage: Coverage
     concept_ids: set[int]
+    #: site-local concepts (id > 2,000,000,000) of the codes the vocabulary does not know, and the
+    #: code system of each of their vocabulary ids
+    local_concepts: dict[int, Concept] = field(default_factory=dict)
+    local_systems: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {t: len(rows) for t, rows in self.tables.items()}
+
+
+def local_vocabulary_id(system: str) -> str:
+    """The OMOP vocabulary_id (≤ 20 characters) of a code system the vocabulary does not know; the
+    system URI itself goes to VOCABULARY.vocabulary_reference, where an import finds it."""
+    import hashlib
+
+    return "FG-" + hashlib.sha1(system.encode()).hexdigest()[:12]
+
+
+def local_concept_id(system: str, code: str, taken: dict[int, tuple[str, str]]) -> int:
+    """A stable concept id > 2,000,000,000 for (system, code): a hash, probed past collisions."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha1(f"{system}|{code}".encode()).digest()[:8], "big")
+    cid = LOCAL_CONCEPT_BASE + 1 + h % LOCAL_CONCEPT_SPAN
+    while taken.get(cid, (system, code)) != (system, code):
+        cid = LOCAL_CONCEPT_BASE + 1 + (cid - LOCAL_CONCEPT_BASE) % LOCAL_CONCEPT_SPAN
+    return cid
+
+
+_DOMAIN_OF_TABLE = {"condition_occurrence": "Condition", "procedure_occurrence": "Procedure",
+                    "measurement": "Measurement", "observation": "Observation", "image_feature": "Measurement"}
 
 
 class _Mapper:
@@ -143,13 +177,31 @@ class _Mapper:
         self.vocab = vocab
         self.coverage = Coverage()
         self.used: set[int] = {0, EHR}
+        self.local: dict[int, Concept] = {}
+        self.local_systems: dict[str, str] = {}
+        self._local_keys: dict[int, tuple[str, str]] = {}
 
     def code(self, table: str, system: str | None, code: str | None) -> Mapped:
         m = self.vocab.map_system(system, code)
         voc = self.vocab_name(system)
         self.coverage.note(table, voc, code, m.concept_id)
+        if m.source_concept_id == 0 and system and code:
+            # OMOP's rule for local codes: a non-standard source concept > 2,000,000,000 in a
+            # vocabulary of its own, so an import restores system and code exactly
+            m = Mapped(m.concept_id, self._local(table, system, code), m.domain)
         self.used.update((m.concept_id, m.source_concept_id))
         return m
+
+    def _local(self, table: str, system: str, code: str) -> int:
+        cid = local_concept_id(system, code, self._local_keys)
+        domain = _DOMAIN_OF_TABLE.get(table.split(".", 1)[0], "Metadata")
+        old = self.local.get(cid)
+        if old is None or domain < old.domain:  # the same code in several tables: a stable choice
+            self._local_keys[cid] = (system, code)
+            voc = local_vocabulary_id(system)
+            self.local_systems[voc] = system
+            self.local[cid] = Concept(cid, voc, code, code, domain, None, "Undefined")
+        return cid
 
     def dicom(self, table: str, code: str | None) -> Mapped:
         m = self.vocab.map_dicom(code)
@@ -175,6 +227,16 @@ class _Mapper:
         return SYSTEM_TO_VOCAB.get(system or "", system or "(none)")
 
 
+def person_source_value(p: dict) -> str | None:
+    """The site's patient id; for a patient imported from OMOP, the person_source_value it came with
+    (kept as an identifier), so export → import → export writes the same PERSON rows."""
+    if p.get("src_type") == "OMOP" and p.get("identifiers"):
+        for ident in orjson.loads(p["identifiers"]):
+            if isinstance(ident, str) and ident.startswith("urn:omop:person_source_value|"):
+                return ident.split("|", 1)[1]
+    return p.get("patient_id")
+
+
 def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
     """Map the common-model rows in ``data`` to OMOP CDM v5.4 tables (see the module docstring)."""
     mp = _Mapper(vocab)
@@ -184,7 +246,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
     # -- person -----------------------------------------------------------------------------
     person_of: dict[str, int] = {}
     birth: dict[str, dt.date | None] = {}
-    for p in sorted(data.patients, key=lambda r: r["patient_id"] or ""):
+    for p in sorted(data.patients, key=lambda r: person_source_value(r) or ""):
         pid = p["patient_id"]
         if not pid or pid in person_of:
             continue
@@ -204,7 +266,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             "month_of_birth": bd.month if len(full) >= 7 else None,
             "day_of_birth": bd.day if len(full) >= 10 else None,
             "birth_datetime": None, "race_concept_id": r.concept_id, "ethnicity_concept_id": e.concept_id,
-            "person_source_value": pid, "gender_source_value": p.get("sex"), "gender_source_concept_id": 0,
+            "person_source_value": person_source_value(p), "gender_source_value": p.get("sex"), "gender_source_concept_id": 0,
             "race_source_value": p.get("race"), "race_source_concept_id": 0,
             "ethnicity_source_value": p.get("ethnicity"), "ethnicity_source_concept_id": 0,
         })
@@ -319,7 +381,8 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         m = mp.code(table, o.get("system"), o.get("code"))
         value_concept = None
         if o.get("value_code"):
-            value_concept = mp.code(table + ".value", o.get("value_system"), o.get("value_code")).concept_id
+            vm = mp.code(table + ".value", o.get("value_system"), o.get("value_code"))
+            value_concept = vm.concept_id or vm.source_concept_id  # a local code: its local concept
         unit_concept = mp.unit(table, o.get("unit"))
         visit = visit_of.get(o.get("encounter_id") or "")
         value_source = o.get("value_code") or o.get("value_text")
@@ -394,7 +457,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             if item.finding_code else None
         out["image_feature"].append({
             "image_feature_id": len(out["image_feature"]) + 1, "person_id": pid, "image_occurrence_id": io_id,
-            "image_feature_event_field_concept_id": None, "image_feature_event_id": meas_id,
+            "image_feature_event_field_concept_id": MEASUREMENT_EVENT_FIELD, "image_feature_event_id": meas_id,
             "image_feature_concept_id": m.concept_id, "image_feature_type_concept_id": EHR,
             "image_finding_concept_id": finding, "image_finding_id": None, "anatomic_site_concept_id": None,
             "alg_system": item.algorithm, "alg_datetime": None,
@@ -412,9 +475,11 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             cov.skip("observation_period", "person without dated events")
 
     used = {c for c in mp.used if c is not None}
+    if out["image_feature"]:
+        used.add(MEASUREMENT_EVENT_FIELD)
     for r in out["image_occurrence"]:
         used.update(c for c in (r["anatomic_site_concept_id"], r["modality_concept_id"]) if c is not None)
-    return OmopExport(out, cov, used)
+    return OmopExport(out, cov, used, mp.local, mp.local_systems)
 
 
 def _procedure(pid_: int, person_id: int, m: Mapped, date: dt.date, when: dt.datetime | None,
@@ -440,13 +505,17 @@ def _measurement(mid: int, person_id: int, m: Mapped, date: dt.date, when: dt.da
             "measurement_event_id": None, "meas_event_field_concept_id": None}
 
 
-def vocabulary_rows(vocab: Vocabulary, concept_ids: Iterable[int]) -> dict[str, list[dict]]:
+def vocabulary_rows(vocab: Vocabulary, concept_ids: Iterable[int], local: dict[int, Concept] | None = None,
+                    local_systems: dict[str, str] | None = None) -> dict[str, list[dict]]:
     """CONCEPT rows for every referenced concept id (+ the VOCABULARY, DOMAIN and CONCEPT_CLASS rows
     they refer to; their own ``*_concept_id`` is 0, "No matching concept", as the subset does not
-    carry those metadata concepts)."""
+    carry those metadata concepts).  ``local``: the export's site-local concepts, whose VOCABULARY
+    rows name the code system (vocabulary_name and vocabulary_reference = the system URI)."""
+    local = local or {}
+    systems = dict(local_systems or {})
     concepts: list[Concept] = []
     for cid in sorted(set(concept_ids) | {0}):
-        c = vocab.by_id.get(cid)
+        c = local.get(cid) or vocab.by_id.get(cid)
         if c is None:
             c = NO_MATCH if cid == 0 else Concept(cid, "None", str(cid), f"concept {cid}", "Metadata", None)
         concepts.append(c)
@@ -456,8 +525,9 @@ def vocabulary_rows(vocab: Vocabulary, concept_ids: Iterable[int]) -> dict[str, 
                      "vocabulary_id": c.vocabulary, "concept_class_id": c.concept_class,
                      "standard_concept": c.standard, "concept_code": c.code, "valid_start_date": start,
                      "valid_end_date": end, "invalid_reason": None} for c in concepts],
-        "vocabulary": [{"vocabulary_id": v, "vocabulary_name": v, "vocabulary_reference": None,
-                        "vocabulary_version": vocab.origin, "vocabulary_concept_id": 0}
+        "vocabulary": [{"vocabulary_id": v, "vocabulary_name": systems.get(v, v), "vocabulary_reference": systems.get(v),
+                        "vocabulary_version": "fedgate local codes" if v in systems else vocab.origin,
+                        "vocabulary_concept_id": 0}
                        for v in sorted({c.vocabulary for c in concepts})],
         "domain": [{"domain_id": d, "domain_name": d, "domain_concept_id": 0}
                    for d in sorted({c.domain for c in concepts})],

@@ -25,6 +25,29 @@ from mappings.vocab import Vocabulary
 SRC = "OMOP"
 
 
+def with_local_concepts(vocab: Vocabulary, concepts: Iterable[dict], vocabularies: Iterable[dict]) -> Vocabulary:
+    """``vocab`` plus the source schema's site-local concepts (ids > 2,000,000,000), each keyed to
+    the code system its VOCABULARY row names in ``vocabulary_reference`` (how fedgate exports codes
+    its vocabulary does not know), so that ``system_of`` restores system and code exactly.  Local
+    concepts whose vocabulary names no URI keep the vocabulary id as their system."""
+    from mappings.vocab import Concept
+
+    concepts = list(concepts)
+    if not concepts:
+        return vocab
+    ref = {v["vocabulary_id"]: v.get("vocabulary_reference") for v in vocabularies}
+    out = Vocabulary(by_id=dict(vocab.by_id), by_code=vocab.by_code, maps_to=vocab.maps_to,
+                     source_map=vocab.source_map, origin=vocab.origin)
+    for c in concepts:
+        cid = int(c["concept_id"])
+        if cid <= 2_000_000_000 or cid in vocab.by_id:
+            continue
+        system = ref.get(c["vocabulary_id"]) or c["vocabulary_id"]
+        out.by_id[cid] = Concept(cid, system, c["concept_code"], c.get("concept_name") or c["concept_code"],
+                                 c.get("domain_id") or "Metadata", None)
+    return out
+
+
 def patient_id_of(person_id: Any) -> str:
     return f"omop-{person_id}"
 
@@ -173,4 +196,18 @@ def imaging_rows(vocab: Vocabulary, rows: Iterable[dict]) -> list[dict]:
                     "patient_id": patient_id_of(first["person_id"]), "study_uid": uid,
                     "started": _iso(first["image_occurrence_date"]), "modalities": orjson.dumps(mods).decode(),
                     "description": None, "n_series": len({r["image_series_uid"] for r in series}), "n_instances": None})
+    return out
+
+
+def imaging_series_rows(vocab: Vocabulary, rows: Iterable[dict]) -> list[dict]:
+    """One ``cm_imaging_series`` per image_occurrence (MI-CDM: one per series): modality and body part
+    as their DICOM terms, so cohorts and a re-export see the series as they were exported."""
+    out = []
+    for r in rows:
+        out.append({"src_type": SRC, "src_id": f"image_occurrence/{r['image_occurrence_id']}",
+                    "patient_id": patient_id_of(r["person_id"]), "study_uid": r["image_study_uid"],
+                    "series_uid": r.get("image_series_uid") or "",
+                    "modality": vocab.system_of(r.get("modality_concept_id"))[1],
+                    "body_part": vocab.system_of(r.get("anatomic_site_concept_id"))[1],
+                    "started": _iso(r["image_occurrence_date"])})
     return out

@@ -8,9 +8,20 @@ echo "setup: installing Orthanc + DICOMweb plugin from Debian packages" >&2
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq >/dev/null
-# policy-rc.d keeps the package's init script from starting a system-wide Orthanc on :8042/:4242
-printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-$SUDO chmod +x /usr/sbin/policy-rc.d
+# A policy-rc.d that denies service starts keeps the package's init script from starting a system-wide
+# Orthanc on :8042/:4242. Debian container images ship their own policy-rc.d: it is kept as found (moved
+# aside and put back byte for byte); only a file this script added is removed.
+POLICY=/usr/sbin/policy-rc.d
+SAVED=""
+if [ -e "$POLICY" ] || [ -L "$POLICY" ]; then
+  SAVED=$($SUDO mktemp /usr/sbin/.policy-rc.d.fedgate.XXXXXX)
+  $SUDO cp -a "$POLICY" "$SAVED"
+fi
+restore_policy() {
+  if [ -n "$SAVED" ]; then $SUDO mv -f "$SAVED" "$POLICY"; else $SUDO rm -f "$POLICY"; fi
+}
+trap restore_policy EXIT
+printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
+$SUDO chmod +x "$POLICY"
 $SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null
-$SUDO rm -f /usr/sbin/policy-rc.d
 command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]

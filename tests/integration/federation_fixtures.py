@@ -17,26 +17,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway import keys
 from gateway.app import create_app
-from gateway.services.federation_synth import SiteProfile, expand_codes, generate, load, profile_keys
+from gateway.services.federation_synth import SiteProfile, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
+from gateway.vocab_cli import load_demo
 from tests.conftest import REPO, Gateway, GatewayClient, make_settings
 from tests.procs import free_port
 
 SECRET = "test-secret-" + "x" * 32
-#: Purpose code → consent profiles it may use (the test's stand-in for the DUO evaluation, see ProfileGate).
 _K = profile_keys()
-ALLOWED = {"DUO:0000042": {_K["GRU"]}, "DUO:0000006": {_K["GRU"], _K["HMB"]},
-           "DUO:0000007": {_K["GRU"], _K["HMB"], _K["DS-CVD"]}}
+#: Purpose code → the synthetic consent profiles (federation_synth.CONSENT_DUO) whose decision is permit,
+#: written by hand from DUO.md (the sites run the real DUO consent gate, issue 23):
+#: GRU (DUO:0000042) permits any research; NRES (DUO:0000004) has no restriction; HMB (DUO:0000006)
+#: permits health/medical/biomedical research (DUO:0000006 and below), not a general-research request;
+#: DS-CVD needs a requested disease under MONDO:0004995, which these purposes do not name.
+ALLOWED = {"DUO:0000042": {_K["GRU"], _K["NRES"]}, "DUO:0000006": {_K["GRU"], _K["HMB"], _K["NRES"]}}
 
 
 class ProfileGate:
     """A consent gate restricting research requests to the consent profiles their purpose allows.
 
-    The real DUO gate (issue #4) is built concurrently; this one exercises the same seam
-    (``scope_for`` → :class:`AccessScope`) so the site's eligible-vs-matching split is checked here
-    against counts computed independently from the generated consent profiles."""
+    The federation tests run the real DUO gate; this stand-in (same seam, ``scope_for`` →
+    :class:`AccessScope`) serves the differencing test, whose point is the site's arithmetic, not DUO."""
 
     async def scope_for(self, requester) -> AccessScope:
         allowed: set[str] = set()
@@ -80,6 +83,7 @@ async def populate(db_url: str, rows: dict) -> None:
     try:
         await migrate(db)
         await load(db, rows)
+        await load_demo(db)  # code hierarchies, as `fedgate vocab load --demo` / `fedgate demo` load them
     finally:
         await db.dispose()
 
@@ -93,11 +97,9 @@ async def start_site(tmp: Path, profile: SiteProfile, n: int, db_url: str, pub_p
     await populate(db_url, rows)
     settings = make_settings(tmp / profile.name, db_url, site_id=profile.name,
                              extra={"federation": site_federation(pub_pem, **fed)})
-    app = create_app(settings)
-    app[keys.GATE] = ProfileGate()
+    app = create_app(settings)  # with the real DUO consent gate
     audit = ListAudit()
     app[keys.AUDIT] = audit
-    app[keys.SERVICES]["code_expander"] = expand_codes
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     gw = Gateway(server, settings)

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestServer
@@ -123,7 +124,8 @@ async def _held_chain(db: Database, release: "asyncio.Event", holding: "asyncio.
 
 async def _chain_rows(db: Database) -> list[str]:
     async with db.read() as conn:
-        return list((await conn.execute(sa.select(audit_event.c.interaction).order_by(audit_event.c.seq))).scalars())
+        contents = (await conn.execute(sa.select(audit_event.c.content).order_by(audit_event.c.seq))).scalars()
+        return [orjson.loads(c)["outcomeDesc"] for c in contents]
 
 
 async def test_no_event_is_lost_when_a_flush_is_cancelled_or_the_sink_stops_mid_flush(db_url):
@@ -143,7 +145,7 @@ async def test_no_event_is_lost_when_a_flush_is_cancelled_or_the_sink_stops_mid_
         sink = ChainedAudit("site-a", batch_delay_s=0.01)
         sink.db = db  # flushes on demand only (no background flusher yet)
         for i in range(5):
-            await sink.record(AccessRecord(SYSTEM, "R", f"cancelled-{i}", "0"))
+            await sink.record(AccessRecord(SYSTEM, "R", "read", "0", detail=f"cancelled-{i}"))
         release, holding = asyncio.Event(), asyncio.Event()
         blocker = asyncio.create_task(_held_chain(db, release, holding))
         await holding.wait()
@@ -162,7 +164,7 @@ async def test_no_event_is_lost_when_a_flush_is_cancelled_or_the_sink_stops_mid_
         blocker = asyncio.create_task(_held_chain(db, release, holding))
         await holding.wait()
         for i in range(5):
-            await sink.record(AccessRecord(SYSTEM, "R", f"stopping-{i}", "0"))
+            await sink.record(AccessRecord(SYSTEM, "R", "read", "0", detail=f"stopping-{i}"))
         await asyncio.sleep(0.3)
         stopping = asyncio.create_task(sink.stop())
         await asyncio.sleep(0.2)

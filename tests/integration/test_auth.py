@@ -94,7 +94,10 @@ async def test_failures_in_the_protocols_form(gateway, http):
         assert (await _status(http, gateway.url + path))[0] == 200, path
 
 
-OPEN = {"healthz", "readyz", "openapi", "fhir.metadata"}
+OPEN = {"healthz", "readyz", "openapi", "fhir.metadata", "fhir.smart_configuration", "smart_configuration"}
+# the OHIF viewer's static files and sign-in page (no patient data: that comes through /dicomweb with a token);
+# viewer-dev-token signs tokens only with the development setting viewer_dev_login (404 otherwise)
+OPEN |= {"viewer", "viewer-files", "viewer-config", "viewer-login", "viewer-dev-token"}
 
 
 def _sample_url(resource) -> str | None:

@@ -7,12 +7,14 @@ import datetime as dt
 
 import pytest
 
-from gateway.services.federation_synth import DEMO_SITES, expand_codes, generate, load, profile_keys
+from gateway.services.federation_synth import DEMO_SITES, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
 from mappings.cohort import compile_cohort, parse
+from gateway.vocab_cli import load_demo
 from tests.integration.federation_ref import COHORTS, Oracle
+from tests.vocab_ref import expand_codes
 
 TODAY = dt.date(2025, 1, 1)
 
@@ -23,6 +25,7 @@ async def store(db_url):
     await migrate(db)
     rows = generate(DEMO_SITES[1], 300, seed=3)
     await load(db, rows)
+    await load_demo(db)  # the code hierarchies `descendants` reads
     try:
         yield db, rows
     finally:
@@ -40,16 +43,17 @@ async def test_every_example_matches_the_oracle(store):
         node = parse(doc)
         for sc, allowed in ((None, None), (scope, allowed_keys)):
             async with db.read() as conn:
-                got = {r[0] for r in (await conn.execute(compile_cohort(node, sc, expand=expand_codes, today=TODAY))).all()}
+                got = {r[0] for r in (await conn.execute(compile_cohort(node, sc, today=TODAY))).all()}
             assert got == oracle.cohort(doc, allowed), (name, allowed)
             nonempty += bool(got)
     assert nonempty >= len(COHORTS)  # the examples are not vacuous
 
 
-async def test_descendants_need_the_expander(store):
+async def test_descendants_read_the_vocabulary_store(store):
     db, rows = store
     node = parse(COHORTS["diabetes_desc"])
+    plain = parse({k: {**v, "descendants": False} for k, v in COHORTS["diabetes_desc"].items()})
     async with db.read() as conn:
-        without = (await conn.execute(compile_cohort(node))).all()
-        with_ = (await conn.execute(compile_cohort(node, expand=expand_codes))).all()
+        with_ = (await conn.execute(compile_cohort(node))).all()
+        without = (await conn.execute(compile_cohort(plain))).all()
     assert not without and with_

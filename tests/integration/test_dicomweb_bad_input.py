@@ -309,23 +309,3 @@ async def _blob_rows(db_url: str) -> set[str]:
         return {r[0] for r in await conn.fetch("SELECT blob_path FROM dcm_instance")}
     finally:
         await conn.close()
-
-
-def test_fedgate_import_cli(tmp_path):
-    from tests.dicom_synth import write
-
-    folder = tmp_path / "in"
-    paths = write(ct_series(patient_id="IMP", patient_name="Import^Me", n=4, size=32), folder)
-    (folder / "notes.txt").write_text("not DICOM")
-    fedgate = str(Path(sys.executable).with_name("fedgate"))
-    out = subprocess.run([fedgate, "import", str(folder), "--data-dir", str(tmp_path / "data")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert '"stored": 4' in out.stdout and '"failed": 1' in out.stdout
-    con = sqlite3.connect(tmp_path / "data" / "fedgate.db")
-    try:
-        assert con.execute("SELECT count(*) FROM dcm_instance").fetchone()[0] == len(paths)
-        assert con.execute("SELECT count(*) FROM fhir_resource WHERE res_type='ImagingStudy'").fetchone()[0] == 1
-    finally:
-        con.close()
-

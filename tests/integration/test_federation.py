@@ -16,13 +16,14 @@ import pytest
 
 from gateway.auth import issue_dev_token
 from gateway.services.federation import SiteService, age_band, age_on, sign_hub_token
-from gateway.services.federation_synth import DEMO_SITES, expand_codes
+from gateway.services.federation_synth import DEMO_SITES, profile_keys
+from tests.vocab_ref import expand_codes
 from mappings.cohort.disclosure import CellKeys, Disclosure
 from tests.integration.federation_fixtures import ALLOWED, Silent, hub_key_pem, start_hub, start_site
 from tests.integration.federation_ref import COHORTS, Oracle
 
 AGE_AT = "2025-01-01"
-PURPOSE = {"codes": ["DUO:0000006"]}  # HMB → GRU + HMB profiles eligible
+PURPOSE = {"codes": ["DUO:0000006"]}  # HMB → GRU, HMB and NRES profiles eligible (real DUO gate)
 N = {"site-a": 220, "site-b": 160, "site-c": 120}
 
 
@@ -74,14 +75,12 @@ async def test_counts_equal_independent_computation(federation, name):
     total = None
     for site in federation["sites"]:
         oracle = Oracle(site.rows, expand_codes, today)
-        matching = oracle.cohort(doc)
         eligible = oracle.cohort(doc, ALLOWED["DUO:0000006"])
         got = answer["per_site"][site.id]
         exp_eligible, keys = released(site, sorted(eligible))
         d = Disclosure(5, 5)
         assert got["count"] == exp_eligible, (site.id, len(eligible))
-        assert got["consent"] == {"matching": d.release(len(matching), keys.cell_key(matching)),
-                                  "eligible": exp_eligible}
+        assert got["consent"] == {"eligible": exp_eligible}  # nothing over refused patients (issue #19)
         groups: dict[str, list[str]] = {}
         for pid in eligible:
             groups.setdefault(oracle.patients[pid]["sex"], []).append(pid)
@@ -287,3 +286,20 @@ async def test_cli_query_table_and_json(tmp_path, federation):
     assert str(ans["count"]) in total_line.split()
     for site in federation["sites"]:
         assert any(line.startswith(site.id) and " ok " in line for line in table.splitlines())
+
+
+@pytest.mark.parametrize("disease,profiles", [
+    # DUO.md: a DS consent (DS-CVD: MONDO:0004995) permits disease-specific research (DUO:0000040) on a
+    # disease under its class in the site's loaded MONDO (heart failure ⊑ cardiovascular disease), not on
+    # cancer; GRU, HMB and NRES permit DS research on any disease
+    ("MONDO:0005252", ("GRU", "HMB", "NRES", "DS-CVD")),
+    ("MONDO:0004992", ("GRU", "HMB", "NRES")),
+])
+async def test_disease_specific_consent_through_the_real_gate(federation, disease, profiles):
+    doc = {"sex": ["female", "male", "other"]}
+    purpose = {"codes": ["DUO:0000040"], "diseases": [disease]}
+    answer = await hub_query(federation, {"cohort": doc, "age_at": AGE_AT}, analyst(federation["hub"], purpose))
+    keys_ = profile_keys()
+    for site in federation["sites"]:
+        eligible = Oracle(site.rows, expand_codes).cohort(doc, {keys_[p] for p in profiles})
+        assert answer["per_site"][site.id]["count"] == released(site, sorted(eligible))[0], site.id
