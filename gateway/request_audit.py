@@ -34,7 +34,10 @@ _INTERACTIONS: dict[str, Interaction] = {
     "fhir.create": Interaction.CREATE, "fhir.update": Interaction.UPDATE, "fhir.patch": Interaction.PATCH,
     "fhir.delete": Interaction.DELETE, "fhir.bundle": Interaction.TRANSACTION,
     "fhir.bundle_slash": Interaction.TRANSACTION, "fhir.audit_search": Interaction.SEARCH_TYPE,
-    "fhir.audit_read": Interaction.READ, "dicomweb.search_studies": Interaction.QIDO_STUDIES,
+    "fhir.audit_read": Interaction.READ, "fhir.search_system": Interaction.SEARCH_SYSTEM,
+    "fhir.search_system_slash": Interaction.SEARCH_SYSTEM, "fhir.search_compartment": Interaction.SEARCH_TYPE,
+    "fhir.everything": Interaction.EVERYTHING, "omop.load": Interaction.OMOP_IMPORT,
+    "dicomweb.search_studies": Interaction.QIDO_STUDIES,
     "dicomweb.search_series": Interaction.QIDO_SERIES, "dicomweb.search_study_series": Interaction.QIDO_SERIES,
     "dicomweb.search_instances": Interaction.QIDO_INSTANCES,
     "dicomweb.search_study_instances": Interaction.QIDO_INSTANCES,
@@ -49,15 +52,22 @@ def _interaction(name: str) -> Interaction:
         return Interaction.STOW
     if name.startswith("dicomweb."):
         return Interaction.WADO
+    if name.startswith("federation.train") or name == "federation.deploy":
+        return Interaction.FEDERATED_TRAINING
     if name.startswith("federation."):
         return Interaction.FEDERATION_COHORT
+    if name.startswith("inference."):
+        return Interaction.INFERENCE_JOB
+    if name.startswith("training."):
+        return Interaction.TRAINING_RUN
     if name.startswith("omop."):
         return Interaction.OMOP_EXPORT
     return Interaction.REQUEST
 
 
 def _action(method: str, interaction: Interaction) -> Action:
-    if interaction in (Interaction.SEARCH_TYPE, Interaction.TRANSACTION, Interaction.FEDERATION_COHORT,
+    if interaction in (Interaction.SEARCH_TYPE, Interaction.SEARCH_SYSTEM, Interaction.EVERYTHING,
+                       Interaction.TRANSACTION, Interaction.FEDERATION_COHORT,
                        Interaction.QIDO_STUDIES, Interaction.QIDO_SERIES, Interaction.QIDO_INSTANCES,
                        Interaction.OMOP_EXPORT, Interaction.REQUEST):
         return Action.EXECUTE
@@ -86,6 +96,8 @@ def concerned(request: web.Request) -> tuple[tuple[str, ...], tuple[str, ...]]:
     rtype, rid = info.get("type"), info.get("id")
     if request.path.startswith("/fhir/AuditEvent"):
         rtype = "AuditEvent"
+    if request.match_info.route.name in ("fhir.everything", "fhir.search_compartment"):
+        rtype = "Patient"  # /fhir/Patient/{id}/$everything, /fhir/Patient/{id}/{type}: the id is the patient's
     if rtype and rid:
         resources.append(f"{rtype}/{rid}")
         if rtype == "Patient":

@@ -251,6 +251,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     code = 1
                     stopping.set()
                     break
+                _remove_temp_files(settings, c.proc.pid)
                 _start(c, argv, dispatcher)
             stopping.wait(0.2)
     finally:
@@ -264,6 +265,22 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def _remove_temp_files(settings: Settings, pid: int) -> None:
+    """A child that exited (crash, kill -9) leaves the temp files of the STOW parts it was receiving: they
+    are removed now, not at the next parent start (issue 20)."""
+    from pathlib import Path
+
+    from gateway.store.blobs import BlobStore
+
+    try:
+        removed = BlobStore.remove_temp_files_of(Path(settings.data_dir) / "blobs", pid)
+    except OSError as exc:
+        log.warning("temp files of an exited server process not removed", extra={"error_type": type(exc).__name__})
+        return
+    if removed:
+        log.warning("temp files of an exited server process removed", extra={"files_removed": removed})
 
 
 def _start(c: _Child, argv: Sequence[str], dispatcher: _Dispatcher) -> None:

@@ -449,7 +449,10 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
 def _cleanup(parts: list[Part]) -> None:
     for p in parts:
         if p.tmp is not None:
-            p.tmp.unlink(missing_ok=True)
+            try:
+                p.tmp.unlink(missing_ok=True)
+            except OSError:  # a store gone read-only: the start-up reconcile removes it
+                pass
 
 
 async def stow(request: web.Request) -> web.Response:

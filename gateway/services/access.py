@@ -8,55 +8,14 @@ runs with :class:`OpenGate` (every request unrestricted) and :class:`NullAudit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol
 
 from gateway.context import Requester
 from gateway.store.scope import UNRESTRICTED, AccessScope
 
 
-class Action(str, Enum):
-    """AuditEvent.action (FHIR R4 valueset audit-event-action).  A ``str`` enum: it compares and
-    serialises as its code, so sinks written for plain strings keep working."""
-
-    CREATE = "C"
-    READ = "R"
-    UPDATE = "U"
-    DELETE = "D"
-    EXECUTE = "E"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Outcome(str, Enum):
-    """AuditEvent.outcome (FHIR R4 valueset audit-event-outcome)."""
-
-    SUCCESS = "0"
-    MINOR_FAILURE = "4"  # refused, not found, bad request
-    SERIOUS_FAILURE = "8"
-    MAJOR_FAILURE = "12"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Interaction(str, Enum):
-    """What was done (AuditEvent.subtype: FHIR restful-interaction codes and fedgate's own)."""
-
-    READ = "read"
-    VREAD = "vread"
-    SEARCH = "search-type"
-    HISTORY = "history"
-    CREATE = "create"
-    UPDATE = "update"
-    DELETE = "delete"
-    TRANSACTION = "transaction"
-    BATCH = "batch"
-    ACCESS = "access"  # the gate's decision itself (a refused purpose)
-
-    def __str__(self) -> str:
-        return self.value
+# The typed audit codes (one definition: gateway/services/audit_codes.py), re-exported for the access layer.
+from gateway.services.audit_codes import Action, Interaction, Outcome  # noqa: E402,F401
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,8 +76,16 @@ def to_audit_event(rec: AccessRecord, site: str, recorded: str) -> dict[str, Any
     }
     if who.organization:
         agent["who"]["display"] = who.organization
-    # typed codes: a value outside the enums raises here (a programming error), never reaches the trail
-    action, interaction, outcome = Action(rec.action), Interaction(rec.interaction), Outcome(rec.outcome)
+    # typed codes: an action or outcome outside the FHIR value sets raises here (a programming error); an
+    # interaction code not in the enum is recorded as "operation" (an access is never left unaudited), the
+    # code kept in outcomeDesc, and logged as a warning
+    action, outcome = Action(rec.action), Outcome(rec.outcome)
+    try:
+        interaction = Interaction(rec.interaction)
+        unknown = ""
+    except ValueError:
+        interaction, unknown = Interaction.OPERATION, f"interaction {str(rec.interaction)[:40]!r} is not an audit code"
+        log.warning("unknown audit interaction code recorded as 'operation'")
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": {"system": DCM, "code": "110110", "display": "Patient Record"},
@@ -92,7 +100,7 @@ def to_audit_event(rec: AccessRecord, site: str, recorded: str) -> dict[str, Any
         + [{"what": {"reference": f"Patient/{p}"}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"}}
            for p in rec.patients],
     }
-    desc = "; ".join(x for x in (rec.scope_summary and f"consent: {rec.scope_summary}", rec.detail) if x)
+    desc = "; ".join(x for x in (rec.scope_summary and f"consent: {rec.scope_summary}", rec.detail, unknown) if x)
     if desc:
         event["outcomeDesc"] = desc
     if rec.path:

@@ -4,7 +4,8 @@ the ``subtype`` (interaction) codes fedgate records.
 They are :class:`enum.StrEnum`, so ``Action.READ == "R"``: an :class:`~gateway.services.access.AccessRecord`
 built with the plain strings of older call sites still compares equal, and
 :func:`gateway.services.audit.to_audit_event` coerces every record through these enums — a code outside them
-(a typo such as ``"serach-type"``) raises instead of landing silently in the trail.
+(``"serach-type"``) is recorded as ``operation`` with a warning; an action or outcome outside the FHIR
+value sets raises.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ class Interaction(StrEnum):
     HISTORY_TYPE = "history-type"
     HISTORY_SYSTEM = "history-system"
     CREATE = "create"
-    SEARCH = "search"
     SEARCH_TYPE = "search-type"
+    SEARCH = "search-type"  # alias (the access layer's name for a type search)
     SEARCH_SYSTEM = "search-system"
     CAPABILITIES = "capabilities"
     TRANSACTION = "transaction"
     BATCH = "batch"
     OPERATION = "operation"
+    EVERYTHING = "everything"  # Patient/{id}/$everything
     # DICOMweb
     QIDO_STUDIES = "qido-studies"
     QIDO_SERIES = "qido-series"

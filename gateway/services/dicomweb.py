@@ -136,7 +136,7 @@ def failure_reason(exc: BaseException) -> str:
         where = f"element ({m[1]},{m[2]}) is encoded as VR {m[3]} but " if m else "an element's "
         return f"{where}its value length does not fit that VR (not a whole number of values)"
     if isinstance(exc, RecursionError) or "Recursion limit" in str(exc):
-        return f"sequences are nested too deeply (at most {attrs.MAX_SEQUENCE_DEPTH} levels are accepted)"
+        return f"sequences are nested more than {attrs.MAX_SEQUENCE_DEPTH} levels deep (the most fedgate accepts)"
     if isinstance(exc, (EOFError, struct.error)):
         return "the file ends inside an element: it is truncated or an element's length is wrong"
     if isinstance(exc, MemoryError):
@@ -446,8 +446,8 @@ class ParseFeed:
                 continue
             fut = jobs.get(p.tmp)
             if fut is not None and not fut.done():
-                fut.add_done_callback(lambda _f, tmp=p.tmp: tmp.unlink(missing_ok=True))
-            p.tmp.unlink(missing_ok=True)
+                fut.add_done_callback(lambda _f, tmp=p.tmp: _unlink_quietly(tmp))
+            _unlink_quietly(p.tmp)
 
     async def results(self) -> tuple[list[Outcome], dict[Path, OSError]]:
         """Every part's Outcome (in order) and the fsync errors by temp path."""
@@ -516,6 +516,11 @@ class DicomwebService:
         except BaseException:  # refused or cancelled: no temp file left behind
             ParseFeed.discard(feed, parts)
             raise
+        if self.blobs.unwritable:  # a read-only store: every instance 0xA700, nothing half stored
+            for o in outcomes:
+                if o.failure in (None, OUT_OF_RESOURCES):  # (its part's file could not be written either)
+                    o.failure, o.reason = OUT_OF_RESOURCES, (f"the DICOM store cannot be written "
+                                                             f"({self.blobs.unwritable}): nothing was stored")
         for o in outcomes:  # a part whose file did not reach the disk (fsync failed: EIO, ENOSPC): 0xA700
             if o.failure is None and (err := sync_errors.get(o.tmp)) is not None:
                 o.failure, o.reason = OUT_OF_RESOURCES, _disk_reason(err)
@@ -954,7 +959,12 @@ class DicomwebService:
         return results
 
     async def reconcile(self) -> None:
-        """Start-up repair: temp files and unindexed files removed, rows without files dropped."""
+        """Start-up repair: temp files and unindexed files removed, rows without files dropped (not on a
+        store that cannot be written: it is served read-only, as found)."""
+        if self.blobs.unwritable:
+            log.warning("blob store is not writable: serving it read-only (STOW answers 0xA700)",
+                        extra={"error_type": self.blobs.unwritable})
+            return
         async with self.db.read() as conn:
             indexed = set((await conn.execute(select(dcm_instance.c.blob_path))).scalars())
         removed, missing = await asyncio.to_thread(self.blobs.reconcile, indexed)
@@ -1119,6 +1129,15 @@ def _insert_new(conn, table, key: str):
 
 
 _UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Remove a temp file; one that cannot be removed (a store gone read-only) is left to the start-up
+    reconcile rather than failing the request whose instances were already answered for."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("a temp file could not be removed", extra={"error_type": os.strerror(exc.errno or 0)})
 
 
 def _disk_reason(exc: BaseException | None) -> str:

@@ -193,36 +193,40 @@ class FhirService:
         matches: list[repo.Stored] = []
         included: list[repo.Stored] = []
         total = 0
-        scope = await self._scope(requester)
-        async with self.db.read() as conn:
+        access = await self.open(requester)  # the access layer: its scope in every query, one audit record
+        async with access.read() as conn:
             for t in types:
                 q = self.parse_search(t, criteria, lenient=lenient)
                 q.count, q.offset, q.total = min(offset + count, self.max_count), 0, "accurate"
-                res = await repo.search(conn, q, scope)
+                res = await repo.search(conn, q, access.scope)
                 total += res.total or 0
                 matches += res.matches
                 included += res.included
         page = matches[offset:offset + count]
-        await self._audit(requester, "E", "search-system", "0", page + included, scope, detail=",".join(types))
+        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in page + included],
+                            patients=[s.patient_id for s in page + included], detail="system:" + ",".join(types))
         return repo.SearchResult(page, total, included), count, offset
 
     async def everything(self, requester: Requester, patient_id: str, types: list[str] | None) -> list[repo.Stored]:
         """``Patient/{id}/$everything`` (FHIR R4 Patient-everything): the Patient and every resource in its
         compartment (R4 CompartmentDefinition types; ``_type`` narrows), each type capped at ``max_count``.
         The Patient is read through the gate first: one the caller may not see is a 404."""
-        patient = await self.read(requester, "Patient", patient_id)
+        access = await self.open(requester)
+        patient = await self.read(requester, "Patient", patient_id, access=access)  # 404 if not visible
         for t in types or ():
             if t not in PATIENT_COMPARTMENT:
                 raise BadRequest(f"_type {t!r} is not in the Patient compartment", expression=["_type"])
-        scope = await self._scope(requester)
         out = [patient] if not types or "Patient" in types else []
-        async with self.db.read() as conn:
+        async with access.read() as conn:
             for t in types or PATIENT_COMPARTMENT:
                 if t == "Patient":
                     continue
                 q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
-                out += (await repo.search(conn, q, scope)).matches
-        await self._audit(requester, "R", "everything", "0", out, scope)
+                out += (await repo.search(conn, q, access.scope)).matches
+        await access.record(Action.EXECUTE, Interaction.SEARCH, Outcome.SUCCESS,
+                            resources=[f"{s.res_type}/{s.res_id}" for s in out],
+                            patients=[s.patient_id for s in out], detail="Patient/$everything")
         return out
 
     async def history(self, requester: Requester, res_type: str | None, res_id: str | None,

@@ -14,6 +14,7 @@ so after any failure there is no row without its file and no file without its ro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -28,7 +29,16 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        #: why nothing can be stored (a read-only mount, no permission), or None: the store still serves reads
+        #: and STOW fails each instance with 0xA700 and this reason (checked at start; a store that becomes
+        #: read-only later fails the same way, part by part, on its first write)
+        self.unwritable: str | None = None
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.tmp, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            self.unwritable = os.strerror(exc.errno) if exc.errno else type(exc).__name__
         self._real_root = os.path.realpath(root)
         self._tmp_prefix = f"{secrets.token_hex(8)}-{os.getpid()}-"
         self._tmp_seq = itertools.count()
@@ -118,6 +128,17 @@ class BlobStore:
             if self.tmp not in p.parents:
                 out.add(p.relative_to(self.root).as_posix())
         return out
+
+    @staticmethod
+    def remove_temp_files_of(root: Path, pid: int) -> int:
+        """Remove the temp files of a server process that is gone (its pid is in their names, see
+        :meth:`temp_path`): run by the supervising parent when a child exits (kill -9 included), so a
+        dead child's temp files do not wait for a parent restart. Files of live processes are not touched."""
+        removed = 0
+        for p in (root / "tmp").glob(f"*-{int(pid)}-*.part"):
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def reconcile(self, indexed: set[str]) -> tuple[int, set[str]]:
         """Remove temp files and files without an index row; returns (files removed, rows without a file)."""

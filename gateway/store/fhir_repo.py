@@ -690,8 +690,13 @@ def _drives(clause: Clause) -> bool:
 
 
 def compartment_clause(patient_id: str):
-    """Rows in Patient ``patient_id``'s compartment: the patient link stamped when the version was written."""
-    return R.c.patient_id == patient_id
+    """Rows in Patient ``patient_id``'s compartment: the resource's primary patient, or any patient link of
+    its current version (``fhir_link``, computed when the version was written: a resource that references two
+    patients is in both compartments)."""
+    L = s.fhir_link
+    linked = select(L.c.patient_id).where(L.c.res_type == R.c.res_type, L.c.res_id == R.c.res_id,
+                                          L.c.version == R.c.version, L.c.patient_id == patient_id).exists()
+    return or_(R.c.patient_id == patient_id, linked)
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:

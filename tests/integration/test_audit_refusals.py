@@ -72,6 +72,8 @@ async def test_every_refused_request_is_audited_once_with_its_patients(gateway):
              Interaction.WADO, Action.READ, set(), {"ImagingStudy/1.2.3.4"}, "test-admin"),
             ("GET", f"{gw.dicomweb}/studies?StudyDate={PLANTED}", admin, None, 400, Interaction.QIDO_STUDIES,
              Action.EXECUTE, set(), set(), "test-admin"),
+            ("GET", f"{gw.fhir}/Patient/pa/Observation?code={PLANTED}", analyst | {"Authorization": "Bearer bad"},
+             None, 401, Interaction.SEARCH_TYPE, Action.EXECUTE, {"pa"}, {"Patient/pa"}, "anonymous"),
             ("GET", f"{gw.url}/no/such/route?name={PLANTED}", admin, None, 404, Interaction.REQUEST,
              Action.EXECUTE, set(), set(), "anonymous"),
         ]

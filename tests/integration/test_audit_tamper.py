@@ -148,3 +148,15 @@ def test_checkpoint_key_is_created_once_per_site(tmp_path):
     a = CheckpointLog.for_settings(s)
     b = CheckpointLog.for_settings(s)
     assert a.key == b.key and len(a.key) == 64 and a.path == Path(s.data_dir) / "audit" / "checkpoints.jsonl"
+
+
+def test_audit_codes_are_typed():
+    from gateway.services.audit import to_audit_event
+
+    ev = to_audit_event(AccessRecord(SYSTEM, "R", "read", "0"), "s", "t")
+    assert (ev["action"], ev["subtype"][0]["code"], ev["outcome"]) == (Action.READ, Interaction.READ, Outcome.SUCCESS)
+    odd = to_audit_event(AccessRecord(SYSTEM, Action.READ, "serach-type", Outcome.SUCCESS), "s", "t")
+    assert odd["subtype"][0]["code"] == Interaction.OPERATION and "serach-type" in odd["outcomeDesc"]
+    for bad in (AccessRecord(SYSTEM, "X", "read", "0"), AccessRecord(SYSTEM, "R", "read", "5")):
+        with pytest.raises(ValueError):
+            to_audit_event(bad, "s", "t")

@@ -81,6 +81,7 @@ def consent(pid: str, codes, diseases, extra) -> dict:
     }
     if "period" in extra:
         provision["period"] = extra["period"]
+    provision = {k: v for k, v in provision.items() if v != []}  # R4 JSON: no empty arrays
     return {
         "resourceType": "Consent", "id": f"c-{pid}", "status": extra.get("status", "active"),
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},

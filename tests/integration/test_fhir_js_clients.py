@@ -11,20 +11,12 @@ import asyncio
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
-import jwt
+from tests.integration.test_fhir_client_surface import _smart_token
 
 JS = Path(__file__).resolve().parents[1] / "js"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
-
-
-def _smart_token(gw, scope: str) -> str:
-    now = int(time.time())
-    claims = {"sub": "smart-app", "iat": now, "exp": now + 600, "iss": gw.settings.jwt_issuer,
-              "aud": gw.settings.jwt_audience, "scope": scope}
-    return jwt.encode(claims, gw.settings.dev_secret(), algorithm="HS256")
 
 
 async def test_fhir_kit_client_and_smart_fhirclient(gateway, http):

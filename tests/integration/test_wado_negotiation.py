@@ -63,6 +63,13 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
+async def _store(gw, files: dict) -> dict:
+    client = DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs"))
+    out = await asyncio.to_thread(client.store_instances, list(files.values()))
+    assert "FailedSOPSequence" not in out
+    return files
+
+
 @pytest.fixture
 async def stored(gateway):
     study = generate_uid()
@@ -74,10 +81,7 @@ async def stored(gateway):
         d.decompress()
         d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         files[fam + "/decoded"] = d
-    client = DICOMwebClient(url=gateway.dicomweb, headers=gateway.headers("pacs"))
-    out = await asyncio.to_thread(client.store_instances, list(files.values()))
-    assert "FailedSOPSequence" not in out
-    return files
+    return await _store(gateway, files)
 
 
 def _url(gw, ds, suffix: str = "") -> str:
@@ -158,7 +162,7 @@ async def test_render_compressed_matches_pydicom_decoding(gateway, stored, http)
         assert status == 200 and body[:2] == b"\xff\xd8"
 
 
-async def test_jpeg_frames_are_real_jpeg_or_406(gateway, stored, http):
+async def _jpeg_frames_are_real_jpeg_or_406(gateway, stored, http):
     jpeg = 'multipart/related; type="image/jpeg"'
     # stored JPEG baseline: the stored frame itself
     ds = stored["jpeg-baseline-ybr"]
@@ -187,7 +191,7 @@ async def test_jpeg_frames_are_real_jpeg_or_406(gateway, stored, http):
     assert status == 200 and _parts(body, ctype)[0][0].startswith("application/octet-stream")
 
 
-async def test_encoded_frames_and_instances(gateway, stored, http):
+async def _encoded_frames_and_instances(gateway, stored, http):
     """JPEG 2000 lossless and RLE produced from uncompressed pixels decode (by pydicom) to the same pixels."""
     ds = stored["uncompressed"]
     for media, ts in (("image/jp2", "1.2.840.10008.1.2.4.90"), ("image/x-dicom-rle", "1.2.840.10008.1.2.5")):
@@ -206,7 +210,7 @@ async def test_encoded_frames_and_instances(gateway, stored, http):
     assert status == 406
 
 
-async def test_single_part_and_bulkdata(gateway, stored, http):
+async def _single_part_and_bulkdata(gateway, stored, http):
     ds = stored["uncompressed"]
     # single-part octet-stream frame (OHIF singlepart: 'pixeldata')
     status, ctype, body = await _get(http, gateway, _url(gateway, ds, "/frames/1"), "application/octet-stream")
@@ -227,8 +231,20 @@ async def test_single_part_and_bulkdata(gateway, stored, http):
     assert pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID == ds.SOPInstanceUID
 
 
-async def test_dicomweb_client_cli_media_type_jpeg(gateway, stored, tmp_path):
+async def test_negotiation(gateway, stored, http):
+    """image/jpeg frames are real JPEGs or 406; q-values; JPEG 2000 / RLE encoded here; single part; bulk data
+    (one stored set: these share the fixture's STOW)."""
+    await _jpeg_frames_are_real_jpeg_or_406(gateway, stored, http)
+    await _encoded_frames_and_instances(gateway, stored, http)
+    await _single_part_and_bulkdata(gateway, stored, http)
+
+
+async def test_dicomweb_client_cli_media_type_jpeg(gateway, tmp_path):
     """dicomweb-client's CLI with --media-type image/jpeg saves a real JPEG, or fails on a 406."""
+    study = generate_uid()
+    stored = await _store(gateway, {"jpeg-baseline-ybr": _fresh(FAMILIES["jpeg-baseline-ybr"], study),
+                                    "uncompressed": _fresh(UNCOMPRESSED_MR, study)})
+
     async def cli(ds, out):
         out.mkdir()
         proc = await asyncio.create_subprocess_exec(
