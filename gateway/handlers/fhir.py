@@ -17,7 +17,8 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.edge import public_base
-from gateway.errors import BadRequest, GatewayError, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (BadRequest, GatewayError, MethodNotAllowed, NotAcceptable, PayloadTooLarge,
+                            UnsupportedMediaType)
 from gateway.ids import new_id
 from gateway.middlewares import requester_of
 from gateway.services.fhir import FhirService
@@ -38,6 +39,9 @@ SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem
 
 
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
+    if exc.status == 405 and (m := re.fullmatch(r"/fhir/(" + TYPE_RE + r")(/[^/]+)?/?", request.path)) \
+            and m.group(1) in READ_ONLY_TYPES:  # not the generic routes' methods
+        exc.headers["Allow"] = READ_ONLY_TYPES[m.group(1)]
     if exc.status in (404, 405) and request.match_info.route.resource is None:
         op = next((seg for seg in request.path.split("/") if seg.startswith("$")), None)
         m = _BAD_ID_PATH.fullmatch(request.path)
@@ -59,6 +63,18 @@ def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Res
             issues.append({"severity": "error", "code": exc.issue_code, "diagnostics": d.message, "expression": [d.expression]})
     body = {"resourceType": "OperationOutcome", "issue": issues}
     return web.Response(status=exc.status, body=orjson.dumps(body), content_type=FHIR_JSON, headers=exc.headers)
+
+
+#: types served read-only from their own store (gateway/handlers/audit.py): the generic write routes
+#: answer 405 with the Allow header the document gives them (issue 20)
+READ_ONLY_TYPES = {"AuditEvent": "GET, HEAD"}
+
+
+def read_only_type(request: web.Request) -> None:
+    allow = READ_ONLY_TYPES.get(request.match_info.get("type", ""))
+    if allow:
+        raise MethodNotAllowed(f"{request.match_info['type']} is the server's audit trail and read-only",
+                               headers={"Allow": allow})
 
 
 def _svc(request: web.Request) -> FhirService:
@@ -221,6 +237,7 @@ async def vread(request: web.Request) -> web.Response:
 
 async def create(request: web.Request) -> web.Response:
     """create: POST [base]/[type], conditional with If-None-Exist (FHIR R4 §3.1.0.8)."""
+    read_only_type(request)
     check_accept(request)
     body = await read_json_body(request)
     out = await _svc(request).create(requester_of(request), request.match_info["type"], body,
@@ -231,6 +248,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     """update: PUT [base]/[type]/[id] with If-Match (FHIR R4 §3.1.0.4, §3.1.0.5 version-aware)."""
+    read_only_type(request)
     check_accept(request)
     body = await read_json_body(request)
     m = request.match_info
@@ -241,6 +259,7 @@ async def update(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     """delete: DELETE [base]/[type]/[id] (FHIR R4 §3.1.0.7); idempotent."""
+    read_only_type(request)
     m = request.match_info
     st = await _svc(request).delete(requester_of(request), m["type"], m["id"])
     headers = {"ETag": st.etag} if st else {}

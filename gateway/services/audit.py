@@ -113,8 +113,15 @@ def _row(event: dict[str, Any], rec_patients: tuple[str, ...]) -> dict[str, Any]
     return {
         "recorded": event["recorded"], "subject": who, "action": event["action"],
         "interaction": event["subtype"][0]["code"], "outcome": event["outcome"],
-        "patients": " " + " ".join(rec_patients) + " " if rec_patients else None,
+        "patients": " " + " ".join(_printable(p) for p in rec_patients) + " " if rec_patients else None,
     }
+
+
+def _printable(value: str) -> str:
+    """A patient id as asked for (a refused request may name "a\x00"), its control characters written as
+    \\uXXXX: the same column text on both engines (PostgreSQL cannot store U+0000; issue 20)."""
+    return value if value.isprintable() else "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" for c in value)
 
 
 class CheckpointLog:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.errors import BadRequest, GatewayError, NotFound, PreconditionFailed
+from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PreconditionFailed
 from gateway.ids import new_id
 from gateway.store import fhir_repo as repo
 from mappings.fhir.references import ID_RE, rewrite_references
@@ -102,6 +102,8 @@ def parse_request(i: int, entry: Any, *, check_model: bool = True) -> Entry:
     e.query = parts.query or None
     e.if_none_exist = req.get("ifNoneExist")
     e.if_match = req.get("ifMatch")
+    if method in ("POST", "PUT", "DELETE") and e.res_type == "AuditEvent":  # the audit trail is read-only
+        raise _entry_error(i, MethodNotAllowed("AuditEvent is the server's audit trail and read-only"))
     if method in ("POST", "PUT"):
         try:
             if check_model:

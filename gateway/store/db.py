@@ -69,6 +69,32 @@ def table_insert(table):
     return built_once(("table insert", table.name), table.insert)
 
 
+def _bounded_columns(table) -> tuple[tuple[str, int | None], ...]:
+    """(name, length) of the table's string columns (length None: unbounded), computed once per table."""
+    from sqlalchemy import String
+
+    return built_once(("string columns", table.name), lambda: tuple(
+        (c.name, c.type.length) for c in table.columns if isinstance(c.type, String)))
+
+
+def fit_rows(table, rows: list[dict]) -> list[dict]:
+    """Derived rows (search index, common model) made to fit their columns the same way on both engines
+    (issue 20): SQLite stores any value in a ``VARCHAR(n)``, PostgreSQL refuses a longer or non-text one.
+    A string column gets ``str(value)`` of a number, and at most its length (the row is derived data: the
+    resource itself is stored whole)."""
+    cols = _bounded_columns(table)
+    for row in rows:
+        for name, length in cols:
+            v = row.get(name)
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                v = row[name] = v if isinstance(v, (bytes, bytearray)) else str(v)
+            if length is not None and len(v) > length:
+                row[name] = v[:length]
+    return rows
+
+
 async def xact_lock(conn: AsyncConnection, cls: int, key: str) -> None:
     """PostgreSQL: a transaction-scoped advisory lock on (``cls``, hash of ``key``), so that writers in
     several server processes (``processes`` > 1) that read-then-write the same thing run one after the

@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, delete, func, not_, or_, select, tuple_,
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
-from gateway.store.db import built_once, table_insert, xact_lock
+from gateway.store.db import built_once, fit_rows, table_insert, xact_lock
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.scope import AccessScope
 from mappings.dates import now_instant
@@ -395,7 +395,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     await _delete_derived(conn, idx_del, cm_del)
     for table, rows_ in cm_rows.items():
         if rows_:
-            await conn.execute(table_insert(CM_BY_NAME[table]), rows_)
+            await conn.execute(table_insert(CM_BY_NAME[table]), fit_rows(CM_BY_NAME[table], rows_))
     # Consent gate (issue #4): a written Patient or Consent changes the patient's effective consent
     # profile; recompute it in this transaction so the very next request sees it.
     touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
@@ -428,7 +428,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             if rows_:
                 for row in rows_:
                     row["consent_no"] = nos[row["rid"]]
-                await conn.execute(table_insert(s.INDEX_TABLES[kind]), rows_)
+                await conn.execute(table_insert(s.INDEX_TABLES[kind]), fit_rows(s.INDEX_TABLES[kind], rows_))
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content, r.multi)
@@ -467,9 +467,9 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
         for table, values in cm.items():
             cm_rows.setdefault(table, []).extend(dict(v) for v in values)
     for kind, values in idx_rows.items():
-        await conn.execute(table_insert(s.INDEX_TABLES[kind]), values)
+        await conn.execute(table_insert(s.INDEX_TABLES[kind]), fit_rows(s.INDEX_TABLES[kind], values))
     for table, values in cm_rows.items():
-        await conn.execute(table_insert(CM_BY_NAME[table]), values)
+        await conn.execute(table_insert(CM_BY_NAME[table]), fit_rows(CM_BY_NAME[table], values))
     # the patients' effective consent (cm_patient.consent_profile, the stamps) as apply_writes leaves it
     touched = {r.patient_id for r in rows if r.res_type in ("Patient", "Consent")} - {None}
     if touched:

@@ -164,3 +164,43 @@ async def test_nul_in_qido_is_400_on_both_engines(gateway, http, query):
         text = await r.text()
         assert r.status == 400, text
         assert "control character" in text
+
+
+@pytest.mark.parametrize("body", [
+    {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+     "valueQuantity": {"value": 1, "code": "c" * 65, "unit": "u" * 300}},  # cm/idx VARCHAR(64) on PostgreSQL
+    {"resourceType": "Patient", "birthDate": 0},  # a number where the projection expects text
+    {"resourceType": "Condition", "subject": {"reference": "Patient/x"}, "code": {"text": "y"}, "onsetDateTime": 0},
+])
+async def test_derived_rows_fit_on_both_engines(gateway, http, body):
+    """Found by the FHIR fuzz: what SQLite stored, PostgreSQL answered with a 500 (value too long for
+    VARCHAR(64), an int for a text column). Now both engines give the same answer."""
+    h = gateway.headers("ehr-system") | FHIR
+    async with http.post(f"{gateway.fhir}/{body['resourceType']}", data=json.dumps(body), headers=h) as r:
+        assert r.status in (201, 400, 422), await r.text()
+        status = r.status
+    if status == 201 and body["resourceType"] == "Observation":
+        async with http.get(f"{gateway.fhir}/Observation?value-quantity=1||{'c' * 65}", headers=h) as r:
+            assert r.status == 200, await r.text()
+
+
+async def test_audit_trail_is_read_only_through_the_generic_routes(gateway, http):
+    """AuditEvent is served from the audit store; POST/PUT/DELETE of /fhir/AuditEvent (alone or in a
+    transaction) used to reach the generic routes and store an AuditEvent the audit search never shows.
+    Now 405 with ``Allow: GET, HEAD`` (what openapi/fedgate.yaml documents), also for OPTIONS."""
+    h = gateway.headers("admin") | FHIR
+    ev = {"resourceType": "AuditEvent", "type": {"code": "rest"}, "recorded": "2024-01-01T00:00:00Z",
+          "agent": [{"requestor": True}], "source": {"observer": {"display": "x"}}}
+    for method, path in [("POST", "/AuditEvent"), ("PUT", "/AuditEvent/a1"), ("DELETE", "/AuditEvent/a1"),
+                         ("OPTIONS", "/AuditEvent"), ("OPTIONS", "/AuditEvent/a1")]:
+        body = json.dumps(dict(ev, id="a1") if method == "PUT" else ev) if method in ("POST", "PUT") else None
+        async with http.request(method, gateway.fhir + path, data=body, headers=h) as r:
+            assert r.status == 405, (method, path, r.status, await r.text())
+            assert r.headers["Allow"].replace(" ", "") == "GET,HEAD", (method, path, r.headers["Allow"])
+            assert (await r.json())["resourceType"] == "OperationOutcome"
+    txn = {"resourceType": "Bundle", "type": "transaction",
+           "entry": [{"resource": ev, "request": {"method": "POST", "url": "AuditEvent"}}]}
+    async with http.post(gateway.fhir, data=json.dumps(txn), headers=h) as r:
+        assert r.status == 405, await r.text()
+    async with http.get(f"{gateway.fhir}/_history?_count=0", headers=h) as r:
+        assert (await r.json())["total"] == 0  # nothing reached the FHIR store

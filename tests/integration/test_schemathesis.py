@@ -1,0 +1,93 @@
+"""Issue 20: schemathesis against openapi/fedgate.yaml — no 5xx, and every answer as the document says.
+
+A real ``fedgate serve`` process (SQLite only: the contract is the same on both engines, whose behaviour
+the rest of the suite compares; one engine keeps this test near a minute of CI) gets, for every documented
+operation, a bounded number of schemathesis cases (positive and negative data, hypothesis derandomized so
+each CI run sends the same requests). The token rotates over every role and "no token", so each operation
+is seen as admin, ehr-system, pacs, clinician, analyst, site and anonymous (401).
+
+Checks: not_a_server_error, status_code_conformance, content_type_conformance,
+response_headers_conformance, response_schema_conformance, allow_header_conformance. Every operation but EXCLUDED (below).
+
+``FEDGATE_SCHEMATHESIS_EXAMPLES`` raises the examples per operation (default 4) for a longer local run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import (allow_header_conformance, content_type_conformance, not_a_server_error,
+                                 response_headers_conformance, response_schema_conformance,
+                                 status_code_conformance)
+
+from gateway.handlers.health import OPENAPI_PATH
+from tests.procs import free_port
+
+FEDGATE = str(Path(sys.executable).with_name("fedgate"))
+EXAMPLES = int(os.environ.get("FEDGATE_SCHEMATHESIS_EXAMPLES", "4"))
+ROLES = ["admin", "ehr-system", "pacs", "clinician", "analyst", "site", None]
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance, allow_header_conformance]
+
+#: Left out, on purpose: /viewer (issue 22's OHIF static files: 503 "not installed" in a tree without
+#: scripts/setup.d/40-ohif.sh, and its GET catch-all /viewer/{tail} makes Allow of /viewer/dev-token list GET).
+EXCLUDED = r"^/viewer"
+schema = schemathesis.openapi.from_path(OPENAPI_PATH).exclude(path_regex=EXCLUDED)
+schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+
+
+@pytest.fixture(scope="module")
+def server():
+    tmp = Path(tempfile.mkdtemp(prefix="fedgate-schemathesis-"))
+    port = free_port()
+    proc = subprocess.Popen([FEDGATE, "serve", "--data-dir", str(tmp), "--port", str(port)],
+                            env=dict(os.environ, FEDGATE_LOG_LEVEL="WARNING"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "fedgate serve not ready"
+            time.sleep(0.2)
+        tokens = {role: subprocess.check_output([FEDGATE, "token", "--data-dir", str(tmp), "--role", role],
+                                                text=True).strip() for role in ROLES if role}
+        yield url, tokens, itertools.cycle(ROLES)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+def test_api_contract(case, server):
+    url, tokens, roles = server
+    role = next(roles)
+    headers = {"Authorization": f"Bearer {tokens[role]}"} if role else {}
+    if case.headers and "Authorization" in case.headers:
+        case.headers.pop("Authorization")
+    case.call_and_validate(base_url=url, headers=headers, checks=CHECKS, timeout=20)
