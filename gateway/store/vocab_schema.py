@@ -127,6 +127,11 @@ async def activate(conn, version_id: int, systems: Iterable[str], *, concepts: i
             await conn.execute(insert(vocab_active).values(system=system, version_id=version_id, switched_at=at))
     await conn.execute(update(vocab_release).where(vocab_release.c.version_id == version_id).values(
         state="active", systems=" ".join(systems), concepts=concepts, closure_rows=closure))
+    if conn.dialect.name == "postgresql":  # fresh statistics for the new rows: the planner's descendants join
+        from sqlalchemy import text  # noqa: PLC0415
+
+        await conn.execute(text("ANALYZE vocab_ancestor"))
+        await conn.execute(text("ANALYZE vocab_concept"))
     still = {r[0] for r in (await conn.execute(select(vocab_active.c.version_id).distinct())).all()}
     retired = sorted(v for v in old if v not in still and v != version_id)
     if retired:
