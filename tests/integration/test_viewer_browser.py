@@ -194,7 +194,13 @@ async def _open_ct_and_seg(page, base: str, out: Path) -> None:
     await page.dblclick("text=Liver Segmentation")
     await page.click("button:has-text('Yes')", timeout=30_000)
     stats = await _wait_canvas(page, lambda st: st["overlay"] - before > 0.02)
-    shot = await _screenshot_stats(page, out / "ct-seg.png")
+    # The canvas shows the overlay; the screenshot (what a user sees) must show it too. OHIF may re-render the
+    # viewport once more after hydrating the SEG (a frame without the labelmap in between): a few tries.
+    for _ in range(20):
+        shot = await _screenshot_stats(page, out / "ct-seg.png")
+        if shot["overlay"] - before > 0.02:
+            break
+        await asyncio.sleep(1.0)
     assert shot["overlay"] - before > 0.02, f"no SEG overlay on the CT: before {before}, after {stats} / {shot}"
     assert _ct_ok(shot), shot
 
