@@ -16,11 +16,13 @@ from gateway.handlers import health
 from gateway.handlers import omop as omop_handlers
 from gateway.handlers import inference as inference_handlers
 from gateway.handlers import training as training_handlers
+from gateway.handlers import ui as ui_handlers
 from gateway.handlers import viewer as viewer_handlers
 from gateway import metrics
 from gateway.middlewares import auth_middleware, error_middleware
 from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
+from gateway.services.consent_report import ConsentReport
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.fhir import FhirService
@@ -45,6 +47,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     validator = ModelValidator(workers)
     app[keys.ACCESS] = AccessLayer(db, app[keys.GATE], app[keys.AUDIT])  # the one access layer (issue #19)
     app[keys.SERVICES]["vocab"] = VocabService(db)
+    app[keys.SERVICES]["consent.report"] = ConsentReport(app[keys.ACCESS], app[keys.GATE])  # the console's consent view
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
                                  max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
     yield
@@ -91,6 +94,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
     training_handlers.setup_routes(app)  # after federation (its config) and inference (deployment)
     viewer_handlers.setup_routes(app)  # the OHIF viewer at /viewer (static files + sign-in)
+    ui_handlers.setup_routes(app)  # the web console at /ui (same sign-in as the viewer)
     metrics.setup_routes(app)  # last: its start-up wires the services built above
     return app
 

@@ -26,6 +26,12 @@ ROUTE_ACCESS: dict[str, str] = {
     # OHIF viewer: the static app and its login page (data comes through the gated DICOMweb routes)
     "viewer": PUBLIC, "viewer-files": PUBLIC, "viewer-config": PUBLIC, "viewer-login": PUBLIC,
     "viewer-dev-token": SELF_AUTH,  # checks the login itself, issues a token
+    # web console (issue 28): pages are data-free shells, fragments call the services with the signed-in user
+    "ui.root": PUBLIC, "ui": PUBLIC, "ui.page": PUBLIC, "ui.static": PUBLIC,
+    "ui.consent": GATED, "ui.consent_decision": GATED, "ui.models": GATED,  # consent report, inference jobs
+    "ui.cohort": NO_PATIENT_DATA,  # the hub's fan-out: each site gates its own answer
+    "ui.monitoring": NO_PATIENT_DATA, "ui.training": NO_PATIENT_DATA,  # as inference.monitoring, training.*
+    "ui.audit": NO_PATIENT_DATA, "ui.audit_verify": NO_PATIENT_DATA,  # admin-only audit trail
     "fhir.smart_configuration": PUBLIC, "smart_configuration": PUBLIC,
     # terminology operations (vocabularies, no patient data)
     **{f"fhir.{op}{post}": NO_PATIENT_DATA for op in ("codesystem_lookup", "codesystem_subsumes", "valueset_expand")

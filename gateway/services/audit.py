@@ -452,3 +452,36 @@ def verify_main(settings) -> int:
         return 0
     print(f"TAMPERED: {result.problem}", file=sys.stderr)
     return 1
+
+
+async def admin_search(db, sink, requester, params: list[tuple[str, str]], *, path: str = "/ui/fragments/audit"
+                       ) -> tuple[list[dict], int]:
+    """:func:`search` for an admin (others: 403), after flushing what is pending, audited itself."""
+    from gateway.errors import Forbidden
+    from gateway.services.access import AccessRecord
+    from gateway.services.audit_codes import Action, Interaction, Outcome
+
+    if not requester.is_admin:
+        raise Forbidden("AuditEvent is readable by the admin role only")
+    if isinstance(sink, ChainedAudit):
+        await sink.flush()
+    events, total = await search(db, params)
+    await sink.record(AccessRecord(requester, Action.EXECUTE, Interaction.SEARCH_TYPE, Outcome.SUCCESS,
+                                   detail="AuditEvent search", path=path))
+    return events, total
+
+
+async def admin_verify(db, sink, settings, requester) -> VerifyResult:
+    """:func:`verify` of the chain against this site's checkpoints, for an admin (others: 403), audited."""
+    from gateway.errors import Forbidden
+    from gateway.services.access import AccessRecord
+    from gateway.services.audit_codes import Action, Interaction, Outcome
+
+    if not requester.is_admin:
+        raise Forbidden("verifying the audit chain is for the admin role only")
+    if isinstance(sink, ChainedAudit):
+        await sink.flush()
+    result = await verify(db, CheckpointLog.for_settings(settings, create=False))
+    await sink.record(AccessRecord(requester, Action.EXECUTE, Interaction.AUDIT_VERIFY, Outcome.SUCCESS,
+                                   detail=f"chain {'intact' if result.ok else 'TAMPERED'}"))
+    return result

@@ -72,6 +72,10 @@ class Interaction(StrEnum):
     TRAINING_MANIFEST = "training-manifest"
     TRAINING_RUN = "training-run"
     MODEL_DEPLOY = "model-deploy"
+    # the web console (issue 28): the consent view's aggregates and decisions, audit-chain verification
+    CONSENT_REPORT = "consent-report"
+    CONSENT_DECISION = "consent-decision"
+    AUDIT_VERIFY = "audit-verify"
     #: a request refused or failed before any service handled it (401, 403, 400, 404 on a route)
     REQUEST = "request"
 

@@ -43,7 +43,7 @@ from gateway.store.consent_schema import consent_profile, ensure_indexes, recomp
 from gateway.store.scope import AccessScope, profile_no
 from mappings.fhir.consent_duo import Entry, entries_of, parse_policy
 from ontologies import ClosureHierarchy, CompositeHierarchy, evaluate, load_duo, load_hierarchy
-from ontologies.evaluator import ConsentInputError, ResearchPurpose
+from ontologies.evaluator import ConsentInputError, Decision, ResearchPurpose
 from ontologies.evaluator import Requester as DuoRequester
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,22 @@ class ConsentGate:
                 if evaluate(entry.profile, purpose, who, self.ontology, self.diseases, today).permitted:
                     return True
         return False
+
+    async def effective_profiles(self) -> dict[str, list[Entry]]:
+        """Every single (not combined) effective profile the store knows: key → its DUO entries (the consent
+        view's rows, issue 28)."""
+        await self._refresh_profiles()
+        return {k: list(v) for k, v in self._profiles.items() if k not in self._combos and k not in self._collided}
+
+    def explain(self, entries: list[Entry], codes, diseases, attrs: dict) -> list[tuple[Entry, Decision | None]]:
+        """The evaluator's decision with its reasons for each entry of a profile (None: the entry is not in
+        force today), for ``codes``/``diseases`` asked by a requester with ``attrs`` — what :meth:`scope_for`
+        decides, spelled out (the gate permits a profile when any entry in force permits)."""
+        wanted, who, _, _ = self._parse(codes, diseases, attrs)
+        today = date.today()
+        day = today.isoformat()
+        return [(e, evaluate(e.profile, wanted, who, self.ontology, self.diseases, today) if e.active_on(day) else None)
+                for e in entries]
 
     #: called with each decision's outcome ("unrestricted" | "restricted" | "refused"): the metrics
     observer: Callable[[str], None] | None = None

@@ -60,6 +60,7 @@ class InferenceConfig:
     site_id: str = "site-local"
     cpu_watts: float = 15.0  # energy estimate: CPU seconds of the inference × this (J); set per site hardware
     drift_alert: float = 0.2  # PSI above this raises an alert
+    carbon_g_per_kwh: float = 350.0  # grid carbon intensity for the CO2e estimate (as training's)
 
     @classmethod
     def from_extra(cls, d: dict[str, Any]) -> "InferenceConfig":
@@ -74,7 +75,7 @@ class InferenceConfig:
                 kw[f] = str(d[f])
         if "auto_trigger" in d:
             kw["auto_trigger"] = bool(d["auto_trigger"])
-        for f in ("cpu_watts", "drift_alert"):
+        for f in ("cpu_watts", "drift_alert", "carbon_g_per_kwh"):
             if f in d:
                 kw[f] = float(d[f])
         if d.get("site_id"):
@@ -559,6 +560,16 @@ class InferenceService:
                 groups.setdefault(str(r.get(key) or "unknown"), []).append((t, r))
             performance[key] = {k: perf(v) for k, v in sorted(groups.items())}
         energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
+        per_kwh = self.config.carbon_g_per_kwh
+        span = (rows[-1]["ts"] - rows[0]["ts"]) if rows else 0.0
+        bucket = 86400 if span > 2 * 86400 else 3600 if span > 2 * 3600 else 60
+        timeline: dict[tuple[float, str], list[dict]] = {}
+        for r in rows:
+            timeline.setdefault((r["ts"] // bucket * bucket, str(r.get(scanner_key) or "unknown")), []).append(r)
+
+        def mean(values: list) -> float | None:
+            values = [v for v in values if v is not None]
+            return round(sum(values) / len(values), 4) if values else None
         await self.audit.record(AccessRecord(requester, "R", "inference-monitoring", "0", (), (), "",
                                              f"model {card.key}"))
         return {
@@ -567,7 +578,15 @@ class InferenceService:
             "drift": {"overall": overall, f"by_{scanner_key}": by_scanner}, "alerts": alerts,
             "performance": performance,
             "energy": {"total_j": round(sum(energy), 6), "per_inference_j": round(sum(energy) / len(energy), 6)
-                       if energy else None, "cpu_watts": self.config.cpu_watts},
+                       if energy else None, "cpu_watts": self.config.cpu_watts,
+                       "co2e_g": round(sum(energy) / 3.6e6 * per_kwh, 9), "carbon_g_per_kwh": per_kwh},
+            # drift over time: mean score and input per scanner and time bucket (all rows, reference included)
+            "timeline": {"bucket_s": bucket, "points": [
+                {"t": t, scanner_key: k, "n": len(v), "mean_score": mean([x["score"] for x in v]),
+                 "mean_input": mean([x["input_mean"] for x in v])} for (t, k), v in sorted(timeline.items())]},
+            "jobs": [{"job": r["job_id"], "ts": r["ts"], scanner_key: r.get(scanner_key), "energy_j": r["energy_j"],
+                      "co2e_g": None if r["energy_j"] is None else round(r["energy_j"] / 3.6e6 * per_kwh, 9)}
+                     for r in rows[-200:]],
         }
 
     async def _reference_standard(self, conn, card: ModelCard) -> dict[str, bool]:
