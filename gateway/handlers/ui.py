@@ -47,6 +47,7 @@ def _env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["cell"] = views.cell
     env.filters["when"] = views.when
+    env.filters["job_results"] = views.job_results
     env.filters["spec"] = lambda spec: orjson.dumps(spec).decode()
     return env
 

@@ -90,14 +90,15 @@ class ConsentReport:
             entries = profiles.get(key)
             if entries is None:  # a combined or colliding key: never permitted on its own
                 permits = [False] * len(wanted)
-                label = "(combined or unknown profile)"
+                label, sources = "(combined or unknown profile)", ""
             else:
                 permits = []
                 for _, _, p in wanted:
                     decided = self.gate.explain(entries, p.codes, p.diseases, {})
                     permits.append(any(d is not None and d.permitted for _, d in decided))
                 label = profile_label(entries)
-            rows.append({"key": key, "label": label, "patients": n, "permits": permits})
+                sources = ", ".join(sorted({e.source.split(":")[0] or "?" for e in entries}))
+            rows.append({"key": key, "label": label, "sources": sources, "patients": n, "permits": permits})
         totals = [sum(r["patients"] for r in rows if r["permits"][i]) for i in range(len(wanted))]
         await acc.record(Action.EXECUTE, Interaction.CONSENT_REPORT, Outcome.SUCCESS, detail=f"matrix {len(rows)} profiles")
         return {"purposes": [{"label": label, "text": text} for label, text, _ in wanted], "profiles": rows,

@@ -562,7 +562,8 @@ class InferenceService:
         energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
         per_kwh = self.config.carbon_g_per_kwh
         span = (rows[-1]["ts"] - rows[0]["ts"]) if rows else 0.0
-        bucket = 86400 if span > 2 * 86400 else 3600 if span > 2 * 3600 else 60
+        # time buckets: the coarsest of day, hour, 10 min, minute, 10 s, second giving about six points or more
+        bucket = next((b for b in (86400, 3600, 600, 60, 10) if span / b >= 6), 1)
         timeline: dict[tuple[float, str], list[dict]] = {}
         for r in rows:
             timeline.setdefault((r["ts"] // bucket * bucket, str(r.get(scanner_key) or "unknown")), []).append(r)

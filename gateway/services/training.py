@@ -628,6 +628,7 @@ class SiteTrainer:
         out: dict[str, Any] = {"site": me, "run_id": run_id, "round": rnd, "status": "ok",
                                "n_train": int(len(tr[0])), "n_test": int(len(te[0])),
                                "patients_train": len({r[0] for r in manifest["train"]}),
+                               "patients_test": len({r[0] for r in manifest["test"]}),
                                "metrics": res["metrics"], "train_loss": res.get("train_loss"),
                                "consent_hash": consent_hash, "manifest_hash": manifest_hash,
                                "train_s": round(res["train_s"], 4), "eval_s": round(res["eval_s"], 4),
@@ -1058,6 +1059,7 @@ class TrainingHub:
                 "overhead_s": round(wall - max_train, 4), "energy_j": round(e, 3), "co2e_g": round(co2, 6),
                 "participants": participants,
                 "sites": {a["site"]: ({"status": "ok", "n_train": a["n_train"], "n_test": a["n_test"],
+                                       "patients_train": a.get("patients_train"), "patients_test": a.get("patients_test"),
                                        "consent_hash": a["consent_hash"], "manifest_hash": a["manifest_hash"]}
                                       if a["status"] == "ok" else {"status": a["status"]}) for a in answers}})
             async with self.db.write() as conn:

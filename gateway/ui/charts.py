@@ -57,8 +57,9 @@ def timeline(points: list[dict], key: str, metric: str, title: str) -> dict:
 
 
 def bars(title: str, rows: list[dict], x: str, y: str, color: str | None = None) -> dict:
+    """Bars in the order of ``rows`` (optionally grouped by ``color``)."""
     spec = _base(title, rows, title)
-    enc: dict[str, Any] = {"x": {"field": x, "type": "nominal", "title": x.replace("_", " ")},
+    enc: dict[str, Any] = {"x": {"field": x, "type": "nominal", "title": x.replace("_", " "), "sort": None},
                            "y": {"field": y, "type": "quantitative", "title": y.replace("_", " ")}}
     if color:
         enc["color"] = {"field": color, "type": "nominal"}

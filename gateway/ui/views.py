@@ -109,19 +109,24 @@ def monitoring(report: dict, by: str) -> dict:
 
 def training_run(run: dict) -> dict:
     rounds = run.get("rounds") or []
+    #: consented patients each site trained and tested on, per round (the run's lineage)
+    lineage = {(r["round"], site): v for r in ((run.get("lineage") or {}).get("rounds") or [])
+               for site, v in (r.get("sites") or {}).items()}
     metric_rows, count_rows, energy_rows, table = [], [], [], []
     for r in rounds:
         for site, v in sorted(r["sites"].items()):
             m = v.get("metrics") or {}
-            n = (v.get("n_train") or 0) + (v.get("n_test") or 0)
+            lin = lineage.get((r["round"], site)) or {}
+            p_train, p_test = lin.get("patients_train"), lin.get("patients_test")
+            n = (p_train or 0) + (p_test or 0) if p_train is not None else None
             table.append({"round": r["round"], "site": site, "status": v.get("status"), "n_train": v.get("n_train"),
-                          "n_test": v.get("n_test"), "patients": n if v.get("n_train") is not None else None,
+                          "n_test": v.get("n_test"), "patients": n, "p_train": p_train, "p_test": p_test,
                           "metrics": {k: val for k, val in m.items() if isinstance(val, (int, float)) and not isinstance(val, bool)},
                           "energy_j": v.get("energy_j"), "co2e_g": v.get("co2e_g"), "detail": v.get("detail") or ""})
             for k, val in m.items():
                 if k in ("auroc", "loss", "accuracy", "dice") and isinstance(val, (int, float)):
                     metric_rows.append({"round": r["round"], "site": site, "metric": k, "value": val, "series": f"{site} {k}"})
-            if v.get("n_train") is not None:
+            if n is not None:
                 count_rows.append({"round": r["round"], "site": site, "patients": n})
             if v.get("energy_j") is not None:
                 energy_rows.append({"round": r["round"], "site": site, "energy_j": v["energy_j"]})
@@ -132,6 +137,19 @@ def training_run(run: dict) -> dict:
             "count_spec": charts.bars("Consented patients per round and site", count_rows, "round", "patients", "site") if count_rows else None,
             "energy_spec": charts.bars("Energy per round and site (J)", energy_rows, "round", "energy_j", "site") if energy_rows else None,
             "created": when(run.get("created")), "updated": when(run.get("updated"))}
+
+
+def job_results(job: dict) -> list[str]:
+    """What a job wrote, as lines: "SR series 1.2…", "FHIR DiagnosticReport/inf-…"."""
+    out = []
+    res = job.get("result") or {}
+    for kind, ref in (res.get("dicom") or {}).items():
+        uid = ref.get("series") if isinstance(ref, dict) else ref
+        out.append(f"{kind.upper()} series {uid}")
+    for kind, ref in (res.get("fhir") or {}).items():
+        refs = ref if isinstance(ref, list) else [ref]
+        out += [f"FHIR {kind}/{r}" for r in refs if isinstance(r, str)][:3]
+    return out
 
 
 def audit_rows(events: list[dict]) -> list[dict]:

@@ -29,6 +29,7 @@ from gateway.handlers.ui import ASSETS, STATIC
 from gateway.services.federation_synth import DEMO_SITES, generate
 from tests.conftest import REPO, Gateway, make_settings, start_gateway
 from tests.integration.federation_fixtures import hub_key_pem, populate, site_federation
+from tests.dicom_synth import ct_series
 from tests.training_data import KINDS, LESION, site_population
 
 CHROMIUM = os.environ.get("FEDGATE_CHROMIUM", "/usr/bin/chromium")
@@ -172,8 +173,13 @@ async def test_console_views_in_chromium(tmp_path):
     site_a, studies_a = sites["site-a"]
     shots = Shots(tmp_path)
     try:
+        # two CT studies from another scanner, of patients without any consent (refused for research)
+        unconsented = [f"site-a-x{i}" for i in range(2)]
+        extra = [ct_series(patient_id=pid, patient_name=f"Noconsent^{pid}", n=2, manufacturer="Globex") for pid in unconsented]
+        await asyncio.to_thread(DICOMwebClient(url=site_a.dicomweb, headers=site_a.headers("pacs")).store_instances,
+                                [ds for series in extra for ds in series])
         async with aiohttp.ClientSession() as http:
-            jobs = await _inference(http, site_a, studies_a[:4])
+            jobs = await _inference(http, site_a, studies_a[:3] + [str(series[0].StudyInstanceUID) for series in extra])
             run_id = await _training(http, hub)
             # a withdrawal at site-a: that patient is refused from now on (and shows in the withdrawals chart)
             refused = "site-a-p000"
@@ -193,7 +199,7 @@ async def test_console_views_in_chromium(tmp_path):
             all_ids = {e["resource"]["id"] for e in every.get("entry", [])}
             status, seen = await _json(http, "GET", f"{site_a.fhir}/Patient?_count=1000&_elements=id", analyst_api)
             permitted_ids = {e["resource"]["id"] for e in seen.get("entry", [])}
-            refused_ids = all_ids - permitted_ids
+            refused_ids = (all_ids - permitted_ids) | set(unconsented)
             assert refused in refused_ids and refused not in permitted_ids
 
         async with async_playwright() as p:
@@ -315,10 +321,12 @@ async def _views(browser, hub, sites, shots, run_id, refused, refused_ids, jobs)
     assert await page.locator("#jobs tbody tr").count() == len(jobs)
     assert await page.locator("#jobs a[href*='/viewer/viewer?StudyInstanceUIDs=']").count() == len(jobs)
     await page.select_option("#mon-model", f"{MODEL}@1.0.0")
+    await page.select_option("#mon-by", "manufacturer")
     await page.click("#monitoring-form button")
     await page.wait_for_selector("#drift-chart")
     await _charts_drawn(page, "#monitoring .chart")
     assert await page.locator("#drift-chart svg").count() == 1
+    assert {"ACME", "Globex"} <= set(await page.locator("#drift-table tbody th").all_inner_texts())
     assert "g CO2e" in await page.inner_text("#monitoring")
     await shots.take(page, "models")
     await _axe(page, "models")
@@ -338,7 +346,7 @@ async def _views(browser, hub, sites, shots, run_id, refused, refused_ids, jobs)
 
     # ---- (4) training run on the hub
     page = await _new_page(browser)
-    await _sign_in(page, hub.url, "/ui/training", "analyst", "DUO:0000042")
+    await _sign_in(page, hub.url, "/ui/training", "admin", "DUO:0000042")  # runs: their starter and admins
     await page.wait_for_selector("#runs-table")
     await page.click(f"#runs-table a:has-text('{run_id}')")
     await page.wait_for_selector("#rounds tbody tr")
