@@ -219,7 +219,7 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     for i, profile in enumerate(DEMO_SITES, start=1):
         s = load_settings(env={}, overrides={
             "data_dir": root / profile.name, "site_id": profile.name, "port": base_port + i, "host": host,
-            "log_level": "WARNING", "validation_workers": 0,
+            "log_level": "WARNING", "validation_workers": 0, "viewer_dev_login": True,
             "extra": {"federation": {"role": "site", "trusted_hubs": [{"id": "hub", "public_key": str(pub)}],
                                      "bins": DEMO_BINS}}})
         marker = s.data_dir / "demo-population.json"
@@ -236,7 +236,7 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
         sites.append(s)
     hub_settings = load_settings(env={}, overrides={
         "data_dir": root / "hub", "site_id": "hub", "port": base_port, "host": host, "log_level": "WARNING",
-        "validation_workers": 0, "extra": {"federation": {"role": "hub", "hub_id": "hub", "deadline_s": 5.0, "sites": [
+        "validation_workers": 0, "viewer_dev_login": True, "extra": {"federation": {"role": "hub", "hub_id": "hub", "deadline_s": 5.0, "sites": [
             {"id": s.site_id, "url": f"http://{host}:{s.port}"} for s in sites]}}})
     runners = []
     for s in [*sites, hub_settings]:
@@ -254,6 +254,8 @@ async def _demo(root: Path, base_port: int, patients: int, seconds: float | None
     fedgate, top = runnable_command(), root.resolve()
     print(f"  {fedgate} query {top / 'cohort.json'} --hub {hub_url} --data-dir {top / 'hub'} --purpose DUO:0000006")
     print(f"  {fedgate} query {top / 'cohort-sr.json'} --hub {hub_url} --data-dir {top / 'hub'} --purpose DUO:0000042 --json")
+    print(f"web console (docs/ui.md; development sign-in, loopback demo only): cohort builder and training at "
+          f"{hub_url}/ui/, consent, models and audit at each site's /ui/")
     print("Ctrl-C stops it.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
