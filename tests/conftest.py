@@ -34,6 +34,7 @@ ENGINES = [e for e in os.environ.get("FEDGATE_TEST_ENGINES", "sqlite,postgresql"
 ML_TEST_MODULES = frozenset({
     "test_inference_api.py", "test_inference_monitoring.py", "test_inference_triton.py", "test_training.py",
     "test_cards_preprocess.py", "test_fl.py",
+    "test_console_browser.py",  # the console's models and training views run inference and a training run
 })
 
 
