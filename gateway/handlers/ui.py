@@ -20,7 +20,8 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.errors import BadRequest, GatewayError, NotFound
-from gateway.handlers.viewer import MOUNT as VIEWER, TOKEN_KEY
+from gateway.handlers.viewer import MOUNT as VIEWER
+from gateway.handlers.viewer import TOKEN_KEY
 from gateway.middlewares import requester_of
 from gateway.services import audit as audit_service
 from gateway.ui import views

@@ -148,4 +148,4 @@ class ConsentReport:
                 "reasons": reasons, "entries": items, "consents": [{"source": s, "status": st} for s, st in consents]}
 
 
-__all__ = ["ConsentReport", "DEFAULT_PURPOSES", "STEWARD_ROLES", "profile_label"]
+__all__ = ["DEFAULT_PURPOSES", "STEWARD_ROLES", "ConsentReport", "profile_label"]

@@ -44,4 +44,4 @@ async def patient_profile(conn, scope: AccessScope, patient_id: str) -> tuple[bo
     return True, row[0], [(s, st or "") for s, st in consents]
 
 
-__all__ = ["WITHDRAWN", "patients_per_profile", "withdrawals_by_day", "patient_profile"]
+__all__ = ["WITHDRAWN", "patient_profile", "patients_per_profile", "withdrawals_by_day"]

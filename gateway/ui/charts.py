@@ -78,4 +78,4 @@ def lines(title: str, rows: list[dict], x: str, y: str, color: str | None = None
     return spec
 
 
-__all__ = ["breakdown_bars", "histogram", "timeline", "bars", "lines"]
+__all__ = ["bars", "breakdown_bars", "histogram", "lines", "timeline"]

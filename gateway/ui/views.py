@@ -166,4 +166,4 @@ def audit_rows(events: list[dict]) -> list[dict]:
     return out
 
 
-__all__ = ["cell", "cohort_result", "consent_matrix", "monitoring", "training_run", "audit_rows", "when"]
+__all__ = ["audit_rows", "cell", "cohort_result", "consent_matrix", "monitoring", "training_run", "when"]

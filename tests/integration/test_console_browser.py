@@ -28,8 +28,8 @@ from gateway.federation_cli import DEMO_BINS
 from gateway.handlers.ui import ASSETS, STATIC
 from gateway.services.federation_synth import DEMO_SITES, generate
 from tests.conftest import REPO, Gateway, make_settings, start_gateway
-from tests.integration.federation_fixtures import hub_key_pem, populate, site_federation
 from tests.dicom_synth import ct_series
+from tests.integration.federation_fixtures import hub_key_pem, populate, site_federation
 from tests.training_data import KINDS, LESION, site_population
 
 CHROMIUM = os.environ.get("FEDGATE_CHROMIUM", "/usr/bin/chromium")
@@ -59,10 +59,9 @@ async def _site(tmp: Path, profile, kind: str, pub: str, seed: int) -> tuple[Gat
         "training": {"min_cohort": 4, "cpu_watts": 12.0, "carbon_g_per_kwh": 400.0}})
     gw = await start_gateway(settings)
     bundle, datasets, _ = site_population(profile.name, kind, N_CT, seed=seed)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(gw.fhir, json=bundle, headers=gw.headers("ehr-system")
-                             | {"Content-Type": "application/fhir+json"}) as r:
-            assert r.status == 200, await r.text()
+    async with aiohttp.ClientSession() as http, http.post(
+            gw.fhir, json=bundle, headers=gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}) as r:
+        assert r.status == 200, await r.text()
     await asyncio.to_thread(DICOMwebClient(url=gw.dicomweb, headers=gw.headers("pacs")).store_instances, datasets)
     return gw, sorted({str(ds.StudyInstanceUID) for ds in datasets})
 
@@ -252,8 +251,7 @@ async def _views(browser, hub, sites, shots, run_id, refused, refused_ids, jobs)
     body = await page.input_value("#cohort-json")
     async with aiohttp.ClientSession() as http:
         status, ans = await _json(http, "POST", f"{hub.url}/federation/query",
-                                  hub.headers("analyst", purpose={"codes": [PURPOSE]}), data=body,
-                                  )
+                                  hub.headers("analyst", purpose={"codes": [PURPOSE]}), data=body)
     assert status == 200, ans
     assert shown == {s["site"]: ("<5" if s.get("count") is None else str(s["count"])) for s in ans["sites"]}
     assert await page.inner_text("#pooled-count") == ("<5" if ans["count"] is None else str(ans["count"]))

@@ -55,12 +55,15 @@ async def site(tmp_path, db_url):
     await gw.server.close()
 
 
-def _who(role: str, purpose: Purpose = Purpose()) -> Requester:
+TREATMENT = Purpose()
+
+
+def _who(role: str, purpose: Purpose = TREATMENT) -> Requester:
     return Requester(f"t-{role}", frozenset({role}), None, {}, purpose)
 
 
 async def test_consent_matrix_withdrawals_and_decision(site):
-    gw, http = site
+    gw, _ = site
     report = gw.app[keys.SERVICES]["consent.report"]
     m = await report.matrix(_who("admin"))
     labels = [p["label"] for p in m["purposes"]]
