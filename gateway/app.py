@@ -23,6 +23,7 @@ from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
+from gateway.services.deid import DeidPolicy
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.services.vocab import VocabService, vocab_ctx
@@ -33,6 +34,9 @@ from gateway.store import open_database
 from gateway.store.access import AccessLayer
 
 log = logging.getLogger(__name__)
+
+#: ``app[keys.SERVICES][DEID]``: the site's :class:`~gateway.services.deid.DeidPolicy`.
+DEID = "deid"
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,6 +79,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app[keys.SERVICES][DEID] = DeidPolicy(settings)  # who gets de-identified data, with which keys (#24)
     app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
