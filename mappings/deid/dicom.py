@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
@@ -74,6 +75,13 @@ _OPTION_CODES = {
     "clean_structured_content": ("113104", "Clean Structured Content Option"),
 }
 _TEXT_VALUE = 0x0040A160
+#: standard attributes by VR (pydicom's data dictionary): sequences are walked, person names collected
+_SQ_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "SQ")
+_PN_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "PN")
+#: table rows whose values identify (removed or replaced, no option keeps them), of text VRs
+_IDENTIFYING_TAGS = frozenset(
+    t for t, (_n, basic, opts) in TABLE_E1_1.items()
+    if basic != "U" and not opts and DicomDictionary.get(t, ("",))[0] in ("LO", "SH", "ST", "LT", "DA", "UC", "CS"))
 _PATIENT_ID = 0x00100020
 _STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UR", "UI"})
 
@@ -194,18 +202,19 @@ class _Deidentifier:
         return _multi(value, lambda v: self.keys.uid_for(str(v)) if str(v).strip() else v)
 
     def dataset(self, ds: Dataset) -> None:
+        # by tag first: an element is decoded (pydicom converts raw elements on access) only when its
+        # action needs its value
         creators: dict[tuple[int, int], str] = {}
-        for elem in list(ds):
-            tag = elem.tag
-            group = tag.group
+        for tag in list(ds.keys()):
+            group, element = tag >> 16, tag & 0xFFFF
             if group == 0x0002:
                 continue
             if group % 2 == 1:
-                if tag.element <= 0xFF and tag.element >= 0x10:
-                    creators[(group, tag.element)] = str(elem.value)
+                if 0x10 <= element <= 0xFF:
+                    creators[(group, element)] = str(ds[tag].value)
                     continue
-                creator = creators.get((group, tag.element >> 8))
-                if creator is None or (creator, group, tag.element & 0xFF) not in self.options.safe_private:
+                creator = creators.get((group, element >> 8))
+                if creator is None or (creator, group, element & 0xFF) not in self.options.safe_private:
                     del ds[tag]
                 else:
                     self.kept_private = True
@@ -215,15 +224,18 @@ class _Deidentifier:
                 continue
             code = action_for(int(tag), self.options)
             if code is None:
-                if elem.VR == "SQ":
-                    self.sequence(elem.value)
-                elif int(tag) == _TEXT_VALUE:
+                if tag in _SQ_TAGS:
+                    self.sequence(ds[tag].value)
+                elif tag == _TEXT_VALUE:
+                    elem = ds[tag]
                     elem.value = self.clean(elem)
                 continue
             act = _resolve(code)
             if act == "X":
                 del ds[tag]
-            elif act == "Z":
+                continue
+            elem = ds[tag]
+            if act == "Z":
                 elem.value = Sequence() if elem.VR == "SQ" else ("" if elem.VR in _STRING_VRS else (b"" if elem.VR in ("OB", "OW", "UN") else None))
             elif elem.VR == "SQ":
                 self.sequence(elem.value)
@@ -245,9 +257,11 @@ class _Deidentifier:
             elif act == "C":
                 elem.value = self.clean(elem)
         # private creators with no element left go too
-        for (group, block), creator in creators.items():
-            if not any((t.group == group and (t.element >> 8) == block) for t in ds.keys() if t.group == group and t.element > 0xFF):
-                del ds[Tag(group, block)]
+        if creators:
+            left = {(t.group, t.element >> 8) for t in ds.keys() if t.group % 2 == 1 and t.element > 0xFF}
+            for block in creators:
+                if block not in left:
+                    del ds[Tag(*block)]
 
     def sequence(self, seq) -> None:
         for item in seq or ():
@@ -261,24 +275,21 @@ def _multi(value, fn):
 
 
 def _identifying_values(ds: Dataset) -> list[str]:
-    """Strings in ``ds`` that identify the patient or staff, to be cleaned out of free texts."""
+    """Strings in ``ds`` that identify the patient or staff, to be cleaned out of free texts: every person
+    name's components and the values of the table's identifying attributes (no option keeps them)."""
     out: list[str] = []
 
     def visit(d: Dataset) -> None:
-        for elem in d:
-            if elem.VR == "SQ":
-                for item in elem.value or ():
+        for tag in d.keys():
+            if tag in _SQ_TAGS:
+                for item in d[tag].value or ():
                     visit(item)
-                continue
-            if elem.tag.group % 2 == 1 or elem.value in (None, ""):
-                continue
-            row = TABLE_E1_1.get(int(elem.tag))
-            if elem.VR == "PN":
-                for part in re.split(r"[\^=]", str(elem.value)):
+            elif tag in _PN_TAGS:
+                for part in re.split(r"[\^=]", str(d[tag].value or "")):
                     if len(part.strip()) >= 2:
                         out.append(part.strip())
-            elif row is not None and elem.VR in ("LO", "SH", "ST", "LT", "DA", "UC", "CS") and row[1] != "U" and not row[2]:
-                v = str(elem.value).strip()
+            elif tag in _IDENTIFYING_TAGS:
+                v = str(d[tag].value or "").strip()
                 if len(v) >= 3:
                     out.append(v)
     visit(ds)
