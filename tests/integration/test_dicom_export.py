@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import hashlib
 import io
 import json
@@ -13,18 +14,21 @@ from pathlib import Path
 
 import aiohttp
 import pydicom
+import pytest
 import requests
+from aiohttp.test_utils import TestServer
 from pydicom.fileset import FileSet
 
 from gateway import keys
-from gateway.app import DEID
+from gateway.app import DEID, create_app
 from gateway.cli import main as cli_main
 from gateway.context import Purpose, Requester
 from gateway.handlers.dicom_export import EXPORT
 from gateway.services.dicom_export import ExportTarget
-from tests.conftest import data_path
+from gateway.services.consent import ConsentGate
+from tests.conftest import Gateway, data_path, make_settings
 from tests.dicom_synth import ct_series, stow_body
-from tests.integration.test_consent_enforcement import _load, site  # noqa: F401 (fixture)
+from tests.integration.test_consent_enforcement import OBO, POLICY, _load, site  # noqa: F401 (fixture)
 from tests.peers.orthanc import orthanc
 
 BOUNDARY = "fedgateEXPORTboundary"
@@ -168,3 +172,75 @@ async def test_cohort_export_is_consented_deidentified_and_resolvable(site, tmp_
     text = json.dumps([report, rep_c, again.as_json()]) + stderr.getvalue() + caplog.text
     for s in PHI:
         assert s not in text, s
+
+
+@pytest.fixture
+async def deid_site(tmp_path, db_url):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    settings = make_settings(tmp_path / "data", db_url, deid_wado=True, deid_secret="wado-test-secret-0123456789",
+                             extra={"consent": {"policy": str(policy), "disease_ontologies": [str(OBO)],
+                                                "refresh_s": 0}})
+    app = create_app(settings)
+    app[keys.GATE] = ConsentGate(settings)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield Gateway(server, settings)
+    finally:
+        await server.close()
+
+
+def _parts(body: bytes, ctype: str) -> list[bytes]:
+    msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
+    return [p.get_payload(decode=True) for p in msg.get_payload()]
+
+
+async def test_wado_answers_research_roles_deidentified(deid_site):
+    gw = deid_site
+    permitted, burned, refused = _datasets()
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        async with http.post(f"{gw.dicomweb}/studies", data=stow_body(permitted + burned + refused, BOUNDARY),
+                             headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+            assert r.status == 200, await r.text()
+        analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
+        clinician = gw.headers("clinician")
+        deid = gw.app[keys.SERVICES][DEID]
+        k = deid.keys_for(ANALYST)
+        ct = permitted[0]
+        st = ct.StudyInstanceUID
+        for who, headers in (("analyst", analyst), ("clinician", clinician)):
+            async with http.get(f"{gw.dicomweb}/studies/{st}", headers=headers) as r:
+                assert r.status == 200
+                parts = _parts(await r.read(), r.headers["Content-Type"])
+            sets = [pydicom.dcmread(io.BytesIO(p)) for p in parts]
+            raw = b"".join(parts)
+            if who == "analyst":
+                for text in PHI:
+                    assert text.encode() not in raw, text
+                assert {d.PatientID for d in sets} == {k.pseudonym("Patient", OK)}
+                assert {d.SOPInstanceUID for d in sets} == {k.uid_for(d.SOPInstanceUID) for d in permitted
+                                                            if d.StudyInstanceUID == st}
+                for d in sets:
+                    src = next(s for s in permitted if k.uid_for(s.SOPInstanceUID) == d.SOPInstanceUID)
+                    if "PixelData" in src:
+                        assert d.PixelData == src.PixelData
+            else:  # treatment: identified, as stored (the test can see PHI when it is there)
+                assert b"Quartermaine" in raw
+            async with http.get(f"{gw.dicomweb}/studies/{st}/metadata", headers=headers) as r:
+                assert r.status == 200
+                meta = await r.text()
+            assert ("Quartermaine" in meta) == (who == "clinician")
+            if who == "analyst":
+                assert all(i["00120062"]["Value"] == ["YES"] for i in json.loads(meta))
+        # withheld (burned-in) and refused instances are not there for the analyst, on every route
+        b = burned[0]
+        base = f"{gw.dicomweb}/studies/{b.StudyInstanceUID}/series/{b.SeriesInstanceUID}/instances/{b.SOPInstanceUID}"
+        for url in (base, base + "/metadata", base + "/frames/1", base + "/rendered"):
+            async with http.get(url, headers=analyst) as r:
+                assert r.status == 404, url
+            async with http.get(url, headers=clinician) as r:
+                assert r.status == 200, url
+        async with http.get(f"{gw.dicomweb}/studies/{refused[0].StudyInstanceUID}", headers=analyst) as r:
+            assert r.status == 404
