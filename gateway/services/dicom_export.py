@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.context import Requester
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.services.access import AccessRecord, Action, AuditSink, Interaction
 from gateway.services.deid import DeidPolicy, deidentify_file
 from mappings.deid.dicom import DeidOptions, Withheld
@@ -167,6 +167,83 @@ class DicomExportService:
             outcome.errors.append(error)
 
 
+class DicomExportJobs:
+    """Export jobs started over HTTP (``POST /export/dicom``): persisted rows (gateway.store.export_schema)
+    polled by any process; run as tasks of the accepting process."""
+
+    def __init__(self, db, service: DicomExportService) -> None:
+        self.db = db
+        self.service = service
+        self._tasks: set[asyncio.Task] = set()
+
+    async def recover(self) -> None:
+        import time
+
+        from gateway.store import export_schema
+
+        await export_schema.fail_running_jobs(self.db, time.time())
+
+    async def start(self, requester: Requester, studies: list[str], target: ExportTarget, *, project: str | None,
+                    options: DeidOptions, request_doc: dict) -> str:
+        import time
+
+        import orjson
+
+        from gateway.store import export_schema
+
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        await export_schema.create_job(self.db, {
+            "job_id": job_id, "subject": requester.subject, "state": "running",
+            "request": orjson.dumps(request_doc).decode(), "done": 0, "total": len(dict.fromkeys(studies)),
+            "created_ts": now, "updated_ts": now})
+        task = asyncio.create_task(self._run(job_id, requester, studies, target, project, options))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job_id
+
+    async def _run(self, job_id, requester, studies, target, project, options) -> None:
+        import time
+
+        import orjson
+
+        from gateway.store import export_schema
+
+        done: set[str] = set()
+        pending: list[asyncio.Task] = []
+
+        def tick(study: str, _n: int) -> None:
+            if study not in done:
+                done.add(study)
+                pending.append(asyncio.ensure_future(
+                    export_schema.update_job(self.db, job_id, done=len(done), updated_ts=time.time())))
+
+        try:
+            report = await self.service.export(requester, studies, target, project=project, options=options,
+                                               progress=tick)
+            await asyncio.gather(*pending)
+            await export_schema.update_job(self.db, job_id, state="completed", done=len(report.studies),
+                                           report=orjson.dumps(report.as_json()).decode(), updated_ts=time.time())
+        except asyncio.CancelledError:
+            await export_schema.update_job(self.db, job_id, state="failed", error="cancelled: the server stopped",
+                                           updated_ts=time.time())
+            raise
+        except (GatewayError, OSError, ValueError) as exc:
+            log.warning("dicom export job failed", extra={"error_type": type(exc).__name__})
+            await export_schema.update_job(self.db, job_id, state="failed", error=type(exc).__name__,
+                                           updated_ts=time.time())
+
+    async def get(self, job_id: str) -> dict | None:
+        from gateway.store import export_schema
+
+        return await export_schema.get_job(self.db, job_id)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 def _write_fileset(staging: Path, folder: Path) -> None:
     """The staged instances as a File-set with a DICOMDIR in ``folder`` (pydicom.fileset)."""
     from pydicom.fileset import FileSet
@@ -237,4 +314,4 @@ class _Stow:
         await self.session.close()
 
 
-__all__ = ["DicomExportService", "ExportReport", "ExportTarget", "StudyOutcome"]
+__all__ = ["DicomExportJobs", "DicomExportService", "ExportReport", "ExportTarget", "StudyOutcome"]

@@ -244,3 +244,41 @@ async def test_wado_answers_research_roles_deidentified(deid_site):
                 assert r.status == 200, url
         async with http.get(f"{gw.dicomweb}/studies/{refused[0].StudyInstanceUID}", headers=analyst) as r:
             assert r.status == 404
+
+
+async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F811
+    gw = site
+    permitted, burned, refused = _datasets()
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        async with http.post(f"{gw.dicomweb}/studies", data=stow_body(permitted[:3] + refused, BOUNDARY),
+                             headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+            assert r.status == 200, await r.text()
+        analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+        studies = [permitted[0].StudyInstanceUID, refused[0].StudyInstanceUID]
+        body = {"studies": studies, "target": {"folder": "cohort-1"}, "project": "p1"}
+        async with http.post(f"{gw.url}/export/dicom", json=body, headers=analyst) as r:
+            assert r.status == 202, await r.text()
+            location = r.headers["Content-Location"]
+        for _ in range(200):
+            async with http.get(gw.url + location, headers=analyst) as r:
+                doc = await r.json()
+                if r.status == 200:
+                    break
+                assert r.status == 202 and "X-Progress" in r.headers and r.headers["Retry-After"]
+            await asyncio.sleep(0.05)
+        assert doc["state"] == "completed", doc
+        statuses = {s["study"]: s["status"] for s in doc["report"]["studies"]}
+        assert statuses == {studies[0]: "exported", studies[1]: "not-found"}
+        folder = gw.settings.data_dir / "exports" / "dicom" / "cohort-1"
+        assert len(_read_folder(folder)) == 3
+        # someone else's job is not there; bad requests are 400 problem+json, nothing started
+        async with http.get(gw.url + location, headers=gw.headers("analyst", subject="other", purpose={"codes": ["DUO:0000042"]})) as r:
+            assert r.status == 404
+        for bad in ({}, {"studies": [], "target": {"folder": "x"}}, {"studies": ["1.2.3"], "target": {"folder": "../x"}},
+                    {"studies": ["1.2.3"], "target": {"stow": "nowhere"}}, {"studies": ["1.2.3"], "target": {"folder": "cohort-1"}},
+                    {"studies": ["not a uid!"], "target": {"folder": "y"}},
+                    {"studies": ["1.2.3"], "target": {"folder": "z"}, "options": {"bogus": True}}):
+            async with http.post(f"{gw.url}/export/dicom", json=bad, headers=analyst) as r:
+                assert r.status == 400, (bad, r.status, await r.text())
+                assert r.headers["Content-Type"].startswith("application/problem+json")
