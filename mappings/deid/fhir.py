@@ -28,7 +28,6 @@ link (Organization, Medication, ...) are not patient data: their dates are kept.
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from datetime import date
@@ -60,23 +59,31 @@ _ATTACHMENT_DROP = ("data", "url", "title", "hash")
 _REFERENCE_KEYS = frozenset({"reference", "type", "identifier", "display", "id", "extension"})
 
 
-def patient_of(resource: dict[str, Any]) -> tuple[str | None, bool]:
-    """(the patient whose offset applies, whether the resource is patient data at all)."""
-    links = patient_links(resource)
-    ids = set(links.ids) - {UNKNOWN}
-    if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
-        return resource["id"], True
-    if len(ids) == 1:
-        return next(iter(ids)), True
-    if not ids:
-        return None, bool(links.identifiers) or links.unknown
+def _compartment_patient(resource: dict[str, Any]) -> str | None:
     for element in COMPARTMENT_ELEMENTS.get(resource.get("resourceType"), ()):
         value = resource.get(element)
         for v in value if isinstance(value, list) else [value]:
             ref = v.get("reference") if isinstance(v, dict) else None
             parsed = parse_reference(ref) if isinstance(ref, str) else None
             if parsed is not None and parsed.type == "Patient":
-                return parsed.id, True
+                return parsed.id
+    return None
+
+
+def patient_of(resource: dict[str, Any]) -> tuple[str | None, bool]:
+    """(the patient whose offset applies, whether the resource is patient data at all): the Patient itself,
+    else the patient its compartment element references, else its only linked patient."""
+    if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
+        return resource["id"], True
+    first = _compartment_patient(resource)
+    if first is not None:
+        return first, True
+    links = patient_links(resource)
+    ids = set(links.ids) - {UNKNOWN}
+    if len(ids) == 1:
+        return next(iter(ids)), True
+    if not ids:
+        return None, bool(links.identifiers) or links.unknown
     return None, True
 
 
@@ -156,7 +163,7 @@ class _Walker:
                 if w is not None and w != {} and w != []:
                     out[k] = w
         if had_text and not out:
-            return {"extension": copy.deepcopy(MASKED)}
+            return {"extension": [{"url": DATA_ABSENT_URL, "valueCode": "masked"}]}
         return out or None
 
     def resource(self, res: dict[str, Any]) -> dict[str, Any]:

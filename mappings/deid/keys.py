@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 #: Date offsets lie in [-MAX_OFFSET_DAYS, -1]: dates move back by up to one year, never zero days.
 MAX_OFFSET_DAYS = 365
+_MEMO_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,30 @@ class ProjectKeys:
     project: str
     secret: bytes = field(repr=False)
 
+    #: the keyed HMAC state after ``project ␀`` (copied per digest) and a bounded memo of digests
+    _mac: object = field(init=False, repr=False, compare=False, default=None)
+    _memo: dict = field(init=False, repr=False, compare=False, default=None)
+
     def __post_init__(self) -> None:
         if not isinstance(self.project, str) or not self.project:
             raise ValueError("ProjectKeys.project must be a non-empty string")
         if not isinstance(self.secret, (bytes, bytearray)) or len(self.secret) < 16:
             raise ValueError("ProjectKeys.secret must be at least 16 bytes")
+        object.__setattr__(self, "_mac", hmac.new(bytes(self.secret), self.project.encode() + b"\x00", hashlib.sha256))
+        object.__setattr__(self, "_memo", {})
 
     def digest(self, kind: str, value: str) -> bytes:
         """HMAC-SHA-256(secret, project ␀ kind ␀ value): the root of every derived value."""
-        msg = b"\x00".join((self.project.encode(), kind.encode(), str(value).encode()))
-        return hmac.new(bytes(self.secret), msg, hashlib.sha256).digest()
+        key = (kind, value)
+        out = self._memo.get(key)
+        if out is None:
+            mac = self._mac.copy()
+            mac.update(kind.encode() + b"\x00" + str(value).encode())
+            out = mac.digest()
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            self._memo[key] = out
+        return out
 
     def pseudonym(self, kind: str, value: str) -> str:
         """A 32-hex-digit pseudonym of ``value`` in namespace ``kind`` (e.g. ``Patient`` and a resource id,
