@@ -28,7 +28,7 @@ from gateway.services.dicom_export import ExportTarget
 from gateway.services.consent import ConsentGate
 from tests.conftest import Gateway, data_path, make_settings
 from tests.dicom_synth import ct_series, stow_body
-from tests.integration.test_consent_enforcement import OBO, POLICY, _load, site  # noqa: F401 (fixture)
+from tests.integration.test_consent_enforcement import OBO, POLICY, _load, consent, site  # noqa: F401 (fixture)
 from tests.peers.orthanc import orthanc
 
 BOUNDARY = "fedgateEXPORTboundary"
@@ -275,6 +275,21 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
         # someone else's job is not there; bad requests are 400 problem+json, nothing started
         async with http.get(gw.url + location, headers=gw.headers("analyst", subject="other", purpose={"codes": ["DUO:0000042"]})) as r:
             assert r.status == 404
+        # a withdrawn consent stops the next export
+        withdrawn = consent(OK, ["DUO:0000042"], [], {"status": "inactive"})
+        async with http.put(f"{gw.fhir}/Consent/{withdrawn['id']}", json=withdrawn,
+                            headers=gw.headers("ehr-system") | {"Content-Type": "application/fhir+json"}) as r:
+            assert r.status in (200, 201), await r.text()
+        async with http.post(f"{gw.url}/export/dicom", json=body | {"target": {"folder": "cohort-2"}}, headers=analyst) as r:
+            assert r.status == 202, await r.text()
+            location = r.headers["Content-Location"]
+        for _ in range(200):
+            async with http.get(gw.url + location, headers=analyst) as r:
+                doc = await r.json()
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert {s["status"] for s in doc["report"]["studies"]} == {"not-found"}, doc
         for bad in ({}, {"studies": [], "target": {"folder": "x"}}, {"studies": ["1.2.3"], "target": {"folder": "../x"}},
                     {"studies": ["1.2.3"], "target": {"stow": "nowhere"}}, {"studies": ["1.2.3"], "target": {"folder": "cohort-1"}},
                     {"studies": ["not a uid!"], "target": {"folder": "y"}},
