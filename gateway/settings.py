@@ -94,14 +94,12 @@ class Settings:
     #: into data_dir/secrets/deid.key). Never logged (not in repr), never exported.
     deid_secret: str = field(default="", repr=False)
     #: Who gets identified or de-identified data: "role[/purpose]=identified|deidentified" entries, comma or
-    #: space separated, first match wins; purpose is "treatment", "research" or "*". Without a match:
-    #: research purposes → deidentified, treatment → identified.
+    #: space separated, first match wins; purpose is "treatment", "research" or "*". Without a match: a role
+    #: of ``[export] deidentify_roles`` (default analyst) or a research purpose → deidentified, else identified.
     deid_policy: str = ""
     #: Apply ``deid_policy`` to WADO-RS retrievals too (instances and metadata de-identified on the fly);
     #: false: WADO-RS serves the stored (identified) instances to whoever the consent gate lets read them.
     deid_wado: bool = False
-    #: Project name mixed into the keys when the requester's token carries no ``project`` attribute.
-    deid_project: str = "default"
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -151,8 +149,8 @@ class Settings:
             return self.jwt_secret
         return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
 
-    def deid_secret_bytes(self) -> bytes:
-        """The de-identification secret (``deid_secret``, else created on first use in ``data_dir/secrets``)."""
+    def deid_key(self) -> bytes:
+        """The de-identification secret (``deid_secret``), created on first use in ``data_dir/secrets``."""
         if self.deid_secret:
             return self.deid_secret.encode()
         return secret_file(self.secrets_dir / "deid.key", lambda: secrets.token_urlsafe(48)).encode()

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, Forbidden, NotFound
 from gateway.handlers.dicomweb import SERVICE as DICOMWEB
 from gateway.middlewares import requester_of
 from gateway.services.dicom_export import DicomExportJobs, DicomExportService, ExportTarget
@@ -90,6 +90,10 @@ async def start(request: web.Request) -> web.Response:
         raise BadRequest("request body: not JSON", expression=["$"]) from None
     studies, target, project, options, summary = _parse(request.app, doc)
     requester = requester_of(request)
+    if project is not None and project != requester.attributes.get("project"):
+        # the keys of a project are only for the project the token attests: naming another project would
+        # link this requester's copies to that project's pseudonyms
+        raise Forbidden("project: only the project your token attests (attribute 'project') may be named")
     await request.app[keys.GATE].scope_for(requester)  # an unusable purpose fails here, before any job exists
     job_id = await request.app[keys.SERVICES][JOBS].start(requester, studies, target, project=project,
                                                          options=options, request_doc=summary)

@@ -2,7 +2,8 @@
 
 The pure de-identifiers live in :mod:`mappings.deid`; this module binds them to the site's settings:
 ``deid_policy`` (role/purpose → ``identified`` | ``deidentified``), ``deid_secret`` and the project the
-requester's token names (attribute ``project``, else ``deid_project``).  The secret is only ever handed to
+requester's token names (attribute ``project``, else ``[export] project``, else the site id — the same
+project, hence the same pseudonyms and date offsets, as the FHIR bulk export uses).  The secret is only ever handed to
 :class:`~mappings.deid.keys.ProjectKeys` (whose repr hides it).
 """
 
@@ -49,7 +50,10 @@ class DeidPolicy:
     def __init__(self, settings: Settings) -> None:
         self.rules = parse_policy(settings.deid_policy)
         self.wado = settings.deid_wado
-        self.default_project = settings.deid_project or "default"
+        export = settings.extra.get("export") if isinstance(settings.extra.get("export"), dict) else {}
+        self.default_project = str(export.get("project") or settings.site_id)
+        roles = export.get("deidentify_roles", ("analyst",))
+        self.deidentify_roles = frozenset([roles] if isinstance(roles, str) else roles or ())
         self._settings = settings
         self._secret: bytes | None = None
 
@@ -59,7 +63,9 @@ class DeidPolicy:
         for rule in self.rules:
             if (rule.role == "*" or rule.role in requester.roles) and rule.purpose in ("*", purpose):
                 return rule.mode
-        return IDENTIFIED if requester.purpose.is_treatment else DEIDENTIFIED
+        if requester.roles & self.deidentify_roles or not requester.purpose.is_treatment:
+            return DEIDENTIFIED
+        return IDENTIFIED
 
     def deidentifies(self, requester: Requester) -> bool:
         return self.mode_for(requester) == DEIDENTIFIED
@@ -74,7 +80,7 @@ class DeidPolicy:
     def keys_for(self, requester: Requester, project: str | None = None) -> ProjectKeys:
         """The keys of the requester's project (or ``project``, e.g. an export's named project)."""
         if self._secret is None:
-            self._secret = self._settings.deid_secret_bytes()
+            self._secret = self._settings.deid_key()
         return ProjectKeys(self.project_for(requester, project), self._secret)
 
 

@@ -254,7 +254,7 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
         async with http.post(f"{gw.dicomweb}/studies", data=stow_body(permitted[:3] + refused, BOUNDARY),
                              headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
             assert r.status == 200, await r.text()
-        analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+        analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana", attrs={"project": "p1"})
         studies = [permitted[0].StudyInstanceUID, refused[0].StudyInstanceUID]
         body = {"studies": studies, "target": {"folder": "cohort-1"}, "project": "p1"}
         async with http.post(f"{gw.url}/export/dicom", json=body, headers=analyst) as r:
@@ -290,6 +290,8 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
                     break
             await asyncio.sleep(0.05)
         assert {s["status"] for s in doc["report"]["studies"]} == {"not-found"}, doc
+        async with http.post(f"{gw.url}/export/dicom", json=body | {"project": "someone-elses", "target": {"folder": "cohort-3"}}, headers=analyst) as r:
+            assert r.status == 403
         for bad in ({}, {"studies": [], "target": {"folder": "x"}}, {"studies": ["1.2.3"], "target": {"folder": "../x"}},
                     {"studies": ["1.2.3"], "target": {"stow": "nowhere"}}, {"studies": ["1.2.3"], "target": {"folder": "cohort-1"}},
                     {"studies": ["not a uid!"], "target": {"folder": "y"}},
