@@ -758,7 +758,6 @@ async def metadata(request: web.Request) -> web.Response:
     """WADO-RS Retrieve Metadata (PS3.18 §10.4.1.1.2), every level: application/dicom+json."""
     _check_json_accept(request)
     svc = _svc(request)
-    m = request.match_info
     deid = _deid_keys(request)
     rows = await _visible_rows(request, svc, metadata=True, deid=deid)
     if deid is not None:

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -20,7 +19,6 @@ from mappings.deid.dates import shift_dicom_date
 from mappings.deid.dicom import SAFE_PRIVATE, DeidOptions, Withheld, _resolve, action_for, deidentify_dataset
 from mappings.deid.fhir import deidentify_resource
 from mappings.deid.keys import ProjectKeys
-from mappings.deid.table_e11 import TABLE_E1_1
 from tests.conftest import data_path
 
 KEYS = ProjectKeys("study-a", b"k" * 32)
