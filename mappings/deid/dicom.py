@@ -16,7 +16,8 @@ Private list (§E.3.10).  The action codes (PS3.15 §E.1.1, Table E.1-1a) are ap
   an SQ is cleaned item by item;
 * **C** clean: dates move by the patient's offset (:meth:`ProjectKeys.date_offset_days`, whole days, so
   TM values are kept); texts lose every identifying value found in the dataset (names, IDs, dates of
-  birth, addresses, ...) and every run of five or more digits; sequences are cleaned item by item;
+  birth, addresses, ...) and every run of five or more digits; sequences are cleaned item by item; binary
+  values (OB, UN, ...: maker notes, certified timestamps) cannot be cleaned and are removed;
 * compound codes keep the element whenever the profile allows it, since the IOD type of the element is
   not known here: X/D, X/Z/D and Z/D → D; X/Z → Z; X/Z/U* → the sequence is cleaned (its UIDs replaced).
 
@@ -75,6 +76,7 @@ _OPTION_CODES = {
     "clean_structured_content": ("113104", "Clean Structured Content Option"),
 }
 _TEXT_VALUE = 0x0040A160
+_BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 #: standard attributes by VR (pydicom's data dictionary): sequences are walked, person names collected
 _SQ_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "SQ")
 _PN_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "PN")
@@ -255,7 +257,10 @@ class _Deidentifier:
                 else:
                     elem.value = self.dummy(elem) if elem.tag == _PATIENT_ID else elem.value
             elif act == "C":
-                elem.value = self.clean(elem)
+                if elem.VR in _BINARY_VRS:
+                    del ds[tag]  # binary values (maker notes, timestamps) cannot be cleaned: removed
+                else:
+                    elem.value = self.clean(elem)
         # private creators with no element left go too
         if creators:
             left = {(t.group, t.element >> 8) for t in ds.keys() if t.group % 2 == 1 and t.element > 0xFF}

@@ -52,7 +52,7 @@ def _check(src: Dataset, out: Dataset, offset: int, seen: set[int], path: str = 
             continue
         seen.add(tag)
         act = _resolve(code)
-        if act == "X":
+        if act == "X" or (act == "C" and elem.VR in ("OB", "OW", "UN")):
             assert elem.tag not in out, f"{where} ({code}) not removed"
             continue
         assert elem.tag in out, f"{where} ({code}) missing"
