@@ -24,7 +24,8 @@ Private list (§E.3.10).  The action codes (PS3.15 §E.1.1, Table E.1-1a) are ap
 Attributes not in the table are kept (PS3.15 §E.2: the table lists every standard attribute that may
 identify), and their sequences cleaned; private attributes are removed unless on :data:`SAFE_PRIVATE`
 (PS3.15 Table E.3.10-1 examples), curves and overlays (groups 50xx, 60xx) removed (Clean Graphics is not
-offered).  Text Value (0040,A160) of SR content items is cleaned.  The dataset then gets
+offered).  Text Value (0040,A160) of SR content items is cleaned, and a person name the table does not
+list (SecondaryReviewerName, EvaluatorName) gets a dummy.  The dataset then gets
 PatientIdentityRemoved ``YES``, DeidentificationMethod naming the edition and options,
 DeidentificationMethodCodeSequence (CID 7050) and LongitudinalTemporalInformationModified.
 
@@ -231,6 +232,10 @@ class _Deidentifier:
                 elif tag == _TEXT_VALUE:
                     elem = ds[tag]
                     elem.value = self.clean(elem)
+                elif tag in _PN_TAGS:  # a person name the table does not list (e.g. DICONDE reviewers): D
+                    elem = ds[tag]
+                    if elem.value not in (None, ""):
+                        elem.value = self.dummy(elem)
                 continue
             act = _resolve(code)
             if act == "X":
