@@ -46,6 +46,10 @@ class ProjectKeys:
         object.__setattr__(self, "_mac", hmac.new(bytes(self.secret), self.project.encode() + b"\x00", hashlib.sha256))
         object.__setattr__(self, "_memo", {})
 
+    def __reduce__(self):
+        # pickled (to a worker process) as its two fields; the HMAC state and memo are rebuilt there
+        return (ProjectKeys, (self.project, self.secret))
+
     def digest(self, kind: str, value: str) -> bytes:
         """HMAC-SHA-256(secret, project ␀ kind ␀ value): the root of every derived value."""
         key = (kind, value)

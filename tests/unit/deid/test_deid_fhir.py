@@ -77,3 +77,11 @@ def test_binary_and_ambiguous_resources_are_withheld():
     assert deidentify_resource(group, KEYS) is None
     org = deidentify_resource({"resourceType": "Organization", "id": "o", "name": "General"}, KEYS)
     assert org["name"] == "General"
+
+
+def test_project_keys_pickle_and_hide_the_secret():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(KEYS))
+    assert again == KEYS and again.uid_for("1.2.3") == KEYS.uid_for("1.2.3")
+    assert "k" * 32 not in repr(KEYS) and repr(KEYS) == "ProjectKeys(project='study-a')"
