@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import TokenVerifier, jwks_ctx
+from gateway.handlers import dicom_export as dicom_export_handlers
 from gateway.handlers import dicomweb as dicomweb_handlers
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
@@ -25,6 +26,7 @@ from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.consent_report import ConsentReport
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
+from gateway.services.deid import DeidPolicy
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.services.vocab import VocabService, vocab_ctx
@@ -35,6 +37,9 @@ from gateway.store import open_database
 from gateway.store.access import AccessLayer
 
 log = logging.getLogger(__name__)
+
+#: ``app[keys.SERVICES][DEID]``: the site's :class:`~gateway.services.deid.DeidPolicy`.
+DEID = "deid"
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -78,6 +83,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     app[keys.VERIFIER] = TokenVerifier(settings)
     app[keys.GATE] = ConsentGate(settings)
     app[keys.AUDIT] = ChainedAudit(settings.site_id)
+    app[keys.SERVICES][DEID] = DeidPolicy(settings)  # who gets de-identified data, with which keys (#24)
     app.on_response_prepare.append(cors_on_prepare)  # CORS headers on every response, errors included
     app.cleanup_ctx.append(jwks_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -89,6 +95,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
+    dicom_export_handlers.setup_routes(app)  # after dicomweb: its context needs the DICOMweb service
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service

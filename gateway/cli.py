@@ -182,6 +182,12 @@ def cmd_omop_export(args: argparse.Namespace) -> int:
     return cmd_export(args, _settings(args))
 
 
+def cmd_export_dicom(args: argparse.Namespace) -> int:
+    from gateway.export_dicom_cli import cmd_export_dicom as run
+
+    return run(args, _settings(args))
+
+
 def cmd_omop_import(args: argparse.Namespace) -> int:
     from gateway.omop_cli import cmd_import
 
@@ -285,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output, no progress bar")
     _common(p)
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("export", help="research exports, de-identified through the consent gate (docs/deidentification.md)")
+    esub = p.add_subparsers(dest="export_command", required=True)
+    from gateway.export_dicom_cli import add_parser as add_export_dicom
+
+    add_export_dicom(esub, _common)
+    esub.choices["dicom"].set_defaults(func=cmd_export_dicom)
 
     p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
     osub = p.add_subparsers(dest="omop_command", required=True)

@@ -59,6 +59,8 @@ ROUTE_ACCESS: dict[str, str] = {
     "federation.train_round": SELF_AUTH, "federation.train_key": SELF_AUTH, "federation.deploy": SELF_AUTH,
     # OMOP
     "omop.export": GATED, "omop.load": NO_PATIENT_DATA,  # import: a write, answers with counts
+    # imaging cohort export (issue #24): reads through the gated WADO path; status: the requester's own jobs
+    "export.dicom_start": GATED, "export.dicom_status": GATED,
     # inference
     "inference.register_model": NO_PATIENT_DATA, "inference.list_models": NO_PATIENT_DATA,
     "inference.submit_job": GATED, "inference.list_jobs": GATED, "inference.get_job": GATED,

@@ -89,6 +89,17 @@ class Settings:
     #: OIDC issuer URL for the viewer's production sign-in (authorization code + PKCE), and its client id.
     viewer_oidc_authority: str = ""
     viewer_oidc_client_id: str = "fedgate-viewer"
+    #: De-identification (issue #24, docs/deidentification.md). The site's secret keying every pseudonym,
+    #: UID and date offset (env FEDGATE_DEID_SECRET or FEDGATE_DEID_SECRET_FILE; default: generated once
+    #: into data_dir/secrets/deid.key). Never logged (not in repr), never exported.
+    deid_secret: str = field(default="", repr=False)
+    #: Who gets identified or de-identified data: "role[/purpose]=identified|deidentified" entries, comma or
+    #: space separated, first match wins; purpose is "treatment", "research" or "*". Without a match: a role
+    #: of ``[export] deidentify_roles`` (default analyst) or a research purpose → deidentified, else identified.
+    deid_policy: str = ""
+    #: Apply ``deid_policy`` to WADO-RS retrievals too (instances and metadata de-identified on the fly);
+    #: false: WADO-RS serves the stored (identified) instances to whoever the consent gate lets read them.
+    deid_wado: bool = False
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -137,6 +148,12 @@ class Settings:
         if self.jwt_secret:
             return self.jwt_secret
         return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+    def deid_key(self) -> bytes:
+        """The de-identification secret (``deid_secret``), created on first use in ``data_dir/secrets``."""
+        if self.deid_secret:
+            return self.deid_secret.encode()
+        return secret_file(self.secrets_dir / "deid.key", lambda: secrets.token_urlsafe(48)).encode()
 
 
 def secret_file(path: Path, generate) -> str:
@@ -248,6 +265,15 @@ def load_settings(
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise SettingsError(f"setting 'trusted_proxies': {item!r} is not an IP address or CIDR") from None
+    if settings.deid_secret and len(settings.deid_secret) < 16:
+        raise SettingsError("setting 'deid_secret': use at least 16 characters")
+    if settings.deid_policy:
+        from gateway.services.deid import parse_policy
+
+        try:
+            parse_policy(settings.deid_policy)
+        except ValueError as exc:
+            raise SettingsError(f"setting 'deid_policy': {exc}") from None
     for origin in settings.cors_origin_list:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise SettingsError(f"setting 'cors_origins': {origin!r} is not an origin (scheme://host[:port]) or *")

@@ -552,13 +552,120 @@ async def _multipart(request: web.Request, ctype: str) -> tuple[web.StreamRespon
     return resp, boundary
 
 
+# ------------------------------------------------------------------ de-identified WADO-RS (issue #24)
+#: Bulk data a de-identified answer may carry: the pixel data (never changed by the profile)
+_DEID_BULK_TAGS = frozenset({"7FE00010", "7FE00008", "7FE00009"})
+
+
+def _deid_keys(request: web.Request):
+    """The project keys when this requester gets de-identified WADO-RS answers (settings ``deid_wado`` and
+    ``deid_policy``), else None."""
+    policy = request.app[keys.SERVICES].get("deid")
+    requester = requester_of(request)
+    if policy is None or not policy.wado_deidentifies(requester):
+        return None
+    return policy.keys_for(requester)
+
+
+def _releasable(row: dict) -> bool:
+    """False for an instance the profile withholds (burned-in annotation: mappings.deid.dicom)."""
+    from pydicom.dataset import Dataset
+
+    from mappings.deid.dicom import burned_in_reason
+
+    meta = orjson.loads(row["metadata"]) if row.get("metadata") else {}
+    ds = Dataset()
+    ds.SOPClassUID = row.get("sop_class_uid") or ""
+    flag = (meta.get("00280301") or {}).get("Value") or []
+    if flag:
+        ds.BurnedInAnnotation = str(flag[0])
+    return burned_in_reason(ds) is None
+
+
+async def _visible_rows(request: web.Request, svc: DicomwebService, *, metadata: bool, deid) -> list[dict]:
+    """The instances the request names, through the gate; for a de-identified answer without the
+    instances the profile withholds (404 when none is left: a withheld instance looks like a missing one)."""
+    m = request.match_info
+    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"),
+                               m.get("instance"), metadata=metadata or deid is not None)
+    if deid is not None:
+        rows = [r for r in rows if _releasable(r)]
+        if not rows:
+            raise NotFound("no instance to release (withheld: burned-in annotation)")
+    return rows
+
+
+async def _retrieve_deidentified(request: web.Request, svc: DicomwebService, rows: list[dict], deid,
+                                 wants) -> web.StreamResponse:
+    """Instances de-identified on the fly (worker threads), each as stored otherwise (no transcoding)."""
+    from gateway.services.deid import deidentify_file
+    from mappings.deid.dicom import Withheld
+
+    for want in wants:
+        if want.media in (negotiate.DICOM, "application/*", "*/*") and want.ts in (None, "*"):
+            break
+    else:
+        raise NotAcceptable("de-identified instances are sent in their stored transfer syntax: ask for "
+                            "application/dicom (transfer-syntax=*)")
+    async def one(row: dict) -> bytes | None:
+        out = await asyncio.to_thread(deidentify_file, svc.blob_path(row), deid, row.get("patient_id"))
+        return None if isinstance(out, Withheld) else out
+
+    if len(rows) == 1 and not want.multipart:
+        body = await one(rows[0])
+        if body is None:
+            raise NotFound("no instance to release (withheld)")
+        return web.Response(body=body, headers={"Content-Type": _media_with_ts(negotiate.DICOM, rows[0]["transfer_syntax"])})
+    first = await one(rows[0])  # before the status line: an unreadable instance is an error, not a cut 200
+    resp, boundary = await _multipart(request, "application/dicom")
+    try:
+        for i, row in enumerate(rows):
+            body = first if i == 0 else await one(row)
+            if body is None:
+                continue
+            await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
+                             f"{row['transfer_syntax']}\r\n\r\n".encode() + body + b"\r\n")
+    except (GatewayError, OSError, ValueError) as exc:  # past the status line: end the connection
+        log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
+        resp.force_close()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+def _deidentified_metadata(rows: list[dict], deid) -> list[dict]:
+    """DICOM JSON of the instances de-identified (blocking: run off the event loop); bulk data URIs left
+    out (pixel data is reachable through /frames, which serves it unchanged)."""
+    from pydicom.dataset import Dataset
+
+    from mappings.deid.dicom import Withheld, deidentify_dataset
+
+    out = []
+    for r in rows:
+        meta = orjson.loads(r["metadata"]) if r["metadata"] else {}
+        meta = {k: v for k, v in meta.items() if not (isinstance(v, dict) and ("BulkDataURI" in v or "InlineBinary" in v))}
+        ds = Dataset.from_json(meta)
+        done = deidentify_dataset(ds, deid, patient_key=r.get("patient_id"))
+        if not isinstance(done, Withheld):
+            out.append(_strip_bulk(done.to_json_dict(bulk_data_threshold=1 << 30)))
+    return out
+
+
+def _strip_bulk(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if not (isinstance(v, dict) and ("BulkDataURI" in v or "InlineBinary" in v))}
+
+
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Study/Series/Instance (PS3.18 §10.4.1): multipart/related application/dicom."""
     svc = _svc(request)
     wants = _wants(request, negotiate.DICOM)
-    m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"),
-                               metadata=False)
+    deid = _deid_keys(request)
+    rows = await _visible_rows(request, svc, metadata=False, deid=deid)
+    if deid is not None:
+        return await _retrieve_deidentified(request, svc, rows, deid, wants)
     plan = _plan_transfer(rows, wants)
     if len(rows) == 1 and not next(w for w in wants if w.media in (negotiate.DICOM, "application/*", "*/*")).multipart:
         # single part application/dicom (one instance): the file itself
@@ -651,8 +758,11 @@ async def metadata(request: web.Request) -> web.Response:
     """WADO-RS Retrieve Metadata (PS3.18 §10.4.1.1.2), every level: application/dicom+json."""
     _check_json_accept(request)
     svc = _svc(request)
-    m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"))
+    deid = _deid_keys(request)
+    rows = await _visible_rows(request, svc, metadata=True, deid=deid)
+    if deid is not None:
+        out = await asyncio.to_thread(_deidentified_metadata, rows, deid)
+        return web.Response(body=orjson.dumps(out), content_type=DICOM_JSON)
     base = base_url(request)
     out = []
     for r in rows:
@@ -708,8 +818,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
     svc = _svc(request)
     m = request.match_info
     nums = _frame_numbers(m["frames"])
-    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
-                                metadata=False)
+    [row] = await _visible_rows(request, svc, metadata=False, deid=_deid_keys(request))
     try:
         want, media, ts, data = await asyncio.to_thread(pixels.frames_as, svc.blob_path(row), nums, wants)
     except pixels.PixelError as exc:
@@ -776,8 +885,7 @@ async def _render(request: web.Request, *, thumbnail: bool) -> web.Response:
         opts.setdefault("viewport", (128, 128))
     svc = _svc(request)
     m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"), m.get("instance"),
-                               metadata=False)
+    rows = await _visible_rows(request, svc, metadata=False, deid=_deid_keys(request))
     images = [r for r in rows if r.get("rows")]
     if not images:
         raise NotFound("no image instance to render")
@@ -811,8 +919,10 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
                             "(single part, or multipart/related; type=\"application/octet-stream\")")
     svc = _svc(request)
     m = request.match_info
-    [row] = await svc.instances(requester_of(request), check_study_uid(m["study"]), m["series"], m["instance"],
-                                metadata=False)
+    deid = _deid_keys(request)
+    if deid is not None and m["tag"].upper() not in _DEID_BULK_TAGS:
+        raise NotFound(f"bulk data {m['tag']} is not part of a de-identified instance")
+    [row] = await _visible_rows(request, svc, metadata=False, deid=deid)
     try:
         data = await asyncio.to_thread(pixels.bulk_value, svc.blob_path(row), m["tag"])
     except pixels.PixelError as exc:

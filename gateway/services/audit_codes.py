@@ -64,6 +64,7 @@ class Interaction(StrEnum):
     ACCESS = "access"
     OMOP_EXPORT = "omop-export"
     OMOP_IMPORT = "omop-import"
+    DICOM_EXPORT = "dicom-export"  # imaging cohort export, de-identified (issue #24)
     FEDERATION_COHORT = "federation-cohort"
     INFERENCE = "inference"
     INFERENCE_JOB = "inference-job"

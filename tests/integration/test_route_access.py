@@ -88,6 +88,7 @@ async def test_every_route_is_declared_and_every_gated_route_calls_the_gate(tmp_
                 "omop.export": {"format": "csv", "name": "walk"},
                 "fhir.patch": [{"op": "replace", "path": "/active", "value": True}],
                 "inference.submit_job": {"model": "none", "study": ds.StudyInstanceUID},
+                "export.dicom_start": {"studies": [ds.StudyInstanceUID], "target": {"folder": "walk"}},
             }
             bodies["fhir.bundle_slash"] = bodies["fhir.bundle"]
             research = gw.headers("admin", purpose=PURPOSE)

@@ -1,0 +1,101 @@
+"""Which requester gets de-identified data, with which keys (issue #24; docs/deidentification.md).
+
+The pure de-identifiers live in :mod:`mappings.deid`; this module binds them to the site's settings:
+``deid_policy`` (role/purpose → ``identified`` | ``deidentified``), ``deid_secret`` and the project the
+requester's token names (attribute ``project``, else ``[export] project``, else the site id — the same
+project, hence the same pseudonyms and date offsets, as the FHIR bulk export uses).  The secret is only ever handed to
+:class:`~mappings.deid.keys.ProjectKeys` (whose repr hides it).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.context import Requester
+from gateway.settings import Settings
+from mappings.deid.dicom import DeidOptions, Withheld, deidentify_dataset
+from mappings.deid.keys import ProjectKeys
+
+IDENTIFIED = "identified"
+DEIDENTIFIED = "deidentified"
+MODES = (IDENTIFIED, DEIDENTIFIED)
+PURPOSES = ("treatment", "research", "*")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    role: str
+    purpose: str
+    mode: str
+
+
+def parse_policy(text: str) -> tuple[PolicyRule, ...]:
+    """``role[/purpose]=mode`` entries (comma or space separated); ValueError names the bad entry."""
+    rules = []
+    for entry in text.replace(",", " ").split():
+        lhs, sep, mode = entry.partition("=")
+        role, _, purpose = lhs.partition("/")
+        purpose = purpose or "*"
+        if not sep or not role or mode not in MODES or purpose not in PURPOSES:
+            raise ValueError(f"{entry!r} is not role[/treatment|research|*]=identified|deidentified")
+        rules.append(PolicyRule(role, purpose, mode))
+    return tuple(rules)
+
+
+class DeidPolicy:
+    """The site's de-identification policy and keys."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rules = parse_policy(settings.deid_policy)
+        self.wado = settings.deid_wado
+        export = settings.extra.get("export") if isinstance(settings.extra.get("export"), dict) else {}
+        self.default_project = str(export.get("project") or settings.site_id)
+        roles = export.get("deidentify_roles", ("analyst",))
+        self.deidentify_roles = frozenset([roles] if isinstance(roles, str) else roles or ())
+        self._settings = settings
+        self._secret: bytes | None = None
+
+    def mode_for(self, requester: Requester) -> str:
+        """``identified`` or ``deidentified`` for ``requester`` (first matching rule, else by purpose)."""
+        purpose = "treatment" if requester.purpose.is_treatment else "research"
+        for rule in self.rules:
+            if (rule.role == "*" or rule.role in requester.roles) and rule.purpose in ("*", purpose):
+                return rule.mode
+        if requester.roles & self.deidentify_roles or not requester.purpose.is_treatment:
+            return DEIDENTIFIED
+        return IDENTIFIED
+
+    def deidentifies(self, requester: Requester) -> bool:
+        return self.mode_for(requester) == DEIDENTIFIED
+
+    def wado_deidentifies(self, requester: Requester) -> bool:
+        """Whether WADO-RS answers ``requester`` with de-identified instances (setting ``deid_wado``)."""
+        return self.wado and self.deidentifies(requester)
+
+    def project_for(self, requester: Requester, project: str | None = None) -> str:
+        return project or str(requester.attributes.get("project") or "") or self.default_project
+
+    def keys_for(self, requester: Requester, project: str | None = None) -> ProjectKeys:
+        """The keys of the requester's project (or ``project``, e.g. an export's named project)."""
+        if self._secret is None:
+            self._secret = self._settings.deid_key()
+        return ProjectKeys(self.project_for(requester, project), self._secret)
+
+
+def deidentify_file(path: Path, keys: ProjectKeys, patient_key: str | None,
+                    options: DeidOptions | None = None) -> bytes | Withheld:
+    """One stored instance file de-identified to Part 10 bytes (blocking: call it off the event loop)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    out = deidentify_dataset(ds, keys, options, patient_key=patient_key)
+    if isinstance(out, Withheld):
+        return out
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+__all__ = ["DEIDENTIFIED", "IDENTIFIED", "DeidPolicy", "deidentify_file", "parse_policy"]
