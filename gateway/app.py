@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.auth import TokenVerifier, jwks_ctx
 from gateway.handlers import dicomweb as dicomweb_handlers
+from gateway.handlers import dimse as dimse_handlers
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
@@ -86,6 +87,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
+    dimse_handlers.setup(app)  # the DIMSE listener (dimse_port): after the DICOMweb service it uses
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service
