@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from aiohttp import web
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
@@ -410,7 +411,7 @@ class DimseListener:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield PENDING, self.svc.blob_path(row)
+            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
 
     def on_get(self, event):
         """C-GET (PS3.4 C.4.3): the visible instances, sent by C-STORE over the same association."""
@@ -426,7 +427,7 @@ class DimseListener:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield PENDING, self.svc.blob_path(row)
+            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
 
     async def _retrieve(self, requester: Requester, ident: Dataset) -> list[dict]:
         """The instances a retrieve identifier names that ``requester`` may read, through the WADO-RS
@@ -546,15 +547,10 @@ def orjson_key(element: dict | None) -> str:
 
 
 def _store_contexts(rows: list[dict]) -> list:
-    """Presentation contexts for the C-STORE sub-operations of a C-MOVE: each SOP class with its stored
-    transfer syntax (sent as stored) and the uncompressed ones; at most 128 (PS3.8 9.3.2.2)."""
-    by_class: dict[str, list[str]] = {}
-    for r in rows:
-        ts = by_class.setdefault(r["sop_class_uid"], [])
-        for t in (r["transfer_syntax"], "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
-            if t not in ts:
-                ts.append(t)
-    return [build_context(cls, ts) for cls, ts in list(by_class.items())[:128]]
+    """Presentation contexts for the C-STORE sub-operations of a C-MOVE: one per SOP class and stored transfer
+    syntax, so each instance is sent as stored (PS3.8 9.3.2.2: at most 128)."""
+    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax"]) for r in rows})
+    return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
 
 
 # ------------------------------------------------------------------------------------------- wiring
