@@ -11,6 +11,7 @@ import asyncio
 import io
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -255,7 +256,7 @@ async def test_dcmtk_and_orthanc_peers(site, tmp_path):
 
 def _assoc(port: int):
     ae = AE("PACS1")
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title="FEDGATE")
     assert assoc.is_established
     return assoc
@@ -293,13 +294,25 @@ async def test_bad_input_stores_nothing_and_the_listener_keeps_serving(site, tmp
         for p in pdus[: len(pdus) // 2]:
             assoc.dul.send_pdu(p)
         assoc.abort()
-        # a data set that does not parse: C000, nothing stored
+        # a data set that does not parse: C000, nothing stored (sent as the raw bytes after a valid file meta)
+        from pydicom.filewriter import write_file_meta_info
+        from pynetdicom import _config
+
+        meta = pydicom.dataset.FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, junk.SOPInstanceUID
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        buf = io.BytesIO()
+        buf.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buf, meta, enforce_standard=True)
+        buf.write(b"\x08\x00\x16\x00\x40\x00\x00\x00" + b"\x01" * 16)  # (0008,0016) claims 64 bytes, 16 follow
+        bad = tmp_path / "junk.dcm"
+        bad.write_bytes(buf.getvalue())
         assoc = _assoc(port)
-        cx = assoc.accepted_contexts[0]
-        garbage = b"\x08\x00\x16\x00\x40\x00\x00\x00" + b"\x01" * 16  # (0008,0016) claiming 64 bytes, 16 sent
-        for p in _store_message(garbage, junk.SOPInstanceUID).encode_msg(cx.context_id, 16384):
-            assoc.dul.send_pdu(p)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            rsp = assoc.send_c_store(bad)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
         assoc.release()
         # and a good one still stores
         assoc = _assoc(port)
