@@ -30,6 +30,7 @@ from aiohttp import web
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pynetdicom import _config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelMove,
@@ -146,6 +147,10 @@ class DimseListener:
     """The association server and its event handlers (one per serving process that listens)."""
 
     def __init__(self, settings: Settings, svc: DicomwebService, audit, loop: asyncio.AbstractEventLoop) -> None:
+        # pynetdicom logs identifiers and data set dumps (PHI) at INFO/DEBUG, as interpolated text: keep its
+        # logger to warnings and errors, and no identifiers in them (gateway/logs.py prints foreign templates)
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+        logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
         self.settings = settings
         self.svc = svc
         self.audit = audit
@@ -210,7 +215,18 @@ class DimseListener:
 
     # ------------------------------------------------------------------------------------- helpers
     def _call(self, coro):
-        """Run a coroutine on the gateway's event loop from an association thread; its result."""
+        """Run a coroutine on the gateway's event loop from an association thread; its result. An unexpected
+        error is logged here by type (never its message: it may quote values) and raised as
+        :class:`_Failed`, which each handler answers with 0110 (processing failure)."""
+        try:
+            return self._call_raw(coro)
+        except (GatewayError, QidoError, _BadIdentifier):
+            raise
+        except Exception as exc:  # noqa: BLE001 — this is DIMSE's error boundary (as the HTTP error middleware)
+            log.error("DIMSE request failed", extra={"error_type": type(exc).__name__})
+            raise _Failed() from None
+
+    def _call_raw(self, coro):
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(CALL_TIMEOUT_S)
@@ -241,8 +257,8 @@ class DimseListener:
         record = AccessRecord(requester, Action.EXECUTE, interaction, AuditOutcome.MINOR_FAILURE, (), (), "", reason)
         try:
             self._call(self.audit.record(record))
-        except Exception as exc:  # noqa: BLE001 — an audit hand-over that failed is logged, the refusal stands
-            log.warning("audit of a DIMSE refusal failed", extra={"error_type": type(exc).__name__})
+        except _Failed:  # (logged by type) the refusal stands
+            pass
 
     # ------------------------------------------------------------------------------------- association
     def on_requested(self, event) -> None:
@@ -288,8 +304,12 @@ class DimseListener:
             return _status(OUT_OF_RESOURCES, f"the instance could not be written: {exc.strerror or exc}")
         del data
         part = Part(tmp, tmp.stat().st_size)
-        code, comment = self._call(self._store(requester, part, str(req.AffectedSOPClassUID),
-                                               str(req.AffectedSOPInstanceUID)))
+        try:
+            code, comment = self._call(self._store(requester, part, str(req.AffectedSOPClassUID),
+                                                   str(req.AffectedSOPInstanceUID)))
+        except _Failed:
+            tmp.unlink(missing_ok=True)
+            return _status(PROCESSING_FAILURE, "processing failure (see the gateway log)")
         return _status(code, comment)
 
     async def _store(self, requester: Requester, part: Part, sop_class: str, sop_uid: str) -> tuple[int, str]:
@@ -330,6 +350,9 @@ class DimseListener:
             except QidoError as exc:
                 yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
                 return
+            except _Failed:
+                yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
+                return
             for item in _patients(rows):
                 if event.is_cancelled:
                     yield 0xFE00, None
@@ -342,6 +365,9 @@ class DimseListener:
                 page, total = self._call(self._find_page(requester, LEVELS[level], pairs, includes, offset))
             except QidoError as exc:
                 yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
+                return
+            except _Failed:
+                yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
                 return
             for item in page:
                 if event.is_cancelled:
@@ -399,10 +425,11 @@ class DimseListener:
             return
         try:
             rows = self._call(self._retrieve(requester, event.identifier))
-        except (QidoError, _BadIdentifier) as exc:
+        except (QidoError, _BadIdentifier, _Failed) as exc:
+            code = PROCESSING_FAILURE if isinstance(exc, _Failed) else IDENTIFIER_MISMATCH
             yield dest.host, dest.port
             yield 1
-            yield IDENTIFIER_MISMATCH, _status(IDENTIFIER_MISMATCH, str(exc))
+            yield code, _status(code, str(exc) or "processing failure")
             return
         contexts = _store_contexts(rows)
         yield dest.host, dest.port, {"contexts": contexts}
@@ -418,9 +445,10 @@ class DimseListener:
         requester = self._requester(event)
         try:
             rows = self._call(self._retrieve(requester, event.identifier))
-        except (QidoError, _BadIdentifier) as exc:
+        except (QidoError, _BadIdentifier, _Failed) as exc:
+            code = PROCESSING_FAILURE if isinstance(exc, _Failed) else IDENTIFIER_MISMATCH
             yield 1
-            yield IDENTIFIER_MISMATCH, _status(IDENTIFIER_MISMATCH, str(exc))
+            yield code, _status(code, str(exc) or "processing failure")
             return
         yield len(rows)
         for row in rows:
@@ -469,6 +497,10 @@ _REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE
 
 class _BadIdentifier(ValueError):
     pass
+
+
+class _Failed(Exception):
+    """A service call failed unexpectedly (logged by type): the request is answered 0110."""
 
 
 class _RequestCheckedFeed:

@@ -331,3 +331,60 @@ async def test_bad_input_stores_nothing_and_the_listener_keeps_serving(site, tmp
     assert not list(tmp.glob("*.part"))  # no temp file of the aborted or refused instances left behind
     stored = [p for p in gw.settings.blob_dir.rglob("*") if p.is_file() and p.parent != tmp]
     assert len(stored) == 1  # the good instance's file only: nothing partial
+
+
+async def test_kill9_during_storescu_keeps_every_acknowledged_instance(tmp_path, db_url):
+    """kill -9 of the gateway while ``storescu`` sends 500 instances: after a restart every instance answered
+    0000 is stored as sent, and there is no file without its index row and no temp file."""
+    import os
+    import random
+    import signal
+    import sys
+
+    from tests.conftest import REPO
+    from tests.integration.federation_fixtures import start_gateway_process
+    from tests.integration.test_dicomweb_bad_input import _blob_rows
+    from tests.procs import wait_ready
+
+    rng = random.Random(int(os.environ.get("FEDGATE_KILL_SEED", "25")))
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for s in range(5):
+        for ds in ct_series(patient_id=f"K9-{s}", patient_name="Kill^Nine", n=100, size=64):
+            path = src / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    dimse = free_port()
+    toml = f'dimse_port = {dimse}\n[dimse_peers.PACS1]\nrole = "pacs"\n'
+    gw = await start_gateway_process(tmp_path, "k9", toml, db_url=db_url)
+    blobs = gw.settings.data_dir / "blobs"
+    log = tmp_path / "storescu.log"
+    try:
+        with open(log, "w") as out:
+            scu = subprocess.Popen(["storescu", "-v", "-aet", "PACS1", "-aec", "FEDGATE", "127.0.0.1", str(dimse),
+                                    *map(str, files)], stdout=out, stderr=subprocess.STDOUT)
+            for _ in range(600):  # the first answer (the process's first parse starts its worker pool)
+                if "Received Store Response" in log.read_text() or scu.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            os.kill(gw.proc.pid, signal.SIGKILL)
+            gw.proc.wait(10)
+            await asyncio.to_thread(scu.wait, 60)
+        acked = log.read_text().count("Received Store Response (Success)")
+        assert 0 < acked < len(files), f"{acked} of {len(files)} acknowledged before the kill"
+        env = dict(os.environ, FEDGATE_CONFIG=str(gw.settings.data_dir / "site.toml"))
+        gw.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=REPO, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_ready(gw.url, gw.proc, timeout=60)
+        disk = {p.relative_to(blobs).as_posix() for p in blobs.rglob("*.dcm") if p.relative_to(blobs).parts[0] != "tmp"}
+        assert not list((blobs / "tmp").glob("*.part"))
+        assert disk == await _blob_rows(gw.settings.database_url), "files and index rows differ after restart"
+        async with aiohttp.ClientSession() as http:
+            for f in files[:acked]:  # storescu sends the files in order, one at a time
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                _same(await _wado(http, gw, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+                      f.read_bytes(), f.name)
+    finally:
+        gw.stop()
