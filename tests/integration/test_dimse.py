@@ -205,8 +205,19 @@ async def test_dcmtk_and_orthanc_peers(site, tmp_path):
         ct = next(f for f in files if f.parent.name == "ct-3slice")
         ct_ds = pydicom.dcmread(ct, stop_before_pixels=True)
 
+        (pushed,) = ct_series(patient_id="p-orthanc", patient_name="Pushed^By^Orthanc", n=1, size=32)
+        pushed_bytes = io.BytesIO()
+        pydicom.dcmwrite(pushed_bytes, pushed, enforce_file_format=True)
+
         def moves() -> tuple[list, list, str, str, str]:
-            with orthanc(tmp_path / "orthanc", dicom_port=orthanc_port) as o:
+            modalities = {"fedgate": ["FEDGATE", "127.0.0.1", port]}
+            with orthanc(tmp_path / "orthanc", dicom_port=orthanc_port, modalities=modalities) as o:
+                # Orthanc as a modality: its C-STORE SCU (calling AE ORTHANC) through its REST API
+                iid = requests.post(o + "/instances", data=pushed_bytes.getvalue(), timeout=30).json()["ID"]
+                r0 = requests.post(o + "/modalities/fedgate/store", json={"Resources": [iid], "Synchronous": True},
+                                   timeout=60)
+                assert r0.ok, r0.text
+                requests.delete(f"{o}/instances/{iid}", timeout=10)
                 r1 = _scu("movescu", port, "-S", "-aem", "ORTHANC", "-k", "QueryRetrieveLevel=STUDY",
                           "-k", f"StudyInstanceUID={ct_ds.StudyInstanceUID}")
                 got = {}
@@ -230,6 +241,8 @@ async def test_dcmtk_and_orthanc_peers(site, tmp_path):
             sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
             _same(got[sop], f.read_bytes(), f.name)
         assert none_study not in after and gru_study in after
+        got_pushed = await _wado(http, gw, pushed.StudyInstanceUID, pushed.SeriesInstanceUID, pushed.SOPInstanceUID)
+        _same(got_pushed, pushed_bytes.getvalue(), "pushed by Orthanc")
 
         # C-GET of the same study: identical files back over the same association
         out = tmp_path / "get"
