@@ -401,3 +401,47 @@ async def test_kill9_during_storescu_keeps_every_acknowledged_instance(tmp_path,
                       f.read_bytes(), f.name)
     finally:
         gw.stop()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_tls_listener(tmp_path, db_url):
+    """PS3.15 Annex B: with a certificate configured the listener speaks TLS only."""
+    from aiohttp.test_utils import TestServer
+    from gateway.app import create_app
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    settings = make_settings(tmp_path / "data", db_url, dimse_port=port, dimse_tls_cert=str(cert),
+                             dimse_tls_key=str(key), extra={"dimse_peers": {"PACS1": {"role": "pacs"}}})
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        tls = await asyncio.to_thread(_scu, "echoscu", port, "+tla", "+cf", str(cert), timeout=30)
+        assert tls.returncode == 0, tls.stderr
+        plain = await asyncio.to_thread(_scu, "echoscu", port, "-to", "5", "-ta", "5", timeout=30)
+        assert plain.returncode != 0
+    finally:
+        await server.close()
