@@ -267,8 +267,8 @@ async def test_dcmtk_and_orthanc_peers(site, tmp_path):
     assert "STRANGER" in orjson.dumps(refusals).decode()
 
 
-def _assoc(port: int):
-    ae = AE("PACS1")
+def _assoc(port: int, aet: str = "PACS1"):
+    ae = AE(aet)
     ae.add_requested_context(CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title="FEDGATE")
     assert assoc.is_established
@@ -327,14 +327,18 @@ async def test_bad_input_stores_nothing_and_the_listener_keeps_serving(site, tmp
         finally:
             _config.STORE_SEND_CHUNKED_DATASET = False
         assoc.release()
+        # an analyst AE may not store (0124, audited)
+        assoc = _assoc(port, "RES1")
+        refused = assoc.send_c_store(good)
+        assoc.release()
         # and a good one still stores
         assoc = _assoc(port)
         status = assoc.send_c_store(good)
         assoc.release()
-        return [rsp.Status, status.Status]
+        return [rsp.Status, status.Status, refused.Status]
 
     statuses = await asyncio.to_thread(bad_peers)
-    assert statuses[0] & 0xF000 == 0xC000 and statuses[1] == 0x0000
+    assert statuses[0] & 0xF000 == 0xC000 and statuses[1] == 0x0000 and statuses[2] == 0x0124
     assert (await asyncio.to_thread(_scu, "echoscu", port)).returncode == 0
     async with aiohttp.ClientSession() as http:
         found = await _qido(http, f"{gw.dicomweb}/instances", gw.headers("pacs"), PatientID="p-bad")
