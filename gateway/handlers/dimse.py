@@ -19,7 +19,6 @@ Who is calling: the calling AE title (and optionally its address) maps to a fedg
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import ssl
 from concurrent.futures import TimeoutError as FutureTimeout

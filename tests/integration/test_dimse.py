@@ -11,7 +11,6 @@ import asyncio
 import io
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +75,7 @@ def _same(got: bytes, sent: bytes, name: str) -> None:
     """The stored/copied instance is the one sent: the same encoded data set, byte for byte — or, where the
     sending tool re-encoded it on the wire (DCMTK re-encodes some sequences, drops trailing padding), the same
     data set (in the transfer syntax the receiving peer accepted)."""
-    (ts_a, a), (ts_b, b) = _dataset_bytes(got), _dataset_bytes(sent)
+    (_, a), (_, b) = _dataset_bytes(got), _dataset_bytes(sent)
     if a == b:
         return
     da, db = pydicom.dcmread(io.BytesIO(got)), pydicom.dcmread(io.BytesIO(sent))
