@@ -11,6 +11,7 @@ from gateway import keys
 from gateway.auth import TokenVerifier, jwks_ctx
 from gateway.handlers import dicom_export as dicom_export_handlers
 from gateway.handlers import dicomweb as dicomweb_handlers
+from gateway.handlers import dimse as dimse_handlers
 from gateway.handlers import federation as federation_handlers
 from gateway.handlers import fhir as fhir_handlers
 from gateway.handlers import health
@@ -96,6 +97,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
     dicom_export_handlers.setup_routes(app)  # after dicomweb: its context needs the DICOMweb service
+    dimse_handlers.setup(app)  # the DIMSE listener (dimse_port): after the DICOMweb service it uses
     federation_handlers.setup_routes(app)
     omop_handlers.setup_routes(app)
     inference_handlers.setup_routes(app)  # after dicomweb: its cleanup_ctx needs the DICOMweb service

@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import __version__
     from gateway.logs import setup_logging
 
-    settings = _settings(args, host=args.host, port=args.port, processes=args.processes)
+    settings = _settings(args, host=args.host, port=args.port, processes=args.processes, dimse_port=args.dimse_port)
     setup_logging(settings.log_level, settings.log_format)
     if args.serve_child:  # one of the serving processes started by the parent below
         from gateway.serve import serve_child
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port (default 8080)")
     p.add_argument("--processes", help="server processes sharing the port: 1 (default), N, or auto (one per "
                                        "CPU core); also setting 'processes' / $FEDGATE_PROCESSES")
+    p.add_argument("--dimse-port", type=int, help="DIMSE listener port (C-ECHO/STORE/FIND/MOVE/GET; docs/dimse.md); "
+                                                  "also setting 'dimse_port' / $FEDGATE_DIMSE_PORT (default: none)")
     p.add_argument("--serve-child", help=argparse.SUPPRESS)  # FD:INDEX:PARENT, set by the parent process
     p.set_defaults(func=cmd_serve)
 

@@ -414,6 +414,10 @@ def serve_child(settings: Settings, spec: str) -> int:
     fd, index, parent = (int(x) for x in spec.split(":"))
     die_with_parent(parent)
     ctrl = socket.socket(fileno=fd)
+    if index != 0:  # one DIMSE listener per gateway: the first serving process's (docs/dimse.md)
+        import dataclasses
+
+        settings = dataclasses.replace(settings, dimse_port=0)
     app = create_app(settings, startup="serve")
     tune_gc()
     asyncio.run(_serve(app, ctrl, index))

@@ -100,6 +100,25 @@ class Settings:
     #: Apply ``deid_policy`` to WADO-RS retrievals too (instances and metadata de-identified on the fly);
     #: false: WADO-RS serves the stored (identified) instances to whoever the consent gate lets read them.
     deid_wado: bool = False
+    #: DIMSE listener (docs/dimse.md): TCP port for C-ECHO/C-STORE/C-FIND/C-MOVE/C-GET (0 = no listener), the
+    #: gateway's AE title, and the role that calling AE titles not listed in ``[dimse_peers.<AE>]`` get
+    #: (empty, default: they are rejected at association time).
+    dimse_port: int = 0
+    dimse_host: str = ""
+    dimse_ae_title: str = "FEDGATE"
+    dimse_accept_unknown: str = ""
+    #: Association limits: concurrent associations, largest PDU received (bytes; 0 = no limit), and the
+    #: ACSE (association set-up), DIMSE (a message) and network (idle connection) timeouts in seconds.
+    dimse_max_associations: int = 16
+    dimse_max_pdu: int = 262144
+    dimse_acse_timeout_s: float = 30.0
+    dimse_dimse_timeout_s: float = 60.0
+    dimse_network_timeout_s: float = 60.0
+    #: PS3.15 Annex B secure transport: a PEM certificate and key (both, or neither: plain TCP), and an optional
+    #: CA bundle that calling peers' certificates must chain to (empty: no client certificate asked for).
+    dimse_tls_cert: str = ""
+    dimse_tls_key: str = ""
+    dimse_tls_ca: str = ""
     #: Extra settings sections (federation, inference, ...) kept verbatim for later sections.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -195,6 +214,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
         if kind == "Path":
             return Path(value)
+        if kind == "float":
+            return float(value)
         if kind == "str" and name in _LIST_FIELDS and isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)  # TOML arrays for the list-valued settings
         if kind == "str":
@@ -255,6 +276,10 @@ def load_settings(
     if settings.processes < 0:
         raise SettingsError(f"setting 'processes': {settings.processes} "
                             "(use 1, 2, ... or 0 / \"auto\" for one per core)")
+    if settings.dimse_port and not (0 < settings.dimse_port < 65536):
+        raise SettingsError(f"setting 'dimse_port': {settings.dimse_port} is not a TCP port")
+    if not (0 < len(settings.dimse_ae_title.strip()) <= 16):
+        raise SettingsError(f"setting 'dimse_ae_title': {settings.dimse_ae_title!r} is not an AE title (1-16 characters)")
     if settings.auth_mode not in {"jwt", "none"}:
         raise SettingsError(f"setting 'auth_mode': {settings.auth_mode!r} is not one of jwt, none")
     if settings.trusted_proxies:

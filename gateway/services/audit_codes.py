@@ -60,6 +60,8 @@ class Interaction(StrEnum):
     QIDO_INSTANCES = "qido-instances"
     WADO = "wado"
     STOW = "stow"
+    #: a DIMSE association (refused at A-ASSOCIATE, docs/dimse.md)
+    DIMSE_ASSOCIATION = "dimse-association"
     # consent gate, exports, federation, inference, training
     ACCESS = "access"
     OMOP_EXPORT = "omop-export"

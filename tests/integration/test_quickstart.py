@@ -54,7 +54,8 @@ def served(tmp_path_factory):
     data = tmp_path_factory.mktemp("qs") / "data"
     port = free_port()
     proc = subprocess.Popen(["./scripts/run"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_plain_env(FEDGATE_DATA_DIR=str(data), FEDGATE_PORT=str(port)),
+                            env=_plain_env(FEDGATE_DATA_DIR=str(data), FEDGATE_PORT=str(port),
+                                           FEDGATE_DIMSE_PORT=str(free_port())),
                             start_new_session=True, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

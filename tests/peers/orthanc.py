@@ -21,8 +21,10 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 @contextmanager
-def orthanc(workdir: Path, dicomweb_servers: dict | None = None) -> Iterator[str]:
-    """Run Orthanc; yields its base URL (REST at /, DICOMweb at /dicom-web)."""
+def orthanc(workdir: Path, dicomweb_servers: dict | None = None, *, dicom_port: int | None = None,
+            modalities: dict | None = None) -> Iterator[str]:
+    """Run Orthanc; yields its base URL (REST at /, DICOMweb at /dicom-web). ``dicom_port``: its DIMSE
+    listener there (AE title ORTHANC, accepts any calling AE), ``modalities``: its DicomModalities."""
     binary = shutil.which("Orthanc")
     if binary is None or not Path(PLUGIN).exists():
         raise RuntimeError("Orthanc is not installed: run scripts/setup.d/20-orthanc.sh")
@@ -35,7 +37,8 @@ def orthanc(workdir: Path, dicomweb_servers: dict | None = None) -> Iterator[str
         "Plugins": [PLUGIN],
         "HttpServerEnabled": True, "HttpPort": port, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "HttpDescribeErrors": True,
-        "DicomServerEnabled": False,
+        "DicomServerEnabled": dicom_port is not None, "DicomPort": dicom_port or 4242, "DicomAet": "ORTHANC",
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomModalities": modalities or {},
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}},
     }
     cfg = workdir / "orthanc.json"

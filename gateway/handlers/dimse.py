@@ -1,0 +1,611 @@
+"""DIMSE (DICOM PS3.7 / PS3.4) for PACS and modalities that do not speak DICOMweb: C-ECHO, C-STORE, C-FIND,
+C-MOVE and C-GET SCP, on ``pynetdicom``.
+
+Protocol translation only, like the HTTP handlers: each DIMSE request is turned into a call of the one
+:class:`~gateway.services.dicomweb.DicomwebService` the composition root built — C-STORE goes through
+``store`` (the STOW-RS ingest: same checks, duplicate rules, crash safety, ImagingStudy sync, audit), C-FIND
+through ``search`` with a :class:`~mappings.dicom.qido.QidoQuery` made from the identifier (QIDO-RS matching
+and consent gate), C-MOVE/C-GET through ``instances`` (the WADO-RS retrieval, gated and audited).
+
+pynetdicom's association server is blocking and runs its associations in threads; every service call is
+handed to the aiohttp process's event loop with :func:`asyncio.run_coroutine_threadsafe`, so the services
+(their database pools, caches and the audit chain) are the same objects that serve HTTP.
+
+Who is calling: the calling AE title (and optionally its address) maps to a fedgate role and purpose through
+``[dimse_peers.<AE>]`` (docs/dimse.md); an unknown AE title is rejected at association time (PS3.8 A-ASSOCIATE-RJ,
+"calling AE title not recognised") unless ``dimse_accept_unknown`` names a role. Every refusal is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from aiohttp import web
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import _config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+
+from gateway import keys
+from gateway.auth import parse_purpose
+from gateway.context import CLINICAL_ROLES, ROLES, Purpose, Requester
+from gateway.errors import GatewayError, NotFound
+from gateway.services.access import AccessRecord
+from gateway.services.audit_codes import Action, Interaction, Outcome as AuditOutcome
+from gateway.services.dicomweb import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, UID_MISMATCH, WARNING_IDENTICAL,
+                                       DicomwebService, Outcome, Part)
+from gateway.settings import Settings, SettingsError
+from mappings.dicom.qido import QidoError, QidoQuery
+
+log = logging.getLogger(__name__)
+
+#: PS3.7 Annex C general statuses used besides the Storage Service's own (PS3.4 B.2.3)
+NOT_AUTHORIZED = 0x0124
+PROCESSING_FAILURE = 0x0110
+PENDING = 0xFF00
+#: C-FIND / C-MOVE failures (PS3.4 C.4.1.1.4, C.4.2.1.5)
+FIND_UNABLE = 0xC000
+IDENTIFIER_MISMATCH = 0xA900
+#: how long an association thread waits for the event loop's answer to one service call
+CALL_TIMEOUT_S = 600.0
+#: C-FIND results are read from the QIDO query in pages of this many rows (QIDO-RS's largest page)
+FIND_PAGE = 1000
+
+LEVELS = {"STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
+PATIENT_KEYS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+#: identifier elements that are not keys (PS3.4 C.4.1.2.1)
+NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveView"}
+#: keys answered by the SCP itself (not from the index)
+SCP_KEYS = {"RetrieveAETitle", "InstanceAvailability", "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A calling AE title's identity (``[dimse_peers.<AE>]``): its role, purpose, allowed source address and,
+    for a C-MOVE destination, its port."""
+
+    ae_title: str
+    role: str
+    purpose: Purpose = Purpose()
+    host: str | None = None
+    port: int | None = None
+    attributes: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def requester(self) -> Requester:
+        return Requester(f"dimse:{self.ae_title}", frozenset({self.role}), None, dict(self.attributes), self.purpose)
+
+
+def _purpose(role: str, value: Any, where: str) -> Purpose:
+    try:
+        purpose = parse_purpose(value)
+    except GatewayError as exc:
+        raise SettingsError(f"setting '{where}.purpose': {exc}") from None
+    if purpose is not None:
+        return purpose
+    # as for tokens without a purpose claim (gateway.auth): clinical roles act for treatment
+    return Purpose() if role in CLINICAL_ROLES or role == "admin" else Purpose("research", (), ())
+
+
+def peers_from(settings: Settings) -> dict[str, Peer]:
+    """The ``[dimse_peers.<AE>]`` tables, checked (a wrong value names its setting)."""
+    raw = settings.extra.get("dimse_peers") or {}
+    if not isinstance(raw, dict):
+        raise SettingsError("setting 'dimse_peers': expected tables [dimse_peers.<AE title>]")
+    peers = {}
+    for ae, spec in raw.items():
+        where = f"dimse_peers.{ae}"
+        if not (0 < len(ae) <= 16) or not isinstance(spec, dict):
+            raise SettingsError(f"setting '{where}': an AE title of 1-16 characters with a table of role, purpose, ...")
+        role = spec.get("role")
+        if role not in ROLES:
+            raise SettingsError(f"setting '{where}.role': {role!r} is not one of {', '.join(sorted(ROLES))}")
+        port = spec.get("port")
+        if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+            raise SettingsError(f"setting '{where}.port': {port!r} is not a TCP port")
+        unknown = set(spec) - {"role", "purpose", "host", "port", "attributes"}
+        if unknown:
+            raise SettingsError(f"setting '{where}': unknown key(s) {', '.join(sorted(unknown))}")
+        peers[ae] = Peer(ae, role, _purpose(role, spec.get("purpose"), where), spec.get("host") or None, port,
+                         dict(spec.get("attributes") or {}))
+    if settings.dimse_accept_unknown and settings.dimse_accept_unknown not in ROLES:
+        raise SettingsError(f"setting 'dimse_accept_unknown': {settings.dimse_accept_unknown!r} is not a role")
+    return peers
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO: 64 characters
+    return ds
+
+
+def _text(elem) -> str:
+    """An identifier element's value as QIDO-RS query text (multiple values joined by backslash)."""
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+class DimseListener:
+    """The association server and its event handlers (one per serving process that listens)."""
+
+    def __init__(self, settings: Settings, svc: DicomwebService, audit, loop: asyncio.AbstractEventLoop) -> None:
+        # pynetdicom logs identifiers and data set dumps (PHI) at INFO/DEBUG, as interpolated text: keep its
+        # logger to warnings and errors, and no identifiers in them (gateway/logs.py prints foreign templates)
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+        logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+        self.settings = settings
+        self.svc = svc
+        self.audit = audit
+        self.loop = loop
+        self.peers = peers_from(settings)
+        self.server = None
+        self.ae = self._build_ae()
+
+    # ------------------------------------------------------------------------------------- set-up
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.dimse_ae_title)
+        ae.maximum_associations = s.dimse_max_associations
+        ae.maximum_pdu_size = s.dimse_max_pdu
+        ae.acse_timeout = s.dimse_acse_timeout_s
+        ae.dimse_timeout = s.dimse_dimse_timeout_s
+        ae.network_timeout = s.dimse_network_timeout_s
+        ae.require_called_aet = True  # A-ASSOCIATE-RJ "called AE title not recognised" for another AE title
+        if not s.dimse_accept_unknown:  # A-ASSOCIATE-RJ "calling AE title not recognised" (PS3.8 9.3.4)
+            ae.require_calling_aet = sorted(self.peers)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            # the requestor as SCU (C-STORE to fedgate) or as SCP (the C-STORE sub-operations of a C-GET)
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for sop in (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
+                    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+                    StudyRootQueryRetrieveInformationModelGet):
+            ae.add_supported_context(sop)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not (s.dimse_tls_cert or s.dimse_tls_key):
+            return None
+        if not (s.dimse_tls_cert and s.dimse_tls_key):
+            raise SettingsError("settings 'dimse_tls_cert' and 'dimse_tls_key': give both (or neither)")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(s.dimse_tls_cert, s.dimse_tls_key)
+        if s.dimse_tls_ca:
+            ctx.load_verify_locations(s.dimse_tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def start(self) -> None:
+        handlers = [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_REJECTED, self.on_rejected),
+                    (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
+                    (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
+        host = self.settings.dimse_host or self.settings.host
+        self.server = self.ae.start_server((host, self.settings.dimse_port), block=False, evt_handlers=handlers,
+                                           ssl_context=self._ssl_context())
+        log.info("DIMSE listener ready", extra={"port": self.server.server_address[1]})
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.ae.shutdown()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _call(self, coro):
+        """Run a coroutine on the gateway's event loop from an association thread; its result. An unexpected
+        error is logged here by type (never its message: it may quote values) and raised as
+        :class:`_Failed`, which each handler answers with 0110 (processing failure)."""
+        try:
+            return self._call_raw(coro)
+        except (GatewayError, QidoError, _BadIdentifier):
+            raise
+        except Exception as exc:  # noqa: BLE001 — this is DIMSE's error boundary (as the HTTP error middleware)
+            log.error("DIMSE request failed", extra={"error_type": type(exc).__name__})
+            raise _Failed() from None
+
+    def _call_raw(self, coro):
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(CALL_TIMEOUT_S)
+        except FutureTimeout:
+            fut.cancel()
+            raise
+
+    @staticmethod
+    def _calling(assoc) -> str:
+        prim = assoc.requestor.primitive
+        return str((prim.calling_ae_title if prim is not None else None) or assoc.requestor.ae_title).strip()
+
+    def _peer_of(self, assoc) -> Peer | None:
+        ae = self._calling(assoc)
+        peer = self.peers.get(ae)
+        if peer is None and self.settings.dimse_accept_unknown:
+            role = self.settings.dimse_accept_unknown
+            peer = Peer(ae, role, _purpose(role, None, "dimse_accept_unknown"))
+        return peer
+
+    def _requester(self, event) -> Requester:
+        peer = self._peer_of(event.assoc)
+        if peer is None:  # (rejected at association time: never reached)
+            raise GatewayError("unknown calling AE title")
+        return peer.requester()
+
+    def _audit_refusal(self, requester: Requester, interaction: str, reason: str) -> None:
+        record = AccessRecord(requester, Action.EXECUTE, interaction, AuditOutcome.MINOR_FAILURE, (), (), "", reason)
+        try:
+            self._call(self.audit.record(record))
+        except _Failed:  # (logged by type) the refusal stands
+            pass
+
+    # ------------------------------------------------------------------------------------- association
+    def on_requested(self, event) -> None:
+        """A-ASSOCIATE-RQ (PS3.8 7.1): a configured calling AE title from another address than its ``host`` is
+        refused (AE titles that are not configured are rejected by pynetdicom's ``require_calling_aet``)."""
+        assoc = event.assoc
+        peer = self._peer_of(assoc)
+        if peer is not None and peer.host and assoc.requestor.address != peer.host:
+            assoc._fedgate_refusal = "calling AE title from an address not configured for it"
+            assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+
+    def on_rejected(self, event) -> None:
+        assoc = event.assoc
+        reason = getattr(assoc, "_fedgate_refusal", None)
+        if reason is None:
+            prim = assoc.acceptor.primitive
+            reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic),
+                                         f"association rejected (source {prim.result_source}, reason {prim.diagnostic})")
+        log.warning("DIMSE association rejected", extra={"error_type": reason})
+        self._audit_refusal(Requester(f"dimse:{self._calling(assoc)}"), Interaction.DIMSE_ASSOCIATION, reason)
+
+    # ------------------------------------------------------------------------------------- C-ECHO
+    def on_echo(self, event) -> int:
+        return 0x0000
+
+    # ------------------------------------------------------------------------------------- C-STORE
+    def on_store(self, event) -> Dataset:
+        """C-STORE (PS3.4 B.2): the received data set, as sent, becomes one STOW-RS part; 0000 is answered only
+        once it is stored and indexed (the STOW commit), B000 for an identical copy already stored."""
+        requester = self._requester(event)
+        req = event.request
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:  # noqa: BLE001 — a context or meta the encoder refuses: the data set cannot be kept
+            return _status(CANNOT_UNDERSTAND, "the data set could not be encoded as a PS3.10 file")
+        tmp = self.svc.blobs.temp_path()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            return _status(OUT_OF_RESOURCES, f"the instance could not be written: {exc.strerror or exc}")
+        del data
+        part = Part(tmp, tmp.stat().st_size)
+        try:
+            code, comment = self._call(self._store(requester, part, str(req.AffectedSOPClassUID),
+                                                   str(req.AffectedSOPInstanceUID)))
+        except _Failed:
+            tmp.unlink(missing_ok=True)
+            return _status(PROCESSING_FAILURE, "processing failure (see the gateway log)")
+        return _status(code, comment)
+
+    async def _store(self, requester: Requester, part: Part, sop_class: str, sop_uid: str) -> tuple[int, str]:
+        outcomes: list[Outcome] = []
+        try:
+            feed = self.svc.parse_feed(None)
+            feed.add(part)
+            await self.svc.store(requester, [part], None, "", feed=_RequestCheckedFeed(feed, sop_class, sop_uid),
+                                 outcomes_out=outcomes)
+        except GatewayError as exc:  # refused (role): nothing stored
+            part.tmp.unlink(missing_ok=True)
+            await self.audit.record(AccessRecord(requester, Action.CREATE, Interaction.STOW,
+                                                 AuditOutcome.MINOR_FAILURE, (), (), "", str(exc)))
+            return NOT_AUTHORIZED, str(exc)
+        (o,) = outcomes
+        if o.failure is None:
+            return (WARNING_IDENTICAL if o.warning == WARNING_IDENTICAL else 0x0000), ""
+        return _store_status(o.failure), o.reason
+
+    # ------------------------------------------------------------------------------------- C-FIND
+    def on_find(self, event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND (PS3.4 C.4.1): the identifier becomes a QIDO-RS query of the same level (the same matching
+        and the same consent gate); Patient level groups the gated study matches by patient."""
+        requester = self._requester(event)
+        ident = event.identifier
+        level = str(ident.get("QueryRetrieveLevel", "")).upper()
+        if level != "PATIENT" and level not in LEVELS:
+            yield IDENTIFIER_MISMATCH, _status(IDENTIFIER_MISMATCH, f"QueryRetrieveLevel {level!r}")
+            return
+        try:
+            pairs, includes = _qido_pairs(ident, level)
+        except QidoError as exc:
+            yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
+            return
+        if level == "PATIENT":
+            try:
+                rows = self._call(self._find_all(requester, "studies", pairs, includes))
+            except QidoError as exc:
+                yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
+                return
+            except _Failed:
+                yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
+                return
+            for item in _patients(rows):
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield PENDING, self._answer(ident, item, level)
+            return
+        offset = 0
+        while True:
+            try:
+                page, total = self._call(self._find_page(requester, LEVELS[level], pairs, includes, offset))
+            except QidoError as exc:
+                yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
+                return
+            except _Failed:
+                yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
+                return
+            for item in page:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                yield PENDING, self._answer(ident, item, level)
+            offset += len(page)
+            if not page or offset >= total:
+                return
+
+    async def _find_page(self, requester, qido_level, pairs, includes, offset):
+        q = QidoQuery.parse(qido_level, pairs + [("includefield", ",".join(includes))] if includes else pairs,
+                            base="", default_limit=FIND_PAGE)
+        q.offset = offset
+        return await self.svc.search(requester, qido_level, q)
+
+    async def _find_all(self, requester, qido_level, pairs, includes) -> list[dict]:
+        rows, offset = [], 0
+        while True:
+            page, total = await self._find_page(requester, qido_level, pairs, includes, offset)
+            rows += page
+            offset += len(page)
+            if not page or offset >= total:
+                return rows
+
+    def _answer(self, ident: Dataset, item: dict, level: str) -> Dataset:
+        """The response identifier: every key of the request, with the matched value or empty."""
+        found = Dataset.from_json({k: v for k, v in item.items() if "BulkDataURI" not in v})
+        out = Dataset()
+        out.SpecificCharacterSet = "ISO_IR 192"
+        for elem in ident:
+            if elem.keyword in ("SpecificCharacterSet",):
+                continue
+            if elem.keyword == "QueryRetrieveLevel":
+                out.QueryRetrieveLevel = level
+            elif elem.keyword == "RetrieveAETitle":
+                out.RetrieveAETitle = self.settings.dimse_ae_title
+            elif elem.keyword == "InstanceAvailability":
+                out.InstanceAvailability = "ONLINE"
+            elif elem.tag in found:
+                out.add(found[elem.tag])
+            else:
+                out.add_new(elem.tag, elem.VR, None if elem.VR != "SQ" else [])
+        return out
+
+    # ------------------------------------------------------------------------------------- C-MOVE / C-GET
+    def on_move(self, event):
+        """C-MOVE (PS3.4 C.4.2): the visible instances the identifier names are sent by C-STORE to the
+        configured destination AE (``[dimse_peers.<AE>]`` with host and port)."""
+        requester = self._requester(event)
+        dest = self.peers.get(str(event.move_destination).strip())
+        if dest is None or not dest.host or not dest.port:
+            self._audit_refusal(requester, Interaction.WADO, "C-MOVE destination not configured")
+            yield None, None  # 0xA801: move destination unknown
+            return
+        try:
+            rows = self._call(self._retrieve(requester, event.identifier))
+        except (QidoError, _BadIdentifier, _Failed) as exc:
+            code = PROCESSING_FAILURE if isinstance(exc, _Failed) else IDENTIFIER_MISMATCH
+            yield dest.host, dest.port
+            yield 1
+            yield code, _status(code, str(exc) or "processing failure")
+            return
+        contexts = _store_contexts(rows)
+        yield dest.host, dest.port, {"contexts": contexts}
+        yield len(rows)
+        for row in rows:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
+
+    def on_get(self, event):
+        """C-GET (PS3.4 C.4.3): the visible instances, sent by C-STORE over the same association."""
+        requester = self._requester(event)
+        try:
+            rows = self._call(self._retrieve(requester, event.identifier))
+        except (QidoError, _BadIdentifier, _Failed) as exc:
+            code = PROCESSING_FAILURE if isinstance(exc, _Failed) else IDENTIFIER_MISMATCH
+            yield 1
+            yield code, _status(code, str(exc) or "processing failure")
+            return
+        yield len(rows)
+        for row in rows:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
+
+    async def _retrieve(self, requester: Requester, ident: Dataset) -> list[dict]:
+        """The instances a retrieve identifier names that ``requester`` may read, through the WADO-RS
+        look-up (gated, audited); one that is refused looks like one that does not exist."""
+        level = str(ident.get("QueryRetrieveLevel", "")).upper()
+        uids = {kw: {u for u in _text(ident[kw]).split("\\") if u} if kw in ident else set()
+                for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        need = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+                "IMAGE": "SOPInstanceUID"}.get(level)
+        if need is None:
+            raise _BadIdentifier(f"QueryRetrieveLevel {level!r}")
+        if not uids[need]:
+            raise _BadIdentifier(f"{need} is required at the {level} level")
+        studies = uids["StudyInstanceUID"]
+        if not studies:  # find the studies through the gated QIDO search, as C-FIND would
+            qido_level = {"PATIENT": "studies", "SERIES": "series", "IMAGE": "instances"}[level]
+            pairs = [(need, "\\".join(sorted(uids[need])))]
+            rows = await self._find_rows(requester, qido_level, pairs)
+            studies = {r["0020000D"]["Value"][0] for r in rows if r.get("0020000D", {}).get("Value")}
+        out: list[dict] = []
+        for study in sorted(studies):
+            try:
+                rows = await self.svc.instances(requester, study, metadata=False)
+            except NotFound:
+                continue
+            out += [r for r in rows if (not uids["SeriesInstanceUID"] or r["series_uid"] in uids["SeriesInstanceUID"])
+                    and (not uids["SOPInstanceUID"] or r["sop_uid"] in uids["SOPInstanceUID"])]
+        return out
+
+    async def _find_rows(self, requester, qido_level, pairs) -> list[dict]:
+        return await self._find_all(requester, qido_level, pairs, [])
+
+
+#: PS3.8 Table 9-21 (result source, reason) of the rejections pynetdicom makes
+_REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+                   (2, 2): "protocol version not supported", (3, 2): "too many associations (dimse_max_associations)",
+                   (1, 1): "no reason given"}
+
+
+class _BadIdentifier(ValueError):
+    pass
+
+
+class _Failed(Exception):
+    """A service call failed unexpectedly (logged by type): the request is answered 0110."""
+
+
+class _RequestCheckedFeed:
+    """The parse feed of one C-STORE, whose outcome also fails (0xA900, nothing stored) when the data set's
+    SOP Class / Instance UID differ from the request's Affected SOP Class / Instance UID (PS3.4 B.2.3)."""
+
+    def __init__(self, feed, sop_class: str, sop_uid: str) -> None:
+        self.feed, self.sop_class, self.sop_uid = feed, sop_class, sop_uid
+        self._syncs = feed._syncs
+
+    async def results(self):
+        outcomes, errors = await self.feed.results()
+        for o in outcomes:
+            if o.failure is None and (o.sop_uid != self.sop_uid or o.sop_class != self.sop_class):
+                o.failure, o.reason = UID_MISMATCH, ("SOP Class/Instance UID of the data set differ from the "
+                                                     "request's Affected SOP Class/Instance UID")
+        return outcomes, errors
+
+
+def _store_status(failure: int) -> int:
+    """A STOW failure reason as a C-STORE status (PS3.4 B.2.3; PS3.7 C.5 for the general ones)."""
+    if failure in (OUT_OF_RESOURCES, UID_MISMATCH, CANNOT_UNDERSTAND, PROCESSING_FAILURE):
+        return failure
+    if 0xA700 <= failure <= 0xA7FF or 0xA900 <= failure <= 0xA9FF or 0xC000 <= failure <= 0xCFFF:
+        return failure
+    return failure if failure in (0x0111, 0x0117, 0x0122, 0x0124) else PROCESSING_FAILURE
+
+
+def _qido_pairs(ident: Dataset, level: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(QIDO-RS matching parameters, includefield names) for a C-FIND identifier: a key with a value is a
+    matching key, an empty one a return key (PS3.4 C.2.2.1)."""
+    pairs, includes = [], []
+    for elem in ident:
+        kw = elem.keyword
+        if kw in NOT_KEYS or kw in SCP_KEYS or elem.tag.group == 0x0002:
+            continue
+        name = kw or f"{elem.tag:08X}"
+        if elem.VR == "SQ":
+            if elem.value:
+                raise QidoError(name, "sequence matching is not supported")
+            includes.append(name)
+            continue
+        value = _text(elem)
+        if level == "PATIENT" and kw not in PATIENT_KEYS:
+            raise QidoError(name, "is not a Patient level key")
+        if value and value != "*":
+            pairs.append((name, value))
+        includes.append(name)
+    return pairs, includes
+
+
+def _patients(rows: list[dict]) -> list[dict]:
+    """Patient-level answers from the gated study matches: one per (PatientID, issuer), with the number of
+    its visible studies, series and instances."""
+    tags = {"00100010", "00100020", "00100021", "00100030", "00100040"}
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = tuple(orjson_key(r.get(t)) for t in ("00100020", "00100021"))
+        p = out.get(key)
+        if p is None:
+            p = out[key] = {t: r[t] for t in tags if t in r}
+            p["00201200"] = {"vr": "IS", "Value": [0]}
+            p["00201202"] = {"vr": "IS", "Value": [0]}
+            p["00201204"] = {"vr": "IS", "Value": [0]}
+        p["00201200"]["Value"][0] += 1
+        p["00201202"]["Value"][0] += int((r.get("00201206", {}).get("Value") or [0])[0])
+        p["00201204"]["Value"][0] += int((r.get("00201208", {}).get("Value") or [0])[0])
+    return list(out.values())
+
+
+def orjson_key(element: dict | None) -> str:
+    if not element or not element.get("Value"):
+        return ""
+    v = element["Value"][0]
+    return v.get("Alphabetic", "") if isinstance(v, dict) else str(v)
+
+
+def _store_contexts(rows: list[dict]) -> list:
+    """Presentation contexts for the C-STORE sub-operations of a C-MOVE: one per SOP class and stored transfer
+    syntax, so each instance is sent as stored (PS3.8 9.3.2.2: at most 128)."""
+    pairs = sorted({(r["sop_class_uid"], r["transfer_syntax"]) for r in rows})
+    return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
+
+
+# ------------------------------------------------------------------------------------------- wiring
+DIMSE = web.AppKey("dimse", DimseListener)
+
+
+async def _dimse_ctx(app: web.Application):
+    settings = app[keys.SETTINGS]
+    if not settings.dimse_port or app[keys.STARTUP] == "once":
+        yield
+        return
+    listener = DimseListener(settings, app[keys.SERVICES]["dicomweb"], app[keys.AUDIT], asyncio.get_running_loop())
+    await asyncio.to_thread(listener.start)
+    app[DIMSE] = listener
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(listener.stop)
+
+
+def setup(app: web.Application) -> None:
+    """Start the DIMSE listener with the application when ``dimse_port`` is set (after the DICOMweb service)."""
+    peers_from(app[keys.SETTINGS])  # a wrong peer table fails at start, naming the setting
+    app.cleanup_ctx.append(_dimse_ctx)
+
+
+__all__ = ["DIMSE", "DimseListener", "Peer", "peers_from", "setup"]
