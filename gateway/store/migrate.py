@@ -28,6 +28,7 @@ TABLE_MODULES = (
     "gateway.store.jobs_schema",
     "gateway.store.training_schema",
     "gateway.store.vocab_schema",
+    "gateway.store.bulk_schema",
 )
 
 SCHEMA_VERSION = 1
