@@ -23,6 +23,7 @@ from gateway.edge import cors_middleware, cors_on_prepare, forwarded_middleware
 from gateway.services.consent import ConsentGate, consent_ctx
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
+from gateway.handlers import bulk as bulk_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.services.vocab import VocabService, vocab_ctx
@@ -84,6 +85,7 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     health.setup_routes(app)
     audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
     terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
+    bulk_handlers.setup_routes(app)  # Bulk Data $export (issue 24)
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
     federation_handlers.setup_routes(app)

@@ -37,6 +37,10 @@ ROUTE_ACCESS: dict[str, str] = {
     "fhir.search": GATED, "fhir.search_post": GATED, "fhir.read": GATED, "fhir.vread": GATED,
     "fhir.search_system": GATED, "fhir.search_system_slash": GATED, "fhir.search_compartment": GATED,
     "fhir.everything": GATED, "fhir.patch": GATED,  # (PATCH answers with the whole patched resource)
+    # Bulk Data export (issue 24): kick-offs open the requester's access; the status/cancel routes answer with
+    # the job's bookkeeping (counts, file URLs) to the requester who started it; the files are patient data
+    **{f"fhir.export{lvl}{post}": GATED for lvl in ("", "_patient", "_group") for post in ("", "_post")},
+    "fhir.export_status": NO_PATIENT_DATA, "fhir.export_cancel": NO_PATIENT_DATA, "fhir.export_file": GATED,
     # writes answer with what was sent (conditional forms ask the gate: fhir service)
     "fhir.create": NO_PATIENT_DATA, "fhir.update": NO_PATIENT_DATA, "fhir.delete": NO_PATIENT_DATA,
     # DICOMweb

@@ -61,6 +61,11 @@ class Settings:
     jwt_secret: str = ""
     jwt_issuer: str = "fedgate-dev"
     jwt_audience: str = "fedgate"
+    #: The site's de-identification secret (issue 24): per-project pseudonyms and date offsets derive from it
+    #: (``mappings.deid.keys.ProjectKeys``). Never in exports or logs; default: generated once into
+    #: data_dir/secrets/deid.key. Set it (``FEDGATE_DEID_SECRET`` / ``FEDGATE_DEID_SECRET_FILE``) to keep
+    #: pseudonyms stable across data directories.
+    deid_secret: str = ""
     #: RS256/ES256 verification material for production: a JWKS file path or URL.
     jwks: str = ""
     #: SMART App Launch (/.well-known/smart-configuration): the OIDC issuer's authorization and token
@@ -137,6 +142,13 @@ class Settings:
         if self.jwt_secret:
             return self.jwt_secret
         return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+
+    def deid_key(self) -> bytes:
+        """The de-identification secret (``deid_secret``), created on first use in ``data_dir/secrets``."""
+        if self.deid_secret:
+            return self.deid_secret.encode()
+        return secret_file(self.secrets_dir / "deid.key", lambda: secrets.token_urlsafe(48)).encode()
 
 
 def secret_file(path: Path, generate) -> str:

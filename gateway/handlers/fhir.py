@@ -35,7 +35,8 @@ _BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)
 
 
 #: the FHIR operations this server implements (docs/fhir.md); any other ``$name`` answers 400 not-supported
-SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand"
+SUPPORTED_OPERATIONS = ("Patient/[id]/$everything, $export, Patient/$export, Group/[id]/$export, CodeSystem/$lookup, "
+                        "CodeSystem/$subsumes, ValueSet/$expand")
 
 
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.context import SYSTEM, Purpose, Requester

@@ -16,6 +16,7 @@ bulk_job = Table(
     "bulk_job",
     s.metadata,
     Column("job_id", String(64), primary_key=True),
+    Column("owner", String(255), nullable=False),  # the requester's subject (its other jobs are counted)
     Column("level", String(16), nullable=False),  # system | patient | group
     Column("group_id", String(64)),
     Column("request", Text, nullable=False),  # the kick-off URL, as the manifest's ``request`` repeats it

@@ -756,6 +756,15 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
     return SearchResult(matches, total, included)
 
 
+async def visible_types(conn: AsyncConnection, scope: AccessScope) -> list[str]:
+    """The resource types of which ``scope`` sees at least one current resource (Bulk Data ``$export``
+    without ``_type``), sorted."""
+    from gateway.store.access import where
+
+    rows = await conn.execute(select(R.c.res_type).where(R.c.deleted.is_(False), where(scope, R)).distinct())
+    return sorted(r.res_type for r in rows)
+
+
 async def _includes(conn: AsyncConnection, q: SearchQuery, matches: list[Stored], scope: AccessScope) -> list[Stored]:
     seen = {(m.res_type, m.res_id) for m in matches}
     keys: list[tuple[str, str]] = []
