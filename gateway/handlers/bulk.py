@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.errors import BadRequest, NotAcceptable
+from gateway.errors import BadRequest, GatewayError, NotAcceptable
 from gateway.handlers.fhir import FHIR_JSON, ID_RE, base_url, read_json_body
 from gateway.middlewares import requester_of
 from gateway.services.bulk import BulkExportService, ExportConfig
@@ -54,17 +54,19 @@ def _check_accept(request: web.Request) -> None:
 async def _kickoff(request: web.Request, level: str) -> web.Response:
     _check_accept(request)
     pairs = list(request.query.items())
+    bad_body = None  # raised by the service after the gate has decided (a refused requester learns nothing)
     if request.method == "POST":
-        body = await read_json_body(request)
         try:
-            pairs += parameters_pairs(body)
+            pairs += parameters_pairs(await read_json_body(request))
         except KickoffError as exc:
-            raise BadRequest(str(exc), expression=[exc.param]) from None
+            bad_body = BadRequest(str(exc), expression=[exc.param])
+        except GatewayError as exc:
+            bad_body = exc
     prefer = _prefer(request)
     group = request.match_info.get("id")
     job_id, _ = await _svc(request).kickoff(requester_of(request), level, group, pairs, str(request.url),
                                             respond_async="respond-async" in prefer,
-                                            lenient="handling=lenient" in prefer)
+                                            lenient="handling=lenient" in prefer, bad_body=bad_body)
     return web.Response(status=202, headers={"Content-Location": f"{base_url(request)}/_export/{job_id}"})
 
 

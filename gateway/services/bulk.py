@@ -152,11 +152,15 @@ class BulkExportService:
         return str(attr or self.config.project or self._site_id)
 
     async def kickoff(self, requester: Requester, level: str, group_id: str | None, pairs: list[tuple[str, str]],
-                      request_url: str, *, respond_async: bool = True, lenient: bool = False) -> tuple[str, ExportRequest]:
-        """Check and persist a kick-off (IG "Bulk Data Kick-off Request"); returns the job id."""
+                      request_url: str, *, respond_async: bool = True, lenient: bool = False,
+                      bad_body: GatewayError | None = None) -> tuple[str, ExportRequest]:
+        """Check and persist a kick-off (IG "Bulk Data Kick-off Request"); returns the job id.  ``bad_body``: the
+        handler's error parsing a POST body, raised once the gate has decided."""
         if level not in LEVELS:
             raise ValueError(level)
         access = await self.access.open(requester)  # the gate decides first: a refused purpose is a 403 here
+        if bad_body is not None:
+            raise bad_body
         if not respond_async:
             raise BadRequest("$export is asynchronous: send the header 'Prefer: respond-async' (Bulk Data IG)",
                              expression=["Prefer"])
