@@ -27,6 +27,7 @@ ROUTE_ACCESS: dict[str, str] = {
     "viewer": PUBLIC, "viewer-files": PUBLIC, "viewer-config": PUBLIC, "viewer-login": PUBLIC,
     "viewer-dev-token": SELF_AUTH,  # checks the login itself, issues a token
     "fhir.smart_configuration": PUBLIC, "smart_configuration": PUBLIC,
+    "auth.token": SELF_AUTH,  # SMART Backend Services: checks the client's signed assertion, issues a token
     # terminology operations (vocabularies, no patient data)
     **{f"fhir.{op}{post}": NO_PATIENT_DATA for op in ("codesystem_lookup", "codesystem_subsumes", "valueset_expand")
        for post in ("", "_post")},
