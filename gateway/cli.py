@@ -206,6 +206,12 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_export_fhir(args: argparse.Namespace) -> int:
+    from gateway.export_cli import cmd_export_fhir as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.vocab_cli import add_parser as add_vocab_parser
 
     add_vocab_parser(sub, _common, cmd_vocab)
+
+    from gateway.export_cli import add_parser as add_export_parser
+
+    add_export_parser(sub, _common, cmd_export_fhir)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

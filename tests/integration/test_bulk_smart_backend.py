@@ -122,3 +122,39 @@ async def test_backend_services_token_flow_and_export(site):
         assert e.value.status == 403
         _, files = await n.export("$export")
         assert set(files) == {"Patient"}
+
+
+async def test_cli_exports_into_a_folder_with_the_client_key(site, tmp_path):
+    """``fedgate export fhir`` with SMART Backend Services credentials: kick-off, poll, download, delete."""
+    import asyncio
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.conftest import REPO
+
+    gw, rsa_key, _ = site
+    pem = tmp_path / "etl.pem"
+    pem.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    out = tmp_path / "out"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "export", "fhir", "--url", gw.url, "--client-id", "etl", "--key", str(pem),
+        "--kid", "k-rsa", "--type", "Patient,Observation", "--out", str(out), "--quiet", cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, stderr.decode()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {o["type"] for o in manifest["output"]} == {"Patient", "Observation"}
+    for o in manifest["output"]:
+        lines = (out / f"{o['type']}.ndjson").read_text().splitlines()
+        assert len(lines) == o["count"] and all(json.loads(x)["resourceType"] == o["type"] for x in lines)
+    assert b"exported" in stdout
+    # the CLI released the export: its files are gone on the server
+    assert not any((gw.settings.data_dir / "bulk").iterdir())
+    # a refusal is a clear message and exit 1
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "export", "fhir", "--url", gw.url, "--token", "nope", "--out", str(out),
+        "--quiet", cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and b"kick-off refused (401)" in stderr
