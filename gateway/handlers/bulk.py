@@ -144,7 +144,7 @@ def setup_routes(app: web.Application) -> None:
         r.add_post(path, handler, name=name + "_post")
     r.add_get("/fhir/_export/{job:[0-9a-f]{1,64}}", export_status, name="fhir.export_status")
     r.add_delete("/fhir/_export/{job:[0-9a-f]{1,64}}", export_cancel, name="fhir.export_cancel")
-    r.add_get("/fhir/_export/{job:[0-9a-f]{1,64}}/{file:[A-Za-z]{1,64}\\.ndjson}", export_file,
+    r.add_get("/fhir/_export/{job:[0-9a-f]{1,64}}/{file}", export_file,
               name="fhir.export_file")
     app.cleanup_ctx.append(_bulk_ctx)
 

@@ -36,9 +36,10 @@ def render_oauth_error(request: web.Request, exc: GatewayError) -> web.Response:
 
 async def token(request: web.Request) -> web.Response:
     """Client credentials grant with a JWT client assertion (SMART Backend Services; RFC 7523)."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        raise OAuthError("invalid_request", "the token request is application/x-www-form-urlencoded")
-    form = await request.post()
+    form = await request.post() if request.content_type == "application/x-www-form-urlencoded" else {}
+    if not form.get("client_assertion"):  # RFC 6749 §5.2: no client authentication → invalid_client, 401
+        raise OAuthError("invalid_client", "client authentication missing: send client_assertion_type and "
+                                           "client_assertion (application/x-www-form-urlencoded)", 401)
     answer = await request.app[keys.SERVICES][SERVICE].token({k: str(v) for k, v in form.items()}, token_url(request))
     return web.Response(body=orjson.dumps(answer), content_type="application/json",
                         headers={"Cache-Control": "no-store", "Pragma": "no-cache"})

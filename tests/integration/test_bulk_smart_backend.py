@@ -101,8 +101,10 @@ async def test_backend_services_token_flow_and_export(site):
             assert status == 401 and err["error"] == "invalid_client", err
         status, err = await _token(http, gw, _assertion(rsa_key, "RS384", "k-rsa", aud), scope="system/*.write")
         assert status == 400 and err["error"] == "invalid_scope"
-        async with http.post(aud, data={"grant_type": "password"}) as r:
+        async with http.post(aud, data={"grant_type": "password", "client_assertion": "x"}) as r:
             assert r.status == 400 and (await r.json())["error"] == "unsupported_grant_type"
+        async with http.post(aud, data={"grant_type": "client_credentials"}) as r:
+            assert r.status == 401 and (await r.json())["error"] == "invalid_client"
 
         # the token runs an export as the client's role and purpose: exactly what the gate lets it read
         c = BulkClient(http, gw.fhir, tok["access_token"])
