@@ -271,10 +271,16 @@ class BulkExportService:
                             detail=f"$export job {job_id} cancelled")
 
     # --------------------------------------------------------------------------------------- worker
+    #: how often the worker sweeps expired exports
+    SWEEP_S = 30.0
+
     async def worker(self) -> None:
+        swept = 0.0
         while True:
             try:
-                await self.expire()
+                if time.monotonic() - swept > self.SWEEP_S:
+                    swept = time.monotonic()
+                    await self.expire()
                 while await self.run_once():
                     pass
             except SQLAlchemyError as e:  # the store is briefly unavailable: try again next round
@@ -288,11 +294,13 @@ class BulkExportService:
     async def expire(self) -> int:
         """Remove expired jobs and their files (and folders no job owns any more)."""
         now = time.time()
-        async with self.db.write() as conn:
+        async with self.db.read() as conn:
             gone = [r.job_id for r in await conn.execute(select(bulk_job.c.job_id).where(
                 bulk_job.c.expires_ts.is_not(None), bulk_job.c.expires_ts < now))]
-            if gone:
-                await conn.execute(delete(bulk_job).where(bulk_job.c.job_id.in_(gone)))
+        if gone:
+            async with self.db.write() as conn:
+                await conn.execute(delete(bulk_job).where(bulk_job.c.job_id.in_(gone), bulk_job.c.expires_ts < now))
+        async with self.db.read() as conn:
             known = {r.job_id for r in await conn.execute(select(bulk_job.c.job_id))}
         stale = [p for p in (self.root.iterdir() if self.root.is_dir() else ())
                  if p.name not in known and now - p.stat().st_mtime > self.config.lease_s]
