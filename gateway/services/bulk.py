@@ -398,31 +398,39 @@ class BulkExportService:
                 base = list(filters[fno]) + [("_lastUpdated", f"le{row.transaction_time}")]
                 if req.since:
                     base.append(("_lastUpdated", f"gt{req.since}"))
-                while True:
-                    q = parse_search(rtype, base, default_count=self.config.page_size, max_count=self.config.page_size)
-                    q.count, q.total, q.after_rid, q.compartment = self.config.page_size, "none", after, compartment
-                    async with access.read() as conn:
-                        page = (await repo.search(conn, q, access.scope)).matches
-                    if not page:
-                        break
-                    after = page[-1].rid
-                    rows = page if seen is None else [p for p in page if p.rid not in seen]
-                    if seen is not None:
-                        seen.update(p.rid for p in page)
-                    data, held = await self._lines([p.content for p in rows], project)
-                    if data:
-                        await asyncio.to_thread(_append, path, data)
-                        size += len(data)
-                    count += len(rows) - held
-                    written += len(rows) - held
-                    withheld += held
-                    patients = sorted({p.patient_id for p in rows if p.patient_id})
-                    for i in range(0, max(len(patients), 1), 200):  # the audit record holds 200 patients
-                        await access.record(Action.READ, Interaction.OPERATION, Outcome.SUCCESS,
-                                            patients=patients[i:i + 200],
-                                            resources=[f"{rtype}/{p.res_id}" for p in rows][:200] if i == 0 else (),
-                                            detail=f"$export job {row.job_id}: {len(rows)} {rtype}")
-                    await self._save(row.job_id, types, index, fno, after, size, count, output, written, withheld)
+                # pipelined: the next page is read while the previous one is de-identified (worker pool)
+                pending: tuple[asyncio.Task, list, int] | None = None
+                nxt = None
+                try:
+                    while True:
+                        q = parse_search(rtype, base, default_count=self.config.page_size,
+                                         max_count=self.config.page_size)
+                        q.count, q.total, q.compartment = self.config.page_size, "none", compartment
+                        q.after_rid = pending[2] if pending else after
+                        async with access.read() as conn:
+                            page = (await repo.search(conn, q, access.scope)).matches
+                        nxt = None
+                        if page:
+                            rows = page if seen is None else [p for p in page if p.rid not in seen]
+                            if seen is not None:
+                                seen.update(p.rid for p in page)
+                            nxt = (asyncio.ensure_future(self._lines([p.content for p in rows], project)), rows,
+                                   page[-1].rid)
+                        if pending is not None:
+                            task, prows, after = pending
+                            pending = None
+                            data, held = await task
+                            size, n = await self._write_page(access, row.job_id, rtype, path, prows, data, held, size)
+                            count, written, withheld = count + n, written + n, withheld + held
+                            await self._save(row.job_id, types, index, fno, after, size, count, output, written,
+                                             withheld)
+                        pending = nxt
+                        if pending is None:
+                            break
+                finally:
+                    for item in (pending, nxt):
+                        if item is not None and not item[0].done():
+                            item[0].cancel()
                 fno, after = fno + 1, 0
                 if fno < len(filters):
                     await self._save(row.job_id, types, index, fno, after, size, count, output, written, withheld)
@@ -434,12 +442,30 @@ class BulkExportService:
             await self._save(row.job_id, types, index, fno, after, size, count, output, written, withheld)
         return output, {"written": written, "withheld": withheld}
 
+    async def _write_page(self, access, job_id: str, rtype: str, path: Path, rows: list, data: bytes, held: int,
+                          size: int) -> tuple[int, int]:
+        """Append one page's NDJSON and audit its patients; returns (file size, resources written)."""
+        if data:
+            await asyncio.to_thread(_append, path, data)
+            size += len(data)
+        patients = sorted({p.patient_id for p in rows if p.patient_id})
+        for i in range(0, max(len(patients), 1), 200):  # an audit record holds 200 patients: every one recorded
+            await access.record(Action.READ, Interaction.OPERATION, Outcome.SUCCESS, patients=patients[i:i + 200],
+                                resources=[f"{rtype}/{p.res_id}" for p in rows][:200] if i == 0 else (),
+                                detail=f"$export job {job_id}: {len(rows)} {rtype}")
+        return size, len(rows) - held
+
     async def _lines(self, contents: list[str], project: str | None) -> tuple[bytes, int]:
+        """One page as NDJSON (de-identified for a project: in the worker pool, split over its processes)."""
         if project is None or not contents:
             return ndjson_page(contents)
-        if self._workers is not None:
-            return await self._workers.run(ndjson_page, contents, project, self._secret)
-        return await asyncio.to_thread(ndjson_page, contents, project, self._secret)
+        if self._workers is None:
+            return await asyncio.to_thread(ndjson_page, contents, project, self._secret)
+        parts = max(1, self._workers.workers)
+        step = -(-len(contents) // parts)
+        done = await asyncio.gather(*(self._workers.run(ndjson_page, contents[i:i + step], project, self._secret)
+                                      for i in range(0, len(contents), step)))
+        return b"".join(d for d, _ in done), sum(h for _, h in done)
 
     async def _save(self, job_id: str, types: list[str], index: int, fno: int, after: int, size: int, count: int,
                     output: list[dict], written: int, withheld: int) -> None:
