@@ -174,6 +174,8 @@ async def export(server: Server, token: str) -> dict:
     return {"resources": n, "bytes": size, "seconds": total, "manifest_s": t_manifest, "rate": n / total,
             "rss_start_mb": server_rss[0] / 1024, "rss_peak_mb": max(server_rss) / 1024,
             "rss_end_mb": server_rss[-1] / 1024, "all_peak_mb": max(all_rss) / 1024,
+            # the server's RSS at each quarter of the export's duration: flat once the caches are warm
+            "rss_quarters_mb": [server_rss[min(len(server_rss) - 1, len(server_rss) * q // 4)] / 1024 for q in (1, 2, 3)],
             "withheld": (manifest.get("extension") or {}).get("https://fedgate.dev/fhir/bulk/withheld", 0)}
 
 
@@ -210,11 +212,12 @@ async def main() -> None:
              f"Store: {stored:,} resources (Patients, GRU Consents for 4 in 5 patients, Observations), loaded in "
              f"{load_s:.0f} s. Export: `$export?_type=Patient,Observation,Consent`, page 1,000, kick-off to last "
              "byte downloaded.", "",
-             "| export | resources in files | withheld | seconds (manifest / total) | resources/s | server RSS start / peak / end | peak incl. workers |",
-             "|---|---|---|---|---|---|---|"]
+             "| export | resources in files | withheld | seconds (manifest / total) | resources/s | server RSS start / peak / end | RSS at ¼ ½ ¾ of the run | peak incl. workers |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['resources']:,} | {r['withheld']} | {r['manifest_s']:.1f} / {r['seconds']:.1f} | "
                      f"{r['rate']:,.0f} | {r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} / {r['rss_end_mb']:.0f} MB | "
+                     f"{' / '.join(f'{x:.0f}' for x in r['rss_quarters_mb'])} MB | "
                      f"{r['all_peak_mb']:.0f} MB |")
     text = "\n".join(lines) + "\n"
     print(text)
