@@ -130,6 +130,11 @@ async def test_type_since_typefilter_levels_and_bad_kickoffs(site):
     gw = site
     async with aiohttp.ClientSession() as http:
         c = BulkClient(http, gw.fhir, gw.token("clinician"))
+        async with http.get(f"{gw.fhir}/metadata") as r:  # the IG's CapabilityStatement markers
+            cap = await r.json()
+        assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in cap["instantiates"]
+        assert {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"} \
+            in cap["rest"][0]["operation"]
         # no _type: every type the requester can see (Organization too: not patient data)
         m, files = await c.export("$export")
         assert {"Patient", "Observation", "Consent", "Organization"} <= set(files)
