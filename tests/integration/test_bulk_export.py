@@ -278,6 +278,8 @@ async def test_deidentified_exports_and_expiry(tmp_path, db_url):
             for pid in POPULATION:  # source ids and names appear nowhere; the ids are pseudonyms
                 assert f"Fam-{pid}" not in text and f'"{pid}"' not in text and f"Patient/{pid}" not in text
             assert files["Patient"] and all(len(r["id"]) >= 16 for r in files["Patient"])
+            # the project secret is in neither the files nor the manifest
+            assert "bulk-test-secret" not in text and "bulk-test-secret" not in orjson.dumps(m).decode()
             # the clinician's export of the same data is identified
             _, f_clin = await BulkClient(http, gw.fhir, gw.token("clinician")).export("$export", [("_type", "Patient")])
             assert {r["id"] for r in f_clin["Patient"]} == set(POPULATION)
