@@ -207,7 +207,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 
 
 def cmd_export_fhir(args: argparse.Namespace) -> int:
-    from gateway.export_cli import cmd_export_fhir as run
+    from gateway.export_fhir_cli import cmd_export_fhir as run
 
     return run(args)
 
@@ -292,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_reindex)
 
+    p = sub.add_parser("export", help="research exports, de-identified through the consent gate (docs/deidentification.md)")
+    esub = p.add_subparsers(dest="export_command", required=True)
+    from gateway.export_fhir_cli import add_parser as add_export_fhir
+
+    add_export_fhir(esub)
+    esub.choices["fhir"].set_defaults(func=cmd_export_fhir)
+
     p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
     osub = p.add_subparsers(dest="omop_command", required=True)
     e = osub.add_parser("export", help="export the consented common model to a PostgreSQL schema or CSV files")
@@ -331,10 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.vocab_cli import add_parser as add_vocab_parser
 
     add_vocab_parser(sub, _common, cmd_vocab)
-
-    from gateway.export_cli import add_parser as add_export_parser
-
-    add_export_parser(sub, _common, cmd_export_fhir)
 
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", required=True)

@@ -133,7 +133,7 @@ class Status:
 
 class BulkExportService:
     def __init__(self, db: Database, access: AccessLayer, data_dir: Path, config: ExportConfig, *,
-                 deid_secret: bytes = b"", site_id: str = "site-local", workers=None) -> None:
+                 deid_secret: bytes = b"", site_id: str = "site-local", workers=None, policy=None) -> None:
         self.db, self.access, self.config = db, access, config
         self.root = Path(data_dir) / "bulk"
         self.worker_id = uuid.uuid4().hex
@@ -141,13 +141,20 @@ class BulkExportService:
         self._secret = deid_secret
         self._site_id = site_id
         self._workers = workers  # gateway.services.workers.WorkerPool: de-identification off the event loop
+        #: the site's identified|deidentified policy (``deidentifies(requester)``, ``project_for(requester)``);
+        #: None: ``[export] deidentify_roles`` and ``project`` of :class:`ExportConfig`
+        self._policy = policy
         self._wake = asyncio.Event()
 
     # ------------------------------------------------------------------------------------- kick-off
     def deidentifies(self, requester: Requester) -> bool:
+        if self._policy is not None:
+            return bool(self._policy.deidentifies(requester))
         return bool(requester.roles & self.config.deidentify_roles)
 
     def project_of(self, requester: Requester) -> str:
+        if self._policy is not None:
+            return str(self._policy.project_for(requester))
         attr = requester.attributes.get("project") if isinstance(requester.attributes, dict) else None
         return str(attr or self.config.project or self._site_id)
 

@@ -25,10 +25,10 @@ class ExportFailed(Exception):
     pass
 
 
-def add_parser(sub, common, func) -> None:
-    p = sub.add_parser("export", help="research exports: FHIR Bulk Data (docs/bulk-export.md)")
-    esub = p.add_subparsers(dest="export_command", required=True)
-    f = esub.add_parser("fhir", help="FHIR Bulk Data $export from a gateway into a folder of NDJSON files")
+def add_parser(esub) -> None:
+    """``fedgate export fhir`` under the ``export`` command's sub-parsers (``esub``)."""
+    f = esub.add_parser("fhir", help="FHIR Bulk Data $export from a gateway into a folder of NDJSON files "
+                                     "(docs/bulk-export.md)")
     f.add_argument("--url", required=True, help="the gateway's base URL (http://host:port)")
     f.add_argument("--out", required=True, help="folder for the NDJSON files and manifest.json")
     f.add_argument("--level", choices=("system", "patient", "group"), default="system")
@@ -44,7 +44,6 @@ def add_parser(sub, common, func) -> None:
     f.add_argument("--keep", action="store_true", help="do not DELETE the export on the server after download")
     f.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the export (default 3600)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    f.set_defaults(func=func)
 
 
 def _kickoff_url(args: argparse.Namespace) -> str:
