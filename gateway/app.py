@@ -28,6 +28,8 @@ from gateway.services.consent_report import ConsentReport
 from gateway.services.audit import ChainedAudit, audit_ctx
 from gateway.handlers import audit as audit_handlers
 from gateway.services.deid import DeidPolicy
+from gateway.handlers import bulk as bulk_handlers
+from gateway.handlers import smart_auth as smart_auth_handlers
 from gateway.services.fhir import FhirService
 from gateway.services.validation import ModelValidator
 from gateway.services.vocab import VocabService, vocab_ctx
@@ -94,6 +96,8 @@ def create_app(settings: Settings, *, startup: str = "all") -> web.Application:
     health.setup_routes(app)
     audit_handlers.setup_routes(app)  # before the generic /fhir/{type} routes
     terminology_handlers.setup_routes(app)  # CodeSystem/$lookup, $subsumes, ValueSet/$expand
+    bulk_handlers.setup_routes(app)  # Bulk Data $export (issue 24)
+    smart_auth_handlers.setup_routes(app)  # SMART Backend Services token endpoint (issue 24)
     fhir_handlers.setup_routes(app)
     dicomweb_handlers.setup_routes(app)
     dicom_export_handlers.setup_routes(app)  # after dicomweb: its context needs the DICOMweb service

@@ -62,6 +62,22 @@ def smart_roles(scope: Any) -> tuple[frozenset[str], bool]:
     return frozenset(roles), bool(roles) and not write
 
 
+def scope_resource_types(scope: Any) -> frozenset[str] | None:
+    """The resource types SMART read scopes name (``system/Patient.read``, ``system/Observation.rs``); None when a
+    scope covers every type (``*``) or there is no SMART scope."""
+    items = scope.split() if isinstance(scope, str) else [str(s) for s in scope] if isinstance(scope, list) else []
+    types = set()
+    for item in items:
+        context, _, rest = item.partition("/")
+        rtype, _, _perm = rest.partition(".")
+        if context not in SMART_CONTEXT_ROLES or not rtype:
+            continue
+        if rtype == "*":
+            return None
+        types.add(rtype)
+    return frozenset(types) if types else None
+
+
 def parse_purpose(value: Any) -> Purpose | None:
     """A purpose from a claim (str or object) or header text; None when absent."""
     if value is None or value == "":
@@ -166,8 +182,9 @@ class TokenVerifier:
         purpose = parse_purpose(claims.get("purpose")) or parse_purpose(purpose_header)
         if purpose is None:
             purpose = Purpose() if roles & CLINICAL_ROLES or "admin" in roles else Purpose("research", (), ())
+        types = scope_resource_types(claims.get("scope", claims.get("scp")))
         return (Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims.get("jti"),
-                          read_only), float(claims["exp"]))
+                          read_only, types), float(claims["exp"]))
 
 
 def issue_dev_token(

@@ -212,6 +212,12 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return run(args, _settings(args))
 
 
+def cmd_export_fhir(args: argparse.Namespace) -> int:
+    from gateway.export_fhir_cli import cmd_export_fhir as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgate", description="fedgate: federated FHIR + DICOMweb gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_dicom(esub, _common)
     esub.choices["dicom"].set_defaults(func=cmd_export_dicom)
+    from gateway.export_fhir_cli import add_parser as add_export_fhir
+
+    add_export_fhir(esub)
+    esub.choices["fhir"].set_defaults(func=cmd_export_fhir)
 
     p = sub.add_parser("omop", help="OMOP CDM v5.4 export (consent-gated) and import")
     osub = p.add_subparsers(dest="omop_command", required=True)

@@ -43,6 +43,8 @@ class Requester:
     token_id: str | None = None
     #: True for a token whose SMART scopes grant reads only (``user/*.read``, ``system/*.rs``): writes → 403
     read_only: bool = False
+    #: resource types the token's scopes grant (SMART ``system/Patient.read``); None = every type
+    resource_types: frozenset[str] | None = None
 
     def has_role(self, *roles: str) -> bool:
         return bool(self.roles.intersection(roles))

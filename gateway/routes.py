@@ -33,6 +33,7 @@ ROUTE_ACCESS: dict[str, str] = {
     "ui.monitoring": NO_PATIENT_DATA, "ui.training": NO_PATIENT_DATA,  # as inference.monitoring, training.*
     "ui.audit": NO_PATIENT_DATA, "ui.audit_verify": NO_PATIENT_DATA,  # admin-only audit trail
     "fhir.smart_configuration": PUBLIC, "smart_configuration": PUBLIC,
+    "auth.token": SELF_AUTH,  # SMART Backend Services: checks the client's signed assertion, issues a token
     # terminology operations (vocabularies, no patient data)
     **{f"fhir.{op}{post}": NO_PATIENT_DATA for op in ("codesystem_lookup", "codesystem_subsumes", "valueset_expand")
        for post in ("", "_post")},
@@ -43,6 +44,10 @@ ROUTE_ACCESS: dict[str, str] = {
     "fhir.search": GATED, "fhir.search_post": GATED, "fhir.read": GATED, "fhir.vread": GATED,
     "fhir.search_system": GATED, "fhir.search_system_slash": GATED, "fhir.search_compartment": GATED,
     "fhir.everything": GATED, "fhir.patch": GATED,  # (PATCH answers with the whole patched resource)
+    # Bulk Data export (issue 24): kick-offs open the requester's access; the status/cancel routes answer with
+    # the job's bookkeeping (counts, file URLs) to the requester who started it; the files are patient data
+    **{f"fhir.export{lvl}{post}": GATED for lvl in ("", "_patient", "_group") for post in ("", "_post")},
+    "fhir.export_status": NO_PATIENT_DATA, "fhir.export_cancel": NO_PATIENT_DATA, "fhir.export_file": GATED,
     # writes answer with what was sent (conditional forms ask the gate: fhir service)
     "fhir.create": NO_PATIENT_DATA, "fhir.update": NO_PATIENT_DATA, "fhir.delete": NO_PATIENT_DATA,
     # DICOMweb

@@ -35,7 +35,8 @@ _BAD_ID_PATH = re.compile(r"/fhir/" + TYPE_RE + r"/(?!_history$|_search$)([^/]+)
 
 
 #: the FHIR operations this server implements (docs/fhir.md); any other ``$name`` answers 400 not-supported
-SUPPORTED_OPERATIONS = "Patient/[id]/$everything, CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand"
+SUPPORTED_OPERATIONS = ("Patient/[id]/$everything, $export, Patient/$export, Group/[id]/$export, CodeSystem/$lookup, "
+                        "CodeSystem/$subsumes, ValueSet/$expand")
 
 
 def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Response:
@@ -191,8 +192,9 @@ SMART_SCOPES = ["openid", "fhirUser", "user/*.read", "user/*.write", "user/*.*",
                 "system/*.read", "system/*.write", "system/*.*", "system/*.rs", "system/*.cruds"]
 
 
-def smart_configuration_doc(settings) -> dict:
-    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``) from the settings."""
+def smart_configuration_doc(settings, token_endpoint: str | None = None) -> dict:
+    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``) from the settings; ``token_endpoint``:
+    fedgate's own SMART Backend Services endpoint (``/auth/token``), advertised when backend clients are set."""
     doc: dict = {
         "scopes_supported": SMART_SCOPES,
         "response_types_supported": ["code"],
@@ -210,12 +212,18 @@ def smart_configuration_doc(settings) -> dict:
         doc["authorization_endpoint"] = settings.smart_authorize_url
         doc["token_endpoint"] = settings.smart_token_url
         doc["capabilities"] += ["launch-standalone", "client-public", "sso-openid-connect"]
+    elif token_endpoint and settings.extra.get("backend_clients"):
+        doc["token_endpoint"] = token_endpoint  # SMART Backend Services (client_credentials + private_key_jwt)
+    if settings.extra.get("backend_clients"):
+        doc["token_endpoint_auth_signing_alg_values_supported"] = ["RS384", "ES384"]
     return doc
 
 
 async def smart_configuration(request: web.Request) -> web.Response:
     """SMART App Launch discovery (http://hl7.org/fhir/smart-app-launch/conformance.html), public."""
-    return web.json_response(smart_configuration_doc(request.app[keys.SETTINGS]))
+    from gateway.handlers.smart_auth import token_url
+
+    return web.json_response(smart_configuration_doc(request.app[keys.SETTINGS], token_url(request)))
 
 
 async def read(request: web.Request) -> web.Response:

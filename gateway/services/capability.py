@@ -61,8 +61,13 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                                  if p.type == "reference" and p.target in (rtype, None) and p.name in ("patient", "subject")],
             "searchParam": _params(params),
             **({"operation": [{"name": "everything",
-                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
-               if rtype == "Patient" else {}),
+                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+                              {"name": "export",  # Bulk Data IG v2 (docs/bulk-export.md)
+                               "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]}
+               if rtype == "Patient" else
+               {"operation": [{"name": "export",
+                               "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
+               if rtype == "Group" else {}),
         })
     # terminology operations over the vocabulary store (docs/vocab.md)
     for rtype, ops in TERMINOLOGY_OPS.items():
@@ -106,5 +111,7 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"},
                             {"code": "search-system"}],
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
+            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
         }],
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
     }

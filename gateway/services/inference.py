@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.context import SYSTEM, Purpose, Requester
@@ -32,6 +32,7 @@ from gateway.store.access import where as gated_where
 from gateway.store.db import Database
 from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.jobs_schema import inf_job, inf_model_card
+from gateway.store.leases import LeasedQueue
 from inference import preprocess
 from inference.backends import Backend, BackendError, BackendUnavailable
 from inference.cards import PURPOSE_TREATMENT, CardError, ModelCard, parse_card, shipped_cards
@@ -120,6 +121,7 @@ class InferenceService:
         self.db, self.gate, self.audit, self.backend = db, gate, audit, backend
         self.dicomweb, self.fhir, self.config = dicomweb, fhir, config
         self.worker_id = uuid.uuid4().hex
+        self._queue = LeasedQueue(db, inf_job, "job_id", self.worker_id, config.lease_s)  # the leased job queue
         self._wake = asyncio.Event()
         self._scan_mark = 0.0
         self.sent: list[dict] = []  # what went to the model (series, sop uids) — recent, bounded; for audits/tests
@@ -359,35 +361,13 @@ class InferenceService:
 
     # ------------------------------------------------------------------------------------------ worker
     async def claim(self) -> Any | None:
-        now = time.time()
-        claimable = or_(and_(inf_job.c.state == "queued", inf_job.c.not_before <= now),
-                        and_(inf_job.c.state == "running", inf_job.c.lease_until < now))
-        async with self.db.write() as conn:
-            cand = (await conn.execute(select(inf_job.c.job_id, inf_job.c.attempts).where(claimable)
-                                       .order_by(inf_job.c.not_before).limit(1))).first()
-            if cand is None:
-                return None
-            res = await conn.execute(update(inf_job).where(inf_job.c.job_id == cand.job_id, claimable).values(
-                state="running", lease_owner=self.worker_id, lease_until=now + self.config.lease_s,
-                attempts=cand.attempts + 1, updated_ts=now))
-            if res.rowcount != 1:
-                return None
-            return (await conn.execute(select(inf_job).where(inf_job.c.job_id == cand.job_id))).one()
+        return await self._queue.claim()
 
     async def _finish(self, job_id: str, **values: Any) -> bool:
-        async with self.db.write() as conn:
-            res = await conn.execute(update(inf_job).where(
-                inf_job.c.job_id == job_id, inf_job.c.lease_owner == self.worker_id,
-                inf_job.c.state == "running").values(updated_ts=time.time(), **values))
-            return res.rowcount == 1
+        return await self._queue.finish(job_id, **values)
 
     async def _heartbeat(self, job_id: str) -> None:
-        while True:
-            await asyncio.sleep(self.config.lease_s / 3)
-            async with self.db.write() as conn:
-                await conn.execute(update(inf_job).where(
-                    inf_job.c.job_id == job_id, inf_job.c.lease_owner == self.worker_id).values(
-                    lease_until=time.time() + self.config.lease_s))
+        await self._queue.heartbeat(job_id)
 
     async def run_once(self) -> bool:
         """Claim and run one job; False when there was none."""

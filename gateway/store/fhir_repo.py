@@ -713,12 +713,14 @@ def _drives(clause: Clause) -> bool:
     return _selectivity(clause) not in (-1, 9)
 
 
-def compartment_clause(patient_id: str):
-    """Rows in Patient ``patient_id``'s compartment: the current version is linked to that patient
-    (``fhir_link``: every patient it references, computed when the version was written; issue #19)."""
+def compartment_clause(patient_id: str | tuple[str, ...]):
+    """Rows in Patient ``patient_id``'s compartment (or in any of several patients'): the current version is
+    linked to that patient (``fhir_link``: every patient it references, computed when the version was
+    written; issue #19)."""
     L = s.fhir_link
+    who = L.c.patient_id == patient_id if isinstance(patient_id, str) else L.c.patient_id.in_(sorted(patient_id))
     return select(L.c.patient_id).where(L.c.res_type == R.c.res_type, L.c.res_id == R.c.res_id,
-                                        L.c.version == R.c.version, L.c.patient_id == patient_id).exists()
+                                        L.c.version == R.c.version, who).exists()
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
@@ -736,6 +738,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
     if q.compartment is not None:
         where.append(compartment_clause(q.compartment))
+    if q.after_rid is not None:
+        where.append(R.c.rid > q.after_rid)
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
@@ -750,6 +754,15 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
     matches = [_stored(r) for r in await conn.execute(stmt)]
     included = await _includes(conn, q, matches, scope) if matches and (q.includes or q.revincludes) else []
     return SearchResult(matches, total, included)
+
+
+async def visible_types(conn: AsyncConnection, scope: AccessScope) -> list[str]:
+    """The resource types of which ``scope`` sees at least one current resource (Bulk Data ``$export``
+    without ``_type``), sorted."""
+    from gateway.store.access import where
+
+    rows = await conn.execute(select(R.c.res_type).where(R.c.deleted.is_(False), where(scope, R)).distinct())
+    return sorted(r.res_type for r in rows)
 
 
 async def _includes(conn: AsyncConnection, q: SearchQuery, matches: list[Stored], scope: AccessScope) -> list[Stored]:

@@ -29,6 +29,7 @@ TABLE_MODULES = (
     "gateway.store.training_schema",
     "gateway.store.vocab_schema",
     "gateway.store.export_schema",
+    "gateway.store.bulk_schema",
 )
 
 SCHEMA_VERSION = 1

@@ -53,8 +53,11 @@ class SearchQuery:
     summary: str | None = None  # "count" | "false"
     total: str = "accurate"  # none | estimate | accurate
     ignored: list[str] = field(default_factory=list)
-    #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id, else None
-    compartment: str | None = None
+    #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id (or several: a Group's
+    #: members, Bulk Data ``Group/[id]/$export``), else None
+    compartment: str | tuple[str, ...] | None = None
+    #: keyset paging (Bulk Data export): only resources stored after this row number, in storage order
+    after_rid: int | None = None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")

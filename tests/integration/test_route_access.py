@@ -79,7 +79,7 @@ async def test_every_route_is_declared_and_every_gated_route_calls_the_gate(tmp_
                 assert r.status == 200, await r.text()
             values = {"type": "Patient", "id": "p1", "vid": "1", "study": ds.StudyInstanceUID,
                       "series": ds.SeriesInstanceUID, "instance": ds.SOPInstanceUID, "frames": "1", "tag": "7FE00010",
-                      "job": "1", "run": "r1", "name": "m", "version": "1"}
+                      "job": "1", "run": "r1", "name": "m", "version": "1", "file": "Patient.ndjson"}
             bodies = {
                 "fhir.bundle": {"resourceType": "Bundle", "type": "batch",
                                 "entry": [{"request": {"method": "GET", "url": "Patient/p1"}}]},
