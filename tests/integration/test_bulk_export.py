@@ -33,7 +33,10 @@ def _settings(tmp_path, db_url, **export):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))
     cfg = {"poll_s": 0.1, "retry_after_s": 1, "deidentify_roles": [], "page_size": 3, **export}
-    return make_settings(tmp_path / "data", db_url, deid_secret="bulk-test-secret-0123456789",
+    # identified exports unless a test names roles to de-identify (the site policy otherwise de-identifies
+    # every research purpose: docs/deidentification.md)
+    policy_rules = "" if cfg["deidentify_roles"] else "*=identified"
+    return make_settings(tmp_path / "data", db_url, deid_secret="bulk-test-secret-0123456789", deid_policy=policy_rules,
                          extra={"consent": {"policy": str(policy), "disease_ontologies": [str(OBO)], "refresh_s": 0},
                                 "export": cfg})
 
