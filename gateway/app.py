@@ -46,7 +46,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.ACCESS] = AccessLayer(db, app[keys.GATE], app[keys.AUDIT])  # the one access layer (issue #19)
     app[keys.SERVICES]["vocab"] = VocabService(db)
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
-                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
+                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS],
+                                 cursor_key=settings.search_cursor_key())
     yield
     validator.close()
     await db.dispose()

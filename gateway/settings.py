@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import hashlib
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -137,6 +138,12 @@ class Settings:
         if self.jwt_secret:
             return self.jwt_secret
         return secret_file(self.secrets_dir / "jwt-hs256.key", lambda: secrets.token_urlsafe(48))
+
+
+    def search_cursor_key(self) -> bytes:
+        """The key of the FHIR search cursors (``gateway.services.search_cursor``), derived from the server
+        secret: the same in every serving process and across restarts."""
+        return hashlib.sha256(b"fedgate-search-cursor:" + self.dev_secret().encode()).digest()
 
 
 def secret_file(path: Path, generate) -> str:
