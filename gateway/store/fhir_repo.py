@@ -820,7 +820,8 @@ def clause_has_modifier(c: Clause) -> bool:
 
 
 def _streamed_statement(q: SearchQuery, scope: AccessScope, c: Clause, after_rid: int | None, limit: int):
-    table = s.INDEX_TABLES[c.param.type]
+    # an alias: the other clauses' probes on the same index table must not correlate with the walked rows
+    table = s.INDEX_TABLES[c.param.type].alias("walk")
     preds = [table.c.res_type == q.res_type, table.c.param == c.param.name, _value_pred(c, table, c.values[0])]
     if not scope.unrestricted:  # the gate inside the index walk (its rows carry the resource's consent_no)
         preds.append(scope.row_clause(table.c.consent_no))

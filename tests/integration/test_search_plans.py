@@ -36,6 +36,7 @@ WIDE = re.compile(r"^SEARCH (fhir_resource|fhir_history|fhir_link|idx_\w+) USING
 SEARCHES = [
     ("token", "Observation", [("code", "http://loinc.org|8867-4")]),
     ("token without system", "Patient", [("gender", "female")]),
+    ("token and token", "Observation", [("code", "8867-4"), ("status", "final")]),
     ("string", "Patient", [("name", "Smith")]),
     ("date", "Observation", [("date", "ge2018-06-01")]),
     ("reference", "Observation", [("subject", "Patient/sp3")]),
