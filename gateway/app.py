@@ -57,7 +57,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.SERVICES]["vocab"] = VocabService(db)
     app[keys.SERVICES]["consent.report"] = ConsentReport(app[keys.ACCESS], app[keys.GATE])  # the console's consent view
     app[keys.FHIR] = FhirService(db, app[keys.GATE], app[keys.AUDIT], default_count=settings.default_page_size,
-                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS])
+                                 max_count=settings.max_page_size, validator=validator, access=app[keys.ACCESS],
+                                 cursor_key=settings.search_cursor_key())
     yield
     validator.close()
     await db.dispose()

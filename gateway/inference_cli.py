@@ -62,8 +62,29 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _cards(settings: Settings) -> list[dict]:
+    """The registered cards, read from the store without starting the app (no backend, consent gate,
+    ontology or DICOM stack: issue 27) — after registering the shipped cards as the app's start-up does
+    (``register_shipped``), so a fresh data dir lists what a running server lists."""
+    from gateway.store import open_database
+    from gateway.store.model_cards import registered_cards, store_card
+    from inference.cards import shipped_cards
+
+    db = await open_database(settings)
+    try:
+        inf = settings.extra.get("inference") or {}
+        if not isinstance(inf, dict) or inf.get("register_shipped", True):
+            async with db.write() as conn:
+                for card in shipped_cards():
+                    await store_card(conn, card.name, card.version, card.purpose, card.raw, SYSTEM.subject)
+        async with db.read() as conn:
+            return await registered_cards(conn)
+    finally:
+        await db.dispose()
+
+
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    cards = asyncio.run(_run(settings, lambda svc: svc.cards()))
+    cards = asyncio.run(_cards(settings))
     if args.json:
         print(json.dumps(cards, indent=2))
         return 0

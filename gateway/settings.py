@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import hashlib
 import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+
+#: ``processes = auto`` runs at most this many serving processes (beyond it the store's write serialisation,
+#: not the event loops, bounds throughput; set ``processes`` explicitly for more).
+MAX_AUTO_PROCESSES = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's CPU set), else the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 class SettingsError(ValueError):
@@ -49,10 +63,11 @@ class Settings:
     #: Worker processes (per server process) validating large FHIR bundles and parsing STOW-RS instances
     #: (-1 = the cores the server processes leave: CPU count − ``processes``, at most 4; 0 = none, in a thread).
     validation_workers: int = -1
-    #: HTTP server processes sharing the port (``fedgate serve``): 1 = one process; 0 or "auto" = one per
-    #: CPU core.  The parent does the one-time start-up (migrations, blob reconcile, consent policy) and
-    #: supervises the serving processes (restarts one that dies; SIGTERM stops all).
-    processes: int = 1
+    #: HTTP server processes sharing the port (``fedgate serve``): 0 or "auto" (default) = one per CPU core
+    #: available to the process, at most :data:`MAX_AUTO_PROCESSES`; 1 = one process (no supervising
+    #: parent); N = N.  The parent does the one-time start-up (migrations, blob reconcile, consent policy)
+    #: and supervises the serving processes (restarts one that dies; SIGTERM stops all).
+    processes: int = 0
     log_level: str = "INFO"
     log_format: str = "json"
     #: Authentication: "jwt" (default) verifies bearer tokens on every non-public route.
@@ -128,12 +143,13 @@ class Settings:
             return self.validation_workers
         # one server process per core already uses every core: a pool per process would only add contention
         # (measured: STOW with 2 processes on 2 cores is faster parsing in a thread than with a 1-worker pool each)
-        return max(0, min(4, (os.cpu_count() or 1) - self.serve_processes))
+        return max(0, min(4, available_cores() - self.serve_processes))
 
     @property
     def serve_processes(self) -> int:
-        """How many serving processes ``fedgate serve`` runs (``processes``, 0 = the CPU count)."""
-        return self.processes if self.processes > 0 else max(1, os.cpu_count() or 1)
+        """How many serving processes ``fedgate serve`` runs (``processes``; 0 = one per available core,
+        at most :data:`MAX_AUTO_PROCESSES`)."""
+        return self.processes if self.processes > 0 else max(1, min(MAX_AUTO_PROCESSES, available_cores()))
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
@@ -173,6 +189,12 @@ class Settings:
         if self.deid_secret:
             return self.deid_secret.encode()
         return secret_file(self.secrets_dir / "deid.key", lambda: secrets.token_urlsafe(48)).encode()
+
+
+    def search_cursor_key(self) -> bytes:
+        """The key of the FHIR search cursors (``gateway.services.search_cursor``), derived from the server
+        secret: the same in every serving process and across restarts."""
+        return hashlib.sha256(b"fedgate-search-cursor:" + self.dev_secret().encode()).digest()
 
 
 def secret_file(path: Path, generate) -> str:

@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from gateway.settings import Settings
 
 #: The vocabulary subsets shipped with fedgate (demo data, tests): ``fedgate vocab load --demo``.
@@ -35,6 +33,8 @@ async def load_demo(db) -> list[dict]:
 
 
 async def _load(settings: Settings, args) -> list[dict]:
+    from tqdm import tqdm
+
     from gateway.services.vocab import load_path
     from gateway.store import open_database
 

@@ -35,8 +35,11 @@ from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from ontologies.diseases import DiseaseHierarchy
-from ontologies.duo_graph import DuoOntology
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the evaluator itself needs no rdflib (issue 27, CLI start-up)
+    from ontologies.diseases import DiseaseHierarchy
+    from ontologies.duo_graph import DuoOntology
 from ontologies.terms import CLINICAL_CARE_MARKERS, TermError, normalize_curie
 
 __all__ = [

@@ -27,6 +27,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("FEDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 ENGINES = [e for e in os.environ.get("FEDGATE_TEST_ENGINES", "sqlite,postgresql").split(",") if e]
+#: The servers tests start (``fedgate serve`` subprocesses) run one process unless a test asks for more
+#: (``--processes N`` wins over the environment): the default, ``auto``, would start one per core in each.
+os.environ.setdefault("FEDGATE_PROCESSES", "1")
 
 
 #: Test modules that need the ``ml`` extra (torch, tritonclient): marked ``ml``. Without torch installed,
@@ -96,8 +99,10 @@ async def db_url(request, tmp_path) -> AsyncIterator[str]:
 
 
 def make_settings(data_dir: Path, db_url: str, **overrides: Any) -> Settings:
+    # processes: an in-process app is one process (the default, "auto", would size the worker pools for
+    # one serving process per core)
     values = {"data_dir": data_dir, "database_url": db_url, "jwt_secret": "test-secret-" + "x" * 32,
-              "log_level": "WARNING"}
+              "log_level": "WARNING", "processes": 1}
     values.update(overrides)
     return load_settings(env={}, overrides=values)
 

@@ -286,26 +286,30 @@ async def _search(request: web.Request, pairs: list[tuple[str, str]], compartmen
         result = await svc.compartment_search(requester_of(request), compartment, q)
         path = f"Patient/{compartment}/{res_type}"
     base = base_url(request)
-    plain = [(k, v) for k, v in pairs if k not in ("_offset",) and k not in q.ignored]
-    return _searchset(base, path, plain, q.offset, q.count, q.summary, result)
+    plain = [(k, v) for k, v in pairs if k not in ("_offset", "_cursor") and k not in q.ignored]
+    start = q.position if q.after is not None else q.offset
+    return _searchset(base, path, plain, start, q.count, q.summary, result, cursor=q.cursor)
 
 
 def _searchset(base: str, path: str, plain: list[tuple[str, str]], offset: int, count: int | None,
-               summary: str | None, result) -> web.Response:
-    """A searchset Bundle of one page, with self/next/previous links on ``base/path``."""
+               summary: str | None, result, cursor: str | None = None) -> web.Response:
+    """A searchset Bundle of one page, with self/next/previous links on ``base/path``: ``next`` carries the
+    keyset cursor the service issued (``_cursor``), else (system search) the next ``_offset``;
+    ``previous`` is by ``_offset`` (``offset``: the rows before this page)."""
     where = f"{base}/{path}" if path else base
 
-    def link(at: int) -> str:
-        return f"{where}?" + urlencode(plain + [("_offset", str(at))])
+    def link(extra: list[tuple[str, str]]) -> str:
+        return f"{where}?" + urlencode(plain + extra)
 
-    links = [("self", f"{where}?" + urlencode(plain + ([("_offset", str(offset))] if offset else [])))]
+    here = [("_cursor", cursor)] if cursor else ([("_offset", str(offset))] if offset else [])
+    links = [("self", link(here))]
     if summary != "count" and count:
-        more = (result.total is None and len(result.matches) == count) or (
-            result.total is not None and offset + count < result.total)
-        if more:
-            links.append(("next", link(offset + count)))
+        if result.next_cursor:
+            links.append(("next", link([("_cursor", result.next_cursor)])))
+        elif result.more if result.more is not None else (result.total is not None and offset + count < result.total):
+            links.append(("next", link([("_offset", str(offset + count))])))
         if offset > 0:
-            links.append(("previous", link(max(0, offset - count))))
+            links.append(("previous", link([("_offset", str(max(0, offset - count)))])))
     entries = [_entry(base, st, "match") for st in result.matches]
     entries += [_entry(base, st, "include") for st in result.included]
     body = bundle_bytes("searchset", entries, total=result.total, links=links)

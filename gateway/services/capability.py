@@ -96,7 +96,10 @@ def capability_statement(settings: Settings, base: str) -> dict[str, Any]:
                 "(unknown parameters → 400) unless Prefer: handling=lenient; modifiers :missing (all types), "
                 ":not, :below, :above (token; subsumption through the loaded vocabularies), :exact/:contains (string); "
                 "CodeSystem/$lookup, CodeSystem/$subsumes, ValueSet/$expand for the loaded code systems; _sort, _count, _include, _revinclude, _summary=count, "
-                "_total. Bearer JWT required on every interaction except metadata."
+                "_total=none|estimate|accurate: the default is estimate, which counts nothing — Bundle.total is given "
+                "only on the page that reaches the end of the matches; _total=accurate counts them on every page. "
+                "Paging: next links carry an opaque _cursor (keyset paging, bound to the search and the requester); "
+                "_offset is also accepted. Bearer JWT required on every interaction except metadata."
             ),
             "security": {
                 "cors": bool(settings.cors_origin_list),

@@ -8,6 +8,7 @@ and reports every access to the audit sink.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
@@ -28,6 +29,7 @@ from mappings.fhir.references import ID_RE
 from mappings.fhir.compartment import PATIENT_COMPARTMENT
 from mappings.fhir.jsonpatch import PatchError, apply_patch
 from mappings.fhir.search import MAX_OFFSET, SearchError, SearchQuery, parse_search, version_number
+from gateway.services.search_cursor import CursorCodec
 from gateway.services.validation import ModelValidator
 from mappings.fhir.validate import InvalidResource, known_type, validate_resource
 
@@ -63,9 +65,12 @@ class WriteOutcome:
 class FhirService:
     def __init__(
         self, db: Database, gate: Gate, audit: AuditSink, *, default_count: int = 50, max_count: int = 1000,
-        validator: ModelValidator | None = None, access: AccessLayer | None = None,
+        validator: ModelValidator | None = None, access: AccessLayer | None = None, cursor_key: bytes | None = None,
     ) -> None:
         self.db = db
+        #: keyset cursors of the searches' next links (a per-instance key unless the composition root gives the
+        #: server's: then every serving process accepts the others' cursors)
+        self.cursors = CursorCodec(cursor_key or secrets.token_bytes(32))
         #: the one access layer (issue #19): every read below gets its query builder from it
         self.access = access or AccessLayer(db, gate, audit)
         self.validator = validator or ModelValidator(0)
@@ -154,12 +159,17 @@ class FhirService:
     async def search(self, requester: Requester, q: SearchQuery, *, access: Access | None = None,
                      conn=None) -> repo.SearchResult:
         self.check_type(q.res_type)
+        if q.cursor is not None:
+            self.cursors.open(q, requester)  # 400 unless issued for this search and requester
         access = access or await self.open(requester)
         if conn is None:
             async with access.read() as c:
                 result = await repo.search(c, q, access.scope)
         else:
             result = await repo.search(conn, q, access.scope)
+        if result.more and result.last_key is not None:
+            start = q.position if q.after is not None else q.offset
+            result.next_cursor = self.cursors.issue(q, requester, result.last_key, start + len(result.matches))
         items = result.matches + result.included
         await access.record(Action.EXECUTE, Interaction.SEARCH_TYPE, Outcome.SUCCESS,
                             resources=[f"{s.res_type}/{s.res_id}" for s in items],

@@ -297,16 +297,23 @@ def _has_conditional_reference(resource: dict) -> bool:
     return any("?" in r and not r.startswith("#") for r in iter_references(resource))
 
 
+def searchset_resource(result) -> dict[str, Any]:
+    """The searchset Bundle of a search entry (``total`` only when the search gave one: FHIR JSON has no null)."""
+    out: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if result.total is not None:
+        out["total"] = result.total
+    if result.matches:
+        out["entry"] = [{"resource": m.resource()} for m in result.matches]
+    return out
+
+
 async def _read_entry(svc: "FhirService", conn, e: Entry, access) -> None:
     requester = access.requester
     try:
         if e.res_id is None:
             q = svc.parse_search(e.res_type, parse_qsl(e.query or "", keep_blank_values=True))
             result = await svc.search(requester, q, access=access, conn=conn)
-            e.response_resource = {
-                "resourceType": "Bundle", "type": "searchset", "total": result.total,
-                "entry": [{"resource": m.resource()} for m in result.matches],
-            }
+            e.response_resource = searchset_resource(result)
             e.status = 200
             return
         if e.version:
@@ -359,10 +366,7 @@ async def batch_entry_response(svc: "FhirService", requester: "Requester", i: in
         if e.res_id is None:
             q = svc.parse_search(e.res_type, parse_qsl(e.query or "", keep_blank_values=True))
             result = await svc.search(requester, q)
-            e.response_resource = {
-                "resourceType": "Bundle", "type": "searchset", "total": result.total,
-                "entry": [{"resource": m.resource()} for m in result.matches],
-            }
+            e.response_resource = searchset_resource(result)
         elif e.version:
             e.stored = await svc.vread(requester, e.res_type, e.res_id, e.version)
         else:

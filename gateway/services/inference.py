@@ -33,6 +33,7 @@ from gateway.store.db import Database
 from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.jobs_schema import inf_job, inf_model_card
 from gateway.store.leases import LeasedQueue
+from gateway.store.model_cards import CardConflict, card_view, registered_cards, store_card  # noqa: F401 (card_view: API)
 from inference import preprocess
 from inference.backends import Backend, BackendError, BackendUnavailable
 from inference.cards import PURPOSE_TREATMENT, CardError, ModelCard, parse_card, shipped_cards
@@ -110,11 +111,6 @@ def job_view(row) -> dict[str, Any]:
     }
 
 
-def card_view(row) -> dict[str, Any]:
-    return {"card": orjson.loads(row.card), "enabled": bool(row.enabled), "registered": row.registered_ts,
-            "registeredBy": row.registered_by}
-
-
 class InferenceService:
     def __init__(self, db: Database, gate: Gate, audit: AuditSink, backend: Backend, dicomweb, fhir,
                  config: InferenceConfig) -> None:
@@ -137,28 +133,20 @@ class InferenceService:
         if not system and not await self.backend.ready(card.triton_model, card.triton_version):
             raise Unprocessable(f"triton.model: {card.triton_model} version {card.triton_version} is not "
                                 f"available on the inference backend")
-        canon = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
         async with self.db.write() as conn:
-            prev = (await conn.execute(select(inf_model_card).where(
-                inf_model_card.c.name == card.name, inf_model_card.c.version == card.version))).first()
-            if prev is not None:
-                if orjson.dumps(orjson.loads(prev.card), option=orjson.OPT_SORT_KEYS).decode() == canon:
-                    return card_view(prev), False
+            try:
+                view, created = await store_card(conn, card.name, card.version, card.purpose, doc, requester.subject)
+            except CardConflict:
                 raise Conflict(f"model card {card.key} is already registered with different content; "
-                               f"register a new version")
-            await conn.execute(inf_model_card.insert().values(
-                name=card.name, version=card.version, card=canon, purpose=card.purpose, enabled=1,
-                registered_by=requester.subject, registered_ts=time.time()))
-            row = (await conn.execute(select(inf_model_card).where(
-                inf_model_card.c.name == card.name, inf_model_card.c.version == card.version))).one()
+                               f"register a new version") from None
+        if not created:
+            return view, False
         self._wake.set()
-        return card_view(row), True
+        return view, True
 
     async def cards(self) -> list[dict]:
         async with self.db.read() as conn:
-            rows = (await conn.execute(select(inf_model_card).order_by(
-                inf_model_card.c.name, inf_model_card.c.version))).all()
-        return [card_view(r) for r in rows]
+            return await registered_cards(conn)
 
     async def _card(self, conn, name: str, version: str | None) -> ModelCard:
         q = select(inf_model_card).where(inf_model_card.c.name == name, inf_model_card.c.enabled == 1)

@@ -119,7 +119,7 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
             sync.execute(text(f"ALTER TABLE {s.fhir_resource.name} ADD COLUMN multi_link BOOLEAN"))
         for ix in DICOM_CONSENT_INDEXES:
             ix.create(sync, checkfirst=True)
-        for ix in s.GATE_INDEXES:
+        for ix in s.GATE_INDEXES + s.LATER_INDEXES:
             ix.create(sync, checkfirst=True)
         return added
 

@@ -567,12 +567,22 @@ class SearchResult:
     matches: list[Stored]
     total: int | None
     included: list[Stored] = field(default_factory=list)
+    #: whether rows follow this page (None: not known; callers then go by ``total``)
+    more: bool | None = None
+    #: the keyset of the page's last match (its ``_sort`` key values, then its rid): where the next page starts
+    last_key: tuple | None = None
+    #: the opaque cursor of the next page (issued by the service when ``more``)
+    next_cursor: str | None = None
 
 
 def _date_pred(lo_col, hi_col, prefix: str, plo: float, phi: float):
+    """FHIR R4 §3.1.1.4.1.3 date comparison of the stored range [lo, hi] with the parameter's [plo, phi].
+    ``eq``, ``ge`` and ``le`` also get the bound they imply on one column (``lo ≤ phi``, ``hi ≥ plo``),
+    so an index on (type, param, lo) or (type, param, hi) is a range seek instead of a scan of the
+    parameter's every row."""
     contained = and_(lo_col >= plo, hi_col <= phi)
     if prefix == "eq":
-        return contained
+        return and_(lo_col <= phi, contained)
     if prefix == "ne":
         return or_(lo_col < plo, hi_col > phi)
     if prefix == "gt":
@@ -580,9 +590,9 @@ def _date_pred(lo_col, hi_col, prefix: str, plo: float, phi: float):
     if prefix == "lt":
         return lo_col < plo
     if prefix == "ge":
-        return or_(hi_col > phi, contained)
+        return and_(hi_col >= plo, or_(hi_col > phi, contained))
     if prefix == "le":
-        return or_(lo_col < plo, contained)
+        return and_(lo_col <= phi, or_(lo_col < plo, contained))
     if prefix == "sa":
         return lo_col > phi
     if prefix == "eb":
@@ -659,7 +669,8 @@ def _selectivity(clause: Clause) -> int:
     return _SELECTIVITY.get(clause.param.type, 5)
 
 
-def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: AccessScope | None = None):
+def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: AccessScope | None = None,
+               after_rid: int | None = None):
     """SQL predicate over ``fhir_resource`` for one search clause.
 
     The driving clause (the most selective) becomes ``rid IN (index lookup)``; the others are correlated
@@ -667,7 +678,8 @@ def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: Ac
     (a common code across 100k resources would otherwise be built in full for every query).  With
     ``scope``, the driving lookup also applies the consent gate to the index rows' ``consent_no`` (tested
     inside the partial gate index, ``schema.GATE_INDEXES``, instead of on every candidate resource row);
-    the caller passes it only when :func:`_drives` says the clause becomes such a lookup.
+    the caller passes it only when :func:`_drives` says the clause becomes such a lookup.  ``after_rid``
+    (keyset paging in rid order): the lookup starts after that rid, a range seek on the index's rid column.
     """
     name = clause.param.name
     if name == "_id":
@@ -684,28 +696,46 @@ def clause_sql(clause: Clause, res_type: str, *, driving: bool = True, scope: Ac
     if driving and not negate:
         if scope is not None:
             preds.append(scope.row_clause(table.c.consent_no))
+        if after_rid is not None:
+            preds.append(table.c.rid > after_rid)
         return R.c.rid.in_(select(table.c.rid).where(*preds))
     probe = select(table.c.rid).where(table.c.rid == R.c.rid, *preds).exists()
     return not_(probe) if negate else probe
 
 
-def _sort_key(res_type: str, pname: str, desc: bool):
+def _sort_col(res_type: str, pname: str, desc: bool):
+    """The value a ``_sort`` parameter orders by (nullable for index parameters) and whether it can be NULL."""
     if pname == "_lastUpdated":
-        col = R.c.lu_ts
-    elif pname == "_id":
-        col = R.c.res_id
-    else:
-        from mappings.fhir.searchparams import params_for
+        return R.c.lu_ts, False
+    if pname == "_id":
+        return R.c.res_id, False
+    from mappings.fhir.searchparams import params_for
 
-        sp = params_for(res_type)[pname]
-        table = s.INDEX_TABLES[sp.type]
-        # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
-        value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
-                     "reference": "target_id"}[sp.type]
-        value_col = table.c[value_col]
-        agg = func.max(value_col) if desc else func.min(value_col)
-        col = select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery()
-    return (col.desc().nulls_last() if desc else col.asc().nulls_last())
+    sp = params_for(res_type)[pname]
+    table = s.INDEX_TABLES[sp.type]
+    # (the parser lets only these types through: mappings.fhir.search.SORTABLE_TYPES)
+    value_col = {"date": "hi" if desc else "lo", "string": "norm", "token": "code", "quantity": "value",
+                 "reference": "target_id"}[sp.type]
+    value_col = table.c[value_col]
+    agg = func.max(value_col) if desc else func.min(value_col)
+    return select(agg).where(table.c.rid == R.c.rid, table.c.param == pname).scalar_subquery(), True
+
+
+def keyset_after(keys: Sequence[tuple[Any, bool, bool]], after: Sequence[Any]):
+    """Predicate: the row comes after the keyset ``after`` in the order of ``keys`` — (column, descending,
+    nullable) each, NULLs last in either direction, the last key unique (``rid``): the WHERE clause of
+    keyset ("seek") paging, which reads only the rows of the page instead of skipping an OFFSET."""
+    col, desc, nullable = keys[0]
+    v = after[0]
+    if len(keys) == 1:
+        return (col < v) if desc else (col > v)
+    rest = keyset_after(keys[1:], after[1:])
+    if v is None:  # NULLs come last: only rows with NULL here too can follow, ordered by the rest
+        return and_(col.is_(None), rest)
+    beyond = (col < v) if desc else (col > v)
+    if nullable:
+        beyond = or_(beyond, col.is_(None))
+    return or_(beyond, and_(col == v, rest))
 
 
 def _drives(clause: Clause) -> bool:
@@ -723,37 +753,152 @@ def compartment_clause(patient_id: str | tuple[str, ...]):
                                         L.c.version == R.c.version, who).exists()
 
 
-async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
+def compartment_terms(patient_id: str | tuple[str, ...], res_type: str) -> list:
+    """:func:`compartment_clause` as the driving lookup of a compartment search: the ids of ``res_type``
+    linked to the patient or patients (``fhir_link``'s (patient, type) index), each looked up by (type, id),
+    and the link of the current version."""
+    L = s.fhir_link
+    who = L.c.patient_id == patient_id if isinstance(patient_id, str) else L.c.patient_id.in_(sorted(patient_id))
+    ids = select(L.c.res_id).where(who, L.c.res_type == res_type)
+    return [R.c.res_id.in_(ids), compartment_clause(patient_id)]
+
+
+def _search_where(q: SearchQuery, scope: AccessScope, after_rid: int | None = None) -> list:
+    """The WHERE terms of search ``q`` in ``scope`` (``after_rid``: pushed into the driving index lookup).
+
+    What drives the query: the compartment when there is one (one patient's resources, through
+    ``fhir_link``'s patient index), else the most selective clause's index lookup when it has one
+    (:func:`_drives`), else the resource table by type."""
     ordered = sorted(q.clauses, key=_selectivity)
-    lookup = bool(ordered) and _drives(ordered[0])
+    lookup = q.compartment is None and bool(ordered) and _drives(ordered[0])
     where = [R.c.deleted.is_(False)]
     if lookup and not scope.unrestricted:
         # the consent gate inside the driving index lookup (its rows carry the resource's consent_no): only
         # permitted candidates are fetched at all, instead of a consent test on every candidate resource
-        where += [clause_sql(ordered[0], q.res_type, driving=True, scope=scope)]
+        where += [clause_sql(ordered[0], q.res_type, driving=True, scope=scope, after_rid=after_rid)]
+    elif lookup:
+        where.insert(0, scope.row_clause(R.c.consent_no))
+        where += [clause_sql(ordered[0], q.res_type, driving=True, after_rid=after_rid)]
     else:
         # consent first: a row it rejects skips the rest (SQLite evaluates terms in order)
         where.insert(0, scope.row_clause(R.c.consent_no))
-        where += [clause_sql(ordered[0], q.res_type, driving=True)] if ordered else []
+        where += [clause_sql(ordered[0], q.res_type, driving=q.compartment is None)] if ordered else []
     where += [clause_sql(c, q.res_type, driving=False) for c in ordered[1:]]
     if q.compartment is not None:
-        where.append(compartment_clause(q.compartment))
-    if q.after_rid is not None:
-        where.append(R.c.rid > q.after_rid)
+        where += compartment_terms(q.compartment, q.res_type)
     if not lookup:
         # no index lookup drives the query: restrict by type here.  (When one does, its rows already carry
         # the type, and a res_type predicate would tempt SQLite into scanning every resource of the type.)
         where.insert(0, R.c.res_type == q.res_type)
+    return where
+
+
+def count_statement(q: SearchQuery, scope: AccessScope, where: list | None = None):
+    """``SELECT count(*)`` of the matches of ``q`` in ``scope`` (``_total=accurate``, ``_summary=count``)."""
+    return select(func.count()).select_from(R).where(*(where if where is not None else _search_where(q, scope)))
+
+
+def _streamed(q: SearchQuery) -> Clause | None:
+    """The clause that drives ``q`` as a streamed index walk, if it can: in the default (rid) order, an
+    equality lookup of one value — a token code, a reference — reads the index in rid order already
+    ((type, param, value, rid) index), so the page is a join that stops after ``_count`` + 1 rows instead
+    of an ``rid IN (every match)`` set built on every page (a common code has 10 % of a store's rows)."""
+    if q.sort or q.compartment is not None or (q.offset and q.after is None):  # (_offset: the IN form)
+        return None
+    ordered = sorted(q.clauses, key=_selectivity)
+    if not ordered or not _drives(ordered[0]):
+        return None
+    c = ordered[0]
+    if len(c.values) != 1 or clause_has_modifier(c):
+        return None
+    if c.param.type == "token" and c.values[0][1] is not None:
+        return c
+    if c.param.type == "reference":
+        return c
+    return None
+
+
+def clause_has_modifier(c: Clause) -> bool:
+    return c.modifier is not None and not (c.param.type == "reference" and c.modifier[:1].isupper())
+
+
+def _streamed_statement(q: SearchQuery, scope: AccessScope, c: Clause, after_rid: int | None, limit: int):
+    # an alias: the other clauses' probes on the same index table must not correlate with the walked rows
+    table = s.INDEX_TABLES[c.param.type].alias("walk")
+    preds = [table.c.res_type == q.res_type, table.c.param == c.param.name, _value_pred(c, table, c.values[0])]
+    if not scope.unrestricted:  # the gate inside the index walk (its rows carry the resource's consent_no)
+        preds.append(scope.row_clause(table.c.consent_no))
+    if after_rid is not None:
+        preds.append(table.c.rid > after_rid)
+    others = [clause_sql(x, q.res_type, driving=False) for x in sorted(q.clauses, key=_selectivity)[1:]]
+    return (select(*_COLS).select_from(table.join(R, R.c.rid == table.c.rid))
+            .where(*preds, R.c.deleted.is_(False), *others).order_by(table.c.rid).limit(limit))
+
+
+def page_statement(q: SearchQuery, scope: AccessScope, where: list | None = None):
+    """The SELECT of one page of ``q`` in ``scope`` (``q.count`` + 1 rows: the extra one says whether more
+    follow) and the number of its keyset columns (``k0``, ``k1``, ... then ``rid``)."""
+    after_rid = q.after[-1] if q.after is not None and not q.sort else None
+    if (c := _streamed(q)) is not None:
+        return _streamed_statement(q, scope, c, after_rid, q.count + 1), 1
+    keys = [(col, d, nullable) for p, d in q.sort for col, nullable in [_sort_col(q.res_type, p, d)]]
+    keys.append((R.c.rid, False, False))
+    if after_rid is not None:
+        page_where = _search_where(q, scope, after_rid)
+    else:
+        page_where = list(where if where is not None else _search_where(q, scope))
+    if q.after is not None:  # (the service checked that the keyset fits the sort: gateway.services.search_cursor)
+        page_where.append(keyset_after(keys, q.after))
+    order = [(c.desc() if d else c.asc()).nulls_last() if n else (c.desc() if d else c.asc()) for c, d, n in keys]
+    sort_vals = [c.label(f"k{n}") for n, (c, _, _) in enumerate(keys[:-1])]
+    stmt = select(*_COLS, *sort_vals).where(*page_where).order_by(*order).limit(q.count + 1)
+    if q.after is None and q.offset:
+        stmt = stmt.offset(q.offset)
+    return stmt, len(keys)
+
+
+async def _distinct_rids(conn: AsyncConnection, q: SearchQuery, scope: AccessScope, c: Clause, rows: list) -> list:
+    """A streamed page (:func:`_streamed`) without the repeats of a resource that has the value twice (two
+    codings with the same code): they come together (rid order); when dropping them leaves the page short,
+    the walk goes on after the last rid read."""
+    want = q.count + 1
+    out: list = []
+    batch = rows
+    while True:
+        for r in batch:
+            if not out or r.rid != out[-1].rid:
+                out.append(r)
+        if len(batch) < want or len(out) >= want:
+            return out[:want]
+        batch = (await conn.execute(_streamed_statement(q, scope, c, batch[-1].rid, want))).all()
+
+
+async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
+    """One page of the search ``q`` in the caller's ``scope``: the page after ``q.after`` (keyset paging,
+    the ``next`` links' cursors) or at ``q.offset`` (explicit ``_offset``), ordered by ``_sort`` then rid.
+
+    ``total``: counted only for ``_total=accurate`` and ``_summary=count`` / ``_count=0``; for the default
+    (``estimate``) it is given when the page reaches the end of the matches (``q.position`` + the page),
+    which costs nothing; ``none`` never.  ``more`` is known from one row read beyond the page."""
+    where = _search_where(q, scope)
     total = None
-    if q.total != "none" or q.summary == "count":
-        total = (await conn.execute(select(func.count()).select_from(R).where(*where))).scalar_one()
+    if q.total == "accurate" or q.summary == "count" or q.count == 0:
+        total = (await conn.execute(count_statement(q, scope, where))).scalar_one()
     if q.summary == "count" or q.count == 0:
-        return SearchResult([], total)
-    order = [_sort_key(q.res_type, p, d) for p, d in q.sort] + [R.c.rid.asc()]
-    stmt = select(*_COLS).where(*where).order_by(*order).limit(q.count).offset(q.offset)
-    matches = [_stored(r) for r in await conn.execute(stmt)]
+        return SearchResult([], total, more=False)
+    stmt, nkeys = page_statement(q, scope, where)
+    rows = (await conn.execute(stmt)).all()
+    if (c := _streamed(q)) is not None:
+        rows = await _distinct_rids(conn, q, scope, c, rows)
+    more = len(rows) > q.count
+    rows = rows[:q.count]
+    matches = [_stored(r) for r in rows]
+    last_key = (*(getattr(rows[-1], f"k{n}") for n in range(nkeys - 1)), rows[-1].rid) if rows else None
+    start = q.offset if q.after is None else q.position
+    if total is None and not more and q.total == "estimate" and (matches or not start):
+        total = start + len(matches)
     included = await _includes(conn, q, matches, scope) if matches and (q.includes or q.revincludes) else []
-    return SearchResult(matches, total, included)
+    return SearchResult(matches, total, included, more=more, last_key=last_key)
 
 
 async def visible_types(conn: AsyncConnection, scope: AccessScope) -> list[str]:

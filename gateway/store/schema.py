@@ -94,6 +94,9 @@ fhir_link = Table(
     Column("patient_id", String(64), primary_key=True),
 )
 Index("ix_fhir_link_patient", fhir_link.c.patient_id)
+#: the compartment search's lookup: one patient's resources of one type (issue 27)
+ix_fhir_link_patient_type = Index("ix_fhir_link_patient_type", fhir_link.c.patient_id, fhir_link.c.res_type,
+                                  fhir_link.c.res_id)
 
 
 def _idx(name: str, *cols: Column) -> Table:
@@ -142,6 +145,8 @@ Index("ix_idx_string_rid", idx_string.c.rid)
 
 idx_date = _idx("idx_date", Column("lo", Float, nullable=False), Column("hi", Float, nullable=False))
 Index("ix_idx_date_lookup", idx_date.c.res_type, idx_date.c.param, idx_date.c.lo, idx_date.c.hi)
+#: date searches bounded by the range's end (gt, ge, eb: ``fhir_repo._date_pred``; issue 27)
+ix_idx_date_hi = Index("ix_idx_date_hi", idx_date.c.res_type, idx_date.c.param, idx_date.c.hi, idx_date.c.rid)
 Index("ix_idx_date_rid", idx_date.c.rid)
 
 idx_ref = _idx(
@@ -167,6 +172,9 @@ GATE_INDEXES = (
     _gate_index(idx_ref, idx_ref.c.target_id, also=(idx_ref.c.target_type,)),
     _gate_index(idx_quantity, idx_quantity.c.value, also=(idx_quantity.c.system, idx_quantity.c.code)),
 )
+
+#: indexes added after the tables existed (created on older stores by consent_schema.ensure_indexes)
+LATER_INDEXES = (ix_fhir_link_patient_type, ix_idx_date_hi)
 
 INDEX_TABLES = {
     "token": idx_token,

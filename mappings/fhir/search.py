@@ -51,13 +51,22 @@ class SearchQuery:
     includes: list[Include] = field(default_factory=list)
     revincludes: list[Include] = field(default_factory=list)
     summary: str | None = None  # "count" | "false"
-    total: str = "accurate"  # none | estimate | accurate
+    #: ``_total`` (FHIR R4 §3.1.1.5.x): none | estimate | accurate.  The default, ``estimate``, gives the
+    #: total only when it costs nothing (the page that reaches the end of the matches); ``accurate`` counts.
+    total: str = "estimate"
+    #: ``_cursor``: the opaque keyset cursor of a ``next`` link (verified by the service), else None
+    cursor: str | None = None
+    #: keyset position decoded from the cursor: the sort-key values of the last row already returned
+    #: (``_sort`` keys, then ``rid``) and how many rows came before the page (set by the service)
+    after: tuple | None = None
+    position: int = 0
+    #: the search's criteria and result parameters in canonical form (``_cursor``, ``_offset``, ``_format``
+    #: and ``_pretty`` left out): what a cursor is bound to
+    signature: str = ""
     ignored: list[str] = field(default_factory=list)
     #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id (or several: a Group's
     #: members, Bulk Data ``Group/[id]/$export``), else None
     compartment: str | tuple[str, ...] | None = None
-    #: keyset paging (Bulk Data export): only resources stored after this row number, in storage order
-    after_rid: int | None = None
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -73,6 +82,7 @@ def parse_search(
 ) -> SearchQuery:
     q = SearchQuery(res_type)
     params = params_for(res_type)
+    pairs = list(pairs)
     for raw_name, raw_value in pairs:
         if _CONTROL.search(raw_name) or _CONTROL.search(raw_value):  # NUL etc.: no stored string holds one
             raise SearchError(raw_name if not _CONTROL.search(raw_name) else repr(raw_name),
@@ -90,7 +100,21 @@ def parse_search(
         q.clauses.append(_clause(sp, modifier or None, raw_value))
     if q.count is None:
         q.count = default_count
+    if q.cursor is not None and q.offset:
+        raise SearchError("_cursor", "cannot be combined with _offset (a cursor already says where the page starts)")
+    q.signature = search_signature(res_type, [(k, v) for k, v in pairs if k not in q.ignored])
     return q
+
+
+#: Parameters that say where a page starts or how it is rendered, not what is searched.
+_UNSIGNED = frozenset({"_cursor", "_offset", "_format", "_pretty"})
+
+
+def search_signature(res_type: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """The search in canonical form (type, then the sorted parameter pairs other than :data:`_UNSIGNED`):
+    equal for the first page and every ``next`` link of one search, different for any other search."""
+    kept = sorted((k, v) for k, v in pairs if k.partition(":")[0] not in _UNSIGNED)
+    return res_type + "?" + "&".join(f"{len(k)}:{k}={len(v)}:{v}" for k, v in kept)
 
 
 #: Search parameter types ``_sort`` can order by (each has one comparable index column, see fhir_repo._sort_key).
@@ -124,6 +148,10 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             raise SearchError(name, f"{value!r} is not an integer") from None
         if q.offset > MAX_OFFSET:
             raise SearchError(name, f"must be at most {MAX_OFFSET}")
+    elif name == "_cursor":
+        if not value or len(value) > 2048:
+            raise SearchError(name, "is not a cursor this server issued (take the next link as given)")
+        q.cursor = value
     elif name == "_sort":
         for part in value.split(","):
             part = part.strip()

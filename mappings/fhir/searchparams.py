@@ -206,7 +206,7 @@ COMMON_PARAMS: dict[str, SearchParam] = {
 #: Control parameters of the search interaction itself (not filters).
 RESULT_PARAMS = frozenset(
     {"_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_format", "_offset", "_pretty", "_elements",
-     "_totalMethod"}
+     "_totalMethod", "_cursor"}
 )
 
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from gateway.settings import SettingsError, load_settings
+import gateway.settings as settings_module
+from gateway.settings import MAX_AUTO_PROCESSES, SettingsError, available_cores, load_settings
 
 
 def test_processes_from_env_toml_and_flags(tmp_path):
-    cores = os.cpu_count() or 1
-    assert load_settings(env={}).serve_processes == 1  # default: one process, the old code path
+    cores = min(MAX_AUTO_PROCESSES, available_cores())
+    # default (issue 27): one process per core, capped — the configuration the figures are measured with
+    assert load_settings(env={}).processes == 0 and load_settings(env={}).serve_processes == cores
+    assert load_settings(env={"FEDGATE_PROCESSES": "1"}).serve_processes == 1  # the documented way back
     assert load_settings(env={"FEDGATE_PROCESSES": "3"}).serve_processes == 3
     assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).serve_processes == cores
+    assert load_settings(env={"FEDGATE_PROCESSES": "12"}).serve_processes == 12  # explicit: no cap
     cfg = tmp_path / "f.toml"
     cfg.write_text('processes = "auto"\n')
     assert load_settings(config_file=cfg, env={}).processes == 0
@@ -23,10 +25,18 @@ def test_processes_from_env_toml_and_flags(tmp_path):
             load_settings(env={"FEDGATE_PROCESSES": bad})
 
 
+def test_auto_is_capped_and_follows_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 64)
+    assert load_settings(env={}).serve_processes == MAX_AUTO_PROCESSES == 8
+    assert load_settings(env={}).validation_processes == 4  # the cores the 8 processes leave, at most 4
+    monkeypatch.setattr(settings_module, "available_cores", lambda: 1)
+    assert load_settings(env={}).serve_processes == 1  # one core: the single-process path
+
+
 def test_worker_pools_use_the_cores_the_server_processes_leave():
-    cores = os.cpu_count() or 1
-    assert load_settings(env={}).validation_processes == max(0, min(4, cores - 1))
-    assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).validation_processes == 0
+    cores = available_cores()
+    assert load_settings(env={"FEDGATE_PROCESSES": "1"}).validation_processes == max(0, min(4, cores - 1))
+    assert load_settings(env={"FEDGATE_PROCESSES": "auto"}).validation_processes == max(0, min(4, cores - min(8, cores)))
     assert load_settings(env={"FEDGATE_PROCESSES": "auto", "FEDGATE_VALIDATION_WORKERS": "2"}).validation_processes == 2
 
 
