@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from gateway.context import Requester
 from gateway.errors import GatewayError
 from gateway.settings import Settings
@@ -92,6 +90,8 @@ async def _run(settings, requester, studies, target, project, options, progress:
     await runner.setup()
     try:
         svc = app[keys.SERVICES][EXPORT]
+        from tqdm import tqdm  # imported when used: the CLI starts without it
+
         with tqdm(total=len(studies), desc="exporting", unit="study", disable=not progress, file=sys.stderr) as bar:
             done: set[str] = set()
 
