@@ -108,7 +108,7 @@ async def load_studies(app, studies: int, tmp: Path) -> int:
     from gateway.context import SYSTEM
     from tests.dicom_synth import ct_series, write
 
-    svc = app[keys.SERVICES]["dicomweb"]
+    svc = app[keys.DICOMWEB]
     done = 0
     for start in range(0, studies, 100):
         files = []

@@ -67,14 +67,13 @@ async def _run(settings: Settings, files: list[Path], progress: bool) -> list[Im
 
     from gateway import keys
     from gateway.app import create_app
-    from gateway.handlers.dicomweb import SERVICE
 
     app = create_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
     results: list[ImportResult] = []
     try:
-        svc = app[keys.SERVICES][SERVICE]
+        svc = app[keys.DICOMWEB]
         with tqdm(total=len(files), desc="importing", unit="file", disable=not progress) as bar:
             for i in range(0, len(files), BATCH):
                 batch = files[i:i + BATCH]

@@ -55,11 +55,8 @@ def _writer_pool() -> ThreadPoolExecutor:
         _writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="stow-write")
     return _writers
 
-SERVICE = "dicomweb"
-
-
 def _svc(request: web.Request) -> DicomwebService:
-    return request.app[keys.SERVICES][SERVICE]
+    return request.app[keys.DICOMWEB]
 
 
 def base_url(request: web.Request) -> str:
@@ -820,24 +817,6 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     return await _send_parts(request, negotiate.OCTET, None, [data], want.multipart)
 
 
-# ------------------------------------------------------------------------------------------- wiring
-
-
-async def _dicomweb_ctx(app: web.Application):
-    from gateway.services.dicomweb import DicomwebService
-    from gateway.store.blobs import BlobStore
-
-    settings = app[keys.SETTINGS]
-    svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"),
-                          app[keys.SERVICES].get("workers"))
-    if app[keys.STARTUP] != "serve":  # not in a serving child: its siblings' temp files are in flight
-        await svc.reconcile()
-    else:  # a serving child (perhaps replacing one that died): what a dead sibling left half stored
-        await svc.adopt_dead_journals()
-    app[keys.SERVICES][SERVICE] = svc
-    yield
-
-
 def setup_routes(app: web.Application) -> None:
     r = app.router
     st, se, i = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
@@ -864,7 +843,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(st + se + "/thumbnail", thumbnail, name="dicomweb.thumbnail_series")
     r.add_get(st + se + i + "/thumbnail", thumbnail, name="dicomweb.thumbnail_instance")
     r.add_get(st + se + i + "/bulkdata/{tag}", bulkdata, name="dicomweb.bulkdata")
-    app.cleanup_ctx.append(_dicomweb_ctx)
 
 
 __all__ = ["setup_routes"]

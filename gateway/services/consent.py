@@ -240,7 +240,7 @@ class ConsentGate:
 
 
 async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
+    """cleanup_ctx: start the gate once the store is open (after ``store_ctx`` in gateway/app.py)."""
     gate = app[keys.GATE]
     one_time = app[keys.STARTUP] != "serve"
     if one_time:
