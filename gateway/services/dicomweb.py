@@ -32,6 +32,7 @@ from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
 from gateway.store import dicom_views
+from gateway.store import qido as qido_sql
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database, built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
@@ -114,7 +115,7 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     a reason written for people (:func:`failure_reason`): one bad part never fails the request."""
     try:
         return _parse_checked(part, study_in_path)
-    except Exception as exc:  # noqa: BLE001 — whatever a malformed file makes a reader raise fails it alone
+    except Exception as exc:  # whatever a malformed file makes a reader raise fails it alone
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
 
 
@@ -158,7 +159,7 @@ def _parse_checked(part: Part, study_in_path: str | None) -> Outcome:
             ds, ts, meta = _read_full(part)
     except _NeedsFile:
         return Outcome(None, None, retry=True)
-    except Exception as exc:  # noqa: BLE001 — see _parse_part
+    except Exception as exc:  # see _parse_part
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out = Outcome(*(attrs.text(src, kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
@@ -1014,7 +1015,7 @@ class DicomwebService:
         patients) are stored, so every answer is built from permitted instances only (issue #19); an admin
         gets the conflicting studies among the results in ``warnings``."""
         scope = await self.gate.scope_for(requester)
-        plain = q.statements(level, scope)
+        plain = qido_sql.statements(q, level, scope)
         with_meta = bool(q.extra_tags(level) or q.include_all)
         meta_stmt = self._meta_stmt(level, scope) if with_meta else None
         report = warnings is not None and requester.is_admin
@@ -1022,7 +1023,7 @@ class DicomwebService:
         def read(conn) -> tuple[int, list[dict], list[str]]:  # one hand-over for every statement (read_sync)
             stmt, count_stmt = plain
             if not scope.unrestricted and conn.execute(dicom_views.has_conflicts_stmt()).first() is not None:
-                stmt, count_stmt = q.statements(level, scope, self._views())
+                stmt, count_stmt = qido_sql.statements(q, level, scope, self._views())
             total = conn.execute(count_stmt).scalar_one()
             results = [dict(r) for r in conn.execute(stmt).mappings()]
             if meta_stmt is not None:

@@ -48,8 +48,8 @@ from gateway.settings import Settings, SettingsError, secret_file
 from gateway.store import cohort_reads
 from gateway.store.schema import cm_patient
 from gateway.store.scope import AccessScope
-from mappings.cohort import CohortError, compile_cohort, parse
-from mappings.cohort.compiler import Expander
+from gateway.store.cohort import compile_cohort
+from mappings.cohort import CohortError, Expander, parse
 from mappings.cohort.disclosure import (
     CellKeys,
     Disclosure,

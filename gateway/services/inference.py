@@ -216,7 +216,8 @@ class InferenceService:
         return jobs, created_any
 
     async def _submit_cohort(self, requester: Requester, name: Any, version: Any, cohort: Any) -> tuple[list[dict], bool]:
-        from mappings.cohort import CohortError, compile_cohort, parse
+        from gateway.store.cohort import compile_cohort
+        from mappings.cohort import CohortError, parse
 
         if not isinstance(name, str) or not name or (version is not None and not isinstance(version, str)):
             raise BadRequest("model: expected a non-empty string")

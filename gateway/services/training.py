@@ -658,7 +658,8 @@ class SiteTrainer:
 
     async def _select(self, spec: RunSpec, scope) -> dict:
         """Cohort ∩ consent scope → (patient, sop, is_test, label, blob, sex, age band, manufacturer) rows."""
-        from mappings.cohort import compile_cohort, parse
+        from gateway.store.cohort import compile_cohort
+        from mappings.cohort import parse
 
         today = _dt.date.today()
         cohort_q = compile_cohort(parse(spec.cohort, "$.cohort"), scope, expand=self.expand, today=today)
@@ -700,7 +701,7 @@ class SiteTrainer:
         """(SEG blob path, segment number) of the label's segment in the cohort's SEG instances."""
         from gateway.store.dicom_schema import dcm_seg_segment as t
         from mappings.cohort import parse
-        from mappings.cohort.compiler import Compiler
+        from gateway.store.cohort import Compiler
 
         want = parse(spec.label, "$.label").body.segments[0]
         out = []
