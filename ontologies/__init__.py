@@ -13,10 +13,10 @@ Public API (see ``docs/consent.md``)::
 
 from ontologies.cache import DecisionCache, allowed_profile_ids, allowed_profiles
 from ontologies.diseases import (
+    EMPTY_HIERARCHY,
     ClosureHierarchy,
     CompositeHierarchy,
     DiseaseHierarchy,
-    EMPTY_HIERARCHY,
     load_hierarchy,
     load_obo_hierarchy,
     load_owl_hierarchy,
