@@ -99,7 +99,7 @@ class TokenVerifier:
         self._cache.clear()
 
     #: A verified token is remembered this long (never past its ``exp``): the same client sends the same
-    #: token on every request, and signature + claim checks were ~20 % of a WADO instance request.
+    #: token on every request, and signature + claim checks are a large part of a small request.
     CACHE_TTL_S = 60.0
     CACHE_MAX = 4096
 

@@ -107,7 +107,7 @@ class Metrics:
             fam = GaugeMetricFamily(name, doc, labels=list(labels))
             try:
                 values = await read()
-            except Exception as exc:  # noqa: BLE001 - a failed reading must not fail the whole scrape
+            except Exception as exc:  # a failed reading must not fail the whole scrape
                 log.warning("metrics: reading a gauge failed", extra={"metric": name, "error_type": type(exc).__name__})
                 continue
             for key, value in sorted(values.items()):

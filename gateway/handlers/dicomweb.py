@@ -42,8 +42,7 @@ TRANSCODE_AHEAD = 64 * 1024 * 1024
 CHUNK = 256 * 1024
 #: bytes of a STOW part collected before a thread writes them (see _PartWriter)
 WRITE_BATCH = 1024 * 1024
-#: threads writing and fsync-ing STOW part files: an fsync waits on the disk for milliseconds (≈ 4.6 ms per
-#: 514 KB file measured on the busy bench VM), so they get threads of their own rather than queueing the
+#: threads writing and fsync-ing STOW part files: an fsync waits on the disk for milliseconds, so they get threads of their own rather than queueing the
 #: next parts' writes (and every other ``to_thread`` user) behind the default executor's cpu + 4
 WRITER_THREADS = 16
 _writers: ThreadPoolExecutor | None = None
@@ -250,8 +249,7 @@ class _PartFile:
 
     With ``direct`` the file is switched to ``O_DIRECT`` once created: the bytes go from the thread's
     page-aligned staging buffer to the disk without a copy into the page cache. The page-cache copy was
-    the largest single CPU cost of STOW on the bench VM (perf: a quarter of all CPU samples at
-    concurrency 16, ≈ 1.4 ms per 514 KB instance — new page-cache pages are slow to touch in a VM),
+    the largest single CPU cost of STOW on the bench VM (new page-cache pages are slow to touch in a VM),
     and a PACS ingest does not read most of what it stores soon after. Each job writes whole 4 KiB blocks
     and keeps the rest (< 4 KiB) for the next; the last job writes it through the page cache. A file
     system without O_DIRECT (tmpfs, some network file systems: EINVAL), or a direct write it refuses,
@@ -492,7 +490,7 @@ async def _search(request: web.Request, level: str) -> web.Response:
                             series_uid=series)
     except QidoError as exc:
         raise BadRequest(str(exc), expression=[exc.param]) from None
-    notes: list[str] = []  # (admins: conflicting studies among the results, issue #19)
+    notes: list[str] = []  # (admins: conflicting studies among the results)
     results, total = await _svc(request).search(requester_of(request), level, q, notes)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
@@ -606,7 +604,7 @@ async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
         return await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target)
     except pixels.PixelError as exc:
         raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 — a stored file pydicom cannot re-encode
+    except Exception as exc:  # a stored file pydicom cannot re-encode
         log.warning("transcode failed", extra={"error_type": type(exc).__name__})
         raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target} (ask for "
                             "transfer-syntax=* to get it as stored)") from None
@@ -711,7 +709,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
         want, media, ts, data = await asyncio.to_thread(pixels.frames_as, svc.blob_path(row), nums, wants)
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
-    except Exception as exc:  # noqa: BLE001 — a stored file whose pixel data pydicom cannot read: 406
+    except Exception as exc:  # a stored file whose pixel data pydicom cannot read: 406
         log.warning("frames failed", extra={"error_type": type(exc).__name__})
         raise NotAcceptable("the instance's pixel data cannot be split into frames") from None
     return await _send_parts(request, media, ts, data, want.multipart)

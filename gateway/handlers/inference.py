@@ -69,7 +69,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def monitoring(request: web.Request) -> web.Response:
-    """Model monitoring (issue 6): drift by scanner (PSI + alerts), performance vs reference standard, energy."""
+    """Model monitoring: drift by scanner (PSI + alerts), performance vs reference standard, energy."""
     q = request.query
     if not q.get("model"):
         raise BadRequest("model: required (a registered model card name)")

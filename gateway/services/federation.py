@@ -394,7 +394,7 @@ class SiteService:
         return result
 
     async def _answer(self, req: CohortRequest, scope: AccessScope) -> dict:
-        # Only patients whose consent permits the purpose are ever read (issue #19, leak 5): the cohort SQL
+        # Only patients whose consent permits the purpose are ever read: the cohort SQL
         # is intersected with the scope, so no released value — counts, breakdowns, stats, cell keys —
         # depends on a refused patient.  (An earlier ``consent.matching`` counted every patient matching
         # the criteria: comparing count(A) with count(A or X) told whether a withdrawn patient had X.)

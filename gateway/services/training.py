@@ -1,4 +1,4 @@
-"""Federated training (issue 7; docs/training.md): FedAvg across sites, consent re-selected every round.
+"""Federated training (docs/training.md): FedAvg across sites, consent re-selected every round.
 
 The hub (``TrainingHub``) keeps the global weights and the run's lineage; it never sees an image or a
 patient id.  Every round it sends the global weights to each site (``POST /federation/train/round``,
@@ -675,7 +675,7 @@ class SiteTrainer:
                             cm_patient.c.consent_profile)
                      .join(dcm_series, dcm_series.c.series_uid == dcm_instance.c.series_uid)
                      .join(cm_patient, cm_patient.c.patient_id == dcm_instance.c.patient_id)
-                     # through the access layer's predicates: each instance by its own patient link (issue #19)
+                     # through the access layer's predicates: each instance by its own patient link
                      .where(dcm_instance.c.patient_id.in_(ids), gated_where(scope, dcm_instance),
                             gated_where(scope, cm_patient), dcm_instance.c.rows.is_not(None))
                      # a reproducible sample order (UIDs are random): patient, series, instance number

@@ -108,7 +108,7 @@ def statements(q: QidoQuery, level: str, scope, views: dict | None = None) -> tu
     # series or instance row exists only with its parent rows (inserted with them in the STOW index
     # transaction, never deleted apart), so counting the level's own table gives the same number —
     # a b-tree count ungated and a seek of the consent_no index gated, where the join made SQLite
-    # read every row of the level (gated QIDO series 0.2 ms slower than ungated; issue #4).
+    # read every row of the level.
     joins = {TABLES[a.level] for a, _ in q.matches} | ({SE} if q.series_uid and own is ST else set())
     count = select(func.count()).select_from(own if joins <= {own} else frm).where(*where)
     return stmt, count
