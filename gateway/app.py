@@ -39,7 +39,8 @@ from gateway.services.federation import FederationConfig, HubService, HubTokenVe
 from gateway.services.fhir import FhirService
 from gateway.services.inference import InferenceConfig, InferenceService
 from gateway.services.omop import OmopService
-from gateway.services.training import SiteTrainer, TrainingConfig, TrainingHub
+from gateway.services.training import SiteTrainer, TrainingConfig
+from gateway.services.training_hub import TrainingHub
 from gateway.services.validation import ModelValidator
 from gateway.services.vocab import VocabService, vocab_ctx
 from gateway.services.workers import WorkerPool

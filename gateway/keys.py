@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from gateway.services.fhir import FhirService
     from gateway.services.inference import InferenceService
     from gateway.services.omop import OmopService
-    from gateway.services.training import SiteTrainer, TrainingHub
+    from gateway.services.training import SiteTrainer
+    from gateway.services.training_hub import TrainingHub
     from gateway.services.vocab import VocabService
     from gateway.services.workers import WorkerPool
     from gateway.settings import Settings

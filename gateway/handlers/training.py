@@ -21,7 +21,7 @@ from gateway import keys
 from gateway.errors import NotFound
 from gateway.handlers.federation import _authenticate, _json
 from gateway.middlewares import requester_of
-from gateway.services.training import TrainingHub
+from gateway.services.training_hub import TrainingHub
 
 # the keys these routes use, by their short names (gateway/app.py builds the services)
 SITE, HUB = keys.TRAINING_SITE, keys.TRAINING_HUB
