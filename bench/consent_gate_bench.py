@@ -41,12 +41,12 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway import keys  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from gateway.auth import issue_dev_token  # noqa: E402
-from gateway.settings import load_settings  # noqa: E402
-from gateway.store import fhir_repo  # noqa: E402
-from gateway.store.schema import cm_patient  # noqa: E402
+from gateway import keys
+from gateway.app import create_app
+from gateway.auth import issue_dev_token
+from gateway.settings import load_settings
+from gateway.store import fhir_repo
+from gateway.store.schema import cm_patient
 
 DUO = "http://purl.obolibrary.org/obo/duo"
 REGIONS = ["DE", "FR", "NL", "BE", "AT", "IT", "ES", "PT", "SE", "DK", "FI", "PL", "CZ", "IE", "GR",
@@ -108,7 +108,7 @@ async def load_studies(app, studies: int, tmp: Path) -> int:
     from gateway.context import SYSTEM
     from tests.dicom_synth import ct_series, write
 
-    svc = app[keys.SERVICES]["dicomweb"]
+    svc = app[keys.DICOMWEB]
     done = 0
     for start in range(0, studies, 100):
         files = []

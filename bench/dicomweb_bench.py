@@ -601,7 +601,7 @@ class Bench:
                 async with sess.post(f"{self.base}/studies", data=body, headers=headers) as r:
                     resp = await r.read()
                     rec["status"] = r.status
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             rec["lat"] = time.monotonic() - t0
             status_hist[str(rec["status"])] = status_hist.get(str(rec["status"]), 0) + 1
@@ -707,7 +707,7 @@ class Bench:
                 async with sess.get(url, headers={"Accept": DICOM_JSON}) as r:
                     body = await r.read()
                     rec["status"] = r.status
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             rec["lat"] = time.monotonic() - t0
             if rec["status"] == 204:
@@ -759,7 +759,7 @@ class Bench:
             async with sess.get(url, headers={"Accept": accept}) as r:
                 body = await r.read()
                 rec["status"], rec["ctype"] = r.status, r.headers.get("Content-Type", "")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"
             body = b""
         rec["lat"] = time.monotonic() - t0
@@ -1105,7 +1105,7 @@ def main(argv=None):
         if "verify" in phases:
             try:
                 b.verify()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 b.results["verify"] = dict(error=f"{type(e).__name__}: {e}")
                 print(f"VERIFY failed: {type(e).__name__}: {e}")
         result["results"] = b.results

@@ -29,14 +29,14 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.auth import issue_dev_token  # noqa: E402
-from gateway.services.federation_synth import DEMO_SITES, generate, load  # noqa: E402
-from gateway.settings import load_settings  # noqa: E402
-from gateway.store.db import Database  # noqa: E402
-from gateway.store.migrate import migrate  # noqa: E402
+from gateway.auth import issue_dev_token
+from gateway.services.federation_synth import DEMO_SITES, generate, load
+from gateway.settings import load_settings
+from gateway.store.db import Database
+from gateway.store.migrate import migrate
 
 SECRET = "bench-secret-" + "z" * 32
 QUERY = {"cohort": {"all": [

@@ -40,7 +40,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.procs import free_port, wait_ready  # noqa: E402
+from tests.procs import free_port, wait_ready
 SYNTHEA = REPO / "demo" / "data" / "synthea"
 FEDGATE = str(Path(sys.executable).with_name("fedgate"))
 PG_ADMIN = os.environ.get("FEDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")

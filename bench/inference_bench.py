@@ -21,9 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference.backends import RetryPolicy, TritonBackend  # noqa: E402
-from inference.repository import DEFAULT_REPOSITORY  # noqa: E402
-from tests.mlserver import MLServer  # noqa: E402
+from inference.backends import RetryPolicy, TritonBackend
+from inference.repository import DEFAULT_REPOSITORY
+from tests.mlserver import MLServer
 
 MODEL = "ct_lesion_classifier"
 

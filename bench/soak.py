@@ -50,8 +50,8 @@ import asyncpg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.dicom_synth import ct_series, stow_body, to_bytes  # noqa: E402
-from tests.procs import free_port, wait_ready  # noqa: E402
+from tests.dicom_synth import ct_series, stow_body, to_bytes
+from tests.procs import free_port, wait_ready
 
 FEDGATE = str(Path(sys.executable).with_name("fedgate"))
 PG_ADMIN = os.environ.get("FEDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")

@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import fl  # noqa: E402
-from inference.models import SliceClassifier  # noqa: E402
+from inference import fl
+from inference.models import SliceClassifier
 
 SYNTHETIC_SHAPES = [(2048, 4096), (1024, 4096), (4, 4096), (4096,)]  # 12.6 M float32 ≈ 50.4 MB
 

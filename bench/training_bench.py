@@ -32,17 +32,17 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicomweb_client.api import DICOMwebClient  # noqa: E402
+from dicomweb_client.api import DICOMwebClient
 
-from tests.conftest import make_settings, start_gateway  # noqa: E402
-from tests.integration.federation_fixtures import (  # noqa: E402
+from tests.conftest import make_settings, start_gateway
+from tests.integration.federation_fixtures import (
     ProcGateway,
     hub_key_pem,
     site_federation,
     start_gateway_process,
     start_hub,
 )
-from tests.training_data import KINDS, LESION, site_population  # noqa: E402
+from tests.training_data import KINDS, LESION, site_population
 
 
 async def start_proc_site(tmp: Path, name: str, pub: str, threads: int):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.services.federation_synth import DEMO_SITES, generate, load  # noqa: E402
-from gateway.store import open_database  # noqa: E402
-from mappings.cohort.compiler import compile_cohort  # noqa: E402
-from mappings.cohort.language import parse  # noqa: E402
-from tests.conftest import PG_ADMIN, create_pg_database, drop_pg_database, make_settings  # noqa: E402
+from gateway.services.federation_synth import DEMO_SITES, generate, load
+from gateway.store import open_database
+from gateway.store.cohort import compile_cohort
+from mappings.cohort.language import parse
+from tests.conftest import PG_ADMIN, create_pg_database, drop_pg_database, make_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SCT = "http://snomed.info/sct"

@@ -12,17 +12,24 @@ CURIEs: DUO terms are purpose codes, anything else is a disease); a token purpos
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.context import CLINICAL_ROLES, ROLES, TREATMENT, Purpose, Requester
-from gateway.errors import BadRequest, Unauthorized
-from gateway.settings import Settings
+from gateway.errors import BadRequest, Forbidden, Unauthorized
+from gateway.settings import Settings, SettingsError, secret_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.services.federation import FederationConfig
 
 PURPOSE_HEADER = "X-Purpose-Of-Use"
 
@@ -115,7 +122,7 @@ class TokenVerifier:
         self._cache.clear()
 
     #: A verified token is remembered this long (never past its ``exp``): the same client sends the same
-    #: token on every request, and signature + claim checks were ~20 % of a WADO instance request.
+    #: token on every request, and signature + claim checks are a large part of a small request.
     CACHE_TTL_S = 60.0
     CACHE_MAX = 4096
 
@@ -228,3 +235,139 @@ async def jwks_ctx(app) -> AsyncIterator[None]:
                 resp.raise_for_status()
                 app[keys.VERIFIER].load_remote_jwks(await resp.json(content_type=None))
     yield
+
+# ------------------------------------------------------------------------------------------------
+# Hub → site tokens (federation and training): ES256, signed by the hub over the exact request body
+# ------------------------------------------------------------------------------------------------
+
+#: The longest lifetime a hub token may have (seconds).
+MAX_HUB_TOKEN_TTL_S = 60
+MAX_TTL_S = MAX_HUB_TOKEN_TTL_S
+
+
+def _pem(value: str) -> bytes:
+    return value.encode() if "-----BEGIN" in value else Path(value).read_bytes()
+
+
+def hub_private_key(settings: Settings, cfg: FederationConfig) -> ec.EllipticCurvePrivateKey:
+    """The hub's signing key: ``federation.hub_key`` or one generated once into ``data_dir/secrets``."""
+    if cfg.hub_key:
+        key = serialization.load_pem_private_key(_pem(cfg.hub_key), password=None)
+    else:
+        pem = secret_file(settings.secrets_dir / "federation-hub-es256.pem", lambda: ec.generate_private_key(
+            ec.SECP256R1()).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()).decode())
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SettingsError("setting 'federation.hub_key': not an EC private key (ES256 needs P-256)")
+    return key
+
+
+def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _purpose_claim(requester: Requester) -> Any:
+    p = requester.purpose
+    return "treatment" if p.is_treatment else {"codes": list(p.codes), "diseases": list(p.diseases)}
+
+
+def sign_hub_token(key: ec.EllipticCurvePrivateKey, hub_id: str, site_id: str, requester: Requester,
+                   body: bytes, ttl_s: int = 30, now: float | None = None) -> str:
+    now = int(now if now is not None else time.time())
+    claims = {"iss": hub_id, "aud": site_id, "sub": requester.subject, "roles": sorted(requester.roles),
+              "attrs": dict(requester.attributes), "purpose": _purpose_claim(requester), "iat": now,
+              "exp": now + ttl_s, "jti": uuid.uuid4().hex, "qh": body_hash(body)}
+    if requester.organization:
+        claims["org"] = requester.organization
+    return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "fedgate-hub+jwt"})
+
+
+@dataclass
+class HubTokenVerifier:
+    """Verifies hub → site tokens against the hubs this site trusts (its own configuration)."""
+
+    site_id: str
+    hubs: Mapping[str, Any]  # hub id → public key object
+    _seen: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, settings: Settings, cfg: FederationConfig) -> "HubTokenVerifier":
+        hubs = {}
+        for hub_id, pem in cfg.trusted_hubs:
+            try:
+                hubs[hub_id] = serialization.load_pem_public_key(_pem(pem))
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"setting 'federation.trusted_hubs' ({hub_id}): {exc}") from None
+        return cls(settings.site_id, hubs)
+
+    def is_hub_token(self, token: str) -> bool:
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return False
+        return header.get("typ") == "fedgate-hub+jwt" or claims.get("iss") in self.hubs
+
+    async def remember(self, db, jti: str) -> None:
+        """Record an accepted token id in the store; Unauthorized when another server process of this
+        site (``processes`` > 1) has accepted it already.  Rows outlive the token's lifetime limit."""
+        from sqlalchemy import delete
+        from sqlalchemy.exc import IntegrityError
+
+        from gateway.store.audit_schema import fed_token_seen
+
+        now = time.time()
+        try:
+            async with db.write() as conn:
+                await conn.execute(delete(fed_token_seen).where(fed_token_seen.c.expires_ts < now))
+                await conn.execute(fed_token_seen.insert().values(
+                    jti=hashlib.sha256(str(jti).encode()).hexdigest(), expires_ts=now + MAX_TTL_S + 10))
+        except IntegrityError:
+            raise Unauthorized("hub token replayed") from None
+
+    def verify(self, token: str, body: bytes) -> tuple[Requester, str]:
+        from gateway.context import ROLES as KNOWN_ROLES
+
+        try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            raise Unauthorized("hub token is not a JWT") from None
+        key = self.hubs.get(iss)
+        if key is None:
+            raise Unauthorized("hub token from a hub this site does not trust")
+        try:
+            claims = jwt.decode(token, key, algorithms=["ES256"], audience=self.site_id, issuer=iss,
+                                options={"require": ["exp", "iat", "sub", "aud", "jti", "qh"]}, leeway=2)
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("hub token expired") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("hub token is for another site") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("hub token signature is invalid") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"hub token rejected: {type(exc).__name__}") from None
+        if int(claims["exp"]) - int(claims["iat"]) > MAX_TTL_S:
+            raise Unauthorized(f"hub token lives longer than {MAX_TTL_S} s")
+        if claims["qh"] != body_hash(body):
+            raise Unauthorized("hub token does not cover this request body")
+        now = time.time()
+        for jti, exp in list(self._seen.items()):
+            if exp < now - 5:
+                del self._seen[jti]
+        if claims["jti"] in self._seen:
+            raise Unauthorized("hub token replayed")
+        self._seen[claims["jti"]] = float(claims["exp"])
+        roles = frozenset(r for r in claims.get("roles") or () if r in KNOWN_ROLES)
+        attrs = claims.get("attrs") or {}
+        if not isinstance(attrs, dict):
+            raise Unauthorized("hub token claim 'attrs' must be an object")
+        purpose = parse_purpose(claims.get("purpose"))
+        if purpose is None:
+            raise Forbidden("purpose of use: the hub token carries none")
+        return Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims["jti"]), str(iss)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-#: Roles known to the gateway (issue #4): clinical roles act for treatment.
+#: Roles known to the gateway: clinical roles act for treatment.
 ROLES = frozenset({"ehr-system", "pacs", "clinician", "analyst", "site", "admin"})
 CLINICAL_ROLES = frozenset({"ehr-system", "pacs", "clinician"})
 

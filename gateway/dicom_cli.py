@@ -50,14 +50,14 @@ def not_dicom(path: Path) -> str | None:
         try:
             meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
             cls = str(meta.file_meta.get("MediaStorageSOPClassUID", "") or meta.get("SOPClassUID", ""))
-        except Exception:  # noqa: BLE001 - a damaged Part 10 file: STOW tells the reason
+        except Exception:  # a damaged Part 10 file: STOW tells the reason
             return None
         return "a DICOMDIR (an index of files, not an instance)" if cls == DICOMDIR_CLASS else None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
         if "SOPInstanceUID" in ds:
             return None
-    except (InvalidDicomError, Exception):  # noqa: BLE001 - anything pydicom cannot read is not DICOM
+    except (InvalidDicomError, Exception):  # anything pydicom cannot read is not DICOM
         pass
     return "not a DICOM file (no DICM prefix and no SOP Instance UID)"
 
@@ -67,14 +67,13 @@ async def _run(settings: Settings, files: list[Path], progress: bool) -> list[Im
 
     from gateway import keys
     from gateway.app import create_app
-    from gateway.handlers.dicomweb import SERVICE
 
     app = create_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
     results: list[ImportResult] = []
     try:
-        svc = app[keys.SERVICES][SERVICE]
+        svc = app[keys.DICOMWEB]
         with tqdm(total=len(files), desc="importing", unit="file", disable=not progress) as bar:
             for i in range(0, len(files), BATCH):
                 batch = files[i:i + BATCH]
@@ -136,7 +135,7 @@ async def _conflicts(settings: Settings) -> list[dict]:
 
 
 def cmd_conflicts(args: argparse.Namespace, settings: Settings) -> int:
-    """``fedgate dicom-conflicts``: studies holding instances of several patients (issue #19) — research
+    """``fedgate dicom-conflicts``: studies holding instances of several patients — research
     answers show each patient's part separately; the study needs fixing at the source (split or delete)."""
     found = asyncio.run(_conflicts(settings))
     if args.json:

@@ -83,13 +83,12 @@ async def _run(settings, requester, studies, target, project, options, progress:
 
     from gateway import keys
     from gateway.app import create_app
-    from gateway.handlers.dicom_export import EXPORT
 
     app = create_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        svc = app[keys.SERVICES][EXPORT]
+        svc = app[keys.DICOM_EXPORT]
         from tqdm import tqdm  # imported when used: the CLI starts without it
 
         with tqdm(total=len(studies), desc="exporting", unit="study", disable=not progress, file=sys.stderr) as bar:

@@ -21,7 +21,6 @@ async def _run(settings: Settings, fn):
 
     from gateway import keys
     from gateway.app import create_app
-    from gateway.handlers.inference import SERVICE
 
     inf = dict(settings.extra.get("inference") or {})
     settings = dataclasses.replace(settings, extra={**settings.extra, "inference": {**inf, "worker": False}})
@@ -29,7 +28,7 @@ async def _run(settings: Settings, fn):
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        return await fn(app[keys.SERVICES][SERVICE])
+        return await fn(app[keys.INFERENCE])
     finally:
         await runner.cleanup()
 

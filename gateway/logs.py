@@ -3,7 +3,7 @@
 Only whitelisted ``extra`` fields are emitted; request logs carry the route *template*
 (``/fhir/{type}/{id}``), never the concrete path or query string, which can hold names or ids.
 
-Error paths too (issue #19): an exception is logged as its type and the frames it was raised through
+Error paths too: an exception is logged as its type and the frames it was raised through
 (``file:line function``), never its message — aiohttp's "line too long" quotes the request line (a query
 ``name=...``) or a header (a token's claims), a database error quotes its SQL parameters, a DICOM parse
 error a value.  Third-party loggers' messages are emitted as their template (``"Error handling request from

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -48,6 +48,15 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class Metrics:
     """The metric objects of one application, and the callbacks the services report through."""
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> "Metrics":
+        """The metrics of an application with ``settings`` (whose ``metrics`` mode is checked here)."""
+        if settings.metrics not in MODES:
+            from gateway.settings import SettingsError
+
+            raise SettingsError(f"setting 'metrics': {settings.metrics!r} is not one of {', '.join(MODES)}")
+        return cls()
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -98,7 +107,7 @@ class Metrics:
             fam = GaugeMetricFamily(name, doc, labels=list(labels))
             try:
                 values = await read()
-            except Exception as exc:  # noqa: BLE001 - a failed reading must not fail the whole scrape
+            except Exception as exc:  # a failed reading must not fail the whole scrape
                 log.warning("metrics: reading a gauge failed", extra={"metric": name, "error_type": type(exc).__name__})
                 continue
             for key, value in sorted(values.items()):
@@ -198,26 +207,17 @@ def _authorize(request: web.Request, settings) -> None:
 
 
 def setup_routes(app: web.Application) -> None:
-    settings = app[keys.SETTINGS]
-    if settings.metrics not in MODES:
-        from gateway.settings import SettingsError
-
-        raise SettingsError(f"setting 'metrics': {settings.metrics!r} is not one of {', '.join(MODES)}")
-    app[keys.METRICS] = Metrics()
     # authenticated in the handler (its own token), not by the auth middleware
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app[keys.PUBLIC_ROUTES].add("metrics")
-    app.cleanup_ctx.append(_metrics_ctx)
-    if app[keys.STARTUP] != "once":  # (the supervising parent's one-time start-up app serves nothing)
-        app.on_shutdown.append(_log_stopping)
 
 
-async def _log_stopping(app: web.Application) -> None:
+async def log_stopping(app: web.Application) -> None:
     """Graceful stop begins: no new connections; the requests still in flight are finished (drained)."""
     log.info("stopping", extra={"in_flight": app[keys.METRICS].in_flight})
 
 
-async def _metrics_ctx(app: web.Application):
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """Once the store and services are up: wire the services' observers and the scrape-time gauges."""
     m = app[keys.METRICS]
     db = app[keys.DB]
@@ -240,10 +240,11 @@ async def _metrics_ctx(app: web.Application):
             return {(state,): n for state, n in (await job_counts(conn)).items()}
 
     m.add_scrape_gauge("fedgate_inference_jobs", "inference jobs by state", ("state",), jobs)
-    for svc in app[keys.SERVICES].values():
-        if hasattr(svc, "metrics_observer"):
-            svc.metrics_observer = m
+    app[keys.DICOMWEB].metrics_observer = m
+    hub = app[keys.FEDERATION_HUB]
+    if hub is not None:
+        hub.metrics_observer = m
     yield
 
 
-__all__ = ["Metrics", "metrics_middleware", "prepare_multiprocess_dir", "process_gone", "setup_routes"]
+__all__ = ["Metrics", "log_stopping", "metrics_ctx", "metrics_middleware", "prepare_multiprocess_dir", "process_gone", "setup_routes"]

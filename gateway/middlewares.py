@@ -81,7 +81,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return _render(request, _from_http(exc))
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a 500
+    except Exception as exc:  # the one place that turns bugs into a 500
         answered = True
         # no exception message, no traceback values: both can quote the request's data (a PN value, SQL with
         # its parameters); the frames (file, line, function) locate the bug
@@ -95,7 +95,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
                 rec = refusal_record(request, status, request.get(REQUESTER), route_template(request))
                 if not audit_service.request_recorded_failure(rec.resources, rec.patients):
                     await request.app[keys.AUDIT].record(rec)
-        except Exception as exc:  # noqa: BLE001 - the response is made; the events stay queued for the flusher
+        except Exception as exc:  # the response is made; the events stay queued for the flusher
             log.warning("audit of a refused request deferred", extra={"error_type": type(exc).__name__})
         finally:
             audit_service.end_request(audit_token)

@@ -22,13 +22,12 @@ async def _run(settings: Settings, fn) -> dict:
 
     from gateway import keys
     from gateway.app import create_app
-    from gateway.handlers.omop import OMOP
 
     app = create_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        return await fn(app[OMOP], app[keys.GATE], app[keys.AUDIT])
+        return await fn(app[keys.OMOP], app[keys.GATE], app[keys.AUDIT])
     finally:
         await runner.cleanup()
 

@@ -4,7 +4,7 @@ Updates write only the index rows that differ from the previous version's (gatew
 ``apply_writes``), trusting that the stored rows are what the current code derives.  After an upgrade
 that changes search parameters or the common-model mapping, run this once (the server may keep running:
 each batch is one write transaction that locks its resources).  Then the patient links of every stored
-version are recomputed and the consent stamps restamped from them (issue #19; one write transaction).
+version are recomputed and the consent stamps restamped from them (one write transaction).
 """
 
 from __future__ import annotations

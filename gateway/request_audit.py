@@ -1,5 +1,5 @@
 """The AuditEvent of a request that was refused or failed before (or without) a service recording it
-(issue #19: "every request that touches patient data or is refused leaves an AuditEvent with the patients
+("every request that touches patient data or is refused leaves an AuditEvent with the patients
 it concerned").
 
 The error middleware calls :func:`refusal_record` for every response with status ≥ 400 for which nothing
@@ -114,7 +114,7 @@ def concerned(request: web.Request) -> tuple[tuple[str, ...], tuple[str, ...]]:
                     patients.append(p)
         elif base == "_id" and rtype == "Patient":
             patients += [v.strip() for v in value.split(",") if v.strip()]
-    dedup = lambda xs: tuple(dict.fromkeys(xs))[:MAX_REFS]  # noqa: E731
+    dedup = lambda xs: tuple(dict.fromkeys(xs))[:MAX_REFS]
     return dedup(resources), dedup(patients)
 
 

@@ -1,4 +1,4 @@
-"""How each route is protected (issue #19): every route is declared, by name, here.
+"""How each route is protected: every route is declared, by name, here.
 
 * ``PUBLIC`` — no authentication, no patient data (health, OpenAPI, FHIR CapabilityStatement).
 * ``SELF_AUTH`` — the handler authenticates the caller itself (federation site endpoints: a hub's signed

@@ -16,8 +16,7 @@ validation) needs more.  With ``processes = N`` (N > 1) the parent:
    open: a PACS or a viewer opens a handful and sends everything over them, so where the connections
    land decides where the work goes. With ``SO_REUSEPORT`` (one listening socket per child, the kernel
    hashing each connection to one; before 2026-12-03) 4 connections landed all in one process one time
-   in 8 and 3 + 1 one time in 2 — measured on 2 processes, STOW at 4 connections: 211 instances/s with
-   4 + 0 against 365 with 3 + 1 (bench/RESULTS.md);
+   in 8 and 3 + 1 one time in 2, an uneven load (figures in bench/RESULTS.md);
 5. supervises: a child that exits while the parent is running is logged and restarted (connections
    meanwhile go to the others; with none left, they wait in the parent until one is back); a child
    that keeps dying within seconds of its start makes the parent stop everything and exit 1 (a broken
@@ -269,7 +268,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
 
 def _remove_temp_files(settings: Settings, pid: int) -> None:
     """A child that exited (crash, kill -9) leaves the temp files of the STOW parts it was receiving: they
-    are removed now, not at the next parent start (issue 20)."""
+    are removed now, not at the next parent start."""
     from pathlib import Path
 
     from gateway.store.blobs import BlobStore

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
@@ -34,17 +35,18 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     kind: str
 
-    async def infer(self, model: str, version: str, input_name: str, x: np.ndarray,
-                    outputs: list[str]) -> dict[str, np.ndarray]: ...
+    async def infer(
+        self, model: str, version: str, input_name: str, x: np.ndarray, outputs: list[str]
+    ) -> dict[str, np.ndarray]: ...
 
     async def ready(self, model: str | None = None, version: str = "") -> bool: ...
 
     async def close(self) -> None: ...
 
 
-def _chunks(x: np.ndarray, size: int):
+def _chunks(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), max(size, 1)):
-        yield x[i:i + size]
+        yield x[i : i + size]
 
 
 class EmbeddedBackend:
@@ -75,18 +77,20 @@ class EmbeddedBackend:
     def _path(self, model: str, version: str) -> Path:
         return model_path(self._repo_of(model, version), model, version)
 
-    def _load_sync(self, model: str, version: str):
+    def _load_sync(self, model: str, version: str) -> Any:
         try:
             import torch
         except ImportError:
-            raise BackendError("the embedded backend needs torch (pip install 'fedgate[ml]'), "
-                               "or set inference.url to a Triton/KServe v2 server") from None
+            raise BackendError(
+                "the embedded backend needs torch (pip install 'fedgate[ml]'), "
+                "or set inference.url to a Triton/KServe v2 server"
+            ) from None
 
         m = torch.jit.load(str(self._path(model, version)), map_location=self.device)
         m.eval()
         return m
 
-    async def _model(self, model: str, version: str):
+    async def _model(self, model: str, version: str) -> Any:
         key = (model, version)
         if key not in self._models:
             async with self._lock:
@@ -96,7 +100,7 @@ class EmbeddedBackend:
                     self._models[key] = await asyncio.to_thread(self._load_sync, model, version)
         return self._models[key]
 
-    def _run(self, m, x: np.ndarray, max_batch: int) -> np.ndarray:
+    def _run(self, m: Any, x: np.ndarray, max_batch: int) -> np.ndarray:
         import torch
 
         outs = []
@@ -105,8 +109,9 @@ class EmbeddedBackend:
                 outs.append(m(torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device)).cpu().numpy())
         return np.concatenate(outs)
 
-    async def infer(self, model: str, version: str, input_name: str, x: np.ndarray,
-                    outputs: list[str]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, model: str, version: str, input_name: str, x: np.ndarray, outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         m = await self._model(model, version)
         cfg = read_config(self._repo_of(model, version), model)
         y = await asyncio.to_thread(self._run, m, x.astype(np.float32), cfg.max_batch_size or len(x))
@@ -134,15 +139,16 @@ class RetryPolicy:
     timeout_s: float = 30.0
 
     def delay(self, attempt: int) -> float:
-        d = min(self.max_delay_s, self.base_delay_s * (2 ** attempt))
-        return d * (0.5 + random.random() / 2)  # jitter
+        d = min(self.max_delay_s, self.base_delay_s * (2**attempt))
+        return d * (0.5 + random.random() / 2)  # type: ignore[no-any-return]  # jitter
 
 
 class TritonBackend:
     """tritonclient.grpc.aio or tritonclient.http.aio (``protocol``); one client per app, shared."""
 
-    def __init__(self, url: str, protocol: str = "grpc", retry: RetryPolicy | None = None,
-                 max_batch_size: int = 16) -> None:
+    def __init__(
+        self, url: str, protocol: str = "grpc", retry: RetryPolicy | None = None, max_batch_size: int = 16
+    ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"inference protocol must be 'grpc' or 'http', not {protocol!r}")
         self.url = url.removeprefix("grpc://").removeprefix("http://")
@@ -169,11 +175,17 @@ class TritonBackend:
         if isinstance(exc, InferenceServerException):
             status = (exc.status() or "").upper()
             msg = (exc.message() or "").lower()
-            return ("UNAVAILABLE" in status or "DEADLINE" in status or "connect" in msg or "unavailable" in msg
-                    or "timed out" in msg or status in ("500", "502", "503", "504"))
+            return (
+                "UNAVAILABLE" in status
+                or "DEADLINE" in status
+                or "connect" in msg
+                or "unavailable" in msg
+                or "timed out" in msg
+                or status in ("500", "502", "503", "504")
+            )
         return False
 
-    async def _call(self, what: str, fn):
+    async def _call(self, what: str, fn: Any) -> Any:
         from tritonclient.utils import InferenceServerException
 
         last: BaseException | None = None
@@ -182,20 +194,24 @@ class TritonBackend:
                 self.calls += 1
                 async with asyncio.timeout(self.retry.timeout_s):  # no extra task, unlike wait_for
                     return await fn()
-            except (InferenceServerException, asyncio.TimeoutError, OSError, aiohttp.ClientError) as e:
+            except (TimeoutError, InferenceServerException, OSError, aiohttp.ClientError) as e:
                 last = e
             if not self._transient(last):
                 raise BackendError(f"{what}: {str(last)[:300]}") from last
             if attempt + 1 < self.retry.attempts:
                 d = self.retry.delay(attempt)
-                log.info("inference server unavailable, retrying", extra={"what": what, "attempt": attempt + 1,
-                                                                           "delay_s": round(d, 2)})
+                log.info(
+                    "inference server unavailable, retrying",
+                    extra={"what": what, "attempt": attempt + 1, "delay_s": round(d, 2)},
+                )
                 await asyncio.sleep(d)
-        raise BackendUnavailable(f"{what}: inference server unavailable after {self.retry.attempts} attempts "
-                                 f"({type(last).__name__})") from last
+        raise BackendUnavailable(
+            f"{what}: inference server unavailable after {self.retry.attempts} attempts ({type(last).__name__})"
+        ) from last
 
-    async def _infer_chunk(self, model: str, version: str, input_name: str, x: np.ndarray,
-                           outputs: list[str]) -> dict[str, np.ndarray]:
+    async def _infer_chunk(
+        self, model: str, version: str, input_name: str, x: np.ndarray, outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         mod = self._mod
         inp = mod.InferInput(input_name, list(x.shape), "FP32")
         if self.protocol == "http":
@@ -205,18 +221,25 @@ class TritonBackend:
             inp.set_data_from_numpy(x)
             outs = [mod.InferRequestedOutput(o) for o in outputs]
         # the HTTP client reads bodies with aiohttp's auto-decompression off: ask for an uncompressed reply
-        kw = {"headers": {"Accept-Encoding": "identity", "Content-Type": "application/json"}} if self.protocol == "http" else {}
-        res = await self._call(f"infer {model}", lambda: self._client.infer(model, [inp], model_version=version,
-                                                                            outputs=outs, **kw))
+        kw = (
+            {"headers": {"Accept-Encoding": "identity", "Content-Type": "application/json"}}
+            if self.protocol == "http"
+            else {}
+        )
+        res = await self._call(
+            f"infer {model}", lambda: self._client.infer(model, [inp], model_version=version, outputs=outs, **kw)
+        )
         return {o: res.as_numpy(o) for o in outputs}
 
-    async def infer(self, model: str, version: str, input_name: str, x: np.ndarray,
-                    outputs: list[str]) -> dict[str, np.ndarray]:
+    async def infer(
+        self, model: str, version: str, input_name: str, x: np.ndarray, outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) <= self.max_batch_size:
             return await self._infer_chunk(model, version, input_name, x, outputs)
-        parts = await asyncio.gather(*(self._infer_chunk(model, version, input_name, c, outputs)
-                                       for c in _chunks(x, self.max_batch_size)))
+        parts = await asyncio.gather(
+            *(self._infer_chunk(model, version, input_name, c, outputs) for c in _chunks(x, self.max_batch_size))
+        )
         return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
 
     async def ready(self, model: str | None = None, version: str = "") -> bool:
@@ -226,10 +249,9 @@ class TritonBackend:
             if not await asyncio.wait_for(self._client.is_server_ready(), self.retry.timeout_s):
                 return False
             if model is not None:
-                return bool(await asyncio.wait_for(self._client.is_model_ready(model, version),
-                                                   self.retry.timeout_s))
+                return bool(await asyncio.wait_for(self._client.is_model_ready(model, version), self.retry.timeout_s))
             return True
-        except (InferenceServerException, asyncio.TimeoutError, OSError, aiohttp.ClientError):
+        except (TimeoutError, InferenceServerException, OSError, aiohttp.ClientError):
             return False
 
     async def load(self, model: str, version: str = "") -> None:
@@ -242,8 +264,9 @@ class TritonBackend:
         await self._client.close()
 
 
-def make_backend(url: str | None, protocol: str, repo: Path, retry: RetryPolicy | None = None,
-                 device: str = "cpu") -> Backend:
+def make_backend(
+    url: str | None, protocol: str, repo: Path, retry: RetryPolicy | None = None, device: str = "cpu"
+) -> Backend:
     if not url:
         return EmbeddedBackend(repo, device)
     return TritonBackend(url, protocol, retry)

@@ -51,8 +51,9 @@ class Selector:
             return False
         if self.body_part and (series.get("body_part") or "").upper() not in self.body_part:
             return False
-        if self.series_description and not re.search(self.series_description, series.get("series_description") or "",
-                                                     re.IGNORECASE):
+        if self.series_description and not re.search(
+            self.series_description, series.get("series_description") or "", re.IGNORECASE
+        ):
             return False
         if self.sop_class and sop_classes is not None and not (sop_classes & set(self.sop_class)):
             return False
@@ -105,7 +106,15 @@ class ModelCard:
         return self.raw
 
 
-def _get(d: dict, name: str, path: str, types: type | tuple, *, required: bool = True, default: Any = None) -> Any:
+def _get(
+    d: dict[Any, Any],
+    name: str,
+    path: str,
+    types: type | tuple[Any, ...],
+    *,
+    required: bool = True,
+    default: Any = None,
+) -> Any:
     if name not in d or d[name] is None:
         if required:
             raise CardError(f"{path}{name}", "is required")
@@ -121,7 +130,7 @@ def _get(d: dict, name: str, path: str, types: type | tuple, *, required: bool =
     return v
 
 
-def _str_list(d: dict, name: str, path: str, *, upper: bool = False) -> tuple[str, ...]:
+def _str_list(d: dict[Any, Any], name: str, path: str, *, upper: bool = False) -> tuple[str, ...]:
     v = d.get(name, [])
     if isinstance(v, str):
         v = [v]
@@ -172,16 +181,23 @@ def parse_card(doc: Any) -> ModelCard:
         raise CardError("selector.min_slices", "must be ≥ 1")
     if max_s is not None and max_s < min_s:
         raise CardError("selector.max_slices", "must be ≥ min_slices")
-    selector = Selector(_str_list(sel, "modality", "selector.", upper=True),
-                        _str_list(sel, "body_part", "selector.", upper=True), desc,
-                        _str_list(sel, "sop_class", "selector."), min_s, max_s)
+    selector = Selector(
+        _str_list(sel, "modality", "selector.", upper=True),
+        _str_list(sel, "body_part", "selector.", upper=True),
+        desc,
+        _str_list(sel, "sop_class", "selector."),
+        min_s,
+        max_s,
+    )
 
     pre = _get(doc, "preprocess", "", dict, required=False, default={})
     wc = _get(pre, "window_center", "preprocess.", float, required=False)
     ww = _get(pre, "window_width", "preprocess.", float, required=False)
     if (wc is None) != (ww is None):
-        raise CardError("preprocess.window_width" if ww is None else "preprocess.window_center",
-                        "window_center and window_width go together")
+        raise CardError(
+            "preprocess.window_width" if ww is None else "preprocess.window_center",
+            "window_center and window_width go together",
+        )
     if ww is not None and ww <= 0:
         raise CardError("preprocess.window_width", "must be > 0")
     size = _get(pre, "resize", "preprocess.", list, required=False, default=[64, 64])
@@ -190,8 +206,9 @@ def parse_card(doc: Any) -> ModelCard:
     ch = _get(pre, "channels", "preprocess.", int, required=False, default=1)
     if ch not in (1, 3):
         raise CardError("preprocess.channels", "1 or 3")
-    preprocess = Preprocess(bool(_get(pre, "hu_rescale", "preprocess.", bool, required=False, default=True)),
-                            wc, ww, (size[0], size[1]), ch)
+    preprocess = Preprocess(
+        bool(_get(pre, "hu_rescale", "preprocess.", bool, required=False, default=True)), wc, ww, (size[0], size[1]), ch
+    )
 
     outs = _get(doc, "outputs", "", list)
     if not outs:
@@ -216,7 +233,9 @@ def parse_card(doc: Any) -> ModelCard:
             for j, c in enumerate(cls):
                 if not isinstance(c, dict):
                     raise CardError(f"{p}classes[{j}]", "expected an object {label, code}")
-                classes.append((_get(c, "label", f"{p}classes[{j}].", str), _code(c.get("code"), f"{p}classes[{j}].code")))
+                classes.append(
+                    (_get(c, "label", f"{p}classes[{j}].", str), _code(c.get("code"), f"{p}classes[{j}].code"))
+                )
             outputs.append(Output(kind, tensor, classes=tuple(classes), threshold=thr))
         else:
             regs = _get(o, "regions", p, list)
@@ -227,15 +246,20 @@ def parse_card(doc: Any) -> ModelCard:
                 q = f"{p}regions[{j}]"
                 if not isinstance(r, dict):
                     raise CardError(q, "expected an object {label, category, type}")
-                regions.append((_get(r, "label", q + ".", str), _code(r.get("category"), q + ".category"),
-                                _code(r.get("type"), q + ".type")))
+                regions.append(
+                    (
+                        _get(r, "label", q + ".", str),
+                        _code(r.get("category"), q + ".category"),
+                        _code(r.get("type"), q + ".type"),
+                    )
+                )
             outputs.append(Output(kind, tensor, regions=tuple(regions), threshold=thr))
     enc = _str_list(doc, "encodings", "")
     if not enc:
         raise CardError("encodings", "at least one of sr, seg, fhir")
-    for e in enc:
-        if e not in ENCODINGS:
-            raise CardError("encodings", f"unknown encoding {e!r} (sr, seg, fhir)")
+    for encoding in enc:
+        if encoding not in ENCODINGS:
+            raise CardError("encodings", f"unknown encoding {encoding!r} (sr, seg, fhir)")
     if "seg" in enc and not any(o.kind == "segmentation" for o in outputs):
         raise CardError("encodings", "'seg' needs a segmentation output")
     purpose = _get(doc, "purpose", "", str)
@@ -244,10 +268,22 @@ def parse_card(doc: Any) -> ModelCard:
     prov = _get(doc, "provenance", "", dict)
     _get(prov, "training_data", "provenance.", str)
     _get(prov, "lineage_id", "provenance.", str)
-    return ModelCard(name, version, triton_model, triton_version, input_tensor, selector, preprocess,
-                     tuple(outputs), enc, purpose, prov,
-                     _get(doc, "description", "", str, required=False, default=""),
-                     bool(_get(doc, "auto_trigger", "", bool, required=False, default=True)), raw=doc)
+    return ModelCard(
+        name,
+        version,
+        triton_model,
+        triton_version,
+        input_tensor,
+        selector,
+        preprocess,
+        tuple(outputs),
+        enc,
+        purpose,
+        prov,
+        _get(doc, "description", "", str, required=False, default=""),
+        bool(_get(doc, "auto_trigger", "", bool, required=False, default=True)),
+        raw=doc,
+    )
 
 
 def load_card(path: Path) -> ModelCard:
@@ -265,5 +301,15 @@ def shipped_cards() -> list[ModelCard]:
     return [load_card(p) for p in sorted(SHIPPED_CARDS.glob("*.json"))]
 
 
-__all__ = ["CardError", "Code", "ModelCard", "Output", "Preprocess", "Selector", "load_card", "parse_card",
-           "shipped_cards", "asdict"]
+__all__ = [
+    "CardError",
+    "Code",
+    "ModelCard",
+    "Output",
+    "Preprocess",
+    "Selector",
+    "load_card",
+    "parse_card",
+    "shipped_cards",
+    "asdict",
+]

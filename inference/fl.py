@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import struct
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,8 +58,7 @@ def state_from_module(module: torch.nn.Module) -> State:
     2^24); :func:`load_state` casts every value back to the module's own dtype.
     """
     return {
-        name: tensor.detach().cpu().to(torch.float32).numpy().copy()
-        for name, tensor in module.state_dict().items()
+        name: tensor.detach().cpu().to(torch.float32).numpy().copy() for name, tensor in module.state_dict().items()
     }
 
 
@@ -119,7 +118,7 @@ def encode_state(state: Mapping[str, np.ndarray]) -> bytes:
         header.append([name, canon.dtype.str, list(canon.shape)])
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     parts: list[bytes | memoryview] = [MAGIC, struct.pack("<I", len(head)), head]
-    parts.extend(memoryview(a).cast("B") if a.size else b"" for a in arrays)
+    parts.extend(memoryview(a).cast("B") if a.size else b"" for a in arrays)  # type: ignore[arg-type]
     return b"".join(parts)
 
 
@@ -178,7 +177,7 @@ def state_hash(state: Mapping[str, np.ndarray]) -> str:
         head = json.dumps([name, canon.dtype.str, list(canon.shape)], separators=(",", ":"), ensure_ascii=True)
         h.update(struct.pack("<I", len(head)))
         h.update(head.encode("ascii"))
-        h.update(memoryview(canon).cast("B") if canon.size else b"")
+        h.update(memoryview(canon).cast("B") if canon.size else b"")  # type: ignore[arg-type]
     return h.hexdigest()
 
 
@@ -339,7 +338,9 @@ def rdp_sampled_gaussian(noise_multiplier: float, sampling_rate: float, alpha: i
     log_a = -math.inf
     for k in range(alpha + 1):
         term = (
-            math.lgamma(alpha + 1) - math.lgamma(k + 1) - math.lgamma(alpha - k + 1)
+            math.lgamma(alpha + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(alpha - k + 1)
             + (alpha - k) * math.log1p(-q)
             + (k * math.log(q) if k else 0.0)
             + (k * k - k) / (2 * z * z)
@@ -489,8 +490,9 @@ def unmask_sum(masked: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
     return out
 
 
-def secure_average(masked: Sequence[Mapping[str, np.ndarray]], total_weight: float,
-                   scale_bits: int = SCALE_BITS) -> State:
+def secure_average(
+    masked: Sequence[Mapping[str, np.ndarray]], total_weight: float, scale_bits: int = SCALE_BITS
+) -> State:
     """Hub side of secure FedAvg: sites sent ``mask(quantize(n_i · Δ_i))``; returns ``Σ n_i Δ_i / Σ n_i``
     as float32."""
     if not (math.isfinite(total_weight) and total_weight > 0):

@@ -33,9 +33,15 @@ class TorchScriptRuntime(MLModel):
         x = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32)
         if self._record:
             with open(self._record, "a") as f:
-                f.write(json.dumps({"shape": list(x.shape),
-                                    "sha256": [hashlib.sha256(np.ascontiguousarray(s).tobytes()).hexdigest()
-                                               for s in x]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "shape": list(x.shape),
+                            "sha256": [hashlib.sha256(np.ascontiguousarray(s).tobytes()).hexdigest() for s in x],
+                        }
+                    )
+                    + "\n"
+                )
         with torch.inference_mode():
             y = self._model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
         out = NumpyCodec.encode_output(self._output, y)

@@ -14,9 +14,15 @@ class SliceClassifier(nn.Module):
     def __init__(self, channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
         )
         self.head = nn.Linear(16, 2)
 
@@ -28,8 +34,10 @@ class ToySegmenter(nn.Module):
     def __init__(self, channels: int = 1) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+            nn.ReLU(),
             nn.Conv2d(8, 1, 1),
         )
 

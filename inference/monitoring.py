@@ -10,7 +10,8 @@ AUROC is the Mann–Whitney probability that a random positive scores above a ra
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 EPS = 1e-4
 
@@ -54,8 +55,9 @@ def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def sensitivity_specificity(labels: Sequence[bool], scores: Sequence[float],
-                            threshold: float) -> tuple[float | None, float | None]:
+def sensitivity_specificity(
+    labels: Sequence[bool], scores: Sequence[float], threshold: float
+) -> tuple[float | None, float | None]:
     tp = sum(1 for l, s in zip(labels, scores) if l and s >= threshold)
     fn = sum(1 for l, s in zip(labels, scores) if l and s < threshold)
     tn = sum(1 for l, s in zip(labels, scores) if not l and s < threshold)
@@ -73,8 +75,8 @@ def age_band(birth_year: int | None, year: int) -> str:
     return f"{lo}-{lo + 19}"
 
 
-def group(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+def group(rows: Iterable[dict[Any, Any]], key: str) -> dict[str, list[dict[Any, Any]]]:
+    out: dict[str, list[dict[Any, Any]]] = {}
     for r in rows:
         out.setdefault(str(r.get(key) or "unknown"), []).append(r)
     return out

@@ -35,7 +35,7 @@ def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     b = img[y0][:, x1]
     c = img[y1][:, x0]
     d = img[y1][:, x1]
-    return ((a * (1 - wx) + b * wx) * (1 - wy) + (c * (1 - wx) + d * wx) * wy).astype(np.float32)
+    return ((a * (1 - wx) + b * wx) * (1 - wy) + (c * (1 - wx) + d * wx) * wy).astype(np.float32)  # type: ignore[no-any-return]
 
 
 def prepare(pixels: np.ndarray, p: Preprocess, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:

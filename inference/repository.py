@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_REPOSITORY = Path(__file__).with_name("model_repository")
 
@@ -28,17 +29,22 @@ class ModelConfig:
     max_queue_delay_us: int = 2000
 
     def pbtxt(self) -> str:
-        def tensors(kind: str, specs) -> str:
+        def tensors(kind: str, specs: Any) -> str:
             items = ",\n".join(
-                f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: [ {", ".join(map(str, t.dims))} ]\n  }}'
-                for t in specs)
+                f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n'
+                f"    dims: [ {', '.join(map(str, t.dims))} ]\n  }}"
+                for t in specs
+            )
             return f"{kind} [\n{items}\n]\n"
 
-        return (f'name: "{self.name}"\nplatform: "{self.platform}"\nmax_batch_size: {self.max_batch_size}\n'
-                + tensors("input", self.inputs) + tensors("output", self.outputs)
-                + "dynamic_batching {\n"
-                + f"  preferred_batch_size: [ {', '.join(map(str, self.preferred_batch_sizes))} ]\n"
-                + f"  max_queue_delay_microseconds: {self.max_queue_delay_us}\n}}\n")
+        return (
+            f'name: "{self.name}"\nplatform: "{self.platform}"\nmax_batch_size: {self.max_batch_size}\n'
+            + tensors("input", self.inputs)
+            + tensors("output", self.outputs)
+            + "dynamic_batching {\n"
+            + f"  preferred_batch_size: [ {', '.join(map(str, self.preferred_batch_sizes))} ]\n"
+            + f"  max_queue_delay_microseconds: {self.max_queue_delay_us}\n}}\n"
+        )
 
 
 _TENSOR = re.compile(r'\{\s*name:\s*"([^"]+)"\s*data_type:\s*(\w+)\s*dims:\s*\[([^\]]*)\]\s*\}', re.S)
@@ -56,13 +62,15 @@ def parse_pbtxt(text: str) -> ModelConfig:
         m = re.search(rf"^{kind}\s*\[(.*?)^\]", text, re.S | re.M)
         if not m:
             raise ValueError(f"config.pbtxt: no {kind} section")
-        return tuple(TensorSpec(n, dt, tuple(int(x) for x in dims.replace(",", " ").split()))
-                     for n, dt, dims in _TENSOR.findall(m.group(1)))
+        return tuple(
+            TensorSpec(n, dt, tuple(int(x) for x in dims.replace(",", " ").split()))
+            for n, dt, dims in _TENSOR.findall(m.group(1))
+        )
 
     return ModelConfig(name.group(1), section("input"), section("output"), int(mbs.group(1)), platform.group(1))
 
 
-def write_model(repo: Path, config: ModelConfig, scripted, version: str = "1") -> Path:
+def write_model(repo: Path, config: ModelConfig, scripted: Any, version: str = "1") -> Path:
     """Write config.pbtxt and ``<version>/model.pt`` (a ``torch.jit.ScriptModule``)."""
     d = Path(repo) / config.name
     (d / version).mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def train(repo: Path = DEFAULT_REPOSITORY, seed: int = 0, n: int = 384, epochs: 
     for _ in range(epochs):
         perm = torch.randperm(n)
         for i in range(0, n, 32):
-            idx = perm[i:i + 32]
+            idx = perm[i : i + 32]
             opt_c.zero_grad()
             loss = torch.nn.functional.nll_loss(torch.log(clf(xt[idx]) + 1e-7), yt[idx])
             loss.backward()
@@ -80,12 +80,24 @@ def train(repo: Path = DEFAULT_REPOSITORY, seed: int = 0, n: int = 384, epochs: 
         inter = (pred & (mv > 0)).sum()
         dice = float(2 * inter / max(pred.sum() + (mv > 0).sum(), 1))
     ex = torch.zeros(1, 1, SIZE, SIZE)
-    write_model(repo, ModelConfig("ct_lesion_classifier", (TensorSpec("INPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),),
-                                  (TensorSpec("OUTPUT__0", "TYPE_FP32", (2,)),)),
-                torch.jit.trace(clf, ex))
-    write_model(repo, ModelConfig("ct_lesion_segmenter", (TensorSpec("INPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),),
-                                  (TensorSpec("OUTPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),)),
-                torch.jit.trace(seg, ex))
+    write_model(
+        repo,
+        ModelConfig(
+            "ct_lesion_classifier",
+            (TensorSpec("INPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),),
+            (TensorSpec("OUTPUT__0", "TYPE_FP32", (2,)),),
+        ),
+        torch.jit.trace(clf, ex),
+    )
+    write_model(
+        repo,
+        ModelConfig(
+            "ct_lesion_segmenter",
+            (TensorSpec("INPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),),
+            (TensorSpec("OUTPUT__0", "TYPE_FP32", (1, SIZE, SIZE)),),
+        ),
+        torch.jit.trace(seg, ex),
+    )
     return {"val_accuracy": acc, "val_dice": dice}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 _EPS = 1e-6
 _DATE_RE = re.compile(
@@ -30,17 +30,17 @@ def parse_range(text: str) -> tuple[float, float]:
     y = int(m["y"])
     try:
         if m["m"] is None:
-            lo = datetime(y, 1, 1, tzinfo=timezone.utc)
-            hi = datetime(y + 1, 1, 1, tzinfo=timezone.utc)
+            lo = datetime(y, 1, 1, tzinfo=UTC)
+            hi = datetime(y + 1, 1, 1, tzinfo=UTC)
         elif m["d"] is None:
             mo = int(m["m"])
-            lo = datetime(y, mo, 1, tzinfo=timezone.utc)
+            lo = datetime(y, mo, 1, tzinfo=UTC)
             hi = lo + timedelta(days=calendar.monthrange(y, mo)[1])
         elif m["H"] is None:
-            lo = datetime(y, int(m["m"]), int(m["d"]), tzinfo=timezone.utc)
+            lo = datetime(y, int(m["m"]), int(m["d"]), tzinfo=UTC)
             hi = lo + timedelta(days=1)
         else:
-            tz = timezone.utc
+            tz = UTC
             if m["tz"] and m["tz"] != "Z":
                 sign = 1 if m["tz"][0] == "+" else -1
                 hh, mm = m["tz"][1:].split(":")
@@ -66,7 +66,7 @@ def to_instant(text: str) -> float:
 
 def now_instant() -> tuple[str, float]:
     """The current time as a FHIR instant string (UTC, microseconds) and epoch seconds."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", now.timestamp()
 
 

@@ -8,6 +8,7 @@ invented; helpers in :mod:`mappings.dates` turn them into instants when needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,7 @@ class Consent:
     period_start: str | None = None
     period_end: str | None = None
     date: str | None = None
-    profile: dict | None = field(default=None, hash=False, compare=False)
+    profile: dict[Any, Any] | None = field(default=None, hash=False, compare=False)
 
 
 ModelObject = Patient | Encounter | Condition | Observation | Procedure | DiagnosticReport | ImagingStudy | Consent

@@ -14,23 +14,35 @@ Public API (see ``docs/consent.md``)::
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 #: name → submodule: imported on first use (PEP 562), so ``ontologies.evaluator`` / ``ontologies.terms``
 #: (pure, used by FHIR Consent mapping and the CLI) do not pull in rdflib and the graph loaders (issue 27)
 _LAZY = {
-    "DecisionCache": "cache", "allowed_profile_ids": "cache", "allowed_profiles": "cache",
-    "ClosureHierarchy": "diseases", "CompositeHierarchy": "diseases", "DiseaseHierarchy": "diseases",
-    "EMPTY_HIERARCHY": "diseases", "load_hierarchy": "diseases", "load_obo_hierarchy": "diseases",
-    "load_owl_hierarchy": "diseases", "request_supplied_hierarchy": "diseases",
-    "DuoOntology": "duo_graph", "load_duo": "duo_graph",
-    "ConsentParameters": "evaluator", "ConsentProfile": "evaluator", "Decision": "evaluator",
-    "Requester": "evaluator", "ResearchPurpose": "evaluator", "evaluate": "evaluator",
+    "DecisionCache": "cache",
+    "allowed_profile_ids": "cache",
+    "allowed_profiles": "cache",
+    "ClosureHierarchy": "diseases",
+    "CompositeHierarchy": "diseases",
+    "DiseaseHierarchy": "diseases",
+    "EMPTY_HIERARCHY": "diseases",
+    "load_hierarchy": "diseases",
+    "load_obo_hierarchy": "diseases",
+    "load_owl_hierarchy": "diseases",
+    "request_supplied_hierarchy": "diseases",
+    "DuoOntology": "duo_graph",
+    "load_duo": "duo_graph",
+    "ConsentParameters": "evaluator",
+    "ConsentProfile": "evaluator",
+    "Decision": "evaluator",
+    "Requester": "evaluator",
+    "ResearchPurpose": "evaluator",
+    "evaluate": "evaluator",
     "normalize_curie": "terms",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ontologies' has no attribute {name!r}")
@@ -40,14 +52,20 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ontologies.cache import DecisionCache, allowed_profile_ids, allowed_profiles  # noqa: F401
-    from ontologies.diseases import (ClosureHierarchy, CompositeHierarchy, DiseaseHierarchy,  # noqa: F401
-                                     EMPTY_HIERARCHY, load_hierarchy, load_obo_hierarchy, load_owl_hierarchy,
-                                     request_supplied_hierarchy)
-    from ontologies.duo_graph import DuoOntology, load_duo  # noqa: F401
-    from ontologies.evaluator import (ConsentParameters, ConsentProfile, Decision, Requester,  # noqa: F401
-                                      ResearchPurpose, evaluate)
-    from ontologies.terms import normalize_curie  # noqa: F401
+    from ontologies.cache import DecisionCache, allowed_profile_ids, allowed_profiles
+    from ontologies.diseases import (
+        EMPTY_HIERARCHY,
+        ClosureHierarchy,
+        CompositeHierarchy,
+        DiseaseHierarchy,
+        load_hierarchy,
+        load_obo_hierarchy,
+        load_owl_hierarchy,
+        request_supplied_hierarchy,
+    )
+    from ontologies.duo_graph import DuoOntology, load_duo
+    from ontologies.evaluator import ConsentParameters, ConsentProfile, Decision, Requester, ResearchPurpose, evaluate
+    from ontologies.terms import normalize_curie
 
 __all__ = [
     "ClosureHierarchy",

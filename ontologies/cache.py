@@ -53,7 +53,11 @@ class DecisionCache:
         self._entries.clear()
 
     def decide(
-        self, profile: ConsentProfile, purpose: ResearchPurpose, requester: Requester, today: date,
+        self,
+        profile: ConsentProfile,
+        purpose: ResearchPurpose,
+        requester: Requester,
+        today: date,
     ) -> Decision:
         """Return the cached decision, evaluating (purely) on a miss."""
         key: CacheKey = (profile.key(), purpose.key(), requester.key(), today)

@@ -122,8 +122,7 @@ def _records(text: str) -> Iterator[tuple[str, object | None, str | None]]:
     first = next((line.strip() for line in lines if line.strip()), "")
     if first in ("{", "["):
         # A pretty-printed document that is broken, not JSON Lines.
-        yield (f"line {whole_error.lineno}", None,
-               f"invalid JSON: {whole_error.msg} (column {whole_error.colno})")
+        yield (f"line {whole_error.lineno}", None, f"invalid JSON: {whole_error.msg} (column {whole_error.colno})")
         return
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -186,7 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="read JSON (object, array or JSON Lines) on stdin, print decisions")
     ev.add_argument("--duo", dest="duo_path", default=None, help="DUO OWL file (default: the vendored release)")
     ev.add_argument(
-        "--disease-ontology", dest="disease_files", action="append", default=[], metavar="FILE",
+        "--disease-ontology",
+        dest="disease_files",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="disease hierarchy (.obo or OWL); repeatable; earlier files take precedence",
     )
     return parser
@@ -197,8 +200,10 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
     args = _parser().parse_args(argv)
     if args.command == "evaluate":
         return consent_evaluate_main(
-            stdin or sys.stdin, stdout or sys.stdout,
-            duo_path=args.duo_path, disease_files=tuple(args.disease_files),
+            stdin or sys.stdin,
+            stdout or sys.stdout,
+            duo_path=args.duo_path,
+            disease_files=tuple(args.disease_files),
         )
     return EXIT_MALFORMED  # pragma: no cover - argparse enforces the sub-command
 

@@ -216,8 +216,13 @@ def _load_obo_cached(path: str) -> ClosureHierarchy:
     with open(path, encoding="utf-8") as handle:
         parents, obsolete = parse_obo(handle, source=path)
     hierarchy = ClosureHierarchy.from_parents(parents, known=parents.keys(), obsolete=obsolete, source=path)
-    logger.info("loaded OBO hierarchy %s: %d terms (%d obsolete excluded) in %.3f s",
-                path, len(hierarchy), len(obsolete), time.perf_counter() - started)
+    logger.info(
+        "loaded OBO hierarchy %s: %d terms (%d obsolete excluded) in %.3f s",
+        path,
+        len(hierarchy),
+        len(obsolete),
+        time.perf_counter() - started,
+    )
     return hierarchy
 
 
@@ -241,8 +246,13 @@ def _load_owl_cached(path: str, rdf_format: str) -> ClosureHierarchy:
     cg = read_class_graph(graph)
     known = cg.classes | frozenset(cg.parents)
     hierarchy = ClosureHierarchy.from_parents(cg.parents, known=known, obsolete=cg.obsolete, source=path)
-    logger.info("loaded OWL hierarchy %s: %d classes (%d obsolete excluded) in %.3f s",
-                path, len(hierarchy), len(cg.obsolete), time.perf_counter() - started)
+    logger.info(
+        "loaded OWL hierarchy %s: %d classes (%d obsolete excluded) in %.3f s",
+        path,
+        len(hierarchy),
+        len(cg.obsolete),
+        time.perf_counter() - started,
+    )
     return hierarchy
 
 

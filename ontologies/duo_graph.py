@@ -381,6 +381,11 @@ def _load_duo_cached(path: str) -> DuoOntology:
     elapsed = time.perf_counter() - started
     logger.info(
         "loaded DUO %s from %s: %d triples, %d classes, %d obsolete, in %.3f s",
-        ontology.version_iri, path, len(graph), len(ontology.terms), len(ontology.obsolete), elapsed,
+        ontology.version_iri,
+        path,
+        len(graph),
+        len(ontology.terms),
+        len(ontology.obsolete),
+        elapsed,
     )
     return dataclasses.replace(ontology, load_seconds=elapsed)

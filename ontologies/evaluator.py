@@ -33,9 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import MappingProxyType
-from typing import Any, Final, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 if TYPE_CHECKING:  # annotations only: the evaluator itself needs no rdflib (issue 27, CLI start-up)
     from ontologies.diseases import DiseaseHierarchy
@@ -46,9 +44,29 @@ __all__ = [
     "PERMIT",
     "DENY",
     "INDETERMINATE",
-    "NRES", "GRU", "HMB", "DS", "POA",
-    "NPU", "NCU", "NPUNCU", "IRB", "COL", "PUB", "RTN", "MOR", "TS", "GS", "US", "PS", "IS",
-    "GSO", "NMDS", "NPOA", "RS", "CC",
+    "NRES",
+    "GRU",
+    "HMB",
+    "DS",
+    "POA",
+    "NPU",
+    "NCU",
+    "NPUNCU",
+    "IRB",
+    "COL",
+    "PUB",
+    "RTN",
+    "MOR",
+    "TS",
+    "GS",
+    "US",
+    "PS",
+    "IS",
+    "GSO",
+    "NMDS",
+    "NPOA",
+    "RS",
+    "CC",
     "CLINICAL_CARE",
     "REGION_GROUPS",
     "ConsentInputError",
@@ -105,13 +123,13 @@ CLINICAL_CARE: Final = CC
 #: membership as of 2025 (EU-27 after the UK's exit; EEA = EU + Iceland, Liechtenstein, Norway).
 #: Greece is ``GR`` (ISO), not the EU's ``EL``.  Anything else (GAZ terms, "Europe", "UK") is not
 #: a known region and fails closed.
-_EU = frozenset(
-    "AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK".split()
+_EU = frozenset("AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK".split())
+REGION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {
+        "EU": _EU,
+        "EEA": _EU | {"IS", "LI", "NO"},
+    }
 )
-REGION_GROUPS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
-    "EU": _EU,
-    "EEA": _EU | {"IS", "LI", "NO"},
-})
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
@@ -207,9 +225,7 @@ class ConsentParameters:
         setter(self, "granted_on", _as_date(self.granted_on, "parameters.granted_on"))
         months = self.time_limit_months
         if months is not None and (isinstance(months, bool) or not isinstance(months, int) or months < 0):
-            raise ConsentInputError(
-                f"parameters.time_limit_months: expected a non-negative integer, got {months!r}"
-            )
+            raise ConsentInputError(f"parameters.time_limit_months: expected a non-negative integer, got {months!r}")
         setter(self, "regions", _strings(self.regions, "parameters.regions", upper=True))
         setter(self, "users", _strings(self.users, "parameters.users"))
         setter(self, "projects", _strings(self.projects, "parameters.projects"))
@@ -261,7 +277,7 @@ class ConsentParameters:
 
 
 def _reprefix(message: str, old: str, new: str) -> str:
-    return new + message[len(old):] if message.startswith(old) else message
+    return new + message[len(old) :] if message.startswith(old) else message
 
 
 def _parse_date(value: object, name: str) -> date | None:
@@ -275,7 +291,7 @@ def _parse_date(value: object, name: str) -> date | None:
         raise ConsentInputError(f"{name}: invalid ISO 8601 date {value!r}") from err
 
 
-def _list_or_empty(value: object, name: str) -> list[Any]:
+def _list_or_empty(value: object, name: str) -> Any:  # a list; the dataclass normalises it to a frozenset
     if value is None:
         return []
     if not isinstance(value, list):
@@ -399,8 +415,12 @@ class ResearchPurpose:
 
 
 _REQUESTER_FLAGS = (
-    "not_for_profit", "commercial_purpose", "irb_approved", "collaboration_agreed",
-    "publication_agreed", "return_agreed",
+    "not_for_profit",
+    "commercial_purpose",
+    "irb_approved",
+    "collaboration_agreed",
+    "publication_agreed",
+    "return_agreed",
 )
 _REQUESTER_TEXT = ("location", "institution", "project", "user")
 
@@ -498,13 +518,13 @@ class Decision:
 class PurposeKind(enum.Enum):
     """What a purpose code asks for, i.e. the least permission that allows it (DUO.md)."""
 
-    NON_RESEARCH = "non-research use"            # NRES as a request: only NRES allows it
-    CLINICAL = "clinical care"                   # NRES, or any permission + CC
-    GENERAL = "general research"                 # GRU-level, non-health
+    NON_RESEARCH = "non-research use"  # NRES as a request: only NRES allows it
+    CLINICAL = "clinical care"  # NRES, or any permission + CC
+    GENERAL = "general research"  # GRU-level, non-health
     BIOMEDICAL = "health/medical/biomedical research"  # HMB-level
-    DISEASE = "disease-specific research"        # DS-level (HMB-level when no disease is named)
+    DISEASE = "disease-specific research"  # DS-level (HMB-level when no disease is named)
     ANCESTRY = "population origins/ancestry research"  # POA-level
-    METHODS = "methods development"              # allowed by every research permission absent NMDS
+    METHODS = "methods development"  # allowed by every research permission absent NMDS
 
 
 #: Anchors of the purpose classification.  A code's kind is the kind of its most specific
@@ -513,45 +533,58 @@ class PurposeKind(enum.Enum):
 #: 38/39 get BIOMEDICAL through DUO:0000037.  34/35/36 (age, gender, control) are not under
 #: DUO:0000037 in DUO, so they are GENERAL: only GRU/NRES permit them.  32 (population research)
 #: is ANCESTRY (DUO.md lists 33/32 for POA; NPOA's definition names "population").
-_PURPOSE_ANCHORS: Final[Mapping[str, PurposeKind]] = MappingProxyType({
-    NRES: PurposeKind.NON_RESEARCH,
-    CC: PurposeKind.CLINICAL,
-    GRU: PurposeKind.GENERAL,
-    HMB: PurposeKind.BIOMEDICAL,
-    DS: PurposeKind.DISEASE,
-    POA: PurposeKind.ANCESTRY,
-    "DUO:0000031": PurposeKind.METHODS,
-    "DUO:0000032": PurposeKind.ANCESTRY,
-    "DUO:0000033": PurposeKind.ANCESTRY,
-    "DUO:0000034": PurposeKind.GENERAL,
-    "DUO:0000035": PurposeKind.GENERAL,
-    "DUO:0000036": PurposeKind.GENERAL,
-    "DUO:0000037": PurposeKind.BIOMEDICAL,
-    "DUO:0000040": PurposeKind.DISEASE,
-})
+_PURPOSE_ANCHORS: Final[Mapping[str, PurposeKind]] = MappingProxyType(
+    {
+        NRES: PurposeKind.NON_RESEARCH,
+        CC: PurposeKind.CLINICAL,
+        GRU: PurposeKind.GENERAL,
+        HMB: PurposeKind.BIOMEDICAL,
+        DS: PurposeKind.DISEASE,
+        POA: PurposeKind.ANCESTRY,
+        "DUO:0000031": PurposeKind.METHODS,
+        "DUO:0000032": PurposeKind.ANCESTRY,
+        "DUO:0000033": PurposeKind.ANCESTRY,
+        "DUO:0000034": PurposeKind.GENERAL,
+        "DUO:0000035": PurposeKind.GENERAL,
+        "DUO:0000036": PurposeKind.GENERAL,
+        "DUO:0000037": PurposeKind.BIOMEDICAL,
+        "DUO:0000040": PurposeKind.DISEASE,
+    }
+)
 
-_RESEARCH_KINDS = frozenset({
-    PurposeKind.GENERAL, PurposeKind.BIOMEDICAL, PurposeKind.DISEASE, PurposeKind.ANCESTRY, PurposeKind.METHODS,
-})
+_RESEARCH_KINDS = frozenset(
+    {
+        PurposeKind.GENERAL,
+        PurposeKind.BIOMEDICAL,
+        PurposeKind.DISEASE,
+        PurposeKind.ANCESTRY,
+        PurposeKind.METHODS,
+    }
+)
 
 #: DUO.md, "Permission (one per dataset) against the research purpose": which kinds each
 #: permission allows outright.  DS's BIOMEDICAL/DISEASE additionally need the disease check;
 #: CLINICAL is decided by NRES or the CC modifier.
-_PERMITTED_KINDS: Final[Mapping[str, frozenset[PurposeKind]]] = MappingProxyType({
-    NRES: frozenset(PurposeKind),
-    GRU: _RESEARCH_KINDS,
-    HMB: frozenset({PurposeKind.BIOMEDICAL, PurposeKind.DISEASE, PurposeKind.METHODS}),
-    DS: frozenset({PurposeKind.BIOMEDICAL, PurposeKind.DISEASE, PurposeKind.METHODS}),
-    POA: frozenset({PurposeKind.ANCESTRY, PurposeKind.METHODS}),
-})
+_PERMITTED_KINDS: Final[Mapping[str, frozenset[PurposeKind]]] = MappingProxyType(
+    {
+        NRES: frozenset(PurposeKind),
+        GRU: _RESEARCH_KINDS,
+        HMB: frozenset({PurposeKind.BIOMEDICAL, PurposeKind.DISEASE, PurposeKind.METHODS}),
+        DS: frozenset({PurposeKind.BIOMEDICAL, PurposeKind.DISEASE, PurposeKind.METHODS}),
+        POA: frozenset({PurposeKind.ANCESTRY, PurposeKind.METHODS}),
+    }
+)
 
-_PERMISSION_SCOPE: Final[Mapping[str, str]] = MappingProxyType({
-    NRES: "any use",
-    GRU: "research use only",
-    HMB: "health/medical/biomedical research only (not population origins/ancestry, not general non-health research)",
-    DS: "research on its diseases only",
-    POA: "population origins/ancestry research only",
-})
+_PERMISSION_SCOPE: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        NRES: "any use",
+        GRU: "research use only",
+        HMB: "health/medical/biomedical research only "
+        "(not population origins/ancestry, not general non-health research)",
+        DS: "research on its diseases only",
+        POA: "population origins/ancestry research only",
+    }
+)
 
 
 def purpose_kind(code: str, ontology: DuoOntology) -> PurposeKind | None:
@@ -590,8 +623,8 @@ class _Context:
     ontology: DuoOntology
     diseases: DiseaseHierarchy
     today: date
-    permission: str | None                      # resolved, valid permission (None if invalid)
-    modifiers: frozenset[str]                   # resolved, valid modifiers
+    permission: str | None  # resolved, valid permission (None if invalid)
+    modifiers: frozenset[str]  # resolved, valid modifiers
     kinds: Mapping[str, PurposeKind] = field(default_factory=dict)  # resolved valid purpose codes
 
     def t(self, code: str) -> str:
@@ -599,11 +632,17 @@ class _Context:
 
 
 def _resolve_code(
-    raw: str, ontology: DuoOntology, role: str, valid: frozenset[str], expectation: str,
+    raw: str,
+    ontology: DuoOntology,
+    role: str,
+    valid: frozenset[str],
+    expectation: str,
 ) -> tuple[str | None, _Finding | None]:
     code = ontology.resolve(raw)
     if code is None:
-        return None, _Finding(DENY, f"{role} {raw} is not a term of DUO {_release(ontology)}; unknown codes fail closed")
+        return None, _Finding(
+            DENY, f"{role} {raw} is not a term of DUO {_release(ontology)}; unknown codes fail closed"
+        )
     if ontology.is_obsolete(code):
         return None, _Finding(DENY, f"{role} {ontology.display(code)} is obsolete in DUO; obsolete codes fail closed")
     if code not in valid:
@@ -642,33 +681,42 @@ def _check_permission(ctx: _Context) -> list[_Finding]:
             elif CC in ctx.modifiers:
                 findings.append(_Finding(PERMIT, f"{ctx.t(CC)} permits clinical care use in addition to {ctx.t(perm)}"))
             else:
-                findings.append(_Finding(
-                    DENY,
-                    f"clinical care use ({ctx.t(code)} as purpose) requires {ctx.t(NRES)} or the {ctx.t(CC)} "
-                    f"modifier; the consent has {ctx.t(perm)} without CC",
-                ))
+                findings.append(
+                    _Finding(
+                        DENY,
+                        f"clinical care use ({ctx.t(code)} as purpose) requires {ctx.t(NRES)} or the {ctx.t(CC)} "
+                        f"modifier; the consent has {ctx.t(perm)} without CC",
+                    )
+                )
         elif kind in allowed:
             if perm == DS and kind in (PurposeKind.BIOMEDICAL, PurposeKind.DISEASE) and not ctx.purpose.diseases:
-                findings.append(_Finding(
-                    DENY,
-                    f"{ctx.t(DS)} permits research on {', '.join(sorted(ctx.profile.diseases)) or 'its diseases'} "
-                    f"only; the request {ctx.t(code)} names no disease",
-                ))
+                findings.append(
+                    _Finding(
+                        DENY,
+                        f"{ctx.t(DS)} permits research on {', '.join(sorted(ctx.profile.diseases)) or 'its diseases'} "
+                        f"only; the request {ctx.t(code)} names no disease",
+                    )
+                )
             else:
                 findings.append(_Finding(PERMIT, f"{ctx.t(perm)} permits {ctx.t(code)} as {kind.value}"))
         else:
-            findings.append(_Finding(
-                DENY, f"{ctx.t(perm)} permits {_PERMISSION_SCOPE[perm]}; {ctx.t(code)} is {kind.value}",
-            ))
+            findings.append(
+                _Finding(
+                    DENY,
+                    f"{ctx.t(perm)} permits {_PERMISSION_SCOPE[perm]}; {ctx.t(code)} is {kind.value}",
+                )
+            )
     research = any(kind in _RESEARCH_KINDS for kind in ctx.kinds.values())
     if perm == DS and research and ctx.purpose.diseases:
         findings.extend(_check_ds_diseases(ctx))
     if perm == POA and ctx.purpose.diseases:
-        findings.append(_Finding(
-            DENY,
-            f"{ctx.t(POA)} denies disease-specific requests; the request names "
-            f"{', '.join(sorted(ctx.purpose.diseases))}",
-        ))
+        findings.append(
+            _Finding(
+                DENY,
+                f"{ctx.t(POA)} denies disease-specific requests; the request names "
+                f"{', '.join(sorted(ctx.purpose.diseases))}",
+            )
+        )
     return findings
 
 
@@ -680,15 +728,20 @@ def _check_ds_diseases(ctx: _Context) -> list[_Finding]:
     for disease in sorted(ctx.purpose.diseases):
         match, known = _disease_match(ctx, disease)
         if not known:
-            findings.append(_Finding(
-                DENY,
-                f"{ctx.t(DS)} requires every requested disease to fall {under}; {disease} is not known to the "
-                f"configured disease hierarchy (unknown disease codes fail closed)",
-            ))
+            findings.append(
+                _Finding(
+                    DENY,
+                    f"{ctx.t(DS)} requires every requested disease to fall {under}; {disease} is not known to the "
+                    f"configured disease hierarchy (unknown disease codes fail closed)",
+                )
+            )
         elif match is None:
-            findings.append(_Finding(
-                DENY, f"{ctx.t(DS)} requires every requested disease to fall {under}; {disease} does not",
-            ))
+            findings.append(
+                _Finding(
+                    DENY,
+                    f"{ctx.t(DS)} requires every requested disease to fall {under}; {disease} does not",
+                )
+            )
         elif match == disease:
             findings.append(_Finding(PERMIT, f"{ctx.t(DS)} permits {disease}: it is a consented disease"))
         else:
@@ -697,25 +750,43 @@ def _check_ds_diseases(ctx: _Context) -> list[_Finding]:
 
 
 def _attested(
-    ctx: _Context, modifier: str, value: bool | None, wanted: bool, what: str, attribute: str,
+    ctx: _Context,
+    modifier: str,
+    value: bool | None,
+    wanted: bool,
+    what: str,
+    attribute: str,
 ) -> _Finding:
     if value is None:
         return _Finding(INDETERMINATE, f"{ctx.t(modifier)} requires {what}; the requester has not attested {attribute}")
     if value is not wanted:
-        return _Finding(DENY, f"{ctx.t(modifier)} requires {what}; the requester attests {attribute} = {str(value).lower()}")
+        return _Finding(
+            DENY, f"{ctx.t(modifier)} requires {what}; the requester attests {attribute} = {str(value).lower()}"
+        )
     return _Finding(PERMIT, f"{ctx.t(modifier)}: {what} attested")
 
 
 def _npu(ctx: _Context, modifier: str) -> list[_Finding]:
     """DUO.md: NPU 45 — the requester organisation must be not-for-profit."""
-    return [_attested(ctx, modifier, ctx.requester.not_for_profit, True,
-                      "a not-for-profit requester organisation", "not_for_profit")]
+    return [
+        _attested(
+            ctx,
+            modifier,
+            ctx.requester.not_for_profit,
+            True,
+            "a not-for-profit requester organisation",
+            "not_for_profit",
+        )
+    ]
 
 
 def _ncu(ctx: _Context, modifier: str) -> list[_Finding]:
     """DUO.md: NCU 46 — the purpose must be non-commercial (for-profit orgs may do non-commercial research)."""
-    return [_attested(ctx, modifier, ctx.requester.commercial_purpose, False,
-                      "a non-commercial purpose", "commercial_purpose")]
+    return [
+        _attested(
+            ctx, modifier, ctx.requester.commercial_purpose, False, "a non-commercial purpose", "commercial_purpose"
+        )
+    ]
 
 
 def _npuncu(ctx: _Context, modifier: str) -> list[_Finding]:
@@ -737,14 +808,25 @@ def _col(ctx: _Context, modifier: str) -> list[_Finding]:
 
 def _pub(ctx: _Context, modifier: str) -> list[_Finding]:
     """DUO.md: PUB 19 — agrees to publish."""
-    return [_attested(ctx, modifier, ctx.requester.publication_agreed, True,
-                      "agreement to publish results", "publication_agreed")]
+    return [
+        _attested(
+            ctx, modifier, ctx.requester.publication_agreed, True, "agreement to publish results", "publication_agreed"
+        )
+    ]
 
 
 def _rtn(ctx: _Context, modifier: str) -> list[_Finding]:
     """DUO.md: RTN 29 — agrees to return derived data."""
-    return [_attested(ctx, modifier, ctx.requester.return_agreed, True,
-                      "agreement to return derived/enriched data", "return_agreed")]
+    return [
+        _attested(
+            ctx,
+            modifier,
+            ctx.requester.return_agreed,
+            True,
+            "agreement to return derived/enriched data",
+            "return_agreed",
+        )
+    ]
 
 
 def _mor(ctx: _Context, modifier: str) -> list[_Finding]:
@@ -759,17 +841,21 @@ def _mor(ctx: _Context, modifier: str) -> list[_Finding]:
         return [_Finding(PERMIT, f"{ctx.t(modifier)}: the publication moratorium ended on {until.isoformat()}")]
     accepted = ctx.requester.publication_not_before
     if accepted is None:
-        return [_Finding(
-            INDETERMINATE,
-            f"{ctx.t(modifier)} forbids publication before {until.isoformat()}; the requester has not attested "
-            f"publication_not_before",
-        )]
+        return [
+            _Finding(
+                INDETERMINATE,
+                f"{ctx.t(modifier)} forbids publication before {until.isoformat()}; the requester has not attested "
+                f"publication_not_before",
+            )
+        ]
     if accepted < until:
-        return [_Finding(
-            DENY,
-            f"{ctx.t(modifier)} forbids publication before {until.isoformat()}; the requester's "
-            f"publication_not_before {accepted.isoformat()} is earlier",
-        )]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)} forbids publication before {until.isoformat()}; the requester's "
+                f"publication_not_before {accepted.isoformat()} is earlier",
+            )
+        ]
     return [_Finding(PERMIT, f"{ctx.t(modifier)}: requester will not publish before {accepted.isoformat()}")]
 
 
@@ -780,20 +866,34 @@ def _ts(ctx: _Context, modifier: str) -> list[_Finding]:
     """
     params = ctx.profile.parameters
     if params.time_limit_months is None or params.granted_on is None:
-        return [_Finding(
-            DENY,
-            f"{ctx.t(modifier)} needs parameters.time_limit_months and parameters.granted_on; the consent lacks "
-            f"{'time_limit_months' if params.time_limit_months is None else 'granted_on'}",
-        )]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)} needs parameters.time_limit_months and parameters.granted_on; the consent lacks "
+                f"{'time_limit_months' if params.time_limit_months is None else 'granted_on'}",
+            )
+        ]
     expiry = add_months(params.granted_on, params.time_limit_months)
     if ctx.today < params.granted_on:
-        return [_Finding(DENY, f"{ctx.t(modifier)}: use starts on {params.granted_on.isoformat()}; today is "
-                               f"{ctx.today.isoformat()}")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)}: use starts on {params.granted_on.isoformat()}; today is {ctx.today.isoformat()}",
+            )
+        ]
     if ctx.today >= expiry:
-        return [_Finding(DENY, f"{ctx.t(modifier)}: the {params.time_limit_months}-month limit from "
-                               f"{params.granted_on.isoformat()} expired on {expiry.isoformat()}")]
-    return [_Finding(PERMIT, f"{ctx.t(modifier)}: within the {params.time_limit_months}-month limit "
-                             f"(until {expiry.isoformat()})")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)}: the {params.time_limit_months}-month limit from "
+                f"{params.granted_on.isoformat()} expired on {expiry.isoformat()}",
+            )
+        ]
+    return [
+        _Finding(
+            PERMIT, f"{ctx.t(modifier)}: within the {params.time_limit_months}-month limit (until {expiry.isoformat()})"
+        )
+    ]
 
 
 def _gs(ctx: _Context, modifier: str) -> list[_Finding]:
@@ -804,20 +904,33 @@ def _gs(ctx: _Context, modifier: str) -> list[_Finding]:
         return [_Finding(DENY, f"{ctx.t(modifier)} needs parameters.regions; the consent has none")]
     unknown = sorted(r for r in regions if r not in REGION_GROUPS and not _COUNTRY.match(r))
     if unknown:
-        return [_Finding(DENY, f"{ctx.t(modifier)}: region(s) {', '.join(unknown)} are neither ISO 3166-1 "
-                               f"alpha-2 codes nor known region groups ({', '.join(sorted(REGION_GROUPS))}); "
-                               f"unknown codes fail closed")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)}: region(s) {', '.join(unknown)} are neither ISO 3166-1 "
+                f"alpha-2 codes nor known region groups ({', '.join(sorted(REGION_GROUPS))}); "
+                f"unknown codes fail closed",
+            )
+        ]
     allowed: set[str] = set()
     for region in regions:
         allowed |= REGION_GROUPS.get(region, {region})
     where = ", ".join(sorted(regions))
     location = ctx.requester.location
     if location is None:
-        return [_Finding(INDETERMINATE, f"{ctx.t(modifier)} limits use to {where}; the requester has not attested "
-                                        f"a location")]
+        return [
+            _Finding(
+                INDETERMINATE, f"{ctx.t(modifier)} limits use to {where}; the requester has not attested a location"
+            )
+        ]
     if not _COUNTRY.match(location):
-        return [_Finding(DENY, f"{ctx.t(modifier)} limits use to {where}; requester location {location!r} is not "
-                               f"an ISO 3166-1 alpha-2 country code")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)} limits use to {where}; requester location {location!r} is not "
+                f"an ISO 3166-1 alpha-2 country code",
+            )
+        ]
     if location not in allowed:
         return [_Finding(DENY, f"{ctx.t(modifier)} limits use to {where}; the requester is in {location}")]
     return [_Finding(PERMIT, f"{ctx.t(modifier)}: requester location {location} is within {where}")]
@@ -830,11 +943,20 @@ def _allow_list(attribute: str, parameter: str) -> Callable[[_Context, str], lis
             return [_Finding(DENY, f"{ctx.t(modifier)} needs parameters.{parameter}; the consent lists none")]
         value: str | None = getattr(ctx.requester, attribute)
         if value is None:
-            return [_Finding(INDETERMINATE, f"{ctx.t(modifier)} limits use to approved {parameter}; the requester "
-                                            f"has not attested a {attribute}")]
+            return [
+                _Finding(
+                    INDETERMINATE,
+                    f"{ctx.t(modifier)} limits use to approved {parameter}; the requester "
+                    f"has not attested a {attribute}",
+                )
+            ]
         if value not in allowed:
-            return [_Finding(DENY, f"{ctx.t(modifier)} limits use to approved {parameter}; {attribute} {value!r} "
-                                   f"is not on the list")]
+            return [
+                _Finding(
+                    DENY,
+                    f"{ctx.t(modifier)} limits use to approved {parameter}; {attribute} {value!r} is not on the list",
+                )
+            ]
         return [_Finding(PERMIT, f"{ctx.t(modifier)}: {attribute} {value!r} is approved")]
 
     check.__doc__ = f"DUO.md: allow-list check of requester.{attribute} against parameters.{parameter}."
@@ -846,8 +968,12 @@ def _gso(ctx: _Context, modifier: str) -> list[_Finding]:
     genetic = [c for c in ctx.kinds if ctx.ontology.is_a(c, GENETIC_RESEARCH)]
     if genetic:
         return [_Finding(PERMIT, f"{ctx.t(modifier)}: the purpose includes {ctx.t(genetic[0])}")]
-    return [_Finding(DENY, f"{ctx.t(modifier)} limits use to genetic studies; the purpose does not include "
-                           f"{ctx.t(GENETIC_RESEARCH)}")]
+    return [
+        _Finding(
+            DENY,
+            f"{ctx.t(modifier)} limits use to genetic studies; the purpose does not include {ctx.t(GENETIC_RESEARCH)}",
+        )
+    ]
 
 
 def _nmds(ctx: _Context, modifier: str) -> list[_Finding]:
@@ -859,8 +985,13 @@ def _nmds(ctx: _Context, modifier: str) -> list[_Finding]:
         return [_Finding(PERMIT, f"{ctx.t(modifier)}: no methods development requested")]
     others = sorted(c for c, k in ctx.kinds.items() if k in _RESEARCH_KINDS and k is not PurposeKind.METHODS)
     if not others:
-        return [_Finding(DENY, f"{ctx.t(modifier)} denies general methods research: {ctx.t(methods[0])} is "
-                               f"requested without a research purpose inside the permission")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)} denies general methods research: {ctx.t(methods[0])} is "
+                f"requested without a research purpose inside the permission",
+            )
+        ]
     return [_Finding(PERMIT, f"{ctx.t(modifier)}: methods development is tied to {ctx.t(others[0])}")]
 
 
@@ -868,8 +999,13 @@ def _npoa(ctx: _Context, modifier: str) -> list[_Finding]:
     """DUO.md: NPOA 44 — population origins/ancestry purposes are denied."""
     banned = sorted(c for c, k in ctx.kinds.items() if k is PurposeKind.ANCESTRY)
     if banned:
-        return [_Finding(DENY, f"{ctx.t(modifier)} prohibits population origins/ancestry research; the purpose "
-                               f"includes {ctx.t(banned[0])}")]
+        return [
+            _Finding(
+                DENY,
+                f"{ctx.t(modifier)} prohibits population origins/ancestry research; the purpose "
+                f"includes {ctx.t(banned[0])}",
+            )
+        ]
     return [_Finding(PERMIT, f"{ctx.t(modifier)}: no population origins/ancestry research requested")]
 
 
@@ -899,26 +1035,28 @@ def _cc(ctx: _Context, modifier: str) -> list[_Finding]:
 
 #: One rule per modifier (DUO.md, "Modifiers").  A modifier DUO knows but this table lacks fails
 #: closed; a test holds the table and the vendored release in step.
-_MODIFIER_RULES: Final[Mapping[str, Callable[[_Context, str], list[_Finding]]]] = MappingProxyType({
-    NPU: _npu,
-    NCU: _ncu,
-    NPUNCU: _npuncu,
-    IRB: _irb,
-    COL: _col,
-    PUB: _pub,
-    RTN: _rtn,
-    MOR: _mor,
-    TS: _ts,
-    GS: _gs,
-    US: _allow_list("user", "users"),
-    PS: _allow_list("project", "projects"),
-    IS: _allow_list("institution", "institutions"),
-    GSO: _gso,
-    NMDS: _nmds,
-    NPOA: _npoa,
-    RS: _rs,
-    CC: _cc,
-})
+_MODIFIER_RULES: Final[Mapping[str, Callable[[_Context, str], list[_Finding]]]] = MappingProxyType(
+    {
+        NPU: _npu,
+        NCU: _ncu,
+        NPUNCU: _npuncu,
+        IRB: _irb,
+        COL: _col,
+        PUB: _pub,
+        RTN: _rtn,
+        MOR: _mor,
+        TS: _ts,
+        GS: _gs,
+        US: _allow_list("user", "users"),
+        PS: _allow_list("project", "projects"),
+        IS: _allow_list("institution", "institutions"),
+        GSO: _gso,
+        NMDS: _nmds,
+        NPOA: _npoa,
+        RS: _rs,
+        CC: _cc,
+    }
+)
 
 #: Codes that have a rule here (exported for tests / docs).
 PERMISSION_CODES: Final = frozenset(_PERMITTED_KINDS)
@@ -947,7 +1085,10 @@ def evaluate(
     findings: list[_Finding] = []
 
     permission, problem = _resolve_code(
-        profile.permission, ontology, "consent permission", ontology.permissions & PERMISSION_CODES,
+        profile.permission,
+        ontology,
+        "consent permission",
+        ontology.permissions & PERMISSION_CODES,
         "a data use permission (one of NRES, GRU, HMB, DS, POA)",
     )
     if problem:
@@ -956,7 +1097,10 @@ def evaluate(
     modifiers: set[str] = set()
     for raw in sorted(profile.modifiers):
         code, problem = _resolve_code(
-            raw, ontology, "consent modifier", ontology.modifiers & MODIFIER_CODES,
+            raw,
+            ontology,
+            "consent modifier",
+            ontology.modifiers & MODIFIER_CODES,
             "a data use modifier this gateway can evaluate",
         )
         if problem:
@@ -968,10 +1112,13 @@ def evaluate(
         findings.append(_Finding(DENY, f"consent {ontology.display(DS)} lists no disease; it can permit nothing"))
         permission = None
     elif permission is not None and permission != DS and profile.diseases:
-        findings.append(_Finding(
-            DENY, f"consent lists diseases {', '.join(sorted(profile.diseases))} but its permission "
-                  f"{ontology.display(permission)} is not DS; the profile is inconsistent",
-        ))
+        findings.append(
+            _Finding(
+                DENY,
+                f"consent lists diseases {', '.join(sorted(profile.diseases))} but its permission "
+                f"{ontology.display(permission)} is not DS; the profile is inconsistent",
+            )
+        )
 
     kinds: dict[str, PurposeKind] = {}
     if not purpose.codes:
@@ -979,23 +1126,39 @@ def evaluate(
     for raw in sorted(purpose.codes):
         code = ontology.resolve(raw)
         if code is None:
-            findings.append(_Finding(DENY, f"purpose code {raw} is not a term of DUO {_release(ontology)}; "
-                                           f"unknown codes fail closed"))
+            findings.append(
+                _Finding(
+                    DENY, f"purpose code {raw} is not a term of DUO {_release(ontology)}; unknown codes fail closed"
+                )
+            )
             continue
         if ontology.is_obsolete(code):
-            findings.append(_Finding(DENY, f"purpose code {ontology.display(code)} is obsolete in DUO; obsolete "
-                                           f"codes fail closed"))
+            findings.append(
+                _Finding(DENY, f"purpose code {ontology.display(code)} is obsolete in DUO; obsolete codes fail closed")
+            )
             continue
         kind = purpose_kind(code, ontology)
         if kind is None:
-            findings.append(_Finding(DENY, f"purpose code {ontology.display(code)} is not a research-purpose term "
-                                           f"(DUO:0000031-40, a permission used as request, or clinical care)"))
+            findings.append(
+                _Finding(
+                    DENY,
+                    f"purpose code {ontology.display(code)} is not a research-purpose term "
+                    f"(DUO:0000031-40, a permission used as request, or clinical care)",
+                )
+            )
             continue
         kinds[code] = kind
 
     ctx = _Context(
-        profile=profile, purpose=purpose, requester=requester, ontology=ontology, diseases=diseases,
-        today=today, permission=permission, modifiers=frozenset(modifiers), kinds=MappingProxyType(kinds),
+        profile=profile,
+        purpose=purpose,
+        requester=requester,
+        ontology=ontology,
+        diseases=diseases,
+        today=today,
+        permission=permission,
+        modifiers=frozenset(modifiers),
+        kinds=MappingProxyType(kinds),
     )
     findings.extend(_check_permission(ctx))
     for modifier in sorted(modifiers):

@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+#: The CLI of the code under test: the interpreter running the tests, on this checkout's ``gateway``
+#: package (run with ``cwd=REPO``), whichever virtual environment that is.
+FEDGATE = [sys.executable, "-m", "gateway"]
 
 
 def free_port() -> int:

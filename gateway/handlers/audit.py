@@ -1,6 +1,6 @@
 """``GET /fhir/AuditEvent`` (search) and ``GET /fhir/AuditEvent/{id}`` served from the audit store.
 
-Admins only; other roles get 403 OperationOutcome (issue #4: "searchable over FHIR by admins only").
+Admins only; other roles get 403 OperationOutcome ("searchable over FHIR by admins only").
 Registered before the generic FHIR routes so these paths resolve here.
 """
 

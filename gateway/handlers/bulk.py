@@ -12,9 +12,6 @@ Site settings (TOML section ``[export]``): ``deidentify_roles``, ``project``, ``
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import orjson
@@ -24,15 +21,14 @@ from gateway import keys
 from gateway.errors import BadRequest, GatewayError, NotAcceptable
 from gateway.handlers.fhir import FHIR_JSON, ID_RE, base_url, read_json_body
 from gateway.middlewares import requester_of
-from gateway.services.bulk import BulkExportService, ExportConfig
+from gateway.services.bulk import BulkExportService
 from mappings.fhir.bulk import KickoffError, parameters_pairs
 
-SERVICE = "bulk_export"
 NDJSON = "application/fhir+ndjson"
 
 
 def _svc(request: web.Request) -> BulkExportService:
-    return request.app[keys.SERVICES][SERVICE]
+    return request.app[keys.BULK_EXPORT]
 
 
 def _prefer(request: web.Request) -> set[str]:
@@ -117,24 +113,6 @@ async def export_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Content-Type": NDJSON})
 
 
-async def _bulk_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
-    raw = settings.extra.get("export") or {}
-    config = ExportConfig.from_extra(dict(raw) if isinstance(raw, dict) else {})
-    svc = BulkExportService(app[keys.DB], app[keys.ACCESS], settings.data_dir, config,
-                            deid_secret=settings.deid_key(), site_id=settings.site_id,
-                            workers=app[keys.SERVICES].get("workers"),
-                            policy=app[keys.SERVICES].get("deid"))  # the site's DeidPolicy (one for every export)
-    app[keys.SERVICES][SERVICE] = svc
-    # jobs are claimed with leases in the store, so every serving process may run a worker
-    task = asyncio.create_task(svc.worker()) if config.worker and app[keys.STARTUP] != "once" else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def setup_routes(app: web.Application) -> None:
     r = app.router
     i = "{id:" + ID_RE + "}"
@@ -147,7 +125,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/fhir/_export/{job:[0-9a-f]{1,64}}", export_cancel, name="fhir.export_cancel")
     r.add_get("/fhir/_export/{job:[0-9a-f]{1,64}}/{file}", export_file,
               name="fhir.export_file")
-    app.cleanup_ctx.append(_bulk_ctx)
 
 
 __all__ = ["setup_routes"]

@@ -13,7 +13,6 @@ Targets are never taken from the request as paths or URLs: a folder is ``data_di
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -21,14 +20,11 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.handlers.dicomweb import SERVICE as DICOMWEB
 from gateway.middlewares import requester_of
-from gateway.services.dicom_export import DicomExportJobs, DicomExportService, ExportTarget
+from gateway.services.dicom_export import ExportTarget
 from gateway.services.dicomweb import check_study_uid
 from mappings.deid.dicom import DeidOptions
 
-EXPORT = "dicom-export"
-JOBS = "dicom-export-jobs"
 MAX_STUDIES = 10_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _OPTIONS = {"clean_descriptors": "clean_descriptors", "retain_patient_characteristics": "patient_characteristics",
@@ -95,7 +91,7 @@ async def start(request: web.Request) -> web.Response:
         # link this requester's copies to that project's pseudonyms
         raise Forbidden("project: only the project your token attests (attribute 'project') may be named")
     await request.app[keys.GATE].scope_for(requester)  # an unusable purpose fails here, before any job exists
-    job_id = await request.app[keys.SERVICES][JOBS].start(requester, studies, target, project=project,
+    job_id = await request.app[keys.DICOM_EXPORT_JOBS].start(requester, studies, target, project=project,
                                                          options=options, request_doc=summary)
     location = f"/export/dicom/{job_id}"
     return web.Response(status=202, body=orjson.dumps({"id": job_id, "state": "running", "status": location}),
@@ -105,7 +101,7 @@ async def start(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     requester = requester_of(request)
     await request.app[keys.GATE].scope_for(requester)
-    job = await request.app[keys.SERVICES][JOBS].get(request.match_info["job"])
+    job = await request.app[keys.DICOM_EXPORT_JOBS].get(request.match_info["job"])
     if job is None or (job["subject"] != requester.subject and not requester.is_admin):
         raise NotFound("no such export job")
     body = {"id": job["job_id"], "state": job["state"], "progress": {"studies": job["done"], "of": job["total"]},
@@ -122,24 +118,9 @@ async def status(request: web.Request) -> web.Response:
     return web.Response(status=code, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
-async def _ctx(app: web.Application) -> AsyncIterator[None]:
-    from gateway.app import DEID
-
-    services = app[keys.SERVICES]
-    svc = DicomExportService(services[DICOMWEB], services[DEID], app[keys.AUDIT])
-    services[EXPORT] = svc
-    jobs = DicomExportJobs(app[keys.DB], svc)
-    if app[keys.STARTUP] != "serve":  # the lone server or the parent of serving processes: none is running yet
-        await jobs.recover()
-    services[JOBS] = jobs
-    yield
-    await jobs.close()
-
-
 def setup_routes(app: web.Application) -> None:
-    app.cleanup_ctx.append(_ctx)  # after the DICOMweb service's context
     app.router.add_post("/export/dicom", start, name="export.dicom_start")
     app.router.add_get("/export/dicom/{job}", status, name="export.dicom_status")
 
 
-__all__ = ["EXPORT", "JOBS", "setup_routes"]
+__all__ = ["setup_routes"]

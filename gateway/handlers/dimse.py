@@ -584,28 +584,4 @@ def _store_contexts(rows: list[dict]) -> list:
     return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
 
 
-# ------------------------------------------------------------------------------------------- wiring
-DIMSE = web.AppKey("dimse", DimseListener)
-
-
-async def _dimse_ctx(app: web.Application):
-    settings = app[keys.SETTINGS]
-    if not settings.dimse_port or app[keys.STARTUP] == "once":
-        yield
-        return
-    listener = DimseListener(settings, app[keys.SERVICES]["dicomweb"], app[keys.AUDIT], asyncio.get_running_loop())
-    await asyncio.to_thread(listener.start)
-    app[DIMSE] = listener
-    try:
-        yield
-    finally:
-        await asyncio.to_thread(listener.stop)
-
-
-def setup(app: web.Application) -> None:
-    """Start the DIMSE listener with the application when ``dimse_port`` is set (after the DICOMweb service)."""
-    peers_from(app[keys.SETTINGS])  # a wrong peer table fails at start, naming the setting
-    app.cleanup_ctx.append(_dimse_ctx)
-
-
-__all__ = ["DIMSE", "DimseListener", "Peer", "peers_from", "setup"]
+__all__ = ["DimseListener", "Peer", "peers_from"]

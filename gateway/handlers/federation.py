@@ -9,9 +9,6 @@ out to the configured sites; ``GET /federation/sites`` lists them.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -24,16 +21,10 @@ from gateway.services.access import AccessRecord
 from gateway.services.federation import (
     BREAKDOWNS,
     CohortRequest,
-    FederationConfig,
-    HubService,
-    HubTokenVerifier,
-    SiteService,
 )
 
-SITE: web.AppKey[SiteService] = web.AppKey("federation_site", SiteService)
-HUB: web.AppKey[HubService | None] = web.AppKey("federation_hub", object)
-HUB_TOKENS: web.AppKey[HubTokenVerifier] = web.AppKey("federation_hub_tokens", HubTokenVerifier)
-CONFIG: web.AppKey[FederationConfig] = web.AppKey("federation_config", FederationConfig)
+# the keys these routes use, by their short names (gateway/app.py builds the services)
+SITE, HUB, HUB_TOKENS, CONFIG = keys.FEDERATION_SITE, keys.FEDERATION_HUB, keys.HUB_TOKENS, keys.FEDERATION_CONFIG
 
 
 async def _json(request: web.Request) -> tuple[bytes, object]:
@@ -72,7 +63,7 @@ async def site_answer(request: web.Request, *, stats_only: bool) -> web.Response
         raise BadRequest("stats: name at least one numeric field", expression=["$.stats"])
     app = request.app
     result = await app[SITE].answer(requester, req, gate=app[keys.GATE], audit=app[keys.AUDIT], via=via,
-                                    path=request.path, expand=app[keys.SERVICES].get("code_expander"))
+                                    path=request.path)
     return web.Response(body=orjson.dumps(result), content_type="application/json")
 
 
@@ -101,27 +92,7 @@ async def sites(request: web.Request) -> web.Response:
                               "sites": [{"id": s.id, "url": s.url} for s in cfg.sites] if cfg.is_hub else []})
 
 
-async def _ctx(app: web.Application) -> AsyncIterator[None]:
-    settings, cfg = app[keys.SETTINGS], app[CONFIG]
-    app[SITE] = SiteService(settings, cfg, app[keys.DB])
-    app[keys.SERVICES]["federation.site"] = app[SITE]
-    if cfg.is_hub:
-        connector = aiohttp.TCPConnector(limit=100, limit_per_host=16)
-        async with aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()) as session:
-            app[HUB] = HubService(settings, cfg, session)
-            app[keys.SERVICES]["federation.hub"] = app[HUB]
-            yield
-        return
-    app[HUB] = None
-    yield
-
-
 def setup_routes(app: web.Application) -> None:
-    settings = app[keys.SETTINGS]
-    cfg = FederationConfig.from_settings(settings)
-    app[CONFIG] = cfg
-    app[HUB_TOKENS] = HubTokenVerifier.from_config(settings, cfg)
-    app.cleanup_ctx.append(_ctx)
     app.router.add_post("/federation/cohort/count", cohort_count, name="federation.count")
     app.router.add_post("/federation/stats", stats, name="federation.stats")
     app.router.add_post("/federation/query", query, name="federation.query")

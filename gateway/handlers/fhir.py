@@ -67,7 +67,7 @@ def render_operation_outcome(request: web.Request, exc: GatewayError) -> web.Res
 
 
 #: types served read-only from their own store (gateway/handlers/audit.py): the generic write routes
-#: answer 405 with the Allow header the document gives them (issue 20)
+#: answer 405 with the Allow header the document gives them
 READ_ONLY_TYPES = {"AuditEvent": "GET, HEAD"}
 
 

@@ -11,11 +11,7 @@ Site settings (TOML section ``[inference]``): ``url`` (Triton/KServe v2 server, 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -23,15 +19,12 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import BadRequest
 from gateway.middlewares import requester_of
-from gateway.services.inference import InferenceConfig, InferenceService
+from gateway.services.inference import InferenceService
 
 log = logging.getLogger(__name__)
 
-SERVICE = "inference"
-
-
 def _svc(request: web.Request) -> InferenceService:
-    return request.app[keys.SERVICES][SERVICE]
+    return request.app[keys.INFERENCE]
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -76,7 +69,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def monitoring(request: web.Request) -> web.Response:
-    """Model monitoring (issue 6): drift by scanner (PSI + alerts), performance vs reference standard, energy."""
+    """Model monitoring: drift by scanner (PSI + alerts), performance vs reference standard, energy."""
     q = request.query
     if not q.get("model"):
         raise BadRequest("model: required (a registered model card name)")
@@ -92,35 +85,6 @@ async def monitoring(request: web.Request) -> web.Response:
     return _json(await _svc(request).monitoring(requester_of(request), q["model"], q.get("version"), since, by))
 
 
-def _config(app: web.Application) -> dict:
-    raw = app[keys.SETTINGS].extra.get("inference") or {}
-    return dict(raw) if isinstance(raw, dict) else {}
-
-
-async def _inference_ctx(app: web.Application) -> AsyncIterator[None]:
-    from inference.backends import RetryPolicy, make_backend
-    from inference.repository import DEFAULT_REPOSITORY
-
-    cfg = _config(app)
-    retry = RetryPolicy(attempts=int(cfg.get("retry_attempts", 5)), timeout_s=float(cfg.get("timeout_s", 30)))
-    backend = make_backend(cfg.get("url") or None, str(cfg.get("protocol", "grpc")),
-                           Path(cfg.get("repository") or DEFAULT_REPOSITORY), retry, str(cfg.get("device", "cpu")))
-    svc = InferenceService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], backend,
-                           app[keys.SERVICES]["dicomweb"], app[keys.FHIR], InferenceConfig.from_extra(cfg))
-    app[keys.SERVICES][SERVICE] = svc
-    startup = app[keys.STARTUP]
-    if cfg.get("register_shipped", True) and startup != "serve":
-        await svc.register_shipped()
-    # jobs are claimed with leases in the store, so every serving process may run a worker
-    task = asyncio.create_task(svc.worker()) if cfg.get("worker", True) and startup != "once" else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await backend.close()
-
-
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/inference/models", register_model, name="inference.register_model")
@@ -129,7 +93,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/inference/jobs", list_jobs, name="inference.list_jobs")
     r.add_get("/inference/jobs/{job}", get_job, name="inference.get_job")
     r.add_get("/inference/monitoring", monitoring, name="inference.monitoring")
-    app.cleanup_ctx.append(_inference_ctx)
 
 
 __all__ = ["setup_routes"]

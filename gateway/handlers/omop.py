@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -23,9 +22,9 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import BadRequest
 from gateway.middlewares import requester_of
-from gateway.services.omop import ExportTarget, OmopService
+from gateway.services.omop import ExportTarget
 
-OMOP: web.AppKey[OmopService] = web.AppKey("omop", OmopService)
+OMOP = keys.OMOP
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
@@ -89,15 +88,7 @@ async def import_(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(report), content_type="application/json")
 
 
-async def _ctx(app: web.Application) -> AsyncIterator[None]:
-    svc = OmopService(app[keys.DB], vocab_path=_config(app).get("vocabulary"))
-    app[OMOP] = svc
-    app[keys.SERVICES]["omop"] = svc
-    yield
-
-
 def setup_routes(app: web.Application) -> None:
-    app.cleanup_ctx.append(_ctx)
     app.router.add_post("/omop/export", export, name="omop.export")
     app.router.add_post("/omop/import", import_, name="omop.load")
 

@@ -6,7 +6,6 @@ middleware; errors are RFC 6749 §5.2 JSON (``error``, ``error_description``), n
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -14,9 +13,8 @@ from aiohttp import web
 from gateway import keys
 from gateway.edge import public_base
 from gateway.errors import GatewayError
-from gateway.services.backend_auth import BackendAuth, OAuthError
+from gateway.services.backend_auth import OAuthError
 
-SERVICE = "backend_auth"
 TOKEN_PATH = "/auth/token"
 
 
@@ -40,21 +38,15 @@ async def token(request: web.Request) -> web.Response:
     if not form.get("client_assertion"):  # RFC 6749 §5.2: no client authentication → invalid_client, 401
         raise OAuthError("invalid_client", "client authentication missing: send client_assertion_type and "
                                            "client_assertion (application/x-www-form-urlencoded)", 401)
-    answer = await request.app[keys.SERVICES][SERVICE].token({k: str(v) for k, v in form.items()}, token_url(request))
+    answer = await request.app[keys.BACKEND_AUTH].token({k: str(v) for k, v in form.items()}, token_url(request))
     return web.Response(body=orjson.dumps(answer), content_type="application/json",
                         headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
-
-
-async def _ctx(app: web.Application) -> AsyncIterator[None]:
-    app[keys.SERVICES][SERVICE] = BackendAuth(app[keys.SETTINGS], app[keys.DB])
-    yield
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post(TOKEN_PATH, token, name="auth.token")
     app[keys.PUBLIC_ROUTES].add("auth.token")
     app[keys.ERROR_RENDERERS]["/auth"] = render_oauth_error
-    app.cleanup_ctx.append(_ctx)
 
 
 __all__ = ["setup_routes", "token_url"]

@@ -25,7 +25,7 @@ MAX_COUNT = 10_000
 
 
 def _svc(request: web.Request) -> VocabService:
-    return request.app[keys.SERVICES]["vocab"]
+    return request.app[keys.VOCAB]
 
 
 async def _params(request: web.Request) -> dict[str, str]:

@@ -14,21 +14,17 @@ federation routes (a hub → site ES256 token over the exact body, or the analys
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
-import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway import keys
 from gateway.errors import NotFound
-from gateway.handlers.federation import CONFIG, _authenticate, _json
+from gateway.handlers.federation import _authenticate, _json
 from gateway.middlewares import requester_of
-from gateway.services.federation import hub_private_key
-from gateway.services.training import SiteTrainer, TrainingConfig, TrainingHub
+from gateway.services.training_hub import TrainingHub
 
-SITE: web.AppKey[SiteTrainer] = web.AppKey("training_site", SiteTrainer)
-HUB: web.AppKey[TrainingHub | None] = web.AppKey("training_hub", object)
+# the keys these routes use, by their short names (gateway/app.py builds the services)
+SITE, HUB = keys.TRAINING_SITE, keys.TRAINING_HUB
 
 
 def _resp(doc, status: int = 200) -> web.Response:
@@ -92,34 +88,11 @@ async def site_key(request: web.Request) -> web.Response:
 async def site_deploy(request: web.Request) -> web.Response:
     body, doc = await _json(request)
     requester, via = await _authenticate(request, body)
-    inference = request.app[keys.SERVICES].get("inference")
-    return _resp(await request.app[SITE].deploy(requester, doc, inference, hub=via, path=request.path))
+    return _resp(await request.app[SITE].deploy(requester, doc, request.app[keys.INFERENCE], hub=via, path=request.path))
 
 
 async def site_manifests(request: web.Request) -> web.Response:
     return _resp({"rounds": await request.app[SITE].manifests(requester_of(request), request.match_info["run"])})
-
-
-async def _ctx(app: web.Application) -> AsyncIterator[None]:
-    settings, fcfg, tcfg = app[keys.SETTINGS], app[CONFIG], TrainingConfig.from_settings(app[keys.SETTINGS])
-    app[SITE] = SiteTrainer(settings, tcfg, app[keys.DB], app[keys.GATE], app[keys.AUDIT],
-                            app[keys.SERVICES].get("code_expander"))
-    app[keys.SERVICES]["training.site"] = app[SITE]
-    inference = app[keys.SERVICES].get("inference")
-    if inference is not None and hasattr(inference.backend, "add_repository"):
-        inference.backend.add_repository(tcfg.repository_path(settings))
-    if not fcfg.is_hub:
-        app[HUB] = None
-        yield
-        return
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100, limit_per_host=8)) as session:
-        hub = TrainingHub(settings, tcfg, fcfg, app[keys.DB], session, hub_private_key(settings, fcfg), app[keys.AUDIT])
-        app[HUB] = hub
-        app[keys.SERVICES]["training.hub"] = hub
-        if app[keys.STARTUP] != "serve":  # once per start-up: runs left behind by a hub process that died
-            await hub.reap_orphans()
-        yield
-        await hub.close()
 
 
 def setup_routes(app: web.Application) -> None:
@@ -137,7 +110,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/federation/models/deploy", site_deploy, name="federation.deploy")
     # the site routes authenticate in the handler (hub token or analyst token)
     app[keys.PUBLIC_ROUTES].update({"federation.train_round", "federation.deploy", "federation.train_key"})
-    app.cleanup_ctx.append(_ctx)
 
 
 __all__ = ["setup_routes", "SITE", "HUB"]

@@ -58,12 +58,8 @@ def _render(request: web.Request, template: str, **ctx) -> web.Response:
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
-def _services(request: web.Request) -> dict:
-    return request.app[keys.SERVICES]
-
-
 def _is_hub(request: web.Request) -> bool:
-    return _services(request).get("federation.hub") is not None
+    return request.app[keys.FEDERATION_HUB] is not None
 
 
 def _page_ctx(request: web.Request, view: str) -> dict:
@@ -77,7 +73,7 @@ def _page_ctx(request: web.Request, view: str) -> dict:
 # ------------------------------------------------------------------------------------------------ pages
 async def index(request: web.Request) -> web.Response:
     ctx = _page_ctx(request, "index")
-    fed = _services(request).get("federation.hub")
+    fed = request.app[keys.FEDERATION_HUB]
     ctx["sites"] = [{"id": s.id, "url": s.url} for s in fed.cfg.sites] if fed is not None else []
     return _render(request, "index.html", **ctx)
 
@@ -112,7 +108,7 @@ async def static(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------------------------------------ fragments
 async def cohort_run(request: web.Request) -> web.Response:
     """The cohort form's JSON (``cohort_json``, the body ``fedgate query`` takes) → the hub's query."""
-    hub = _services(request).get("federation.hub")
+    hub = request.app[keys.FEDERATION_HUB]
     if hub is None:
         raise NotFound("this gateway is not configured as a federation hub (federation.role)")
     form = await request.post()
@@ -131,7 +127,7 @@ async def cohort_run(request: web.Request) -> web.Response:
 
 
 async def consent_overview(request: web.Request) -> web.Response:
-    report = _services(request)["consent.report"]
+    report = request.app[keys.CONSENT_REPORT]
     requester = requester_of(request)
     matrix = await report.matrix(requester)
     withdrawals = await report.withdrawals(requester)
@@ -140,13 +136,13 @@ async def consent_overview(request: web.Request) -> web.Response:
 
 async def consent_decision(request: web.Request) -> web.Response:
     q = request.query
-    result = await _services(request)["consent.report"].decision(requester_of(request), q.get("patient"),
+    result = await request.app[keys.CONSENT_REPORT].decision(requester_of(request), q.get("patient"),
                                                                   q.get("purpose"))
     return _render(request, "_decision.html", d=result)
 
 
 async def models(request: web.Request) -> web.Response:
-    svc = _services(request)["inference"]
+    svc = request.app[keys.INFERENCE]
     requester = requester_of(request)
     jobs = await svc.jobs(requester, q if (q := request.query.get("state")) else None, None, 50)
     cards = await svc.cards()
@@ -161,12 +157,12 @@ async def monitoring(request: web.Request) -> web.Response:
     if by not in ("manufacturer", "scanner_model", "protocol"):
         raise BadRequest("by: manufacturer, scanner_model or protocol", expression=["by"])
     name, _, version = q["model"].partition("@")
-    report = await _services(request)["inference"].monitoring(requester_of(request), name, version or None, None, by)
+    report = await request.app[keys.INFERENCE].monitoring(requester_of(request), name, version or None, None, by)
     return _render(request, "_monitoring.html", **views.monitoring(report, by))
 
 
 async def training(request: web.Request) -> web.Response:
-    hub = _services(request).get("training.hub")
+    hub = request.app[keys.TRAINING_HUB]
     if hub is None:
         raise NotFound("this gateway is not configured as a federation hub (federation.role)")
     requester = requester_of(request)

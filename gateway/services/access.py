@@ -1,4 +1,4 @@
-"""Seams the consent gate and audit plug into (issue #4 fills in the real implementations).
+"""Seams the consent gate and audit plug into (gateway/services/consent.py and audit.py implement them).
 
 Every service asks :class:`Gate` for the :class:`~gateway.store.scope.AccessScope` of a request and
 reports each data access to :class:`AuditSink`.  Until the consent gate is configured the gateway
@@ -15,7 +15,7 @@ from gateway.store.scope import UNRESTRICTED, AccessScope
 
 
 # The typed audit codes (one definition: gateway/services/audit_codes.py), re-exported for the access layer.
-from gateway.services.audit_codes import Action, Interaction, Outcome  # noqa: E402,F401
+from gateway.services.audit_codes import Action, Interaction, Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class AccessRecord:
     extra: dict = field(default_factory=dict)
 
 
-#: Roles that may write data (issue #4): the systems and people acting for treatment, the site and
+#: Roles that may write data: the systems and people acting for treatment, the site and
 #: admins.  Analysts (research) only read; otherwise they could write a Consent granting themselves access.
 WRITE_ROLES = frozenset({"ehr-system", "pacs", "clinician", "site", "admin"})
 

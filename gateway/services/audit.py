@@ -1,4 +1,4 @@
-"""Audit sink: every data access becomes a FHIR R4 AuditEvent, hash-chained (issue #4).
+"""Audit sink: every data access becomes a FHIR R4 AuditEvent, hash-chained.
 
 * :class:`ChainedAudit` implements :class:`gateway.services.access.AuditSink`.  ``record`` only
   appends to an in-memory batch (cheap on the request path); a background flusher writes batches in
@@ -119,7 +119,7 @@ def _row(event: dict[str, Any], rec_patients: tuple[str, ...]) -> dict[str, Any]
 
 def _printable(value: str) -> str:
     """A patient id as asked for (a refused request may name "a\x00"), its control characters written as
-    \\uXXXX: the same column text on both engines (PostgreSQL cannot store U+0000; issue 20)."""
+    \\uXXXX: the same column text on both engines (PostgreSQL cannot store U+0000)."""
     return value if value.isprintable() else "".join(
         c if c.isprintable() else f"\\u{ord(c):04x}" for c in value)
 

@@ -1,4 +1,4 @@
-"""Typed codes of the audit trail (issue #19): FHIR R4 AuditEvent ``action`` and ``outcome`` value sets and
+"""Typed codes of the audit trail: FHIR R4 AuditEvent ``action`` and ``outcome`` value sets and
 the ``subtype`` (interaction) codes fedgate records.
 
 They are :class:`enum.StrEnum`, so ``Action.READ == "R"``: an :class:`~gateway.services.access.AccessRecord`

@@ -1,4 +1,4 @@
-"""The consent gate (DESIGN.md, "The consent gate — one place"; issue #4).
+"""The consent gate (DESIGN.md, "The consent gate — one place").
 
 :class:`ConsentGate` implements :class:`gateway.services.access.Gate`:
 
@@ -80,7 +80,7 @@ class ConsentGate:
         self._by_no: dict[int, str] = {}
         self._collided: set[str] = set()
         self._scopes: dict[tuple, AccessScope] = {}
-        #: combined profile key → its member keys (issue #19)
+        #: combined profile key → its member keys
         self._combos: dict[str, tuple[str, ...]] = {}
         #: (codes, diseases, attributes JSON) → (purpose, requester, their keys): see :meth:`_parse`
         self._parsed: dict[tuple, tuple] = {}
@@ -126,7 +126,7 @@ class ConsentGate:
             if key not in self._profiles:
                 doc = orjson.loads(text)
                 if isinstance(doc, dict) and "all_of" in doc:
-                    # a combined profile (resources linked to several patients, issue #19): permitted
+                    # a combined profile (resources linked to several patients): permitted
                     # only when every member profile is (consent_schema.combined_key)
                     self._combos[key] = tuple(doc["all_of"])
                     self._profiles[key] = []
@@ -198,7 +198,7 @@ class ConsentGate:
         """The evaluator's purpose and requester and their keys, memoised on the exact inputs (codes,
         diseases and the ``repr`` of the sorted attributes — it tells apart what JSON would not, e.g. NaN
         from null, 1 from true): parsing, validating and hashing them was most of a cached request's gate
-        time (~10 of 14 µs; issue #4).  Failures are not memoised (refused every time)."""
+        time.  Failures are not memoised (refused every time)."""
         try:
             memo = (tuple(codes), tuple(diseases), repr(sorted(attrs.items())))
         except TypeError:  # keys that do not sort: parse every time
@@ -256,7 +256,7 @@ class ConsentGate:
 
 
 async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: start the gate once the store is open (after ``_store_ctx``)."""
+    """cleanup_ctx: start the gate once the store is open (after ``store_ctx`` in gateway/app.py)."""
     gate = app[keys.GATE]
     one_time = app[keys.STARTUP] != "serve"
     if one_time:

@@ -32,6 +32,7 @@ from gateway.services.access import AccessRecord, AuditSink, Gate, require_write
 from gateway.store import fhir_repo as repo
 from gateway.store import schema as s
 from gateway.store import dicom_views
+from gateway.store import qido as qido_sql
 from gateway.store.blobs import BlobStore
 from gateway.store.db import Database, built_once, table_insert
 from gateway.store.dicom_schema import dcm_instance, dcm_seg_segment, dcm_series, dcm_sr_item, dcm_study
@@ -114,7 +115,7 @@ def _parse_part(part: Part, study_in_path: str | None) -> Outcome:
     a reason written for people (:func:`failure_reason`): one bad part never fails the request."""
     try:
         return _parse_checked(part, study_in_path)
-    except Exception as exc:  # noqa: BLE001 — whatever a malformed file makes a reader raise fails it alone
+    except Exception as exc:  # whatever a malformed file makes a reader raise fails it alone
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
 
 
@@ -158,7 +159,7 @@ def _parse_checked(part: Part, study_in_path: str | None) -> Outcome:
             ds, ts, meta = _read_full(part)
     except _NeedsFile:
         return Outcome(None, None, retry=True)
-    except Exception as exc:  # noqa: BLE001 — see _parse_part
+    except Exception as exc:  # see _parse_part
         return Outcome(None, None, failure=CANNOT_UNDERSTAND, reason=failure_reason(exc))
     src = attrs.MetaView(meta, ds)  # index values from the decoded metadata, not a second pydicom conversion
     out = Outcome(*(attrs.text(src, kw) for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
@@ -356,8 +357,7 @@ class ParseFeed:
     :meth:`add` is called by the receiving loop as each part is complete: its fsync starts at once, and it
     is handed to the worker at once while the process has fewer than :data:`PARSE_PIPELINE` parse calls in
     flight (a lightly loaded server: a call's hand-over to the worker process and back costs milliseconds
-    of latency, so a request's last part should not wait for its previous call to return — measured: the
-    wait for the parse after the body ended was ≈ 17 ms of a 50 ms request at concurrency 1), else with
+    of latency, so a request's last part should not wait for its previous call to return), else with
     whatever parts arrived while its request's previous call was being parsed — one call per group, not
     per part, so a busy worker gets bigger groups. :meth:`results` waits for all of it. Neither step ever
     raises for a bad part (failures are in the Outcome / the returned errors).
@@ -888,8 +888,8 @@ class DicomwebService:
         read here when not given).
 
         ``added``: the instance rows this transaction inserted, by study. The current version is then
-        extended with them instead of reading every instance row of the study again (a 1,000-instance study
-        cost 64 ms per 10-instance STOW, growing with the study) — only if that version is exactly what the
+        extended with them instead of reading every instance row of the study again (a cost growing with the
+        study) — only if that version is exactly what the
         index rows give (the resource built from the study and series rows and its own instance list equals
         it: not edited over FHIR) and the extended list has as many instances as the index counts (no rows
         removed behind it, e.g. by the start-up reconcile); otherwise it is rebuilt in full, as before. The
@@ -899,7 +899,7 @@ class DicomwebService:
         if st_rows is None:
             st_rows = {r["study_uid"]: dict(r) for r in (await conn.execute(
                 select(dcm_study).where(dcm_study.c.study_uid.in_(uids)))).mappings()}
-        # studies holding instances of several patients (issue #19): per-patient parts for research answers;
+        # studies holding instances of several patients: per-patient parts for research answers;
         # their ImagingStudy lists only its subject's (the study row's patient's) series and instances
         conflicts = await dicom_views.sync_parts(conn, st_rows, added)
         await repo.lock_resources(conn, [("ImagingStudy", u) for u in uids])  # vs. FHIR API writers
@@ -933,7 +933,7 @@ class DicomwebService:
                 study_row, series_rows = await dicom_views.subject_rows(conn, st_rows[uid], series_rows)
             resource = imaging_study_resource(study_row, series_rows, inst_by_study[uid])
             prev = current.get(("ImagingStudy", resource["id"]))
-            # linked to the study's patient even when the subject names it by DICOM identifier only (issue #19)
+            # linked to the study's patient even when the subject names it by DICOM identifier only
             pid = st_rows[uid].get("patient_id")
             writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
                                      links=frozenset({pid}) if pid else frozenset()))
@@ -968,7 +968,7 @@ class DicomwebService:
     async def adopt_dead_journals(self) -> None:
         """In a serving process (``--processes N``): a sibling that died (kill -9) between renaming files
         into place and committing their rows left them listed in its journal; those without a row are
-        removed now, so no file without its row waits for the next parent start (issue 20)."""
+        removed now, so no file without its row waits for the next parent start."""
         if self.blobs.unwritable:
             return
         journals = await asyncio.to_thread(self.blobs.dead_journals)
@@ -1011,10 +1011,10 @@ class DicomwebService:
     async def search(self, requester: Requester, level: str, q: QidoQuery,
                      warnings: list[str] | None = None) -> tuple[list[dict], int]:
         """QIDO-RS. A research scope reads per-patient rows when conflicting studies (instances of several
-        patients) are stored, so every answer is built from permitted instances only (issue #19); an admin
+        patients) are stored, so every answer is built from permitted instances only; an admin
         gets the conflicting studies among the results in ``warnings``."""
         scope = await self.gate.scope_for(requester)
-        plain = q.statements(level, scope)
+        plain = qido_sql.statements(q, level, scope)
         with_meta = bool(q.extra_tags(level) or q.include_all)
         meta_stmt = self._meta_stmt(level, scope) if with_meta else None
         report = warnings is not None and requester.is_admin
@@ -1022,7 +1022,7 @@ class DicomwebService:
         def read(conn) -> tuple[int, list[dict], list[str]]:  # one hand-over for every statement (read_sync)
             stmt, count_stmt = plain
             if not scope.unrestricted and conn.execute(dicom_views.has_conflicts_stmt()).first() is not None:
-                stmt, count_stmt = q.statements(level, scope, self._views())
+                stmt, count_stmt = qido_sql.statements(q, level, scope, self._views())
             total = conn.execute(count_stmt).scalar_one()
             results = [dict(r) for r in conn.execute(stmt).mappings()]
             if meta_stmt is not None:
@@ -1050,7 +1050,7 @@ class DicomwebService:
     def _meta_stmt(self, level: str, scope: AccessScope):
         """Representative instance metadata for includefield (the first instance of the study/series) — for
         a research scope the first *permitted* instance of the row's own patient (a study's row may be one
-        patient's part of a conflicting study), never another patient's (issue #19)."""
+        patient's part of a conflicting study), never another patient's."""
         key = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}[level]
         ck = ("qido meta", key, scope if not scope.unrestricted else None)
         stmt = self._stmts.get(ck)

@@ -71,7 +71,7 @@ class FhirService:
         #: keyset cursors of the searches' next links (a per-instance key unless the composition root gives the
         #: server's: then every serving process accepts the others' cursors)
         self.cursors = CursorCodec(cursor_key or secrets.token_bytes(32))
-        #: the one access layer (issue #19): every read below gets its query builder from it
+        #: the one access layer: every read below gets its query builder from it
         self.access = access or AccessLayer(db, gate, audit)
         self.validator = validator or ModelValidator(0)
         self.gate = gate
@@ -104,7 +104,7 @@ class FhirService:
             raise BadRequest(str(exc), expression=[exc.param]) from None
 
     # -- read ----------------------------------------------------------------------------------
-    # Every read goes through the access layer (gateway.store.access, issue #19): the requester's Access
+    # Every read goes through the access layer (gateway.store.access): the requester's Access
     # (the gate's scope) builds the query.  For a research (restricted) scope a deleted resource, and
     # every version of it, answers 404 exactly like one that never existed (no 410, no version leak);
     # treatment and site scopes keep FHIR's 410 Gone.
@@ -278,7 +278,7 @@ class FhirService:
 
     # -- write ---------------------------------------------------------------------------------
     async def create(self, requester: Requester, res_type: str, body: Any, if_none_exist: str | None) -> WriteOutcome:
-        require_write(requester)  # issue #4: analysts read only
+        require_write(requester)  # analysts read only
         self.check_type(res_type)
         resource = self._validated(body, res_type)
         access = None
@@ -298,7 +298,7 @@ class FhirService:
         return WriteOutcome(stored, created=True)
 
     async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
-        require_write(requester)  # issue #4: analysts read only
+        require_write(requester)  # analysts read only
         self.check_type(res_type)
         if not ID_RE.match(res_id):
             raise BadRequest(f"id {res_id!r} must match [A-Za-z0-9\\-.]{{1,64}}")
@@ -344,7 +344,7 @@ class FhirService:
         return await self.update(requester, res_type, res_id, patched, if_match or f'W/"{cur.version}"')
 
     async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
-        require_write(requester)  # issue #4: analysts read only
+        require_write(requester)  # analysts read only
         self.check_type(res_type)
         async with self.db.write() as conn:
             await repo.lock_resources(conn, [(res_type, res_id)])
@@ -364,7 +364,7 @@ class FhirService:
     async def conditional_allowed(self, access: Access, what: str) -> None:
         """Conditional operations (If-None-Exist, conditional update/delete/references) match the criteria
         over *every* resource, and their outcome (created or not, which id) would tell a research scope
-        about resources it may not see (issue #19, leak 6): they need an unrestricted (treatment or site)
+        about resources it may not see: they need an unrestricted (treatment or site)
         purpose.  Refused, audited, whatever the criteria match — no existence oracle."""
         if access.restricted:
             await access.record(Action.CREATE, Interaction.CREATE, Outcome.MINOR_FAILURE,
@@ -414,7 +414,7 @@ class FhirService:
         return {"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out}
 
     async def _transaction(self, requester: Requester, entries: list) -> dict[str, Any]:
-        require_write(requester)  # issue #4: analysts read only
+        require_write(requester)  # analysts read only
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)

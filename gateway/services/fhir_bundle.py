@@ -130,7 +130,7 @@ class TransactionPlan:
     refmap: dict[str, str] = field(default_factory=dict)
     stored: list[repo.Stored] = field(default_factory=list)
     #: the requester's access (gateway.store.access): GET entries read through it, and a restricted one may
-    #: not use conditional operations (issue #19, leak 6)
+    #: not use conditional operations
     access: Any = None
 
     def prepare(self, *, check_models: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Model-to-data inference (issue 6): model cards, persisted jobs, the worker that runs them, results.
+"""Model-to-data inference: model cards, persisted jobs, the worker that runs them, results.
 
 Flow of one job: claim (conditional UPDATE with a lease) → the series' instances *visible to the job's
 requester under the job's purpose* (consent gate scope) → pixel data from the blob files → card
@@ -207,7 +207,8 @@ class InferenceService:
         return jobs, created_any
 
     async def _submit_cohort(self, requester: Requester, name: Any, version: Any, cohort: Any) -> tuple[list[dict], bool]:
-        from mappings.cohort import CohortError, compile_cohort, parse
+        from gateway.store.cohort import compile_cohort
+        from mappings.cohort import CohortError, parse
 
         if not isinstance(name, str) or not name or (version is not None and not isinstance(version, str)):
             raise BadRequest("model: expected a non-empty string")
@@ -291,7 +292,7 @@ class InferenceService:
 
     @staticmethod
     async def _visible_series(conn, scope, rows) -> set[str]:
-        """The jobs' series with an instance the scope may see (issue #19: a job's results are its series'
+        """The jobs' series with an instance the scope may see (a job's results are its series'
         patient data — a research scope sees the jobs of permitted patients' series only)."""
         uids = sorted({r.series_uid for r in rows})
         if not uids:
@@ -478,7 +479,7 @@ class InferenceService:
     async def monitoring(self, requester: Requester, model: str, version: str | None, since: float | None,
                          scanner_key: str = "manufacturer") -> dict[str, Any]:
         """Drift (PSI of score and input mean: current window vs reference window, overall and per scanner),
-        running performance against reference-standard FHIR Observations, and energy (issue 6)."""
+        running performance against reference-standard FHIR Observations, and energy."""
         from gateway.store.jobs_schema import inf_observation as O
         from inference import monitoring as mon
 

@@ -175,7 +175,7 @@ class OmopService:
         st, se = s.metadata.tables.get("dcm_study"), s.metadata.tables.get("dcm_series")
         if st is None or se is None:
             return []
-        # per-patient rows (issue #19): a study or series holding instances of several patients gives one
+        # per-patient rows: a study or series holding instances of several patients gives one
         # row per patient, built from that patient's instances, gated by that patient
         from gateway.store import dicom_views
 

@@ -1,7 +1,7 @@
 """FHIR model validation off the event loop, in worker processes for large bundles.
 
-Validating against the fhir.resources models is the most expensive step of ingest (≈ 0.4 ms per
-resource, pure Python under the GIL), so a thread does not add throughput.  Large transaction and
+Validating against the fhir.resources models is the most expensive step of ingest (pure Python
+under the GIL), so a thread does not add throughput.  Large transaction and
 batch bundles are validated in the worker pool (``Settings.validation_workers``; 0 = in a thread)
 while the event loop and the database thread work on other requests.
 """

@@ -51,7 +51,7 @@ GC_GEN0_THRESHOLD = 20_000
 def tune_gc() -> None:
     """Fewer garbage collections in a long-running serving or worker process. Per-request work allocates
     many short-lived dicts and tuples (DICOM elements, JSON, rows), and Python's default (a young
-    collection every 700 net allocations) spent ≈ 3–4 % of the STOW event loop in the collector (perf);
+    collection every 700 net allocations) spends a measurable share of the event loop in the collector;
     the objects alive after start-up (modules, dictionaries, the app) are moved out of the collector's
     sight (``gc.freeze``), so that older-generation passes do not walk them again and again. Reference
     counting still frees almost everything at once; cycles are still collected, only less often."""

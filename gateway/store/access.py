@@ -1,4 +1,4 @@
-"""The one access layer: every read of patient data is built here, from an :class:`Access` (issue #19).
+"""The one access layer: every read of patient data is built here, from an :class:`Access`.
 
 Nothing else in the code base may query a patient table (``fhir_resource``, ``fhir_history``,
 ``fhir_link``, ``idx_*``, ``cm_*``, ``dcm_*``) for reading.  An :class:`Access` is the only thing that

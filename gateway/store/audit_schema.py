@@ -1,4 +1,4 @@
-"""Audit trail table: FHIR AuditEvents, hash-chained (issue #4, "Audit").
+"""Audit trail table: FHIR AuditEvents, hash-chained ("Audit").
 
 Each row stores the canonical JSON of one AuditEvent (without ``id``), the previous row's hash and
 ``hash = sha256(prev_hash + content)``.  Search columns are derived from ``content`` and checked

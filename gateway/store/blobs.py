@@ -53,7 +53,7 @@ class BlobStore:
 
     def temp_path(self) -> Path:
         """A new temp file name: a random prefix per store (per process) and a counter — unique without a
-        call for random bytes per part (a ``getrandom`` system call each: 8 % of the STOW event loop)."""
+        call for random bytes per part (a ``getrandom`` system call each)."""
         return self.tmp / f"{self._tmp_prefix}{next(self._tmp_seq)}.part"
 
     @staticmethod

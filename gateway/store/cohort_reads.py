@@ -1,4 +1,4 @@
-"""Reads of the federation site answer (issue #19): series and per-patient values of a gated cohort.
+"""Reads of the federation site answer: series and per-patient values of a gated cohort.
 
 The site first selects the cohort's *eligible* patients (the cohort SQL intersected with the consent
 scope); these reads then take only those patients' rows, and each read carries the scope's predicate for

@@ -1,4 +1,4 @@
-"""Consent tables and the per-patient effective-profile recomputation (issue #4).
+"""Consent tables and the per-patient effective-profile recomputation.
 
 * ``consent_profile``: content-addressed effective profiles (key = SHA-256 of the canonical JSON);
   ``cm_patient.consent_profile`` points here.  Rows are never updated, so the gate may cache them.
@@ -115,7 +115,7 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
                 sync.execute(text(f"ALTER TABLE {table.name} ADD COLUMN consent_no BIGINT"))
                 added.append(table.name)
         cols = {c["name"] for c in inspect(sync).get_columns(s.fhir_resource.name)}
-        if "multi_link" not in cols:  # issue #19
+        if "multi_link" not in cols:
             sync.execute(text(f"ALTER TABLE {s.fhir_resource.name} ADD COLUMN multi_link BOOLEAN"))
         for ix in DICOM_CONSENT_INDEXES:
             ix.create(sync, checkfirst=True)
@@ -133,10 +133,10 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
     await _backfill_links(conn)
     if conn.dialect.name == "postgresql":
         # No planner statistics on consent_no: its values are opaque numbers, and estimating
-        # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost ~0.15 ms of planning per
-        # statement (0.02 ungated, 0.06 without statistics) — more than executing the filter.  (The
+        # `consent_no IN (~100 numbers)` against a 100-entry MCV list cost more planning per statement
+        # than executing the filter.  (The
         # search-index tables keep theirs: there the gate is part of the lookup that sizes the join of a
-        # 10-100 ms search, and without them PostgreSQL under-estimates the permitted rows ~7x and probes
+        # search, and without them PostgreSQL under-estimates the permitted rows several-fold and probes
         # fhir_resource once per candidate instead of hashing — slower than the ungated search.)
         for table in stamped_tables():
             target = (await conn.execute(text(
@@ -147,7 +147,7 @@ async def ensure_indexes(conn: AsyncConnection) -> None:
 
 
 async def _backfill_links(conn: AsyncConnection) -> None:
-    """Compute the patient links (issue #19) of every stored version once, for stores written before them
+    """Compute the patient links of every stored version once, for stores written before them
     (marked done by the ``fhir_link`` row of ``schema_version``)."""
     V = s.schema_version
     done = (await conn.execute(select(V.c.version).where(V.c.component == "fhir_link"))).first()
@@ -215,7 +215,7 @@ async def stamp_resources(conn: AsyncConnection, written: list[tuple[int, str | 
 
 def combined_key(keys: Iterable[str]) -> str:
     """The key of the *combined* profile of a resource linked to patients with several distinct effective
-    profiles (issue #19): SHA-256 of the sorted member keys.  Its ``consent_profile`` row holds
+    profiles: SHA-256 of the sorted member keys.  Its ``consent_profile`` row holds
     ``{"all_of": [keys]}``; the gate permits it only when it permits every member."""
     import hashlib
 
@@ -410,7 +410,7 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
         for table in index_tables():
             await conn.execute(_stamp_index_stmt(table), {"b_ids": everyone[i:i + 500]})
     # resources linked to several patients (or to these through other links than patient_id): their stamp
-    # is their patients' combined one (issue #19)
+    # is their patients' combined one
     await stamp_linked(conn, await current_links(conn, patients=everyone))
     return len(patients)
 

@@ -79,7 +79,7 @@ def _bounded_columns(table) -> tuple[tuple[str, int | None], ...]:
 
 def fit_rows(table, rows: list[dict]) -> list[dict]:
     """Derived rows (search index, common model) made to fit their columns the same way on both engines
-    (issue 20): SQLite stores any value in a ``VARCHAR(n)``, PostgreSQL refuses a longer or non-text one.
+   : SQLite stores any value in a ``VARCHAR(n)``, PostgreSQL refuses a longer or non-text one.
     A string column gets ``str(value)`` of a number, and at most its length (the row is derived data: the
     resource itself is stored whole)."""
     cols = _bounded_columns(table)
@@ -121,7 +121,7 @@ class Database:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=False,
                           # asyncpg prepares every statement; after 5 runs PostgreSQL may switch to a generic
                           # plan that ignores the search values (and drives a patient+code search from the
-                          # common code: 15 ms instead of 0.4 ms). Plan each execution with its values.
+                          # common code, many times slower). Plan each execution with its values.
                           connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}})
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
@@ -161,17 +161,16 @@ class Database:
         loop) thread instead of being handed to the aiosqlite connection's thread one call at a time. Each
         statement costs 3–4 such hand-overs (cursor, execute, fetch, close: queue put, thread wake-up,
         call_soon_threadsafe, loop wake-up), which for a transaction of many small statements cost more CPU
-        than SQLite's work on them: for a STOW index transaction (≈ 15 statements, each well under a
-        millisecond in SQLite) the server's CPU per transaction fell from 12.4–15.0 to 8.2–8.7 ms, same
-        window. Only for such short transactions: the loop runs the whole transaction without yielding, its
-        COMMIT or ROLLBACK and the connection's return to the pool (a reset) included: the COMMIT's WAL fsync
-        (and, about every 1,000 WAL pages, an automatic checkpoint of a few milliseconds) blocks the loop,
-        but two thread round trips less while the write lock is held were worth more on a busy 2-core machine
-        (STOW at concurrency 16, A/B, 5 of 5 runs faster, median +16 %). The write lock file (taken first)
-        means no statement waits for another writer (the deferred BEGIN included).
+        than SQLite's work on them (a STOW index transaction; figures in bench/RESULTS.md). Only for such
+        short transactions: the loop runs the whole transaction without yielding, its COMMIT or ROLLBACK and
+        the connection's return to the pool (a reset) included, so the COMMIT's WAL fsync (and an occasional
+        automatic checkpoint) blocks the loop. The write lock file (taken first) means no statement waits
+        for another writer (the deferred BEGIN included).
         The caller gets an :class:`~gateway.store.inline.InlineConnection`: statements built once run on the
-        sqlite3 connection without SQLAlchemy's per-statement machinery (STOW index transaction at concurrency 4:
-        the event loop's CPU per transaction fell from 9.6–11.5 to 5.5–7.0 ms, means of two A/B runs)."""
+        sqlite3 connection without SQLAlchemy's per-statement machinery.
+        The inline path shadows a private method of aiosqlite (``Connection._execute``): it is taken only
+        with an aiosqlite release it was checked against (:data:`INLINE_AIOSQLITE`); with any other the
+        transaction runs the ordinary way (``tests/unit/test_inline_sqlite.py`` fails on such a release)."""
         if self._write_lock is None:
             async with self.engine.begin() as conn:
                 yield conn
@@ -182,7 +181,7 @@ class Database:
                 conn = await self._begin()
                 driver = None
                 try:
-                    if inline:
+                    if inline and INLINE_OK:
                         driver = (await conn.get_raw_connection()).driver_connection
                         driver._execute = _run_inline  # shadows aiosqlite.Connection._execute (see _run_inline)
                     yield conn if driver is None else InlineConnection(conn, driver._conn)
@@ -255,7 +254,7 @@ class Database:
 
         On SQLite the statement runs on a reader thread with its own read-only connection: one hand-over to
         a thread instead of the pooled aiosqlite path's four or so (checkout, cursor, execute, fetch, rollback
-        on return — about 0.2 ms, a fifth of a WADO instance request on a busy machine). WAL mode: the reader
+        on return). WAL mode: the reader
         sees every committed write, from any process. The statement is compiled once per set of parameter
         names by the inline write path's planner (:func:`gateway.store.inline.plan_select`: bind and result
         processors, expanding ``IN`` lists, SQLAlchemy's values); one it cannot plan, PostgreSQL and an
@@ -292,7 +291,7 @@ class Database:
         total and page) in one hand-over: on SQLite ``fn`` runs on the reader thread of :meth:`read_rows`
         with a synchronous engine of its own over the same file (read-only connection), instead of the
         pooled aiosqlite path's three or four hand-overs per statement (checkout, cursor, execute, fetch,
-        return), which were most of a QIDO request's 4–6 ms on a busy 2-core machine. Same dialect, same
+        return), which were most of a QIDO request's time. Same dialect, same
         compiled-statement cache and result processing, so ``fn`` sees what the async path returns.
         Elsewhere (PostgreSQL, in-memory SQLite) ``fn`` runs on a pooled connection (``run_sync``)."""
         if self._reader_file is None:
@@ -368,6 +367,23 @@ class Database:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+#: aiosqlite releases (major, minor) whose private ``Connection._execute(fn, *args, **kwargs)`` — queue ``fn``
+#: for the connection's thread and await its result — and ``Connection._conn`` (the sqlite3 connection) were
+#: checked for :meth:`Database.write` ``inline``.  A new release: read both again, then add it here.
+INLINE_AIOSQLITE = frozenset({(0, 20), (0, 21), (0, 22)})
+
+
+def aiosqlite_release() -> tuple[int, int]:
+    import aiosqlite
+
+    major, minor = aiosqlite.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+#: Whether write(inline=True) may shadow aiosqlite's Connection._execute (else it is an ordinary write).
+INLINE_OK = aiosqlite_release() in INLINE_AIOSQLITE
 
 
 async def _run_inline(fn, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""DICOM index tables (issue 3): study / series / instance, SR content items, SEG segments.
+"""DICOM index tables: study / series / instance, SR content items, SEG segments.
 
 The blob store keeps each instance's file under ``data_dir/blobs``; these tables index what QIDO-RS,
 WADO-RS /metadata, the cohort compiler and the OMOP export need without re-reading files.  Every table
@@ -23,7 +23,7 @@ dcm_study = Table(
     metadata,
     Column("study_uid", String(64), primary_key=True),
     Column("patient_id", String(64)),
-    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate)
     Column("dicom_patient_id", String(64)),
     Column("issuer_of_patient_id", String(64)),
     Column("patient_name", String(324)),
@@ -53,7 +53,7 @@ dcm_series = Table(
     Column("series_uid", String(64), primary_key=True),
     Column("study_uid", String(64), nullable=False),
     Column("patient_id", String(64)),
-    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate)
     Column("modality", String(16)),
     Column("series_number", Integer),
     Column("series_description", String(255)),
@@ -80,7 +80,7 @@ dcm_instance = Table(
     Column("series_uid", String(64), nullable=False),
     Column("study_uid", String(64), nullable=False),
     Column("patient_id", String(64)),
-    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate, issue #4)
+    Column("consent_no", BigInteger),  # the patient's consent profile number (consent gate)
     Column("sop_class_uid", String(64)),
     Column("instance_number", Integer),
     Column("transfer_syntax", String(64)),
@@ -151,7 +151,7 @@ Index("ix_dcm_seg_segment_patient", dcm_seg_segment.c.patient_id)
 
 def _part_table(name: str, of: Table, key: str) -> Table:
     """A table with the columns of ``of`` keyed by (``key``, patient_id): one row per patient of a study or
-    series that holds instances of several patients (issue #19: a PACS merge error, a reused UID)."""
+    series that holds instances of several patients (a PACS merge error, a reused UID)."""
     pk = (key, "patient_id")
     cols = [Column(c.name, c.type, primary_key=c.name in pk, nullable=c.nullable and c.name not in pk) for c in of.c]
     return Table(name, metadata, *cols)

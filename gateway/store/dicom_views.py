@@ -1,4 +1,4 @@
-"""Studies and series holding instances of several patients (issue #19, leak 4): per-patient parts.
+"""Studies and series holding instances of several patients: per-patient parts.
 
 A PACS merge error or a modality that reused a StudyInstanceUID puts instances of two patients under one
 study (or series).  The study row (``dcm_study``) carries the attributes and counts of whichever instance

@@ -39,7 +39,7 @@ class Stored:
     deleted: bool
     patient_id: str | None
     content: str | None  # JSON text (None when deleted)
-    #: consent_no comes from several patient links (fhir_resource.multi_link; issue #19)
+    #: consent_no comes from several patient links (fhir_resource.multi_link)
     multi: bool = False
 
     @property
@@ -60,7 +60,7 @@ class Write:
     prev: Stored | None
     method: str  # POST | PUT | DELETE
     #: patients the writer knows the resource belongs to besides its references (the DICOM patient of an
-    #: ImagingStudy built from DICOM: issue #19, leak 1)
+    #: ImagingStudy built from DICOM)
     links: frozenset[str] = frozenset()
 
 
@@ -196,7 +196,7 @@ def _derived(resource: dict[str, Any]) -> tuple[dict[str, list[tuple]], dict[str
 #: ``_derived`` of recently written versions, by their JSON text (the text carries versionId and lastUpdated,
 #: so an entry never goes stale): the next update of the same resource — a STOW adding instances to a
 #: study rewrites its ImagingStudy each time — diffs against the previous version's rows without parsing
-#: and re-extracting it (≈ 0.5 ms for a 100-instance ImagingStudy, 3 ms for 1,000). Per process, small.
+#: and re-extracting it. Per process, small.
 _DERIVED_CACHE: "OrderedDict[str, tuple[dict, dict]]" = OrderedDict()
 _DERIVED_CACHE_SIZE = 32
 
@@ -297,7 +297,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     history: list[dict] = []
     link_rows: list[dict] = []
     multi_links: dict[tuple[str, str], frozenset[str]] = {}
-    # patient links of every new version (issue #19): computed once, here, stored per version
+    # patient links of every new version: computed once, here, stored per version
     # (a writer that names the patients — DICOM's ImagingStudy — is trusted with them: its identifier-only
     # subject is the DICOM PatientID, which no FHIR Patient identifier need carry)
     live = [w for w in writes if w.resource is not None and not w.links]
@@ -396,7 +396,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     for table, rows_ in cm_rows.items():
         if rows_:
             await conn.execute(table_insert(CM_BY_NAME[table]), fit_rows(CM_BY_NAME[table], rows_))
-    # Consent gate (issue #4): a written Patient or Consent changes the patient's effective consent
+    # Consent gate: a written Patient or Consent changes the patient's effective consent
     # profile; recompute it in this transaction so the very next request sees it.
     touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
     touched |= {w.prev.patient_id for w in writes if w.res_type == "Consent" and w.prev is not None}
@@ -411,7 +411,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     await stamp_resources(conn, [(rid_by_key[(r.res_type, r.res_id)], r.patient_id) for r in results
                                  if r.patient_id not in touched and (r.res_type, r.res_id) not in same
                                  and not r.multi])
-    # several patients (issue #19): the stamp of all of them together (their index rows follow below)
+    # several patients: the stamp of all of them together (their index rows follow below)
     from gateway.store.consent_schema import stamp_linked
 
     await stamp_linked(conn, {rid_by_key[k]: v for k, v in multi_links.items()})
@@ -501,7 +501,7 @@ async def _relinks(conn: AsyncConnection, rows, resources: list[dict]) -> list[f
 
 
 async def relink(conn: AsyncConnection, *, history: bool = True) -> int:
-    """Recompute the patient links (issue #19) of every stored version (``history``) and of every current
+    """Recompute the patient links of every stored version (``history``) and of every current
     resource — ``patient_id``, ``multi_link``, ``fhir_link`` — and restamp ``consent_no`` from them: the
     back-fill of stores written before links existed (run once by ``consent_schema.ensure_indexes``) and
     part of ``fedgate reindex``.  Returns the number of current resources relinked."""
@@ -746,7 +746,7 @@ def _drives(clause: Clause) -> bool:
 def compartment_clause(patient_id: str | tuple[str, ...]):
     """Rows in Patient ``patient_id``'s compartment (or in any of several patients'): the current version is
     linked to that patient (``fhir_link``: every patient it references, computed when the version was
-    written; issue #19)."""
+    written)."""
     L = s.fhir_link
     who = L.c.patient_id == patient_id if isinstance(patient_id, str) else L.c.patient_id.in_(sorted(patient_id))
     return select(L.c.patient_id).where(L.c.res_type == R.c.res_type, L.c.res_id == R.c.res_id,

@@ -6,8 +6,7 @@ of the SQLAlchemy ``AsyncConnection``. Statements built with :func:`~gateway.sto
 parameter names into SQL text, positional parameter order, bind and result processors, and then executed on the
 transaction's ``sqlite3`` connection directly: no statement cache-key computation, execution context,
 greenlet switch, aiosqlite call or result-object machinery per statement. For a STOW index transaction
-(≈ 20 statements) that machinery was most of the event loop's CPU in the transaction (perf and cProfile:
-SQLite's own work was about a quarter of it). Any other statement (built per call, or a shape this module
+that machinery was most of the event loop's CPU in the transaction (SQLite's own work was a small part). Any other statement (built per call, or a shape this module
 does not handle) goes to the ``AsyncConnection`` as before — same connection, same transaction.
 
 What the fast path does is what SQLAlchemy does for these statements on SQLite: the compiled SQL, bound

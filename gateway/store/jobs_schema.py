@@ -1,4 +1,4 @@
-"""Inference tables (issue 6): registered model cards and persisted inference jobs.
+"""Inference tables: registered model cards and persisted inference jobs.
 
 A job is claimed by a worker with a lease (``lease_owner``/``lease_until``); a worker that dies leaves the
 lease to expire and another (or the restarted) worker takes the job over.  ``dedupe_key`` is unique, so the
@@ -49,7 +49,7 @@ inf_job = Table(
 Index("ix_inf_job_state", inf_job.c.state, inf_job.c.not_before)
 Index("ix_inf_job_series", inf_job.c.series_uid)
 
-#: One row per successful inference (monitoring, issue 6): the output score, input statistics, the
+#: One row per successful inference (monitoring): the output score, input statistics, the
 #: scanner that made the images, coarse subgroup attributes and the estimated energy. No patient ids.
 inf_observation = Table(
     "inf_observation",

@@ -55,11 +55,11 @@ fhir_resource = Table(
     Column("patient_id", String(64), nullable=True),
     #: The number of the patient's effective consent profile (gateway.store.scope.profile_no of
     #: cm_patient.consent_profile; 0 without a patient), kept in step by gateway.store.consent_schema, so
-    #: the gate filters on the row itself (issue #4).  Before ``content``: read without skipping it.
+    #: the gate filters on the row itself.  Before ``content``: read without skipping it.
     Column("consent_no", BigInteger, nullable=True),
     Column("content", Text, nullable=True),
     #: True when the row's consent_no comes from its patient links (fhir_link: several patients, or an
-    #: unknown one) rather than from ``patient_id`` alone (issue #19); NULL in rows older than the column.
+    #: unknown one) rather than from ``patient_id`` alone; NULL in rows older than the column.
     Column("multi_link", Boolean, nullable=True),
     UniqueConstraint("res_type", "res_id", name="uq_fhir_resource_type_id"),
 )
@@ -80,7 +80,7 @@ fhir_history = Table(
 )
 Index("ix_fhir_history_type_lu", fhir_history.c.res_type, fhir_history.c.lu_ts)
 
-#: The patients each resource *version* is linked to (issue #19; ``mappings.fhir.links``): every Patient it
+#: The patients each resource *version* is linked to (``mappings.fhir.links``): every Patient it
 #: references anywhere, computed once when the version is written.  A version is visible to a research scope
 #: only when every linked patient is (``gateway.store.access``).  ``patient_id`` may name no patient at all
 #: (``mappings.fhir.links.UNKNOWN``: a contained or identifier-only Patient that resolves to nobody): such a
@@ -114,7 +114,7 @@ def _idx(name: str, *cols: Column) -> Table:
 
 
 def _gate_index(table: Table, *value_cols: Column, also: tuple[Column, ...] = ()) -> Index:
-    """The lookup index of a gated search (issue #4): the plain lookup columns (type, parameter, value,
+    """The lookup index of a gated search: the plain lookup columns (type, parameter, value,
     rid) plus ``consent_no``, so ``consent_no IN (permitted)`` is tested inside the index and only the
     permitted candidates' rows are read (their rids still in order, as the ungated lookup gives them).
 
@@ -122,7 +122,7 @@ def _gate_index(table: Table, *value_cols: Column, also: tuple[Column, ...] = ()
     ungated one does not), so only gated searches use it: with ``consent_no`` in the ungated lookup
     index SQLite picked it for ungated searches too.  Measured alternatives (SQLite, 100k resources, 110
     of 150 profiles): ``consent_no`` before rid (seeks per profile) or leading gives the rids out of
-    order, and building the rid set for ``rid IN (...)`` from them cost ~25 % more.  ``also``: the
+    order, and building the rid set for ``rid IN (...)`` from them cost more.  ``also``: the
     other columns a search value tests (token system, ...), so the index covers the lookup — otherwise
     SQLite may prefer the plain lookup index and test ``consent_no`` on the table row."""
     not_null = table.c.consent_no.is_not(None)

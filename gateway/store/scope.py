@@ -36,7 +36,7 @@ NO_PATIENT = 0
 class ConsentNoIn(ColumnElement[bool]):
     """``col IN (n1, n2, ...)`` over a list of integers computed by the gate (never request input),
     rendered as literals once per scope: as ~100 bound parameters the driver work cost more than the
-    per-row test itself (PostgreSQL QIDO 1.5 -> 2.9 ms in process), and a constant statement stays in
+    per-row test itself, and a constant statement stays in
     SQLAlchemy's compiled cache and the drivers' prepared-statement caches.
 
     PostgreSQL gets ``col = ANY ('{n1,n2,...}'::BIGINT[])``: the same test, but one array constant

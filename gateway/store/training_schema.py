@@ -1,4 +1,4 @@
-"""Federated training tables (issue 7; docs/training.md).
+"""Federated training tables (docs/training.md).
 
 Hub side: ``trn_run`` (one row per training run: spec, state, lineage, final weights hash) and
 ``trn_round`` (one row per run × round × site: status, sample counts, metrics, consent-snapshot and

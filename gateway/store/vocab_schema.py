@@ -128,7 +128,7 @@ async def activate(conn, version_id: int, systems: Iterable[str], *, concepts: i
     await conn.execute(update(vocab_release).where(vocab_release.c.version_id == version_id).values(
         state="active", systems=" ".join(systems), concepts=concepts, closure_rows=closure))
     if conn.dialect.name == "postgresql":  # fresh statistics for the new rows: the planner's descendants join
-        from sqlalchemy import text  # noqa: PLC0415
+        from sqlalchemy import text
 
         await conn.execute(text("ANALYZE vocab_ancestor"))
         await conn.execute(text("ANALYZE vocab_concept"))

@@ -1,6 +1,5 @@
-"""Cohort definitions: the JSON language (:mod:`.language`) and its SQL compiler (:mod:`.compiler`)."""
+"""Cohort definitions: the JSON language (:mod:`.language`); its SQL compiler is ``gateway.store.cohort``."""
 
-from mappings.cohort.compiler import compile_cohort
-from mappings.cohort.language import CohortError, Node, parse
+from mappings.cohort.language import CohortError, Expander, Node, parse
 
-__all__ = ["CohortError", "Node", "compile_cohort", "parse"]
+__all__ = ["CohortError", "Expander", "Node", "parse"]

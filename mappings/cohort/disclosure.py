@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 _M = 2**32
 
@@ -63,8 +63,9 @@ class Disclosure:
         floor = -(-self.min_cell // self.base) * self.base
         return max(out, floor)
 
-    def cells(self, groups: Mapping[str, Sequence[str]], keys: CellKeys, *,
-              fixed: Sequence[str] = ()) -> dict[str, int | None]:
+    def cells(
+        self, groups: Mapping[str, Sequence[str]], keys: CellKeys, *, fixed: Sequence[str] = ()
+    ) -> dict[str, int | None]:
         """Release a breakdown: ``groups`` maps category → patient ids.  ``fixed`` categories are always
         listed (null when suppressed); other categories below the threshold are pooled into ``"other"``."""
         out: dict[str, int | None] = {}
@@ -131,8 +132,9 @@ def bin_index(value: float, edges: Sequence[float]) -> int:
     return len(edges)
 
 
-def quantiles_from_histogram(counts: Sequence[int | None], edges: Sequence[float],
-                             qs: Sequence[float] = (0.25, 0.5, 0.75)) -> dict[str, float | None]:
+def quantiles_from_histogram(
+    counts: Sequence[int | None], edges: Sequence[float], qs: Sequence[float] = (0.25, 0.5, 0.75)
+) -> dict[str, float | None]:
     """Quantiles by linear interpolation over the *released* histogram (suppressed bins count 0; the
     open-ended outer bins are treated as points at their edge)."""
     c = [v or 0 for v in counts]
@@ -171,5 +173,13 @@ def merge_moments(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float
     return n, mean, math.sqrt(max(var, 0.0))
 
 
-__all__ = ["CellKeys", "Disclosure", "histogram_edges", "bin_labels", "bin_index", "quantiles_from_histogram",
-           "merge_moments", "sig3"]
+__all__ = [
+    "CellKeys",
+    "Disclosure",
+    "histogram_edges",
+    "bin_labels",
+    "bin_index",
+    "quantiles_from_histogram",
+    "merge_moments",
+    "sig3",
+]

@@ -27,10 +27,15 @@ Text matches are case-insensitive; ``*`` is a wildcard.  Errors name the offendi
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: (system or None, code) → the codes to match (the code itself and its descendants).  Without one, the
+#: cohort compiler (``gateway.store.cohort``) reads the vocabulary store's active is-a closure.
+Expander = Callable[[str | None, str], Iterable[str]]
 
 
 class CohortError(ValueError):
@@ -67,7 +72,7 @@ class Range(_Model):
     max: float | None = None
 
     @model_validator(mode="after")
-    def _order(self) -> "Range":
+    def _order(self) -> Range:
         if self.min is None and self.max is None:
             raise ValueError("give min and/or max")
         if self.min is not None and self.max is not None and self.min > self.max:
@@ -82,7 +87,7 @@ class DateRange(_Model):
     _v = field_validator("from_", "to")(classmethod(lambda cls, v: _check_date(v)))
 
     @model_validator(mode="after")
-    def _order(self) -> "DateRange":
+    def _order(self) -> DateRange:
         if self.from_ is None and self.to is None:
             raise ValueError("give from and/or to")
         if self.from_ and self.to and self.from_ > self.to:
@@ -97,7 +102,7 @@ class Within(_Model):
     max_days: int | None = None
 
     @model_validator(mode="after")
-    def _order(self) -> "Within":
+    def _order(self) -> Within:
         if self.min_days is None and self.max_days is None:
             raise ValueError("give min_days and/or max_days")
         if self.min_days is not None and self.max_days is not None and self.min_days > self.max_days:
@@ -117,7 +122,7 @@ class Age(_Model):
         return v if v in (None, "study") else _check_date(v)
 
     @model_validator(mode="after")
-    def _order(self) -> "Age":
+    def _order(self) -> Age:
         if self.min is None and self.max is None:
             raise ValueError("give min and/or max")
         if self.min is not None and self.max is not None and self.min > self.max:
@@ -130,7 +135,7 @@ class BirthYear(_Model):
     max: int | None = Field(default=None, ge=1800, le=2200)
 
     @model_validator(mode="after")
-    def _order(self) -> "BirthYear":
+    def _order(self) -> BirthYear:
         if self.min is None and self.max is None:
             raise ValueError("give min and/or max")
         if self.min is not None and self.max is not None and self.min > self.max:
@@ -202,7 +207,7 @@ class Segment(_Model):
     algorithm_type: Literal["AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"] | None = None
 
     @model_validator(mode="after")
-    def _some(self) -> "Segment":
+    def _some(self) -> Segment:
         if not (self.label or self.type or self.category or self.algorithm_type):
             raise ValueError("give label, type, category or algorithm_type")
         return self
@@ -224,7 +229,7 @@ class SrItem(_Model):
     text: str | None = None
 
     @model_validator(mode="after")
-    def _some(self) -> "SrItem":
+    def _some(self) -> SrItem:
         if not (self.concept or self.path):
             raise ValueError("give concept or path")
         return self
@@ -249,14 +254,20 @@ class Node:
 
 
 LEAVES: dict[str, type[_Model]] = {
-    "age": Age, "birth_year": BirthYear, "condition": Condition, "procedure": Procedure,
-    "observation": Observation, "imaging": Imaging, "seg": Seg, "sr": Sr,
+    "age": Age,
+    "birth_year": BirthYear,
+    "condition": Condition,
+    "procedure": Procedure,
+    "observation": Observation,
+    "imaging": Imaging,
+    "seg": Seg,
+    "sr": Sr,
 }
 KINDS = ("all", "any", "not", "sex", *LEAVES)
 SEXES = ("female", "male", "other", "unknown")
 
 
-def _loc(path: str, loc: tuple) -> str:
+def _loc(path: str, loc: tuple[Any, ...]) -> str:
     out = path
     for part in loc:
         if isinstance(part, int):
@@ -321,7 +332,9 @@ def _parse(doc: Any, path: str, ids: dict[str, str]) -> Node:
     if unknown:
         raise CohortError(f"{path}.{unknown[0]}", "unknown criterion; expected one of " + ", ".join(KINDS))
     if len(keys) != 1:
-        raise CohortError(path, "a criterion has exactly one of " + ", ".join(KINDS) + f" (got {sorted(keys) or 'none'})")
+        raise CohortError(
+            path, "a criterion has exactly one of " + ", ".join(KINDS) + f" (got {sorted(keys) or 'none'})"
+        )
     kind = keys[0]
     body = doc[kind]
     sub = f"{path}.{kind}"
@@ -372,5 +385,5 @@ def find(node: Node, cid: str) -> Node | None:
     return None
 
 
-Criterion = Union[Node]
-__all__ = ["CohortError", "Node", "parse", "find", "KINDS", "SEXES"]
+Criterion = Node
+__all__ = ["CohortError", "Expander", "Node", "parse", "find", "KINDS", "SEXES"]

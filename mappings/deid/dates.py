@@ -82,5 +82,12 @@ def safe_harbor_dicom_age(text: str) -> str:
     return t
 
 
-__all__ = ["MAX_AGE", "age_years", "safe_harbor_birth_year", "safe_harbor_dicom_age", "shift_dicom_date",
-           "shift_dicom_datetime", "shift_fhir_date"]
+__all__ = [
+    "MAX_AGE",
+    "age_years",
+    "safe_harbor_birth_year",
+    "safe_harbor_dicom_age",
+    "shift_dicom_date",
+    "shift_dicom_datetime",
+    "shift_fhir_date",
+]

@@ -38,9 +38,11 @@ BurnedInAnnotation is ``YES``, or when it is of a SOP class that typically carri
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import DicomDictionary  # type: ignore[attr-defined]
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
@@ -50,25 +52,29 @@ from mappings.deid.keys import ProjectKeys
 from mappings.deid.table_e11 import EDITION, TABLE_E1_1
 
 #: Retain Safe Private (PS3.15 §E.3.10, Table E.3.10-1 examples): (private creator, element byte) pairs kept.
-SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset({
-    ("GEMS_PARM_01", 0x0043, 0x27),   # Scan pitch ratio
-    ("GEMS_ACQU_01", 0x0019, 0x9E),   # Internal pulse sequence name
-    ("Philips MR Imaging DD 001", 0x2005, 0x0E),  # Scale Slope
-    ("Philips MR Imaging DD 001", 0x2005, 0x0D),  # Scale Intercept
-    ("SIEMENS MR HEADER", 0x0019, 0x0C),  # B value
-})
+SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset(
+    {
+        ("GEMS_PARM_01", 0x0043, 0x27),  # Scan pitch ratio
+        ("GEMS_ACQU_01", 0x0019, 0x9E),  # Internal pulse sequence name
+        ("Philips MR Imaging DD 001", 0x2005, 0x0E),  # Scale Slope
+        ("Philips MR Imaging DD 001", 0x2005, 0x0D),  # Scale Intercept
+        ("SIEMENS MR HEADER", 0x0019, 0x0C),  # B value
+    }
+)
 #: SOP classes withheld unless BurnedInAnnotation is explicitly NO (text is commonly burned into them).
-BURNED_IN_SOP_CLASSES: frozenset[str] = frozenset({
-    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image
-    "1.2.840.10008.5.1.4.1.1.7.1",    # Multi-frame Single Bit SC
-    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte SC
-    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word SC
-    "1.2.840.10008.5.1.4.1.1.7.4",    # Multi-frame True Color SC
-    "1.2.840.10008.5.1.4.1.1.6.1",    # Ultrasound Image
-    "1.2.840.10008.5.1.4.1.1.3.1",    # Ultrasound Multi-frame Image
-    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
-    "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA
-})
+BURNED_IN_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+        "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA
+    }
+)
 _OPTION_CODES = {
     "long_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
     "patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
@@ -83,10 +89,14 @@ _SQ_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "S
 _PN_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "PN")
 #: table rows whose values identify (removed or replaced, no option keeps them), of text VRs
 _IDENTIFYING_TAGS = frozenset(
-    t for t, (_n, basic, opts) in TABLE_E1_1.items()
-    if basic != "U" and not opts and DicomDictionary.get(t, ("",))[0] in ("LO", "SH", "ST", "LT", "DA", "UC", "CS"))
+    t
+    for t, (_n, basic, opts) in TABLE_E1_1.items()
+    if basic != "U" and not opts and DicomDictionary.get(t, ("",))[0] in ("LO", "SH", "ST", "LT", "DA", "UC", "CS")
+)
 _PATIENT_ID = 0x00100020
-_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UR", "UI"})
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UR", "UI"}
+)
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,9 @@ class _Deidentifier:
         self.options = options
         self.patient_key = patient_key
         self.offset = offset
-        self.phi_re = re.compile("|".join(re.escape(p) for p in sorted(set(phi), key=len, reverse=True)), re.I) if phi else None
+        self.phi_re = (
+            re.compile("|".join(re.escape(p) for p in sorted(set(phi), key=len, reverse=True)), re.I) if phi else None
+        )
         self.kept_private = False
 
     def clean_text(self, text: str) -> str:
@@ -157,7 +169,7 @@ class _Deidentifier:
             text = self.phi_re.sub("", text)
         return re.sub(r"\d{5,}", "", text).strip()
 
-    def dummy(self, elem) -> object:
+    def dummy(self, elem: Any) -> object:
         vr, value = elem.VR, elem.value
         if elem.tag == _PATIENT_ID:
             return self.keys.pseudonym("Patient", self.patient_key)
@@ -183,7 +195,7 @@ class _Deidentifier:
             return 0
         return None
 
-    def clean(self, elem) -> object:
+    def clean(self, elem: Any) -> object:
         vr, value = elem.VR, elem.value
         if value is None or value == "":
             return value
@@ -201,7 +213,7 @@ class _Deidentifier:
             return _multi(value, lambda v: self.clean_text(str(v)))
         return value
 
-    def uid(self, value):
+    def uid(self, value: Any) -> Any:
         return _multi(value, lambda v: self.keys.uid_for(str(v)) if str(v).strip() else v)
 
     def dataset(self, ds: Dataset) -> None:
@@ -243,7 +255,11 @@ class _Deidentifier:
                 continue
             elem = ds[tag]
             if act == "Z":
-                elem.value = Sequence() if elem.VR == "SQ" else ("" if elem.VR in _STRING_VRS else (b"" if elem.VR in ("OB", "OW", "UN") else None))
+                elem.value = (
+                    Sequence()
+                    if elem.VR == "SQ"
+                    else ("" if elem.VR in _STRING_VRS else (b"" if elem.VR in ("OB", "OW", "UN") else None))
+                )
             elif elem.VR == "SQ":
                 self.sequence(elem.value)
             elif act == "K":
@@ -273,12 +289,12 @@ class _Deidentifier:
                 if block not in left:
                     del ds[Tag(*block)]
 
-    def sequence(self, seq) -> None:
+    def sequence(self, seq: Any) -> None:
         for item in seq or ():
             self.dataset(item)
 
 
-def _multi(value, fn):
+def _multi(value: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return [fn(v) for v in value]
     return fn(value)
@@ -302,12 +318,14 @@ def _identifying_values(ds: Dataset) -> list[str]:
                 v = str(d[tag].value or "").strip()
                 if len(v) >= 3:
                     out.append(v)
+
     visit(ds)
     return out
 
 
-def deidentify_dataset(ds: Dataset, keys: ProjectKeys, options: DeidOptions | None = None, *,
-                       patient_key: str | None = None) -> Dataset | Withheld:
+def deidentify_dataset(
+    ds: Dataset, keys: ProjectKeys, options: DeidOptions | None = None, *, patient_key: str | None = None
+) -> Dataset | Withheld:
     """``ds`` de-identified in place for ``keys``' project (and returned), or :class:`Withheld`.
 
     ``patient_key`` is the common-model patient id of the instance (the FHIR Patient id the gateway linked
@@ -331,8 +349,11 @@ def deidentify_dataset(ds: Dataset, keys: ProjectKeys, options: DeidOptions | No
         names.append("Retain Safe Private Option")
     ds.DeidentificationMethod = f"fedgate; DICOM PS3.15 {EDITION} Table E.1-1"[:64]
     seq = []
-    for code, meaning in [("113100", "Basic Application Confidentiality Profile")] + [_OPTION_CODES[o] for o in enabled] + (
-            [("113111", "Retain Safe Private Option")] if worker.kept_private else []):
+    for code, meaning in (
+        [("113100", "Basic Application Confidentiality Profile")]
+        + [_OPTION_CODES[o] for o in enabled]
+        + ([("113111", "Retain Safe Private Option")] if worker.kept_private else [])
+    ):
         item = Dataset()
         item.CodeValue = code
         item.CodingSchemeDesignator = "DCM"
@@ -345,5 +366,13 @@ def deidentify_dataset(ds: Dataset, keys: ProjectKeys, options: DeidOptions | No
     return ds
 
 
-__all__ = ["BURNED_IN_SOP_CLASSES", "DeidOptions", "EDITION", "SAFE_PRIVATE", "Withheld", "action_for",
-           "burned_in_reason", "deidentify_dataset"]
+__all__ = [
+    "BURNED_IN_SOP_CLASSES",
+    "DeidOptions",
+    "EDITION",
+    "SAFE_PRIVATE",
+    "Withheld",
+    "action_for",
+    "burned_in_reason",
+    "deidentify_dataset",
+]

@@ -45,22 +45,52 @@ DATA_ABSENT_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 MASKED = [{"url": DATA_ABSENT_URL, "valueCode": "masked"}]
 
 #: Strings removed wherever they occur: free text that may name or describe a person.
-FREE_TEXT_KEYS = frozenset({
-    "comment", "comments", "description", "conclusion", "patientInstruction", "valueString",
-    "valueMarkdown", "summary", "note", "photo", "telecom", "alias", "contact",
-})
+FREE_TEXT_KEYS = frozenset(
+    {
+        "comment",
+        "comments",
+        "description",
+        "conclusion",
+        "patientInstruction",
+        "valueString",
+        "valueMarkdown",
+        "summary",
+        "note",
+        "photo",
+        "telecom",
+        "alias",
+        "contact",
+    }
+)
 #: Resource types withheld altogether.
 WITHHELD_TYPES = frozenset({"Binary"})
 #: Keys whose string values are never dates (and are not shifted).
-_NOT_DATES = frozenset({"id", "code", "system", "version", "reference", "url", "unit", "value", "div",
-                        "valueCode", "valueId", "valueUri", "valueString", "contentType", "language"})
+_NOT_DATES = frozenset(
+    {
+        "id",
+        "code",
+        "system",
+        "version",
+        "reference",
+        "url",
+        "unit",
+        "value",
+        "div",
+        "valueCode",
+        "valueId",
+        "valueUri",
+        "valueString",
+        "contentType",
+        "language",
+    }
+)
 _ADDRESS_KEEP = ("use", "type", "state", "country")
 _ATTACHMENT_DROP = ("data", "url", "title", "hash")
 _REFERENCE_KEYS = frozenset({"reference", "type", "identifier", "display", "id", "extension"})
 
 
 def _compartment_patient(resource: dict[str, Any]) -> str | None:
-    for element in COMPARTMENT_ELEMENTS.get(resource.get("resourceType"), ()):
+    for element in COMPARTMENT_ELEMENTS.get(str(resource.get("resourceType")), ()):
         value = resource.get(element)
         for v in value if isinstance(value, list) else [value]:
             ref = v.get("reference") if isinstance(v, dict) else None
@@ -174,7 +204,7 @@ class _Walker:
                 continue
             if k == "id" and isinstance(v, str):
                 # contained ids are local (#x references keep pointing at them)
-                out[k] = v if self.contained else self.keys.pseudonym(rtype, v)
+                out[k] = v if self.contained else self.keys.pseudonym(str(rtype), v)
             elif k == "text" and isinstance(v, dict):
                 continue  # narrative
             elif k == "meta" and isinstance(v, dict):
@@ -183,7 +213,9 @@ class _Walker:
                     out[k] = meta
             elif k == "contained" and isinstance(v, list):
                 saved, self.contained = self.contained, True
-                out[k] = [self.resource(c) for c in v if isinstance(c, dict) and c.get("resourceType") not in WITHHELD_TYPES]
+                out[k] = [
+                    self.resource(c) for c in v if isinstance(c, dict) and c.get("resourceType") not in WITHHELD_TYPES
+                ]
                 self.contained = saved
             elif k == "birthDate" and isinstance(v, str):
                 continue  # handled by deidentify_resource (Patient) / dropped elsewhere
@@ -198,7 +230,9 @@ class _Walker:
     contained = False
 
 
-def deidentify_resource(resource: dict[str, Any], keys: ProjectKeys, *, as_of: date | None = None) -> dict[str, Any] | None:
+def deidentify_resource(
+    resource: dict[str, Any], keys: ProjectKeys, *, as_of: date | None = None
+) -> dict[str, Any] | None:
     """The de-identified copy of a FHIR R4 resource for ``keys``' project, or None when it is withheld.
 
     ``as_of`` is the date ages are computed on for the "90 or older" rule (default: today)."""

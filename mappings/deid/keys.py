@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Date offsets lie in [-MAX_OFFSET_DAYS, -1]: dates move back by up to one year, never zero days.
 MAX_OFFSET_DAYS = 365
@@ -35,8 +36,8 @@ class ProjectKeys:
     secret: bytes = field(repr=False)
 
     #: the keyed HMAC state after ``project ␀`` (copied per digest) and a bounded memo of digests
-    _mac: object = field(init=False, repr=False, compare=False, default=None)
-    _memo: dict = field(init=False, repr=False, compare=False, default=None)
+    _mac: Any = field(init=False, repr=False, compare=False, default=None)
+    _memo: dict[tuple[str, str], bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.project, str) or not self.project:
@@ -46,7 +47,7 @@ class ProjectKeys:
         object.__setattr__(self, "_mac", hmac.new(bytes(self.secret), self.project.encode() + b"\x00", hashlib.sha256))
         object.__setattr__(self, "_memo", {})
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[ProjectKeys], tuple[str, bytes]]:
         # pickled (to a worker process) as its two fields; the HMAC state and memo are rebuilt there
         return (ProjectKeys, (self.project, self.secret))
 
@@ -57,7 +58,7 @@ class ProjectKeys:
         if out is None:
             mac = self._mac.copy()
             mac.update(kind.encode() + b"\x00" + str(value).encode())
-            out = mac.digest()
+            out = bytes(mac.digest())
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()
             self._memo[key] = out

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
@@ -146,7 +147,7 @@ class MetaView:
             found = self._keys[keyword] = (f"{tag:08X}", tag) if tag is not None else None
         if found is None:
             return self.ds.get(keyword, default)
-        key, tag = found
+        key, tag = found  # type: ignore[misc]
         entry = self.meta.get(key)
         if entry is None:
             # not in the data set: what pydicom answers too (an element the encoding dropped: pydicom's value)
@@ -156,7 +157,7 @@ class MetaView:
         if vr == "DS":
             # the original strings (pydicom's str of each DSfloat: the value between the backslashes, stripped)
             # from the raw bytes; the JSON holds them as numbers ("120", not 120.0)
-            raw = self.ds._dict.get(tag)
+            raw = self.ds._dict.get(tag)  # type: ignore[call-overload]
             if values is None or type(raw) is not RawDataElement or type(raw.value) is not bytes:
                 return self.ds.get(keyword, default)
             texts = [v.strip() for v in raw.value.decode("latin_1").strip().rstrip(" \x00").split("\\")]
@@ -175,34 +176,59 @@ class MetaView:
         return keyword in self.ds
 
 
-def index_rows(ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_syntax: str, now: float,
-               patient_id: str | None) -> tuple[dict, dict, dict]:
+def index_rows(
+    ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_syntax: str, now: float, patient_id: str | None
+) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
     """(study, series, instance) rows for one stored instance (counts are filled by the store)."""
     study = {
-        "study_uid": _s(ds, "StudyInstanceUID"), "patient_id": patient_id,
-        "dicom_patient_id": _s(ds, "PatientID", 64), "issuer_of_patient_id": _s(ds, "IssuerOfPatientID", 64),
-        "patient_name": _s(ds, "PatientName", 324), "patient_name_norm": norm_name(_s(ds, "PatientName", 324)),
-        "patient_birth_date": _s(ds, "PatientBirthDate", 8), "patient_sex": _s(ds, "PatientSex", 16),
-        "study_date": _s(ds, "StudyDate", 8), "study_time": _s(ds, "StudyTime", 16),
-        "accession_number": _s(ds, "AccessionNumber", 64), "study_id": _s(ds, "StudyID", 16),
+        "study_uid": _s(ds, "StudyInstanceUID"),
+        "patient_id": patient_id,
+        "dicom_patient_id": _s(ds, "PatientID", 64),
+        "issuer_of_patient_id": _s(ds, "IssuerOfPatientID", 64),
+        "patient_name": _s(ds, "PatientName", 324),
+        "patient_name_norm": norm_name(_s(ds, "PatientName", 324)),
+        "patient_birth_date": _s(ds, "PatientBirthDate", 8),
+        "patient_sex": _s(ds, "PatientSex", 16),
+        "study_date": _s(ds, "StudyDate", 8),
+        "study_time": _s(ds, "StudyTime", 16),
+        "accession_number": _s(ds, "AccessionNumber", 64),
+        "study_id": _s(ds, "StudyID", 16),
         "referring_physician": _s(ds, "ReferringPhysicianName", 324),
-        "study_description": _s(ds, "StudyDescription", 255), "updated_ts": now,
+        "study_description": _s(ds, "StudyDescription", 255),
+        "updated_ts": now,
     }
     series = {
-        "series_uid": _s(ds, "SeriesInstanceUID"), "study_uid": study["study_uid"], "patient_id": patient_id,
-        "modality": _s(ds, "Modality", 16), "series_number": _i(ds, "SeriesNumber"),
-        "series_description": _s(ds, "SeriesDescription", 255), "body_part": _s(ds, "BodyPartExamined", 64),
-        "manufacturer": _s(ds, "Manufacturer", 128), "model_name": _s(ds, "ManufacturerModelName", 128),
-        "protocol_name": _s(ds, "ProtocolName", 128), "slice_thickness": _f(ds, "SliceThickness"),
-        "convolution_kernel": _s(ds, "ConvolutionKernel", 64), "kvp": _f(ds, "KVP"),
-        "pixel_spacing": _s(ds, "PixelSpacing", 64), "series_date": _s(ds, "SeriesDate", 8), "updated_ts": now,
+        "series_uid": _s(ds, "SeriesInstanceUID"),
+        "study_uid": study["study_uid"],
+        "patient_id": patient_id,
+        "modality": _s(ds, "Modality", 16),
+        "series_number": _i(ds, "SeriesNumber"),
+        "series_description": _s(ds, "SeriesDescription", 255),
+        "body_part": _s(ds, "BodyPartExamined", 64),
+        "manufacturer": _s(ds, "Manufacturer", 128),
+        "model_name": _s(ds, "ManufacturerModelName", 128),
+        "protocol_name": _s(ds, "ProtocolName", 128),
+        "slice_thickness": _f(ds, "SliceThickness"),
+        "convolution_kernel": _s(ds, "ConvolutionKernel", 64),
+        "kvp": _f(ds, "KVP"),
+        "pixel_spacing": _s(ds, "PixelSpacing", 64),
+        "series_date": _s(ds, "SeriesDate", 8),
+        "updated_ts": now,
     }
     instance = {
-        "sop_uid": _s(ds, "SOPInstanceUID"), "series_uid": series["series_uid"], "study_uid": study["study_uid"],
-        "patient_id": patient_id, "sop_class_uid": _s(ds, "SOPClassUID"), "instance_number": _i(ds, "InstanceNumber"),
-        "transfer_syntax": transfer_syntax, "rows": _i(ds, "Rows"), "columns": _i(ds, "Columns"),
+        "sop_uid": _s(ds, "SOPInstanceUID"),
+        "series_uid": series["series_uid"],
+        "study_uid": study["study_uid"],
+        "patient_id": patient_id,
+        "sop_class_uid": _s(ds, "SOPClassUID"),
+        "instance_number": _i(ds, "InstanceNumber"),
+        "transfer_syntax": transfer_syntax,
+        "rows": _i(ds, "Rows"),
+        "columns": _i(ds, "Columns"),
         "frames": _i(ds, "NumberOfFrames") or (1 if "Rows" in ds else None),
-        "blob_path": blob_path, "size": size, "stored_ts": now,
+        "blob_path": blob_path,
+        "size": size,
+        "stored_ts": now,
     }
     return study, series, instance
 
@@ -210,15 +236,20 @@ def index_rows(ds: Dataset | MetaView, *, blob_path: str, size: int, transfer_sy
 #: control characters no indexed DICOM string may hold (PS3.5 §6.1.2.3: ESC for ISO 2022 code extensions,
 #: and TAB/LF/CR of the text VRs are the only ones); NUL padding at the end is stripped before this check
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f]")
-_COLUMN_KEYWORDS = {"dicom_patient_id": "PatientID", "patient_name": "PatientName",
-                    "referring_physician": "ReferringPhysicianName", "study_description": "StudyDescription",
-                    "series_description": "SeriesDescription", "accession_number": "AccessionNumber"}
+_COLUMN_KEYWORDS = {
+    "dicom_patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "referring_physician": "ReferringPhysicianName",
+    "study_description": "StudyDescription",
+    "series_description": "SeriesDescription",
+    "accession_number": "AccessionNumber",
+}
 
 
-def control_character(rows: Iterable[dict], content: Iterable[Iterable[dict]] = ()) -> str | None:
+def control_character(rows: Iterable[dict[Any, Any]], content: Iterable[Iterable[dict[Any, Any]]] = ()) -> str | None:
     """A reason naming the first index value (or SR/SEG content value) holding a control character such as
     NUL, else None. Such a part is refused on both engines alike (PostgreSQL cannot store U+0000 in text;
-    issue 20, docs/dicomweb.md "Control characters")."""
+    docs/dicomweb.md "Control characters")."""
     for row in [*rows, *(r for group in content for r in group)]:
         for col, value in row.items():
             if isinstance(value, str) and (m := CONTROL_RE.search(value)):
@@ -240,8 +271,9 @@ def pixel_placeholder(ds: Dataset) -> dict[str, str]:
 
 def metadata_json(ds: Dataset) -> dict[str, Any]:
     """DICOM JSON (PS3.18 F.2) of the dataset, bulk data as ``BulkDataURI`` placeholders."""
-    out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_handler,
-                          suppress_invalid_tags=True)
+    out = ds.to_json_dict(
+        bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_handler, suppress_invalid_tags=True
+    )
     # pixel data that stop_before_pixels skipped is still announced as bulk data
     if "7FE00010" not in out and ds.get("Rows") is not None:
         out["7FE00010"] = pixel_placeholder(ds)
@@ -250,10 +282,10 @@ def metadata_json(ds: Dataset) -> dict[str, Any]:
 
 def resolve_bulk(meta: dict[str, Any], base: str) -> dict[str, Any]:
     """Replace bulk placeholders (recursively, in sequences too) by ``{base}/bulkdata/{tag}`` URLs."""
-    for tag, attr in meta.items():
+    for attr in meta.values():
         uri = attr.get("BulkDataURI")
         if uri and uri.startswith(BULK_PREFIX):
-            attr["BulkDataURI"] = f"{base}/bulkdata/{uri[len(BULK_PREFIX):]}"
+            attr["BulkDataURI"] = f"{base}/bulkdata/{uri[len(BULK_PREFIX) :]}"
         for item in attr.get("Value", ()) if attr.get("vr") == "SQ" else ():
             if isinstance(item, dict):
                 resolve_bulk(item, base)

@@ -2,8 +2,8 @@
 
 STOW-RS stores the DICOM JSON metadata of every instance (WADO-RS ``/metadata`` serves it without
 reading the file).  pydicom's ``Dataset.to_json_dict`` converts every raw element into a
-``DataElement`` (value classes, validation, multi-value wrappers) and was ~60 % of the parse cost of a
-CT instance.  :func:`dataset_json` decodes the common cases itself — little-endian elements of the
+``DataElement`` (value classes, validation, multi-value wrappers), most of the parse cost of a CT
+instance.  :func:`dataset_json` decodes the common cases itself — little-endian elements of the
 string, number, tag and binary VRs, sequences of such items, in the default / ISO_IR 100 / ISO_IR 192
 character sets — and produces **the same dictionary** as ``to_json_dict(bulk_data_threshold,
 bulk_data_element_handler, suppress_invalid_tags=True)`` on the same freshly read dataset (checked by
@@ -20,7 +20,8 @@ from __future__ import annotations
 import base64
 import logging
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pydicom import config
 from pydicom.datadict import dictionary_VR
@@ -33,8 +34,16 @@ from pydicom.valuerep import validate_value
 log = logging.getLogger(__name__)
 
 _RAISE = config.RAISE
-_NUMBERS = {"US": ("H", 2, int), "SS": ("h", 2, int), "UL": ("L", 4, int), "SL": ("l", 4, int),
-            "UV": ("Q", 8, int), "SV": ("q", 8, int), "FL": ("f", 4, float), "FD": ("d", 8, float)}
+_NUMBERS = {
+    "US": ("H", 2, int),
+    "SS": ("h", 2, int),
+    "UL": ("L", 4, int),
+    "SL": ("l", 4, int),
+    "UV": ("Q", 8, int),
+    "SV": ("q", 8, int),
+    "FL": ("f", 4, float),
+    "FD": ("d", 8, float),
+}
 _BINARY = {"OB", "OD", "OF", "OL", "OV", "OW"}
 _TEXT = {"LO", "SH", "UC", "PN", "LT", "ST", "UT"}  # decoded with the dataset's character set
 _SINGLE_TEXT = {"LT", "ST", "UT"}
@@ -53,7 +62,7 @@ BulkHandler = Callable[[Any], str]
 
 def _charset(ds: Dataset, inherited: str | None) -> str | None:
     """The Python codec for the text VRs of ``ds`` (None: a character set the fast path leaves alone)."""
-    raw = ds._dict.get(_CHARSET_TAG)
+    raw = ds._dict.get(_CHARSET_TAG)  # type: ignore[call-overload]
     if raw is None:
         return inherited
     if isinstance(raw, DataElement):  # pydicom converts it while reading
@@ -78,8 +87,13 @@ def _vr_of(tag: BaseTag, raw: RawDataElement) -> str:
             vr = dictionary_VR(tag)
         except KeyError:
             raise _Doubt from None
-    if vr not in _NUMBERS and vr not in _BINARY and vr not in _TEXT and vr not in _MULTI_STRING \
-            and vr not in ("AT", "UI", "AE", "UR", "DS", "SQ"):
+    if (
+        vr not in _NUMBERS
+        and vr not in _BINARY
+        and vr not in _TEXT
+        and vr not in _MULTI_STRING
+        and vr not in ("AT", "UI", "AE", "UR", "DS", "SQ")
+    ):
         raise _Doubt  # UN, ambiguous VRs ("US or SS", ...)
     return vr
 
@@ -138,7 +152,7 @@ def _strings(vr: str, data: bytes, codec: str | None) -> list[str]:
     return [text.rstrip()]  # UR
 
 
-def _string_value(vr: str, items: list[str]) -> list | None:
+def _string_value(vr: str, items: list[str]) -> list[Any] | None:
     """The JSON "Value" of a string VR (None: empty), validated like pydicom's strict reading."""
     if len(items) == 1:
         v = items[0]
@@ -170,7 +184,7 @@ def _string_value(vr: str, items: list[str]) -> list | None:
         for v in items:
             _check("DS", v)
             _check("DS", v.strip())
-            nums.append(float(v))
+            nums.append(float(v))  # type: ignore[arg-type]
         return nums
     if vr not in _TEXT:
         for v in items:
@@ -184,18 +198,31 @@ def _string_value(vr: str, items: list[str]) -> list | None:
 #: instance are a dictionary look-up instead of a decode, a validation and a conversion (the encoding was a
 #: third of the parse). The dictionaries handed out are shared between data sets: read-only for callers.
 #: Bounded: cleared when full, like :data:`_VALID`.
-_SEEN: dict[tuple, dict] = {}
+_SEEN: dict[tuple[Any, ...], dict[Any, Any]] = {}
 _SEEN_MAX = 20_000
 #: values longer than this are not memoised (text blobs, large arrays: rarely repeated, costly to hash)
 _SEEN_BYTES = 256
 #: elements that differ in every instance (SOP Instance UIDs, instance number, position, time and date of
 #: the image): memoising them would only churn the memo
-_PER_INSTANCE = frozenset({0x00020003, 0x00080018, 0x00080012, 0x00080013, 0x00080032, 0x00080033,
-                           0x00200013, 0x00200032, 0x00201041, 0x00280106, 0x00280107})
-_DOUBTFUL: dict = {}  # memo value of an element the fast path leaves to pydicom
+_PER_INSTANCE = frozenset(
+    {
+        0x00020003,
+        0x00080018,
+        0x00080012,
+        0x00080013,
+        0x00080032,
+        0x00080033,
+        0x00200013,
+        0x00200032,
+        0x00201041,
+        0x00280106,
+        0x00280107,
+    }
+)
+_DOUBTFUL: dict[Any, Any] = {}  # memo value of an element the fast path leaves to pydicom
 
 
-def _element(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict:
+def _element(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict[Any, Any]:
     data = elem.value
     number = tag + 0  # a plain int (BaseTag compares in Python: slow as a dictionary key)
     if type(data) is not bytes or len(data) > _SEEN_BYTES or number in _PER_INSTANCE or isinstance(elem, DataElement):
@@ -215,7 +242,7 @@ def _element(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, l
     return got
 
 
-def _encode(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict:
+def _encode(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict[Any, Any]:
     if isinstance(elem, DataElement):
         if elem.VR != "SQ":
             raise _Doubt  # converted already (by someone's access): pydicom's own view of it
@@ -257,7 +284,7 @@ def _encode(tag: BaseTag, elem: Any, codec: str | None, handler: BulkHandler, li
     return {"vr": vr} if value is None else {"vr": vr, "Value": value}
 
 
-def _dataset(ds: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict:
+def _dataset(ds: Any, codec: str | None, handler: BulkHandler, limit: int) -> dict[Any, Any]:
     """A sequence item: any doubt anywhere inside makes the whole top-level element pydicom's."""
     if not isinstance(ds, Dataset):
         raise _Doubt
@@ -265,15 +292,18 @@ def _dataset(ds: Any, codec: str | None, handler: BulkHandler, limit: int) -> di
     return {f"{tag:08X}": _element(tag, elem, codec, handler, limit) for tag, elem in ds._dict.items()}
 
 
-def dataset_json(ds: Dataset, *, bulk_data_threshold: int, bulk_data_element_handler: BulkHandler) -> dict:
+def dataset_json(ds: Dataset, *, bulk_data_threshold: int, bulk_data_element_handler: BulkHandler) -> dict[Any, Any]:
     """``ds.to_json_dict(bulk_data_threshold, bulk_data_element_handler, suppress_invalid_tags=True)``,
     computed without converting the raw elements where that is safe (see the module docstring)."""
     if config.datetime_conversion or config.use_DS_numpy or config.use_IS_numpy or config.use_DS_decimal:
-        return ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
-                               bulk_data_element_handler=bulk_data_element_handler, suppress_invalid_tags=True)
+        return ds.to_json_dict(
+            bulk_data_threshold=bulk_data_threshold,
+            bulk_data_element_handler=bulk_data_element_handler,
+            suppress_invalid_tags=True,
+        )
     codec = _charset(ds, "latin_1")
     limit = (bulk_data_threshold // 4) * 3  # pydicom's rule: base64 grows by a third
-    out: dict[str, dict] = {}
+    out: dict[str, dict[Any, Any]] = {}
     for tag in list(ds._dict):
         try:
             out[f"{tag:08X}"] = _element(tag, ds._dict[tag], codec, bulk_data_element_handler, limit)
@@ -284,7 +314,7 @@ def dataset_json(ds: Dataset, *, bulk_data_threshold: int, bulk_data_element_han
     return out
 
 
-def _pydicom_element(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict | None:
+def _pydicom_element(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict[Any, Any] | None:
     """pydicom's encoding of one element, dropped (as ``suppress_invalid_tags`` does) when it fails.
     (0008,0005), which pydicom converts while reading (so the fast path leaves it to pydicom), is memoised
     by its value: one per character set, not one pydicom encoding per instance."""
@@ -294,16 +324,25 @@ def _pydicom_element(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold:
         key = (_CHARSET_TAG, value) if isinstance(value, str) or value is None else (_CHARSET_TAG, *value)
         got = _SEEN.get(key, _DOUBTFUL)
         if got is _DOUBTFUL:
-            got = _SEEN[key] = _pydicom_encoding(ds, tag, handler, threshold)
+            got = _SEEN[key] = _pydicom_encoding(ds, tag, handler, threshold)  # type: ignore[assignment]
         return got
     return _pydicom_encoding(ds, tag, handler, threshold)
 
 
-def _pydicom_encoding(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict | None:
+def _pydicom_encoding(ds: Dataset, tag: BaseTag, handler: BulkHandler, threshold: int) -> dict[Any, Any] | None:
     with config.strict_reading():
         try:
             return ds[tag].to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=threshold)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, BytesLengthException,
-                struct.error, OSError) as exc:  # what pydicom raises on a bad value
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            OverflowError,
+            BytesLengthException,
+            struct.error,
+            OSError,
+        ) as exc:  # what pydicom raises on a bad value
             log.warning("DICOM JSON: element %08X dropped: %s", tag, type(exc).__name__)
             return None

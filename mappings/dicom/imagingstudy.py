@@ -24,8 +24,10 @@ def _date(da: str | None, tm: str | None) -> str | None:
     return date
 
 
-def imaging_study_resource(study: dict, series: list[dict], instances: list[dict]) -> dict[str, Any]:
-    by_series: dict[str, list[dict]] = {}
+def imaging_study_resource(
+    study: dict[Any, Any], series: list[dict[Any, Any]], instances: list[dict[Any, Any]]
+) -> dict[str, Any]:
+    by_series: dict[str, list[dict[Any, Any]]] = {}
     for inst in instances:
         by_series.setdefault(inst["series_uid"], []).append(inst)
     res: dict[str, Any] = {
@@ -33,18 +35,30 @@ def imaging_study_resource(study: dict, series: list[dict], instances: list[dict
         "id": study["study_uid"],
         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study['study_uid']}"}],
         "status": "available",
-        "subject": ({"reference": f"Patient/{study['patient_id']}"} if study.get("patient_id")
-                    and not study["patient_id"].startswith("dicom-")
-                    else {"display": "patient known from DICOM only", "identifier": {
-                        "system": f"urn:oid:{study['issuer_of_patient_id']}" if study.get("issuer_of_patient_id")
-                        else "urn:dicom:patient-id", "value": study.get("dicom_patient_id") or "unknown"}}),
+        "subject": (
+            {"reference": f"Patient/{study['patient_id']}"}
+            if study.get("patient_id") and not study["patient_id"].startswith("dicom-")
+            else {
+                "display": "patient known from DICOM only",
+                "identifier": {
+                    "system": f"urn:oid:{study['issuer_of_patient_id']}"
+                    if study.get("issuer_of_patient_id")
+                    else "urn:dicom:patient-id",
+                    "value": study.get("dicom_patient_id") or "unknown",
+                },
+            }
+        ),
         "endpoint": [{"reference": "Endpoint/dicomweb"}],
         "numberOfSeries": len(series),
         "numberOfInstances": len(instances),
     }
     if study.get("accession_number"):
-        res["identifier"].append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                                        "code": "ACSN"}]}, "value": study["accession_number"]})
+        res["identifier"].append(
+            {
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                "value": study["accession_number"],
+            }
+        )
     started = _date(study.get("study_date"), study.get("study_time"))
     if started:
         res["started"] = started
@@ -68,8 +82,10 @@ def imaging_study_resource(study: dict, series: list[dict], instances: list[dict
         if insts:
             item["instance"] = []
             for i in insts:
-                entry: dict[str, Any] = {"uid": i["sop_uid"],
-                                         "sopClass": {"system": SOP_CLASS_SYSTEM, "code": f"urn:oid:{i['sop_class_uid']}"}}
+                entry: dict[str, Any] = {
+                    "uid": i["sop_uid"],
+                    "sopClass": {"system": SOP_CLASS_SYSTEM, "code": f"urn:oid:{i['sop_class_uid']}"},
+                }
                 if i.get("instance_number") is not None:
                     entry["number"] = i["instance_number"]
                 item["instance"].append(entry)
@@ -84,8 +100,10 @@ def endpoint_resource() -> dict[str, Any]:
         "resourceType": "Endpoint",
         "id": "dicomweb",
         "status": "active",
-        "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
-                           "code": "dicom-wado-rs"},
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "dicom-wado-rs",
+        },
         "name": "fedgate DICOMweb (WADO-RS / QIDO-RS / STOW-RS)",
         "payloadType": [{"text": "DICOM"}],
         "payloadMimeType": ["application/dicom"],

@@ -23,8 +23,13 @@ DICOM = "application/dicom"
 #: default when Accept names the media type without a transfer-syntax parameter
 FRAME_MEDIA: dict[str, tuple[str, ...]] = {
     OCTET: (EXPLICIT_LE,),
-    "image/jpeg": (JPEG_BASELINE, "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
-                   "1.2.840.10008.1.2.4.14"),
+    "image/jpeg": (
+        JPEG_BASELINE,
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.14",
+    ),
     "image/dicom-rle": (RLE,),
     "image/x-dicom-rle": (RLE,),
     "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),

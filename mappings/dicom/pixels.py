@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from mappings.dicom.negotiate import (DICOM, EXPLICIT_LE as _ELE, FRAME_MEDIA, J2K_LOSSLESS, JPEG_BASELINE, OCTET,
-                                      RLE, Want, frame_media_of)
-
-from mappings.dicom.transcode import (BIG_ENDIAN, DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE, NATIVE,  # noqa: F401
-                                      TranscodeError, native_pixels_le, transcode_native)
+from mappings.dicom.negotiate import DICOM, FRAME_MEDIA, J2K_LOSSLESS, JPEG_BASELINE, OCTET, RLE, Want, frame_media_of
+from mappings.dicom.negotiate import EXPLICIT_LE as _ELE
+from mappings.dicom.transcode import (  # noqa: F401
+    BIG_ENDIAN,
+    DEFLATED_LE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    NATIVE,
+    TranscodeError,
+    native_pixels_le,
+    transcode_native,
+)
 
 #: the transfer syntaxes WADO-RS transcodes between (every uncompressed one, deflate included)
 UNCOMPRESSED = set(NATIVE)
@@ -54,7 +63,7 @@ def can_decode(ts: str) -> bool:
 ENCODABLE = frozenset({RLE, J2K_LOSSLESS})
 
 
-def decompressed(ds):
+def decompressed(ds: Dataset) -> Dataset:
     """``ds`` with compressed pixel data decoded in place to native Explicit VR Little Endian (pydicom's
     ``Dataset.decompress``: colour YBR JPEG frames become RGB); uncompressed data sets are returned as is."""
     ts = ds.file_meta.get("TransferSyntaxUID")
@@ -67,7 +76,7 @@ def decompressed(ds):
     return ds
 
 
-def _compressed(ds, target: str):
+def _compressed(ds: Dataset, target: str) -> Dataset:
     """``ds`` (already decoded) re-encoded in ``target`` (RLE Lossless or JPEG 2000 lossless)."""
     try:
         ds.compress(target)
@@ -96,7 +105,7 @@ def transcode(path: Path, target: str) -> bytes:
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
     buf = io.BytesIO()
-    ds.file_meta.TransferSyntaxUID = target
+    ds.file_meta.TransferSyntaxUID = UID(target)
     ds.save_as(buf, implicit_vr=target == IMPLICIT_LE, little_endian=target != BIG_ENDIAN, enforce_file_format=True)
     return buf.getvalue()
 
@@ -109,7 +118,7 @@ def native_frame_bits(rows: int, cols: int, spp: int, bits: int, photometric: st
     return rows * cols * spp * bits
 
 
-def _number(ds, keyword: str, default: int) -> int:
+def _number(ds: Dataset, keyword: str, default: int) -> int:
     value = ds.get(keyword)
     if value is None or value == "":
         return default
@@ -119,14 +128,14 @@ def _number(ds, keyword: str, default: int) -> int:
         raise PixelError("invalid", f"{keyword} {str(value)[:32]!r} is not a number") from None
 
 
-def _frame_count(ds) -> int:
+def _frame_count(ds: Dataset) -> int:
     n = _number(ds, "NumberOfFrames", 1)
     if n < 1:
         raise PixelError("invalid", f"NumberOfFrames {n} is not a positive number")
     return n
 
 
-def _check_native_length(ds, n_frames: int) -> int:
+def _check_native_length(ds: Dataset, n_frames: int) -> int:
     """The bits of one frame, after checking that the native pixel data holds every frame the header says."""
     rows, cols = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
     spp, bits = _number(ds, "SamplesPerPixel", 1), _number(ds, "BitsAllocated", 8)
@@ -136,8 +145,11 @@ def _check_native_length(ds, n_frames: int) -> int:
     need = (per * n_frames + 7) // 8
     have = len(ds.PixelData)
     if have < need:
-        raise PixelError("invalid", f"the header describes {n_frames} frame(s) of {per // 8 or 1} bytes "
-                                    f"({need} bytes) but the pixel data holds {have} bytes")
+        raise PixelError(
+            "invalid",
+            f"the header describes {n_frames} frame(s) of {per // 8 or 1} bytes "
+            f"({need} bytes) but the pixel data holds {have} bytes",
+        )
     return per
 
 
@@ -150,7 +162,7 @@ def frames(path: Path, numbers: list[int]) -> list[bytes]:
     return _native_frames(ds, numbers)
 
 
-def _check_frames(ds, numbers: list[int]) -> int:
+def _check_frames(ds: Dataset, numbers: list[int]) -> int:
     if "PixelData" not in ds:
         raise PixelError("range", "the instance has no pixel data")
     n_frames = _frame_count(ds)
@@ -160,7 +172,7 @@ def _check_frames(ds, numbers: list[int]) -> int:
     return n_frames
 
 
-def _stored_frames(ds, n_frames: int, numbers: list[int]) -> list[bytes]:
+def _stored_frames(ds: Dataset, n_frames: int, numbers: list[int]) -> list[bytes]:
     """The requested frames of encapsulated pixel data, as stored."""
     try:
         encoded = []
@@ -169,14 +181,15 @@ def _stored_frames(ds, n_frames: int, numbers: list[int]) -> list[bytes]:
             if len(encoded) >= max(numbers):
                 break
     except (ValueError, TypeError, EOFError, KeyError) as exc:
-        raise PixelError("unsupported", "the encapsulated pixel data cannot be split into frames "
-                                        f"({type(exc).__name__})") from None
+        raise PixelError(
+            "unsupported", f"the encapsulated pixel data cannot be split into frames ({type(exc).__name__})"
+        ) from None
     if len(encoded) < max(numbers):
         raise PixelError("range", f"the pixel data holds {len(encoded)} frame(s)")
     return [encoded[n - 1] for n in numbers]
 
 
-def _jpeg_frames(ds, numbers: list[int]) -> list[bytes] | None:
+def _jpeg_frames(ds: Dataset, numbers: list[int]) -> list[bytes] | None:
     """8-bit frames encoded as JPEG baseline by Pillow (None where baseline cannot hold the pixels)."""
     spp = int(ds.get("SamplesPerPixel") or 1)
     if int(ds.BitsAllocated) != 8 or spp not in (1, 3) or int(ds.get("PixelRepresentation") or 0):
@@ -192,7 +205,8 @@ def _jpeg_frames(ds, numbers: list[int]) -> list[bytes] | None:
         frame = arr[n - 1] if n_frames > 1 else arr
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8), "RGB" if spp == 3 else "L").save(
-            buf, "JPEG", quality=95)
+            buf, "JPEG", quality=95
+        )
         out.append(buf.getvalue())
     return out
 
@@ -239,20 +253,23 @@ def frames_as(path: Path, numbers: list[int], wants: list[Want]) -> tuple[Want, 
         if ts in ENCODABLE and can_decode(stored):
             _compressed(decompressed(ds), ts)
             return w, media, ts, _stored_frames(ds, n_frames, numbers)
-    raise PixelError("unsupported", f"frames stored as {UID(stored).name} cannot be sent in any accepted "
-                                    "representation (transfer-syntax=* sends them as stored)")
+    raise PixelError(
+        "unsupported",
+        f"frames stored as {UID(stored).name} cannot be sent in any accepted "
+        "representation (transfer-syntax=* sends them as stored)",
+    )
 
 
-def _native_frames(ds, numbers: list[int]) -> list[bytes]:
+def _native_frames(ds: Dataset, numbers: list[int]) -> list[bytes]:
     """The requested frames of native pixel data, little endian (big-endian words swapped), after checking
     the pixel data holds every frame the header describes."""
     per = _check_native_length(ds, _frame_count(ds))
     data = native_pixels_le(ds)
     if per % 8:  # bit-packed (BitsAllocated 1), frames not on byte boundaries
         bitarr = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-        return [np.packbits(bitarr[(n - 1) * per:n * per], bitorder="little").tobytes() for n in numbers]
+        return [np.packbits(bitarr[(n - 1) * per : n * per], bitorder="little").tobytes() for n in numbers]
     per //= 8
-    return [bytes(data[(n - 1) * per:n * per]) for n in numbers]
+    return [bytes(data[(n - 1) * per : n * per]) for n in numbers]
 
 
 def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -265,7 +282,7 @@ def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _first_float(ds, keyword: str) -> float | None:
+def _first_float(ds: Dataset, keyword: str) -> float | None:
     """The first value of a (possibly multi-valued) numeric attribute; None when absent or not a number."""
     value = ds.get(keyword)
     if isinstance(value, (list, tuple, MultiValue)):
@@ -282,7 +299,7 @@ def _first_float(ds, keyword: str) -> float | None:
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 
 
-def render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
+def render(path: Path, frame: int, fmt: str, opts: dict[Any, Any]) -> bytes:
     """A frame rendered to JPEG/PNG. Whatever the instance holds, the answer is an image or a PixelError
     (404/406/400 with a reason): value multiplicities the standard allows (WindowCenter/Width, Rescale)
     are read, a missing SamplesPerPixel defaults from the photometric interpretation, a NumberOfFrames
@@ -293,21 +310,22 @@ def render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
         raise
     except MemoryError:
         raise PixelError("invalid", "the image is too large to render") from None
-    except Exception as exc:  # noqa: BLE001 — a stored instance's odd pixel description: 406, never a 500
+    except Exception as exc:  # a stored instance's odd pixel description: 406, never a 500
         raise PixelError("unsupported", f"the image cannot be rendered ({_plain(exc)})") from None
 
 
 def _plain(exc: BaseException) -> str:
     """A short cause for a render failure, without quoting values."""
-    return {"NotImplementedError": "no decoder for its transfer syntax",
-            "RuntimeError": "its pixel data could not be decoded",
-            "AttributeError": "an attribute the pixel description needs is missing",
-            "ValueError": "its pixel description does not fit its pixel data",
-            "TypeError": "its pixel description does not fit its pixel data"}.get(
-        type(exc).__name__, "its pixel data could not be decoded")
+    return {
+        "NotImplementedError": "no decoder for its transfer syntax",
+        "RuntimeError": "its pixel data could not be decoded",
+        "AttributeError": "an attribute the pixel description needs is missing",
+        "ValueError": "its pixel description does not fit its pixel data",
+        "TypeError": "its pixel description does not fit its pixel data",
+    }.get(type(exc).__name__, "its pixel data could not be decoded")
 
 
-def _render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
+def _render(path: Path, frame: int, fmt: str, opts: dict[Any, Any]) -> bytes:
     ds = dcmread(path)
     if "PixelData" not in ds:
         raise PixelError("range", "the instance has no pixel data")
@@ -331,10 +349,10 @@ def _render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
         arr = arr[min(frame - 1, arr.shape[0] - 1)]
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         try:
-            from pydicom.pixels import apply_color_lut
+            from pydicom.pixels.processing import apply_color_lut
 
             arr = apply_color_lut(arr, ds)
-        except Exception:  # noqa: BLE001 — no usable palette: shown as grey levels
+        except Exception:  # no usable palette: shown as grey levels
             pass
     if arr.ndim == 3 and arr.shape[-1] == 3:
         rgb = arr.astype(np.float64)
@@ -344,7 +362,8 @@ def _render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
         img = Image.fromarray(np.clip(rgb / max(top, 1.0) * 255.0, 0, 255).astype(np.uint8), "RGB")
     elif arr.ndim == 2:
         values = arr.astype(np.float64) * (_first_float(ds, "RescaleSlope") or 1.0) + (
-            _first_float(ds, "RescaleIntercept") or 0.0)
+            _first_float(ds, "RescaleIntercept") or 0.0
+        )
         center = _first_float(ds, "WindowCenter")
         width = _first_float(ds, "WindowWidth")
         if "window" in opts:
@@ -363,8 +382,9 @@ def _render(path: Path, frame: int, fmt: str, opts: dict) -> bytes:
     if "viewport" in opts:
         vw, vh = opts["viewport"]  # scale to fit, keeping the aspect ratio (PS3.18 §8.3.5.1.3)
         scale = min(vw / img.width, vh / img.height)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.BILINEAR)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
+        )
     buf = io.BytesIO()
     if fmt == "image/png":
         img.save(buf, "PNG")

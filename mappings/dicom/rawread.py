@@ -1,8 +1,8 @@
 """A fast reader for the header of a DICOM file held in memory — the common layout only.
 
 STOW-RS reads the header of every received instance (up to the pixel data) to index it and to encode
-its DICOM JSON metadata. ``pydicom.dcmread(..., stop_before_pixels=True)`` costs ≈ 0.36 ms per CT
-instance here, most of it in its general file machinery (a generator per data set, file position calls,
+its DICOM JSON metadata. ``pydicom.dcmread(..., stop_before_pixels=True)`` spends most of its time
+in its general file machinery (a generator per data set, file position calls,
 configurable hooks, heuristics for malformed files). :func:`read_header` walks the bytes of a well-formed
 Part 10 file of the common layout with ``struct.unpack_from`` and builds **the same data set** that
 ``dcmread(BytesIO(data), stop_before_pixels=True)`` builds: a :class:`~pydicom.dataset.FileDataset` of
@@ -47,21 +47,33 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # pydicom's stop_before_pixe
 _ITEM_TAG, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHARSET = 0x00080005
 #: transfer syntaxes whose data set pydicom does not read as (explicit or implicit VR) little endian as is
-_NOT_LITTLE_ENDIAN = {pydicom.uid.ExplicitVRBigEndian, pydicom.uid.DeflatedExplicitVRLittleEndian,
-                      *pydicom.uid.PrivateTransferSyntaxes}
+_NOT_LITTLE_ENDIAN = {
+    pydicom.uid.ExplicitVRBigEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+    *pydicom.uid.PrivateTransferSyntaxes,
+}
 
 
 class _Decline(Exception):
     """Not the common layout: pydicom reads this file."""
 
 
-def _elements(data: bytes, pos: int, end: int | None, encoding: Any, *, top: bool, implicit: bool = False,
-              meta: bool = False, item_end: bool = False) -> tuple[dict, int, Any]:
+def _elements(
+    data: bytes,
+    pos: int,
+    end: int | None,
+    encoding: Any,
+    *,
+    top: bool,
+    implicit: bool = False,
+    meta: bool = False,
+    item_end: bool = False,
+) -> tuple[dict[Any, Any], int, Any]:
     """Read little endian elements from ``pos``; returns (raw elements by tag, position after them, the
     encoding of their character set). ``end``: a defined length's end (``None``: up to an item delimiter
     when ``item_end``, else to the end of ``data``). ``top``: stop before the pixel data; ``meta``: stop at
     the first element that is not of group 0002; ``implicit``: implicit VR (raw elements without a VR)."""
-    raw: dict = {}
+    raw: dict[Any, Any] = {}
     size = len(data)
     stop = size if end is None else end
     if stop > size:
@@ -120,8 +132,8 @@ def _elements(data: bytes, pos: int, end: int | None, encoding: Any, *, top: boo
             raise _Decline  # cut short (or the buffer ends inside the header)
         value = data[at:pos] if length else empty_value_for_VR(vr, raw=True)
         if tag == _CHARSET:
-            encoding = convert_encodings(convert_string(value or b"", True))
-        raw[key] = RawDataElement(key, vr, length, value, at, implicit, True)
+            encoding = convert_encodings(convert_string(value or b"", True))  # type: ignore[arg-type]
+        raw[key] = RawDataElement(key, vr, length, value, at, implicit, True)  # type: ignore[arg-type]
     if end is None and item_end:
         raise _Decline  # no item delimiter
     if pos != stop and not meta:
@@ -129,7 +141,7 @@ def _elements(data: bytes, pos: int, end: int | None, encoding: Any, *, top: boo
     return raw, pos, encoding
 
 
-def _dataset(raw: dict, parent_encoding: Any, encoding: Any, implicit: bool) -> Dataset:
+def _dataset(raw: dict[Any, Any], parent_encoding: Any, encoding: Any, implicit: bool) -> Dataset:
     ds = Dataset(raw, parent_encoding=parent_encoding)
     ds.set_original_encoding(implicit, True, encoding)
     return ds
@@ -178,11 +190,12 @@ def read_header(data: bytes) -> tuple[FileDataset, str, int] | None:
         # as pydicom's _read_file_meta_info and read_partial: the first element, the group length and the
         # transfer syntax are converted while reading
         file_meta = FileMetaDataset(meta_raw)  # (pydicom wraps a Dataset of them: the same elements)
-        file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True,
-                                        character_encoding=default_encoding)
-        file_meta[next(iter(meta_raw))]
+        file_meta.set_original_encoding(
+            is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
+        )
+        _ = file_meta[next(iter(meta_raw))]
         if 0x00020000 in meta_raw:
-            file_meta.FileMetaInformationGroupLength
+            _ = file_meta.FileMetaInformationGroupLength
         ts = file_meta.get("TransferSyntaxUID")
         if not ts or ts in _NOT_LITTLE_ENDIAN:
             return None

@@ -13,8 +13,11 @@ def _code(item: Dataset, keyword: str) -> tuple[str | None, str | None, str | No
     if not seq:
         return None, None, None
     c = seq[0]
-    return (str(c.get("CodingSchemeDesignator") or "") or None, str(c.get("CodeValue") or "") or None,
-            str(c.get("CodeMeaning") or "") or None)
+    return (
+        str(c.get("CodingSchemeDesignator") or "") or None,
+        str(c.get("CodeValue") or "") or None,
+        str(c.get("CodeMeaning") or "") or None,
+    )
 
 
 def referenced_series(ds: Dataset) -> str | None:
@@ -36,12 +39,18 @@ def seg_segments(ds: Dataset) -> list[dict[str, Any]]:
     for seg in ds.get("SegmentSequence") or ():
         cat = _code(seg, "SegmentedPropertyCategoryCodeSequence")
         typ = _code(seg, "SegmentedPropertyTypeCodeSequence")
-        out.append({
-            "segment_number": int(seg.SegmentNumber),
-            "label": str(seg.get("SegmentLabel") or "") or None,
-            "algorithm_type": str(seg.get("SegmentAlgorithmType") or "") or None,
-            "category_scheme": cat[0], "category_code": cat[1], "category_meaning": cat[2],
-            "type_scheme": typ[0], "type_code": typ[1], "type_meaning": typ[2],
-            "ref_series_uid": ref_series,
-        })
+        out.append(
+            {
+                "segment_number": int(seg.SegmentNumber),
+                "label": str(seg.get("SegmentLabel") or "") or None,
+                "algorithm_type": str(seg.get("SegmentAlgorithmType") or "") or None,
+                "category_scheme": cat[0],
+                "category_code": cat[1],
+                "category_meaning": cat[2],
+                "type_scheme": typ[0],
+                "type_code": typ[1],
+                "type_meaning": typ[2],
+                "ref_series_uid": ref_series,
+            }
+        )
     return out

@@ -24,8 +24,11 @@ def _code(item: Dataset, keyword: str) -> tuple[str | None, str | None, str | No
         return None, None, None
     c = seq[0]
     value = c.get("CodeValue") or c.get("LongCodeValue") or c.get("URNCodeValue")
-    return (str(c.get("CodingSchemeDesignator")) if c.get("CodingSchemeDesignator") else None,
-            str(value) if value else None, str(c.get("CodeMeaning")) if c.get("CodeMeaning") else None)
+    return (
+        str(c.get("CodingSchemeDesignator")) if c.get("CodingSchemeDesignator") else None,
+        str(value) if value else None,
+        str(c.get("CodeMeaning")) if c.get("CodeMeaning") else None,
+    )
 
 
 def _value(item: Dataset, row: dict[str, Any]) -> None:
@@ -42,8 +45,14 @@ def _value(item: Dataset, row: dict[str, Any]) -> None:
     elif vt == "CODE":
         row["code_scheme"], row["code_value"], row["code_meaning"] = _code(item, "ConceptCodeSequence")
     elif vt in ("TEXT", "UIDREF", "DATE", "TIME", "DATETIME", "PNAME"):
-        kw = {"TEXT": "TextValue", "UIDREF": "UID", "DATE": "Date", "TIME": "Time", "DATETIME": "DateTime",
-              "PNAME": "PersonName"}[vt]
+        kw = {
+            "TEXT": "TextValue",
+            "UIDREF": "UID",
+            "DATE": "Date",
+            "TIME": "Time",
+            "DATETIME": "DateTime",
+            "PNAME": "PersonName",
+        }[vt]
         v = item.get(kw)
         row["text_value"] = str(v) if v is not None else None
     if vt in ("IMAGE", "COMPOSITE", "WAVEFORM") or "ReferencedSOPSequence" in item:
@@ -54,7 +63,9 @@ def _value(item: Dataset, row: dict[str, Any]) -> None:
             frames = r.get("ReferencedFrameNumber")
             if frames:
                 try:
-                    row["ref_frame"] = int(frames[0] if isinstance(frames, (list, tuple)) or getattr(frames, "is_multi", False) else frames)
+                    row["ref_frame"] = int(
+                        frames[0] if isinstance(frames, (list, tuple)) or getattr(frames, "is_multi", False) else frames
+                    )
                 except (TypeError, ValueError):
                     pass
             seg = r.get("ReferencedSegmentNumber")
@@ -80,11 +91,24 @@ def sr_items(ds: Dataset) -> list[dict[str, Any]]:
         if (scheme, code) == MEASUREMENT_GROUP or (group is None and depth == 1 and vt == "CONTAINER"):
             group = item_id
         row: dict[str, Any] = {
-            "item_id": item_id, "parent_item_id": parent, "depth": depth, "group_item_id": group,
+            "item_id": item_id,
+            "parent_item_id": parent,
+            "depth": depth,
+            "group_item_id": group,
             "relationship": str(item.get("RelationshipType")) if item.get("RelationshipType") else None,
-            "value_type": vt or None, "concept_scheme": scheme, "concept_code": code, "concept_meaning": meaning,
-            "concept_path": cpath, "num_value": None, "unit_code": None, "code_scheme": None, "code_value": None,
-            "code_meaning": None, "text_value": None, "ref_sop_uid": None, "ref_frame": None,
+            "value_type": vt or None,
+            "concept_scheme": scheme,
+            "concept_code": code,
+            "concept_meaning": meaning,
+            "concept_path": cpath,
+            "num_value": None,
+            "unit_code": None,
+            "code_scheme": None,
+            "code_value": None,
+            "code_meaning": None,
+            "text_value": None,
+            "ref_sop_uid": None,
+            "ref_frame": None,
             "ref_segment_number": None,
         }
         _value(item, row)

@@ -1,4 +1,4 @@
-"""Transcoding between the uncompressed transfer syntaxes (issue 20): implicit and explicit VR little
+"""Transcoding between the uncompressed transfer syntaxes: implicit and explicit VR little
 endian, explicit VR big endian and deflated explicit VR little endian, in every direction.
 
 Pure (no I/O beyond the bytes given): ``gateway/handlers/dicomweb.py`` calls it off the event loop.
@@ -67,14 +67,14 @@ def transcode_native(data: bytes | io.BufferedIOBase | str, target: str) -> byte
     ds = dcmread(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     stored = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     if stored not in NATIVE:
-        raise TranscodeError(f"the instance is stored as {stored or 'an unknown transfer syntax'}, "
-                             "which is not an uncompressed one")
+        raise TranscodeError(
+            f"the instance is stored as {stored or 'an unknown transfer syntax'}, which is not an uncompressed one"
+        )
     if little_endian(stored) != little_endian(target):
         swap_words(ds)
-    ds.file_meta.TransferSyntaxUID = target
+    ds.file_meta.TransferSyntaxUID = target  # type: ignore[assignment]
     buf = io.BytesIO()
-    dcmwrite(buf, ds, implicit_vr=target == IMPLICIT_LE, little_endian=little_endian(target),
-             enforce_file_format=True)
+    dcmwrite(buf, ds, implicit_vr=target == IMPLICIT_LE, little_endian=little_endian(target), enforce_file_format=True)
     return buf.getvalue()
 
 

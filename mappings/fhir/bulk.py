@@ -11,8 +11,9 @@ the IG asks of a server that does not support a parameter (unless the client sen
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -23,8 +24,20 @@ SUPPORTED = ("_outputFormat", "_type", "_since", "_typeFilter")
 #: IG parameters this server does not implement (refused, or ignored under ``handling=lenient``)
 UNSUPPORTED = ("_elements", "patient", "includeAssociatedData", "_until", "organizeOutputBy", "allowPartialManifests")
 #: search result parameters that make no sense in a ``_typeFilter`` (paging, sorting, includes, summaries)
-FILTER_FORBIDDEN = ("_count", "_offset", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total",
-                    "_contained", "_containedType", "_format", "_pretty")
+FILTER_FORBIDDEN = (
+    "_count",
+    "_offset",
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_summary",
+    "_elements",
+    "_total",
+    "_contained",
+    "_containedType",
+    "_format",
+    "_pretty",
+)
 _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
@@ -47,16 +60,24 @@ class ExportRequest:
     ignored: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return orjson.dumps({"types": list(self.types), "since": self.since, "outputFormat": self.output_format,
-                             "typeFilter": {t: [list(map(list, q)) for q in qs]
-                                            for t, qs in self.type_filters.items()}}).decode()
+        return orjson.dumps(
+            {
+                "types": list(self.types),
+                "since": self.since,
+                "outputFormat": self.output_format,
+                "typeFilter": {t: [list(map(list, q)) for q in qs] for t, qs in self.type_filters.items()},
+            }
+        ).decode()
 
     @classmethod
-    def from_json(cls, text: str) -> "ExportRequest":
+    def from_json(cls, text: str) -> ExportRequest:
         d = orjson.loads(text)
-        return cls(tuple(d["types"]), d.get("since"),
-                   {t: tuple(tuple((k, v) for k, v in q) for q in qs) for t, qs in d["typeFilter"].items()},
-                   d.get("outputFormat") or NDJSON_FORMATS[0])
+        return cls(
+            tuple(d["types"]),
+            d.get("since"),
+            {t: tuple(tuple((k, v) for k, v in q) for q in qs) for t, qs in d["typeFilter"].items()},
+            d.get("outputFormat") or NDJSON_FORMATS[0],
+        )
 
 
 def parameters_pairs(body: Any) -> list[tuple[str, str]]:

@@ -31,14 +31,23 @@ from ontologies.evaluator import ConsentInputError, ConsentParameters, ConsentPr
 from ontologies.terms import TermError, normalize_curie
 
 EXT = "https://fedgate.dev/fhir/StructureDefinition/duo-"
-DUO_SYSTEMS = frozenset({"http://purl.obolibrary.org/obo/duo", "http://purl.obolibrary.org/obo/duo.owl",
-                         "https://purl.obolibrary.org/obo/duo", "urn:ga4gh:duo"})
+DUO_SYSTEMS = frozenset(
+    {
+        "http://purl.obolibrary.org/obo/duo",
+        "http://purl.obolibrary.org/obo/duo.owl",
+        "https://purl.obolibrary.org/obo/duo",
+        "urn:ga4gh:duo",
+    }
+)
 PERMISSIONS = frozenset({"DUO:0000004", "DUO:0000042", "DUO:0000006", "DUO:0000007", "DUO:0000011"})
 #: Disease coding systems → CURIE prefix.
 DISEASE_SYSTEMS = {
-    "http://purl.obolibrary.org/obo/mondo": "MONDO", "http://purl.obolibrary.org/obo/mondo.owl": "MONDO",
-    "http://purl.obolibrary.org/obo/doid": "DOID", "http://purl.obolibrary.org/obo/doid.owl": "DOID",
-    "http://snomed.info/sct": "SCTID", "http://hl7.org/fhir/sid/icd-10": "ICD10",
+    "http://purl.obolibrary.org/obo/mondo": "MONDO",
+    "http://purl.obolibrary.org/obo/mondo.owl": "MONDO",
+    "http://purl.obolibrary.org/obo/doid": "DOID",
+    "http://purl.obolibrary.org/obo/doid.owl": "DOID",
+    "http://snomed.info/sct": "SCTID",
+    "http://hl7.org/fhir/sid/icd-10": "ICD10",
 }
 #: The permission used when a Consent's DUO codes do not name exactly one (fails closed).
 INVALID_PERMISSION = "FEDGATE:no-single-duo-permission"
@@ -125,7 +134,9 @@ def entry_from_consent(resource: Mapping[str, Any]) -> Entry | None | bool:
     perms = [c for c in duo if c in PERMISSIONS]
     permission = perms[0] if len(perms) == 1 else INVALID_PERMISSION
     modifiers = [c for c in duo if c not in PERMISSIONS]
-    diseases = sorted({d for cc in provision.get("code") or () for d in map(_disease_code, cc.get("coding") or ()) if d})
+    diseases = sorted(
+        {d for cc in provision.get("code") or () for d in map(_disease_code, cc.get("coding") or ()) if d}
+    )
     exts = list(resource.get("extension") or ()) + list(provision.get("extension") or ())
     period = provision.get("period") or {}
     start = period.get("start") or None
@@ -138,12 +149,16 @@ def entry_from_consent(resource: Mapping[str, Any]) -> Entry | None | bool:
             moratorium_until=date.fromisoformat(str(mor[0])[:10]) if mor else None,
             time_limit_months=months[0] if months else None,
             granted_on=date.fromisoformat(granted) if months and granted else None,
-            regions=_ext_values(exts, "region"), users=_ext_values(exts, "user"),
-            projects=_ext_values(exts, "project"), institutions=_ext_values(exts, "institution"),
-            collaborator=str(collab[0]) if collab else None, topics=_ext_values(exts, "topic"),
+            regions=_ext_values(exts, "region"),  # type: ignore[arg-type]
+            users=_ext_values(exts, "user"),  # type: ignore[arg-type]
+            projects=_ext_values(exts, "project"),  # type: ignore[arg-type]
+            institutions=_ext_values(exts, "institution"),  # type: ignore[arg-type]
+            collaborator=str(collab[0]) if collab else None,
+            topics=_ext_values(exts, "topic"),  # type: ignore[arg-type]
         )
-        profile = ConsentProfile(permission=permission, modifiers=frozenset(modifiers), diseases=frozenset(diseases),
-                                 parameters=params)
+        profile = ConsentProfile(
+            permission=permission, modifiers=frozenset(modifiers), diseases=frozenset(diseases), parameters=params
+        )
     except (ConsentInputError, ValueError):
         profile = ConsentProfile(permission=INVALID_PERMISSION)
     rid = "Consent"  # not the id: patients with equal consents share one effective profile
@@ -206,12 +221,24 @@ def parse_policy(doc: Mapping[str, Any]) -> tuple[Collection, ...]:
         except ConsentInputError as err:
             raise PolicyError(str(err)) from err
         period = item.get("period") or {}
-        out.append(Collection(
-            str(item["name"]), profile,
-            frozenset(match.get("identifier_system") and [match["identifier_system"]] or match.get("identifier_systems") or ()),
-            frozenset(match.get("identifier_prefixes") or ()), frozenset(match.get("sex") or ()),
-            match.get("born_from"), match.get("born_to"), period.get("start"), period.get("end"),
-        ))
+        out.append(
+            Collection(
+                str(item["name"]),
+                profile,
+                frozenset(
+                    match.get("identifier_system")
+                    and [match["identifier_system"]]
+                    or match.get("identifier_systems")
+                    or ()
+                ),
+                frozenset(match.get("identifier_prefixes") or ()),
+                frozenset(match.get("sex") or ()),
+                match.get("born_from"),
+                match.get("born_to"),
+                period.get("start"),
+                period.get("end"),
+            )
+        )
     return tuple(out)
 
 
@@ -230,5 +257,7 @@ def profile_key(doc: Mapping[str, Any]) -> str:
 
 
 def entries_of(doc: Mapping[str, Any]) -> list[Entry]:
-    return [Entry(ConsentProfile.from_json(e["profile"]), e.get("start"), e.get("end"), e.get("source", ""))
-            for e in doc.get("entries") or ()]
+    return [
+        Entry(ConsentProfile.from_json(e["profile"]), e.get("start"), e.get("end"), e.get("source", ""))
+        for e in doc.get("entries") or ()
+    ]

@@ -6,8 +6,9 @@ Rows are plain tuples ready for the ``idx_*`` tables; the store adds ``rid``/``r
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.references import parse_reference
@@ -79,8 +80,21 @@ def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for key in ("text", "family", "given", "prefix", "suffix", "line", "city", "district", "state",
-                    "postalCode", "country", "name", "display"):
+        for key in (
+            "text",
+            "family",
+            "given",
+            "prefix",
+            "suffix",
+            "line",
+            "city",
+            "district",
+            "state",
+            "postalCode",
+            "country",
+            "name",
+            "display",
+        ):
             v = value.get(key)
             if isinstance(v, str):
                 yield v
@@ -101,7 +115,11 @@ def _dates(value: Any) -> Iterator[tuple[float, float]]:
 
 
 def _quantities(value: Any) -> Iterator[tuple[float, str | None, str | None]]:
-    if isinstance(value, dict) and isinstance(value.get("value"), (int, float)) and not isinstance(value.get("value"), bool):
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("value"), (int, float))
+        and not isinstance(value.get("value"), bool)
+    ):
         yield float(value["value"]), value.get("system"), value.get("code") or value.get("unit")
 
 
@@ -128,7 +146,7 @@ def extract(resource: dict[str, Any]) -> IndexRows:
 
 
 def _extract_param(resource: dict[str, Any], sp: SearchParam, rows: IndexRows) -> None:
-    seen: set = set()
+    seen: set[Any] = set()
     for path in sp.paths:
         for value in walk(resource, path):
             if sp.type == "token":

@@ -24,7 +24,7 @@ def _tokens(pointer: Any, index: int) -> list[str]:
     return [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]] if pointer else []
 
 
-def _array_index(arr: list, token: str, index: int, *, adding: bool) -> int:
+def _array_index(arr: list[Any], token: str, index: int, *, adding: bool) -> int:
     if adding and token == "-":
         return len(arr)
     if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
@@ -99,7 +99,7 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
+    return bool(a == b)
 
 
 def apply_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def apply_patch(doc: dict[str, Any], ops: Any) -> dict[str, Any]:
             doc = _add(doc, path, copy.deepcopy(op["value"]), i, replace=True)
         elif name in ("move", "copy"):
             src = _tokens(op.get("from"), i)
-            if name == "move" and path[:len(src)] == src and len(path) > len(src):
+            if name == "move" and path[: len(src)] == src and len(path) > len(src):
                 raise PatchError(f"operation {i}: cannot move a value into itself", index=i)
             value = _remove(doc, src, i) if name == "move" else copy.deepcopy(_get(doc, src, i))
             doc = _add(doc, path, value, i)

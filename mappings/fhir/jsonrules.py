@@ -1,4 +1,4 @@
-"""The FHIR R4 JSON representation rules the R4B models do not enforce (pure; issue 20).
+"""The FHIR R4 JSON representation rules the R4B models do not enforce (pure).
 
 FHIR R4 §2.6.2 (json.html) and §2.24.0.1 (datatypes.html, "string"):
 
@@ -27,7 +27,7 @@ from mappings.fhir.validate import Issue
 MAX_STRING = 1024 * 1024
 #: elements whose values are short by definition (characters)
 SHORT = {
-    "language": 64,   # BCP-47 tag (code); real tags are < 40 characters
+    "language": 64,  # BCP-47 tag (code); real tags are < 40 characters
     "versionId": 64,  # id datatype
 }
 #: base64Binary elements: bounded by the request body limit, not by MAX_STRING
@@ -54,8 +54,11 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
         if value == "":
             return add(path, "empty string (FHIR R4 JSON: an element without a value SHALL be omitted)")
         if _CONTROL.search(value):
-            return add(path, f"contains the control character {_control_name(value)} (FHIR R4: strings SHALL NOT"
-                             " contain characters below U+0020 other than tab, CR and LF)")
+            return add(
+                path,
+                f"contains the control character {_control_name(value)} (FHIR R4: strings SHALL NOT"
+                " contain characters below U+0020 other than tab, CR and LF)",
+            )
         cap = SHORT.get(key, None if key in BASE64 else MAX_STRING)
         if cap is not None and len(value) > cap:
             return add(path, f"value of {len(value):,} characters exceeds the limit of {cap:,}")
@@ -71,8 +74,9 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
                     break
                 continue
             for k, v in value.items():
-                if _CONTROL.search(k) and add(f"{path}", f"element name contains the control character "
-                                                         f"{_control_name(k)}"):
+                if _CONTROL.search(k) and add(
+                    f"{path}", f"element name contains the control character {_control_name(k)}"
+                ):
                     return issues
                 sub = f"{path}.{k}"
                 if v is None:
@@ -89,9 +93,12 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
                     for i, item in enumerate(v):
                         if item is None:
                             if twin is None or len(twin) != len(v) or twin[i] is None:
-                                if add(f"{sub}[{i}]", "null in an array is only allowed where the matching "
-                                                      f"{'_' + k if not k.startswith('_') else k[1:]} entry "
-                                                      "has a value"):
+                                if add(
+                                    f"{sub}[{i}]",
+                                    "null in an array is only allowed where the matching "
+                                    f"{'_' + k if not k.startswith('_') else k[1:]} entry "
+                                    "has a value",
+                                ):
                                     return issues
                             continue
                         stack.append((f"{sub}[{i}]", k, item))

@@ -1,4 +1,4 @@
-"""Patient links of a FHIR resource (issue #19): every patient whose data the resource carries (pure).
+"""Patient links of a FHIR resource: every patient whose data the resource carries (pure).
 
 A resource belongs to every patient it references anywhere:
 
@@ -142,12 +142,15 @@ def patient_links(resource: dict[str, Any]) -> Links:
     rtype = resource.get("resourceType")
     if rtype == "Patient" and isinstance(resource.get("id"), str):
         ids.add(resource["id"])
-    compartment = COMPARTMENT_ELEMENTS.get(rtype, ())
+    compartment = COMPARTMENT_ELEMENTS.get(rtype, ())  # type: ignore[arg-type]
 
-    def contained_patient(res: dict) -> None:
+    def contained_patient(res: dict[Any, Any]) -> None:
         nonlocal unknown
-        group = frozenset(i for i in map(_ident, res.get("identifier") or ()) if i) \
-            if isinstance(res.get("identifier"), list) else frozenset()
+        group = (
+            frozenset(i for i in map(_ident, res.get("identifier") or ()) if i)
+            if isinstance(res.get("identifier"), list)
+            else frozenset()
+        )
         if group:
             idents.append(group)
         else:
@@ -184,8 +187,9 @@ def patient_links(resource: dict[str, Any]) -> Links:
                 if isinstance(res, dict):
                     if res.get("resourceType") == "Patient":
                         contained_patient(res)
-                    inner = patient_links({k: v for k, v in res.items() if k != "id"}
-                                          if res.get("resourceType") == "Patient" else res)
+                    inner = patient_links(
+                        {k: v for k, v in res.items() if k != "id"} if res.get("resourceType") == "Patient" else res
+                    )
                     ids.update(inner.ids)
                     idents.extend(inner.identifiers)
                     unknown = unknown or inner.unknown

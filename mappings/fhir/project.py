@@ -7,7 +7,8 @@ queryable like any other measurement.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mappings import model as m
 from mappings.fhir.index import compartment_patient
@@ -52,7 +53,7 @@ def _first_concept(value: Any) -> m.Concept:
     return concept(value)
 
 
-def _choice(res: dict, stem: str) -> tuple[str | None, str | None]:
+def _choice(res: dict[Any, Any], stem: str) -> tuple[str | None, str | None]:
     """(start, end) of a dateTime/Period/instant choice element ``stem[x]``."""
     for suffix in ("DateTime", "Instant", "Date"):
         if f"{stem}{suffix}" in res:
@@ -71,19 +72,21 @@ def _ref_id(value: Any, rtype: str) -> str | None:
     return None
 
 
-def _source(res: dict) -> m.Source:
+def _source(res: dict[Any, Any]) -> m.Source:
     return m.Source("fhir", f"{res['resourceType']}/{res.get('id')}")
 
 
-def _patient(res: dict) -> list[m.ModelObject]:
-    identifiers = tuple(
-        f"{i.get('system') or ''}|{i['value']}" for i in res.get("identifier") or () if i.get("value")
-    )
+def _patient(res: dict[Any, Any]) -> list[m.ModelObject]:
+    identifiers = tuple(f"{i.get('system') or ''}|{i['value']}" for i in res.get("identifier") or () if i.get("value"))
     race = eth = None
     for ext in res.get("extension") or ():
         if ext.get("url") in (RACE_EXT, ETHNICITY_EXT):
             code = next(
-                (e.get("valueCoding", {}).get("code") for e in ext.get("extension") or () if e.get("url") == "ombCategory"),
+                (
+                    e.get("valueCoding", {}).get("code")
+                    for e in ext.get("extension") or ()
+                    if e.get("url") == "ombCategory"
+                ),
                 None,
             )
             if ext["url"] == RACE_EXT:
@@ -93,51 +96,76 @@ def _patient(res: dict) -> list[m.ModelObject]:
     deceased = res.get("deceasedDateTime")
     return [
         m.Patient(
-            _source(res), res.get("id"), identifiers, res.get("birthDate"), res.get("gender"), deceased, race, eth
+            _source(res),
+            res.get("id"),  # type: ignore[arg-type]
+            identifiers,
+            res.get("birthDate"),
+            res.get("gender"),
+            deceased,
+            race,
+            eth,
         )
     ]
 
 
-def _encounter(res: dict) -> list[m.ModelObject]:
+def _encounter(res: dict[Any, Any]) -> list[m.ModelObject]:
     period = res.get("period") or {}
     cls = res.get("class") or {}
     return [
         m.Encounter(
-            _source(res), compartment_patient(res), cls.get("code"), _first_concept(res.get("type")),
-            period.get("start"), period.get("end"),
+            _source(res),
+            compartment_patient(res),
+            cls.get("code"),
+            _first_concept(res.get("type")),
+            period.get("start"),
+            period.get("end"),
         )
     ]
 
 
-def _condition(res: dict) -> list[m.ModelObject]:
+def _condition(res: dict[Any, Any]) -> list[m.ModelObject]:
     onset, _ = _choice(res, "onset")
     abatement, _ = _choice(res, "abatement")
     status = concept(res.get("clinicalStatus")).primary
     return [
         m.Condition(
-            _source(res), compartment_patient(res), concept(res.get("code")), onset, abatement,
-            status.code if status else None, _ref_id(res.get("encounter"), "Encounter"),
+            _source(res),
+            compartment_patient(res),
+            concept(res.get("code")),
+            onset,
+            abatement,
+            status.code if status else None,
+            _ref_id(res.get("encounter"), "Encounter"),
         )
     ]
 
 
-def _observation(res: dict) -> list[m.ModelObject]:
+def _observation(res: dict[Any, Any]) -> list[m.ModelObject]:
     pid = compartment_patient(res)
     effective, _ = _choice(res, "effective")
     category = _first_concept(res.get("category")).primary
     enc = _ref_id(res.get("encounter"), "Encounter")
     src = _source(res)
 
-    def one(node: dict, source: m.Source, parent: str | None) -> m.Observation:
+    def one(node: dict[Any, Any], source: m.Source, parent: str | None) -> m.Observation:
         q = node.get("valueQuantity") or {}
         vc = concept(node.get("valueCodeableConcept")).primary if "valueCodeableConcept" in node else None
         value_num = q.get("value") if isinstance(q.get("value"), (int, float)) else None
         if value_num is None and isinstance(node.get("valueInteger"), int):
             value_num = node["valueInteger"]
         return m.Observation(
-            source, pid, concept(node.get("code")), category.code if category else None,
-            float(value_num) if value_num is not None else None, q.get("code") or q.get("unit"), vc,
-            node.get("valueString"), effective, res.get("status"), enc, parent,
+            source,
+            pid,
+            concept(node.get("code")),
+            category.code if category else None,
+            float(value_num) if value_num is not None else None,
+            q.get("code") or q.get("unit"),
+            vc,
+            node.get("valueString"),
+            effective,
+            res.get("status"),
+            enc,
+            parent,
         )
 
     out: list[m.ModelObject] = [one(res, src, None)]
@@ -146,28 +174,38 @@ def _observation(res: dict) -> list[m.ModelObject]:
     return out
 
 
-def _procedure(res: dict) -> list[m.ModelObject]:
+def _procedure(res: dict[Any, Any]) -> list[m.ModelObject]:
     start, end = _choice(res, "performed")
     return [
         m.Procedure(
-            _source(res), compartment_patient(res), concept(res.get("code")), start, end, res.get("status"),
+            _source(res),
+            compartment_patient(res),
+            concept(res.get("code")),
+            start,
+            end,
+            res.get("status"),
             _ref_id(res.get("encounter"), "Encounter"),
         )
     ]
 
 
-def _diagnostic_report(res: dict) -> list[m.ModelObject]:
+def _diagnostic_report(res: dict[Any, Any]) -> list[m.ModelObject]:
     effective, _ = _choice(res, "effective")
     studies = tuple(r["reference"] for r in res.get("imagingStudy") or () if isinstance(r, dict) and r.get("reference"))
     return [
         m.DiagnosticReport(
-            _source(res), compartment_patient(res), concept(res.get("code")), effective, res.get("status"),
-            studies, res.get("conclusion"),
+            _source(res),
+            compartment_patient(res),
+            concept(res.get("code")),
+            effective,
+            res.get("status"),
+            studies,
+            res.get("conclusion"),
         )
     ]
 
 
-def _imaging_study(res: dict) -> list[m.ModelObject]:
+def _imaging_study(res: dict[Any, Any]) -> list[m.ModelObject]:
     uid = next(
         (
             i["value"][8:] if i.get("value", "").startswith("urn:oid:") else i.get("value")
@@ -184,24 +222,35 @@ def _imaging_study(res: dict) -> list[m.ModelObject]:
     )
     return [
         m.ImagingStudy(
-            _source(res), compartment_patient(res), uid, res.get("started"), tuple(modalities),
-            res.get("description"), res.get("numberOfSeries"), res.get("numberOfInstances"),
+            _source(res),
+            compartment_patient(res),
+            uid,
+            res.get("started"),
+            tuple(modalities),
+            res.get("description"),
+            res.get("numberOfSeries"),
+            res.get("numberOfInstances"),
         )
     ]
 
 
-def _consent(res: dict) -> list[m.ModelObject]:
+def _consent(res: dict[Any, Any]) -> list[m.ModelObject]:
     provision = res.get("provision") or {}
     period = provision.get("period") or {}
     return [
         m.Consent(
-            _source(res), _ref_id(res.get("patient"), "Patient"), res.get("status"), period.get("start"),
-            period.get("end"), res.get("dateTime"), None,
+            _source(res),
+            _ref_id(res.get("patient"), "Patient"),
+            res.get("status"),
+            period.get("start"),
+            period.get("end"),
+            res.get("dateTime"),
+            None,
         )
     ]
 
 
-PROJECTORS: dict[str, Callable[[dict], list[m.ModelObject]]] = {
+PROJECTORS: dict[str, Callable[[dict[Any, Any]], list[m.ModelObject]]] = {
     "Patient": _patient,
     "Encounter": _encounter,
     "Condition": _condition,

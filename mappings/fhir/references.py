@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-_REL = re.compile(r"^(?:(?P<base>https?://.+?)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/(?P<vid>[A-Za-z0-9\-.]{1,64}))?$")
+_REL = re.compile(
+    r"^(?:(?P<base>https?://.+?)/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/(?P<vid>[A-Za-z0-9\-.]{1,64}))?$"
+)
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
@@ -42,7 +45,7 @@ def rewrite_references(node: Any, fn: Callable[[str], str | None]) -> Any:
     return node
 
 
-def iter_references(node: Any):
+def iter_references(node: Any) -> Iterator[str]:
     """Every ``reference`` string in a resource."""
     if isinstance(node, list):
         for v in node:

@@ -7,9 +7,10 @@ OperationOutcome (strict handling; ``Prefer: handling=lenient`` drops unknown pa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Iterable
+from typing import Any
 
 from mappings.dates import DateFormatError, parse_range
 from mappings.fhir.searchparams import COMMON_PARAMS, RESULT_PARAMS, SearchParam, params_for
@@ -30,7 +31,7 @@ class Clause:
 
     param: SearchParam
     modifier: str | None
-    values: tuple  # type-specific, see _parse_value
+    values: tuple[Any, ...]  # type-specific, see _parse_value
     missing: bool | None = None
 
 
@@ -58,7 +59,7 @@ class SearchQuery:
     cursor: str | None = None
     #: keyset position decoded from the cursor: the sort-key values of the last row already returned
     #: (``_sort`` keys, then ``rid``) and how many rows came before the page (set by the service)
-    after: tuple | None = None
+    after: tuple[Any, ...] | None = None
     position: int = 0
     #: the search's criteria and result parameters in canonical form (``_cursor``, ``_offset``, ``_format``
     #: and ``_pretty`` left out): what a cursor is bound to
@@ -85,8 +86,10 @@ def parse_search(
     pairs = list(pairs)
     for raw_name, raw_value in pairs:
         if _CONTROL.search(raw_name) or _CONTROL.search(raw_value):  # NUL etc.: no stored string holds one
-            raise SearchError(raw_name if not _CONTROL.search(raw_name) else repr(raw_name),
-                              "contains a control character (below U+0020 other than tab, CR, LF)")
+            raise SearchError(
+                raw_name if not _CONTROL.search(raw_name) else repr(raw_name),
+                "contains a control character (below U+0020 other than tab, CR, LF)",
+            )
         name, _, modifier = raw_name.partition(":")
         if name in RESULT_PARAMS:
             _result_param(q, name, modifier, raw_value, default_count, max_count)
@@ -160,8 +163,11 @@ def _result_param(q: SearchQuery, name: str, modifier: str, value: str, default:
             if pname not in ("_lastUpdated", "_id") and pname not in params_for(q.res_type):
                 raise SearchError(name, f"cannot sort {q.res_type} by {pname!r}")
             if pname not in ("_lastUpdated", "_id") and params_for(q.res_type)[pname].type not in SORTABLE_TYPES:
-                raise SearchError(name, f"cannot sort by {pname!r}: a {params_for(q.res_type)[pname].type} parameter "
-                                        f"(sortable: {', '.join(SORTABLE_TYPES)} parameters, _id, _lastUpdated)")
+                raise SearchError(
+                    name,
+                    f"cannot sort by {pname!r}: a {params_for(q.res_type)[pname].type} parameter "
+                    f"(sortable: {', '.join(SORTABLE_TYPES)} parameters, _id, _lastUpdated)",
+                )
             q.sort.append((pname, desc))
     elif name in ("_include", "_revinclude"):
         if modifier and modifier != "iterate":
@@ -207,7 +213,7 @@ def _clause(sp: SearchParam, modifier: str | None, raw: str) -> Clause:
         "reference": {None},
         "quantity": {None},
     }[sp.type]
-    if modifier not in allowed and not (sp.type == "reference" and modifier and modifier[:1].isupper()):
+    if modifier not in allowed and not (sp.type == "reference" and modifier and modifier[:1].isupper()):  # type: ignore[operator]
         raise SearchError(f"{sp.name}:{modifier}", f"modifier not supported for {sp.type} parameters")
     values = tuple(_parse_value(sp, modifier, v) for v in _split_commas(raw))
     if not values:
@@ -241,7 +247,7 @@ def _prefix(value: str) -> tuple[str, str]:
 _NUM = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
 
 
-def _parse_value(sp: SearchParam, modifier: str | None, value: str):
+def _parse_value(sp: SearchParam, modifier: str | None, value: str) -> Any:
     if sp.type == "token":
         if "|" in value:
             system, code = value.split("|", 1)

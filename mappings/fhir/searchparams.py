@@ -205,8 +205,20 @@ COMMON_PARAMS: dict[str, SearchParam] = {
 
 #: Control parameters of the search interaction itself (not filters).
 RESULT_PARAMS = frozenset(
-    {"_count", "_sort", "_include", "_revinclude", "_summary", "_total", "_format", "_offset", "_pretty", "_elements",
-     "_totalMethod", "_cursor"}
+    {
+        "_count",
+        "_sort",
+        "_include",
+        "_revinclude",
+        "_summary",
+        "_total",
+        "_format",
+        "_offset",
+        "_pretty",
+        "_elements",
+        "_totalMethod",
+        "_cursor",
+    }
 )
 
 

@@ -7,7 +7,7 @@ uses.  Errors name the element path (FHIRPath-like) of each problem.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -30,8 +30,8 @@ class InvalidResource(ValueError):
         self.structural = structural
 
 
-@lru_cache(maxsize=None)
-def model_class(res_type: str):
+@cache
+def model_class(res_type: str) -> Any:
     """The R4B model class for a resource type, or None if the type does not exist."""
     try:
         return get_fhir_model_class(res_type)
@@ -88,7 +88,7 @@ def check_envelope(resource: Any, *, expected_type: str | None = None) -> type:
     issues = json_issues(resource, rtype)
     if issues:
         raise InvalidResource(issues, structural=True)
-    return cls
+    return cls  # type: ignore[no-any-return]
 
 
 def model_issues(resource: dict[str, Any]) -> list[Issue]:
@@ -128,4 +128,4 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
     issues = model_issues(resource)
     if issues:
         raise InvalidResource(issues)
-    return resource
+    return resource  # type: ignore[no-any-return]

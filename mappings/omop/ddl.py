@@ -65,8 +65,11 @@ def tables() -> dict[str, tuple[ColumnDef, ...]]:
                 continue
             typ = words[1].lower()
             ml = re.match(r"varchar\((\d+)\)", typ)
-            cols.append(ColumnDef(words[0].lower(), typ, "NOT" not in (w.upper() for w in words[2:]),
-                                  int(ml.group(1)) if ml else None))
+            cols.append(
+                ColumnDef(
+                    words[0].lower(), typ, "NOT" not in (w.upper() for w in words[2:]), int(ml.group(1)) if ml else None
+                )
+            )
         out[m.group(1).lower()] = tuple(cols)
     return out
 

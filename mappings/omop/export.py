@@ -48,9 +48,18 @@ MEASUREMENT_CATEGORIES = frozenset({"vital-signs", "laboratory"})
 EPOCH = dt.date(1970, 1, 1)
 
 #: Tables written by an export, in load order (vocabulary first).
-CLINICAL_TABLES = ("person", "observation_period", "visit_occurrence", "condition_occurrence",
-                   "procedure_occurrence", "measurement", "observation", "death", "image_occurrence",
-                   "image_feature")
+CLINICAL_TABLES = (
+    "person",
+    "observation_period",
+    "visit_occurrence",
+    "condition_occurrence",
+    "procedure_occurrence",
+    "measurement",
+    "observation",
+    "death",
+    "image_occurrence",
+    "image_feature",
+)
 VOCAB_TABLES = ("concept", "vocabulary", "domain", "concept_class")
 
 
@@ -126,18 +135,18 @@ class SrMeasurement:
 
 @dataclass
 class CmData:
-    patients: list[dict] = field(default_factory=list)
-    encounters: list[dict] = field(default_factory=list)
-    conditions: list[dict] = field(default_factory=list)
-    observations: list[dict] = field(default_factory=list)
-    procedures: list[dict] = field(default_factory=list)
+    patients: list[dict[Any, Any]] = field(default_factory=list)
+    encounters: list[dict[Any, Any]] = field(default_factory=list)
+    conditions: list[dict[Any, Any]] = field(default_factory=list)
+    observations: list[dict[Any, Any]] = field(default_factory=list)
+    procedures: list[dict[Any, Any]] = field(default_factory=list)
     series: list[ImagingSeries] = field(default_factory=list)
     sr_items: list[SrMeasurement] = field(default_factory=list)
 
 
 @dataclass
 class OmopExport:
-    tables: dict[str, list[dict]]
+    tables: dict[str, list[dict[Any, Any]]]
     coverage: Coverage
     concept_ids: set[int]
     #: site-local concepts (id > 2,000,000,000) of the codes the vocabulary does not know, and the
@@ -168,8 +177,13 @@ def local_concept_id(system: str, code: str, taken: dict[int, tuple[str, str]]) 
     return cid
 
 
-_DOMAIN_OF_TABLE = {"condition_occurrence": "Condition", "procedure_occurrence": "Procedure",
-                    "measurement": "Measurement", "observation": "Observation", "image_feature": "Measurement"}
+_DOMAIN_OF_TABLE = {
+    "condition_occurrence": "Condition",
+    "procedure_occurrence": "Procedure",
+    "measurement": "Measurement",
+    "observation": "Observation",
+    "image_feature": "Measurement",
+}
 
 
 class _Mapper:
@@ -227,7 +241,7 @@ class _Mapper:
         return SYSTEM_TO_VOCAB.get(system or "", system or "(none)")
 
 
-def person_source_value(p: dict) -> str | None:
+def person_source_value(p: dict[Any, Any]) -> str | None:
     """The site's patient id; for a patient imported from OMOP, the person_source_value it came with
     (kept as an identifier), so export → import → export writes the same PERSON rows."""
     if p.get("src_type") == "OMOP" and p.get("identifiers"):
@@ -241,7 +255,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
     """Map the common-model rows in ``data`` to OMOP CDM v5.4 tables (see the module docstring)."""
     mp = _Mapper(vocab)
     cov = mp.coverage
-    out: dict[str, list[dict]] = {t: [] for t in CLINICAL_TABLES}
+    out: dict[str, list[dict[Any, Any]]] = {t: [] for t in CLINICAL_TABLES}
 
     # -- person -----------------------------------------------------------------------------
     person_of: dict[str, int] = {}
@@ -261,21 +275,38 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         r = mp.source("person.race", "cdc-race", p.get("race"))
         e = mp.source("person.ethnicity", "cdc-ethnicity", p.get("ethnicity"))
         full = p.get("birth_date") or ""
-        out["person"].append({
-            "person_id": person_id, "gender_concept_id": g.concept_id, "year_of_birth": bd.year,
-            "month_of_birth": bd.month if len(full) >= 7 else None,
-            "day_of_birth": bd.day if len(full) >= 10 else None,
-            "birth_datetime": None, "race_concept_id": r.concept_id, "ethnicity_concept_id": e.concept_id,
-            "person_source_value": person_source_value(p), "gender_source_value": p.get("sex"), "gender_source_concept_id": 0,
-            "race_source_value": p.get("race"), "race_source_concept_id": 0,
-            "ethnicity_source_value": p.get("ethnicity"), "ethnicity_source_concept_id": 0,
-        })
+        out["person"].append(
+            {
+                "person_id": person_id,
+                "gender_concept_id": g.concept_id,
+                "year_of_birth": bd.year,
+                "month_of_birth": bd.month if len(full) >= 7 else None,
+                "day_of_birth": bd.day if len(full) >= 10 else None,
+                "birth_datetime": None,
+                "race_concept_id": r.concept_id,
+                "ethnicity_concept_id": e.concept_id,
+                "person_source_value": person_source_value(p),
+                "gender_source_value": p.get("sex"),
+                "gender_source_concept_id": 0,
+                "race_source_value": p.get("race"),
+                "race_source_concept_id": 0,
+                "ethnicity_source_value": p.get("ethnicity"),
+                "ethnicity_source_concept_id": 0,
+            }
+        )
         death = to_date(p.get("deceased_date"))
         if death is not None:
-            out["death"].append({"person_id": person_id, "death_date": death,
-                                 "death_datetime": to_datetime(p.get("deceased_date")),
-                                 "death_type_concept_id": EHR, "cause_concept_id": None,
-                                 "cause_source_value": None, "cause_source_concept_id": None})
+            out["death"].append(
+                {
+                    "person_id": person_id,
+                    "death_date": death,
+                    "death_datetime": to_datetime(p.get("deceased_date")),
+                    "death_type_concept_id": EHR,
+                    "cause_concept_id": None,
+                    "cause_source_value": None,
+                    "cause_source_concept_id": None,
+                }
+            )
 
     span: dict[int, list[dt.date]] = {}
 
@@ -291,7 +322,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             elif d > s[1]:
                 s[1] = d
 
-    def person(table: str, row: dict) -> int | None:
+    def person(table: str, row: dict[Any, Any]) -> int | None:
         pid = person_of.get(row.get("patient_id") or "")
         if pid is None:
             cov.skip(table, "no exported person")
@@ -312,15 +343,27 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         vid = len(out["visit_occurrence"]) + 1
         visit_of[_res_id(v["src_id"]) or ""] = vid
         cls = mp.source("visit_occurrence", "v3-ActCode", v.get("class_code"))
-        out["visit_occurrence"].append({
-            "visit_occurrence_id": vid, "person_id": pid, "visit_concept_id": cls.concept_id,
-            "visit_start_date": start, "visit_start_datetime": to_datetime(v.get("start")),
-            "visit_end_date": end, "visit_end_datetime": to_datetime(v.get("end")),
-            "visit_type_concept_id": EHR, "provider_id": None, "care_site_id": None,
-            "visit_source_value": v.get("code") or v.get("class_code"), "visit_source_concept_id": 0,
-            "admitted_from_concept_id": None, "admitted_from_source_value": None,
-            "discharged_to_concept_id": None, "discharged_to_source_value": None, "preceding_visit_occurrence_id": None,
-        })
+        out["visit_occurrence"].append(
+            {
+                "visit_occurrence_id": vid,
+                "person_id": pid,
+                "visit_concept_id": cls.concept_id,
+                "visit_start_date": start,
+                "visit_start_datetime": to_datetime(v.get("start")),
+                "visit_end_date": end,
+                "visit_end_datetime": to_datetime(v.get("end")),
+                "visit_type_concept_id": EHR,
+                "provider_id": None,
+                "care_site_id": None,
+                "visit_source_value": v.get("code") or v.get("class_code"),
+                "visit_source_concept_id": 0,
+                "admitted_from_concept_id": None,
+                "admitted_from_source_value": None,
+                "discharged_to_concept_id": None,
+                "discharged_to_source_value": None,
+                "preceding_visit_occurrence_id": None,
+            }
+        )
         seen(pid, start, end)
 
     # -- condition_occurrence -----------------------------------------------------------------
@@ -332,17 +375,28 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         if start is None:
             cov.skip("condition_occurrence", "no onset date")
             continue
-        end = to_date(c.get("abatement"))
+        end = to_date(c.get("abatement"))  # type: ignore[assignment]
         m = mp.code("condition_occurrence", c.get("system"), c.get("code"))
-        out["condition_occurrence"].append({
-            "condition_occurrence_id": len(out["condition_occurrence"]) + 1, "person_id": pid,
-            "condition_concept_id": m.concept_id, "condition_start_date": start,
-            "condition_start_datetime": to_datetime(c.get("onset")), "condition_end_date": end if end and end >= start else None,
-            "condition_end_datetime": None, "condition_type_concept_id": EHR, "condition_status_concept_id": None,
-            "stop_reason": None, "provider_id": None, "visit_occurrence_id": visit_of.get(c.get("encounter_id") or ""),
-            "visit_detail_id": None, "condition_source_value": c.get("code"),
-            "condition_source_concept_id": m.source_concept_id, "condition_status_source_value": c.get("clinical_status"),
-        })
+        out["condition_occurrence"].append(
+            {
+                "condition_occurrence_id": len(out["condition_occurrence"]) + 1,
+                "person_id": pid,
+                "condition_concept_id": m.concept_id,
+                "condition_start_date": start,
+                "condition_start_datetime": to_datetime(c.get("onset")),
+                "condition_end_date": end if end and end >= start else None,
+                "condition_end_datetime": None,
+                "condition_type_concept_id": EHR,
+                "condition_status_concept_id": None,
+                "stop_reason": None,
+                "provider_id": None,
+                "visit_occurrence_id": visit_of.get(c.get("encounter_id") or ""),
+                "visit_detail_id": None,
+                "condition_source_value": c.get("code"),
+                "condition_source_concept_id": m.source_concept_id,
+                "condition_status_source_value": c.get("clinical_status"),
+            }
+        )
         seen(pid, start, end)
 
     # -- procedure_occurrence ----------------------------------------------------------------
@@ -354,11 +408,20 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         if start is None:
             cov.skip("procedure_occurrence", "no performed date")
             continue
-        end = to_date(p.get("performed_end"))
+        end = to_date(p.get("performed_end"))  # type: ignore[assignment]
         m = mp.code("procedure_occurrence", p.get("system"), p.get("code"))
-        out["procedure_occurrence"].append(_procedure(len(out["procedure_occurrence"]) + 1, pid, m, start,
-                                                      to_datetime(p.get("performed")), end if end and end >= start else None,
-                                                      visit_of.get(p.get("encounter_id") or ""), p.get("code")))
+        out["procedure_occurrence"].append(
+            _procedure(
+                len(out["procedure_occurrence"]) + 1,
+                pid,
+                m,
+                start,
+                to_datetime(p.get("performed")),
+                end if end and end >= start else None,
+                visit_of.get(p.get("encounter_id") or ""),
+                p.get("code"),
+            )
+        )
         seen(pid, start, end)
 
     # -- measurement / observation ------------------------------------------------------------
@@ -373,8 +436,9 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         m = mp.vocab.map_system(o.get("system"), o.get("code"))
         if o.get("src_type") == "OMOP" and str(o.get("src_id", "")).startswith(("measurement/", "observation/")):
             table = o["src_id"].split("/", 1)[0]  # imported from OMOP: keep the source table
-        elif m.domain == "Measurement" or (m.domain is None and (o.get("value_num") is not None
-                                                                 or o.get("category") in MEASUREMENT_CATEGORIES)):
+        elif m.domain == "Measurement" or (
+            m.domain is None and (o.get("value_num") is not None or o.get("category") in MEASUREMENT_CATEGORIES)
+        ):
             table = "measurement"
         else:
             table = "observation"
@@ -387,21 +451,48 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         visit = visit_of.get(o.get("encounter_id") or "")
         value_source = o.get("value_code") or o.get("value_text")
         if table == "measurement":
-            out[table].append(_measurement(len(out[table]) + 1, pid, m, date, to_datetime(o.get("effective")),
-                                           o.get("value_num"), value_concept, unit_concept, visit, o.get("code"),
-                                           o.get("unit"), value_source))
+            out[table].append(
+                _measurement(
+                    len(out[table]) + 1,
+                    pid,
+                    m,
+                    date,
+                    to_datetime(o.get("effective")),
+                    o.get("value_num"),
+                    value_concept,
+                    unit_concept,
+                    visit,
+                    o.get("code"),
+                    o.get("unit"),
+                    value_source,
+                )
+            )
         else:
-            out[table].append({
-                "observation_id": len(out[table]) + 1, "person_id": pid, "observation_concept_id": m.concept_id,
-                "observation_date": date, "observation_datetime": to_datetime(o.get("effective")),
-                "observation_type_concept_id": EHR, "value_as_number": o.get("value_num"),
-                "value_as_string": o.get("value_text"), "value_as_concept_id": value_concept,
-                "qualifier_concept_id": None, "unit_concept_id": unit_concept, "provider_id": None,
-                "visit_occurrence_id": visit, "visit_detail_id": None, "observation_source_value": o.get("code"),
-                "observation_source_concept_id": m.source_concept_id, "unit_source_value": o.get("unit"),
-                "qualifier_source_value": None, "value_source_value": value_source,
-                "observation_event_id": None, "obs_event_field_concept_id": None,
-            })
+            out[table].append(
+                {
+                    "observation_id": len(out[table]) + 1,
+                    "person_id": pid,
+                    "observation_concept_id": m.concept_id,
+                    "observation_date": date,
+                    "observation_datetime": to_datetime(o.get("effective")),
+                    "observation_type_concept_id": EHR,
+                    "value_as_number": o.get("value_num"),
+                    "value_as_string": o.get("value_text"),
+                    "value_as_concept_id": value_concept,
+                    "qualifier_concept_id": None,
+                    "unit_concept_id": unit_concept,
+                    "provider_id": None,
+                    "visit_occurrence_id": visit,
+                    "visit_detail_id": None,
+                    "observation_source_value": o.get("code"),
+                    "observation_source_concept_id": m.source_concept_id,
+                    "unit_source_value": o.get("unit"),
+                    "qualifier_source_value": None,
+                    "value_source_value": value_source,
+                    "observation_event_id": None,
+                    "obs_event_field_concept_id": None,
+                }
+            )
         seen(pid, date)
 
     # -- imaging: procedure per study, image_occurrence per series ----------------------------
@@ -421,8 +512,9 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             continue
         modalities = sorted({s.modality for s in series if s.modality})
         proc_id = len(out["procedure_occurrence"]) + 1
-        out["procedure_occurrence"].append(_procedure(proc_id, pid, Mapped(0, 0, None), date, None, None, None,
-                                                      "DICOM:" + "\\".join(modalities)))
+        out["procedure_occurrence"].append(
+            _procedure(proc_id, pid, Mapped(0, 0, None), date, None, None, None, "DICOM:" + "\\".join(modalities))
+        )
         cov.note("procedure_occurrence", "DICOM study", "DICOM:" + "\\".join(modalities), 0)
         seen(pid, date)
         for s in series:
@@ -431,19 +523,28 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
             io_id = len(out["image_occurrence"]) + 1
             image_of[(study_uid, s.series_uid)] = io_id
             first_image_of_study.setdefault(study_uid, io_id)
-            out["image_occurrence"].append({
-                "image_occurrence_id": io_id, "person_id": pid, "procedure_occurrence_id": proc_id,
-                "visit_occurrence_id": None, "anatomic_site_concept_id": site or None, "wadors_uri": s.wadors_uri,
-                "local_path": None, "image_occurrence_date": to_date(s.date) or date, "image_study_uid": study_uid,
-                "image_series_uid": s.series_uid, "modality_concept_id": mod.concept_id,
-            })
+            out["image_occurrence"].append(
+                {
+                    "image_occurrence_id": io_id,
+                    "person_id": pid,
+                    "procedure_occurrence_id": proc_id,
+                    "visit_occurrence_id": None,
+                    "anatomic_site_concept_id": site or None,
+                    "wadors_uri": s.wadors_uri,
+                    "local_path": None,
+                    "image_occurrence_date": to_date(s.date) or date,
+                    "image_study_uid": study_uid,
+                    "image_series_uid": s.series_uid,
+                    "modality_concept_id": mod.concept_id,
+                }
+            )
 
     # -- image_feature: SR measurements ---------------------------------------------------------
     for item in data.sr_items:
         pid = person("image_feature", item.__dict__)
         if pid is None:
             continue
-        io_id = image_of.get((item.study_uid, item.series_uid or "")) or first_image_of_study.get(item.study_uid)
+        io_id = image_of.get((item.study_uid, item.series_uid or "")) or first_image_of_study.get(item.study_uid)  # type: ignore[assignment]
         if io_id is None:
             cov.skip("image_feature", "study not exported")
             continue
@@ -451,25 +552,57 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         m = mp.code("image_feature", item.concept_scheme, item.concept_code)
         unit_concept = mp.unit("image_feature", item.unit_code)
         meas_id = len(out["measurement"]) + 1
-        out["measurement"].append(_measurement(meas_id, pid, m, date, None, item.value, None, unit_concept, None,
-                                               item.concept_code, item.unit_code, None))
-        finding = mp.code("image_feature.finding", item.finding_scheme, item.finding_code).concept_id \
-            if item.finding_code else None
-        out["image_feature"].append({
-            "image_feature_id": len(out["image_feature"]) + 1, "person_id": pid, "image_occurrence_id": io_id,
-            "image_feature_event_field_concept_id": MEASUREMENT_EVENT_FIELD, "image_feature_event_id": meas_id,
-            "image_feature_concept_id": m.concept_id, "image_feature_type_concept_id": EHR,
-            "image_finding_concept_id": finding, "image_finding_id": None, "anatomic_site_concept_id": None,
-            "alg_system": item.algorithm, "alg_datetime": None,
-        })
+        out["measurement"].append(
+            _measurement(
+                meas_id,
+                pid,
+                m,
+                date,
+                None,
+                item.value,
+                None,
+                unit_concept,
+                None,
+                item.concept_code,
+                item.unit_code,
+                None,
+            )
+        )
+        finding = (
+            mp.code("image_feature.finding", item.finding_scheme, item.finding_code).concept_id
+            if item.finding_code
+            else None
+        )
+        out["image_feature"].append(
+            {
+                "image_feature_id": len(out["image_feature"]) + 1,
+                "person_id": pid,
+                "image_occurrence_id": io_id,
+                "image_feature_event_field_concept_id": MEASUREMENT_EVENT_FIELD,
+                "image_feature_event_id": meas_id,
+                "image_feature_concept_id": m.concept_id,
+                "image_feature_type_concept_id": EHR,
+                "image_finding_concept_id": finding,
+                "image_finding_id": None,
+                "anatomic_site_concept_id": None,
+                "alg_system": item.algorithm,
+                "alg_datetime": None,
+            }
+        )
         seen(pid, date)
 
     # -- observation_period -------------------------------------------------------------------
     for pid in sorted(span):
         lo, hi = span[pid]
-        out["observation_period"].append({"observation_period_id": len(out["observation_period"]) + 1,
-                                          "person_id": pid, "observation_period_start_date": lo,
-                                          "observation_period_end_date": hi, "period_type_concept_id": EHR})
+        out["observation_period"].append(
+            {
+                "observation_period_id": len(out["observation_period"]) + 1,
+                "person_id": pid,
+                "observation_period_start_date": lo,
+                "observation_period_end_date": hi,
+                "period_type_concept_id": EHR,
+            }
+        )
     for p in out["person"]:
         if p["person_id"] not in span:
             cov.skip("observation_period", "person without dated events")
@@ -477,36 +610,88 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
     used = {c for c in mp.used if c is not None}
     if out["image_feature"]:
         used.add(MEASUREMENT_EVENT_FIELD)
-    for r in out["image_occurrence"]:
-        used.update(c for c in (r["anatomic_site_concept_id"], r["modality_concept_id"]) if c is not None)
+    for r in out["image_occurrence"]:  # type: ignore[assignment]
+        used.update(c for c in (r["anatomic_site_concept_id"], r["modality_concept_id"]) if c is not None)  # type: ignore[index]
     return OmopExport(out, cov, used, mp.local, mp.local_systems)
 
 
-def _procedure(pid_: int, person_id: int, m: Mapped, date: dt.date, when: dt.datetime | None,
-               end: dt.date | None, visit: int | None, source: str | None) -> dict:
-    return {"procedure_occurrence_id": pid_, "person_id": person_id, "procedure_concept_id": m.concept_id,
-            "procedure_date": date, "procedure_datetime": when, "procedure_end_date": end,
-            "procedure_end_datetime": None, "procedure_type_concept_id": EHR, "modifier_concept_id": None,
-            "quantity": None, "provider_id": None, "visit_occurrence_id": visit, "visit_detail_id": None,
-            "procedure_source_value": source, "procedure_source_concept_id": m.source_concept_id,
-            "modifier_source_value": None}
+def _procedure(
+    pid_: int,
+    person_id: int,
+    m: Mapped,
+    date: dt.date,
+    when: dt.datetime | None,
+    end: dt.date | None,
+    visit: int | None,
+    source: str | None,
+) -> dict[Any, Any]:
+    return {
+        "procedure_occurrence_id": pid_,
+        "person_id": person_id,
+        "procedure_concept_id": m.concept_id,
+        "procedure_date": date,
+        "procedure_datetime": when,
+        "procedure_end_date": end,
+        "procedure_end_datetime": None,
+        "procedure_type_concept_id": EHR,
+        "modifier_concept_id": None,
+        "quantity": None,
+        "provider_id": None,
+        "visit_occurrence_id": visit,
+        "visit_detail_id": None,
+        "procedure_source_value": source,
+        "procedure_source_concept_id": m.source_concept_id,
+        "modifier_source_value": None,
+    }
 
 
-def _measurement(mid: int, person_id: int, m: Mapped, date: dt.date, when: dt.datetime | None, value: Any,
-                 value_concept: int | None, unit_concept: int | None, visit: int | None, source: str | None,
-                 unit_source: str | None, value_source: str | None) -> dict:
-    return {"measurement_id": mid, "person_id": person_id, "measurement_concept_id": m.concept_id,
-            "measurement_date": date, "measurement_datetime": when, "measurement_time": None,
-            "measurement_type_concept_id": EHR, "operator_concept_id": None, "value_as_number": value,
-            "value_as_concept_id": value_concept, "unit_concept_id": unit_concept, "range_low": None,
-            "range_high": None, "provider_id": None, "visit_occurrence_id": visit, "visit_detail_id": None,
-            "measurement_source_value": source, "measurement_source_concept_id": m.source_concept_id,
-            "unit_source_value": unit_source, "unit_source_concept_id": None, "value_source_value": value_source,
-            "measurement_event_id": None, "meas_event_field_concept_id": None}
+def _measurement(
+    mid: int,
+    person_id: int,
+    m: Mapped,
+    date: dt.date,
+    when: dt.datetime | None,
+    value: Any,
+    value_concept: int | None,
+    unit_concept: int | None,
+    visit: int | None,
+    source: str | None,
+    unit_source: str | None,
+    value_source: str | None,
+) -> dict[Any, Any]:
+    return {
+        "measurement_id": mid,
+        "person_id": person_id,
+        "measurement_concept_id": m.concept_id,
+        "measurement_date": date,
+        "measurement_datetime": when,
+        "measurement_time": None,
+        "measurement_type_concept_id": EHR,
+        "operator_concept_id": None,
+        "value_as_number": value,
+        "value_as_concept_id": value_concept,
+        "unit_concept_id": unit_concept,
+        "range_low": None,
+        "range_high": None,
+        "provider_id": None,
+        "visit_occurrence_id": visit,
+        "visit_detail_id": None,
+        "measurement_source_value": source,
+        "measurement_source_concept_id": m.source_concept_id,
+        "unit_source_value": unit_source,
+        "unit_source_concept_id": None,
+        "value_source_value": value_source,
+        "measurement_event_id": None,
+        "meas_event_field_concept_id": None,
+    }
 
 
-def vocabulary_rows(vocab: Vocabulary, concept_ids: Iterable[int], local: dict[int, Concept] | None = None,
-                    local_systems: dict[str, str] | None = None) -> dict[str, list[dict]]:
+def vocabulary_rows(
+    vocab: Vocabulary,
+    concept_ids: Iterable[int],
+    local: dict[int, Concept] | None = None,
+    local_systems: dict[str, str] | None = None,
+) -> dict[str, list[dict[Any, Any]]]:
     """CONCEPT rows for every referenced concept id (+ the VOCABULARY, DOMAIN and CONCEPT_CLASS rows
     they refer to; their own ``*_concept_id`` is 0, "No matching concept", as the subset does not
     carry those metadata concepts).  ``local``: the export's site-local concepts, whose VOCABULARY
@@ -521,23 +706,43 @@ def vocabulary_rows(vocab: Vocabulary, concept_ids: Iterable[int], local: dict[i
         concepts.append(c)
     start, end = dt.date(1970, 1, 1), dt.date(2099, 12, 31)
     rows = {
-        "concept": [{"concept_id": c.concept_id, "concept_name": c.name, "domain_id": c.domain,
-                     "vocabulary_id": c.vocabulary, "concept_class_id": c.concept_class,
-                     "standard_concept": c.standard, "concept_code": c.code, "valid_start_date": start,
-                     "valid_end_date": end, "invalid_reason": None} for c in concepts],
-        "vocabulary": [{"vocabulary_id": v, "vocabulary_name": systems.get(v, v), "vocabulary_reference": systems.get(v),
-                        "vocabulary_version": "fedgate local codes" if v in systems else vocab.origin,
-                        "vocabulary_concept_id": 0}
-                       for v in sorted({c.vocabulary for c in concepts})],
-        "domain": [{"domain_id": d, "domain_name": d, "domain_concept_id": 0}
-                   for d in sorted({c.domain for c in concepts})],
-        "concept_class": [{"concept_class_id": k, "concept_class_name": k, "concept_class_concept_id": 0}
-                          for k in sorted({c.concept_class for c in concepts})],
+        "concept": [
+            {
+                "concept_id": c.concept_id,
+                "concept_name": c.name,
+                "domain_id": c.domain,
+                "vocabulary_id": c.vocabulary,
+                "concept_class_id": c.concept_class,
+                "standard_concept": c.standard,
+                "concept_code": c.code,
+                "valid_start_date": start,
+                "valid_end_date": end,
+                "invalid_reason": None,
+            }
+            for c in concepts
+        ],
+        "vocabulary": [
+            {
+                "vocabulary_id": v,
+                "vocabulary_name": systems.get(v, v),
+                "vocabulary_reference": systems.get(v),
+                "vocabulary_version": "fedgate local codes" if v in systems else vocab.origin,
+                "vocabulary_concept_id": 0,
+            }
+            for v in sorted({c.vocabulary for c in concepts})
+        ],
+        "domain": [
+            {"domain_id": d, "domain_name": d, "domain_concept_id": 0} for d in sorted({c.domain for c in concepts})
+        ],
+        "concept_class": [
+            {"concept_class_id": k, "concept_class_name": k, "concept_class_concept_id": 0}
+            for k in sorted({c.concept_class for c in concepts})
+        ],
     }
-    return rows
+    return rows  # type: ignore[return-value]
 
 
-def as_tuples(table: str, rows: list[dict]) -> list[tuple]:
+def as_tuples(table: str, rows: list[dict[Any, Any]]) -> list[tuple[Any, ...]]:
     """Rows in DDL column order, strings cut to their varchar length (the CDM's limits)."""
     cols = ddl_tables()[table]
     out = []

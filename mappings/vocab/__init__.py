@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -155,8 +156,17 @@ class Vocabulary:
 def _read_subset(vocab: Vocabulary, directory: Path) -> None:
     with (directory / "concepts.csv").open(newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
-            vocab.add(Concept(int(r["concept_id"]), r["vocabulary"], r["code"], r["name"], r["domain"],
-                              r["standard"] or None, r.get("concept_class") or DEFAULT_CLASS))
+            vocab.add(
+                Concept(
+                    int(r["concept_id"]),
+                    r["vocabulary"],
+                    r["code"],
+                    r["name"],
+                    r["domain"],
+                    r["standard"] or None,
+                    r.get("concept_class") or DEFAULT_CLASS,
+                )
+            )
     stc = directory / "source_to_concept.csv"
     if stc.exists():
         with stc.open(newline="", encoding="utf-8") as f:
@@ -174,7 +184,17 @@ def load_subset(directory: Path | None = None) -> Vocabulary:
 #: Vocabularies read from an Athena download by default (what fedgate's sources use); a full download
 #: holds millions of concepts, most of them (drugs, claims codes) never referenced by an export.
 ATHENA_VOCABULARIES = frozenset(SYSTEM_TO_VOCAB.values()) | {
-    "Gender", "Race", "Ethnicity", "Visit", "Type Concept", "None", "CDM", "Domain", "Vocabulary", "Concept Class"}
+    "Gender",
+    "Race",
+    "Ethnicity",
+    "Visit",
+    "Type Concept",
+    "None",
+    "CDM",
+    "Domain",
+    "Vocabulary",
+    "Concept Class",
+}
 
 
 def load_athena(directory: Path, vocabularies: frozenset[str] | None = ATHENA_VOCABULARIES) -> Vocabulary:
@@ -194,8 +214,17 @@ def load_athena(directory: Path, vocabularies: frozenset[str] | None = ATHENA_VO
                 continue
             if vocabularies is not None and r["vocabulary_id"] not in vocabularies and r.get("standard_concept") != "S":
                 continue
-            vocab.add(Concept(int(r["concept_id"]), r["vocabulary_id"], r["concept_code"], r["concept_name"],
-                              r["domain_id"], r.get("standard_concept") or None, r.get("concept_class_id") or DEFAULT_CLASS))
+            vocab.add(
+                Concept(
+                    int(r["concept_id"]),
+                    r["vocabulary_id"],
+                    r["concept_code"],
+                    r["concept_name"],
+                    r["domain_id"],
+                    r.get("standard_concept") or None,
+                    r.get("concept_class_id") or DEFAULT_CLASS,
+                )
+            )
     rel_file = directory / "CONCEPT_RELATIONSHIP.csv"
     if rel_file.exists():
         with rel_file.open(newline="", encoding="utf-8") as f:
@@ -222,10 +251,10 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
 class Coverage:
     """Mapping coverage: per (table, vocabulary) mapped/unmapped counts and the top unmapped codes."""
 
-    mapped: Counter = field(default_factory=Counter)
-    unmapped: Counter = field(default_factory=Counter)
-    unmapped_codes: dict[tuple[str, str], Counter] = field(default_factory=dict)
-    skipped: Counter = field(default_factory=Counter)
+    mapped: Counter[Any] = field(default_factory=Counter)
+    unmapped: Counter[Any] = field(default_factory=Counter)
+    unmapped_codes: dict[tuple[str, str], Counter[Any]] = field(default_factory=dict)
+    skipped: Counter[Any] = field(default_factory=Counter)
 
     def note(self, table: str, vocabulary: str | None, code: str | None, concept_id: int) -> None:
         key = (table, vocabulary or "(none)")
@@ -238,16 +267,29 @@ class Coverage:
     def skip(self, table: str, reason: str) -> None:
         self.skipped[(table, reason)] += 1
 
-    def report(self, top: int = 10) -> dict:
+    def report(self, top: int = 10) -> dict[Any, Any]:
         keys = sorted(set(self.mapped) | set(self.unmapped))
         rows = []
         for table, voc in keys:
             m, u = self.mapped[(table, voc)], self.unmapped[(table, voc)]
-            rows.append({"table": table, "vocabulary": voc, "mapped": m, "unmapped": u,
-                         "coverage": round(m / (m + u), 4) if m + u else None,
-                         "top_unmapped": [{"code": c, "count": n}
-                                          for c, n in self.unmapped_codes.get((table, voc), Counter()).most_common(top)]})
+            rows.append(
+                {
+                    "table": table,
+                    "vocabulary": voc,
+                    "mapped": m,
+                    "unmapped": u,
+                    "coverage": round(m / (m + u), 4) if m + u else None,
+                    "top_unmapped": [
+                        {"code": c, "count": n}
+                        for c, n in self.unmapped_codes.get((table, voc), Counter()).most_common(top)
+                    ],
+                }
+            )
         total_m, total_u = sum(self.mapped.values()), sum(self.unmapped.values())
-        return {"by_table_vocabulary": rows, "mapped": total_m, "unmapped": total_u,
-                "coverage": round(total_m / (total_m + total_u), 4) if total_m + total_u else None,
-                "skipped": [{"table": t, "reason": r, "count": n} for (t, r), n in sorted(self.skipped.items())]}
+        return {
+            "by_table_vocabulary": rows,
+            "mapped": total_m,
+            "unmapped": total_u,
+            "coverage": round(total_m / (total_m + total_u), 4) if total_m + total_u else None,
+            "skipped": [{"table": t, "reason": r, "count": n} for (t, r), n in sorted(self.skipped.items())],
+        }

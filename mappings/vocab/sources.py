@@ -25,6 +25,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mappings.vocab import VOCAB_TO_SYSTEM
 
@@ -85,9 +86,15 @@ def _tsv(lines: Iterable[str], source: str, required: tuple[str, ...]) -> Iterat
     yield from reader
 
 
-def athena_release(concepts: Iterable[str], relationships: Iterable[str] | None,
-                   ancestors: Iterable[str] | None, *, release: str = "", name: str = "athena",
-                   vocabularies: frozenset[str] | None = None) -> Parsed:
+def athena_release(
+    concepts: Iterable[str],
+    relationships: Iterable[str] | None,
+    ancestors: Iterable[str] | None,
+    *,
+    release: str = "",
+    name: str = "athena",
+    vocabularies: frozenset[str] | None = None,
+) -> Parsed:
     """An Athena download; ``vocabularies`` keeps only those vocabulary ids (None: all).
 
     ``ancestors`` (CONCEPT_ANCESTOR) is consumed lazily by :attr:`Parsed.closure`, so a file of
@@ -108,9 +115,11 @@ def athena_release(concepts: Iterable[str], relationships: Iterable[str] | None,
         by_id[cid] = (system, r["concept_code"])
         out.concepts.append((system, r["concept_code"], r.get("concept_name") or None, cid, voc))
     if ancestors is not None:
+
         def rows() -> Iterator[tuple[str, str, str, int]]:
-            for n, r in enumerate(_tsv(ancestors, "CONCEPT_ANCESTOR.csv",
-                                       ("ancestor_concept_id", "descendant_concept_id")), 2):
+            for n, r in enumerate(
+                _tsv(ancestors, "CONCEPT_ANCESTOR.csv", ("ancestor_concept_id", "descendant_concept_id")), 2
+            ):
                 try:
                     a, d = by_id.get(int(r["ancestor_concept_id"])), by_id.get(int(r["descendant_concept_id"]))
                     levels = int(r.get("min_levels_of_separation") or 1)
@@ -119,6 +128,7 @@ def athena_release(concepts: Iterable[str], relationships: Iterable[str] | None,
                 if a is None or d is None or levels <= 0 or a[0] != d[0] or a == d:
                     continue
                 yield a[0], a[1], d[1], levels
+
         out.closure = rows()
     elif relationships is not None:
         for r in _tsv(relationships, "CONCEPT_RELATIONSHIP.csv", ("concept_id_1", "concept_id_2", "relationship_id")):
@@ -140,15 +150,16 @@ def obo_system(ontology: str) -> str:
     return f"{OBO_PURL}{ontology.strip().lower()}.owl"
 
 
-def obo_release(lines: Iterable[str], *, source: str = "<obo>", name: str | None = None,
-                release: str | None = None) -> Parsed:
+def obo_release(
+    lines: Iterable[str], *, source: str = "<obo>", name: str | None = None, release: str | None = None
+) -> Parsed:
     """An OBO 1.4 file: ``[Term]`` ids, names, ``is_a`` parents; obsolete terms are left out (and are
     never ancestors).  The header's ``ontology`` names the system, ``data-version`` the release."""
     from ontologies.terms import TermError, normalize_curie
 
     header: dict[str, str] = {}
-    terms: dict[str, dict] = {}
-    current: dict | None = None
+    terms: dict[str, dict[Any, Any]] = {}
+    current: dict[Any, Any] | None = None
     in_term = False
     seen_stanza = False
     for number, raw in enumerate(lines, start=1):
@@ -200,7 +211,7 @@ def obo_release(lines: Iterable[str], *, source: str = "<obo>", name: str | None
     return out
 
 
-def owl_release(graph, *, source: str = "<owl>", name: str | None = None, release: str | None = None) -> Parsed:
+def owl_release(graph: Any, *, source: str = "<owl>", name: str | None = None, release: str | None = None) -> Parsed:
     """An OWL ontology already parsed by rdflib (``rdfs:subClassOf`` between named classes)."""
     from ontologies.duo_graph import read_class_graph
 
@@ -232,8 +243,9 @@ def codesystem_release(doc: object, *, source: str = "<CodeSystem>") -> Parsed:
     url = doc.get("url")
     if not isinstance(url, str) or not url:
         raise VocabFormatError(f"{source}: CodeSystem.url is required")
-    out = Parsed(name=str(doc.get("name") or doc.get("id") or url), release=str(doc.get("version") or ""),
-                 fmt="fhir-codesystem")
+    out = Parsed(
+        name=str(doc.get("name") or doc.get("id") or url), release=str(doc.get("version") or ""), fmt="fhir-codesystem"
+    )
 
     def walk(items: object, parent: str | None, path: str) -> None:
         if items is None:
@@ -245,11 +257,17 @@ def codesystem_release(doc: object, *, source: str = "<CodeSystem>") -> Parsed:
             if not isinstance(c, dict) or not isinstance(c.get("code"), str) or not c["code"]:
                 raise VocabFormatError(f"{source}: {where}.code is required")
             code = c["code"]
-            out.concepts.append((url, code, c.get("display") if isinstance(c.get("display"), str) else None, None, None))
+            out.concepts.append(
+                (url, code, c.get("display") if isinstance(c.get("display"), str) else None, None, None)
+            )
             if parent is not None:
                 out.parents.setdefault((url, code), set()).add(parent)
             for p in c.get("property") or ():
-                if isinstance(p, dict) and p.get("code") in ("parent", "subsumedBy") and isinstance(p.get("valueCode"), str):
+                if (
+                    isinstance(p, dict)
+                    and p.get("code") in ("parent", "subsumedBy")
+                    and isinstance(p.get("valueCode"), str)
+                ):
                     out.parents.setdefault((url, code), set()).add(p["valueCode"])
             walk(c.get("concept"), code, f"{where}.concept")
 
@@ -264,5 +282,14 @@ def codesystem_release(doc: object, *, source: str = "<CodeSystem>") -> Parsed:
     return out
 
 
-__all__ = ["Parsed", "VocabFormatError", "closure_rows", "athena_release", "obo_release", "owl_release",
-           "codesystem_release", "obo_system", "OBO_PURL"]
+__all__ = [
+    "Parsed",
+    "VocabFormatError",
+    "closure_rows",
+    "athena_release",
+    "obo_release",
+    "owl_release",
+    "codesystem_release",
+    "obo_system",
+    "OBO_PURL",
+]

@@ -1,6 +1,6 @@
 """An independent, plain-Python evaluator of cohort definitions over generated rows (test oracle).
 
-It shares no code with ``mappings.cohort.compiler``: it walks the JSON document itself and the row
+It shares no code with ``gateway.store.cohort``: it walks the JSON document itself and the row
 dicts produced by :func:`gateway.services.federation_synth.generate`.
 """
 

@@ -4,7 +4,6 @@ only; `fedgate audit verify` detects a modified or deleted row and names it."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -18,14 +17,14 @@ from gateway.services.consent import ConsentGate
 from gateway.store.audit_schema import audit_event
 from gateway.store.db import Database
 from tests.conftest import Gateway
+from tests.procs import FEDGATE, REPO
 
-FEDGATE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "fedgate"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 
 def _verify(settings) -> subprocess.CompletedProcess:
-    return subprocess.run([str(FEDGATE), "audit", "verify", "--data-dir", str(settings.data_dir),
-                           "--database-url", settings.database_url], check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*FEDGATE, "audit", "verify", "--data-dir", str(settings.data_dir),
+                           "--database-url", settings.database_url], cwd=REPO, check=False, capture_output=True, text=True, timeout=120)
 
 
 async def test_accesses_are_audited_chained_and_admin_searchable(settings):

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import jwt
@@ -20,8 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway import keys
 from gateway.app import create_app
 from tests.conftest import Gateway, make_settings, start_gateway
-
-FEDGATE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "fedgate"
+from tests.procs import FEDGATE, REPO
 
 
 def _claims(settings, **over):
@@ -112,7 +110,7 @@ def _sample_url(resource) -> str | None:
         parts = {n: candidates[0] if "type" in n else candidates[min(1 + k, 4)] for k, n in enumerate(names)}
         for fill in (parts, {n: c for n, c in zip(names, candidates * 3)}):
             path = formatter.format(**fill)
-            if resource._match(path) is not None:  # noqa: SLF001 - aiohttp resources expose no public matcher
+            if resource._match(path) is not None:  # aiohttp resources expose no public matcher
                 return path
     return None
 
@@ -186,9 +184,9 @@ async def test_rs256_es256_with_jwks_file_and_url(tmp_path, db_url, keypairs):
 
 def test_fedgate_token_cli_is_accepted_by_the_gateway_for_that_data_dir(tmp_path):
     data = tmp_path / "d"
-    done = subprocess.run([str(FEDGATE), "token", "--data-dir", str(data), "--role", "analyst",
+    done = subprocess.run([*FEDGATE, "token", "--data-dir", str(data), "--role", "analyst",
                            "--purpose", "DUO:0000040 MONDO:0005105", "--attr", "irb_approved=true",
-                           "--attr", "location=DE"], check=False, capture_output=True, text=True, timeout=60)
+                           "--attr", "location=DE"], cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     from gateway.auth import TokenVerifier
     from gateway.settings import load_settings
@@ -198,6 +196,6 @@ def test_fedgate_token_cli_is_accepted_by_the_gateway_for_that_data_dir(tmp_path
     assert who.roles == {"analyst"} and who.purpose.codes == ("DUO:0000040",)
     assert who.purpose.diseases == ("MONDO:0005105",)
     assert who.attributes == {"irb_approved": True, "location": "DE"}
-    bad = subprocess.run([str(FEDGATE), "token", "--data-dir", str(data), "--role", "root"], check=False,
+    bad = subprocess.run([*FEDGATE, "token", "--data-dir", str(data), "--role", "root"], cwd=REPO, check=False,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown role" in bad.stderr

@@ -229,7 +229,7 @@ async def test_a_job_whose_server_died_resumes_in_the_next_one(tmp_path, db_url)
             await _load(a, http)
             c = BulkClient(http, a.fhir, a.token("clinician"))
             url = await c.kickoff("$export", [("_type", "Patient,Observation")])
-        svc = a.app[keys.SERVICES]["bulk_export"]
+        svc = a.app[keys.BULK_EXPORT]
         saves = 0
         real_save = svc._save
 
@@ -292,7 +292,7 @@ async def test_deidentified_exports_and_expiry(tmp_path, db_url):
             job = url.rsplit("/", 1)[1]
             async with gw.app[keys.DB].write() as conn:
                 await conn.execute(update(bulk_job).where(bulk_job.c.job_id == job).values(expires_ts=time.time() - 1))
-            await gw.app[keys.SERVICES]["bulk_export"].expire()
+            await gw.app[keys.BULK_EXPORT].expire()
             assert not (gw.settings.data_dir / "bulk" / job).exists()
             with pytest.raises(BulkError) as e:
                 await ana.poll(url)

@@ -11,7 +11,8 @@ from gateway.services.federation_synth import DEMO_SITES, generate, load, profil
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
 from gateway.store.scope import AccessScope
-from mappings.cohort import compile_cohort, parse
+from gateway.store.cohort import compile_cohort
+from mappings.cohort import parse
 from gateway.vocab_cli import load_demo
 from tests.integration.federation_ref import COHORTS, Oracle
 from tests.vocab_ref import expand_codes

@@ -11,7 +11,7 @@ from sqlalchemy import insert
 from gateway import keys
 from gateway.store import schema as s
 from gateway.store.dicom_schema import dcm_series, dcm_study
-from mappings.cohort.compiler import compile_cohort
+from gateway.store.cohort import compile_cohort
 from mappings.cohort.language import parse
 from mappings.omop.importer import imaging_series_rows, imaging_rows
 from mappings.vocab import load_subset

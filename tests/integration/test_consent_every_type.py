@@ -16,7 +16,7 @@ import time
 import aiohttp
 
 from tests.fhir_synth import minimal, patient_paths, resource_types, with_reference
-from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient, site  # noqa: F401 (fixture)
+from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient, site  # (fixture)
 
 SEED = 19
 BUDGET_S = 20.0

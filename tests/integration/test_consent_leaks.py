@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Gateway
-from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient, site  # noqa: F401 (fixture)
+from tests.integration.test_consent_enforcement import FHIR_JSON, consent, patient, site  # (fixture)
 
 GRU = {"codes": ["DUO:0000042"]}
 IDENT = "urn:fedgate:test"

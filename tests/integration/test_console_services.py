@@ -64,7 +64,7 @@ def _who(role: str, purpose: Purpose = TREATMENT) -> Requester:
 
 async def test_consent_matrix_withdrawals_and_decision(site):
     gw, _ = site
-    report = gw.app[keys.SERVICES]["consent.report"]
+    report = gw.app[keys.CONSENT_REPORT]
     m = await report.matrix(_who("admin"))
     labels = [p["label"] for p in m["purposes"]]
     gru, hmb, ds = labels.index("General research (GRU)"), labels.index("Health/medical/biomedical (HMB)"), \

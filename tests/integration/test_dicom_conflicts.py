@@ -19,7 +19,7 @@ import aiohttp
 
 from gateway.cli import main as cli_main
 from tests.dicom_synth import ct_series, stow_body
-from tests.integration.test_consent_enforcement import FHIR_JSON, _load, site  # noqa: F401 (fixture)
+from tests.integration.test_consent_enforcement import FHIR_JSON, _load, site  # (fixture)
 
 BOUNDARY = "fedgateCONFLICTboundary"
 DICOM_MP = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -54,7 +54,7 @@ async def _get(http, url, headers, **params):
         return r.status, dict(r.headers), body
 
 
-async def test_two_patient_studies_answer_research_from_permitted_instances_only(site, tmp_path):  # noqa: F811
+async def test_two_patient_studies_answer_research_from_permitted_instances_only(site, tmp_path):
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)

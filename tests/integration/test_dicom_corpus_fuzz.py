@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from gateway import keys
 from gateway.store.dicom_schema import dcm_instance
 from tests import dicom_odd as odd
-from tests.conftest import data_path  # noqa: F401  (the repo's shared-data helper; unused here)
+from tests.conftest import data_path  # (the repo's shared-data helper; unused here)
 from tests.dicom_synth import ct_series, stow_body, to_bytes
 
 BOUNDARY = "fedgateCORPUSboundary"

@@ -20,10 +20,9 @@ from aiohttp.test_utils import TestServer
 from pydicom.fileset import FileSet
 
 from gateway import keys
-from gateway.app import DEID, create_app
+from gateway.app import create_app
 from gateway.cli import main as cli_main
 from gateway.context import Purpose, Requester
-from gateway.handlers.dicom_export import EXPORT
 from gateway.services.dicom_export import ExportTarget
 from gateway.services.consent import ConsentGate
 from tests.conftest import Gateway, data_path, make_settings
@@ -99,8 +98,8 @@ async def test_cohort_export_is_consented_deidentified_and_resolvable(site, tmp_
                              headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
             assert r.status == 200, await r.text()
     studies = sorted({d.StudyInstanceUID for d in permitted + burned + refused})
-    svc = gw.app[keys.SERVICES][EXPORT]
-    deid = gw.app[keys.SERVICES][DEID]
+    svc = gw.app[keys.DICOM_EXPORT]
+    deid = gw.app[keys.DEID]
 
     # the analyst, through the CLI (same wiring, progress bar on stderr)
     toml = tmp_path / "site.toml"
@@ -206,7 +205,7 @@ async def test_wado_answers_research_roles_deidentified(deid_site):
             assert r.status == 200, await r.text()
         analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})
         clinician = gw.headers("clinician")
-        deid = gw.app[keys.SERVICES][DEID]
+        deid = gw.app[keys.DEID]
         k = deid.keys_for(ANALYST)
         ct = permitted[0]
         st = ct.StudyInstanceUID

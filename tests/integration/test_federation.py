@@ -13,12 +13,14 @@ import time
 import aiohttp
 import jwt
 import pytest
+import pytest_asyncio
 
 from gateway.auth import issue_dev_token
 from gateway.services.federation import SiteService, age_band, age_on, sign_hub_token
 from gateway.services.federation_synth import DEMO_SITES, profile_keys
 from tests.vocab_ref import expand_codes
 from mappings.cohort.disclosure import CellKeys, Disclosure
+from tests.conftest import ENGINES, PG_ADMIN, create_pg_database, drop_pg_database
 from tests.integration.federation_fixtures import ALLOWED, Silent, hub_key_pem, start_hub, start_site
 from tests.integration.federation_ref import COHORTS, Oracle
 
@@ -26,9 +28,29 @@ AGE_AT = "2025-01-01"
 PURPOSE = {"codes": ["DUO:0000006"]}  # HMB → GRU, HMB and NRES profiles eligible (real DUO gate)
 N = {"site-a": 220, "site-b": 160, "site-c": 120}
 
+# The hub and its three loaded sites are built once per engine and shared by the tests (they only query);
+# all run in the module's event loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture
-async def federation(tmp_path, db_url):
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
+async def federation(request, tmp_path_factory):
+    """site-c's store on the engine of this parameter (the other stores SQLite)."""
+    tmp_path = tmp_path_factory.mktemp("federation")
+    if request.param == "sqlite":
+        db_url, pg = f"sqlite:///{tmp_path / 'fedgate.db'}", None
+    else:
+        pg = await create_pg_database()
+        db_url = f"{PG_ADMIN}/{pg}"
+    try:
+        async for network in _network(tmp_path, db_url):
+            yield network
+    finally:
+        if pg is not None:
+            await drop_pg_database(pg)
+
+
+async def _network(tmp_path, db_url):
     priv, pub = hub_key_pem(tmp_path)
     sites = []
     for profile in DEMO_SITES:

@@ -13,7 +13,7 @@ import aiohttp
 import jwt
 
 from gateway.auth import smart_roles
-from tests.integration.test_consent_enforcement import ALL, FHIR_JSON, PURPOSES, _load, _pid, site  # noqa: F401
+from tests.integration.test_consent_enforcement import ALL, FHIR_JSON, PURPOSES, _load, _pid, site
 
 PATCH_JSON = {"Content-Type": "application/json-patch+json"}
 
@@ -50,7 +50,7 @@ async def _seen(gw, http, headers) -> dict[str, set]:
     return out
 
 
-async def test_new_routes_return_exactly_the_permitted_patients(site):  # noqa: F811
+async def test_new_routes_return_exactly_the_permitted_patients(site):
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)
@@ -86,7 +86,7 @@ async def test_new_routes_return_exactly_the_permitted_patients(site):  # noqa: 
         assert sorted(r["id"] for r in _res(b)) == ["o-p-gru-1", "o-p-gru-2"]
 
 
-async def test_patch(site):  # noqa: F811
+async def test_patch(site):
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)
@@ -150,7 +150,7 @@ def test_smart_scope_mapping():
         assert smart_roles(scope) == (frozenset(), False), scope
 
 
-async def test_smart_configuration_and_scoped_tokens(site):  # noqa: F811
+async def test_smart_configuration_and_scoped_tokens(site):
     gw = site
     async with aiohttp.ClientSession() as http:
         await _load(gw, http)

@@ -324,7 +324,7 @@ async def test_research_job_sends_only_consented_series(tmp_path, db_url, sessio
                                  json={**body, "study": series["p-gru"][0].StudyInstanceUID}, headers=h) as r:
                 assert r.status == 202
                 jobs.append((await r.json())["jobs"][0]["id"])
-        svc = gw.app[keys.SERVICES]["inference"]
+        svc = gw.app[keys.INFERENCE]
         assert await svc.run_once()
         async with session.delete(f"{gw.fhir}/Consent/c-p-gru", headers=gw.headers()) as r:
             assert r.status in (200, 204)

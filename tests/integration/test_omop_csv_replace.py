@@ -4,15 +4,14 @@ command works); a folder holding anything else is never emptied."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-FEDGATE = str(Path(sys.executable).with_name("fedgate"))
+from tests.procs import FEDGATE, REPO
 
 
 def _export(tmp_path: Path, target: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([FEDGATE, "omop", "export", "--data-dir", str(tmp_path / "data"), "--purpose",
-                           "DUO:0000042", "--csv", str(target), *extra], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*FEDGATE, "omop", "export", "--data-dir", str(tmp_path / "data"), "--purpose",
+                           "DUO:0000042", "--csv", str(target), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_replace_only_an_earlier_export(tmp_path):

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from gateway import keys
 from gateway.store import schema as s
-from mappings.cohort.compiler import compile_cohort
+from gateway.store.cohort import compile_cohort
 from mappings.cohort.language import parse
 from tests.conftest import drop_pg_database
-from tests.integration.test_omop import (  # noqa: F401 - omop_pg is a fixture
+from tests.integration.test_omop import (  # omop_pg is a fixture
     FEDERATED_COHORTS,
     PURPOSE,
     _load_synthea,

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -33,9 +32,8 @@ from schemathesis.checks import (allow_header_conformance, content_type_conforma
                                  status_code_conformance)
 
 from gateway.handlers.health import OPENAPI_PATH
-from tests.procs import free_port
+from tests.procs import FEDGATE, REPO, free_port
 
-FEDGATE = str(Path(sys.executable).with_name("fedgate"))
 EXAMPLES = int(os.environ.get("FEDGATE_SCHEMATHESIS_EXAMPLES", "4"))
 ROLES = ["admin", "ehr-system", "pacs", "clinician", "analyst", "site", None]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -52,7 +50,7 @@ schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 def server():
     tmp = Path(tempfile.mkdtemp(prefix="fedgate-schemathesis-"))
     port = free_port()
-    proc = subprocess.Popen([FEDGATE, "serve", "--data-dir", str(tmp), "--port", str(port)],
+    proc = subprocess.Popen([*FEDGATE, "serve", "--data-dir", str(tmp), "--port", str(port)], cwd=REPO,
                             env=dict(os.environ, FEDGATE_LOG_LEVEL="WARNING"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -69,7 +67,7 @@ def server():
                 pass
             assert time.monotonic() < deadline, "fedgate serve not ready"
             time.sleep(0.2)
-        tokens = {role: subprocess.check_output([FEDGATE, "token", "--data-dir", str(tmp), "--role", role],
+        tokens = {role: subprocess.check_output([*FEDGATE, "token", "--data-dir", str(tmp), "--role", role], cwd=REPO,
                                                 text=True).strip() for role in ROLES if role}
         yield url, tokens, itertools.cycle(ROLES)
     finally:

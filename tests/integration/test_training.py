@@ -18,12 +18,13 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+import pytest_asyncio
 import torch
 from dicomweb_client.api import DICOMwebClient
 
 from gateway.services.federation import sign_hub_token
 from inference import fl
-from tests.conftest import make_settings, start_gateway
+from tests.conftest import ENGINES, PG_ADMIN, create_pg_database, drop_pg_database, make_settings, start_gateway
 from tests.integration.federation_fixtures import hub_key_pem, site_federation, start_gateway_process, start_hub
 from tests.training_data import KINDS, LESION, auroc, pooled_test_set, site_population, slice_and_mask, window01
 
@@ -33,6 +34,11 @@ SITES = ("site-a", "site-b", "site-c")
 COHORT = {"imaging": {"modality": "CT"}}
 LABEL = {"condition": {"code": f"{LESION['system']}|{LESION['code']}"}}
 FAST = {"optimizer": {"name": "adam", "lr": 0.01, "batch_size": 16}, "min_cohort": 10, "test_fraction": 0.3}
+
+# The network of a hub and three loaded sites is built once per engine and shared by the tests that only
+# add runs to it (every test starts its own runs and reads only those); a test that changes the sites'
+# data (a consent withdrawn) gets a network of its own.  All run in the module's event loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 async def _site(tmp_path, db_url, name, kind, pub, **training):
@@ -55,8 +61,7 @@ async def _load(gw, name, kind):
     return labels
 
 
-@pytest.fixture
-async def net(tmp_path, db_url):
+async def _network(tmp_path, db_url):
     priv, pub = hub_key_pem(tmp_path)
     sites = {}
     for name, kind in zip(SITES, KINDS):
@@ -69,6 +74,30 @@ async def net(tmp_path, db_url):
     await hub.server.close()
     for gw, _ in sites.values():
         await gw.server.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
+async def net(request, tmp_path_factory):
+    """The shared network; site-c's store on the engine of this parameter (the other stores SQLite)."""
+    tmp_path = tmp_path_factory.mktemp("net")
+    if request.param == "sqlite":
+        db_url, pg = f"sqlite:///{tmp_path / 'fedgate.db'}", None
+    else:
+        pg = await create_pg_database()
+        db_url = f"{PG_ADMIN}/{pg}"
+    try:
+        async for network in _network(tmp_path, db_url):
+            yield network
+    finally:
+        if pg is not None:
+            await drop_pg_database(pg)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fresh_net(tmp_path, db_url):
+    """A network of its own, for a test that changes the sites' data."""
+    async for network in _network(tmp_path, db_url):
+        yield network
 
 
 def analyst(gw, purpose=PURPOSE, role="analyst"):
@@ -242,7 +271,8 @@ async def test_a_site_killed_mid_run_leaves_a_quorum(net, tmp_path):
     assert all(r["sites"]["site-p"]["status"] in ("error", "timeout") for r in later)
 
 
-async def test_consent_withdrawn_between_rounds_is_excluded_next_round(net):
+async def test_consent_withdrawn_between_rounds_is_excluded_next_round(fresh_net):
+    net = fresh_net
     gw, labels = net["sites"]["site-a"]
     withdrawn = sorted(labels)[3]
     run_id = await start(net, rounds=5, local_epochs=2, min_sites=3)
@@ -293,7 +323,7 @@ async def test_secure_aggregation_and_dp_runs_and_accounts(net):
             assert r["sites"][s]["status"] == "ok" and r["sites"][s]["update_norm"] > 0
 
 
-async def test_bad_requests_refusals_and_policy(net, tmp_path, db_url):
+async def test_bad_requests_refusals_and_policy(net, tmp_path):
     hub, http = net["hub"], net["http"]
     base = {"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL}
     cases = [
@@ -307,13 +337,15 @@ async def test_bad_requests_refusals_and_policy(net, tmp_path, db_url):
         (base, analyst(hub, purpose="treatment"), 403, "research purpose"),
         (base, {}, 401, "token"),
     ]
+    async with http.get(hub.url + "/training/runs", headers=analyst(hub)) as r:
+        before = [run["id"] for run in (await r.json())["runs"]]  # the runs of the tests before this one (the network is shared)
     for body, headers, status, word in cases:
         async with http.post(hub.url + "/training/runs", json=body, headers=headers) as r:
             text = await r.text()
             assert r.status == status, (body, text)
             assert r.content_type == "application/problem+json" and word in text, text
     async with http.get(hub.url + "/training/runs", headers=analyst(hub)) as r:
-        assert (await r.json())["runs"] == []  # nothing was started
+        assert [run["id"] for run in (await r.json())["runs"]] == before  # nothing was started
     # a site refuses a forged hub token (401) before doing anything
     gw, _ = net["sites"]["site-a"]
     raw = orjson.dumps({"run_id": "x", "round": 1})

@@ -15,7 +15,7 @@ from gateway.services.federation_synth import DEMO_SITES, generate, load
 from gateway.services.vocab import load_path
 from gateway.store import open_database
 from gateway.store.vocab_schema import list_releases
-from mappings.cohort.compiler import compile_cohort
+from gateway.store.cohort import compile_cohort
 from mappings.cohort.language import parse
 from tests.conftest import make_settings, start_gateway
 from tests.integration.federation_ref import Oracle

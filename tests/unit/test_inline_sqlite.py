@@ -1,4 +1,4 @@
-"""Database.write(inline=True) (issue #3) shadows aiosqlite's private ``Connection._execute`` for the length
+"""Database.write(inline=True) shadows aiosqlite's private ``Connection._execute`` for the length
 of a STOW index transaction; this pins down what that relies on, so an aiosqlite upgrade that changes it
 fails here rather than in production."""
 
@@ -10,7 +10,19 @@ import threading
 import aiosqlite
 from sqlalchemy import text
 
-from gateway.store.db import Database
+from gateway.store.db import INLINE_AIOSQLITE, INLINE_OK, Database, aiosqlite_release
+
+
+def test_the_installed_aiosqlite_is_one_the_inline_path_was_checked_against():
+    """A new aiosqlite release fails here, loudly: the inline path would silently be off (INLINE_OK false)
+    until ``Connection._execute`` and ``Connection._conn`` are read again and the release is added to
+    ``gateway.store.db.INLINE_AIOSQLITE``."""
+    release = aiosqlite_release()
+    assert release in INLINE_AIOSQLITE, (
+        f"aiosqlite {aiosqlite.__version__} is not among the releases Database.write(inline=True) was checked "
+        f"against ({sorted(INLINE_AIOSQLITE)}): re-check Connection._execute/_conn, then add it to INLINE_AIOSQLITE")
+    assert INLINE_OK
+    assert hasattr(aiosqlite.Connection, "_execute")
 
 
 def test_aiosqlite_execute_is_the_one_hand_over_we_shadow():

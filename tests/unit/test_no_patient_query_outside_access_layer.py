@@ -31,8 +31,6 @@ REMAINING = {
     "gateway/services/federation.py": "site series/stat reads over the gated cohort's patient ids",
     "gateway/services/inference.py": "job series/instance selection gated by access.where",
     "gateway/services/training.py": "training data selection gated by access.where and the gated cohort",
-    "mappings/cohort/compiler.py": "cohort SQL builder; always intersected with the scope it is given",
-    "mappings/dicom/qido.py": "QIDO SQL builder; the scope's row clause is applied by statements()",
 }
 
 

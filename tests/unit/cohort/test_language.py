@@ -38,7 +38,7 @@ def test_errors_name_the_field(doc, field):
 
 
 def test_within_must_refer_to_an_event_criterion():
-    from mappings.cohort import compile_cohort
+    from gateway.store.cohort import compile_cohort
 
     doc = {"all": [{"id": "s", "sex": "female"}, {"condition": {"code": "a|b", "within": {"of": "s", "max_days": 1}}}]}
     with pytest.raises(CohortError) as err:

@@ -1,4 +1,4 @@
-"""The STOW-RS multipart/related splitter (gateway/handlers/dicomweb.py:_MultipartStream): parts come out byte
+"""The STOW-RS multipart/related splitter (gateway/handlers/stow_body.py:_MultipartStream): parts come out byte
 for byte whatever the block sizes the network delivers, with preamble, epilogue, transport padding, parts
 without headers and data that looks like the start of a delimiter; malformed bodies → BadRequest."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.handlers import dicomweb as handlers
-from gateway.handlers.dicomweb import _MultipartStream, _PartWriter, _part_type
+from gateway.handlers import stow_body as handlers
+from gateway.handlers.stow_body import _MultipartStream, _PartWriter, _part_type
 
 B = b"fedgate-boundary-0123"
 

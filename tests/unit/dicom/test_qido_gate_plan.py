@@ -14,6 +14,7 @@ from sqlalchemy.dialects import sqlite
 from gateway.store.consent_schema import DICOM_CONSENT_INDEXES
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
+from gateway.store import qido as qido_sql
 from mappings.dicom.qido import QidoQuery
 
 KEYS = [f"profile-{i}" for i in range(12)]
@@ -60,7 +61,7 @@ def _sql(stmt) -> str:
 @pytest.mark.parametrize("level", ["studies", "series", "instances"])
 def test_gated_total_seeks_the_levels_consent_index(store, level):
     eng, _, _ = store
-    _, count = QidoQuery.parse(level, [("limit", "5")], base="b").statements(level, GATED)
+    _, count = qido_sql.statements(QidoQuery.parse(level, [("limit", "5")], base="b"), level, GATED)
     with eng.connect() as conn:
         plan = [r[3] for r in conn.execute(text("EXPLAIN QUERY PLAN " + _sql(count)))]
     table = {"studies": "dcm_study", "series": "dcm_series", "instances": "dcm_instance"}[level]
@@ -86,7 +87,7 @@ def test_totals_are_exactly_the_visible_matches(store, level, pairs, study, seri
     eng, studies, visible = store
     scope = GATED if gated else AccessScope()
     q = QidoQuery.parse(level, pairs + [("limit", "3")], base="b", study_uid=study, series_uid=series)
-    page, count = q.statements(level, scope)
+    page, count = qido_sql.statements(q, level, scope)
     per = {"studies": 1, "series": 1, "instances": 2}[level]
     expected = sum(per for uid, st in studies.items() for se in (f"{uid}.0", f"{uid}.1")[:1 if level == "studies" else 2]
                    if (uid in visible or not gated) and want(st, se))

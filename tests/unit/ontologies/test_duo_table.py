@@ -1,7 +1,7 @@
 """A hand-written table of consent × purpose × requester cases, each decision taken from the rules
 in ../shared/docs/DUO.md ("Matching semantics a data-access gateway must implement") and cited per
 row.  Every row is driven twice: through the library (ConsentProfile/ResearchPurpose/Requester +
-evaluate) and through the real CLI (`.venv/bin/fedgate consent evaluate`, JSON Lines in, one
+evaluate) and through the real CLI (`python -m gateway consent evaluate`, JSON Lines in, one
 decision per line out).  Expectations are NOT produced by the evaluator.
 """
 
@@ -30,7 +30,7 @@ DATA = Path(__file__).parent / "data"
 OBO = DATA / "mini_mondo.obo"
 OWL = DATA / "mini_disease.owl"
 ROOT = Path(__file__).resolve().parents[3]
-FEDGATE = ROOT / ".venv" / "bin" / "fedgate"
+FEDGATE = [sys.executable, "-m", "gateway"]  # run with cwd=ROOT: this checkout's gateway
 TODAY = "2026-01-15"
 
 P, D, I = "permit", "deny", "indeterminate"
@@ -301,7 +301,7 @@ def test_library(duo, record, expected, onto, rule):
 
 
 def _run_cli(lines, onto):
-    cmd = [str(FEDGATE), "consent", "evaluate"]
+    cmd = [*FEDGATE, "consent", "evaluate"]
     if onto:
         cmd += ["--disease-ontology", str(OBO if onto == "obo" else OWL)]
     done = subprocess.run(cmd, input="\n".join(lines) + "\n", check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -328,12 +328,12 @@ def test_cli_single_object_and_malformed_line():
     """One pretty-printed object → one decision; a malformed JSON Lines line → an indeterminate line
     naming the line, the others still evaluated, exit status 2."""
     record = CASES[0].values[0]
-    done = subprocess.run([str(FEDGATE), "consent", "evaluate"], input=json.dumps(record, indent=2),
+    done = subprocess.run([*FEDGATE, "consent", "evaluate"], cwd=ROOT, input=json.dumps(record, indent=2),
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [json.loads(x)["decision"] for x in done.stdout.splitlines()] == ["permit"]
     bad = json.dumps({"consent": {"modifiers": []}, "purpose": {"codes": [BIOMED]}})
-    done = subprocess.run([str(FEDGATE), "consent", "evaluate"],
+    done = subprocess.run([*FEDGATE, "consent", "evaluate"], cwd=ROOT,
                           input="\n".join([json.dumps(record), "{not json", bad, json.dumps(record)]) + "\n",
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from sqlalchemy import Float, Select, and_, cast, false, func, literal, not_, null, or_, select, true, union_all
 from sqlalchemy.ext.compiler import compiles
@@ -21,11 +20,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from gateway.store.schema import cm_condition, cm_observation, cm_patient, cm_procedure
 from gateway.store.scope import AccessScope
-from mappings.cohort.language import CohortError, Node, find
-
-#: (system or None, code) → the codes to match (the code itself and its descendants).  Without one,
-#: ``descendants`` reads the vocabulary store's active is-a closure in the same statement.
-Expander = Callable[[str | None, str], Iterable[str]]
+from mappings.cohort.language import CohortError, Expander, Node, find
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +74,7 @@ def _da_pg(el, compiler, **kw):
 
 
 def _dicom():
-    from gateway.store import dicom_schema  # noqa: PLC0415 - optional component module
+    from gateway.store import dicom_schema
 
     return dicom_schema
 
@@ -274,7 +269,7 @@ class Compiler:
         descendant list into the code index (a ``code IN (subquery)`` made SQLite scan the table)."""
         if not (b.code and b.descendants and self.expand is None):
             return self._event_select(t.c.patient_id, day, self._codes(t, b) + conds)
-        from gateway.store.vocab_schema import descendants_select  # noqa: PLC0415
+        from gateway.store.vocab_schema import descendants_select
 
         cols = (t.c.patient_id.label("patient_id"), day.label("day"))
         branches = [select(*cols).where(t.c.patient_id.is_not(None), *self._codes(t, b), *conds)]
@@ -310,7 +305,7 @@ class Compiler:
         # origin does not carry cannot be confirmed there, so a criterion using it matches DICOM only
         dicom_only = (b.manufacturer, b.model, b.protocol, b.series_description, b.slice_thickness)
         if all(x is None for x in dicom_only):
-            from gateway.store.schema import cm_imaging_series, cm_imaging_study  # noqa: PLC0415
+            from gateway.store.schema import cm_imaging_series, cm_imaging_study
 
             ims = cm_imaging_series  # OMOP image_occurrence: modality, anatomic site, date
             if b.study_description is None:
