@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from fhirpy import AsyncFHIRClient
 
-from tests.conftest import data_path
+from tests.conftest import ENGINES, PG_ADMIN, create_pg_database, data_path, drop_pg_database, make_settings, start_gateway
 
 EXAMPLES = sorted(p for p in data_path("fhir-examples").glob("*.json"))
 SYNTHEA = sorted(data_path("synthea").glob("*.json"))
@@ -109,10 +110,29 @@ def _codings(res: dict, field: str = "code") -> list[tuple[str, str]]:
     return [(c.get("system", ""), c.get("code", "")) for c in (res.get(field) or {}).get("coding", [])]
 
 
-@pytest.fixture
-async def synthea_loaded(gateway):
-    """POST every Synthea transaction bundle through fhirpy; returns (client, [(original, stored_id)])."""
-    client = _client(gateway)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
+async def synthea_gateway(request, tmp_path_factory):
+    """One gateway per engine for the Synthea tests (they only read what synthea_loaded stored)."""
+    tmp_path = tmp_path_factory.mktemp("synthea")
+    if request.param == "sqlite":
+        db_url, pg = f"sqlite:///{tmp_path / 'fedgate.db'}", None
+    else:
+        pg = await create_pg_database()
+        db_url = f"{PG_ADMIN}/{pg}"
+    gw = await start_gateway(make_settings(tmp_path / "data", db_url))
+    try:
+        yield gw
+    finally:
+        await gw.server.close()
+        if pg is not None:
+            await drop_pg_database(pg)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def synthea_loaded(synthea_gateway):
+    """POST every Synthea transaction bundle through fhirpy (once per engine); returns (client, [(original,
+    stored_id)])."""
+    client = _client(synthea_gateway)
     loaded: list[tuple[dict, str]] = []
     for path in SYNTHEA:
         bundle = json.loads(path.read_text())
@@ -131,6 +151,7 @@ async def synthea_loaded(gateway):
     return client, loaded
 
 
+@pytest.mark.asyncio(loop_scope="module")
 async def test_synthea_bundles_round_trip(synthea_loaded):
     client, loaded = synthea_loaded
     assert len(SYNTHEA) >= 28 and len(loaded) > 2000
@@ -147,8 +168,10 @@ async def test_synthea_bundles_round_trip(synthea_loaded):
     assert not bad, f"{len(bad)} resources differ, e.g. {bad[:5]}"
 
 
-async def test_synthea_search_counts_match_source(synthea_loaded, gateway):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_synthea_search_counts_match_source(synthea_loaded, synthea_gateway):
     client, loaded = synthea_loaded
+    gateway = synthea_gateway
     by_type: dict[str, list[dict]] = defaultdict(list)
     for original, rid in loaded:
         by_type[original["resourceType"]].append(dict(original, id=rid))
