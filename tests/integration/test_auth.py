@@ -96,6 +96,8 @@ OPEN = {"healthz", "readyz", "openapi", "fhir.metadata", "fhir.smart_configurati
 # the OHIF viewer's static files and sign-in page (no patient data: that comes through /dicomweb with a token);
 # viewer-dev-token signs tokens only with the development setting viewer_dev_login (404 otherwise)
 OPEN |= {"viewer", "viewer-files", "viewer-config", "viewer-login", "viewer-dev-token"}
+# the console's page shells and static assets (no data: every fragment is fetched with the viewer's token)
+OPEN |= {"ui.root", "ui", "ui.static", "ui.page"}
 
 
 def _sample_url(resource) -> str | None:
