@@ -197,6 +197,22 @@ async def _visible_rows(request: web.Request, svc: DicomwebService, *, metadata:
     return rows
 
 
+def _cut_short(request: web.Request, resp: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+    """A multipart answer that failed after its status line went out: the connection is closed (the client
+    sees a truncated body, never an error status inside a 200)."""
+    log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
+    resp.force_close()
+    if request.transport is not None:
+        request.transport.close()
+    return resp
+
+
+async def _end_multipart(resp: web.StreamResponse, boundary: str) -> web.StreamResponse:
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
+
+
 async def _retrieve_deidentified(request: web.Request, svc: DicomwebService, rows: list[dict], deid,
                                  wants) -> web.StreamResponse:
     """Instances de-identified on the fly (worker threads), each as stored otherwise (no transcoding)."""
@@ -228,14 +244,8 @@ async def _retrieve_deidentified(request: web.Request, svc: DicomwebService, row
             await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
                              f"{row['transfer_syntax']}\r\n\r\n".encode() + body + b"\r\n")
     except (GatewayError, OSError, ValueError) as exc:  # past the status line: end the connection
-        log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
-        resp.force_close()
-        if request.transport is not None:
-            request.transport.close()
-        return resp
-    await resp.write(f"--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
+        return _cut_short(request, resp, exc)
+    return await _end_multipart(resp, boundary)
 
 
 def _deidentified_metadata(rows: list[dict], deid) -> list[dict]:
@@ -302,14 +312,8 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
                 await resp.write(ready.pop(i, None) or await _transcoded(svc, row, target))
             await resp.write(b"\r\n")
     except (GatewayError, OSError) as exc:  # past the status line: end the connection, never a 500 inside a 200
-        log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
-        resp.force_close()
-        if request.transport is not None:
-            request.transport.close()
-        return resp
-    await resp.write(f"--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
+        return _cut_short(request, resp, exc)
+    return await _end_multipart(resp, boundary)
 
 
 async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
