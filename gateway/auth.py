@@ -108,6 +108,16 @@ def parse_purpose(value: Any) -> Purpose | None:
     return Purpose("research", codes, diseases)
 
 
+def jwt_failure(what: str, exc: jwt.PyJWTError, *, audience: str = "audience is not this gateway") -> Unauthorized:
+    """The 401 for a token PyJWT refused, in words (``what``: "bearer token", "hub token")."""
+    for cls, reason in ((jwt.ExpiredSignatureError, "expired"), (jwt.InvalidSignatureError, "signature is invalid"),
+                        (jwt.ImmatureSignatureError, "not valid yet (nbf)"),
+                        (jwt.InvalidIssuerError, "issuer is not accepted"), (jwt.InvalidAudienceError, audience)):
+        if isinstance(exc, cls):
+            return Unauthorized(f"{what} {reason}")
+    return Unauthorized(f"{what} rejected: {type(exc).__name__}")
+
+
 class TokenVerifier:
     def __init__(self, settings: Settings, jwks: Mapping[str, Any] | None = None) -> None:
         self.settings = settings
@@ -162,18 +172,8 @@ class TokenVerifier:
                 raise Unauthorized(f"bearer token algorithm {alg!r} needs a configured JWKS (settings.jwks)")
             else:
                 raise Unauthorized(f"bearer token algorithm {alg!r} is not accepted")
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("bearer token expired") from None
-        except jwt.InvalidSignatureError:
-            raise Unauthorized("bearer token signature is invalid") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthorized("bearer token not valid yet (nbf)") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthorized("bearer token issuer is not accepted") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthorized("bearer token audience is not this gateway") from None
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
+            raise jwt_failure("bearer token", exc) from None
         except (TypeError, ValueError, AttributeError) as exc:  # key material the algorithm cannot use
             raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
         roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
@@ -344,14 +344,8 @@ class HubTokenVerifier:
         try:
             claims = jwt.decode(token, key, algorithms=["ES256"], audience=self.site_id, issuer=iss,
                                 options={"require": ["exp", "iat", "sub", "aud", "jti", "qh"]}, leeway=2)
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("hub token expired") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthorized("hub token is for another site") from None
-        except jwt.InvalidSignatureError:
-            raise Unauthorized("hub token signature is invalid") from None
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"hub token rejected: {type(exc).__name__}") from None
+            raise jwt_failure("hub token", exc, audience="is for another site") from None
         if int(claims["exp"]) - int(claims["iat"]) > MAX_TTL_S:
             raise Unauthorized(f"hub token lives longer than {MAX_TTL_S} s")
         if claims["qh"] != body_hash(body):
