@@ -217,7 +217,9 @@ class FhirService:
 
     async def everything(self, requester: Requester, patient_id: str, types: list[str] | None) -> list[repo.Stored]:
         """``Patient/{id}/$everything`` (FHIR R4 Patient-everything): the Patient and every resource in its
-        compartment (R4 CompartmentDefinition types; ``_type`` narrows), each type capped at ``max_count``.
+        compartment (R4 CompartmentDefinition types; ``_type`` narrows), each type capped at ``max_count``, and
+        (without ``_type``) the resources outside the compartment that those reference (the operation's "any
+        resource referenced"), through the same gate.
         The Patient is read through the gate first: one the caller may not see is a 404."""
         access = await self.open(requester)
         patient = await self.read(requester, "Patient", patient_id, access=access)  # 404 if not visible
@@ -231,6 +233,8 @@ class FhirService:
                     continue
                 q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
                 out += (await repo.search(conn, q, access.scope)).matches
+            if not types:  # and what they reference outside the compartment (Practitioner, Organization, ...)
+                out += await repo.referenced(conn, out, access.scope, skip_types=PATIENT_COMPARTMENT)
         await access.record(Action.READ, Interaction.OPERATION, Outcome.SUCCESS, detail="$everything",
                             resources=[f"{s.res_type}/{s.res_id}" for s in out], patients=[s.patient_id for s in out])
         return out

@@ -147,6 +147,21 @@ async def get_many(conn: AsyncConnection, keys: Iterable[tuple[str, str]], scope
     return out
 
 
+async def referenced(conn: AsyncConnection, sources: Sequence[Stored], scope: AccessScope,
+                     skip_types: Iterable[str]) -> list[Stored]:
+    """The resources that ``sources`` reference through their reference search parameters, other than types in
+    ``skip_types`` and the sources themselves, as far as ``scope`` lets the caller see them."""
+    ref, skip = s.idx_ref, set(skip_types)
+    seen = {(x.res_type, x.res_id) for x in sources}
+    keys: set[tuple[str, str]] = set()
+    rids = [x.rid for x in sources]
+    for n in range(0, len(rids), 500):
+        stmt = select(ref.c.target_type, ref.c.target_id).where(ref.c.rid.in_(rids[n:n + 500])).distinct()
+        keys.update((r.target_type, r.target_id) for r in await conn.execute(stmt)
+                    if r.target_type and r.target_type not in skip and (r.target_type, r.target_id) not in seen)
+    return await get_many(conn, sorted(keys), scope) if keys else []
+
+
 async def get_visible(conn: AsyncConnection, scope: AccessScope, res_type: str, res_id: str) -> Stored | None:
     """The current row (deleted or not) if ``scope`` may see it (``gateway.store.access.where``)."""
     from gateway.store.access import where

@@ -84,6 +84,24 @@ async def test_new_routes_return_exactly_the_permitted_patients(site):
         assert [r["id"] for r in _res(b)] == ["o-p-gru-1"]
         st, _, b = await _json(http, "GET", f"{gw.fhir}/Patient/p-gru/$everything?_type=Observation", h)
         assert sorted(r["id"] for r in _res(b)) == ["o-p-gru-1", "o-p-gru-2"]
+        # $everything also returns what the compartment references outside it (a performer), through the gate:
+        # an analyst who may see the patient gets it, one who may not gets a 404 and nothing else
+        w = gw.headers("ehr-system")
+        st, _, b = await _json(http, "PUT", f"{gw.fhir}/Practitioner/dr-x", w | FHIR_JSON,
+                               json={"resourceType": "Practitioner", "id": "dr-x", "name": [{"family": "X"}]})
+        assert st in (200, 201), b
+        st, _, obs = await _json(http, "GET", f"{gw.fhir}/Observation/o-p-gru-1", h)
+        obs["performer"] = [{"reference": "Practitioner/dr-x"}]
+        st, _, b = await _json(http, "PUT", f"{gw.fhir}/Observation/o-p-gru-1", w | FHIR_JSON, json=obs)
+        assert st == 200, b
+        for who in (h, gw.headers("analyst", purpose={"codes": ["DUO:0000042"]})):
+            st, _, b = await _json(http, "GET", f"{gw.fhir}/Patient/p-gru/$everything", who)
+            got = {(r["resourceType"], r["id"]) for r in _res(b)}
+            assert ("Practitioner", "dr-x") in got and ("Patient", "p-gru") in got, got
+            assert {t for t, _ in got} >= {"Patient", "Observation", "Practitioner"}
+        st, _, b = await _json(http, "GET", f"{gw.fhir}/Patient/p-hmb/$everything",
+                               gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}))  # GRU: HMB refuses it
+        assert st == 404 and b["resourceType"] == "OperationOutcome", b
 
 
 async def test_patch(site):
