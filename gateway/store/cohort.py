@@ -139,7 +139,7 @@ class Compiler:
         stmt = select(cm_patient.c.patient_id).distinct().where(cm_patient.c.patient_id.is_not(None))
         stmt = stmt.where(self.predicate(root))
         if scope is not None and not scope.unrestricted:
-            stmt = stmt.where(scope.patient_clause(cm_patient.c.patient_id, allow_no_patient=False))
+            stmt = stmt.where(scope.patient_row_clause())
         return stmt
 
     # -- boolean -------------------------------------------------------------------------------
@@ -166,10 +166,11 @@ class Compiler:
 
     # -- leaves: patient ids -----------------------------------------------------------------------
     def patients(self, node: Node) -> Select:
-        ev = self.events(node)
         within = getattr(node.body, "within", None)
-        if within is None:
+        if within is None:  # no day needed (an imaging leaf then reads the series alone)
+            ev = self._imaging(node.body, need_day=False) if node.kind == "imaging" else self.events(node)
             return select(ev.c.patient_id)
+        ev = self.events(node)
         anchor = self.anchor(node, within.of)
         day_diff = ev.c.day - anchor.c.day
         return (select(ev.c.patient_id).select_from(ev.join(anchor, ev.c.patient_id == anchor.c.patient_id))
@@ -280,7 +281,7 @@ class Compiler:
             branches.append(j.where(t.c.patient_id.is_not(None), *([t.c.system == system] if system else []), *conds))
         return union_all(*branches).subquery()
 
-    def _imaging(self, b):
+    def _imaging(self, b, *, need_day: bool = True):
         d = _dicom()
         se, st = d.dcm_series, d.dcm_study
         conds: list[ColumnElement] = [se.c.patient_id.is_not(None)]
@@ -298,8 +299,11 @@ class Compiler:
         if b.slice_thickness is not None:
             conds += [se.c.slice_thickness.is_not(None),
                       *_range(se.c.slice_thickness, b.slice_thickness.min, b.slice_thickness.max)]
-        dicom = (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
-                 .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds))
+        if need_day or b.study_description is not None or b.study_date is not None:
+            dicom = (select(se.c.patient_id.label("patient_id"), da_days(st.c.study_date).label("day"))
+                     .select_from(se.join(st, st.c.study_uid == se.c.study_uid)).where(*conds))
+        else:  # every series row has its study row (written in one transaction)
+            dicom = select(se.c.patient_id.label("patient_id"), cast(null(), Float).label("day")).where(*conds)
         branches = [dicom]
         # the same criterion over imaging known from other origins (docs/vocab.md, "Imaging"): a field an
         # origin does not carry cannot be confirmed there, so a criterion using it matches DICOM only

@@ -71,7 +71,9 @@ dcm_series = Table(
 )
 Index("ix_dcm_series_study", dcm_series.c.study_uid)
 Index("ix_dcm_series_patient", dcm_series.c.patient_id)
-Index("ix_dcm_series_modality", dcm_series.c.modality, dcm_series.c.body_part)
+# covering for a cohort imaging leaf's patient list (modality, body part, slice thickness)
+Index("ix_dcm_series_modality_patient", dcm_series.c.modality, dcm_series.c.body_part, dcm_series.c.slice_thickness,
+      dcm_series.c.patient_id)
 
 dcm_instance = Table(
     "dcm_instance",
@@ -124,7 +126,8 @@ dcm_sr_item = Table(
     Column("ref_segment_number", Integer),
 )
 Index("ix_dcm_sr_item_sop", dcm_sr_item.c.sop_uid, dcm_sr_item.c.group_item_id, dcm_sr_item.c.concept_code)
-Index("ix_dcm_sr_item_concept", dcm_sr_item.c.concept_code, dcm_sr_item.c.concept_scheme)
+Index("ix_dcm_sr_item_concept_value", dcm_sr_item.c.concept_code, dcm_sr_item.c.concept_scheme,
+      dcm_sr_item.c.code_value, dcm_sr_item.c.code_scheme, dcm_sr_item.c.patient_id)
 Index("ix_dcm_sr_item_patient", dcm_sr_item.c.patient_id)
 
 dcm_seg_segment = Table(

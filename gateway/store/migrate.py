@@ -11,7 +11,7 @@ import importlib
 import logging
 from typing import Awaitable, Callable
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema
@@ -34,6 +34,13 @@ TABLE_MODULES = (
 
 SCHEMA_VERSION = 1
 
+#: Indexes replaced by wider ones (the new ones are created on existing databases by :func:`_create`).
+RETIRED_INDEXES = (
+    *(f"ix_cm_{t}_code" for t in ("condition", "observation", "procedure", "encounter", "diagnostic_report")),
+    "ix_dcm_series_modality",
+    "ix_dcm_sr_item_concept",
+)
+
 #: (component, version) → coroutine applying that step to an existing database.
 MIGRATIONS: dict[tuple[str, int], Callable[[AsyncConnection], Awaitable[None]]] = {}
 
@@ -47,11 +54,32 @@ def load_table_modules() -> None:
                 raise
 
 
+def _create(sync_conn) -> None:
+    """``create_all`` (missing tables, with their indexes), then the indexes missing on tables that
+    already existed (``create_all`` checks tables only), and retired indexes dropped."""
+    existing = set(inspect(sync_conn).get_table_names())
+    schema.metadata.create_all(sync_conn)
+    if not existing:
+        return
+    insp = inspect(sync_conn)
+    for table in schema.metadata.sorted_tables:
+        if table.name not in existing or not table.indexes:
+            continue
+        have = {ix["name"] for ix in insp.get_indexes(table.name)}
+        for ix in table.indexes:
+            if ix.name not in have:
+                log.info("creating index", extra={"index": ix.name})
+                ix.create(sync_conn)
+        for name in RETIRED_INDEXES:
+            if name in have:
+                sync_conn.execute(text(f"DROP INDEX {name}"))
+
+
 async def migrate(db: Database) -> None:
     """Create missing tables and apply pending migration steps, in one transaction."""
     load_table_modules()
     async with db.write() as conn:
-        await conn.run_sync(schema.metadata.create_all)
+        await conn.run_sync(_create)
         rows = (await conn.execute(select(schema.schema_version))).all()
         have = {r.component: r.version for r in rows}
         current = have.get("core", 0)

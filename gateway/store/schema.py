@@ -312,4 +312,5 @@ for _t in CM_TABLES.values():
     Index(f"ix_{_t.name}_src", _t.c.src_type, _t.c.src_id)
     Index(f"ix_{_t.name}_patient", _t.c.patient_id)
 for _t in (cm_condition, cm_observation, cm_procedure, cm_encounter, cm_diagnostic_report):
-    Index(f"ix_{_t.name}_code", _t.c.code)
+    # covering for a cohort leaf's "patients with this code" list (no table lookups)
+    Index(f"ix_{_t.name}_code_patient", _t.c.code, _t.c.system, _t.c.patient_id)

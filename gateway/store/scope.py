@@ -96,6 +96,15 @@ class AccessScope:
         visible = patient_col.in_(allowed)
         return or_(patient_col.is_(None), visible) if allow_no_patient else visible
 
+    def patient_row_clause(self) -> ColumnElement:
+        """:meth:`patient_clause` for a query over ``cm_patient`` itself: the row's own consent profile
+        (every row of a patient carries the same one), with no list of visible patient ids to build."""
+        if self.unrestricted:
+            return true()
+        if not self.allowed_profiles:
+            return false()
+        return cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles))
+
     def row_clause(self, no_col: ColumnElement) -> ColumnElement:
         """Like :meth:`patient_clause` for tables whose rows carry their patient's profile number
         (``consent_no``, kept in step by :mod:`gateway.store.consent_schema`): one integer ``IN`` test

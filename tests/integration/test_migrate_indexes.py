@@ -1,0 +1,35 @@
+"""Start-up migration on an existing database: indexes added to the schema since the database was created
+are built, and the indexes they replace are dropped (``create_all`` alone checks tables, not indexes)."""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, text
+
+from gateway.store.db import Database
+from gateway.store.migrate import RETIRED_INDEXES, migrate
+
+
+async def _indexes(db: Database, table: str) -> set[str]:
+    async with db.read() as conn:
+        return await conn.run_sync(lambda c: {ix["name"] for ix in inspect(c).get_indexes(table)})
+
+
+async def test_existing_database_gets_new_indexes_and_loses_retired_ones(db_url):
+    db = Database(db_url)
+    try:
+        await migrate(db)
+        assert "ix_cm_condition_code_patient" in await _indexes(db, "cm_condition")
+        assert "ix_dcm_series_modality_patient" in await _indexes(db, "dcm_series")
+        # the database as an older release left it: the narrow indexes, not the covering ones
+        async with db.write() as conn:
+            await conn.execute(text("DROP INDEX ix_cm_condition_code_patient"))
+            await conn.execute(text("DROP INDEX ix_dcm_series_modality_patient"))
+            await conn.execute(text("CREATE INDEX ix_cm_condition_code ON cm_condition (code)"))
+            await conn.execute(text("CREATE INDEX ix_dcm_series_modality ON dcm_series (modality, body_part)"))
+        assert "ix_cm_condition_code" in await _indexes(db, "cm_condition")
+        await migrate(db)
+        cond, series = await _indexes(db, "cm_condition"), await _indexes(db, "dcm_series")
+        assert "ix_cm_condition_code_patient" in cond and "ix_dcm_series_modality_patient" in series
+        assert not (cond | series) & set(RETIRED_INDEXES)
+    finally:
+        await db.dispose()
