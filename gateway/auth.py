@@ -157,8 +157,25 @@ class TokenVerifier:
         self._secret = settings.dev_secret()
         self._cache: dict[tuple[str, str | None], tuple[Requester, float]] = {}
         self._jwks = jwt.PyJWKSet.from_dict(dict(jwks)) if jwks else None
+        #: the OIDC issuer's discovery document (``viewer_oidc_authority``), fetched at start-up
+        self.oidc_metadata: dict[str, Any] = {}
+        self._role_map = dict(item.split("=", 1) for item in settings.oidc_role_map.replace(",", " ").split())
         if self._jwks is None and settings.jwks and not settings.jwks.startswith(("http://", "https://")):
             self._jwks = jwt.PyJWKSet.from_dict(json.loads(Path(settings.jwks).read_text()))
+
+    def _issuer_roles(self, claims: dict[str, Any]) -> dict[str, Any]:
+        """An issuer's token with its roles claim (``oidc_roles_claim``, a dotted path) mapped through
+        ``oidc_role_map`` into ``roles``; values that map to no fedgate role are dropped."""
+        path = self.settings.oidc_roles_claim or "roles"
+        value: Any = claims
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list):
+            return {**claims, "roles": []} if path != "roles" else claims
+        roles = [self._role_map.get(str(v), str(v) if not self._role_map else "") for v in value]
+        return {**claims, "roles": [r for r in roles if r in ROLES]}
 
     def load_remote_jwks(self, doc: Mapping[str, Any]) -> None:
         self._jwks = jwt.PyJWKSet.from_dict(dict(doc))
@@ -200,7 +217,8 @@ class TokenVerifier:
                 if key is None:
                     raise Unauthorized("bearer token signed by an unknown key")
                 claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience,
-                                    issuer=self.settings.jwt_issuer, options=opts)
+                                    issuer=self.oidc_metadata.get("issuer") or self.settings.jwt_issuer, options=opts)
+                claims = self._issuer_roles(claims)
             elif alg in ("RS256", "ES256"):
                 raise Unauthorized(f"bearer token algorithm {alg!r} needs a configured JWKS (settings.jwks)")
             else:
@@ -269,11 +287,29 @@ async def jwks_ctx(app) -> AsyncIterator[None]:
     from gateway import keys
 
     settings = app[keys.SETTINGS]
-    if settings.jwks.startswith(("http://", "https://")):
+    verifier = app[keys.VERIFIER]
+    jwks_url = settings.jwks if settings.jwks.startswith(("http://", "https://")) else ""
+    if settings.viewer_oidc_authority or jwks_url:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            async with http.get(settings.jwks) as resp:
-                resp.raise_for_status()
-                app[keys.VERIFIER].load_remote_jwks(await resp.json(content_type=None))
+            if settings.viewer_oidc_authority:  # OIDC discovery: issuer, endpoints, and the JWKS unless given
+                url = settings.viewer_oidc_authority.rstrip("/") + "/.well-known/openid-configuration"
+                try:
+                    async with http.get(url) as resp:
+                        resp.raise_for_status()
+                        meta = await resp.json(content_type=None)
+                except (aiohttp.ClientError, ValueError) as exc:
+                    raise SettingsError(f"setting 'viewer_oidc_authority': OIDC discovery at {url} failed: "
+                                        f"{type(exc).__name__}") from None
+                if not isinstance(meta, dict) or not all(meta.get(k) for k in (
+                        "issuer", "authorization_endpoint", "token_endpoint")):
+                    raise SettingsError(f"setting 'viewer_oidc_authority': {url} is not an OIDC discovery document")
+                verifier.oidc_metadata = meta
+                if not settings.jwks:
+                    jwks_url = str(meta.get("jwks_uri") or "")
+            if jwks_url:
+                async with http.get(jwks_url) as resp:
+                    resp.raise_for_status()
+                    verifier.load_remote_jwks(await resp.json(content_type=None))
     yield
 
 # ------------------------------------------------------------------------------------------------
