@@ -149,10 +149,10 @@ async def test_patch(site):
         assert st == 404
 
 
-def _smart_token(gw, scope: str) -> str:
+def _smart_token(gw, scope: str, **extra) -> str:
     now = int(time.time())
     claims = {"sub": "smart-app", "iat": now, "exp": now + 600, "iss": gw.settings.jwt_issuer,
-              "aud": gw.settings.jwt_audience, "scope": scope}
+              "aud": gw.settings.jwt_audience, "scope": scope, **extra}
     return jwt.encode(claims, gw.settings.dev_secret(), algorithm="HS256")
 
 
