@@ -162,3 +162,33 @@ async def test_viewer_and_console_sign_in_through_oidc_provider(tmp_path):
             await gw.server.close()
         idp.terminate()
         await idp.wait()
+
+
+def test_role_map_setting_is_checked(tmp_path):
+    from gateway.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="oidc_role_map"):
+        make_settings(tmp_path, "sqlite://", oidc_role_map="fedgate-analysts=superuser")
+
+
+async def test_unreachable_issuer_stops_start_up(tmp_path):
+    """An issuer whose discovery fails is a start-up error in words, never a gateway that accepts no one."""
+    from gateway.settings import SettingsError
+    from tests.conftest import start_gateway
+
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'f.db'}",
+                             viewer_oidc_authority=f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(SettingsError, match="OIDC discovery"):
+        gw = await start_gateway(settings)
+        await gw.server.close()
+
+
+def test_issuer_roles_claim_mapping(tmp_path):
+    from gateway.auth import TokenVerifier
+
+    settings = make_settings(tmp_path / "data", "sqlite://", oidc_roles_claim="realm_access.roles",
+                             oidc_role_map="radiologists=clinician researchers=analyst")
+    v = TokenVerifier(settings)
+    assert v._issuer_roles({"realm_access": {"roles": ["researchers", "offline"]}})["roles"] == ["analyst"]
+    assert v._issuer_roles({"realm_access": {"roles": ["admin"]}})["roles"] == []  # unmapped: no role
+    assert v._issuer_roles({"roles": ["admin"]})["roles"] == []  # only the configured claim counts
