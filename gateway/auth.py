@@ -72,7 +72,8 @@ def smart_grant(scope: Any) -> SmartGrant:
             continue
         if perm in ("read", "write", "*"):
             reads, writes = perm in ("read", "*"), perm in ("write", "*")
-        elif set(perm) <= set("cruds") and len(set(perm)) == len(perm) and list(perm) == sorted(perm, key="cruds".index):
+        elif (set(perm) <= set("cruds") and len(set(perm)) == len(perm)
+              and list(perm) == sorted(perm, key="cruds".index)):
             reads, writes = bool(set(perm) & set("rs")), bool(set(perm) & set("cud"))
         else:
             continue

@@ -153,7 +153,8 @@ class AccessScope:
             return select(literal(self.patient, String))
         if self.patient is not None:
             return select(cm_patient.c.patient_id).where(
-                cm_patient.c.patient_id == self.patient, cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))
+                cm_patient.c.patient_id == self.patient,
+                cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))
         if not self.allowed_profiles:  # nobody (no NUL-byte sentinel: PostgreSQL rejects it)
             return select(cm_patient.c.patient_id).where(false())
         return select(cm_patient.c.patient_id).where(cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))

@@ -17,8 +17,18 @@ import pytest
 
 from gateway.auth import smart_grant
 from tests.dicom_synth import ct_series, stow_body
-from tests.integration.test_consent_enforcement import (ALL, BOUNDARY, DICOM_MP, FHIR_JSON, _load, _pid, _resources,
-                                                        _stow_one_study_per_patient, _visible_everywhere, site)
+from tests.integration.test_consent_enforcement import (
+    ALL,
+    BOUNDARY,
+    DICOM_MP,
+    FHIR_JSON,
+    _load,
+    _pid,
+    _resources,
+    _stow_one_study_per_patient,
+    _visible_everywhere,
+    site,
+)
 
 __all__ = ["site"]
 QIDO = {"Accept": "application/dicom+json"}
@@ -97,9 +107,9 @@ async def test_patient_token_reads_only_its_compartment(site):
                 assert r.status == 200
             # writes refused: FHIR create/update/patch/delete, transaction, STOW
             for method, url, body, ctype in (
-                    ("POST", f"{gw.fhir}/Observation", {"resourceType": "Observation", "status": "final",
-                                                        "code": {"text": "x"}, "subject": {"reference": "Patient/p-gru"}},
-                     FHIR_JSON),
+                    ("POST", f"{gw.fhir}/Observation", {
+                        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                        "subject": {"reference": "Patient/p-gru"}}, FHIR_JSON),
                     ("PUT", f"{gw.fhir}/Patient/p-gru", {"resourceType": "Patient", "id": "p-gru"}, FHIR_JSON),
                     ("PATCH", f"{gw.fhir}/Patient/p-gru", [{"op": "replace", "path": "/gender", "value": "male"}],
                      {"Content-Type": "application/json-patch+json"}),

@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway.app import create_app
 from tests.conftest import REPO, Gateway, data_path, make_settings
-from tests.integration.test_viewer_browser import (CHROMIUM, CT_PATIENT, LAUNCH_ARGS, _artefacts, _free_port,
-                                                   _load, _new_page, _publish, _require_browser_setup, _serve,
-                                                   _study_count)
+from tests.integration.test_viewer_browser import (
+    CHROMIUM,
+    CT_PATIENT,
+    LAUNCH_ARGS,
+    _artefacts,
+    _free_port,
+    _load,
+    _new_page,
+    _publish,
+    _require_browser_setup,
+    _serve,
+    _study_count,
+)
 
 JS = REPO / "tests" / "js"
 RESOURCE = "urn:fedgate:test-site"
@@ -142,7 +150,8 @@ async def test_viewer_and_console_sign_in_through_oidc_provider(tmp_path):
                 page = await _new_page(browser)
                 await page.goto(f"{base}/viewer")
                 await _idp_login(page, "mallory")
-                await page.wait_for_selector("text=the gateway refused the token of the identity provider", timeout=90_000)
+                await page.wait_for_selector("text=the gateway refused the token of the identity provider",
+                                             timeout=90_000)
                 await asyncio.sleep(2)
                 assert page.url.startswith(f"{base}/viewer/login")  # and stays there: no sign-in loop
                 await page.screenshot(path=str(out / "oidc-refused.png"), timeout=120_000)
