@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,56 +34,89 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PURPOSE_HEADER = "X-Purpose-Of-Use"
 
-#: SMART App Launch scope contexts → the fedgate role a token with such scopes acts as (docs/fhir.md, "SMART")
-SMART_CONTEXT_ROLES = {"user": "clinician", "system": "ehr-system"}
+#: SMART App Launch scope contexts → the fedgate role a token with such scopes acts as (docs/fhir.md, "SMART").
+#: ``patient/`` scopes act as a clinician restricted to the launch patient's compartment (and read only).
+SMART_CONTEXT_ROLES = {"user": "clinician", "system": "ehr-system", "patient": "clinician"}
+_SMART_TYPE = re.compile(r"\*|[A-Z][A-Za-z]{1,63}")
 
 
-def smart_roles(scope: Any) -> tuple[frozenset[str], bool]:
-    """Roles and read-only flag from SMART scopes (v1 ``user/*.read``, ``user/*.*``, ``system/*.write``; v2
-    ``user/*.rs``, ``system/*.cruds``): ``user/`` → clinician, ``system/`` → ehr-system, for every resource
-    type (``*``) only. Reads only unless a scope grants writes. ``patient/`` scopes (one patient's data) map to
-    nothing: fedgate has no per-patient restriction to enforce them with, so it fails closed."""
+@dataclass(frozen=True, slots=True)
+class SmartGrant:
+    """What a token's SMART scopes grant (SMART App Launch 2.x §"Scopes and Launch Context")."""
+
+    roles: frozenset[str] = frozenset()
+    read_only: bool = False
+    #: resource types granted; None = every type (a ``*`` scope)
+    types: frozenset[str] | None = None
+    #: every granted data scope is ``patient/``: the token reads one patient's compartment only
+    patient_only: bool = False
+
+
+def _scope_items(scope: Any) -> list[str]:
     if isinstance(scope, list):
-        items = [str(s) for s in scope]
-    elif isinstance(scope, str):
-        items = scope.split()
-    else:
-        return frozenset(), False
-    roles: set[str] = set()
-    write = False
-    for item in items:
+        return [str(s) for s in scope]
+    return scope.split() if isinstance(scope, str) else []
+
+
+def smart_grant(scope: Any) -> SmartGrant:
+    """The grant of SMART data scopes ``(patient|user|system)/(Type|*).(perm)``: v1 ``read``/``write``/``*``,
+    v2 ``c r u d s`` in that order, each once.  Fails closed: a v2 scope with query constraints
+    (``patient/Observation.rs?category=laboratory``) grants nothing (fedgate cannot narrow a role by them),
+    and ``patient/`` write permissions are not granted (a patient-context token reads only).  Other scopes
+    (``openid``, ``fhirUser``, ``launch/patient``, ``offline_access``) are not data scopes."""
+    granted: list[tuple[str, str, bool]] = []  # (context, type, writes)
+    for item in _scope_items(scope):
         context, _, rest = item.partition("/")
         rtype, _, perm = rest.partition(".")
-        role = SMART_CONTEXT_ROLES.get(context)
-        if role is None or rtype != "*" or not perm:
+        if context not in SMART_CONTEXT_ROLES or not _SMART_TYPE.fullmatch(rtype) or not perm or "?" in perm:
             continue
-        perm = perm.split("?")[0]  # v2 query constraints (user/*.rs?category=...) only narrow: the role reads
         if perm in ("read", "write", "*"):
             reads, writes = perm in ("read", "*"), perm in ("write", "*")
-        elif perm and set(perm) <= set("cruds") and list(perm) == sorted(perm, key="cruds".index):
+        elif (set(perm) <= set("cruds") and len(set(perm)) == len(perm)
+              and list(perm) == sorted(perm, key="cruds".index)):
             reads, writes = bool(set(perm) & set("rs")), bool(set(perm) & set("cud"))
         else:
             continue
+        if context == "patient":
+            writes = False
         if reads or writes:
-            roles.add(role)
-            write = write or writes
-    return frozenset(roles), bool(roles) and not write
+            granted.append((context, rtype, writes))
+    if not granted:
+        return SmartGrant()
+    patient_only = all(c == "patient" for c, _, _ in granted)
+    if not patient_only:  # user/system scopes decide; patient/ ones would only add types beyond them
+        granted = [g for g in granted if g[0] != "patient"]
+    types = None if any(t == "*" for _, t, _ in granted) else frozenset(t for _, t, _ in granted)
+    return SmartGrant(frozenset(SMART_CONTEXT_ROLES[c] for c, _, _ in granted),
+                      not any(w for _, _, w in granted), types, patient_only)
+
+
+def smart_roles(scope: Any) -> tuple[frozenset[str], bool]:
+    """Roles and read-only flag from SMART scopes (:func:`smart_grant`)."""
+    g = smart_grant(scope)
+    return g.roles, g.read_only
 
 
 def scope_resource_types(scope: Any) -> frozenset[str] | None:
-    """The resource types SMART read scopes name (``system/Patient.read``, ``system/Observation.rs``); None when a
+    """The resource types SMART scopes grant (``system/Patient.read``, ``patient/Observation.rs``); None when a
     scope covers every type (``*``) or there is no SMART scope."""
-    items = scope.split() if isinstance(scope, str) else [str(s) for s in scope] if isinstance(scope, list) else []
-    types = set()
-    for item in items:
-        context, _, rest = item.partition("/")
-        rtype, _, _perm = rest.partition(".")
-        if context not in SMART_CONTEXT_ROLES or not rtype:
-            continue
-        if rtype == "*":
-            return None
-        types.add(rtype)
-    return frozenset(types) if types else None
+    return smart_grant(scope).types
+
+
+def launch_patient(claims: Mapping[str, Any]) -> str | None:
+    """The patient a token is bound to: SMART's ``patient`` launch-context claim, else a ``fhirUser`` that is
+    a Patient (``Patient/x`` or ``https://.../Patient/x``); None when neither."""
+    pid = claims.get("patient")
+    if pid is None:
+        user = claims.get("fhirUser")
+        if isinstance(user, str):
+            m = re.search(r"(?:^|/)Patient/([^/]+)$", user)
+            pid = m.group(1) if m else None
+    if pid is None:
+        return None
+    if not isinstance(pid, str) or not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", pid):
+        raise Unauthorized("bearer token claim 'patient' is not a FHIR Patient id")
+    return pid
 
 
 def parse_purpose(value: Any) -> Purpose | None:
@@ -124,8 +158,25 @@ class TokenVerifier:
         self._secret = settings.dev_secret()
         self._cache: dict[tuple[str, str | None], tuple[Requester, float]] = {}
         self._jwks = jwt.PyJWKSet.from_dict(dict(jwks)) if jwks else None
+        #: the OIDC issuer's discovery document (``viewer_oidc_authority``), fetched at start-up
+        self.oidc_metadata: dict[str, Any] = {}
+        self._role_map = dict(item.split("=", 1) for item in settings.oidc_role_map.replace(",", " ").split())
         if self._jwks is None and settings.jwks and not settings.jwks.startswith(("http://", "https://")):
             self._jwks = jwt.PyJWKSet.from_dict(json.loads(Path(settings.jwks).read_text()))
+
+    def _issuer_roles(self, claims: dict[str, Any]) -> dict[str, Any]:
+        """An issuer's token with its roles claim (``oidc_roles_claim``, a dotted path) mapped through
+        ``oidc_role_map`` into ``roles``; values that map to no fedgate role are dropped."""
+        path = self.settings.oidc_roles_claim or "roles"
+        value: Any = claims
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list):
+            return {**claims, "roles": []} if path != "roles" else claims
+        roles = [self._role_map.get(str(v), str(v) if not self._role_map else "") for v in value]
+        return {**claims, "roles": [r for r in roles if r in ROLES]}
 
     def load_remote_jwks(self, doc: Mapping[str, Any]) -> None:
         self._jwks = jwt.PyJWKSet.from_dict(dict(doc))
@@ -167,7 +218,8 @@ class TokenVerifier:
                 if key is None:
                     raise Unauthorized("bearer token signed by an unknown key")
                 claims = jwt.decode(token, key.key, algorithms=[alg], audience=self.settings.jwt_audience,
-                                    issuer=self.settings.jwt_issuer, options=opts)
+                                    issuer=self.oidc_metadata.get("issuer") or self.settings.jwt_issuer, options=opts)
+                claims = self._issuer_roles(claims)
             elif alg in ("RS256", "ES256"):
                 raise Unauthorized(f"bearer token algorithm {alg!r} needs a configured JWKS (settings.jwks)")
             else:
@@ -177,21 +229,28 @@ class TokenVerifier:
         except (TypeError, ValueError, AttributeError) as exc:  # key material the algorithm cannot use
             raise Unauthorized(f"bearer token rejected: {type(exc).__name__}") from None
         roles = frozenset(r for r in claims.get("roles") or () if r in ROLES)
+        grant = smart_grant(claims.get("scope", claims.get("scp")))
         read_only = False
         if not roles:  # an OIDC/SMART token: roles from its scopes
-            roles, read_only = smart_roles(claims.get("scope", claims.get("scp")))
+            roles, read_only = grant.roles, grant.read_only
         if not roles:
             raise Unauthorized("bearer token carries no known role (roles claim) or SMART scope "
-                               "(user/*.read, user/*.*, system/*.read, v2 .rs/.cruds)")
+                               "(patient/*.read, user/*.read, user/*.*, system/*.read, v2 .rs/.cruds)")
+        patient = None
+        if grant.patient_only:  # one patient's compartment, whatever the roles claim says (narrows only)
+            patient = launch_patient(claims)
+            if patient is None:
+                raise Unauthorized("bearer token: patient/ scopes need a patient launch context "
+                                   "(claim 'patient', or fhirUser Patient/[id])")
+            read_only = True
         attrs = claims.get("attrs") or {}
         if not isinstance(attrs, dict):
             raise Unauthorized("bearer token claim 'attrs' must be an object")
         purpose = parse_purpose(claims.get("purpose")) or parse_purpose(purpose_header)
         if purpose is None:
             purpose = Purpose() if roles & CLINICAL_ROLES or "admin" in roles else Purpose("research", (), ())
-        types = scope_resource_types(claims.get("scope", claims.get("scp")))
         return (Requester(str(claims["sub"]), roles, claims.get("org"), attrs, purpose, claims.get("jti"),
-                          read_only, types), float(claims["exp"]))
+                          read_only, grant.types, patient), float(claims["exp"]))
 
 
 def issue_dev_token(
@@ -229,11 +288,29 @@ async def jwks_ctx(app) -> AsyncIterator[None]:
     from gateway import keys
 
     settings = app[keys.SETTINGS]
-    if settings.jwks.startswith(("http://", "https://")):
+    verifier = app[keys.VERIFIER]
+    jwks_url = settings.jwks if settings.jwks.startswith(("http://", "https://")) else ""
+    if settings.viewer_oidc_authority or jwks_url:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            async with http.get(settings.jwks) as resp:
-                resp.raise_for_status()
-                app[keys.VERIFIER].load_remote_jwks(await resp.json(content_type=None))
+            if settings.viewer_oidc_authority:  # OIDC discovery: issuer, endpoints, and the JWKS unless given
+                url = settings.viewer_oidc_authority.rstrip("/") + "/.well-known/openid-configuration"
+                try:
+                    async with http.get(url) as resp:
+                        resp.raise_for_status()
+                        meta = await resp.json(content_type=None)
+                except (aiohttp.ClientError, ValueError) as exc:
+                    raise SettingsError(f"setting 'viewer_oidc_authority': OIDC discovery at {url} failed: "
+                                        f"{type(exc).__name__}") from None
+                if not isinstance(meta, dict) or not all(meta.get(k) for k in (
+                        "issuer", "authorization_endpoint", "token_endpoint")):
+                    raise SettingsError(f"setting 'viewer_oidc_authority': {url} is not an OIDC discovery document")
+                verifier.oidc_metadata = meta
+                if not settings.jwks:
+                    jwks_url = str(meta.get("jwks_uri") or "")
+            if jwks_url:
+                async with http.get(jwks_url) as resp:
+                    resp.raise_for_status()
+                    verifier.load_remote_jwks(await resp.json(content_type=None))
     yield
 
 # ------------------------------------------------------------------------------------------------

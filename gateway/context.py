@@ -45,6 +45,9 @@ class Requester:
     read_only: bool = False
     #: resource types the token's scopes grant (SMART ``system/Patient.read``); None = every type
     resource_types: frozenset[str] | None = None
+    #: the one patient whose compartment a SMART ``patient/`` token may read (the gate narrows every scope to
+    #: it: gateway.store.scope.AccessScope.for_patient); None = not bound to a patient
+    patient: str | None = None
 
     def has_role(self, *roles: str) -> bool:
         return bool(self.roles.intersection(roles))

@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.auth import PURPOSE_HEADER
 from gateway.context import Requester
-from gateway.errors import STATUS_ERRORS, GatewayError, Unauthorized
+from gateway.errors import STATUS_ERRORS, Forbidden, GatewayError, Unauthorized
 from gateway.request_audit import refusal_record
 from gateway.services import audit as audit_service
 
@@ -132,8 +132,22 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Unauthorized as exc:
         exc.headers.setdefault("WWW-Authenticate", 'Bearer realm="fedgate", error="invalid_token"')
         raise
+    check_scope_route(requester, request.path)
     request[REQUESTER] = requester
     return await handler(request)
+
+
+def check_scope_route(requester: Requester, path: str) -> None:
+    """What SMART scopes rule out before any handler runs: a token bound to one patient (``patient/``
+    scopes) reaches the FHIR and DICOMweb APIs only (the gate narrows both to its patient; federation,
+    training, inference, OMOP and the console are not bound by it, so they are refused); a token whose
+    scopes name resource types reaches DICOMweb only when they grant ImagingStudy."""
+    if requester.patient is not None and not path.startswith(("/fhir/", "/dicomweb/")) and path not in (
+            "/fhir", "/dicomweb"):
+        raise Forbidden("a SMART patient/ token reads the patient's FHIR and DICOMweb data only")
+    if requester.resource_types is not None and path.startswith("/dicomweb") \
+            and "ImagingStudy" not in requester.resource_types:
+        raise Forbidden("DICOMweb needs a SMART scope granting ImagingStudy (e.g. patient/ImagingStudy.read)")
 
 
 def requester_of(request: web.Request) -> Requester:

@@ -104,6 +104,15 @@ class Settings:
     #: OIDC issuer URL for the viewer's production sign-in (authorization code + PKCE), and its client id.
     viewer_oidc_authority: str = ""
     viewer_oidc_client_id: str = "fedgate-viewer"
+    #: Scopes the viewer's sign-in asks the issuer for, and the RFC 8707 resource indicator it sends (some
+    #: issuers issue JWT access tokens for a named resource only; empty: none sent).
+    viewer_oidc_scope: str = "openid profile"
+    viewer_oidc_resource: str = ""
+    #: Where the fedgate roles are in an issuer's (RS256/ES256) token: a claim name or dotted path
+    #: ("roles", "groups", "realm_access.roles"), and how its values map onto fedgate roles
+    #: ("idp-value=role" entries, comma/space separated; empty: the values are fedgate role names).
+    oidc_roles_claim: str = "roles"
+    oidc_role_map: str = ""
     #: De-identification (issue #24, docs/deidentification.md). The site's secret keying every pseudonym,
     #: UID and date offset (env FEDGATE_DEID_SECRET or FEDGATE_DEID_SECRET_FILE; default: generated once
     #: into data_dir/secrets/deid.key). Never logged (not in repr), never exported.
@@ -321,6 +330,11 @@ def load_settings(
             parse_policy(settings.deid_policy)
         except ValueError as exc:
             raise SettingsError(f"setting 'deid_policy': {exc}") from None
+    from gateway.context import ROLES
+
+    for item in settings.oidc_role_map.replace(",", " ").split():
+        if item.partition("=")[2] not in ROLES:
+            raise SettingsError(f"setting 'oidc_role_map': {item!r} is not idp-value=role (roles: {sorted(ROLES)})")
     for origin in settings.cors_origin_list:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise SettingsError(f"setting 'cors_origins': {origin!r} is not an origin (scheme://host[:port]) or *")

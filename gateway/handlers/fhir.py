@@ -188,7 +188,10 @@ async def metadata(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type=FHIR_JSON)
 
 
-SMART_SCOPES = ["openid", "fhirUser", "user/*.read", "user/*.write", "user/*.*", "user/*.rs", "user/*.cruds",
+#: the data scopes fedgate maps onto roles (gateway.auth.smart_grant; per-type forms such as
+#: ``patient/Observation.read`` too); ``patient/`` scopes read only, with the launch patient's context
+SMART_SCOPES = ["openid", "fhirUser", "launch/patient", "patient/*.read", "patient/*.rs",
+                "user/*.read", "user/*.write", "user/*.*", "user/*.rs", "user/*.cruds",
                 "system/*.read", "system/*.write", "system/*.*", "system/*.rs", "system/*.cruds"]
 
 
@@ -201,7 +204,8 @@ def smart_configuration_doc(settings, token_endpoint: str | None = None) -> dict
         "grant_types_supported": ["authorization_code", "client_credentials"],
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
-        "capabilities": ["permission-user", "permission-v1", "permission-v2", "client-confidential-symmetric",
+        "capabilities": ["permission-patient", "permission-user", "permission-v1", "permission-v2",
+                         "client-confidential-symmetric",
                          "client-confidential-asymmetric"],
     }
     if settings.jwt_issuer.startswith(("http://", "https://")):

@@ -44,12 +44,22 @@ def require_write(requester: Requester) -> None:
     if requester.read_only:
         from gateway.errors import Forbidden
 
-        raise Forbidden("the token's SMART scopes grant reads only (ask for user/*.write or user/*.cud)")
+        raise Forbidden("the token's SMART scopes grant reads only (ask for user/*.write or user/*.cud; "
+                        "patient/ scopes never write here)")
     if not requester.has_role(*WRITE_ROLES):
         from gateway.errors import Forbidden
 
         raise Forbidden(f"role(s) {', '.join(sorted(requester.roles)) or 'none'} may not write data; "
                         f"writers: {', '.join(sorted(WRITE_ROLES))}")
+
+
+def require_type(requester: Requester, res_type: str) -> None:
+    """Raise Forbidden unless the token's SMART scopes grant ``res_type`` (``patient/Observation.read``)."""
+    if requester.resource_types is not None and res_type not in requester.resource_types:
+        from gateway.errors import Forbidden
+
+        raise Forbidden(f"the token's SMART scopes do not grant {res_type} (granted: "
+                        f"{', '.join(sorted(requester.resource_types))})")
 
 
 class Gate(Protocol):
@@ -62,7 +72,7 @@ class AuditSink(Protocol):
 
 class OpenGate:
     async def scope_for(self, requester: Requester) -> AccessScope:
-        return UNRESTRICTED
+        return UNRESTRICTED.for_patient(requester.patient) if requester.patient is not None else UNRESTRICTED
 
 
 class NullAudit:

@@ -100,7 +100,7 @@ def _requester_json(r: Requester) -> str:
     return orjson.dumps({"subject": r.subject, "roles": sorted(r.roles), "organization": r.organization,
                          "attributes": dict(r.attributes), "read_only": r.read_only,
                          "resource_types": sorted(r.resource_types) if r.resource_types is not None else None,
-                         }).decode()
+                         "patient": r.patient}).decode()
 
 
 def _purpose_json(p: Purpose) -> str:
@@ -113,7 +113,7 @@ def _job_requester(row) -> Requester:
     types = r.get("resource_types")
     return Requester(r["subject"], frozenset(r["roles"]), r.get("organization"), r.get("attributes") or {},
                      Purpose(p["kind"], tuple(p["codes"]), tuple(p["diseases"])), None, bool(r.get("read_only")),
-                     frozenset(types) if types is not None else None)
+                     frozenset(types) if types is not None else None, r.get("patient"))
 
 
 def _owner(r: Requester) -> tuple[str, tuple[str, ...]]:

@@ -183,6 +183,8 @@ class ConsentGate:
     async def scope_for(self, requester: Requester) -> AccessScope:
         try:
             scope = await self._scope_for(requester)
+            if requester.patient is not None:  # a SMART patient/ token: that patient's compartment only
+                scope = scope.for_patient(requester.patient)
             if self.observer is not None:
                 self.observer("unrestricted" if scope.unrestricted else "restricted")
             return scope

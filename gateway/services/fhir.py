@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
 
@@ -19,7 +19,8 @@ from gateway.context import Requester
 from gateway.ids import new_id
 from gateway.errors import (BadRequest, Conflict, Forbidden, GatewayError, Gone, NotFound, PreconditionFailed,
                             Unprocessable)
-from gateway.services.access import AccessRecord, Action, AuditSink, Gate, Interaction, Outcome, require_write
+from gateway.services.access import (AccessRecord, Action, AuditSink, Gate, Interaction, Outcome, require_type,
+                                     require_write)
 from gateway.store.access import Access, AccessLayer
 from gateway.store import fhir_repo as repo
 from gateway.store.db import Database
@@ -115,6 +116,7 @@ class FhirService:
     async def read(self, requester: Requester, res_type: str, res_id: str, *, access: Access | None = None,
                    conn=None) -> repo.Stored:
         self.check_type(res_type)
+        require_type(requester, res_type)
         access = access or await self.open(requester)
         if conn is None:
             async with access.read() as c:
@@ -135,6 +137,7 @@ class FhirService:
     async def vread(self, requester: Requester, res_type: str, res_id: str, version: str, *,
                     access: Access | None = None, conn=None) -> repo.Stored:
         self.check_type(res_type)
+        require_type(requester, res_type)
         access = access or await self.open(requester)
         ref = (f"{res_type}/{res_id}",)
         st = None
@@ -159,6 +162,7 @@ class FhirService:
     async def search(self, requester: Requester, q: SearchQuery, *, access: Access | None = None,
                      conn=None) -> repo.SearchResult:
         self.check_type(q.res_type)
+        require_type(requester, q.res_type)
         if q.cursor is not None:
             self.cursors.open(q, requester)  # 400 unless issued for this search and requester
         access = access or await self.open(requester)
@@ -167,6 +171,8 @@ class FhirService:
                 result = await repo.search(c, q, access.scope)
         else:
             result = await repo.search(conn, q, access.scope)
+        if requester.resource_types is not None:  # _include/_revinclude of types the scopes do not grant
+            result.included = [s for s in result.included if s.res_type in requester.resource_types]
         if result.more and result.last_key is not None:
             start = q.position if q.after is not None else q.offset
             result.next_cursor = self.cursors.issue(q, requester, result.last_key, start + len(result.matches))
@@ -193,6 +199,7 @@ class FhirService:
                              expression=["_type"])
         for t in types:
             self.check_type(t)
+            require_type(requester, t)
         paging = [(k, v) for k, v in pairs if k in ("_count", "_offset")]
         criteria = [(k, v) for k, v in pairs if k not in ("_count", "_offset")]
         probe = self.parse_search(types[0], paging, lenient=lenient)
@@ -208,7 +215,8 @@ class FhirService:
                 res = await repo.search(conn, q, access.scope)
                 total += res.total or 0
                 matches += res.matches
-                included += res.included
+                included += [s for s in res.included
+                             if requester.resource_types is None or s.res_type in requester.resource_types]
         page = matches[offset:offset + count]
         await access.record(Action.EXECUTE, Interaction.SEARCH_SYSTEM, Outcome.SUCCESS,
                             resources=[f"{s.res_type}/{s.res_id}" for s in page + included],
@@ -222,19 +230,23 @@ class FhirService:
         resource referenced"), through the same gate.
         The Patient is read through the gate first: one the caller may not see is a 404."""
         access = await self.open(requester)
-        patient = await self.read(requester, "Patient", patient_id, access=access)  # 404 if not visible
+        granted = requester.resource_types
+        # the Patient read decides visibility (404); a token granted other types only still needs it to exist
+        patient = await self.read(replace(requester, resource_types=None), "Patient", patient_id, access=access)
         for t in types or ():
             if t not in PATIENT_COMPARTMENT:
                 raise BadRequest(f"_type {t!r} is not in the Patient compartment", expression=["_type"])
-        out = [patient] if not types or "Patient" in types else []
+        want = [t for t in types or PATIENT_COMPARTMENT if granted is None or t in granted]
+        out = [patient] if "Patient" in want else []
         async with access.read() as conn:
-            for t in types or PATIENT_COMPARTMENT:
+            for t in want:
                 if t == "Patient":
                     continue
                 q = SearchQuery(t, count=self.max_count, total="none", compartment=patient_id)
                 out += (await repo.search(conn, q, access.scope)).matches
             if not types:  # and what they reference outside the compartment (Practitioner, Organization, ...)
-                out += await repo.referenced(conn, out, access.scope, skip_types=PATIENT_COMPARTMENT)
+                out += [s for s in await repo.referenced(conn, out, access.scope, skip_types=PATIENT_COMPARTMENT)
+                        if granted is None or s.res_type in granted]
         await access.record(Action.READ, Interaction.OPERATION, Outcome.SUCCESS, detail="$everything",
                             resources=[f"{s.res_type}/{s.res_id}" for s in out], patients=[s.patient_id for s in out])
         return out
@@ -243,6 +255,10 @@ class FhirService:
                       pairs: list[tuple[str, str]]) -> tuple[list[repo.Stored], int, int, int]:
         if res_type:
             self.check_type(res_type)
+            require_type(requester, res_type)
+        elif requester.resource_types is not None:
+            raise Forbidden("system history spans every type; the token's SMART scopes grant "
+                            f"{', '.join(sorted(requester.resource_types))} only")
         count, offset, since = self.default_count, 0, None
         for k, v in pairs:
             try:
@@ -284,6 +300,7 @@ class FhirService:
     async def create(self, requester: Requester, res_type: str, body: Any, if_none_exist: str | None) -> WriteOutcome:
         require_write(requester)  # analysts read only
         self.check_type(res_type)
+        require_type(requester, res_type)
         resource = self._validated(body, res_type)
         access = None
         if if_none_exist:  # conditional create: the criteria are searched, so the requester's access counts
@@ -304,6 +321,7 @@ class FhirService:
     async def update(self, requester: Requester, res_type: str, res_id: str, body: Any, if_match: str | None) -> WriteOutcome:
         require_write(requester)  # analysts read only
         self.check_type(res_type)
+        require_type(requester, res_type)
         if not ID_RE.match(res_id):
             raise BadRequest(f"id {res_id!r} must match [A-Za-z0-9\\-.]{{1,64}}")
         resource = self._validated(body, res_type)
@@ -350,6 +368,7 @@ class FhirService:
     async def delete(self, requester: Requester, res_type: str, res_id: str) -> repo.Stored | None:
         require_write(requester)  # analysts read only
         self.check_type(res_type)
+        require_type(requester, res_type)
         async with self.db.write() as conn:
             await repo.lock_resources(conn, [(res_type, res_id)])
             prev = await repo.get_current(conn, res_type, res_id)
@@ -419,6 +438,9 @@ class FhirService:
 
     async def _transaction(self, requester: Requester, entries: list) -> dict[str, Any]:
         require_write(requester)  # analysts read only
+        if requester.resource_types is not None:
+            raise Forbidden("a transaction may touch any type; the token's SMART scopes grant "
+                            f"{', '.join(sorted(requester.resource_types))} only (use a batch)")
         from gateway.services.fhir_bundle import TransactionPlan
 
         plan = TransactionPlan(self, entries)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from sqlalchemy import Boolean, ColumnElement, false, or_, select, true
+from sqlalchemy import Boolean, ColumnElement, String, and_, false, literal, not_, or_, select, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from gateway.store.schema import cm_patient
+from gateway.store.schema import cm_patient, fhir_link, fhir_resource
 
 
 def profile_no(key: str | None) -> int | None:
@@ -75,6 +75,11 @@ class AccessScope:
     #: The allowed profiles' numbers (:func:`profile_no`); derived from ``allowed_profiles`` when not given.
     allowed_nos: frozenset[int] = frozenset()
 
+    #: Only this patient's rows (and rows of no patient): a SMART ``patient/`` token's launch patient.
+    patient: str | None = None
+    #: With ``patient``: the consent decision before narrowing was unrestricted (no profile filter).
+    all_profiles: bool = False
+
     #: ``0, n1, n2, ...``: ``NO_PATIENT`` + ``allowed_nos`` as SQL integer literals (set in __post_init__).
     _in_list: str = field(default="", repr=False, compare=False)
 
@@ -84,10 +89,42 @@ class AccessScope:
         nos = [NO_PATIENT, *sorted(self.allowed_nos)]
         object.__setattr__(self, "_in_list", ", ".join(str(int(n)) for n in nos))
 
+    def for_patient(self, patient: str) -> "AccessScope":
+        """This scope narrowed to one patient's data (and rows of no patient): what a SMART ``patient/``
+        token may read.  Never unrestricted, so every read path applies the narrowed predicates."""
+        if self.patient is not None:
+            return self if self.patient == patient else AccessScope(False, summary=self.summary + " + other patient")
+        return AccessScope(False, self.allowed_profiles, self.summary + " + one patient (SMART patient/ scope)",
+                           self.allowed_nos, patient=patient, all_profiles=self.unrestricted)
+
+    def _fhir_patient_rows(self, R) -> ColumnElement:
+        """Rows of ``fhir_resource`` (or an alias) in the patient's compartment only — the current version
+        linked to no other patient — or of no patient at all."""
+        L = fhir_link
+        other = select(L.c.patient_id).where(L.c.res_type == R.c.res_type, L.c.res_id == R.c.res_id,
+                                             L.c.version == R.c.version, L.c.patient_id != self.patient).exists()
+        return or_(R.c.consent_no == NO_PATIENT, and_(R.c.patient_id == self.patient, not_(other)))
+
+    def _patient_rows(self, table) -> ColumnElement:
+        cols = table.c
+        if "multi_link" in cols and "res_id" in cols:  # fhir_resource
+            return self._fhir_patient_rows(table)
+        if "rid" in cols:  # a FHIR search index: its resource's row decides
+            R = fhir_resource
+            return or_(cols.consent_no == NO_PATIENT, cols.rid.in_(select(R.c.rid).where(self._fhir_patient_rows(R))))
+        if "patient_id" in cols:  # DICOM rows: the patient's own only
+            return cols.patient_id == self.patient
+        return false()
+
     def patient_clause(self, patient_col: ColumnElement, *, allow_no_patient: bool = True) -> ColumnElement:
         """SQL predicate: the row's patient is visible in this scope."""
         if self.unrestricted:
             return true()
+        if self.patient is not None:
+            mine = patient_col == self.patient
+            if not self.all_profiles:
+                mine = and_(mine, patient_col.in_(self.patient_ids_subquery()))
+            return or_(patient_col.is_(None), mine) if allow_no_patient else mine
         if not self.allowed_profiles:
             return patient_col.is_(None) if allow_no_patient else false()
         allowed = select(cm_patient.c.patient_id).where(
@@ -112,12 +149,21 @@ class AccessScope:
         :data:`NO_PATIENT`, patients without an effective profile ``NULL``)."""
         if self.unrestricted:
             return true()
+        if self.patient is not None:
+            rows = self._patient_rows(no_col.table)
+            return rows if self.all_profiles else and_(ConsentNoIn(no_col, self._in_list), rows)
         return ConsentNoIn(no_col, self._in_list)
 
     def patient_ids_subquery(self):
         """SELECT of visible patient ids (None when unrestricted: every patient)."""
         if self.unrestricted:
             return None
+        if self.patient is not None and self.all_profiles:
+            return select(literal(self.patient, String))
+        if self.patient is not None:
+            return select(cm_patient.c.patient_id).where(
+                cm_patient.c.patient_id == self.patient,
+                cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))
         if not self.allowed_profiles:  # nobody (no NUL-byte sentinel: PostgreSQL rejects it)
             return select(cm_patient.c.patient_id).where(false())
         return select(cm_patient.c.patient_id).where(cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles)))

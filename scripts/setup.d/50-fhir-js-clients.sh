@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The FHIR JS clients the test suite drives (issue 22): fhir-kit-client and SMART's fhirclient, pinned in
-# tests/js/package.json + package-lock.json, installed into tests/js/node_modules (ignored). Needs node >= 18
+# The FHIR JS clients the test suite drives (issue 22): fhir-kit-client and SMART's fhirclient, and the OIDC
+# issuer the viewer's sign-in test runs (oidc-provider, tests/js/oidc_idp.mjs), pinned in
+# tests/js/package.json + package-lock.json, installed into tests/js/node_modules (ignored). Needs node >= 20
 # and npm (Debian: nodejs npm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

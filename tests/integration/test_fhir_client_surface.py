@@ -149,10 +149,10 @@ async def test_patch(site):
         assert st == 404
 
 
-def _smart_token(gw, scope: str) -> str:
+def _smart_token(gw, scope: str, **extra) -> str:
     now = int(time.time())
     claims = {"sub": "smart-app", "iat": now, "exp": now + 600, "iss": gw.settings.jwt_issuer,
-              "aud": gw.settings.jwt_audience, "scope": scope}
+              "aud": gw.settings.jwt_audience, "scope": scope, **extra}
     return jwt.encode(claims, gw.settings.dev_secret(), algorithm="HS256")
 
 
@@ -163,8 +163,9 @@ def test_smart_scope_mapping():
     assert smart_roles("user/*.cruds") == (frozenset({"clinician"}), False)
     assert smart_roles("system/*.read") == (frozenset({"ehr-system"}), True)
     assert smart_roles(["system/*.rs", "system/*.write"]) == (frozenset({"ehr-system"}), False)
-    # one patient's scopes, per-type scopes and nonsense grant nothing (fail closed)
-    for scope in ("patient/*.read", "patient/*.rs", "user/Observation.read", "user/*.xyz", "user/*.sr", "", None, 7):
+    # one patient's scopes read only (test_smart_scopes.py); nonsense grants nothing (fail closed)
+    assert smart_roles("patient/*.read") == (frozenset({"clinician"}), True)
+    for scope in ("patient/*.write", "user/*.xyz", "user/*.sr", "user/*.rs?category=x", "", None, 7):
         assert smart_roles(scope) == (frozenset(), False), scope
 
 
@@ -190,7 +191,7 @@ async def test_smart_configuration_and_scoped_tokens(site):
         st, _, b = await _json(http, "PATCH", f"{gw.fhir}/Patient/p-none", write | PATCH_JSON,
                                json=[{"op": "replace", "path": "/gender", "value": "male"}])
         assert st == 200 and b["gender"] == "male"
-        for scope in ("patient/*.read", "user/Observation.read"):
-            st, _, b = await _json(http, "GET", f"{gw.fhir}/Patient",
+        for scope, status in (("patient/*.read", 401), ("user/Observation.read", 403), ("user/Patient.read", 200)):
+            st, _, b = await _json(http, "GET", f"{gw.fhir}/Patient",  # patient/: no launch patient → 401
                                    {"Authorization": f"Bearer {_smart_token(gw, scope)}"})
-            assert st == 401, scope
+            assert st == status, scope

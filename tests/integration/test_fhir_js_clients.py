@@ -36,13 +36,14 @@ async def test_fhir_kit_client_and_smart_fhirclient(gateway, http):
         assert r.status == 200, await r.text()
     env = os.environ | {"FHIR_BASE": gateway.fhir, "TOKEN": gateway.token("ehr-system"),
                         "SMART_TOKEN": _smart_token(gateway, "openid fhirUser user/*.cruds"),
-                        "PATIENT": "js-a", "OBSERVATION": "js-a-1", "N_OBS": "3"}
+                        "PATIENT_TOKEN": _smart_token(gateway, "launch/patient openid patient/*.read", patient="js-a"),
+                        "PATIENT": "js-a", "OTHER": "js-b", "OBSERVATION": "js-a-1", "N_OBS": "3"}
     proc = await asyncio.create_subprocess_exec(node, str(JS / "fhir_clients.mjs"), cwd=JS, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, (out.decode()[-3000:], err.decode()[-3000:])
     steps = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-    assert steps[-1] == {"done": True} and len(steps) == 11, steps
+    assert steps[-1] == {"done": True} and len(steps) == 17, steps
     # what the clients did, seen over plain HTTP: two patches (versions 2 and 3), the other patient untouched
     async with http.get(f"{gateway.fhir}/Observation/js-a-1", headers=gateway.headers("clinician")) as r:
         obs = await r.json()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, Table, create_engine, insert, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, insert, select
 
 from gateway.store.scope import NO_PATIENT, AccessScope, profile_no
 
@@ -103,3 +103,30 @@ def test_row_clause_is_a_plain_in_on_sqlite_so_an_index_can_serve_it():
         plan = " ".join(r[3] for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
         assert "SEARCH rows USING COVERING INDEX ix_rows_consent_no (consent_no=?)" in plan, plan
         assert conn.execute(count).scalar_one() == 3 * 40
+
+
+def test_for_patient_narrows_every_kind_of_row_and_is_never_unrestricted():
+    """A SMART patient/ token's scope: DICOM-like rows (patient_id) of that patient only; an unknown table
+    (no patient column) nothing; the consent decision it narrows still applies."""
+    md = MetaData()
+    t = Table("dcm", md, Column("id", Integer, primary_key=True), Column("patient_id", String(64)),
+              Column("consent_no", BigInteger))
+    other = Table("other", md, Column("id", Integer, primary_key=True), Column("consent_no", BigInteger))
+    eng = create_engine("sqlite://")
+    md.create_all(eng)
+    ok = profile_no("ok")
+    with eng.begin() as conn:
+        conn.execute(insert(t), [{"id": 1, "patient_id": "a", "consent_no": ok},
+                                 {"id": 2, "patient_id": "b", "consent_no": ok},
+                                 {"id": 3, "patient_id": "a", "consent_no": profile_no("refused")},
+                                 {"id": 4, "patient_id": None, "consent_no": NO_PATIENT}])
+        conn.execute(insert(other), [{"id": 1, "consent_no": NO_PATIENT}])
+        treatment = AccessScope().for_patient("a")
+        research = AccessScope(False, frozenset({"ok"}), "t").for_patient("a")
+        assert not treatment.unrestricted and not research.unrestricted
+        for scope, want in ((treatment, {1, 3}), (research, {1})):
+            assert set(conn.execute(select(t.c.id).where(scope.row_clause(t.c.consent_no))).scalars()) == want
+            assert not list(conn.execute(select(other.c.id).where(scope.row_clause(other.c.consent_no))))
+        # a scope bound to one patient asked for another: nothing of either
+        assert not list(conn.execute(select(t.c.id).where(
+            treatment.for_patient("b").row_clause(t.c.consent_no)).where(t.c.patient_id.is_not(None))))

@@ -213,7 +213,7 @@
   document.addEventListener('DOMContentLoaded', function () {
     var c = claims();
     var who = document.getElementById('whoami');
-    if (who && c) who.textContent = 'Signed in as ' + c.sub + ' (' + (c.roles || []).join(', ') + '; ' + describePurpose(c.purpose) + ')';
+    if (who && c) who.textContent = 'Signed in as ' + c.sub + ' (' + (c.roles && c.roles.length ? c.roles.join(', ') + '; ' : '') + describePurpose(c.purpose) + ')';
     var out = document.getElementById('signout');
     if (out) out.addEventListener('click', toLogin);
     setupCohort();
