@@ -98,16 +98,20 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dicomweb_ctx(app: web.Application) -> AsyncIterator[None]:
-    """DICOMweb over the blob store; repairs what an earlier process left half stored."""
+    """DICOMweb over the blob store (it owns the STOW part writer threads); repairs what an earlier
+    process left half stored."""
     settings = app[keys.SETTINGS]
-    svc = DicomwebService(app[keys.DB], app[keys.GATE], app[keys.AUDIT], BlobStore(Path(settings.data_dir) / "blobs"),
-                          app[keys.WORKERS])
+    svc = DicomwebService(app[keys.DB], app[keys.ACCESS], app[keys.AUDIT],
+                          BlobStore(Path(settings.data_dir) / "blobs"), app[keys.WORKERS])
     if app[keys.STARTUP] != "serve":  # not in a serving child: its siblings' temp files are in flight
         await svc.reconcile()
     else:  # a serving child (perhaps replacing one that died): what a dead sibling left half stored
         await svc.adopt_dead_journals()
     app[keys.DICOMWEB] = svc
-    yield
+    try:
+        yield
+    finally:
+        await svc.close()  # (the STOW part writer threads)
 
 
 async def dimse_ctx(app: web.Application) -> AsyncIterator[None]:

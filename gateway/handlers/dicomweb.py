@@ -1,27 +1,26 @@
 """DICOMweb routes under /dicomweb (DICOM PS3.18): STOW-RS, QIDO-RS, WADO-RS.
 
-HTTP concerns only — media types, multipart framing, Accept negotiation; the work is in
-``gateway/services/dicomweb.py``.  Errors outside a STOW response payload are RFC 9457 problem details
-(the default renderer) with the PS3.18 status code.
+HTTP concerns only — media types, multipart framing, Accept negotiation (the shared pieces in
+``gateway/handlers/dicomweb_http.py``, STOW bodies in ``gateway/handlers/stow_body.py``); the work is in
+``gateway/services/dicomweb.py``, whose retrieve returns a
+:class:`~gateway.services.dicom_retrieve.Retrieval` that reads the stored instances.  Errors outside a
+STOW response payload are RFC 9457 problem details (the default renderer) with the PS3.18 status code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-from pathlib import Path
 
 import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.edge import FORWARDED, PREFIX
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
-from gateway.handlers.stow_body import CHUNK, _receive, _stow_media
+from gateway.handlers.dicomweb_http import DICOM_JSON, Accept, MultipartWriter, media_with_ts, send_parts, urls
+from gateway.handlers.stow_body import _receive, _stow_media
 from gateway.middlewares import requester_of
-from gateway.services.dicomweb import DicomwebService, check_study_uid
+from gateway.services.dicomweb import DicomwebService, Retrieval, check_study_uid
 from mappings.dicom import attributes as attrs
 from mappings.dicom import negotiate
 from mappings.dicom import pixels
@@ -29,10 +28,6 @@ from mappings.dicom.qido import QidoError, QidoQuery
 
 log = logging.getLogger(__name__)
 
-DICOM_JSON = "application/dicom+json"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED = set(pixels.UNCOMPRESSED)  # explicit/implicit VR little endian, big endian, deflate
 #: stored bytes of the instances transcoded before a WADO response starts (see _retrieve)
 TRANSCODE_AHEAD = 64 * 1024 * 1024
 
@@ -42,16 +37,8 @@ def _svc(request: web.Request) -> DicomwebService:
 
 
 def base_url(request: web.Request) -> str:
-    configured = request.app[keys.SETTINGS].base_url
-    if configured:
-        return configured.rstrip("/") + "/dicomweb"
-    host = request.host
-    if ":" not in host.rsplit("]", 1)[-1] and request.transport is not None and not request.get(FORWARDED):
-        # some clients (dicomweb-client) send Host without the port: use the port we were reached on
-        sock = request.transport.get_extra_info("sockname")
-        if sock and sock[1] not in (80, 443):
-            host = f"{host}:{sock[1]}"
-    return f"{request.scheme}://{host}{request.get(PREFIX, '')}/dicomweb"
+    """The DICOMweb service root as the client reached it (see :func:`dicomweb_http.urls`)."""
+    return urls(request).base
 
 
 # ------------------------------------------------------------------------------------------- STOW-RS
@@ -66,27 +53,16 @@ async def stow(request: web.Request) -> web.Response:
     svc = _svc(request)
     feed = svc.parse_feed(study)
     parts = await _receive(request, boundary, feed.add)
-    status, body = await svc.store(requester_of(request), parts, study, base_url(request), feed)
+    status, body = await svc.store(requester_of(request), parts, study, urls(request), feed)
     return web.Response(status=status, body=orjson.dumps(body), content_type=DICOM_JSON)
 
 
 # ------------------------------------------------------------------------------------------- QIDO-RS
 
 
-def _check_json_accept(request: web.Request) -> None:
-    accept = request.headers.get("Accept", "")
-    if not accept:
-        return
-    for item in accept.split(","):
-        media = item.split(";")[0].strip().lower()
-        if media in (DICOM_JSON, "application/json", "*/*", "application/*"):
-            return
-    raise NotAcceptable(f"Accept {accept!r}: this server answers application/dicom+json")
-
-
 async def _search(request: web.Request, level: str) -> web.Response:
     """QIDO-RS Search (PS3.18 §10.6): application/dicom+json, X-Total-Count = matches before paging."""
-    _check_json_accept(request)
+    Accept.of(request).json()
     study = request.match_info.get("study")
     series = request.match_info.get("series")
     for uid in (study, series):
@@ -122,39 +98,7 @@ async def search_instances(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------------------- WADO-RS
 
 
-def _plan_transfer(rows: list[dict], wants: list[negotiate.Want]) -> list[str | None]:
-    """Per instance (PS3.18 §8.7.3.5): None = send as stored, else the transfer syntax to transcode to — the
-    first accepted application/dicom representation that can be produced (uncompressed, RLE or JPEG 2000
-    lossless; compressed instances are decoded first).  406 if an instance has none."""
-    dicom = [w for w in wants if w.media in (negotiate.DICOM, "application/*", "*/*")]
-    if not dicom:
-        accept = wants[0].media if wants else ""
-        raise NotAcceptable(f"Accept {accept!r}: instances are sent as multipart/related; type=\"application/dicom\"")
-    plan = []
-    for r in rows:
-        stored = r["transfer_syntax"]
-        for w in dicom:
-            ts = w.ts or EXPLICIT_LE
-            if ts == "*" or ts == stored:
-                plan.append(None)
-                break
-            if (ts in UNCOMPRESSED or ts in pixels.ENCODABLE) and pixels.can_decode(stored):
-                plan.append(ts)
-                break
-        else:
-            raise NotAcceptable(f"instance {r['sop_uid']} is stored as {stored}; it cannot be sent in an accepted "
-                                "transfer syntax (ask for transfer-syntax=* to get it as stored)")
-    return plan
-
-
-async def _multipart(request: web.Request, ctype: str) -> tuple[web.StreamResponse, str]:
-    boundary = secrets.token_hex(16)
-    resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{ctype}"; boundary={boundary}'})
-    await resp.prepare(request)
-    return resp, boundary
-
-
-# ------------------------------------------------------------------ de-identified WADO-RS (issue #24)
+# ------------------------------------------------------------------ de-identified WADO-RS
 #: Bulk data a de-identified answer may carry: the pixel data (never changed by the profile)
 _DEID_BULK_TAGS = frozenset({"7FE00010", "7FE00008", "7FE00009"})
 
@@ -184,68 +128,48 @@ def _releasable(row: dict) -> bool:
     return burned_in_reason(ds) is None
 
 
-async def _visible_rows(request: web.Request, svc: DicomwebService, *, metadata: bool, deid) -> list[dict]:
+async def _visible(request: web.Request, svc: DicomwebService, *, metadata: bool, deid) -> Retrieval:
     """The instances the request names, through the gate; for a de-identified answer without the
     instances the profile withholds (404 when none is left: a withheld instance looks like a missing one)."""
     m = request.match_info
-    rows = await svc.instances(requester_of(request), check_study_uid(m["study"]), m.get("series"),
+    found = await svc.retrieve(requester_of(request), check_study_uid(m["study"]), m.get("series"),
                                m.get("instance"), metadata=metadata or deid is not None)
     if deid is not None:
-        rows = [r for r in rows if _releasable(r)]
-        if not rows:
+        found = found.only([r for r in found if _releasable(r)])
+        if not found.rows:
             raise NotFound("no instance to release (withheld: burned-in annotation)")
-    return rows
+    return found
 
 
-def _cut_short(request: web.Request, resp: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
-    """A multipart answer that failed after its status line went out: the connection is closed (the client
-    sees a truncated body, never an error status inside a 200)."""
-    log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
-    resp.force_close()
-    if request.transport is not None:
-        request.transport.close()
-    return resp
-
-
-async def _end_multipart(resp: web.StreamResponse, boundary: str) -> web.StreamResponse:
-    await resp.write(f"--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
-
-
-async def _retrieve_deidentified(request: web.Request, svc: DicomwebService, rows: list[dict], deid,
-                                 wants) -> web.StreamResponse:
+async def _retrieve_deidentified(request: web.Request, found: Retrieval, deid,
+                                 wants: list[negotiate.Want]) -> web.StreamResponse:
     """Instances de-identified on the fly (worker threads), each as stored otherwise (no transcoding)."""
-    from gateway.services.deid import deidentify_file
     from mappings.deid.dicom import Withheld
 
-    for want in wants:
-        if want.media in (negotiate.DICOM, "application/*", "*/*") and want.ts in (None, "*"):
-            break
-    else:
-        raise NotAcceptable("de-identified instances are sent in their stored transfer syntax: ask for "
-                            "application/dicom (transfer-syntax=*)")
+    want = Accept.instances_as_stored(wants)
+
     async def one(row: dict) -> bytes | None:
-        out = await asyncio.to_thread(deidentify_file, svc.blob_path(row), deid, row.get("patient_id"))
+        out = await found.deidentified(row, deid)
         return None if isinstance(out, Withheld) else out
 
+    rows = found.rows
     if len(rows) == 1 and not want.multipart:
         body = await one(rows[0])
         if body is None:
             raise NotFound("no instance to release (withheld)")
-        return web.Response(body=body, headers={"Content-Type": _media_with_ts(negotiate.DICOM, rows[0]["transfer_syntax"])})
+        return web.Response(body=body, headers={"Content-Type": media_with_ts(negotiate.DICOM, rows[0]["transfer_syntax"])})
     first = await one(rows[0])  # before the status line: an unreadable instance is an error, not a cut 200
-    resp, boundary = await _multipart(request, "application/dicom")
+    out = MultipartWriter(request, negotiate.DICOM)
+    await out.start()
     try:
         for i, row in enumerate(rows):
             body = first if i == 0 else await one(row)
             if body is None:
                 continue
-            await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
-                             f"{row['transfer_syntax']}\r\n\r\n".encode() + body + b"\r\n")
+            await out.write(out.head(media_with_ts(negotiate.DICOM, row["transfer_syntax"])) + body + b"\r\n")
     except (GatewayError, OSError, ValueError) as exc:  # past the status line: end the connection
-        return _cut_short(request, resp, exc)
-    return await _end_multipart(resp, boundary)
+        return out.cut_short(exc)
+    return await out.end()
 
 
 def _deidentified_metadata(rows: list[dict], deid) -> list[dict]:
@@ -270,23 +194,24 @@ def _strip_bulk(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if not (isinstance(v, dict) and ("BulkDataURI" in v or "InlineBinary" in v))}
 
 
+# ------------------------------------------------------------------ instances, metadata, frames, rendered, bulk data
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Study/Series/Instance (PS3.18 §10.4.1): multipart/related application/dicom."""
-    svc = _svc(request)
-    wants = _wants(request, negotiate.DICOM)
+    accept = Accept.of(request)
+    wants = accept.wants(negotiate.DICOM)
     deid = _deid_keys(request)
-    rows = await _visible_rows(request, svc, metadata=False, deid=deid)
+    found = await _visible(request, _svc(request), metadata=False, deid=deid)
     if deid is not None:
-        return await _retrieve_deidentified(request, svc, rows, deid, wants)
-    plan = _plan_transfer(rows, wants)
-    if len(rows) == 1 and not next(w for w in wants if w.media in (negotiate.DICOM, "application/*", "*/*")).multipart:
+        return await _retrieve_deidentified(request, found, deid, wants)
+    want, plan = accept.instances(wants, found.rows)
+    rows = found.rows
+    if len(rows) == 1 and not want.multipart:
         # single part application/dicom (one instance): the file itself
         [row], [target] = rows, plan
-        body = (await asyncio.to_thread(Path(svc.blob_path(row)).read_bytes) if target is None
-                else await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target))
-        return web.Response(body=body, headers={"Content-Type": _media_with_ts(negotiate.DICOM, target or row["transfer_syntax"])})
+        body = await found.read(row) if target is None else await found.transcode(row, target)
+        return web.Response(body=body, headers={"Content-Type": media_with_ts(negotiate.DICOM, target or row["transfer_syntax"])})
     if request.method != "HEAD" and all(t is None for t in plan):
-        return await _retrieve_as_stored(request, svc, rows)
+        return await _retrieve_as_stored(request, found)
     # transcoding is decided before the response starts: the instances to transcode (up to TRANSCODE_AHEAD
     # stored bytes) are transcoded first, so one that cannot be answers 406 instead of breaking a started 200
     ready: dict[int, bytes] = {}
@@ -296,30 +221,28 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
             continue
         if ahead >= TRANSCODE_AHEAD:
             break
-        ready[i] = await _transcoded(svc, row, target)
+        ready[i] = await _transcoded(found, row, target)
         ahead += int(row.get("size") or 0)
-    resp, boundary = await _multipart(request, "application/dicom")
+    out = MultipartWriter(request, negotiate.DICOM)
+    await out.start()
     try:
         for i, (row, target) in enumerate(zip(rows, plan)):
-            path = svc.blob_path(row)
-            ts = target or row["transfer_syntax"]
-            await resp.write(f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n".encode())
+            await out.write(out.head(media_with_ts(negotiate.DICOM, target or row["transfer_syntax"])))
             if target is None:
-                with open(path, "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        await resp.write(chunk)
+                async for chunk in found.chunks(row):
+                    await out.write(chunk)
             else:
-                await resp.write(ready.pop(i, None) or await _transcoded(svc, row, target))
-            await resp.write(b"\r\n")
+                await out.write(ready.pop(i, None) or await _transcoded(found, row, target))
+            await out.write(b"\r\n")
     except (GatewayError, OSError) as exc:  # past the status line: end the connection, never a 500 inside a 200
-        return _cut_short(request, resp, exc)
-    return await _end_multipart(resp, boundary)
+        return out.cut_short(exc)
+    return await out.end()
 
 
-async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
+async def _transcoded(found: Retrieval, row: dict, target: str) -> bytes:
     """One instance transcoded (worker thread); an instance that cannot be → 406 with the reason."""
     try:
-        return await asyncio.to_thread(pixels.transcode, svc.blob_path(row), target)
+        return await found.transcode(row, target)
     except pixels.PixelError as exc:
         raise NotAcceptable(f"instance {row['sop_uid']} cannot be sent as {target}: {exc}") from None
     except Exception as exc:  # a stored file pydicom cannot re-encode
@@ -328,32 +251,23 @@ async def _transcoded(svc: DicomwebService, row: dict, target: str) -> bytes:
                             "transfer-syntax=* to get it as stored)") from None
 
 
-async def _retrieve_as_stored(request: web.Request, svc: DicomwebService, rows: list[dict]) -> web.StreamResponse:
+async def _retrieve_as_stored(request: web.Request, found: Retrieval) -> web.StreamResponse:
     """Instances sent as stored: the files go out with ``loop.sendfile`` (zero-copy; asyncio falls back to
     reads where the transport cannot), framed by multipart headers, with an exact Content-Length."""
-    boundary = secrets.token_hex(16)
-    heads = [f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={r['transfer_syntax']}\r\n\r\n"
-             .encode() for r in rows]
-    tail = f"--{boundary}--\r\n".encode()
+    out = MultipartWriter(request, negotiate.DICOM)
+    rows = found.rows
+    heads = [out.head(media_with_ts(negotiate.DICOM, r["transfer_syntax"])) for r in rows]
     # sizes first (for Content-Length), files opened one at a time (a study may hold thousands of instances)
-    paths = [svc.blob_path(r) for r in rows]
-    sizes = [os.stat(p).st_size for p in paths]
-    resp = web.StreamResponse(headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    resp.content_length = sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(tail)
-    await resp.prepare(request)
-    loop = asyncio.get_running_loop()
+    sizes = found.sizes()
+    await out.start(sum(map(len, heads)) + sum(sizes) + 2 * len(rows) + len(out.tail))
     before = b""  # the previous part's closing CRLF goes out with the next part's header (one send, not two)
-    for head, path, size in zip(heads, paths, sizes):
-        await resp.write(before + head)
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != size or request.transport is None:  # stored files never change
-                raise ConnectionResetError("instance file changed or connection lost while sending")
-            await loop.sendfile(request.transport, f, 0, size)
+    for head, row, size in zip(heads, rows, sizes):
+        await out.write(before + head)
+        await found.sendfile(request.transport, row, size)
         before = b"\r\n"
-    await resp.write(before + tail)
-    await resp.write_eof()
-    return resp
+    await out.write(before + out.tail)
+    await out.response.write_eof()
+    return out.response
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
@@ -362,19 +276,17 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
 async def metadata(request: web.Request) -> web.Response:
     """WADO-RS Retrieve Metadata (PS3.18 §10.4.1.1.2), every level: application/dicom+json."""
-    _check_json_accept(request)
-    svc = _svc(request)
+    Accept.of(request).json()
     deid = _deid_keys(request)
-    rows = await _visible_rows(request, svc, metadata=True, deid=deid)
+    found = await _visible(request, _svc(request), metadata=True, deid=deid)
     if deid is not None:
-        out = await asyncio.to_thread(_deidentified_metadata, rows, deid)
+        out = await asyncio.to_thread(_deidentified_metadata, found.rows, deid)
         return web.Response(body=orjson.dumps(out), content_type=DICOM_JSON)
-    base = base_url(request)
+    service = urls(request)
     out = []
-    for r in rows:
+    for r in found:
         meta = orjson.loads(r["metadata"]) if r["metadata"] else {}
-        out.append(attrs.resolve_bulk(meta, f"{base}/studies/{r['study_uid']}/series/{r['series_uid']}"
-                                            f"/instances/{r['sop_uid']}"))
+        out.append(attrs.resolve_bulk(meta, service.bulk_of(r)))
     return web.Response(body=orjson.dumps(out), content_type=DICOM_JSON)
 
 
@@ -388,51 +300,24 @@ def _frame_numbers(text: str) -> list[int]:
     return nums
 
 
-def _wants(request: web.Request, default_part: str) -> list[negotiate.Want]:
-    try:
-        return negotiate.parse_accept(request.headers.get("Accept"), default_part)
-    except negotiate.AcceptError as exc:
-        raise BadRequest(str(exc)) from None
-
-
-def _media_with_ts(media: str, ts: str | None) -> str:
-    return f"{media}; transfer-syntax={ts}" if ts else media
-
-
-async def _send_parts(request: web.Request, media: str, ts: str | None, blobs: list[bytes],
-                      multipart: bool) -> web.StreamResponse:
-    if not multipart:  # single part (PS3.18 §8.7.3.2): the one frame / value is the body
-        [blob] = blobs
-        return web.Response(body=blob, headers={"Content-Type": _media_with_ts(media, ts)})
-    resp, boundary = await _multipart(request, media)
-    for blob in blobs:
-        await resp.write(f"--{boundary}\r\nContent-Type: {_media_with_ts(media, ts)}\r\n\r\n".encode())
-        await resp.write(blob)
-        await resp.write(b"\r\n")
-    await resp.write(f"--{boundary}--\r\n".encode())
-    await resp.write_eof()
-    return resp
-
-
 async def frames(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.3), negotiated per §8.7: multipart/related (or, for one frame,
     single part) of application/octet-stream (uncompressed; compressed frames are decoded), the stored
     compressed form (image/jpeg, image/jls, image/jp2, image/dicom-rle with its transfer syntax, or
     ``transfer-syntax=*``), or frames encoded here (JPEG baseline from 8-bit pixels, RLE, JPEG 2000 lossless).
     406 when no accepted representation can be produced."""
-    wants = _wants(request, negotiate.OCTET)
-    svc = _svc(request)
-    m = request.match_info
-    nums = _frame_numbers(m["frames"])
-    [row] = await _visible_rows(request, svc, metadata=False, deid=_deid_keys(request))
+    wants = Accept.of(request).frames()
+    nums = _frame_numbers(request.match_info["frames"])
+    found = await _visible(request, _svc(request), metadata=False, deid=_deid_keys(request))
+    [row] = found.rows
     try:
-        want, media, ts, data = await asyncio.to_thread(pixels.frames_as, svc.blob_path(row), nums, wants)
+        want, media, ts, data = await found.frames(row, nums, wants)
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
     except Exception as exc:  # a stored file whose pixel data pydicom cannot read: 406
         log.warning("frames failed", extra={"error_type": type(exc).__name__})
         raise NotAcceptable("the instance's pixel data cannot be split into frames") from None
-    return await _send_parts(request, media, ts, data, want.multipart)
+    return await send_parts(request, media, ts, data, want.multipart)
 
 
 def _pixel_error(exc: "pixels.PixelError"):
@@ -444,18 +329,7 @@ def _pixel_error(exc: "pixels.PixelError"):
 
 
 def _render_params(request: web.Request) -> tuple[str, dict]:
-    accept = request.headers.get("Accept", "image/jpeg")
-    fmt = None
-    for item in accept.split(","):
-        media = item.split(";")[0].strip().lower()
-        if media in ("image/jpeg", "image/png"):
-            fmt = media
-            break
-        if media in ("*/*", "image/*"):
-            fmt = "image/jpeg"
-            break
-    if fmt is None:
-        raise NotAcceptable(f"Accept {accept!r}: rendered images are image/jpeg or image/png")
+    fmt = Accept.of(request).rendered()
     opts: dict = {}
     q = request.query
     for name in q:
@@ -489,16 +363,15 @@ async def _render(request: web.Request, *, thumbnail: bool) -> web.Response:
     fmt, opts = _render_params(request)
     if thumbnail:
         opts.setdefault("viewport", (128, 128))
-    svc = _svc(request)
     m = request.match_info
-    rows = await _visible_rows(request, svc, metadata=False, deid=_deid_keys(request))
-    images = [r for r in rows if r.get("rows")]
+    found = await _visible(request, _svc(request), metadata=False, deid=_deid_keys(request))
+    images = [r for r in found if r.get("rows")]
     if not images:
         raise NotFound("no image instance to render")
     row = images[len(images) // 2] if not m.get("instance") else images[0]
     frame = _frame_numbers(m["frames"])[0] if "frames" in m else 1
     try:
-        body = await asyncio.to_thread(pixels.render, svc.blob_path(row), frame, fmt, opts)
+        body = await found.render(row, frame, fmt, opts)
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
     return web.Response(body=body, content_type=fmt)
@@ -516,24 +389,18 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 async def bulkdata(request: web.Request) -> web.StreamResponse:
     """WADO-RS Retrieve Bulkdata (PS3.18 §10.4.1.1.6): the value of one bulk attribute."""
-    wants = _wants(request, negotiate.OCTET)
-    for want in wants:  # bulk data is sent as stored: application/octet-stream, multipart or single part
-        if want.media in (negotiate.OCTET, "*/*", "application/*") and want.ts in (None, "*", EXPLICIT_LE):
-            break
-    else:
-        raise NotAcceptable(f"Accept {request.headers.get('Accept')!r}: bulk data is sent as application/octet-stream "
-                            "(single part, or multipart/related; type=\"application/octet-stream\")")
-    svc = _svc(request)
+    want = Accept.of(request).bulkdata()
     m = request.match_info
     deid = _deid_keys(request)
     if deid is not None and m["tag"].upper() not in _DEID_BULK_TAGS:
         raise NotFound(f"bulk data {m['tag']} is not part of a de-identified instance")
-    [row] = await _visible_rows(request, svc, metadata=False, deid=deid)
+    found = await _visible(request, _svc(request), metadata=False, deid=deid)
+    [row] = found.rows
     try:
-        data = await asyncio.to_thread(pixels.bulk_value, svc.blob_path(row), m["tag"])
+        data = await found.bulk_value(row, m["tag"])
     except pixels.PixelError as exc:
         raise _pixel_error(exc) from None
-    return await _send_parts(request, negotiate.OCTET, None, [data], want.multipart)
+    return await send_parts(request, negotiate.OCTET, None, [data], want.multipart)
 
 
 def setup_routes(app: web.Application) -> None:

@@ -27,7 +27,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import _config
@@ -40,11 +39,11 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
 
 from gateway.auth import parse_purpose
 from gateway.context import CLINICAL_ROLES, ROLES, Purpose, Requester
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError
 from gateway.services.access import AccessRecord
 from gateway.services.audit_codes import Action, Interaction, Outcome as AuditOutcome
 from gateway.services.dicomweb import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, UID_MISMATCH, WARNING_IDENTICAL,
-                                       DicomwebService, Outcome, Part)
+                                       DicomwebService, Outcome, Part, Retrieval)
 from gateway.settings import Settings, SettingsError
 from mappings.dicom.qido import QidoError, QidoQuery
 
@@ -447,7 +446,7 @@ class DimseListener:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
+            yield PENDING, rows.dataset(row)  # (pynetdicom sends a Dataset, re-encoded as read)
 
     def on_get(self, event):
         """C-GET (PS3.4 C.4.3): the visible instances, sent by C-STORE over the same association."""
@@ -464,9 +463,9 @@ class DimseListener:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield PENDING, dcmread(self.svc.blob_path(row))  # (pynetdicom sends a Dataset, re-encoded as read)
+            yield PENDING, rows.dataset(row)  # (pynetdicom sends a Dataset, re-encoded as read)
 
-    async def _retrieve(self, requester: Requester, ident: Dataset) -> list[dict]:
+    async def _retrieve(self, requester: Requester, ident: Dataset) -> Retrieval:
         """The instances a retrieve identifier names that ``requester`` may read, through the WADO-RS
         look-up (gated, audited); one that is refused looks like one that does not exist."""
         level = str(ident.get("QueryRetrieveLevel", "")).upper()
@@ -484,15 +483,9 @@ class DimseListener:
             pairs = [(need, "\\".join(sorted(uids[need])))]
             rows = await self._find_rows(requester, qido_level, pairs)
             studies = {r["0020000D"]["Value"][0] for r in rows if r.get("0020000D", {}).get("Value")}
-        out: list[dict] = []
-        for study in sorted(studies):
-            try:
-                rows = await self.svc.instances(requester, study, metadata=False)
-            except NotFound:
-                continue
-            out += [r for r in rows if (not uids["SeriesInstanceUID"] or r["series_uid"] in uids["SeriesInstanceUID"])
-                    and (not uids["SOPInstanceUID"] or r["sop_uid"] in uids["SOPInstanceUID"])]
-        return out
+        found = await self.svc.retrieve_studies(requester, studies)
+        return found.only([r for r in found if (not uids["SeriesInstanceUID"] or r["series_uid"] in uids["SeriesInstanceUID"])
+                           and (not uids["SOPInstanceUID"] or r["sop_uid"] in uids["SOPInstanceUID"])])
 
     async def _find_rows(self, requester, qido_level, pairs) -> list[dict]:
         return await self._find_all(requester, qido_level, pairs, [])

@@ -11,14 +11,14 @@ import logging
 import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway import keys
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from gateway.services.dicomweb import CANNOT_UNDERSTAND, HEADER_READ, OUT_OF_RESOURCES, Part
+from gateway.services.dicom_parse import CANNOT_UNDERSTAND, HEADER_READ, OUT_OF_RESOURCES, Part
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +26,6 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 #: bytes of a STOW part collected before a thread writes them (see _PartWriter)
 WRITE_BATCH = 1024 * 1024
-#: threads writing and fsync-ing STOW part files: an fsync waits on the disk for milliseconds, so they get
-#: threads of their own rather than queueing the next parts' writes (and every other ``to_thread`` user)
-#: behind the default executor's cpu + 4
-WRITER_THREADS = 16
-_writers: ThreadPoolExecutor | None = None
-
-
-def _writer_pool() -> ThreadPoolExecutor:
-    global _writers
-    if _writers is None:
-        _writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="stow-write")
-    return _writers
-
-
 MAX_PART_HEADERS = 16 * 1024
 
 
@@ -152,10 +138,12 @@ class _PartWriter:
     store step 3, one hand-over per part instead of a write on the loop plus a separate fsync job); the
     receiving loop does not wait for it. At most two batches per part are held in memory.
 
-    ``direct``: the file is written with ``O_DIRECT`` where its file system allows it (see
+    ``writers``: the threads that write (the ingest service's, :attr:`DicomIngest.writers`; None: the
+    loop's default executor). ``direct``: the file is written with ``O_DIRECT`` where its file system allows it (see
     :class:`_PartFile`), else through the page cache."""
 
-    def __init__(self, path: Path, direct: bool = True) -> None:
+    def __init__(self, path: Path, direct: bool = True, writers: Executor | None = None) -> None:
+        self.writers = writers
         self.file = _PartFile(path, direct)
         self.chunks: list = []
         self.pending = 0
@@ -177,7 +165,7 @@ class _PartWriter:
         if self.pending >= WRITE_BATCH:
             await self._settle()
             chunks, self.chunks, self.pending = self.chunks, [], 0
-            self.job = asyncio.get_running_loop().run_in_executor(_writer_pool(), self.file.write, chunks)
+            self.job = asyncio.get_running_loop().run_in_executor(self.writers, self.file.write, chunks)
 
     async def finish(self) -> tuple[asyncio.Future, asyncio.Future]:
         """Hand the rest to a thread; returns (a future done when the file is complete — with the write's
@@ -188,7 +176,7 @@ class _PartWriter:
         written = loop.create_future()
         chunks, self.chunks, self.pending = self.chunks, [], 0
         self.owned = True
-        synced = loop.run_in_executor(_writer_pool(), self.file.finish, chunks, loop, written)
+        synced = loop.run_in_executor(self.writers, self.file.finish, chunks, loop, written)
         return written, synced
 
     def abort(self) -> None:
@@ -370,7 +358,7 @@ async def _receive(request: web.Request, boundary: bytes, on_part=None) -> list[
                 continue
             part = Part(svc.blobs.temp_path(), 0)
             parts.append(part)
-            writer = _PartWriter(part.tmp, settings.stow_direct_io)
+            writer = _PartWriter(part.tmp, settings.stow_direct_io, svc.ingest.writers)
             head = bytearray()  # its first bytes: parsed as soon as the part has arrived (see ParseFeed)
 
             def sink(data, writer: _PartWriter = writer, part: Part = part, head: bytearray = head) -> None:

@@ -1,7 +1,7 @@
 """Imaging cohort export (issue #24; docs/deidentification.md): studies → de-identified instances → a
 DICOMweb server (STOW-RS, PS3.18 §10.5) or a folder with a DICOMDIR (PS3.10 §7.2, PS3.3 Annex F).
 
-What is read goes through the consent gate exactly like WADO-RS: :meth:`DicomwebService.instances` with
+What is read goes through the consent gate exactly like WADO-RS: :meth:`DicomwebService.retrieve` with
 the requester, so an export holds only the instances the requester could retrieve one by one (and each
 read is audited there); a study with no visible instance is reported ``not-found`` whether it does not
 exist or is refused.  Every instance is de-identified (:func:`mappings.deid.dicom.deidentify_dataset`)
@@ -25,7 +25,7 @@ from typing import Callable
 from gateway.context import Requester
 from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.services.access import AccessRecord, Action, AuditSink, Interaction
-from gateway.services.deid import DeidPolicy, deidentify_file
+from gateway.services.deid import DeidPolicy
 from mappings.deid.dicom import DeidOptions, Withheld
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class DicomExportService:
                 outcome = StudyOutcome(study)
                 report.studies.append(outcome)
                 try:
-                    rows = await self.dicomweb.instances(requester, study, metadata=False)
+                    rows = await self.dicomweb.retrieve(requester, study, metadata=False)
                 except NotFound:
                     outcome.status = "not-found"
                     if progress:
@@ -118,9 +118,8 @@ class DicomExportService:
                 withheld: Counter[str] = Counter()
                 batch: list[bytes] = []
                 for row in rows:
-                    path = self.dicomweb.blob_path(row)
                     try:
-                        out = await asyncio.to_thread(deidentify_file, path, keys, row.get("patient_id"), options)
+                        out = await rows.deidentified(row, keys, options)
                     except _UNREADABLE as exc:  # one unreadable instance fails alone, counted
                         outcome.failed += 1
                         outcome.errors.append(f"instance {row['sop_uid']}: {type(exc).__name__}")

@@ -15,6 +15,7 @@ API (stable; helpers building DICOM/OMOP/federation/inference paths use exactly 
     access.select(table, *cols)                   # SELECT cols FROM table WHERE <that predicate>
     access.visible_patients()                     # SELECT of visible cm_patient ids (None: every patient)
     async with access.read() as conn: ...         # a read connection (Database.read)
+    await access.read_rows(stmt, params)          # / access.read_sync(fn): Database's fast read paths
     await access.record(Action.READ, Interaction.READ, Outcome.SUCCESS,
                         resources=("Patient/x",), patients=("x",), detail="...")   # the audit record
 
@@ -143,6 +144,14 @@ class Access:
     async def read(self) -> AsyncIterator:
         async with self._db.read() as conn:
             yield conn
+
+    async def read_rows(self, stmt, params: dict) -> list[dict]:
+        """One built SELECT's rows as dicts (``Database.read_rows``: the hot single-statement path)."""
+        return await self._db.read_rows(stmt, params)
+
+    async def read_sync(self, fn):
+        """``fn(conn)`` on a synchronous connection, several statements in one hand-over (``Database.read_sync``)."""
+        return await self._db.read_sync(fn)
 
     async def record(self, action: "Action", interaction: "Interaction | str", outcome: "Outcome", *,
                      resources=(), patients=(), detail: str = "", path: str = "", extra: dict | None = None) -> None:

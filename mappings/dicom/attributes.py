@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydicom import Dataset
@@ -280,13 +280,14 @@ def metadata_json(ds: Dataset) -> dict[str, Any]:
     return out
 
 
-def resolve_bulk(meta: dict[str, Any], base: str) -> dict[str, Any]:
-    """Replace bulk placeholders (recursively, in sequences too) by ``{base}/bulkdata/{tag}`` URLs."""
+def resolve_bulk(meta: dict[str, Any], bulk_url: Callable[[str], str]) -> dict[str, Any]:
+    """Replace bulk placeholders (recursively, in sequences too) by ``bulk_url(tag)`` (see
+    :meth:`mappings.dicom.urls.DicomwebUrls.bulk_of`)."""
     for attr in meta.values():
         uri = attr.get("BulkDataURI")
         if uri and uri.startswith(BULK_PREFIX):
-            attr["BulkDataURI"] = f"{base}/bulkdata/{uri[len(BULK_PREFIX) :]}"
+            attr["BulkDataURI"] = bulk_url(uri[len(BULK_PREFIX) :])
         for item in attr.get("Value", ()) if attr.get("vr") == "SQ" else ():
             if isinstance(item, dict):
-                resolve_bulk(item, base)
+                resolve_bulk(item, bulk_url)
     return meta

@@ -20,6 +20,8 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from mappings.dicom.urls import DicomwebUrls
+
 
 class QidoError(ValueError):
     def __init__(self, param: str, message: str) -> None:
@@ -175,6 +177,10 @@ class QidoQuery:
     fuzzy: bool = False
     limit: int = 100
     offset: int = 0
+    urls: DicomwebUrls = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.urls = DicomwebUrls(self.base)
 
     @classmethod
     def parse(
@@ -259,12 +265,7 @@ class QidoQuery:
                 out[tag] = meta[tag]
         if level == "instances":
             out["00083002"] = _element("UI", row.get("transfer_syntax"))
-        url = f"{self.base}/studies/{row['study_uid']}"
-        if level in ("series", "instances"):
-            url += f"/series/{row['series_uid']}"
-        if level == "instances":
-            url += f"/instances/{row['sop_uid']}"
-        out["00081190"] = {"vr": "UR", "Value": [url]}
+        out["00081190"] = {"vr": "UR", "Value": [self.urls.of(level, row)]}
         return dict(sorted(out.items()))
 
 

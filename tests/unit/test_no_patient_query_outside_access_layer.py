@@ -25,8 +25,6 @@ LAYER = "gateway/store/"
 
 #: module → why it still builds reads of patient tables itself (each gated by the caller's scope)
 REMAINING = {
-    "gateway/services/dicomweb.py": "STOW index transaction (duplicates, patient match, counts, ImagingStudy "
-                                    "sync) and WADO instance look-ups gated by scope.row_clause",
     "gateway/services/omop.py": "OMOP export collect (visible patients from access.where) and import",
     "gateway/services/federation.py": "site series/stat reads over the gated cohort's patient ids",
     "gateway/services/inference.py": "job series/instance selection gated by access.where",

@@ -1,4 +1,4 @@
-"""STOW's ParseFeed (gateway/services/dicomweb.py): parts handed over while a request is still arriving are all
+"""STOW's ParseFeed (gateway/services/dicom_ingest.py): parts handed over while a request is still arriving are all
 parsed, in order, whatever the timing of arrivals and worker completions (a part must never go missing)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from gateway.services.dicomweb import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ParseFeed, Part
+from gateway.services.dicom_ingest import ParseFeed
+from gateway.services.dicom_parse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Part
 from gateway.services.workers import WorkerPool
 from tests.dicom_synth import ct_series
 
@@ -104,7 +105,7 @@ async def test_parts_parsed_from_their_received_header(files, long_header, seed)
     """Parts handed over with their received first bytes are parsed at once, before their write completes;
     one whose header does not end in those bytes is parsed again from its file once written; a failed write
     fails its part (0xA700) even though its header parsed."""
-    from gateway.services.dicomweb import HEADER_READ
+    from gateway.services.dicom_parse import HEADER_READ
 
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from gateway.services import dicomweb as dw
+from gateway.services import dicom_parse as dw
 from mappings.dicom import rawread
 from tests.conftest import data_path
 from tests.unit.dicom.test_fastjson import _ct, _file, ct_with_sequences

@@ -1,4 +1,4 @@
-"""STOW's per-instance parse (gateway/services/dicomweb.py:_parse_part): the header read from one in-memory
+"""STOW's per-instance parse (gateway/services/dicom_parse.py:_parse_part): the header read from one in-memory
 block gives exactly the Outcome of the read from the file (metadata JSON, index rows, content rows, failure
 and reason) on every demo file, synthetic CT, oversized headers and truncated copies; a truncated SR fails
 that instance (0xC000) instead of raising out of the parse (which failed the whole request)."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from gateway.services import dicomweb as dw
+from gateway.services import dicom_parse as dw
 from tests.conftest import data_path
 from tests.dicom_synth import ct_series, to_bytes
 

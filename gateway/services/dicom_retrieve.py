@@ -1,0 +1,147 @@
+"""DICOMweb query and retrieve (DICOM PS3.18 §10.6 QIDO-RS, §10.4 WADO-RS; DIMSE C-FIND / C-MOVE / C-GET
+and the imaging export use the same calls): every read through the access layer (the requester's
+:class:`~gateway.store.access.Access`), audited; a retrieve returns a :class:`Retrieval` — the visible
+instances' index rows and the one way to read their stored bytes (files, frames, rendered images, bulk
+data, de-identified copies), so no caller opens a blob file itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+from pydicom import dcmread
+
+from gateway.context import Requester
+from gateway.errors import NotFound
+from gateway.store import dicom_reads
+from gateway.store.access import AccessLayer
+from gateway.store.blobs import BlobStore
+from mappings.dicom import pixels
+from mappings.dicom.qido import QidoQuery
+
+#: bytes of a stored file read at once when it is streamed through the event loop
+CHUNK = 256 * 1024
+
+
+class Retrieval:
+    """The instances one WADO-RS (or C-MOVE / C-GET / export) request may read, in series, instance number
+    and SOP Instance UID order, and their stored bytes. Blocking work runs in threads unless a method
+    says otherwise."""
+
+    __slots__ = ("rows", "_blobs")
+
+    def __init__(self, rows: list[dict], blobs: BlobStore) -> None:
+        self.rows = rows
+        self._blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.rows)
+
+    def only(self, rows: list[dict]) -> "Retrieval":
+        """The same retrieval narrowed to ``rows`` (a subset of its own)."""
+        return Retrieval(rows, self._blobs)
+
+    def _path(self, row: dict) -> Path:
+        return self._blobs.path(row["blob_path"])
+
+    async def read(self, row: dict) -> bytes:
+        """The stored PS3.10 file."""
+        return await asyncio.to_thread(self._path(row).read_bytes)
+
+    async def transcode(self, row: dict, ts: str) -> bytes:
+        """The instance re-encoded in transfer syntax ``ts`` (raises :class:`pixels.PixelError` or what the
+        DICOM reader raises for a file it cannot re-encode)."""
+        return await asyncio.to_thread(pixels.transcode, self._path(row), ts)
+
+    async def frames(self, row: dict, numbers: list[int], wants) -> tuple:
+        """Frames as the first producible want: (want, media, transfer syntax, [bytes]) (pixels.frames_as)."""
+        return await asyncio.to_thread(pixels.frames_as, self._path(row), numbers, wants)
+
+    async def render(self, row: dict, frame: int, fmt: str, opts: dict) -> bytes:
+        return await asyncio.to_thread(pixels.render, self._path(row), frame, fmt, opts)
+
+    async def bulk_value(self, row: dict, tag: str) -> bytes:
+        return await asyncio.to_thread(pixels.bulk_value, self._path(row), tag)
+
+    async def deidentified(self, row: dict, keys, options=None):
+        """The instance de-identified by the site's profile: its bytes, or a ``Withheld``."""
+        from gateway.services.deid import deidentify_file
+
+        return await asyncio.to_thread(deidentify_file, self._path(row), keys, row.get("patient_id"), options)
+
+    def dataset(self, row: dict):
+        """The stored instance as a pydicom Dataset (blocking: for a caller on a thread of its own)."""
+        return dcmread(self._path(row))
+
+    def sizes(self) -> list[int]:
+        """Each stored file's size (a stat per file, on the calling thread)."""
+        return [os.stat(self._path(r)).st_size for r in self.rows]
+
+    async def sendfile(self, transport, row: dict, size: int) -> None:
+        """Send the stored file on ``transport`` (``loop.sendfile``: zero-copy where the transport allows);
+        a file whose size is not ``size`` any more (stored files never change) or a lost connection raises
+        ConnectionResetError before anything of it is sent."""
+        with open(self._path(row), "rb") as f:
+            if os.fstat(f.fileno()).st_size != size or transport is None:
+                raise ConnectionResetError("instance file changed or connection lost while sending")
+            await asyncio.get_running_loop().sendfile(transport, f, 0, size)
+
+    async def chunks(self, row: dict) -> AsyncIterator[bytes]:
+        """The stored file in :data:`CHUNK`-sized pieces."""
+        with open(self._path(row), "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+class DicomRetrieve:
+    """QIDO-RS search and WADO-RS instance look-up through the access layer."""
+
+    def __init__(self, access: AccessLayer, blobs: BlobStore) -> None:
+        self.access = access
+        self.blobs = blobs
+
+    async def search(self, requester: Requester, level: str, q: QidoQuery,
+                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
+        """QIDO-RS: (rendered DICOM JSON results, total before paging). A research scope's answer is built
+        from permitted instances only; an admin gets the conflicting studies (instances of several
+        patients) among the results in ``warnings``."""
+        access = await self.access.open(requester)
+        total, results, conflicts = await dicom_reads.qido(
+            access, level, q, report_conflicts=warnings is not None and requester.is_admin)
+        if warnings is not None:
+            warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
+                         for u in conflicts]
+        await access.record("E", f"qido-{level}", "0", patients={r.get("patient_id") for r in results})
+        return [q.render(level, r) for r in results], total
+
+    async def retrieve(self, requester: Requester, study: str, series: str | None = None,
+                       sop: str | None = None, *, metadata: bool = True) -> Retrieval:
+        """The visible instances of a study / series / instance (404 when none is visible), audited;
+        ``metadata=False`` leaves out the stored DICOM JSON for routes that only need the files."""
+        access = await self.access.open(requester)
+        rows = await dicom_reads.instances(access, study, series, sop, metadata=metadata)
+        if not rows:
+            what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
+            raise NotFound(f"{what} not found")
+        await access.record("R", "wado", "0", resources=[f"ImagingStudy/{study}"],
+                            patients={r["patient_id"] for r in rows})
+        return Retrieval(rows, self.blobs)
+
+    async def retrieve_studies(self, requester: Requester, studies, *, metadata: bool = False) -> Retrieval:
+        """The visible instances of several studies, in study UID order (a study with none visible is left
+        out, as one that does not exist); each study audited as its own retrieve."""
+        rows: list[dict] = []
+        for study in sorted(studies):
+            try:
+                rows += (await self.retrieve(requester, study, metadata=metadata)).rows
+            except NotFound:
+                continue
+        return Retrieval(rows, self.blobs)
+
+
+__all__ = ["CHUNK", "DicomRetrieve", "Retrieval"]
