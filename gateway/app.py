@@ -164,7 +164,7 @@ async def federation_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def omop_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[keys.OMOP] = OmopService(app[keys.DB], vocab_path=_section(app, "omop").get("vocabulary"))
+    app[keys.OMOP] = OmopService(app[keys.DB], vocab_path=_section(app, "omop").get("vocabulary"), policy=app[keys.DEID])
     yield
 
 
