@@ -1009,7 +1009,7 @@ class DicomwebService:
 
     # ---------------------------------------------------------------------------------- QIDO-RS
     async def search(self, requester: Requester, level: str, q: QidoQuery,
-                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
+                     warnings: list[str] | None = None, patients: list | None = None) -> tuple[list[dict], int]:
         """QIDO-RS. A research scope reads per-patient rows when conflicting studies (instances of several
         patients) are stored, so every answer is built from permitted instances only; an admin
         gets the conflicting studies among the results in ``warnings``."""
@@ -1041,6 +1041,8 @@ class DicomwebService:
             warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
                          for u in conflicts]
         await self._audit(requester, "E", f"qido-{level}", scope, {r.get("patient_id") for r in results})
+        if patients is not None:  # each answer's common-model patient (a de-identified answer's date offset)
+            patients += [r.get("patient_id") for r in results]
         return [q.render(level, r) for r in results], total
 
     @staticmethod
@@ -1105,6 +1107,10 @@ class DicomwebService:
                 self._stmts.clear()
             self._stmts[key] = stmt
         return stmt
+
+    async def stored_study_uids(self) -> list[str]:
+        """Every stored Study Instance UID (for the de-identified UID index; answers nothing by itself)."""
+        return [r["study_uid"] for r in await self.db.read_rows(dicom_views.study_uids_stmt(), {})]
 
     def blob_path(self, row: dict) -> Path:
         return self.blobs.path(row["blob_path"])
