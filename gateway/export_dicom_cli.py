@@ -97,7 +97,7 @@ async def _run(settings, requester, studies, cohort, target, project, options, p
     from gateway import keys
     from gateway.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, startup="once")  # a one-shot command: no job workers (they would claim the server's jobs)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
