@@ -422,3 +422,57 @@ async def test_export_of_a_federation_cohort_takes_the_permitted_studies(site, t
             "--database-url", gw.settings.effective_database_url, "--no-progress"])
     assert rc == 0, stderr.getvalue()
     assert sorted(s["study"] for s in json.loads(stdout.getvalue())["studies"]) == ok_studies
+
+
+async def test_kill9_of_the_server_mid_job_then_a_restart_completes_the_export(tmp_path, db_url):
+    """A real ``fedgate serve`` process killed (SIGKILL) while it runs an export job; started again on the same
+    store, it takes the job over when the lease expires: every study exported once, in one File-set."""
+    import os
+    import signal
+
+    from tests.integration.federation_fixtures import start_gateway_process
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    toml = (f'[consent]\npolicy = "{policy}"\ndisease_ontologies = ["{OBO}"]\nrefresh_s = 0\n'
+            '[export]\nlease_s = 2.0\npoll_s = 0.1\n')
+    studies = [ct_series(patient_id=OK, patient_name="Quartermaine^Zebulon", n=4, size=128) for _ in range(16)]
+    uids = [s[0].StudyInstanceUID for s in studies]
+    gw = await start_gateway_process(tmp_path, "dx9", toml, db_url=db_url, args=("--processes", "1"))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _load(gw, http)
+            async with http.post(f"{gw.dicomweb}/studies", data=stow_body([d for s in studies for d in s], BOUNDARY),
+                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+            analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+            async with http.post(f"{gw.url}/export/dicom", json={"studies": uids, "target": {"folder": "k9"}},
+                                 headers=analyst) as r:
+                assert r.status == 202, await r.text()
+                location = r.headers["Content-Location"]
+            for _ in range(2000):
+                async with http.get(gw.url + location, headers=analyst) as r:
+                    doc = await r.json()
+                if doc["progress"]["studies"] >= 2:
+                    break
+                await asyncio.sleep(0.02)
+        os.kill(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait(10)
+        assert doc["state"] == "running" and doc["progress"]["studies"] < len(uids), doc  # killed mid-job
+    finally:
+        gw.stop()
+    gw = await start_gateway_process(tmp_path, "dx9", toml, db_url=db_url, args=("--processes", "1"))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(1200):
+                async with http.get(gw.url + location, headers=analyst) as r:
+                    doc = await r.json()
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        assert doc["state"] == "completed", doc
+        assert [s["study"] for s in doc["report"]["studies"]] == uids
+        assert {s["status"] for s in doc["report"]["studies"]} == {"exported"}
+        assert len(_read_folder(gw.settings.data_dir / "exports" / "dicom" / "k9")) == 4 * len(uids)
+    finally:
+        gw.stop()
