@@ -100,7 +100,11 @@ class Server:
         self.data, self.port = data, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = data.parent / f"bench-{'deid' if deid_roles else 'plain'}.toml"
+        # the site policy (deid_policy) decides: "analyst=identified" for the identified run (without it, a
+        # research purpose is de-identified whatever deidentify_roles says)
+        policy = "" if deid_roles else "analyst=identified"
         cfg.write_text(f'jwt_secret = "{SECRET}"\ndeid_secret = "bench-deid-secret-0123456789"\n'
+                       f'deid_policy = "{policy}"\n'
                        f'log_level = "WARNING"\n[export]\ndeidentify_roles = {json.dumps(deid_roles)}\n'
                        'page_size = 1000\npoll_s = 0.2\nretry_after_s = 1\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--data-dir", str(data),

@@ -131,8 +131,8 @@ async def dimse_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def export_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Research exports, de-identified by the site's policy: FHIR Bulk Data ``$export`` (leased jobs, a worker
-    in every serving process) and the imaging cohort export (jobs a dead server left running marked failed)."""
+    """Research exports, de-identified by the site's policy: FHIR Bulk Data ``$export`` and the imaging cohort
+    export (leased, resumable jobs; a worker of each in every serving process)."""
     settings = app[keys.SETTINGS]
     config = ExportConfig.from_extra(_section(app, "export"))
     bulk = BulkExportService(app[keys.DB], app[keys.ACCESS], settings.data_dir, config,
@@ -140,17 +140,15 @@ async def export_ctx(app: web.Application) -> AsyncIterator[None]:
                              policy=app[keys.DEID])
     app[keys.BULK_EXPORT] = bulk
     dicom = app[keys.DICOM_EXPORT] = DicomExportService(app[keys.DICOMWEB], app[keys.DEID], app[keys.AUDIT])
-    jobs = DicomExportJobs(app[keys.DB], dicom)
-    if app[keys.STARTUP] != "serve":  # the lone server or the parent of serving processes: none is running yet
-        await jobs.recover()
+    jobs = DicomExportJobs(app[keys.DB], dicom, settings.data_dir, lease_s=config.lease_s, poll_s=config.poll_s)
     app[keys.DICOM_EXPORT_JOBS] = jobs
-    task = asyncio.create_task(bulk.worker()) if config.worker and app[keys.STARTUP] != "once" else None
+    tasks = ([asyncio.create_task(bulk.worker()), asyncio.create_task(jobs.worker())]
+             if config.worker and app[keys.STARTUP] != "once" else [])
     yield
-    if task is not None:
+    for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await jobs.close()
 
 
 async def federation_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -168,7 +166,7 @@ async def federation_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def omop_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[keys.OMOP] = OmopService(app[keys.DB], vocab_path=_section(app, "omop").get("vocabulary"))
+    app[keys.OMOP] = OmopService(app[keys.DB], vocab_path=_section(app, "omop").get("vocabulary"), policy=app[keys.DEID])
     yield
 
 

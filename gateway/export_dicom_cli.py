@@ -26,6 +26,8 @@ def add_parser(esub, common) -> None:
     common(d)
     d.add_argument("studies", nargs="*", help="Study Instance UIDs")
     d.add_argument("--studies-file", help="file with one Study Instance UID per line, or a JSON list")
+    d.add_argument("--cohort", help="JSON file with a federation cohort (as for 'fedgate query': {\"cohort\": ...} "
+                                    "or the bare criterion): the studies it selects here, through the consent gate")
     d.add_argument("--out", help="target folder (written with a DICOMDIR)")
     d.add_argument("--stow-url", help="target DICOMweb base URL (STOW-RS to <url>/studies)")
     d.add_argument("--stow-token-file", help="file holding a bearer token for the target")
@@ -58,13 +60,19 @@ def cmd_export_dicom(args: argparse.Namespace, settings: Settings) -> int:
     try:
         purpose = parse_purpose(args.purpose)
         studies = _studies(args)
+        cohort = None
+        if args.cohort:
+            doc = json.loads(Path(args.cohort).read_text())
+            cohort = doc["cohort"] if isinstance(doc, dict) and "cohort" in doc else doc
+            if studies:
+                raise ValueError("give studies or --cohort, not both")
         token = Path(args.stow_token_file).read_text().strip() if args.stow_token_file else None
         target = ExportTarget(folder=Path(args.out).resolve() if args.out else None, stow_url=args.stow_url,
                               stow_token=token)
     except (GatewayError, OSError, ValueError) as exc:
         print(f"fedgate export dicom: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    if not studies:
+    if not studies and cohort is None:
         print("fedgate export dicom: no studies given", file=sys.stderr)
         return 2
     from gateway.context import Purpose
@@ -73,22 +81,33 @@ def cmd_export_dicom(args: argparse.Namespace, settings: Settings) -> int:
     options = DeidOptions(clean_descriptors=args.clean_descriptors,
                           patient_characteristics=args.retain_patient_characteristics,
                           device_identity=args.retain_device_identity)
-    report = asyncio.run(_run(settings, requester, studies, target, args.project, options, not args.no_progress))
+    try:
+        report = asyncio.run(_run(settings, requester, studies, cohort, target, args.project, options,
+                                  not args.no_progress))
+    except GatewayError as exc:
+        print(f"fedgate export dicom: {exc.message}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 1 if any(s["status"] == "failed" for s in report["studies"]) else 0
 
 
-async def _run(settings, requester, studies, target, project, options, progress: bool) -> dict:
+async def _run(settings, requester, studies, cohort, target, project, options, progress: bool) -> dict:
     from aiohttp import web
 
     from gateway import keys
     from gateway.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, startup="once")  # a one-shot command: no job workers (they would claim the server's jobs)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
         svc = app[keys.DICOM_EXPORT]
+        if cohort is not None:
+            studies = await svc.cohort_studies(requester, cohort, expand=app[keys.CODE_EXPANDER])
+            if not studies:
+                from gateway.services.dicom_export import ExportReport
+
+                return ExportReport(svc.policy.keys_for(requester, project).project, target.describe()).as_json()
         from tqdm import tqdm  # imported when used: the CLI starts without it
 
         with tqdm(total=len(studies), desc="exporting", unit="study", disable=not progress, file=sys.stderr) as bar:

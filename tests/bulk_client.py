@@ -51,7 +51,9 @@ class BulkClient:
             headers["Prefer"] = prefer
         url = f"{self.base}/{path}"
         if post:
+            # IG: _since is an instant, patient a Reference, the others strings
             body = {"resourceType": "Parameters", "parameter": [
+                {"name": k, "valueReference": {"reference": v}} if k == "patient" else
                 {"name": k, ("valueInstant" if k == "_since" else "valueString"): v} for k, v in params or []]}
             req = self.http.post(url, data=json.dumps(body), headers=headers | {"Content-Type": "application/fhir+json"})
         else:

@@ -95,7 +95,8 @@ async def export_status(request: web.Request) -> web.Response:
         return web.Response(status=500, body=orjson.dumps(body), content_type=FHIR_JSON, headers=expires)
     base = f"{base_url(request)}/_export/{request.match_info['job']}"
     manifest = dict(st.manifest)
-    manifest["output"] = [{**o, "url": f"{base}/{o['url']}"} for o in manifest["output"]]
+    for key in ("output", "error"):
+        manifest[key] = [{**o, "url": f"{base}/{o['url']}"} for o in manifest[key]]
     return web.Response(body=orjson.dumps(manifest), content_type="application/json", headers=expires)
 
 

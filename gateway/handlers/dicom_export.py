@@ -1,6 +1,8 @@
 """Imaging cohort export routes (issue #24; docs/deidentification.md): ``POST /export/dicom`` starts a job
 (202 + ``Content-Location``), ``GET /export/dicom/{job}`` polls it (202 with ``X-Progress`` and
-``Retry-After`` while it runs, 200 with the per-study report when done).
+``Retry-After`` while it runs, 200 with the per-study report when done).  The body names the studies
+(``"studies": [UIDs]``) or a federation cohort (``"cohort": {...}``, the language of ``POST /federation/query``),
+resolved at once through the gated cohort compiler into the studies holding the requester's permitted instances.
 
 Targets are never taken from the request as paths or URLs: a folder is ``data_dir/exports/dicom/<name>``
 (new), a STOW-RS target is a name from the site's configuration::
@@ -39,19 +41,29 @@ def _stow_target(app: web.Application, name: str) -> ExportTarget:
     if not isinstance(conf, dict) or not isinstance(conf.get("url"), str):
         raise BadRequest(f"target.stow: {name!r} is not a configured STOW-RS target (export.stow_targets)",
                          expression=["target.stow"])
-    token = Path(conf["token_file"]).read_text().strip() if conf.get("token_file") else None
-    return ExportTarget(stow_url=conf["url"], stow_token=token)
+    token_file = conf.get("token_file")
+    if token_file is not None and not Path(str(token_file)).is_file():
+        raise BadRequest(f"target.stow: the token file of {name!r} is not readable", expression=["target.stow"])
+    return ExportTarget(stow_url=conf["url"], stow_token_file=str(token_file) if token_file else None)
 
 
-def _parse(app: web.Application, doc) -> tuple[list[str], ExportTarget, str | None, DeidOptions, dict]:
+def _parse(app: web.Application, doc) -> tuple[list[str] | None, ExportTarget, str | None, DeidOptions, dict]:
     if not isinstance(doc, dict):
         raise BadRequest("request body: a JSON object", expression=["$"])
+    if ("studies" in doc) == ("cohort" in doc):
+        raise BadRequest("give either studies (Study Instance UIDs) or cohort (a federation cohort)",
+                         expression=["studies"])
     studies = doc.get("studies")
-    if not isinstance(studies, list) or not studies or not all(isinstance(s, str) for s in studies):
+    if "cohort" in doc:
+        if not isinstance(doc["cohort"], dict):
+            raise BadRequest("cohort: a cohort criterion object (the federation cohort language)",
+                             expression=["cohort"])
+    elif not isinstance(studies, list) or not studies or not all(isinstance(s, str) for s in studies):
         raise BadRequest("studies: a non-empty list of Study Instance UIDs", expression=["studies"])
-    if len(studies) > MAX_STUDIES:
+    elif len(studies) > MAX_STUDIES:
         raise BadRequest(f"studies: at most {MAX_STUDIES} per job", expression=["studies"])
-    studies = [check_study_uid(s) for s in studies]
+    else:
+        studies = [check_study_uid(s) for s in studies]
     project = doc.get("project")
     if project is not None and (not isinstance(project, str) or not _NAME.match(project)):
         raise BadRequest("project: letters, digits, '_', '.', '-' (≤ 80)", expression=["project"])
@@ -74,8 +86,9 @@ def _parse(app: web.Application, doc) -> tuple[list[str], ExportTarget, str | No
     if not isinstance(opts, dict) or not set(opts) <= set(_OPTIONS) or not all(isinstance(v, bool) for v in opts.values()):
         raise BadRequest(f"options: booleans among {', '.join(_OPTIONS)}", expression=["options"])
     options = DeidOptions(**{_OPTIONS[k]: v for k, v in opts.items()})
-    return studies, out, project, options, {"studies": len(studies), "project": project, "target": {kind: name},
-                                            "options": opts}
+    summary = {"studies": len(studies) if studies is not None else None, "project": project,
+               "target": {kind: name}, "options": opts}
+    return studies, out, project, options, summary
 
 
 async def start(request: web.Request) -> web.Response:
@@ -91,6 +104,13 @@ async def start(request: web.Request) -> web.Response:
         # link this requester's copies to that project's pseudonyms
         raise Forbidden("project: only the project your token attests (attribute 'project') may be named")
     await request.app[keys.GATE].scope_for(requester)  # an unusable purpose fails here, before any job exists
+    if studies is None:  # a cohort: the studies it selects at this site, through the gate (resolved now)
+        studies = await request.app[keys.DICOM_EXPORT].cohort_studies(requester, doc["cohort"],
+                                                                      expand=request.app[keys.CODE_EXPANDER])
+        if len(studies) > MAX_STUDIES:
+            raise BadRequest(f"cohort: selects {len(studies)} studies, at most {MAX_STUDIES} per job",
+                             expression=["cohort"])
+        summary = summary | {"cohort": True, "studies": len(studies)}
     job_id = await request.app[keys.DICOM_EXPORT_JOBS].start(requester, studies, target, project=project,
                                                          options=options, request_doc=summary)
     location = f"/export/dicom/{job_id}"
@@ -112,7 +132,7 @@ async def status(request: web.Request) -> web.Response:
         body["error"] = job["error"]
     headers = {}
     code = 200
-    if job["state"] == "running":
+    if job["state"] in ("queued", "running"):
         code = 202
         headers = {"X-Progress": f"{job['done']}/{job['total']} studies", "Retry-After": "2"}
     return web.Response(status=code, body=orjson.dumps(body), content_type="application/json", headers=headers)

@@ -25,6 +25,7 @@ from mappings.dicom import attributes as attrs
 from mappings.dicom import negotiate
 from mappings.dicom import pixels
 from mappings.dicom.qido import QidoError, QidoQuery
+from mappings.dicom.urls import DicomwebUrls
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,31 @@ async def stow(request: web.Request) -> web.Response:
 
 
 async def _search(request: web.Request, level: str) -> web.Response:
-    """QIDO-RS Search (PS3.18 §10.6): application/dicom+json, X-Total-Count = matches before paging."""
+    """QIDO-RS Search (PS3.18 §10.6): application/dicom+json, X-Total-Count = matches before paging.
+    Under ``deid_wado`` a de-identified requester's answers are de-identified like WADO-RS metadata (same
+    profile, same project UIDs, RetrieveURLs under those UIDs) and its UIDs, in the path or as match keys,
+    may be the project's."""
     Accept.of(request).json()
     study = request.match_info.get("study")
     series = request.match_info.get("series")
     for uid in (study, series):
         if uid is not None:
             check_study_uid(uid)
+    deid = _deid_keys(request)
     try:
         q = QidoQuery.parse(level, list(request.query.items()), base=base_url(request), study_uid=study,
                             series_uid=series)
     except QidoError as exc:
         raise BadRequest(str(exc), expression=[exc.param]) from None
+    svc = _svc(request)
+    patients: list | None = None
+    if deid is not None:
+        await _source_query(request, svc, deid, q)
+        patients = []
     notes: list[str] = []  # (admins: conflicting studies among the results)
-    results, total = await _svc(request).search(requester_of(request), level, q, notes)
+    results, total = await svc.search(requester_of(request), level, q, notes, patients)
+    if deid is not None:
+        results = await asyncio.to_thread(_deidentified_results, results, patients or [], deid, q.base, level)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
         notes.insert(0, f"{total - q.offset - len(results)} more results; use offset")
@@ -128,17 +140,114 @@ def _releasable(row: dict) -> bool:
     return burned_in_reason(ds) is None
 
 
+async def _source_study(request: web.Request, deid, uid: str) -> str:
+    """The stored Study Instance UID a de-identified requester means by ``uid`` (a project UID, or a source
+    UID as it is)."""
+    found = await request.app[keys.DEID].uids.source_study(deid, uid, _svc(request).stored_study_uids)
+    return found or uid
+
+
+def _named(row: dict, deid, series: str | None, sop: str | None) -> bool:
+    """Whether ``row`` is the series/instance named by a source or a project UID."""
+    return ((series is None or series in (row["series_uid"], deid.uid_for(row["series_uid"])))
+            and (sop is None or sop in (row["sop_uid"], deid.uid_for(row["sop_uid"]))))
+
+
 async def _visible(request: web.Request, svc: DicomwebService, *, metadata: bool, deid) -> Retrieval:
     """The instances the request names, through the gate; for a de-identified answer without the
-    instances the profile withholds (404 when none is left: a withheld instance looks like a missing one)."""
+    instances the profile withholds (404 when none is left: a withheld instance looks like a missing one).
+    A de-identified requester may name them by the project's UIDs (those its answers carry)."""
     m = request.match_info
-    found = await svc.retrieve(requester_of(request), check_study_uid(m["study"]), m.get("series"),
-                               m.get("instance"), metadata=metadata or deid is not None)
-    if deid is not None:
-        found = found.only([r for r in found if _releasable(r)])
-        if not found.rows:
-            raise NotFound("no instance to release (withheld: burned-in annotation)")
+    study, series, sop = check_study_uid(m["study"]), m.get("series"), m.get("instance")
+    if deid is None:
+        return await svc.retrieve(requester_of(request), study, series, sop, metadata=metadata)
+    study = await _source_study(request, deid, study)
+    found = await svc.retrieve(requester_of(request), study, metadata=True)
+    found = found.only([r for r in found if _named(r, deid, series, sop) and _releasable(r)])
+    if not found.rows:
+        raise NotFound("no instance to release (not found, or withheld: burned-in annotation)")
     return found
+
+
+#: Attributes a de-identified QIDO-RS answer may be matched on although the profile changes them: UIDs,
+#: translated to the source UIDs first.  Every other Table E.1-1 attribute is refused as a match key (matching
+#: on a name, an ID or a real date would tell the requester what the answer hides).
+_UID_KEYS = frozenset({"0020000D", "0020000E", "00080018"})
+
+
+async def _source_query(request: web.Request, svc: DicomwebService, deid, q: QidoQuery) -> None:
+    """The match keys and path UIDs of a de-identified requester's QIDO-RS query, in source UIDs."""
+    from mappings.deid.table_e11 import TABLE_E1_1
+
+    if q.study_uid is not None:
+        q.study_uid = await _source_study(request, deid, q.study_uid)
+    studies = [q.study_uid] if q.study_uid else []
+    matches = []
+    for attr, value in q.matches:
+        if attr.tag in _UID_KEYS:
+            if attr.tag == "0020000D":
+                value = "\\".join([await _source_study(request, deid, v) for v in value.replace(",", "\\").split("\\")])
+                studies += value.split("\\")
+        elif int(attr.tag, 16) in TABLE_E1_1 and TABLE_E1_1[int(attr.tag, 16)][1] != "K":
+            raise BadRequest(f"{attr.keyword}: not a match key of de-identified answers (the profile removes or "
+                             "replaces it)", expression=[attr.keyword])
+        matches.append((attr, value))
+    if q.series_uid is not None or any(a.tag in ("0020000E", "00080018") for a, _ in matches):
+        if len(studies) != 1:
+            raise BadRequest("de-identified answers: a series or instance UID is looked up within one study "
+                             "(give the study in the path or as StudyInstanceUID)", expression=["StudyInstanceUID"])
+        try:
+            rows = (await svc.retrieve(requester_of(request), studies[0], metadata=False)).rows
+        except NotFound:
+            rows = []
+        series_of = {deid.uid_for(r["series_uid"]): r["series_uid"] for r in rows}
+        sop_of = {deid.uid_for(r["sop_uid"]): r["sop_uid"] for r in rows}
+        if q.series_uid is not None:
+            q.series_uid = series_of.get(q.series_uid, q.series_uid)
+        for i, (attr, value) in enumerate(matches):
+            table = series_of if attr.tag == "0020000E" else sop_of if attr.tag == "00080018" else None
+            if table is not None:
+                matches[i] = (attr, "\\".join(table.get(v, v) for v in value.replace(",", "\\").split("\\")))
+    q.matches = matches
+
+
+def _deidentified_results(results: list[dict], patients: list, deid, base: str, level: str) -> list[dict]:
+    """QIDO-RS answers de-identified as WADO-RS metadata is (blocking: run off the event loop): the same
+    profile, the project's UIDs, RetrieveURL under them; answers the profile withholds are left out."""
+    from pydicom.dataset import Dataset
+
+    from mappings.deid.dicom import Withheld, deidentify_dataset
+
+    out = []
+    for doc, pid in zip(results, patients):
+        ds = Dataset.from_json({k: v for k, v in doc.items() if k != "00081190"})
+        done = deidentify_dataset(ds, deid, patient_key=pid)
+        if isinstance(done, Withheld):
+            continue
+        res = _strip_bulk(done.to_json_dict(bulk_data_threshold=1 << 30))
+        uids = [(res.get(t) or {}).get("Value", [None])[0] for t in ("0020000D", "0020000E", "00080018")]
+        url = (DicomwebUrls(base).study(uids[0]) if level == "studies" else
+               DicomwebUrls(base).series(uids[0], uids[1]) if level == "series" else
+               DicomwebUrls(base).instance(uids[0], uids[1], uids[2]))
+        res["00081190"] = {"vr": "UR", "Value": [url]}
+        out.append(dict(sorted(res.items())))
+    return out
+
+
+def _cut_short(request: web.Request, resp: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+    """A multipart answer that failed after its status line went out: the connection is closed (the client
+    sees a truncated body, never an error status inside a 200)."""
+    log.warning("WADO response cut short", extra={"error_type": type(exc).__name__})
+    resp.force_close()
+    if request.transport is not None:
+        request.transport.close()
+    return resp
+
+
+async def _end_multipart(resp: web.StreamResponse, boundary: str) -> web.StreamResponse:
+    await resp.write(f"--{boundary}--\r\n".encode())
+    await resp.write_eof()
+    return resp
 
 
 async def _retrieve_deidentified(request: web.Request, found: Retrieval, deid,

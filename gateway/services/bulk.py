@@ -208,6 +208,9 @@ class BulkExportService:
         return job_id, req
 
     def _check_request(self, requester: Requester, level: str, req: ExportRequest) -> None:
+        if req.patients and level == "system":
+            raise BadRequest("$export parameter 'patient': not applicable to a system-level export (Bulk Data IG; "
+                             "use Patient/$export or Group/[id]/$export)", expression=["patient"])
         for t in list(req.types) + list(req.type_filters):
             if not known_type(t) or t in NOT_EXPORTED:
                 raise BadRequest(f"$export parameter '_type': {t!r} is not an exportable FHIR R4 resource type",
@@ -246,7 +249,7 @@ class BulkExportService:
         output = orjson.loads(row.output or "[]")
         manifest = {
             "transactionTime": row.transaction_time, "request": row.request, "requiresAccessToken": True,
-            "output": output, "error": [],
+            "output": output, "error": progress.get("error", []),
         }
         if row.deidentify:
             manifest["extension"] = {"https://fedgate.dev/fhir/bulk/deidentified": True,
@@ -257,7 +260,8 @@ class BulkExportService:
         """The path of one output file of a completed job the requester started (IG "File Request")."""
         access = await self.access.open(requester)  # a requester the gate refuses now gets no file
         row = await self._own_row(requester, job_id)
-        names = {Path(o["url"]).name for o in orjson.loads(row.output or "[]")}
+        names = {Path(o["url"]).name for o in orjson.loads(row.output or "[]")
+                 + orjson.loads(row.progress or "{}").get("error", [])}
         if row.state != "completed" or name not in names:
             raise NotFound(f"export file {name[:80]!r} is not known")
         path = self.root / job_id / name
@@ -387,6 +391,11 @@ class BulkExportService:
         project = self.project_of(requester) if row.deidentify else None
         folder = self.root / row.job_id
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        errors: list[dict] = []
+        if req.patients:  # IG "patient": only these compartments; unknown ones reported in an error file
+            compartment, errors = await self._patients(access, row, req.patients, compartment, folder)
+            if not compartment:
+                types = []
         output: list[dict] = cursor.get("output", [])
         index = cursor.get("index", 0)
         after = cursor.get("after", 0)
@@ -422,7 +431,7 @@ class BulkExportService:
                             rows = page if seen is None else [p for p in page if p.rid not in seen]
                             if seen is not None:
                                 seen.update(p.rid for p in page)
-                            nxt = (asyncio.ensure_future(self._lines([p.content for p in rows], project)), rows,
+                            nxt = (asyncio.ensure_future(self._lines([p.content for p in rows], project, req.elements)), rows,
                                    page[-1].rid)
                         if pending is not None:
                             task, prows, after = pending
@@ -448,7 +457,29 @@ class BulkExportService:
                 await asyncio.to_thread(path.unlink)
             index, fno, after, size, count = index + 1, 0, 0, 0, 0
             await self._save(row.job_id, types, index, fno, after, size, count, output, written, withheld)
-        return output, {"written": written, "withheld": withheld}
+        return output, {"written": written, "withheld": withheld, "error": errors}
+
+    async def _patients(self, access, row, patients: tuple[str, ...], members, folder: Path):
+        """(the requested patients the export covers, the manifest's error[]): a patient the requester may not
+        read, that is not stored, or (Group level) not a member is left out and reported in an
+        ``OperationOutcome`` NDJSON file (IG: "patient" parameter)."""
+        present, missing = [], []
+        async with access.read() as conn:
+            for pid in patients:
+                st = await repo.get_visible(conn, access.scope, "Patient", pid)
+                ok = st is not None and not st.deleted and (members is None or pid in members)
+                (present if ok else missing).append(pid)
+        path = folder / "OperationOutcome.ndjson"
+        if not missing:
+            if path.exists():
+                await asyncio.to_thread(path.unlink)
+            return tuple(present), []
+        where = " or is not a member of the group" if row.level == "group" else ""
+        lines = b"".join(orjson.dumps({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "error", "code": "not-found",
+            "diagnostics": f"patient Patient/{pid} is not known{where}: not exported"}]}) + b"\n" for pid in missing)
+        await asyncio.to_thread(path.write_bytes, lines)
+        return tuple(present), [{"type": "OperationOutcome", "url": path.name, "count": len(missing)}]
 
     async def _write_page(self, access, job_id: str, rtype: str, path: Path, rows: list, data: bytes, held: int,
                           size: int) -> tuple[int, int]:
@@ -463,15 +494,17 @@ class BulkExportService:
                                 detail=f"$export job {job_id}: {len(rows)} {rtype}")
         return size, len(rows) - held
 
-    async def _lines(self, contents: list[str], project: str | None) -> tuple[bytes, int]:
-        """One page as NDJSON (de-identified for a project: in the worker pool, split over its processes)."""
-        if project is None or not contents:
+    async def _lines(self, contents: list[str], project: str | None, elements: tuple[str, ...] = ()) -> tuple[bytes, int]:
+        """One page as NDJSON (de-identified for a project: in the worker pool, split over its processes;
+        subsetted as ``_elements`` asks)."""
+        if (project is None and not elements) or not contents:
             return ndjson_page(contents)
         if self._workers is None:
-            return await asyncio.to_thread(ndjson_page, contents, project, self._secret)
+            return await asyncio.to_thread(ndjson_page, contents, project, self._secret, elements)
         parts = max(1, self._workers.workers)
         step = -(-len(contents) // parts)
-        done = await asyncio.gather(*(self._workers.run(ndjson_page, contents[i:i + step], project, self._secret)
+        done = await asyncio.gather(*(self._workers.run(ndjson_page, contents[i:i + step], project, self._secret,
+                                                        elements)
                                       for i in range(0, len(contents), step)))
         return b"".join(d for d, _ in done), sum(h for _, h in done)
 

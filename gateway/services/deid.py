@@ -9,7 +9,10 @@ project, hence the same pseudonyms and date offsets, as the FHIR bulk export use
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,38 @@ def parse_policy(text: str) -> tuple[PolicyRule, ...]:
     return tuple(rules)
 
 
+class UidIndex:
+    """The source Study Instance UID of a project's UID (:meth:`ProjectKeys.uid_for` is one-way), so a client
+    of de-identified QIDO-RS / WADO-RS / exports can address a study by the UID it was given.
+
+    Per project, a map ``uid_for(source) → source`` of every stored study, built off the event loop from
+    the stored UIDs and rebuilt on a miss (at most every :attr:`REFRESH_S` seconds, so unknown UIDs cannot
+    make every request rebuild it).  It only translates: the gated read that follows decides what is
+    answered, so a refused study is as absent under its project UID as under its source UID."""
+
+    REFRESH_S = 2.0
+
+    def __init__(self) -> None:
+        self._maps: dict[str, dict[str, str]] = {}
+        self._built: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def source_study(self, keys: ProjectKeys, uid: str,
+                           stored_uids: Callable[[], Awaitable[list[str]]]) -> str | None:
+        """The source UID whose project UID is ``uid``, or None (then ``uid`` may be a source UID itself)."""
+        found = self._maps.get(keys.project, {}).get(uid)
+        if found is not None:
+            return found
+        async with self._lock:
+            found = self._maps.get(keys.project, {}).get(uid)
+            if found is not None or time.monotonic() - self._built.get(keys.project, -1e9) < self.REFRESH_S:
+                return found
+            uids = await stored_uids()
+            self._maps[keys.project] = await asyncio.to_thread(lambda: {keys.uid_for(u): u for u in uids})
+            self._built[keys.project] = time.monotonic()
+            return self._maps[keys.project].get(uid)
+
+
 class DeidPolicy:
     """The site's de-identification policy and keys."""
 
@@ -56,6 +91,7 @@ class DeidPolicy:
         self.deidentify_roles = frozenset([roles] if isinstance(roles, str) else roles or ())
         self._settings = settings
         self._secret: bytes | None = None
+        self.uids = UidIndex()
 
     def mode_for(self, requester: Requester) -> str:
         """``identified`` or ``deidentified`` for ``requester`` (first matching rule, else by purpose)."""
@@ -98,4 +134,4 @@ def deidentify_file(path: Path, keys: ProjectKeys, patient_key: str | None,
     return buf.getvalue()
 
 
-__all__ = ["DEIDENTIFIED", "IDENTIFIED", "DeidPolicy", "deidentify_file", "parse_policy"]
+__all__ = ["DEIDENTIFIED", "IDENTIFIED", "DeidPolicy", "UidIndex", "deidentify_file", "parse_policy"]

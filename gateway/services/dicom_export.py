@@ -76,6 +76,8 @@ class ExportTarget:
     folder: Path | None = None
     stow_url: str | None = None
     stow_token: str | None = field(default=None, repr=False)
+    #: where the bearer token of a configured STOW-RS target is read from (jobs persist this, never the token)
+    stow_token_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.folder is None) == (self.stow_url is None):
@@ -83,6 +85,22 @@ class ExportTarget:
 
     def describe(self) -> str:
         return f"folder:{self.folder}" if self.folder is not None else f"stow-rs:{self.stow_url}"
+
+    def to_json(self) -> dict:
+        if self.folder is not None:
+            return {"folder": str(self.folder)}
+        return {"stow_url": self.stow_url, "stow_token_file": self.stow_token_file}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExportTarget":
+        if d.get("folder"):
+            return cls(folder=Path(d["folder"]))
+        return cls(stow_url=d["stow_url"], stow_token_file=d.get("stow_token_file"))
+
+    def token(self) -> str | None:
+        if self.stow_token is None and self.stow_token_file:
+            return Path(self.stow_token_file).read_text().strip()
+        return self.stow_token
 
 
 class DicomExportService:
@@ -104,50 +122,9 @@ class DicomExportService:
         staging = Path(tempfile.mkdtemp(prefix="fedgate-export-"))
         sender = _Stow(target) if target.stow_url else None
         try:
-            for study in dict.fromkeys(studies):
-                outcome = StudyOutcome(study)
-                report.studies.append(outcome)
-                try:
-                    rows = await self.dicomweb.retrieve(requester, study, metadata=False)
-                except NotFound:
-                    outcome.status = "not-found"
-                    if progress:
-                        progress(study, 0)
-                    continue
-                outcome.instances = len(rows)
-                withheld: Counter[str] = Counter()
-                batch: list[bytes] = []
-                for row in rows:
-                    try:
-                        out = await rows.deidentified(row, keys, options)
-                    except _UNREADABLE as exc:  # one unreadable instance fails alone, counted
-                        outcome.failed += 1
-                        outcome.errors.append(f"instance {row['sop_uid']}: {type(exc).__name__}")
-                        continue
-                    if isinstance(out, Withheld):
-                        withheld[out.reason] += 1
-                    elif sender is not None:
-                        batch.append(out)
-                        if len(batch) >= STOW_BATCH:
-                            await self._send(sender, batch, outcome)
-                            batch = []
-                    else:
-                        (staging / f"{uuid.uuid4().hex}.dcm").write_bytes(out)
-                        outcome.exported += 1
-                    if progress:
-                        progress(study, 1)
-                if batch:
-                    await self._send(sender, batch, outcome)
-                outcome.withheld = dict(withheld)
-                outcome.exported_study = keys.uid_for(study)
-                outcome.status = ("exported" if outcome.exported == outcome.instances else
-                                  "withheld" if outcome.exported == 0 and not outcome.failed else
-                                  "failed" if outcome.exported == 0 else "partial")
-                await self.audit.record(AccessRecord(
-                    requester, Action.EXECUTE, Interaction.DICOM_EXPORT, "0" if outcome.status == "exported" else "4",
-                    (f"ImagingStudy/{study}",), tuple(sorted({r["patient_id"] for r in rows if r.get("patient_id")}))[:200],
-                    "", f"dicom export {outcome.status}: {outcome.exported}/{outcome.instances} to project {keys.project}",
-                ))
+            for i, study in enumerate(dict.fromkeys(studies)):
+                report.studies.append(await self.export_study(requester, study, keys, options, sender,
+                                                              staging / str(i), progress))
             if target.folder is not None:
                 await asyncio.to_thread(_write_fileset, staging, target.folder)
         finally:
@@ -156,6 +133,82 @@ class DicomExportService:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("dicom export done", extra={"studies": len(report.studies), "target": "stow" if sender else "folder"})
         return report
+
+    async def cohort_studies(self, requester: Requester, cohort, *, expand=None) -> list[str]:
+        """The studies a federation cohort (the cohort language of ``POST /federation/query``) selects at this
+        site for ``requester``: the cohort compiled within the requester's consent scope (the gated cohort
+        compiler), then the studies holding permitted instances of its patients.  A malformed cohort is a 400."""
+        from gateway.store import cohort_reads
+        from gateway.store.cohort import compile_cohort
+        from mappings.cohort.language import CohortError, parse
+
+        try:
+            root = parse(cohort, "$.cohort")
+        except CohortError as exc:
+            raise BadRequest(str(exc), expression=[exc.field]) from None
+        scope = await self.dicomweb.gate.scope_for(requester)
+        async with self.dicomweb.db.read() as conn:
+            try:
+                stmt = compile_cohort(root, scope, expand=expand)
+            except CohortError as exc:
+                raise BadRequest(str(exc), expression=[exc.field]) from None
+            ids = sorted({r[0] for r in await conn.execute(stmt)})
+            studies = await cohort_reads.studies_of(conn, scope, ids)
+        await self.audit.record(AccessRecord(
+            requester, Action.EXECUTE, Interaction.DICOM_EXPORT, "0", (), tuple(ids)[:200], "",
+            f"dicom export cohort: {len(ids)} patients, {len(studies)} studies"))
+        return studies
+
+    async def export_study(self, requester: Requester, study: str, keys, options: DeidOptions,
+                           sender: "_Stow | None", staging: Path,
+                           progress: Callable[[str, int], None] | None = None) -> StudyOutcome:
+        """One study through the gate, de-identified, sent (STOW-RS) or staged into ``staging`` (a folder
+        of its own: a resumed job starts an unfinished study again from an empty one); audited."""
+        outcome = StudyOutcome(study)
+        try:
+            rows = await self.dicomweb.retrieve(requester, study, metadata=False)
+        except NotFound:
+            outcome.status = "not-found"
+            if progress:
+                progress(study, 0)
+            return outcome
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        outcome.instances = len(rows)
+        withheld: Counter[str] = Counter()
+        batch: list[bytes] = []
+        for row in rows:
+            try:
+                out = await rows.deidentified(row, keys, options)
+            except _UNREADABLE as exc:  # one unreadable instance fails alone, counted
+                outcome.failed += 1
+                outcome.errors.append(f"instance {row['sop_uid']}: {type(exc).__name__}")
+                continue
+            if isinstance(out, Withheld):
+                withheld[out.reason] += 1
+            elif sender is not None:
+                batch.append(out)
+                if len(batch) >= STOW_BATCH:
+                    await self._send(sender, batch, outcome)
+                    batch = []
+            else:
+                await asyncio.to_thread((staging / f"{uuid.uuid4().hex}.dcm").write_bytes, out)
+                outcome.exported += 1
+            if progress:
+                progress(study, 1)
+        if batch:
+            await self._send(sender, batch, outcome)
+        outcome.withheld = dict(withheld)
+        outcome.exported_study = keys.uid_for(study)
+        outcome.status = ("exported" if outcome.exported == outcome.instances else
+                          "withheld" if outcome.exported == 0 and not outcome.failed else
+                          "failed" if outcome.exported == 0 else "partial")
+        await self.audit.record(AccessRecord(
+            requester, Action.EXECUTE, Interaction.DICOM_EXPORT, "0" if outcome.status == "exported" else "4",
+            (f"ImagingStudy/{study}",), tuple(sorted({r["patient_id"] for r in rows if r.get("patient_id")}))[:200],
+            "", f"dicom export {outcome.status}: {outcome.exported}/{outcome.instances} to project {keys.project}",
+        ))
+        return outcome
 
     @staticmethod
     async def _send(sender: "_Stow", batch: list[bytes], outcome: StudyOutcome) -> None:
@@ -168,86 +221,135 @@ class DicomExportService:
 
 class DicomExportJobs:
     """Export jobs started over HTTP (``POST /export/dicom``): persisted rows (gateway.store.export_schema)
-    polled by any process; run as tasks of the accepting process."""
+    claimed with leases (:class:`~gateway.store.leases.LeasedQueue`, as the bulk ``$export`` jobs) by the
+    worker every serving process runs.  After every study the job's cursor (the outcomes so far) is stored, and
+    a folder export stages each study's files under ``data_dir/exports/.staging/<job>/<n>``, so a job whose
+    server died resumes at its first unfinished study, in another process or after a restart (that study is
+    done again from the start; a STOW-RS target receives its instances again, which STOW-RS allows)."""
 
-    def __init__(self, db, service: DicomExportService) -> None:
+    def __init__(self, db, service: DicomExportService, data_dir: Path, *, lease_s: float = 60.0,
+                 poll_s: float = 1.0) -> None:
+        from gateway.store.export_schema import dicom_export_job
+        from gateway.store.leases import LeasedQueue
+
         self.db = db
         self.service = service
-        self._tasks: set[asyncio.Task] = set()
-
-    async def recover(self) -> None:
-        import time
-
-        from gateway.store import export_schema
-
-        await export_schema.fail_running_jobs(self.db, time.time())
+        self.staging_root = Path(data_dir) / "exports" / ".staging"
+        self.worker_id = uuid.uuid4().hex
+        self.poll_s = poll_s
+        self.queue = LeasedQueue(db, dicom_export_job, "job_id", self.worker_id, lease_s)
+        self._wake = asyncio.Event()
 
     async def start(self, requester: Requester, studies: list[str], target: ExportTarget, *, project: str | None,
                     options: DeidOptions, request_doc: dict) -> str:
+        import dataclasses
         import time
 
         import orjson
 
+        from gateway.services.bulk import _purpose_json, _requester_json
         from gateway.store import export_schema
 
         job_id = uuid.uuid4().hex
         now = time.time()
+        opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "safe_private"}
         await export_schema.create_job(self.db, {
-            "job_id": job_id, "subject": requester.subject, "state": "running",
+            "job_id": job_id, "subject": requester.subject, "state": "queued",
             "request": orjson.dumps(request_doc).decode(), "done": 0, "total": len(dict.fromkeys(studies)),
-            "created_ts": now, "updated_ts": now})
-        task = asyncio.create_task(self._run(job_id, requester, studies, target, project, options))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            "created_ts": now, "updated_ts": now, "not_before": now, "attempts": 0,
+            "requester": _requester_json(requester), "purpose": _purpose_json(requester.purpose),
+            "studies": orjson.dumps(list(dict.fromkeys(studies))).decode(),
+            "target": orjson.dumps(target.to_json()).decode(), "project": project,
+            "options": orjson.dumps(opts).decode()})
+        self._wake.set()
         return job_id
 
-    async def _run(self, job_id, requester, studies, target, project, options) -> None:
-        import time
+    async def worker(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
 
+        while True:
+            try:
+                while await self.run_once():
+                    pass
+            except SQLAlchemyError as e:  # the store is briefly unavailable: try again next round
+                log.warning("dicom export worker: store error", extra={"error": type(e).__name__})
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_once(self) -> bool:
         import orjson
 
-        from gateway.store import export_schema
-
-        done: set[str] = set()
-        pending: list[asyncio.Task] = []
-
-        def tick(study: str, _n: int) -> None:
-            if study not in done:
-                done.add(study)
-                pending.append(asyncio.ensure_future(
-                    export_schema.update_job(self.db, job_id, done=len(done), updated_ts=time.time())))
-
+        row = await self.queue.claim()
+        if row is None:
+            return False
+        hb = asyncio.create_task(self.queue.heartbeat(row.job_id))
         try:
-            report = await self.service.export(requester, studies, target, project=project, options=options,
-                                               progress=tick)
-            await asyncio.gather(*pending)
-            await export_schema.update_job(self.db, job_id, state="completed", done=len(report.studies),
-                                           report=orjson.dumps(report.as_json()).decode(), updated_ts=time.time())
+            report = await self.execute(row)
+        except _JobGone:
+            pass
         except asyncio.CancelledError:
-            await export_schema.update_job(self.db, job_id, state="failed", error="cancelled: the server stopped",
-                                           updated_ts=time.time())
+            # graceful shutdown: hand the job back at once (its cursor stays: the next run resumes)
+            await asyncio.shield(self.queue.finish(row.job_id, state="queued", lease_owner=None, lease_until=None))
             raise
-        except (GatewayError, OSError, ValueError) as exc:
+        except (GatewayError, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("dicom export job failed", extra={"error_type": type(exc).__name__})
-            await export_schema.update_job(self.db, job_id, state="failed", error=type(exc).__name__,
-                                           updated_ts=time.time())
+            await self.queue.finish(row.job_id, state="failed", error=type(exc).__name__, lease_owner=None,
+                                    lease_until=None)
+            shutil.rmtree(self.staging_root / row.job_id, ignore_errors=True)
+        else:
+            await self.queue.finish(row.job_id, state="completed", done=len(report.studies),
+                                    report=orjson.dumps(report.as_json()).decode(), lease_owner=None,
+                                    lease_until=None)
+            shutil.rmtree(self.staging_root / row.job_id, ignore_errors=True)
+        finally:
+            hb.cancel()
+        return True
+
+    async def execute(self, row) -> ExportReport:
+        import orjson
+
+        from gateway.services.bulk import _job_requester
+
+        requester = _job_requester(row)
+        studies = orjson.loads(row.studies)
+        target = ExportTarget.from_json(orjson.loads(row.target))
+        options = DeidOptions(**orjson.loads(row.options or "{}"))
+        keys = self.service.policy.keys_for(requester, row.project)
+        outcomes = [StudyOutcome(**d) for d in orjson.loads(row.cursor or "[]")]
+        staging = self.staging_root / row.job_id
+        sender = _Stow(target) if target.stow_url else None
+        try:
+            for i in range(len(outcomes), len(studies)):
+                outcomes.append(await self.service.export_study(requester, studies[i], keys, options, sender,
+                                                                staging / str(i)))
+                cursor = orjson.dumps([o.as_json() for o in outcomes]).decode()
+                if not await self.queue.update(row.job_id, cursor=cursor, done=len(outcomes)):
+                    raise _JobGone(row.job_id)
+            if target.folder is not None:
+                await asyncio.to_thread(_write_fileset, staging, target.folder)
+        finally:
+            if sender is not None:
+                await sender.close()
+        return ExportReport(keys.project, target.describe(), outcomes)
 
     async def get(self, job_id: str) -> dict | None:
         from gateway.store import export_schema
 
         return await export_schema.get_job(self.db, job_id)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+class _JobGone(Exception):
+    """The job's lease was taken over (this worker stalled past it) or the job is gone."""
 
 
 def _write_fileset(staging: Path, folder: Path) -> None:
     """The staged instances as a File-set with a DICOMDIR in ``folder`` (pydicom.fileset)."""
     from pydicom.fileset import FileSet
 
-    files = sorted(staging.glob("*.dcm"))
+    files = sorted(staging.rglob("*.dcm"))
     folder.mkdir(parents=True, exist_ok=True)
     if not files:
         return
@@ -278,8 +380,9 @@ class _Stow:
 
         self.url = target.stow_url.rstrip("/") + "/studies"
         headers = {"Accept": "application/dicom+json"}
-        if target.stow_token:
-            headers["Authorization"] = f"Bearer {target.stow_token}"
+        token = target.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         self.session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=300))
 
     async def send(self, parts: list[bytes]) -> tuple[int, str | None]:

@@ -105,11 +105,12 @@ class DicomRetrieve:
         self.access = access
         self.blobs = blobs
 
-    async def search(self, requester: Requester, level: str, q: QidoQuery,
-                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
+    async def search(self, requester: Requester, level: str, q: QidoQuery, warnings: list[str] | None = None,
+                     patients: list | None = None) -> tuple[list[dict], int]:
         """QIDO-RS: (rendered DICOM JSON results, total before paging). A research scope's answer is built
         from permitted instances only; an admin gets the conflicting studies (instances of several
-        patients) among the results in ``warnings``."""
+        patients) among the results in ``warnings``.  ``patients``, if given, receives each result's
+        common-model patient (a de-identified answer's date offset)."""
         access = await self.access.open(requester)
         total, results, conflicts = await dicom_reads.qido(
             access, level, q, report_conflicts=warnings is not None and requester.is_admin)
@@ -117,7 +118,14 @@ class DicomRetrieve:
             warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
                          for u in conflicts]
         await access.record("E", f"qido-{level}", "0", patients={r.get("patient_id") for r in results})
+        if patients is not None:
+            patients += [r.get("patient_id") for r in results]
         return [q.render(level, r) for r in results], total
+
+    async def stored_study_uids(self) -> list[str]:
+        """Every stored Study Instance UID: a translation table for de-identified UIDs, not an answer
+        (the gated read that follows decides what a requester gets)."""
+        return await dicom_reads.stored_study_uids(self.access.db)
 
     async def retrieve(self, requester: Requester, study: str, series: str | None = None,
                        sop: str | None = None, *, metadata: bool = True) -> Retrieval:

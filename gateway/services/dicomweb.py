@@ -73,9 +73,13 @@ class DicomwebService:
         await self.ingest.close()
 
     # ---------------------------------------------------------------------------------- QIDO-RS / WADO-RS
-    async def search(self, requester: Requester, level: str, q: QidoQuery,
-                     warnings: list[str] | None = None) -> tuple[list[dict], int]:
-        return await self.query.search(requester, level, q, warnings)
+    async def search(self, requester: Requester, level: str, q: QidoQuery, warnings: list[str] | None = None,
+                     patients: list | None = None) -> tuple[list[dict], int]:
+        return await self.query.search(requester, level, q, warnings, patients)
+
+    async def stored_study_uids(self) -> list[str]:
+        """Every stored Study Instance UID (the de-identified UID index; answers nothing by itself)."""
+        return await self.query.stored_study_uids()
 
     async def retrieve(self, requester: Requester, study: str, series: str | None = None,
                        sop: str | None = None, *, metadata: bool = True) -> Retrieval:

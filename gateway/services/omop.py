@@ -31,6 +31,7 @@ from gateway.store.access import where as gated_where
 from gateway.store.consent_schema import recompute as recompute_consent
 from gateway.store.migrate import load_table_modules
 from gateway.store.scope import AccessScope
+from mappings.deid.omop import deidentify_export
 from mappings.omop import ddl
 from mappings.omop import importer as imp
 from mappings.omop.export import (
@@ -87,8 +88,9 @@ def _pg_dsn(url: str) -> str:
 
 
 class OmopService:
-    def __init__(self, db, vocab: Vocabulary | None = None, vocab_path: str | None = None) -> None:
+    def __init__(self, db, vocab: Vocabulary | None = None, vocab_path: str | None = None, policy=None) -> None:
         self.db = db
+        self.policy = policy  # gateway.services.deid.DeidPolicy: who gets a de-identified export
         self._vocab = vocab
         self._vocab_path = vocab_path
 
@@ -122,6 +124,8 @@ class OmopService:
         data = await self.collect(scope)
         vocab = await self.vocabulary()
         result: OmopExport = await asyncio.to_thread(export_rows, data, vocab)
+        if self.policy is not None and self.policy.deidentifies(requester):
+            result = await asyncio.to_thread(deidentify_export, result, self.policy.keys_for(requester))
         vrows = vocabulary_rows(vocab, result.concept_ids, result.local_concepts, result.local_systems)
         t_map = time.perf_counter()
         if target.csv_dir is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from gateway.store.access import where
-from gateway.store.dicom_schema import dcm_series, dcm_sr_item
+from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_sr_item
 from gateway.store.schema import cm_observation
 from gateway.store.scope import AccessScope
 
@@ -25,6 +25,17 @@ async def series_of(conn, scope: AccessScope, ids: list[str]) -> list[tuple]:
                 .distinct().where(dcm_series.c.patient_id.in_(ids[i:i + ID_CHUNK]), where(scope, dcm_series)))
         out.extend((await conn.execute(stmt)).all())
     return out
+
+
+async def studies_of(conn, scope: AccessScope, ids: list[str]) -> list[str]:
+    """The Study Instance UIDs holding instances of the patients ``ids`` that ``scope`` permits (instances
+    are gated one by one, as WADO-RS reads them), in UID order."""
+    out: set[str] = set()
+    for i in range(0, len(ids), ID_CHUNK):
+        stmt = (select(dcm_instance.c.study_uid).distinct()
+                .where(dcm_instance.c.patient_id.in_(ids[i:i + ID_CHUNK]), where(scope, dcm_instance)))
+        out.update(r[0] for r in await conn.execute(stmt))
+    return sorted(out)
 
 
 async def mean_values(conn, scope: AccessScope, name: str, ids: list[str]) -> dict[str, float]:

@@ -64,6 +64,12 @@ async def qido(access: Access, level: str, q: QidoQuery, *,
     return await access.read_sync(read)
 
 
+async def stored_study_uids(db) -> list[str]:
+    """Every stored Study Instance UID, for the de-identified UID index (gateway.services.deid.UidIndex):
+    it maps a project's UIDs back to these; what a requester then gets is decided by a gated read."""
+    return [r["study_uid"] for r in await db.read_rows(dicom_views.study_uids_stmt(), {})]
+
+
 def _views() -> dict:
     return {dcm_study: dicom_views.study_view(), dcm_series: dicom_views.series_view()}
 

@@ -174,3 +174,9 @@ async def subject_rows(conn, study_row: dict, series_rows: list[dict]) -> tuple[
 
 __all__ = ["study_view", "series_view", "sync_parts", "rebuild", "subject_rows", "has_conflicts_stmt",
            "conflicting_stmt", "list_conflicts"]
+
+
+def study_uids_stmt():
+    """Every stored Study Instance UID: the de-identified UID index (gateway.services.deid.UidIndex) maps a
+    project's UIDs back to them; what a requester then gets is decided by the gated read that follows."""
+    return built_once(("dicom_views.study_uids",), lambda: select(ST.c.study_uid))

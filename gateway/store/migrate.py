@@ -32,7 +32,7 @@ TABLE_MODULES = (
     "gateway.store.bulk_schema",
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Indexes replaced by wider ones (the new ones are created on existing databases by :func:`_create`).
 RETIRED_INDEXES = (
@@ -41,8 +41,18 @@ RETIRED_INDEXES = (
     "ix_dcm_sr_item_concept",
 )
 
-#: (component, version) → coroutine applying that step to an existing database.
-MIGRATIONS: dict[tuple[str, int], Callable[[AsyncConnection], Awaitable[None]]] = {}
+
+async def _v2_dicom_export_jobs(conn: AsyncConnection) -> None:
+    from gateway.store.export_schema import add_job_columns
+
+    await add_job_columns(conn)
+
+
+#: (component, version) → coroutine applying that step to an existing database (steps are idempotent: a new
+#: database runs them on the tables ``create_all`` just made).
+MIGRATIONS: dict[tuple[str, int], Callable[[AsyncConnection], Awaitable[None]]] = {
+    ("core", 2): _v2_dicom_export_jobs,
+}
 
 
 def load_table_modules() -> None:

@@ -2,10 +2,13 @@
 
 Kick-off (IG §"Bulk Data Kick-off Request"): ``GET`` with query parameters, or ``POST`` with a FHIR
 ``Parameters`` resource.  Supported: ``_outputFormat`` (``application/fhir+ndjson`` and its abbreviations
-``application/ndjson``, ``ndjson``), ``_type``, ``_since`` (a FHIR instant) and ``_typeFilter`` (a FHIR
-search query on one of the types; several for one type are OR-ed).  The IG's optional ``_elements``,
-``patient``, ``includeAssociatedData``, ``_until`` and ``organizeOutputBy`` are refused with a message, as
-the IG asks of a server that does not support a parameter (unless the client sent ``Prefer: handling=lenient``).
+``application/ndjson``, ``ndjson``), ``_type``, ``_since`` (a FHIR instant), ``_typeFilter`` (a FHIR
+search query on one of the types; several for one type are OR-ed), ``patient`` (Patient- and Group-level:
+``valueReference``s of a POST body, or ``Patient/<id>`` strings; only their compartments are exported) and
+``_elements`` (``[type.]element`` names of root elements: other non-mandatory elements are left out and the
+resource is tagged ``SUBSETTED``; :func:`subset`).  The IG's optional ``includeAssociatedData``, ``_until``,
+``organizeOutputBy`` and ``allowPartialManifests`` are refused with a message, as the IG asks of a server
+that does not support a parameter, unless the client sent ``Prefer: handling=lenient`` (then ignored).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,9 +24,11 @@ import orjson
 
 #: the ``_outputFormat`` values meaning NDJSON of FHIR resources (IG: "at least application/fhir+ndjson")
 NDJSON_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
-SUPPORTED = ("_outputFormat", "_type", "_since", "_typeFilter")
+SUPPORTED = ("_outputFormat", "_type", "_since", "_typeFilter", "patient", "_elements")
 #: IG parameters this server does not implement (refused, or ignored under ``handling=lenient``)
-UNSUPPORTED = ("_elements", "patient", "includeAssociatedData", "_until", "organizeOutputBy", "allowPartialManifests")
+UNSUPPORTED = ("includeAssociatedData", "_until", "organizeOutputBy", "allowPartialManifests")
+#: the tag of a resource missing elements (FHIR R4 §2.36 "Tags"; IG: ``_elements``)
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 #: search result parameters that make no sense in a ``_typeFilter`` (paging, sorting, includes, summaries)
 FILTER_FORBIDDEN = (
     "_count",
@@ -40,6 +46,8 @@ FILTER_FORBIDDEN = (
 )
 _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ELEMENT = re.compile(r"^(?:([A-Z][A-Za-z]{1,63})\.)?([a-z][A-Za-z0-9]{0,63})$")
+_PATIENT_REF = re.compile(r"^(?:.*/)?Patient/([A-Za-z0-9\-.]{1,64})$")
 
 
 class KickoffError(ValueError):
@@ -58,6 +66,10 @@ class ExportRequest:
     type_filters: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = field(default_factory=dict)
     output_format: str = "application/fhir+ndjson"
     ignored: tuple[str, ...] = ()
+    #: ``patient``: the Patient ids whose compartments are exported (empty: every patient of the level)
+    patients: tuple[str, ...] = ()
+    #: ``_elements``: ``element`` or ``Type.element`` names (empty: whole resources)
+    elements: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return orjson.dumps(
@@ -66,6 +78,8 @@ class ExportRequest:
                 "since": self.since,
                 "outputFormat": self.output_format,
                 "typeFilter": {t: [list(map(list, q)) for q in qs] for t, qs in self.type_filters.items()},
+                "patients": list(self.patients),
+                "elements": list(self.elements),
             }
         ).decode()
 
@@ -77,6 +91,8 @@ class ExportRequest:
             d.get("since"),
             {t: tuple(tuple((k, v) for k, v in q) for q in qs) for t, qs in d["typeFilter"].items()},
             d.get("outputFormat") or NDJSON_FORMATS[0],
+            patients=tuple(d.get("patients") or ()),
+            elements=tuple(d.get("elements") or ()),
         )
 
 
@@ -108,6 +124,8 @@ def parse_kickoff(pairs: Iterable[tuple[str, str]], *, lenient: bool = False) ->
     fmt = NDJSON_FORMATS[0]
     filters: dict[str, list[tuple[tuple[str, str], ...]]] = {}
     ignored = []
+    patients: list[str] = []
+    elements: list[str] = []
     for name, value in pairs:
         if name == "_outputFormat":
             if value not in NDJSON_FORMATS:
@@ -136,6 +154,16 @@ def parse_kickoff(pairs: Iterable[tuple[str, str]], *, lenient: bool = False) ->
                 if bad:
                     raise KickoffError(name, f"{rtype}: {bad[0]!r} is not allowed in a _typeFilter")
                 filters.setdefault(rtype, []).append(q)
+        elif name == "patient":
+            pid = _patient_id(value)
+            if pid not in patients:
+                patients.append(pid)
+        elif name == "_elements":
+            for e in (x.strip() for x in value.split(",")):
+                if not _ELEMENT.match(e):
+                    raise KickoffError(name, f"{e[:80]!r} is not an element name ([type.]element, root elements only)")
+                if e not in elements:
+                    elements.append(e)
         elif lenient:
             ignored.append(name)
         elif name in UNSUPPORTED:
@@ -146,7 +174,75 @@ def parse_kickoff(pairs: Iterable[tuple[str, str]], *, lenient: bool = False) ->
         stray = [t for t in filters if t not in types]
         if stray:
             raise KickoffError("_typeFilter", f"{stray[0]} is not one of the _type types")
-    return ExportRequest(tuple(types), since, {t: tuple(qs) for t, qs in filters.items()}, fmt, tuple(ignored))
+    return ExportRequest(
+        tuple(types),
+        since,
+        {t: tuple(qs) for t, qs in filters.items()},
+        fmt,
+        tuple(ignored),
+        tuple(patients),
+        tuple(elements),
+    )
+
+
+def _patient_id(value: str) -> str:
+    """The id of a ``patient`` value: a Reference (as JSON, from a POST body's ``valueReference``) or a
+    ``Patient/<id>`` string."""
+    ref: Any = value
+    if value.startswith("{"):
+        try:
+            ref = orjson.loads(value).get("reference")
+        except (orjson.JSONDecodeError, AttributeError):
+            ref = None
+    m = _PATIENT_REF.match(ref) if isinstance(ref, str) else None
+    if m is None:
+        raise KickoffError("patient", "a Reference to a Patient (valueReference {'reference': 'Patient/<id>'})")
+    return m[1]
+
+
+@cache
+def mandatory_elements(rtype: str) -> frozenset[str]:
+    """The root elements of ``rtype`` with a minimum cardinality of 1 (FHIR R4 base definitions, from the
+    ``fhir.resources`` models), plus ``resourceType``, ``id`` and ``meta``: kept whatever ``_elements`` asks."""
+    from mappings.fhir.validate import model_class
+
+    names = {"resourceType", "id", "meta"}
+    cls = model_class(rtype)
+    for name, info in (getattr(cls, "model_fields", None) or {}).items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if info.is_required() or extra.get("element_required"):
+            names.add(info.alias or name)
+    return frozenset(names)
+
+
+def _element_of(key: str, wanted: frozenset[str]) -> bool:
+    """``key`` (a JSON property) is one of the ``wanted`` elements: itself, its primitive extension
+    ``_key``, or a choice type ``value[x]`` asked for as ``value``."""
+    base = key[1:] if key.startswith("_") else key
+    if base in wanted:
+        return True
+    return any(base.startswith(w) and len(base) > len(w) and base[len(w)].isupper() for w in wanted)
+
+
+def subset(resource: dict[str, Any], elements: Iterable[str]) -> dict[str, Any]:
+    """IG ``_elements``: ``resource`` with only the requested root elements (``Type.element`` for its type,
+    ``element`` for every type) and its mandatory ones, tagged ``SUBSETTED``; a resource whose type no
+    requested element names is returned whole."""
+    rtype = str(resource.get("resourceType"))
+    asked = set()
+    for e in elements:
+        t, _, name = e.rpartition(".")
+        if not t or t == rtype:
+            asked.add(name)
+    if not asked:
+        return resource
+    wanted = frozenset(asked) | mandatory_elements(rtype)
+    out = {k: v for k, v in resource.items() if _element_of(k, wanted)}
+    meta = dict(out.get("meta") or {})
+    tags = [t for t in (meta.get("tag") or []) if t != SUBSETTED]
+    meta["tag"] = [*tags, SUBSETTED]
+    out["meta"] = meta
+    return out
 
 
 def _split_filters(value: str) -> list[str]:
@@ -155,12 +251,18 @@ def _split_filters(value: str) -> list[str]:
     return [value.strip()] if value.strip() else []
 
 
-def ndjson_page(contents: list[str], project: str | None = None, secret: bytes | None = None) -> tuple[bytes, int]:
+def ndjson_page(
+    contents: list[str], project: str | None = None, secret: bytes | None = None, elements: tuple[str, ...] = ()
+) -> tuple[bytes, int]:
     """NDJSON lines of stored resources (one compact JSON per line) and how many were withheld; with a
-    ``project`` the de-identified copies (``mappings.deid.fhir.deidentify_resource``; None = withheld).
-    Pure; runs in a worker process for de-identification."""
-    if project is None:
+    ``project`` the de-identified copies (``mappings.deid.fhir.deidentify_resource``; None = withheld); with
+    ``elements`` the :func:`subset` of each (of the de-identified copy).  Pure; runs in a worker process for
+    de-identification."""
+    if project is None and not elements:
         return ("\n".join(contents) + "\n").encode() if contents else b"", 0
+    if project is None:
+        lines = [orjson.dumps(subset(orjson.loads(text), elements)) for text in contents]
+        return (b"\n".join(lines) + b"\n") if lines else b"", 0
     from mappings.deid.fhir import deidentify_resource
     from mappings.deid.keys import ProjectKeys
 
@@ -171,8 +273,18 @@ def ndjson_page(contents: list[str], project: str | None = None, secret: bytes |
         if out is None:
             withheld += 1
         else:
-            lines.append(orjson.dumps(out))
+            lines.append(orjson.dumps(subset(out, elements) if elements else out))
     return (b"\n".join(lines) + b"\n") if lines else b"", withheld
 
 
-__all__ = ["ExportRequest", "KickoffError", "NDJSON_FORMATS", "ndjson_page", "parameters_pairs", "parse_kickoff"]
+__all__ = [
+    "ExportRequest",
+    "KickoffError",
+    "NDJSON_FORMATS",
+    "SUBSETTED",
+    "mandatory_elements",
+    "ndjson_page",
+    "parameters_pairs",
+    "parse_kickoff",
+    "subset",
+]

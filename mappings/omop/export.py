@@ -153,6 +153,8 @@ class OmopExport:
     #: code system of each of their vocabulary ids
     local_concepts: dict[int, Concept] = field(default_factory=dict)
     local_systems: dict[str, str] = field(default_factory=dict)
+    #: person_id → common-model patient id (the key of a de-identified export's offsets and pseudonyms)
+    person_patients: dict[int, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {t: len(rows) for t, rows in self.tables.items()}
@@ -612,7 +614,7 @@ def export_rows(data: CmData, vocab: Vocabulary) -> OmopExport:
         used.add(MEASUREMENT_EVENT_FIELD)
     for r in out["image_occurrence"]:  # type: ignore[assignment]
         used.update(c for c in (r["anatomic_site_concept_id"], r["modality_concept_id"]) if c is not None)  # type: ignore[index]
-    return OmopExport(out, cov, used, mp.local, mp.local_systems)
+    return OmopExport(out, cov, used, mp.local, mp.local_systems, {v: k for k, v in person_of.items()})
 
 
 def _procedure(

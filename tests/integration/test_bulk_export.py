@@ -173,7 +173,9 @@ async def test_type_since_typefilter_levels_and_bad_kickoffs(site):
         for path, params, prefer in (
                 ("$export", [], ""),  # Prefer: respond-async missing
                 ("$export", [("_outputFormat", "text/csv")], "respond-async"),
-                ("$export", [("_elements", "id")], "respond-async"),
+                ("$export", [("includeAssociatedData", "LatestProvenanceResources")], "respond-async"),
+                ("$export", [("patient", "Patient/p-gru")], "respond-async"),  # not at system level
+                ("Patient/$export", [("_elements", "name.given")], "respond-async"),
                 ("$export", [("_since", "2020-01-01")], "respond-async"),
                 ("$export", [("_type", "NotAType")], "respond-async"),
                 ("$export", [("_typeFilter", "Observation?_sort=date")], "respond-async"),
@@ -189,9 +191,52 @@ async def test_type_since_typefilter_levels_and_bad_kickoffs(site):
             await c.kickoff("Group/nope/$export")
         assert e.value.status == 404
         # Prefer: handling=lenient ignores what is not supported
-        url = await c.kickoff("$export", [("_type", "Patient"), ("_elements", "id")],
+        url = await c.kickoff("$export", [("_type", "Patient"), ("includeAssociatedData", "LatestProvenanceResources")],
                               prefer="respond-async, handling=lenient")
         assert (await c.poll(url))["output"]
+
+
+async def test_patient_and_elements_parameters(site):
+    """IG v2 ``patient`` (POST valueReference; Patient and Group level) and ``_elements``."""
+    gw = site
+    async with aiohttp.ClientSession() as http:
+        clin = BulkClient(http, gw.fhir, gw.token("clinician"))
+        params = [("_type", "Patient,Observation"), ("patient", "Patient/p-gru"), ("patient", "Patient/p-hmb"),
+                  ("patient", "Patient/p-nobody")]
+        status_url = await clin.kickoff("Patient/$export", params, post=True)
+        manifest = await clin.poll(status_url)
+        files = await clin.download(manifest)
+        assert _patients(files) == {"p-gru", "p-hmb"} and len(files["Observation"]) == 4
+        # the patient that is not there is reported in an OperationOutcome error file
+        (err,) = manifest["error"]
+        assert err["type"] == "OperationOutcome" and err["count"] == 1
+        async with http.get(err["url"], headers={"Authorization": f"Bearer {clin.token}"}) as r:
+            assert r.status == 200
+            (outcome,) = [json.loads(x) for x in (await r.text()).splitlines()]
+        assert outcome["resourceType"] == "OperationOutcome" and "Patient/p-nobody" in outcome["issue"][0]["diagnostics"]
+        assert await clin.delete(status_url) == 202
+        # the analyst: a patient the gate refuses it is as absent as an unknown one
+        ana = BulkClient(http, gw.fhir, gw.token("analyst", purpose=GRU))
+        manifest, files = await ana.export("Patient/$export", [("patient", "Patient/p-gru"), ("patient", "Patient/p-hmb")],
+                                           post=True)
+        assert _patients(files) == {"p-gru"} and manifest["error"][0]["count"] == 1
+        # Group level: only members
+        group = {"resourceType": "Group", "id": "g2", "type": "person", "actual": True,
+                 "member": [{"entity": {"reference": "Patient/p-gru"}}, {"entity": {"reference": "Patient/p-poa"}}]}
+        async with http.put(f"{gw.fhir}/Group/g2", json=group, headers=gw.headers("ehr-system") | FHIR_JSON) as r:
+            assert r.status == 201, await r.text()
+        manifest, files = await clin.export("Group/g2/$export", [("patient", "Patient/p-poa"), ("patient", "Patient/p-hmb")],
+                                            post=True)
+        assert _patients(files) == {"p-poa"} and manifest["error"][0]["count"] == 1
+        # _elements: the named and the mandatory elements, tagged SUBSETTED; other types whole
+        manifest, files = await clin.export("Patient/$export", [("_type", "Patient,Observation,Consent"),
+                                                                ("_elements", "Patient.birthDate,Observation.value")])
+        assert manifest["error"] == []
+        for p in files["Patient"]:
+            assert set(p) == {"resourceType", "id", "meta", "birthDate"} and "SUBSETTED" in json.dumps(p["meta"])
+        for o in files["Observation"]:
+            assert set(o) == {"resourceType", "id", "meta", "status", "code", "subject", "valueQuantity"} - {"subject"}
+        assert all("name" not in p for p in files["Patient"]) and all("provision" in c for c in files["Consent"])
 
 
 async def test_cancel_removes_the_files(site):

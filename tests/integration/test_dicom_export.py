@@ -259,7 +259,7 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
         async with http.post(f"{gw.url}/export/dicom", json=body, headers=analyst) as r:
             assert r.status == 202, await r.text()
             location = r.headers["Content-Location"]
-        for _ in range(200):
+        for _ in range(600):  # (the job worker's poll, a loaded machine)
             async with http.get(gw.url + location, headers=analyst) as r:
                 doc = await r.json()
                 if r.status == 200:
@@ -282,7 +282,7 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
         async with http.post(f"{gw.url}/export/dicom", json=body | {"target": {"folder": "cohort-2"}}, headers=analyst) as r:
             assert r.status == 202, await r.text()
             location = r.headers["Content-Location"]
-        for _ in range(200):
+        for _ in range(600):  # (the job worker's poll, a loaded machine)
             async with http.get(gw.url + location, headers=analyst) as r:
                 doc = await r.json()
                 if r.status == 200:
@@ -298,3 +298,181 @@ async def test_export_job_over_http_start_poll_and_bad_input(site):  # noqa: F81
             async with http.post(f"{gw.url}/export/dicom", json=bad, headers=analyst) as r:
                 assert r.status == 400, (bad, r.status, await r.text())
                 assert r.headers["Content-Type"].startswith("application/problem+json")
+
+
+async def test_an_export_job_whose_server_died_resumes_in_the_next_one(tmp_path, db_url):
+    """Server A exports the first studies of a job and dies (its lease left behind); server B, started on the
+    same store, takes the job over when the lease expires and completes it: each study exactly once."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+
+    def settings(worker: bool):
+        return make_settings(tmp_path / "data", db_url, extra={
+            "consent": {"policy": str(policy), "disease_ontologies": [str(OBO)], "refresh_s": 0},
+            "export": {"lease_s": 1.0, "poll_s": 0.1, "worker": worker}})
+
+    async def start(s) -> Gateway:
+        app = create_app(s)
+        app[keys.GATE] = ConsentGate(s)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        return Gateway(server, s)
+
+    studies = [ct_series(patient_id=OK, patient_name="Quartermaine^Zebulon", n=2, size=16) for _ in range(3)]
+    uids = [s[0].StudyInstanceUID for s in studies]
+    analyst = None
+    a = await start(settings(worker=False))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _load(a, http)
+            async with http.post(f"{a.dicomweb}/studies", data=stow_body([d for s in studies for d in s], BOUNDARY),
+                                 headers=a.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+            analyst = a.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+            async with http.post(f"{a.url}/export/dicom", json={"studies": uids, "target": {"folder": "resumed"}},
+                                 headers=analyst) as r:
+                assert r.status == 202, await r.text()
+                location = r.headers["Content-Location"]
+        jobs = a.app[keys.DICOM_EXPORT_JOBS]
+        updates = 0
+        real_update = jobs.queue.update
+
+        async def dying_update(*args, **kw):
+            nonlocal updates
+            done = await real_update(*args, **kw)
+            updates += 1
+            if updates == 2:  # two studies done and recorded
+                raise SystemExit("server killed")  # stands in for the process dying mid-job
+            return done
+
+        jobs.queue.update = dying_update
+        row = await jobs.queue.claim()
+        with pytest.raises(SystemExit):
+            await jobs.execute(row)
+        job = await jobs.get(row.job_id)
+        assert job["state"] == "running" and job["done"] == 2 and len(json.loads(job["cursor"])) == 2
+    finally:
+        await a.server.close()
+    b = await start(settings(worker=True))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                async with http.get(b.url + location, headers=analyst) as r:
+                    doc = await r.json()
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        assert doc["state"] == "completed", doc
+        assert [s["study"] for s in doc["report"]["studies"]] == uids
+        assert {s["status"] for s in doc["report"]["studies"]} == {"exported"}
+        exported = _read_folder(b.settings.data_dir / "exports" / "dicom" / "resumed")
+        k = b.app[keys.DEID].keys_for(ANALYST)
+        assert sorted(d.SOPInstanceUID for d in exported) == sorted(k.uid_for(d.SOPInstanceUID) for s in studies for d in s)
+        assert (await b.app[keys.DICOM_EXPORT_JOBS].get(row.job_id))["attempts"] == 2
+        assert not (b.settings.data_dir / "exports" / ".staging" / row.job_id).exists()
+    finally:
+        await b.server.close()
+
+
+async def test_export_of_a_federation_cohort_takes_the_permitted_studies(site, tmp_path):  # noqa: F811
+    """A cohort (the federation cohort language) instead of a list of studies, over HTTP and in the CLI: the
+    studies holding permitted instances of the patients the gated cohort compiler selects."""
+    gw = site
+    permitted, burned, refused = _datasets()
+    async with aiohttp.ClientSession() as http:
+        await _load(gw, http)
+        async with http.post(f"{gw.dicomweb}/studies", data=stow_body(permitted + burned + refused, BOUNDARY),
+                             headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+            assert r.status == 200, await r.text()
+        ok_studies = sorted({d.StudyInstanceUID for d in permitted + burned})
+        svc = gw.app[keys.DICOM_EXPORT]
+        assert await svc.cohort_studies(ANALYST, {"imaging": {"modality": "CT"}}) == ok_studies
+        assert await svc.cohort_studies(CLINICIAN, {"imaging": {"modality": "CT"}}) == sorted(set(ok_studies) | {refused[0].StudyInstanceUID})
+        assert await svc.cohort_studies(ANALYST, {"imaging": {"modality": "MR"}}) == []
+
+        analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+        body = {"cohort": {"imaging": {"modality": "CT"}}, "target": {"folder": "by-cohort"}}
+        async with http.post(f"{gw.url}/export/dicom", json=body, headers=analyst) as r:
+            assert r.status == 202, await r.text()
+            location = r.headers["Content-Location"]
+        for _ in range(600):
+            async with http.get(gw.url + location, headers=analyst) as r:
+                doc = await r.json()
+                if r.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert doc["state"] == "completed" and doc["request"]["cohort"] is True, doc
+        assert sorted(s["study"] for s in doc["report"]["studies"]) == ok_studies
+        assert len(_read_folder(gw.settings.data_dir / "exports" / "dicom" / "by-cohort")) == len(permitted)
+        for bad in ({"cohort": {"nonsense": 1}, "target": {"folder": "c2"}}, {"cohort": [], "target": {"folder": "c3"}},
+                    {"cohort": {"imaging": {"modality": "CT"}}, "studies": ["1.2.3"], "target": {"folder": "c4"}}):
+            async with http.post(f"{gw.url}/export/dicom", json=bad, headers=analyst) as r:
+                assert r.status == 400, (bad, await r.text())
+
+    cohort = tmp_path / "cohort.json"
+    cohort.write_text(json.dumps({"cohort": {"imaging": {"modality": "CT"}}}))
+    toml = tmp_path / "site.toml"
+    consent = gw.settings.extra["consent"]
+    toml.write_text(f'[consent]\npolicy = "{consent["policy"]}"\ndisease_ontologies = ["{consent["disease_ontologies"][0]}"]\n')
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = await asyncio.to_thread(cli_main, [
+            "export", "dicom", "--cohort", str(cohort), "--out", str(tmp_path / "cli"), "--purpose", "DUO:0000042",
+            "--config", str(toml), "--data-dir", str(gw.settings.data_dir),
+            "--database-url", gw.settings.effective_database_url, "--no-progress"])
+    assert rc == 0, stderr.getvalue()
+    assert sorted(s["study"] for s in json.loads(stdout.getvalue())["studies"]) == ok_studies
+
+
+async def test_kill9_of_the_server_mid_job_then_a_restart_completes_the_export(tmp_path, db_url):
+    """A real ``fedgate serve`` process killed (SIGKILL) while it runs an export job; started again on the same
+    store, it takes the job over when the lease expires: every study exported once, in one File-set."""
+    import os
+    import signal
+
+    from tests.integration.federation_fixtures import start_gateway_process
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    toml = (f'[consent]\npolicy = "{policy}"\ndisease_ontologies = ["{OBO}"]\nrefresh_s = 0\n'
+            '[export]\nlease_s = 2.0\npoll_s = 0.1\n')
+    studies = [ct_series(patient_id=OK, patient_name="Quartermaine^Zebulon", n=4, size=128) for _ in range(16)]
+    uids = [s[0].StudyInstanceUID for s in studies]
+    gw = await start_gateway_process(tmp_path, "dx9", toml, db_url=db_url, args=("--processes", "1"))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _load(gw, http)
+            async with http.post(f"{gw.dicomweb}/studies", data=stow_body([d for s in studies for d in s], BOUNDARY),
+                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+            analyst = gw.headers("analyst", purpose={"codes": ["DUO:0000042"]}, subject="ana")
+            async with http.post(f"{gw.url}/export/dicom", json={"studies": uids, "target": {"folder": "k9"}},
+                                 headers=analyst) as r:
+                assert r.status == 202, await r.text()
+                location = r.headers["Content-Location"]
+            for _ in range(2000):
+                async with http.get(gw.url + location, headers=analyst) as r:
+                    doc = await r.json()
+                if doc["progress"]["studies"] >= 2:
+                    break
+                await asyncio.sleep(0.02)
+        os.kill(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait(10)
+        assert doc["state"] == "running" and doc["progress"]["studies"] < len(uids), doc  # killed mid-job
+    finally:
+        gw.stop()
+    gw = await start_gateway_process(tmp_path, "dx9", toml, db_url=db_url, args=("--processes", "1"))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(1200):
+                async with http.get(gw.url + location, headers=analyst) as r:
+                    doc = await r.json()
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        assert doc["state"] == "completed", doc
+        assert [s["study"] for s in doc["report"]["studies"]] == uids
+        assert {s["status"] for s in doc["report"]["studies"]} == {"exported"}
+        assert len(_read_folder(gw.settings.data_dir / "exports" / "dicom" / "k9")) == 4 * len(uids)
+    finally:
+        gw.stop()

@@ -148,7 +148,9 @@ def consent_policy(path: Path, sexes=ALL_SEXES) -> Path:
 async def _site(data_dir: Path, db_url: str, omop_url: str, gate=None, sexes=ALL_SEXES) -> Gateway:
     # disclosure control off (cell size 1, no rounding) so federated counts of two sites compare exactly
     policy = consent_policy(data_dir.parent / f"{data_dir.name}-policy.json", sexes)
-    settings = make_settings(data_dir, db_url, extra={"omop": {"pg_url": omop_url},
+    # identified exports: these tests compare rows with the source (tests/integration/test_deid_timelines.py
+    # covers the de-identified export)
+    settings = make_settings(data_dir, db_url, deid_policy="*=identified", extra={"omop": {"pg_url": omop_url},
                                                       "federation": {"min_cell": 1, "round_base": 1},
                                                       "consent": {"policy": str(policy), "refresh_s": 0}})
     app = create_app(settings)
@@ -477,7 +479,8 @@ async def test_cli_export_csv_and_postgres_then_import(tmp_path, db_url, omop_pg
     b_url, b_name = await _second_store(db_url, tmp_path)
     try:
         config = tmp_path / "fedgate.toml"
-        config.write_text(f'[consent]\npolicy = "{consent_policy(tmp_path / "policy.json")}"\nrefresh_s = 0\n')
+        config.write_text(f'deid_policy = "*=identified"\n[consent]\npolicy = "{consent_policy(tmp_path / "policy.json")}"\n'
+                          'refresh_s = 0\n')
         store = ["--config", str(config), "--data-dir", str(tmp_path / "a"), "--database-url", db_url,
                  "--log-level", "WARNING"]
         files = [str(p) for p in SYNTHEA[:3]]

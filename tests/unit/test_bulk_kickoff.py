@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from gateway.auth import scope_resource_types
 from gateway.services.backend_auth import grant
-from mappings.fhir.bulk import ExportRequest, KickoffError, ndjson_page, parameters_pairs, parse_kickoff
+from mappings.fhir.bulk import (
+    SUBSETTED,
+    ExportRequest,
+    KickoffError,
+    ndjson_page,
+    parameters_pairs,
+    parse_kickoff,
+    subset,
+)
 
 
 def test_parse_kickoff_accepts_the_ig_parameters():
@@ -29,8 +38,11 @@ def test_parse_kickoff_accepts_the_ig_parameters():
     ([("_typeFilter", "Observation?_count=5")], "_typeFilter"),
     ([("_typeFilter", "Observation?_include=Observation:subject")], "_typeFilter"),
     ([("_type", "Patient"), ("_typeFilter", "Observation?code=1")], "_typeFilter"),
-    ([("_elements", "id")], "_elements"),
-    ([("patient", "Patient/1")], "patient"),
+    ([("_elements", "Patient.name.given")], "_elements"),
+    ([("_elements", "")], "_elements"),
+    ([("patient", "Observation/1")], "patient"),
+    ([("patient", '{"reference": 7}')], "patient"),
+    ([("includeAssociatedData", "LatestProvenanceResources")], "includeAssociatedData"),
     ([("nonsense", "1")], "nonsense"),
 ])
 def test_parse_kickoff_refuses_what_it_does_not_support(pairs, param):
@@ -40,7 +52,36 @@ def test_parse_kickoff_refuses_what_it_does_not_support(pairs, param):
 
 
 def test_lenient_ignores_unsupported_parameters():
-    assert parse_kickoff([("_elements", "id"), ("_type", "Patient")], lenient=True).ignored == ("_elements",)
+    req = parse_kickoff([("includeAssociatedData", "LatestProvenanceResources"), ("_type", "Patient")], lenient=True)
+    assert req.ignored == ("includeAssociatedData",) and req.types == ("Patient",)
+
+
+def test_patient_and_elements_parameters():
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
+        {"name": "patient", "valueReference": {"reference": "https://ehr.example/fhir/Patient/p2"}},
+        {"name": "_elements", "valueString": "Patient.birthDate,value"}]}
+    req = parse_kickoff(parameters_pairs(body) + [("patient", "Patient/p1")])
+    assert req.patients == ("p1", "p2") and req.elements == ("Patient.birthDate", "value")
+    assert ExportRequest.from_json(req.to_json()) == ExportRequest(patients=("p1", "p2"),
+                                                                   elements=("Patient.birthDate", "value"))
+
+
+def test_elements_subset_keeps_mandatory_elements_and_tags_subsetted():
+    obs = {"resourceType": "Observation", "id": "o1", "meta": {"tag": [{"system": "urn:x", "code": "t"}]},
+           "status": "final", "code": {"text": "hr"}, "subject": {"reference": "Patient/p1"},
+           "valueQuantity": {"value": 60}, "_status": {"id": "s"}, "note": [{"text": "free text"}]}
+    out = subset(obs, ("value", "Patient.birthDate"))
+    assert set(out) == {"resourceType", "id", "meta", "status", "_status", "code", "valueQuantity"}
+    assert out["meta"]["tag"] == [{"system": "urn:x", "code": "t"}, SUBSETTED]
+    pat = {"resourceType": "Patient", "id": "p1", "name": [{"family": "X"}], "birthDate": "1970-01-01"}
+    assert subset(pat, ("Patient.birthDate",)) == {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01",
+                                                   "meta": {"tag": [SUBSETTED]}}
+    assert subset(pat, ("Observation.value",)) is pat  # no element of its type asked: whole
+    # de-identified, then subsetted
+    data, held = ndjson_page([orjson.dumps(pat).decode()], "proj", b"s" * 32, ("Patient.name", "Patient.birthDate"))
+    (line,) = [orjson.loads(x) for x in data.splitlines()]
+    assert held == 0 and set(line) == {"resourceType", "id", "meta", "birthDate"} and line["id"] != "p1"
 
 
 def test_parameters_resource_pairs():
@@ -49,8 +90,7 @@ def test_parameters_resource_pairs():
         {"name": "patient", "valueReference": {"reference": "Patient/1"}}]}
     pairs = parameters_pairs(body)
     assert pairs[:2] == [("_type", "Patient"), ("_since", "2024-01-01T00:00:00Z")] and pairs[2][0] == "patient"
-    with pytest.raises(KickoffError):
-        parse_kickoff(pairs)
+    assert parse_kickoff(pairs).patients == ("1",)
     with pytest.raises(KickoffError):
         parameters_pairs({"resourceType": "Patient"})
 
