@@ -2,7 +2,8 @@
 
 Every test that takes ``db_url`` (directly or through ``settings``/``gateway``) runs once per engine:
 SQLite (a file in tmp_path) and PostgreSQL (a fresh database on $FEDGATE_TEST_PG, default
-postgresql://postgres@127.0.0.1:5432, created per test and dropped after).  PostgreSQL not answering is
+postgresql://postgres@127.0.0.1:5432, created per test as a copy of the session's schema template
+(:func:`pg_template`) and dropped after).  PostgreSQL not answering is
 a test *error*, never a skip.  ``FEDGATE_TEST_ENGINES=sqlite`` narrows the run while developing.
 """
 
@@ -68,14 +69,58 @@ def data_path(*parts: str) -> Path:
     return SHARED / "data" / Path(*parts)
 
 
-async def create_pg_database() -> str:
-    name = f"fedgate_t_{uuid.uuid4().hex[:12]}"
+#: The session's PostgreSQL template (see :func:`pg_template`), once built.
+_PG_TEMPLATE: str | None = None
+
+
+async def pg_template() -> str:
+    """A PostgreSQL database holding the current schema (what start-up's one-time steps create: tables,
+    indexes, the consent columns and settings), built once per test session by the same code; each test's
+    database is a copy of it (``CREATE DATABASE ... TEMPLATE``), so start-up finds its schema in place
+    instead of running the DDL again.  Dropped at the end of the session (``pytest_sessionfinish``)."""
+    global _PG_TEMPLATE
+    if _PG_TEMPLATE is None:
+        from gateway.store.consent_schema import ensure_indexes
+        from gateway.store.db import Database
+        from gateway.store.migrate import migrate
+
+        name = await create_pg_database(template=None, prefix="fedgate_tmpl_")
+        db = Database(f"{PG_ADMIN}/{name}")
+        try:
+            await migrate(db)
+            async with db.write() as conn:
+                await ensure_indexes(conn)
+        except BaseException:
+            await db.dispose()
+            await drop_pg_database(name)
+            raise
+        await db.dispose()
+        if _PG_TEMPLATE is None:
+            _PG_TEMPLATE = name
+        else:  # built concurrently by another coroutine meanwhile
+            await drop_pg_database(name)
+    return _PG_TEMPLATE
+
+
+async def create_pg_database(*, template: str | None | bool = True, prefix: str = "fedgate_t_") -> str:
+    """A new, uniquely named database: a copy of the session's schema template (:func:`pg_template`), or
+    with ``template=None`` an empty one."""
+    if template is True:
+        template = await pg_template()
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(f"{PG_ADMIN}/postgres")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await conn.close()
     return name
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _PG_TEMPLATE is not None:
+        import asyncio
+
+        asyncio.run(drop_pg_database(_PG_TEMPLATE))
 
 
 async def drop_pg_database(name: str) -> None:

@@ -14,7 +14,8 @@
   columns do not match, then checks every checkpoint against it: a chain shorter than a checkpoint was
   truncated, a checkpoint whose hash differs from the row's was re-chained (``fedgate audit verify``).
   Threat model: docs/audit.md.
-* :func:`search` serves ``GET /fhir/AuditEvent`` (admins only; see the handler).
+* :func:`admin_search` and :func:`admin_read` serve ``GET /fhir/AuditEvent`` and ``GET /fhir/AuditEvent/{id}``
+  (admins only); the SQL is in :mod:`gateway.store.audit_repo`.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import keys
 from gateway.services.access import AccessRecord
 from gateway.services.audit_codes import Action, Interaction, Outcome
 from gateway.settings import secret_file
-from gateway.store.audit_schema import GENESIS, audit_event
+from gateway.store import audit_repo
+from gateway.store.audit_repo import ADVISORY_KEY, AuditCriteria
+from gateway.store.audit_schema import GENESIS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 REST = "http://hl7.org/fhir/restful-interaction"
 DUO_SYSTEM = "http://purl.obolibrary.org/obo/duo"
 V3_ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-ADVISORY_KEY = 0x4A7D17  # pg_advisory_xact_lock key of the audit chain head
 
 
 def canonical(obj: Any) -> bytes:
@@ -295,11 +296,8 @@ class ChainedAudit:
     async def _write(self, batch: list[tuple[dict, tuple[str, ...]]]) -> tuple[int, str]:
         """Append ``batch`` to the chain; returns the new head ``(seq, hash)``."""
         async with self.db.write() as conn:
-            if not self.db.is_sqlite:
-                await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_KEY})"))
-            last = (await conn.execute(select(audit_event.c.seq, audit_event.c.hash)
-                                       .order_by(audit_event.c.seq.desc()).limit(1))).first()
-            seq, prev = (last[0], last[1]) if last is not None else (0, GENESIS)
+            await audit_repo.lock_head(conn)
+            seq, prev = await audit_repo.head(conn)
             rows = []
             for event, patients in batch:
                 content = canonical(event).decode()
@@ -307,7 +305,7 @@ class ChainedAudit:
                 seq += 1  # gap-free, assigned under the chain-head lock (a sequence would leave gaps on rollback)
                 rows.append(_row(event, patients) | {"seq": seq, "content": content, "prev_hash": prev, "hash": h})
                 prev = h
-            await conn.execute(audit_event.insert(), rows)
+            await audit_repo.append(conn, rows)
         return seq, prev
 
 
@@ -332,7 +330,7 @@ async def verify(db, anchor: CheckpointLog | None = None) -> VerifyResult:
     n = 0
     last_seq = 0
     async with db.read() as conn:
-        result = await conn.stream(select(audit_event).order_by(audit_event.c.seq))
+        result = await audit_repo.stream_chain(conn)
         try:  # closed also on an early return: an open statement would pin this pooled connection's snapshot
             async for row in result:
                 n += 1
@@ -374,50 +372,60 @@ async def verify(db, anchor: CheckpointLog | None = None) -> VerifyResult:
                                  f"{len(heads)} signed checkpoints (last seq {anchored}){tail}")
 
 
-async def search(db, params: list[tuple[str, str]], *, max_count: int = 1000) -> tuple[list[dict], int]:
-    """AuditEvent search: agent/subject, patient, date (ge/gt/le/lt/eq prefix), outcome, action,
-    subtype, _count.  Newest first."""
-    A = audit_event
-    where = []
+def criteria(params: list[tuple[str, str]], *, max_count: int = 1000) -> tuple[AuditCriteria, int]:
+    """AuditEvent search parameters → (criteria, page size): agent/subject, patient, date (ge/gt/le/lt/eq
+    prefix), outcome, action, subtype, _count; anything else is a 400."""
+    from gateway.errors import BadRequest
+
+    found: dict[str, list] = {"subjects": [], "patients": [], "outcomes": [], "actions": [], "interactions": [],
+                              "dates": []}
     count = 50
     for name, value in params:
         if name in ("agent", "who", "subject"):
-            where.append(A.c.subject == value)
+            found["subjects"].append(value)
         elif name == "patient":
-            where.append(A.c.patients.like(f"% {value.removeprefix('Patient/')} %"))
+            found["patients"].append(value.removeprefix("Patient/"))
         elif name == "outcome":
-            where.append(A.c.outcome == value)
+            found["outcomes"].append(value)
         elif name == "action":
-            where.append(A.c.action == value)
+            found["actions"].append(value)
         elif name == "subtype":
-            where.append(A.c.interaction == value.split("|")[-1])
+            found["interactions"].append(value.split("|")[-1])
         elif name == "date":
-            op, v = (value[:2], value[2:]) if value[:2] in ("ge", "gt", "le", "lt", "eq") else ("eq", value)
-            col = A.c.recorded
-            where.append({"ge": col >= v, "gt": col > v, "le": col <= v + "\uffff", "lt": col < v,
-                          "eq": col.like(v + "%")}[op])
+            found["dates"].append((value[:2], value[2:]) if value[:2] in ("ge", "gt", "le", "lt", "eq")
+                                  else ("eq", value))
         elif name == "_count":
             if not value.isdigit():
-                from gateway.errors import BadRequest
-
                 raise BadRequest(f"_count: expected a non-negative integer, got {value!r}", expression=["_count"])
             count = min(int(value), max_count)
         elif name in ("_format", "_total"):
             continue
         else:
-            from gateway.errors import BadRequest
-
             raise BadRequest(f"unknown AuditEvent search parameter {name!r}", expression=[name])
+    return AuditCriteria(**{k: tuple(v) for k, v in found.items()}), count
+
+
+def _event(id_: str, content: str) -> dict[str, Any]:
+    event = orjson.loads(content)
+    event["id"] = id_
+    return event
+
+
+async def search(db, params: list[tuple[str, str]], *, max_count: int = 1000) -> tuple[list[dict], int]:
+    """AuditEvent search (:func:`criteria`), newest first: (events, total)."""
+    where, count = criteria(params, max_count=max_count)
     async with db.read() as conn:
-        total = (await conn.execute(select(func.count()).select_from(A).where(*where))).scalar_one()
-        rows = (await conn.execute(select(A.c.seq, A.c.content).where(*where).order_by(A.c.seq.desc())
-                                   .limit(count))).all()
-    out = []
-    for seq, content in rows:
-        event = orjson.loads(content)
-        event["id"] = str(seq)
-        out.append(event)
-    return out, total
+        rows, total = await audit_repo.search(conn, where, count)
+    return [_event(str(seq), content) for seq, content in rows], total
+
+
+async def read(db, seq: str) -> dict[str, Any] | None:
+    """AuditEvent ``seq`` (its ``id``), or None when there is none."""
+    if not seq.isdigit() or len(seq) > 18:  # beyond 64 bits: never a row (not an overflow in the database)
+        return None
+    async with db.read() as conn:
+        content = await audit_repo.content(conn, int(seq))
+    return None if content is None else _event(seq, content)
 
 
 async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -430,7 +438,8 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
         await sink.stop()
 
 
-__all__ = ["ChainedAudit", "CheckpointLog", "VerifyResult", "audit_ctx", "chain_hash", "search", "to_audit_event", "verify"]
+__all__ = ["ADVISORY_KEY", "ChainedAudit", "CheckpointLog", "VerifyResult", "admin_read", "admin_search", "admin_verify",
+           "audit_ctx", "chain_hash", "criteria", "read", "search", "to_audit_event", "verify"]
 
 
 def verify_main(settings) -> int:
@@ -485,3 +494,21 @@ async def admin_verify(db, sink, settings, requester) -> VerifyResult:
     await sink.record(AccessRecord(requester, Action.EXECUTE, Interaction.AUDIT_VERIFY, Outcome.SUCCESS,
                                    detail=f"chain {'intact' if result.ok else 'TAMPERED'}"))
     return result
+
+
+async def admin_read(db, sink, requester, seq: str) -> dict[str, Any]:
+    """:func:`read` for an admin (others: 403; no such event: 404), after flushing what is pending, audited."""
+    from gateway.errors import Forbidden, NotFound
+    from gateway.services.access import AccessRecord
+    from gateway.services.audit_codes import Action, Interaction, Outcome
+
+    if not requester.is_admin:
+        raise Forbidden("AuditEvent is readable by the admin role only")
+    if isinstance(sink, ChainedAudit):
+        await sink.flush()
+    event = await read(db, seq)
+    if event is None:
+        raise NotFound(f"AuditEvent/{seq} not found")
+    await sink.record(AccessRecord(requester, Action.READ, Interaction.READ, Outcome.SUCCESS, (f"AuditEvent/{seq}",),
+                                   path="/fhir/AuditEvent/{id}"))
+    return event

@@ -261,7 +261,7 @@ async def consent_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: start the gate once the store is open (after ``store_ctx`` in gateway/app.py)."""
     gate = app[keys.GATE]
     one_time = app[keys.STARTUP] != "serve"
-    if one_time:
+    if one_time and not isinstance(gate, ConsentGate):  # (ConsentGate.start runs them itself)
         async with app[keys.DB].write() as conn:
             await ensure_indexes(conn)
     if isinstance(gate, ConsentGate):

@@ -145,7 +145,7 @@ Index("ix_idx_string_rid", idx_string.c.rid)
 
 idx_date = _idx("idx_date", Column("lo", Float, nullable=False), Column("hi", Float, nullable=False))
 Index("ix_idx_date_lookup", idx_date.c.res_type, idx_date.c.param, idx_date.c.lo, idx_date.c.hi)
-#: date searches bounded by the range's end (gt, ge, eb: ``fhir_repo._date_pred``; issue 27)
+#: date searches bounded by the range's end (gt, ge, eb: ``fhir_search._date_pred``; issue 27)
 ix_idx_date_hi = Index("ix_idx_date_hi", idx_date.c.res_type, idx_date.c.param, idx_date.c.hi, idx_date.c.rid)
 Index("ix_idx_date_rid", idx_date.c.rid)
 

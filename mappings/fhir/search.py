@@ -120,7 +120,7 @@ def search_signature(res_type: str, pairs: Iterable[tuple[str, str]]) -> str:
     return res_type + "?" + "&".join(f"{len(k)}:{k}={len(v)}:{v}" for k, v in kept)
 
 
-#: Search parameter types ``_sort`` can order by (each has one comparable index column, see fhir_repo._sort_key).
+#: Search parameter types ``_sort`` can order by (each has one comparable index column, see fhir_search._sort_col).
 SORTABLE_TYPES = ("string", "token", "date", "quantity", "reference")
 #: Largest ``_offset`` (a signed 64-bit integer: the databases' LIMIT/OFFSET type).
 MAX_OFFSET = 2**63 - 1

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +22,12 @@ README = REPO / "README.md"
 
 
 def _plain_env(**extra: str) -> dict:
-    """A shell without the venv on PATH, as on a fresh terminal."""
-    path = ":".join(p for p in os.environ.get("PATH", "").split(":") if ".venv" not in p and p)
+    """A shell without a venv on PATH, as on a fresh terminal: neither the checkout's nor the one running
+    the tests (which may be any other)."""
+    venvs = {str(Path(sys.prefix) / "bin"), str(Path(sys.executable).parent)}
+    if os.environ.get("VIRTUAL_ENV"):
+        venvs.add(str(Path(os.environ["VIRTUAL_ENV"]) / "bin"))
+    path = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and ".venv" not in p and p not in venvs)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "FEDGATE_"))}
     env.update(PATH=path, **extra)
     return env
