@@ -138,6 +138,10 @@ class AccessScope:
         (every row of a patient carries the same one), with no list of visible patient ids to build."""
         if self.unrestricted:
             return true()
+        if self.patient is not None:
+            mine = cm_patient.c.patient_id == self.patient
+            return mine if self.all_profiles else and_(mine, cm_patient.c.consent_profile.in_(
+                sorted(self.allowed_profiles)))
         if not self.allowed_profiles:
             return false()
         return cm_patient.c.consent_profile.in_(sorted(self.allowed_profiles))

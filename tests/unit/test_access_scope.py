@@ -130,3 +130,36 @@ def test_for_patient_narrows_every_kind_of_row_and_is_never_unrestricted():
         # a scope bound to one patient asked for another: nothing of either
         assert not list(conn.execute(select(t.c.id).where(
             treatment.for_patient("b").row_clause(t.c.consent_no)).where(t.c.patient_id.is_not(None))))
+
+
+def test_patient_row_clause_narrows_like_patient_clause():
+    """The cohort compiler's predicate on cm_patient rows selects exactly the patients patient_clause does,
+    for a research scope, a scope narrowed to one patient (SMART patient/), and an empty one."""
+    import sqlite3
+
+    from sqlalchemy import select as sel
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from gateway.store.schema import cm_patient
+
+    con = sqlite3.connect(":memory:")
+    con.execute("CREATE TABLE cm_patient (pk INTEGER PRIMARY KEY, src_type TEXT, src_id TEXT, patient_id TEXT,"
+                " identifiers TEXT, birth_date TEXT, birth_year INT, sex TEXT, deceased_date TEXT, race TEXT,"
+                " ethnicity TEXT, consent_profile TEXT)")
+    rows = [("p1", "k1"), ("p2", "k2"), ("p3", "k3"), ("p4", None)]
+    con.executemany("INSERT INTO cm_patient (src_type, src_id, patient_id, consent_profile) VALUES ('t', ?, ?, ?)",
+                    [(p, p, k) for p, k in rows])
+
+    def ids(pred):
+        q = sel(cm_patient.c.patient_id).where(pred)
+        sql = str(q.compile(dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+        return {r[0] for r in con.execute(sql)}
+
+    research = AccessScope(unrestricted=False, allowed_profiles=frozenset({"k1", "k2"}), summary="t")
+    for scope in (research, research.for_patient("p2"), research.for_patient("p3"),
+                  AccessScope(unrestricted=False, allowed_profiles=frozenset(), summary="t"),
+                  AccessScope().for_patient("p4")):
+        want = ids(scope.patient_clause(cm_patient.c.patient_id, allow_no_patient=False))
+        assert ids(scope.patient_row_clause()) == want, scope.summary
+    assert ids(research.for_patient("p2").patient_row_clause()) == {"p2"}
+    assert ids(research.for_patient("p3").patient_row_clause()) == set()
