@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import socket
 import ssl
@@ -38,6 +39,7 @@ from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelFind,
@@ -207,7 +209,8 @@ class DimseListener:
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
         host = self.settings.dimse_host or self.settings.host
         self.server = self.ae.start_server((host, self.settings.dimse_port), block=False, evt_handlers=handlers,
-                                           ssl_context=self._ssl_context())
+                                           ssl_context=self._ssl_context(),
+                                           contexts=[SupportedContext.of(cx) for cx in self.ae.supported_contexts])
         log.info("DIMSE listener ready", extra={"port": self.server.server_address[1]})
 
     def stop(self) -> None:
@@ -525,6 +528,28 @@ class DimseListener:
         return await self._find_all(requester, qido_level, pairs, [])
 
 
+class SupportedContext(PresentationContext):
+    """A presentation context the listener supports, whose deep copy shares its UIDs (immutable ``str``s) and
+    copies its lists. pynetdicom deep-copies the server's supported contexts for every association it accepts;
+    the listener supports every storage SOP class with every transfer syntax (thousands of UIDs), whose
+    one-by-one deep copy would be most of the CPU time of a short association (a C-ECHO or a C-FIND).
+    tests/unit/test_dimse_contexts.py checks that a context holds nothing else that a shared reference
+    could let one association change for another."""
+
+    @classmethod
+    def of(cls, cx: PresentationContext) -> SupportedContext:
+        new = cls.__new__(cls)
+        vars(new).update(copy.deepcopy(vars(cx)))
+        return new
+
+    def __deepcopy__(self, memo: dict) -> SupportedContext:
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, list):
+                vars(new)[name] = list(value)
+        return new
+
+
 #: PS3.8 Table 9-21 (result source, reason) of the rejections pynetdicom makes
 _REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
                    (2, 2): "protocol version not supported", (3, 2): "too many associations (dimse_max_associations)",
@@ -673,4 +698,4 @@ def _store_contexts(rows: list[dict]) -> list:
     return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
 
 
-__all__ = ["DimseListener", "Peer", "peers_from"]
+__all__ = ["DimseListener", "Peer", "SupportedContext", "peers_from"]
