@@ -140,3 +140,25 @@ def test_any_plain_row_same_bytes_as_pydicom(name, pid, mods, count, rows, uid, 
     got = _layout(ident, level, implicit).encode(item)
     assert got is not None
     assert got == _pydicom(ident, item, level, implicit)
+
+
+def test_messages_are_cut_into_fragments_within_the_peers_maximum_pdu():
+    from gateway.handlers.dimse import _FindResponses
+
+    sent = []
+
+    class _Dul:
+        def send_pdu(self, pdata):
+            sent.append(pdata.presentation_data_value_list)
+
+    out = _FindResponses.__new__(_FindResponses)
+    out.assoc = type("A", (), {"dul": _Dul()})()
+    out.context_id, out.fragment = 3, 16 - 6  # a peer receiving P-DATA of at most 16 bytes
+    out._put(0x02, bytes(range(25)))
+    out._put(0x03, b"ab")
+    assert sent == [[(3, b"\x00" + bytes(range(10)))], [(3, b"\x00" + bytes(range(10, 20)))],
+                    [(3, b"\x02" + bytes(range(20, 25)))], [(3, b"\x03ab")]]
+    sent.clear()
+    out.fragment = -6  # (maximum 0: no limit)
+    out._put(0x02, bytes(100))
+    assert sent == [[(3, b"\x02" + bytes(100))]]
