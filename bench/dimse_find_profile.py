@@ -110,6 +110,23 @@ def serve_traced(trace_path: str, argv: list[str]) -> int:
             return fn(self, event)
         return inner
 
+    on_store = dimse.DimseListener.on_store
+
+    def traced_store(self, event):
+        mark(event.assoc, "store start")
+        try:
+            return on_store(self, event)
+        finally:
+            mark(event.assoc, "store end")
+
+    store_co = dimse.DimseListener._store
+
+    async def traced_store_co(self, requester, part, *args):
+        mark(getattr(current, "assoc", None), "file written")
+        return await store_co(self, requester, part, *args)
+
+    dimse.DimseListener.on_store = with_assoc(traced_store)
+    dimse.DimseListener._store = traced_store_co
     dimse.DimseListener.start = traced_start
     dimse.DimseListener.on_find = with_assoc(traced_find)
     dimse.DimseListener._call_raw = traced_call_raw
