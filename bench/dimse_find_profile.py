@@ -127,6 +127,8 @@ def serve_traced(trace_path: str, argv: list[str]) -> int:
 
     dimse.DimseListener.on_store = with_assoc(traced_store)
     dimse.DimseListener._store = traced_store_co
+    if os.environ.get("DIMSE_PROFILE_SWITCH_S"):  # (experiment: the interpreter's GIL switch interval)
+        sys.setswitchinterval(float(os.environ["DIMSE_PROFILE_SWITCH_S"]))
     dimse.DimseListener.start = traced_start
     dimse.DimseListener.on_find = with_assoc(traced_find)
     dimse.DimseListener._call_raw = traced_call_raw

@@ -571,8 +571,9 @@ class _Failed(Exception):
 class _FindResponses:
     """The pending responses (0xFF00) of one C-FIND, sent by the handler: the command set, the same for every
     match, is encoded once, and each identifier straight from its QIDO-RS row (:class:`ResponseLayout`; pydicom
-    for a row the layout leaves, as pynetdicom would encode it). Each message goes to the association's DUL as
-    pynetdicom's own sends do: one PDV per P-DATA, fragments within the peer's maximum PDU length."""
+    for a row the layout leaves, as pynetdicom would encode it). Each message goes to the association's DUL:
+    its command and data set PDVs in one P-DATA when both fit the peer's maximum PDU length, else one PDV per
+    P-DATA as pynetdicom's own sends, fragments within that length."""
 
     def __init__(self, event, layout: ResponseLayout | None) -> None:
         req = event.request
@@ -601,8 +602,15 @@ class _FindResponses:
             data = encode(answer(), self.ts.is_implicit_VR, self.ts.is_little_endian, self.ts.is_deflated)
             if not data:
                 raise _Unencodable()
-        self._put(0x03, self.command)
-        self._put(0x02, data)
+        if self.fragment <= 0 or len(self.command) + len(data) + 6 <= self.fragment:
+            # command and data set of the message in one P-DATA-TF: two PDVs (PS3.8 9.3.5)
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((self.context_id, b"\x03" + self.command))
+            pdata.presentation_data_value_list.append((self.context_id, b"\x02" + data))
+            self.assoc.dul.send_pdu(pdata)
+        else:
+            self._put(0x03, self.command)
+            self._put(0x02, data)
         return True
 
     def _put(self, last: int, data: bytes) -> None:

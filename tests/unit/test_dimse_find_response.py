@@ -162,3 +162,34 @@ def test_messages_are_cut_into_fragments_within_the_peers_maximum_pdu():
     out.fragment = -6  # (maximum 0: no limit)
     out._put(0x02, bytes(100))
     assert sent == [[(3, b"\x02" + bytes(100))]]
+
+
+def test_command_and_data_set_share_a_pdu_when_both_fit():
+    from gateway.handlers.dimse import _FindResponses
+
+    sent = []
+
+    class _Dul:
+        def send_pdu(self, pdata):
+            sent.append(pdata.presentation_data_value_list)
+
+    class _Acse:
+        def is_aborted(self):
+            return False
+
+        def is_release_requested(self):
+            return False
+
+    class _Layout:
+        def encode(self, item):
+            return item["data"]
+
+    out = _FindResponses.__new__(_FindResponses)
+    out.assoc = type("A", (), {"dul": _Dul(), "acse": _Acse()})()
+    out.context_id, out.command, out.layout = 1, b"C" * 10, _Layout()
+    out.fragment = 28 - 6  # 12 bytes of PDV headers + 10 + 6 fit in 28
+    assert out.send({"data": b"D" * 6}, lambda: None)
+    assert sent == [[(1, b"\x03" + b"C" * 10), (1, b"\x02" + b"D" * 6)]]
+    sent.clear()
+    assert out.send({"data": b"D" * 8}, lambda: None)  # (2 bytes too many: one P-DATA each)
+    assert sent == [[(1, b"\x03" + b"C" * 10)], [(1, b"\x02" + b"D" * 8)]]
