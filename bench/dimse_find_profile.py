@@ -165,10 +165,13 @@ def phases(trace: Path, spans: list[tuple[float, float]]) -> dict[str, list[floa
     for line in trace.read_text().splitlines():
         t, a, what = json.loads(line)
         by_assoc[a].append((t, what))
-    assocs = sorted((v for k, v in by_assoc.items() if k), key=lambda v: v[0][0])
+    assocs = sorted((sorted(v) for k, v in by_assoc.items() if k), key=lambda v: v[0][0])
     out: dict[str, list[float]] = defaultdict(list)
-    for (t0, t1), marks in zip(spans, assocs[-len(spans):]):
-        marks = sorted(marks)
+    for t0, t1 in spans:
+        # the association this findscu process opened: the one whose first mark falls within its lifetime
+        marks = sorted(next((m for m in assocs if t0 <= m[0][0] <= t1), []))
+        if not marks:
+            continue
         prev, label = t0, "spawn"
         seen = set()
         for t, what in marks:
