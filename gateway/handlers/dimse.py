@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import socket
 import ssl
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from io import BytesIO
+from typing import Any, Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.dimse_messages import C_FIND_RSP
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelFind,
@@ -45,6 +53,7 @@ from gateway.services.audit_codes import Action, Interaction, Outcome as AuditOu
 from gateway.services.dicomweb import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, UID_MISMATCH, WARNING_IDENTICAL,
                                        DicomwebService, Outcome, Part, Retrieval)
 from gateway.settings import Settings, SettingsError
+from mappings.dicom.find_response import ResponseLayout
 from mappings.dicom.qido import QidoError, QidoQuery
 
 log = logging.getLogger(__name__)
@@ -193,13 +202,14 @@ class DimseListener:
         return ctx
 
     def start(self) -> None:
-        handlers = [(evt.EVT_CONN_OPEN, self.on_connected),
+        handlers = [(evt.EVT_CONN_OPEN, self.on_connected), (evt.EVT_PDU_SENT, self.on_sent),
                     (evt.EVT_REQUESTED, self.on_requested), (evt.EVT_REJECTED, self.on_rejected),
                     (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
         host = self.settings.dimse_host or self.settings.host
         self.server = self.ae.start_server((host, self.settings.dimse_port), block=False, evt_handlers=handlers,
-                                           ssl_context=self._ssl_context())
+                                           ssl_context=self._ssl_context(),
+                                           contexts=[SupportedContext.of(cx) for cx in self.ae.supported_contexts])
         log.info("DIMSE listener ready", extra={"port": self.server.server_address[1]})
 
     def stop(self) -> None:
@@ -268,6 +278,17 @@ class DimseListener:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def on_sent(event) -> None:
+        """After each PDU sent, the peer's next segment is acknowledged at once (TCP_QUICKACK, which the kernel
+        drops again once a reply follows a request quickly): a peer that leaves Nagle's algorithm on (DCMTK's
+        tools do) writes a PDU's header and body separately and holds the body until the header is
+        acknowledged, which a delayed ACK would put off (bench/RESULTS.md)."""
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def on_requested(self, event) -> None:
         """A-ASSOCIATE-RQ (PS3.8 7.1): a configured calling AE title from another address than its ``host`` is
@@ -340,7 +361,8 @@ class DimseListener:
     # ------------------------------------------------------------------------------------- C-FIND
     def on_find(self, event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND (PS3.4 C.4.1): the identifier becomes a QIDO-RS query of the same level (the same matching
-        and the same consent gate); Patient level groups the gated study matches by patient."""
+        and the same consent gate); Patient level groups the gated study matches by patient. The pending
+        responses are sent here (:class:`_FindResponses`); the final status is yielded to pynetdicom."""
         requester = self._requester(event)
         ident = event.identifier
         level = str(ident.get("QueryRetrieveLevel", "")).upper()
@@ -352,6 +374,7 @@ class DimseListener:
         except QidoError as exc:
             yield FIND_UNABLE, _status(FIND_UNABLE, str(exc))
             return
+        out = _FindResponses(event, self._layout(ident, level, event.context.transfer_syntax))
         if level == "PATIENT":
             try:
                 rows = self._call(self._find_all(requester, "studies", pairs, includes))
@@ -361,11 +384,7 @@ class DimseListener:
             except _Failed:
                 yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
                 return
-            for item in _patients(rows):
-                if event.is_cancelled:
-                    yield 0xFE00, None
-                    return
-                yield PENDING, self._answer(ident, item, level)
+            yield from self._send_matches(event, out, ident, level, _patients(rows))
             return
         offset = 0
         while True:
@@ -377,14 +396,36 @@ class DimseListener:
             except _Failed:
                 yield PROCESSING_FAILURE, _status(PROCESSING_FAILURE, "processing failure")
                 return
-            for item in page:
-                if event.is_cancelled:
-                    yield 0xFE00, None
-                    return
-                yield PENDING, self._answer(ident, item, level)
+            if not (yield from self._send_matches(event, out, ident, level, page)):
+                return
             offset += len(page)
             if not page or offset >= total:
                 return
+
+    def _send_matches(self, event, out: _FindResponses, ident: Dataset, level: str, items: list[dict]):
+        """Send a pending response per match; yields a status only when the find ends early (C-CANCEL, an
+        answer that cannot be encoded); ``False`` when it ended (or the association did)."""
+        for item in items:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return False
+            try:
+                if not out.send(item, lambda item=item: self._answer(ident, item, level)):
+                    return False
+            except _Unencodable:
+                yield 0xC312, None  # unable to process: the answer could not be encoded
+                return False
+        return True
+
+    def _layout(self, ident: Dataset, level: str, transfer_syntax) -> ResponseLayout | None:
+        """How :meth:`_answer`'s identifier is written straight from a QIDO-RS row (little-endian transfer
+        syntaxes; ``None``: every answer goes through pydicom)."""
+        ts = UID(transfer_syntax)
+        if not ts.is_little_endian or ts.is_deflated:
+            return None
+        keys = [(int(elem.tag), elem.VR) for elem in ident if elem.keyword != "SpecificCharacterSet"]
+        return ResponseLayout(keys, {0x00080052: ("CS", level), 0x00080054: ("AE", self.settings.dimse_ae_title),
+                                     0x00080056: ("CS", "ONLINE")}, implicit=ts.is_implicit_VR)
 
     async def _find_page(self, requester, qido_level, pairs, includes, offset):
         q = QidoQuery.parse(qido_level, pairs + [("includefield", ",".join(includes))] if includes else pairs,
@@ -491,6 +532,31 @@ class DimseListener:
         return await self._find_all(requester, qido_level, pairs, [])
 
 
+class SupportedContext(PresentationContext):
+    """A presentation context the listener supports, whose deep copy shares its UIDs (immutable ``str``s) and
+    copies its lists. pynetdicom deep-copies the server's supported contexts for every association it accepts;
+    the listener supports every storage SOP class with every transfer syntax (thousands of UIDs), whose
+    one-by-one deep copy would be most of the CPU time of a short association (a C-ECHO or a C-FIND).
+    tests/unit/test_dimse_contexts.py checks that a context holds nothing else that a shared reference
+    could let one association change for another."""
+
+    @classmethod
+    def of(cls, cx: PresentationContext) -> SupportedContext:
+        new = cls.__new__(cls)
+        vars(new).update(copy.deepcopy(vars(cx)))
+        return new
+
+    def __deepcopy__(self, memo: dict) -> SupportedContext:
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, list):
+                vars(new)[name] = list(value)
+        return new
+
+
+#: Linux's TCP_QUICKACK (none elsewhere)
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
 #: PS3.8 Table 9-21 (result source, reason) of the rejections pynetdicom makes
 _REJECT_REASONS = {(1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
                    (2, 2): "protocol version not supported", (3, 2): "too many associations (dimse_max_associations)",
@@ -501,8 +567,68 @@ class _BadIdentifier(ValueError):
     pass
 
 
+class _Unencodable(Exception):
+    """A C-FIND answer pydicom could not encode."""
+
+
 class _Failed(Exception):
     """A service call failed unexpectedly (logged by type): the request is answered 0110."""
+
+
+class _FindResponses:
+    """The pending responses (0xFF00) of one C-FIND, sent by the handler: the command set, the same for every
+    match, is encoded once, and each identifier straight from its QIDO-RS row (:class:`ResponseLayout`; pydicom
+    for a row the layout leaves, as pynetdicom would encode it). Each message goes to the association's DUL:
+    its command and data set PDVs in one P-DATA when both fit the peer's maximum PDU length, else one PDV per
+    P-DATA as pynetdicom's own sends, fragments within that length."""
+
+    def __init__(self, event, layout: ResponseLayout | None) -> None:
+        req = event.request
+        self.assoc = event.assoc
+        self.context_id = event.context.context_id
+        self.ts = UID(event.context.transfer_syntax)
+        self.layout = layout
+        rsp = C_FIND()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        rsp.Status = PENDING
+        rsp.Identifier = BytesIO(b"\0")  # (marks the message as carrying a data set)
+        msg = C_FIND_RSP()
+        msg.primitive_to_message(rsp)
+        self.command = encode(msg.command_set, True, True)
+        self.fragment = (self.assoc.requestor.maximum_length or 0) - 6  # (PDV item header: 6 bytes)
+
+    def send(self, item: dict, answer: Callable[[], Dataset]) -> bool:
+        """Send the pending response for one match; ``False`` when the association is released or aborted
+        (nothing more is sent)."""
+        acse = self.assoc.acse
+        if acse.is_aborted() or acse.is_release_requested():
+            return False
+        data = self.layout.encode(item) if self.layout is not None else None
+        if data is None:
+            data = encode(answer(), self.ts.is_implicit_VR, self.ts.is_little_endian, self.ts.is_deflated)
+            if not data:
+                raise _Unencodable()
+        if self.fragment <= 0 or len(self.command) + len(data) + 6 <= self.fragment:
+            # command and data set of the message in one P-DATA-TF: two PDVs (PS3.8 9.3.5)
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((self.context_id, b"\x03" + self.command))
+            pdata.presentation_data_value_list.append((self.context_id, b"\x02" + data))
+            self.assoc.dul.send_pdu(pdata)
+        else:
+            self._put(0x03, self.command)
+            self._put(0x02, data)
+        return True
+
+    def _put(self, last: int, data: bytes) -> None:
+        """``data`` as PDVs: message control header ``last`` on its last fragment, ``last & 1`` before."""
+        size = self.fragment if self.fragment > 0 else max(len(data), 1)
+        for start in range(0, max(len(data), 1), size):
+            end = start + size
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append(
+                (self.context_id, bytes([last if end >= len(data) else last & 1]) + data[start:end]))
+            self.assoc.dul.send_pdu(pdata)
 
 
 class _RequestCheckedFeed:
@@ -587,4 +713,4 @@ def _store_contexts(rows: list[dict]) -> list:
     return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
 
 
-__all__ = ["DimseListener", "Peer", "peers_from"]
+__all__ = ["DimseListener", "Peer", "SupportedContext", "peers_from"]

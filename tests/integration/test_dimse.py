@@ -85,10 +85,11 @@ def _same(got: bytes, sent: bytes, name: str) -> None:
     assert items(da) == items(db), name  # (a C-GET peer may accept another transfer syntax than the stored one)
 
 
-def _find(port: int, level: str, keys_: list[str], tmp: Path, aet: str = "PACS1", model: str = "-S") -> list[pydicom.Dataset]:
+def _find(port: int, level: str, keys_: list[str], tmp: Path, aet: str = "PACS1", model: str = "-S",
+          *options: str) -> list[pydicom.Dataset]:
     out = tmp / f"find-{aet}-{level}-{len(list(tmp.glob('find-*')))}"
     out.mkdir()
-    args = [model, "-X", "-od", str(out), "-k", f"QueryRetrieveLevel={level}"]
+    args = [model, *options, "-X", "-od", str(out), "-k", f"QueryRetrieveLevel={level}"]
     for k in keys_:
         args += ["-k", k]
     r = _scu("findscu", port, *args, aet=aet)
@@ -282,6 +283,70 @@ def _store_message(ds_bytes: bytes, sop: str):
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     return msg
+
+
+def _answers(items) -> list[dict]:
+    """Response identifiers as comparable values (every element, as decoded)."""
+    return sorted(({e.keyword or str(e.tag): str(e.value) for e in d} for d in items), key=lambda d: sorted(d.items()))
+
+
+async def test_find_answers_alike_in_every_transfer_syntax_to_every_scu_and_cancel(site, tmp_path):
+    """The pending responses the listener writes itself: the same identifiers whether the context's transfer
+    syntax is implicit or explicit little endian (written from the QIDO-RS rows), explicit big endian or
+    deflated (written by pydicom), to DCMTK and to pynetdicom as the SCU; a C-CANCEL ends the find (early,
+    FE00, or — arriving after the last match was sent — with its final status) and the association goes on."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    gw, port, _ = site
+    files = []
+    for i in range(4):
+        for ds in ct_series(patient_id=f"p-ts{i}", patient_name=f"Tränsfer^Sýntax{i}", n=1, size=16,
+                            accession=f"TS{i}"):
+            path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(str(path))
+    r = await asyncio.to_thread(_scu, "storescu", port, files=tuple(files))
+    assert r.returncode == 0, r.stderr
+    keys_ = STUDY_KEYS + ["RetrieveAETitle", "InstanceAvailability", "ModalitiesInStudy", "StudyTime"]
+    reference = await asyncio.to_thread(_find, port, "STUDY", keys_, tmp_path)
+    assert len(reference) == 4 and {str(d.PatientName) for d in reference} == {f"Tränsfer^Sýntax{i}" for i in range(4)}
+    assert {(d.RetrieveAETitle, d.InstanceAvailability, d.SpecificCharacterSet) for d in reference} == {
+        ("FEDGATE", "ONLINE", "ISO_IR 192")}
+    for option in ("-xi", "-xe", "-xb", "-xd"):
+        got = await asyncio.to_thread(_find, port, "STUDY", keys_, tmp_path, "PACS1", "-S", option)
+        assert _answers(got) == _answers(reference), option
+
+    def pynetdicom_find() -> tuple[list, list]:
+        ae = AE(ae_title="PACS1")
+        ae.add_requested_context(FIND)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FEDGATE")
+        assert assoc.is_established
+        try:
+            ident = pydicom.Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            for k in keys_:
+                setattr(ident, k, "")
+            answers, statuses = [], []
+            for status, identifier in assoc.send_c_find(ident, FIND):
+                statuses.append(status.Status)
+                if identifier is not None:
+                    answers.append(identifier)
+            return answers, statuses
+        finally:
+            assoc.release()
+
+    answers, statuses = await asyncio.to_thread(pynetdicom_find)
+    assert statuses == [0xFF00] * 4 + [0x0000]
+    assert _answers(answers) == _answers(reference)
+
+    # C-CANCEL after the first response; then the next find on the same association is whole
+    r = await asyncio.to_thread(_scu, "findscu", port, "-S", "-v", "--cancel", "1", "--repeat", "2",
+                                "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID")
+    assert r.returncode == 0 and "Sending Cancel Request (MsgID 1" in r.stderr, r.stderr
+    first, second = r.stderr.split("Sending Find Request (MsgID 2")
+    assert ("Received Final Find Response (Success)" in first
+            or "Received Final Find Response (Matching terminated due to Cancel request)" in first), first
+    assert second.count("(Pending)") == 4 and "Received Final Find Response (Success)" in second, second
 
 
 async def test_bad_input_stores_nothing_and_the_listener_keeps_serving(site, tmp_path):
