@@ -146,14 +146,14 @@ class DicomExportService:
             root = parse(cohort, "$.cohort")
         except CohortError as exc:
             raise BadRequest(str(exc), expression=[exc.field]) from None
-        scope = await self.dicomweb.gate.scope_for(requester)
-        async with self.dicomweb.db.read() as conn:
+        access = await self.dicomweb.query.access.open(requester)
+        async with access.read() as conn:
             try:
-                stmt = compile_cohort(root, scope, expand=expand)
+                stmt = compile_cohort(root, access.scope, expand=expand)
             except CohortError as exc:
                 raise BadRequest(str(exc), expression=[exc.field]) from None
             ids = sorted({r[0] for r in await conn.execute(stmt)})
-            studies = await cohort_reads.studies_of(conn, scope, ids)
+            studies = await cohort_reads.studies_of(conn, access.scope, ids)
         await self.audit.record(AccessRecord(
             requester, Action.EXECUTE, Interaction.DICOM_EXPORT, "0", (), tuple(ids)[:200], "",
             f"dicom export cohort: {len(ids)} patients, {len(studies)} studies"))
