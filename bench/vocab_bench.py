@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.services.federation_synth import DEMO_SITES, generate, load
 from gateway.store import open_database
 from gateway.store.cohort import compile_cohort
+from gateway.store.scope import UNRESTRICTED
 from mappings.cohort.language import parse
 from tests.conftest import PG_ADMIN, create_pg_database, drop_pg_database, make_settings
 
@@ -126,7 +127,7 @@ async def cohort_times(db_url: str, data: Path, patients: int, repeat: int) -> d
             for _ in range(repeat):
                 t0 = time.perf_counter()
                 async with db.read() as conn:
-                    n = len((await conn.execute(compile_cohort(node))).all())
+                    n = len((await conn.execute(compile_cohort(node, UNRESTRICTED))).all())
                 times.append((time.perf_counter() - t0) * 1000)
             out[label] = (statistics.median(times), n)
         return out

@@ -200,7 +200,6 @@ DEMO_BINS = {
 async def _demo(root: Path, base_port: int, patients: int, seconds: float | None, host: str = "127.0.0.1") -> None:
     from aiohttp import web
 
-    from gateway import keys
     from gateway.app import create_app
     from gateway.services.federation import FederationConfig, hub_private_key, public_pem
     from gateway.services.federation_synth import DEMO_SITES, generate, load

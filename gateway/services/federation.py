@@ -43,9 +43,7 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.services.access import AccessRecord
 from gateway.settings import Settings, SettingsError
 from gateway.store import cohort_reads
-from gateway.store.schema import cm_patient
 from gateway.store.scope import AccessScope
-from gateway.store.cohort import compile_cohort
 from mappings.cohort import CohortError, Expander, parse
 from mappings.cohort.disclosure import (
     CellKeys,
@@ -265,10 +263,8 @@ class SiteService:
         # is intersected with the scope, so no released value — counts, breakdowns, stats, cell keys —
         # depends on a refused patient.  (An earlier ``consent.matching`` counted every patient matching
         # the criteria: comparing count(A) with count(A or X) told whether a withdrawn patient had X.)
-        stmt = compile_cohort(req.root, scope, expand=self.expand, today=req.age_at).with_only_columns(
-            cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date)
         async with self.db.read() as conn:
-            rows = (await conn.execute(stmt)).all()
+            rows = await cohort_reads.eligible(conn, scope, req.root, expand=self.expand, today=req.age_at)
             elig: dict[str, tuple] = {}
             for r in rows:
                 elig.setdefault(r.patient_id, r)

@@ -329,9 +329,12 @@ class FhirService:
             raise BadRequest(f"{res_type}.id {resource.get('id')!r} must equal the id in the URL ({res_id!r})",
                              expression=[f"{res_type}.id"])
         want = parse_etag(if_match)
+        access = await self.open(requester)  # a research scope may update only what it may read
         async with self.db.write() as conn:
             await repo.lock_resources(conn, [(res_type, res_id)])
-            prev = await repo.get_current(conn, res_type, res_id)
+            prev, hidden = await self.current_for_write(conn, access, res_type, res_id)
+            if hidden:
+                raise await self.hidden(access, Interaction.UPDATE, res_type, res_id)
             if want is not None and (prev is None or prev.version != want):
                 raise PreconditionFailed(
                     f"If-Match version {want} does not match current version "
@@ -369,14 +372,40 @@ class FhirService:
         require_write(requester)  # analysts read only
         self.check_type(res_type)
         require_type(requester, res_type)
+        access = await self.open(requester)  # a research scope may delete only what it may read
         async with self.db.write() as conn:
             await repo.lock_resources(conn, [(res_type, res_id)])
-            prev = await repo.get_current(conn, res_type, res_id)
+            prev, hidden = await self.current_for_write(conn, access, res_type, res_id)
+            if hidden:  # answered like deleting nothing; the resource is left as it is
+                await self.hidden(access, Interaction.DELETE, res_type, res_id)
+                return None
             if prev is None or prev.deleted:
                 return None  # idempotent: deleting nothing succeeds (FHIR R4 §3.1.0.7.1)
             [stored] = await repo.apply_writes(conn, [repo.Write(res_type, res_id, None, prev, "DELETE")])
         await self._audit(requester, Action.DELETE, Interaction.DELETE, Outcome.SUCCESS, [prev])
         return stored
+
+    # A research (restricted) scope writes by id only what it may read: a resource it may not see, a
+    # deleted one and one that never existed are the same to it — an update answers 404 (no creation with a
+    # client-assigned id), a delete answers like deleting nothing — and the hidden resource is never
+    # changed.  Treatment and site scopes write as FHIR says (update-as-create, 201 vs 200).
+    @staticmethod
+    async def current_for_write(conn, access: Access, res_type: str, res_id: str) -> tuple[repo.Stored | None, bool]:
+        """(the current row a write by id replaces, whether it is hidden from ``access``)."""
+        if not access.restricted:
+            return await repo.get_current(conn, res_type, res_id), False
+        prev = await repo.get_visible(conn, access.scope, res_type, res_id)
+        if prev is None or prev.deleted:
+            return None, True
+        return prev, False
+
+    @staticmethod
+    async def hidden(access: Access, interaction: Interaction, res_type: str, res_id: str) -> NotFound:
+        """Audit a write by id refused as hidden and return the 404 to raise (the same for every cause)."""
+        await access.record(Action.UPDATE if interaction == Interaction.UPDATE else Action.DELETE, interaction,
+                            Outcome.MINOR_FAILURE, resources=(f"{res_type}/{res_id}",),
+                            detail="not found or not permitted")
+        return NotFound(f"{res_type}/{res_id} is not known")
 
     def _validated(self, body: Any, res_type: str) -> dict[str, Any]:
         try:

@@ -15,9 +15,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PreconditionFailed
 from gateway.ids import new_id
+from gateway.services.audit_codes import Interaction
 from gateway.store import fhir_repo as repo
 from mappings.fhir.references import ID_RE, rewrite_references
-from mappings.fhir.search import version_number
 from mappings.fhir.validate import InvalidResource, check_envelope, known_type, validate_resource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -255,7 +255,15 @@ class TransactionPlan:
                     continue
                 prev = None
                 if method in ("PUT", "DELETE"):
-                    prev = await repo.get_current(conn, e.res_type, e.res_id)
+                    # a research scope writes only what it may read (FhirService.current_for_write)
+                    prev, hidden = await svc.current_for_write(conn, self.access, e.res_type, e.res_id)
+                    if hidden and method == "DELETE":
+                        await svc.hidden(self.access, Interaction.DELETE, e.res_type, e.res_id)
+                        e.status = 204
+                        continue
+                    if hidden:
+                        raise _entry_error(e.index, await svc.hidden(self.access, Interaction.UPDATE, e.res_type,
+                                                                     e.res_id))
                     if e.if_match is not None:
                         from gateway.services.fhir import parse_etag
 

@@ -28,9 +28,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from gateway.context import SYSTEM, Purpose, Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound, Unprocessable
 from gateway.services.access import AccessRecord, AuditSink, Gate
-from gateway.store.access import where as gated_where
+from gateway.store import inference_reads as reads
 from gateway.store.db import Database
-from gateway.store.dicom_schema import dcm_instance, dcm_series
 from gateway.store.jobs_schema import inf_job, inf_model_card
 from gateway.store.leases import LeasedQueue
 from gateway.store.model_cards import CardConflict, card_view, registered_cards, store_card  # noqa: F401 (card_view: API)
@@ -182,13 +181,10 @@ class InferenceService:
             card = await self._card(conn, name, version)
         self._check_purpose(requester, card)
         async with self.db.read() as conn:
-            q = select(dcm_series).where(dcm_series.c.study_uid == study, gated_where(scope, dcm_series))
-            if series:
-                q = q.where(dcm_series.c.series_uid == series)
-            rows = [dict(r) for r in (await conn.execute(q)).mappings().all()]
+            rows = await reads.study_series(conn, scope, study, series)
             if not rows:
                 raise NotFound(f"{'series ' + series if series else 'study ' + study} not found")
-            sops = await self._sop_classes(conn, [r["series_uid"] for r in rows])
+            sops = await reads.sop_classes(conn, scope, [r["series_uid"] for r in rows])
         matching = [r for r in rows if card.selector.matches(r, sops.get(r["series_uid"], set()))]
         if not matching:
             raise Unprocessable(f"selector: no series of study {study} matches model {card.key}")
@@ -207,7 +203,6 @@ class InferenceService:
         return jobs, created_any
 
     async def _submit_cohort(self, requester: Requester, name: Any, version: Any, cohort: Any) -> tuple[list[dict], bool]:
-        from gateway.store.cohort import compile_cohort
         from mappings.cohort import CohortError, parse
 
         if not isinstance(name, str) or not name or (version is not None and not isinstance(version, str)):
@@ -220,13 +215,9 @@ class InferenceService:
         async with self.db.read() as conn:
             card = await self._card(conn, name, version)
         self._check_purpose(requester, card)
-        patients = compile_cohort(root, scope).subquery()
         async with self.db.read() as conn:
-            rows = [dict(r) for r in (await conn.execute(select(dcm_series).where(
-                dcm_series.c.patient_id.in_(select(patients.c.patient_id)),
-                gated_where(scope, dcm_series)).order_by(dcm_series.c.series_uid)
-                .limit(MAX_COHORT_SERIES + 1))).mappings().all()]
-            sops = await self._sop_classes(conn, [r["series_uid"] for r in rows])
+            rows = await reads.cohort_series(conn, scope, root, MAX_COHORT_SERIES + 1)
+            sops = await reads.sop_classes(conn, scope, [r["series_uid"] for r in rows])
         if len(rows) > MAX_COHORT_SERIES:
             raise Unprocessable(f"cohort: more than {MAX_COHORT_SERIES} series; narrow the cohort")
         matching = [r for r in rows if card.selector.matches(r, sops.get(r["series_uid"], set()))]
@@ -250,15 +241,6 @@ class InferenceService:
             if requester.purpose.is_treatment or card.purpose not in requester.purpose.codes:
                 raise Forbidden(f"model {card.key} is registered for research purpose {card.purpose}: "
                                 f"the request must state it (purpose codes)")
-
-    @staticmethod
-    async def _sop_classes(conn, series_uids: list[str]) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        rows = (await conn.execute(select(dcm_instance.c.series_uid, dcm_instance.c.sop_class_uid).where(
-            dcm_instance.c.series_uid.in_(series_uids)).distinct())).all()
-        for s_uid, c in rows:
-            out.setdefault(s_uid, set()).add(c)
-        return out
 
     async def _insert_job(self, card: ModelCard, study: str, series: str, trigger: str, requester: Requester,
                           key: str) -> tuple[dict, bool]:
@@ -285,25 +267,10 @@ class InferenceService:
         scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
             row = (await conn.execute(select(inf_job).where(inf_job.c.job_id == job_id))).first()
-            visible = await self._visible_series(conn, scope, [row] if row is not None else [])
+            visible = await reads.visible_series(conn, scope, [row.series_uid] if row is not None else [])
         if row is None or not self._may_see(requester, row) or row.series_uid not in visible:
             raise NotFound(f"job {job_id} not found")
         return job_view(row)
-
-    @staticmethod
-    async def _visible_series(conn, scope, rows) -> set[str]:
-        """The jobs' series with an instance the scope may see (a job's results are its series'
-        patient data — a research scope sees the jobs of permitted patients' series only)."""
-        uids = sorted({r.series_uid for r in rows})
-        if not uids:
-            return set()
-        if scope.unrestricted:
-            return set(uids)
-        out: set[str] = set()
-        for i in range(0, len(uids), 500):
-            out |= set((await conn.execute(select(dcm_instance.c.series_uid).distinct().where(
-                dcm_instance.c.series_uid.in_(uids[i:i + 500]), gated_where(scope, dcm_instance)))).scalars())
-        return out
 
     async def jobs(self, requester: Requester, state: str | None = None, study: str | None = None,
                    limit: int = 100) -> list[dict]:
@@ -317,7 +284,8 @@ class InferenceService:
         scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
             rows = (await conn.execute(q)).all()
-            visible = await self._visible_series(conn, scope, rows)
+            # a job's results are its series' patient data: a research scope sees permitted patients' jobs only
+            visible = await reads.visible_series(conn, scope, [r.series_uid for r in rows])
         return [job_view(r) for r in rows if self._may_see(requester, r) and r.series_uid in visible]
 
     @staticmethod
@@ -329,15 +297,15 @@ class InferenceService:
         """Queue jobs for settled series that match an auto-trigger (treatment) model."""
         cfg = self.config
         horizon = time.time() - cfg.settle_s
+        scope = await self.gate.scope_for(SYSTEM)  # treatment models over the site's own new series
         async with self.db.read() as conn:
             cards = [parse_card(orjson.loads(r.card)) for r in (await conn.execute(
                 select(inf_model_card.c.card).where(inf_model_card.c.enabled == 1))).all()]
             cards = [c for c in cards if c.auto_trigger and c.purpose == PURPOSE_TREATMENT]
             if not cards:
                 return 0
-            rows = [dict(r) for r in (await conn.execute(select(dcm_series).where(
-                dcm_series.c.updated_ts > self._scan_mark, dcm_series.c.updated_ts <= horizon))).mappings().all()]
-            sops = await self._sop_classes(conn, [r["series_uid"] for r in rows]) if rows else {}
+            rows = await reads.settled_series(conn, scope, self._scan_mark, horizon)
+            sops = await reads.sop_classes(conn, scope, [r["series_uid"] for r in rows]) if rows else {}
         n = 0
         for r in rows:
             for c in cards:
@@ -413,9 +381,7 @@ class InferenceService:
         self._check_purpose(requester, card)
         scope = await self.gate.scope_for(requester)
         async with self.db.read() as conn:
-            inst = (await conn.execute(select(dcm_instance).where(
-                dcm_instance.c.series_uid == row.series_uid, gated_where(scope, dcm_instance))
-                .order_by(dcm_instance.c.instance_number, dcm_instance.c.sop_uid))).mappings().all()
+            inst = await reads.series_instances(conn, scope, row.series_uid)
         if card.selector.sop_class:
             inst = [i for i in inst if i["sop_class_uid"] in card.selector.sop_class]
         if not inst:
@@ -437,7 +403,7 @@ class InferenceService:
         findings = results.summarise(card, outputs)
         monitor = {"input_mean": float(np.mean(x)), "input_std": float(np.std(x)), "cpu_s": round(cpu_s, 6),
                    "energy_j": round(cpu_s * self.config.cpu_watts, 6)}
-        await self._observe(row, card, inst[0]["patient_id"], findings, monitor)
+        await self._observe(row, card, scope, inst[0]["patient_id"], findings, monitor)
         objects = await asyncio.to_thread(_build_objects, card, row.job_id, datasets, findings, outputs)
         stored = await self._store_dicom(objects)
         pushed = await self._push(objects) if self.config.push_url and objects else None
@@ -451,19 +417,13 @@ class InferenceService:
             "dicom": stored, "fhir": fhir_ids, "monitoring": monitor, **({"push": pushed} if pushed else {}),
         }
 
-    async def _observe(self, row, card: ModelCard, patient_id: str | None, findings, monitor: dict) -> None:
+    async def _observe(self, row, card: ModelCard, scope, patient_id: str | None, findings, monitor: dict) -> None:
         """Record one monitoring row (re-runs of a job replace theirs)."""
-        from gateway.store.dicom_schema import dcm_series
         from gateway.store.jobs_schema import inf_observation
-        from gateway.store.schema import cm_patient
         from inference.monitoring import age_band
 
         async with self.db.write() as conn:
-            se = (await conn.execute(select(dcm_series.c.manufacturer, dcm_series.c.model_name,
-                                            dcm_series.c.protocol_name).where(
-                dcm_series.c.series_uid == row.series_uid))).first()
-            pt = (await conn.execute(select(cm_patient.c.sex, cm_patient.c.birth_year).where(
-                cm_patient.c.patient_id == patient_id).limit(1))).first() if patient_id else None
+            se, pt = await reads.monitoring_context(conn, scope, row.series_uid, patient_id)
             await conn.execute(delete(inf_observation).where(inf_observation.c.job_id == row.job_id))
             first = findings[0] if findings else None
             await conn.execute(inf_observation.insert().values(
@@ -478,111 +438,11 @@ class InferenceService:
 
     async def monitoring(self, requester: Requester, model: str, version: str | None, since: float | None,
                          scanner_key: str = "manufacturer") -> dict[str, Any]:
-        """Drift (PSI of score and input mean: current window vs reference window, overall and per scanner),
-        running performance against reference-standard FHIR Observations, and energy."""
-        from gateway.store.jobs_schema import inf_observation as O
-        from inference import monitoring as mon
+        """Drift, running performance against reference-standard Observations, and energy
+        (:func:`gateway.services.inference_monitoring.report`)."""
+        from gateway.services.inference_monitoring import report
 
-        if not requester.has_role("admin", "site"):
-            raise Forbidden("model monitoring is for site administrators (role admin or site)")
-        async with self.db.read() as conn:
-            card = await self._card(conn, model, version)
-            rows = [dict(r) for r in (await conn.execute(select(O).where(
-                O.c.model_name == card.name, O.c.model_version == card.version).order_by(O.c.ts))).mappings()]
-            truth = await self._reference_standard(conn, card)
-        if since is None and rows:
-            since = rows[len(rows) // 2]["ts"]  # default split: the older half is the reference
-        ref = [r for r in rows if since is not None and r["ts"] < since]
-        cur = [r for r in rows if since is None or r["ts"] >= since]
-        alerts: list[dict] = []
-
-        def drift(cur_rows: list[dict], who: str) -> dict:
-            out = {}
-            for metric in ("score", "input_mean"):
-                a = [r[metric] for r in ref if r[metric] is not None]
-                b = [r[metric] for r in cur_rows if r[metric] is not None]
-                value = mon.psi(a, b)
-                out[metric] = {"psi": None if value is None else round(value, 4), "n_reference": len(a),
-                               "n_current": len(b), "mean_current": round(sum(b) / len(b), 4) if b else None}
-                if value is not None and value > self.config.drift_alert:
-                    alerts.append({"scope": who, "metric": metric, "psi": round(value, 4),
-                                   "threshold": self.config.drift_alert})
-            return out
-
-        by_scanner = {k: {"n": len(v), "drift": drift(v, f"{scanner_key}={k}")}
-                      for k, v in mon.group(cur, scanner_key).items()}
-        overall = drift(cur, "all")
-        labelled = [(truth[r["study_uid"]], r) for r in rows if r["study_uid"] in truth and r["score"] is not None]
-        threshold = next((o.threshold for o in card.outputs if o.threshold is not None), 0.5)
-
-        def perf(items: list) -> dict:
-            labels, scores = [t for t, _ in items], [r["score"] for _, r in items]
-            sens, spec = mon.sensitivity_specificity(labels, scores, threshold)
-            auc = mon.auroc(labels, scores)
-            return {"n": len(items), "positives": sum(labels), "auroc": None if auc is None else round(auc, 4),
-                    "sensitivity": sens, "specificity": spec, "threshold": threshold}
-
-        performance = {"overall": perf(labelled)}
-        for key in ("sex", "age_band", "manufacturer"):
-            groups: dict[str, list] = {}
-            for t, r in labelled:
-                groups.setdefault(str(r.get(key) or "unknown"), []).append((t, r))
-            performance[key] = {k: perf(v) for k, v in sorted(groups.items())}
-        energy = [r["energy_j"] for r in rows if r["energy_j"] is not None]
-        per_kwh = self.config.carbon_g_per_kwh
-        span = (rows[-1]["ts"] - rows[0]["ts"]) if rows else 0.0
-        # time buckets: the coarsest of day, hour, 10 min, minute, 10 s, second giving about six points or more
-        bucket = next((b for b in (86400, 3600, 600, 60, 10) if span / b >= 6), 1)
-        timeline: dict[tuple[float, str], list[dict]] = {}
-        for r in rows:
-            timeline.setdefault((r["ts"] // bucket * bucket, str(r.get(scanner_key) or "unknown")), []).append(r)
-
-        def mean(values: list) -> float | None:
-            values = [v for v in values if v is not None]
-            return round(sum(values) / len(values), 4) if values else None
-        await self.audit.record(AccessRecord(requester, "R", "inference-monitoring", "0", (), (), "",
-                                             f"model {card.key}"))
-        return {
-            "model": card.key, "site": self.config.site_id, "inferences": len(rows),
-            "window": {"since": since, "reference": len(ref), "current": len(cur)},
-            "drift": {"overall": overall, f"by_{scanner_key}": by_scanner}, "alerts": alerts,
-            "performance": performance,
-            "energy": {"total_j": round(sum(energy), 6), "per_inference_j": round(sum(energy) / len(energy), 6)
-                       if energy else None, "cpu_watts": self.config.cpu_watts,
-                       "co2e_g": round(sum(energy) / 3.6e6 * per_kwh, 9), "carbon_g_per_kwh": per_kwh},
-            # drift over time: mean score and input per scanner and time bucket (all rows, reference included)
-            "timeline": {"bucket_s": bucket, "points": [
-                {"t": t, scanner_key: k, "n": len(v), "mean_score": mean([x["score"] for x in v]),
-                 "mean_input": mean([x["input_mean"] for x in v])} for (t, k), v in sorted(timeline.items())]},
-            "jobs": [{"job": r["job_id"], "ts": r["ts"], scanner_key: r.get(scanner_key), "energy_j": r["energy_j"],
-                      "co2e_g": None if r["energy_j"] is None else round(r["energy_j"] / 3.6e6 * per_kwh, 9)}
-                     for r in rows[-200:]],
-        }
-
-    async def _reference_standard(self, conn, card: ModelCard) -> dict[str, bool]:
-        """Ground truth: FHIR Observations tagged ``reference-standard``, coded with the card's finding, pointing
-        at the ImagingStudy (``derivedFrom`` or ``partOf``), valueBoolean true/false → {study_uid: label}."""
-        from gateway.store import schema as sch
-
-        t = sch.idx_token
-        codes = {(c.scheme, c.value) for o in card.outputs for c in _finding_codes(o)}
-        q = select(sch.fhir_resource.c.content).join(t, t.c.rid == sch.fhir_resource.c.rid).where(
-            t.c.res_type == "Observation", t.c.param == "_tag", t.c.system == REFERENCE_TAG_SYSTEM,
-            t.c.code == "reference-standard", sch.fhir_resource.c.deleted.is_(False))
-        out: dict[str, bool] = {}
-        for (content,) in (await conn.execute(q)).all():
-            res = orjson.loads(content)
-            if not isinstance(res.get("valueBoolean"), bool):
-                continue
-            coded = {(_SCHEME_OF.get(c.get("system"), c.get("system")), c.get("code"))
-                     for c in (res.get("code") or {}).get("coding", [])}
-            if codes and not coded & codes:
-                continue
-            for ref in list(res.get("derivedFrom") or []) + list(res.get("partOf") or []):
-                r = ref.get("reference", "")
-                if r.startswith("ImagingStudy/"):
-                    out[r.split("/", 1)[1]] = res["valueBoolean"]
-        return out
+        return await report(self, requester, model, version, since, scanner_key)
 
     async def _store_dicom(self, objects: dict[str, Any]) -> dict[str, str]:
         from gateway.services.dicomweb import DUPLICATE_SOP, Part

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from gateway.context import Purpose, Requester
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
@@ -47,10 +47,8 @@ from gateway.services.access import AccessRecord
 from gateway.services.federation import SiteService, age_band, age_on
 from gateway.services.training_spec import RunSpec, TrainingConfig, parse_optimiser, parse_spec
 from gateway.settings import Settings
-from gateway.store.access import where as gated_where
+from gateway.store import training_reads
 from gateway.store.blobs import BlobStore
-from gateway.store.dicom_schema import dcm_instance, dcm_series
-from gateway.store.schema import cm_patient
 from gateway.store.training_schema import trn_site_round
 from inference.training import (
     ARCHITECTURES,
@@ -248,61 +246,28 @@ class SiteTrainer:
 
     async def _select(self, spec: RunSpec, scope) -> dict:
         """Cohort ∩ consent scope → (patient, sop, is_test, label, blob, sex, age band, manufacturer) rows."""
-        from gateway.store.cohort import compile_cohort
         from mappings.cohort import parse
 
         today = _dt.date.today()
-        cohort_q = compile_cohort(parse(spec.cohort, "$.cohort"), scope, expand=self.expand, today=today)
-        label_q = compile_cohort(parse(spec.label, "$.label"), scope, expand=self.expand, today=today)
         async with self.db.read() as conn:
-            members = sorted({r[0] for r in (await conn.execute(cohort_q)).all() if r[0]})
-            positive = {r[0] for r in (await conn.execute(label_q)).all()}
-            rows, consent = [], []
-            for i in range(0, len(members), ID_CHUNK):
-                ids = members[i:i + ID_CHUNK]
-                q = (select(dcm_instance.c.patient_id, dcm_instance.c.sop_uid, dcm_instance.c.blob_path,
-                            dcm_series.c.manufacturer, cm_patient.c.sex, cm_patient.c.birth_date,
-                            cm_patient.c.consent_profile)
-                     .join(dcm_series, dcm_series.c.series_uid == dcm_instance.c.series_uid)
-                     .join(cm_patient, cm_patient.c.patient_id == dcm_instance.c.patient_id)
-                     # through the access layer's predicates: each instance by its own patient link
-                     .where(dcm_instance.c.patient_id.in_(ids), gated_where(scope, dcm_instance),
-                            gated_where(scope, cm_patient), dcm_instance.c.rows.is_not(None))
-                     # a reproducible sample order (UIDs are random): patient, series, instance number
-                     .order_by(dcm_instance.c.patient_id, dcm_series.c.series_number, dcm_instance.c.instance_number,
-                               dcm_instance.c.sop_uid))
-                if spec.images.get("modality"):
-                    q = q.where(func.upper(dcm_series.c.modality).in_(spec.images["modality"]))
-                seen = set()
-                for r in (await conn.execute(q)).all():
-                    if r.sop_uid in seen:
-                        continue
-                    seen.add(r.sop_uid)
-                    rows.append((r.patient_id, r.sop_uid, split_is_test(spec.seed, r.patient_id, spec.test_fraction),
-                                 int(r.patient_id in positive), r.blob_path, r.sex or "unknown",
-                                 age_band(age_on(r.birth_date, today)) or "unknown",
-                                 (r.manufacturer or "unknown").strip()))
-                    consent.append((r.patient_id, r.consent_profile))
-            segs = await self._seg_items(conn, spec, scope, members) if ARCHITECTURES[spec.architecture].task == "segmentation" else []
+            members, positive, found = await training_reads.cohort_instances(
+                conn, scope, parse(spec.cohort, "$.cohort"), parse(spec.label, "$.label"), expand=self.expand,
+                today=today, modalities=spec.images.get("modality") or None)
+            rows, consent, seen = [], [], set()
+            for r in found:
+                if r.sop_uid in seen:
+                    continue
+                seen.add(r.sop_uid)
+                rows.append((r.patient_id, r.sop_uid, split_is_test(spec.seed, r.patient_id, spec.test_fraction),
+                             int(r.patient_id in positive), r.blob_path, r.sex or "unknown",
+                             age_band(age_on(r.birth_date, today)) or "unknown",
+                             (r.manufacturer or "unknown").strip()))
+                consent.append((r.patient_id, r.consent_profile))
+            segs = []
+            if ARCHITECTURES[spec.architecture].task == "segmentation":
+                want = parse(spec.label, "$.label").body.segments[0]
+                segs = await training_reads.seg_items(conn, scope, members, want)
         return {"rows": rows, "consent": sorted(set(consent)), "segs": segs}
-
-    @staticmethod
-    async def _seg_items(conn, spec: RunSpec, scope, members: list[str]) -> list[tuple[str, int]]:
-        """(SEG blob path, segment number) of the label's segment in the cohort's SEG instances."""
-        from gateway.store.cohort import Compiler
-        from gateway.store.dicom_schema import dcm_seg_segment as t
-        from mappings.cohort import parse
-
-        want = parse(spec.label, "$.label").body.segments[0]
-        out = []
-        for i in range(0, len(members), ID_CHUNK):
-            q = (select(dcm_instance.c.blob_path, t.c.segment_number)
-                 .join(dcm_instance, dcm_instance.c.sop_uid == t.c.sop_uid)
-                 .where(t.c.patient_id.in_(members[i:i + ID_CHUNK]),
-                        scope.patient_clause(t.c.patient_id, allow_no_patient=False), *Compiler._segment_conds(t, want))
-                 .order_by(t.c.sop_uid, t.c.segment_number))
-            out += [(r[0], int(r[1])) for r in (await conn.execute(q)).all()]
-        return out
 
     async def _arrays(self, arch: str, rows: list[tuple], segs: list[tuple[str, int]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], np.ndarray]:
@@ -346,10 +311,8 @@ class SiteTrainer:
         async with self.db.read() as conn:
             rows = (await conn.execute(select(trn_site_round).where(trn_site_round.c.run_id == run_id)
                                        .order_by(trn_site_round.c.round))).mappings().all()
-            visible = None
-            if rows and not scope.unrestricted:  # a research scope sees its permitted patients' entries only
-                visible = set((await conn.execute(select(cm_patient.c.patient_id).where(
-                    gated_where(scope, cm_patient), cm_patient.c.patient_id.is_not(None)))).scalars())
+            # a research scope sees its permitted patients' entries only (None: every entry)
+            visible = await training_reads.visible_patients(conn, scope) if rows else None
         if not rows:
             raise NotFound(f"no training rounds of run {run_id} at this site")
         out = []

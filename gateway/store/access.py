@@ -85,7 +85,7 @@ def _gates() -> dict[str, object]:
     for t in (s.fhir_resource, d.dcm_study, d.dcm_series, d.dcm_instance, d.dcm_study_part, d.dcm_series_part,
               *s.INDEX_TABLES.values()):
         gates[t.name] = ("row", "consent_no")
-    for t in s.CM_TABLES.values():
+    for t in (*s.CM_TABLES.values(), s.cm_imaging_series):
         gates[t.name] = ("patient", "patient_id")
     gates[s.fhir_history.name] = ("history", None)
     gates[s.fhir_link.name] = ("history", None)
@@ -103,8 +103,17 @@ def gated_tables() -> frozenset[str]:
     return frozenset(GATED)
 
 
+def require_scope(scope: AccessScope) -> AccessScope:
+    """``scope`` itself, when it is one: builders of patient reads call this first (no scope, no query —
+    ``None`` never means "everything"; an unrestricted scope is a decision of the gate too)."""
+    if not isinstance(scope, AccessScope):
+        raise TypeError("a read of patient data needs the AccessScope the consent gate gave the requester")
+    return scope
+
+
 def where(scope: AccessScope, table: Table) -> ColumnElement:
     """The consent predicate for rows of ``table`` (a registered patient table)."""
+    require_scope(scope)
     if not GATED:
         GATED.update(_gates())
     kind, col = GATED[table.name]  # KeyError: not a registered patient table
@@ -179,4 +188,4 @@ class AccessLayer:
         return Access(requester, scope, self.db, self.audit)
 
 
-__all__ = ["Access", "AccessLayer", "gated_tables", "version_visible", "where"]
+__all__ = ["Access", "AccessLayer", "gated_tables", "require_scope", "version_visible", "where"]

@@ -134,11 +134,15 @@ class Compiler:
     today: _dt.date | None = None
 
     # -- entry --------------------------------------------------------------------------------
-    def compile(self, root: Node, scope: AccessScope | None = None) -> Select:
+    def compile(self, root: Node, scope: AccessScope) -> Select:
+        """The cohort's patients within ``scope`` — required: the access layer's rule is no scope, no query
+        (an unrestricted scope is itself a decision of the gate, ``gateway.store.scope.UNRESTRICTED``)."""
+        if not isinstance(scope, AccessScope):
+            raise TypeError("compile_cohort: an AccessScope from the consent gate is required")
         self.root = root
         stmt = select(cm_patient.c.patient_id).distinct().where(cm_patient.c.patient_id.is_not(None))
         stmt = stmt.where(self.predicate(root))
-        if scope is not None and not scope.unrestricted:
+        if not scope.unrestricted:
             stmt = stmt.where(scope.patient_row_clause())
         return stmt
 
@@ -399,9 +403,9 @@ class Compiler:
         return select(first.c.patient_id.label("patient_id"), cast(null(), Float).label("day")).where(*conds).subquery()
 
 
-def compile_cohort(root: Node, scope: AccessScope | None = None, *, expand: Expander | None = None,
+def compile_cohort(root: Node, scope: AccessScope, *, expand: Expander | None = None,
                    today: _dt.date | None = None) -> Select:
-    """``SELECT DISTINCT patient_id`` of the cohort ``root``, within ``scope`` (None = unrestricted)."""
+    """``SELECT DISTINCT patient_id`` of the cohort ``root``, within ``scope`` (required)."""
     return Compiler(expand=expand, today=today).compile(root, scope)
 
 

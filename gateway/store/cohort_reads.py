@@ -7,18 +7,32 @@ computed over a refused patient even if a caller passed the wrong ids."""
 
 from __future__ import annotations
 
+import datetime as _dt
+
 from sqlalchemy import func, select
 
-from gateway.store.access import where
+from gateway.store.access import require_scope, where
+from gateway.store.cohort import compile_cohort
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_sr_item
-from gateway.store.schema import cm_observation
+from gateway.store.schema import cm_observation, cm_patient
 from gateway.store.scope import AccessScope
+from mappings.cohort import Expander, Node
 
 ID_CHUNK = 5000
 
 
+async def eligible(conn, scope: AccessScope, root: Node, *, expand: Expander | None = None,
+                   today: _dt.date | None = None) -> list:
+    """(patient_id, sex, birth_date) rows of the cohort ``root`` within ``scope`` (one or more per patient)."""
+    require_scope(scope)
+    stmt = compile_cohort(root, scope, expand=expand, today=today).with_only_columns(
+        cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date)
+    return (await conn.execute(stmt)).all()
+
+
 async def series_of(conn, scope: AccessScope, ids: list[str]) -> list[tuple]:
     """(patient, upper-case modality, manufacturer) of the series of the patients ``ids``."""
+    require_scope(scope)
     out = []
     for i in range(0, len(ids), ID_CHUNK):
         stmt = (select(dcm_series.c.patient_id, func.upper(dcm_series.c.modality), dcm_series.c.manufacturer)
@@ -41,6 +55,7 @@ async def studies_of(conn, scope: AccessScope, ids: list[str]) -> list[str]:
 async def mean_values(conn, scope: AccessScope, name: str, ids: list[str]) -> dict[str, float]:
     """Per patient of ``ids``, the mean of a numeric field: ``slice_thickness`` (series),
     ``observation:<system|code>`` (value_num), ``sr:<scheme:code>`` (SR NUM items)."""
+    require_scope(scope)
     kind, _, arg = name.partition(":")
     if name == "slice_thickness":
         t = dcm_series
@@ -65,4 +80,4 @@ async def mean_values(conn, scope: AccessScope, name: str, ids: list[str]) -> di
     return values
 
 
-__all__ = ["series_of", "mean_values"]
+__all__ = ["eligible", "series_of", "mean_values"]

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select
 
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
+from gateway.store.scope import AccessScope
 from mappings.dicom.attributes import norm_name
 from mappings.dicom.qido import NUMERIC_VRS, Attr, QidoError, QidoQuery, like_pattern
 
@@ -70,10 +71,13 @@ def _predicate(q: QidoQuery, attr: Attr, value: str, views: dict | None = None):
         return col.like(like_pattern(value), escape="\\")
     return col == value
 
-def statements(q: QidoQuery, level: str, scope, views: dict | None = None) -> tuple[Any, Any]:
-    """(page, count) statements.  ``views``: ``{dcm_study: view, dcm_series: view}`` — per-patient rows
+def statements(q: QidoQuery, level: str, scope: AccessScope, views: dict | None = None) -> tuple[Any, Any]:
+    """(page, count) statements.  ``scope`` is required (no scope, no query: an unrestricted scope is the
+    gate's decision too).  ``views``: ``{dcm_study: view, dcm_series: view}`` — per-patient rows
     for a research scope when conflicting studies are stored (``gateway.store.dicom_views``): every
     row, joined parent included, is one patient's."""
+    if not isinstance(scope, AccessScope):
+        raise TypeError("qido statements: an AccessScope from the consent gate is required")
     if views:
         return _view_statements(q, level, scope, views)
     if level == "studies":
@@ -113,7 +117,7 @@ def statements(q: QidoQuery, level: str, scope, views: dict | None = None) -> tu
     count = select(func.count()).select_from(own if joins <= {own} else frm).where(*where)
     return stmt, count
 
-def _view_statements(q: QidoQuery, level: str, scope, views: dict) -> tuple[Any, Any]:
+def _view_statements(q: QidoQuery, level: str, scope: AccessScope, views: dict) -> tuple[Any, Any]:
     st, se = views[ST], views[SE]
     same_patient = st.c.patient_id.is_not_distinct_from
     if level == "studies":

@@ -166,7 +166,8 @@ def patient_links(resource: dict[str, Any]) -> Links:
             return
         ref = node.get("reference")
         if isinstance(ref, str):
-            parsed = parse_reference(ref)
+            # every form naming a Patient (relative, absolute, versioned) holds "Patient/": parse only those
+            parsed = parse_reference(ref) if "Patient/" in ref else None
             if parsed is not None and parsed.type == "Patient":
                 ids.add(parsed.id)
         elif isinstance(node.get("identifier"), dict) and node.keys() <= _REFERENCE_KEYS:

@@ -10,7 +10,7 @@ import pytest
 from gateway.services.federation_synth import DEMO_SITES, generate, load, profile_keys
 from gateway.store.db import Database
 from gateway.store.migrate import migrate
-from gateway.store.scope import AccessScope
+from gateway.store.scope import UNRESTRICTED, AccessScope
 from gateway.store.cohort import compile_cohort
 from mappings.cohort import parse
 from gateway.vocab_cli import load_demo
@@ -42,7 +42,7 @@ async def test_every_example_matches_the_oracle(store):
     nonempty = 0
     for name, doc in COHORTS.items():
         node = parse(doc)
-        for sc, allowed in ((None, None), (scope, allowed_keys)):
+        for sc, allowed in ((UNRESTRICTED, None), (scope, allowed_keys)):
             async with db.read() as conn:
                 got = {r[0] for r in (await conn.execute(compile_cohort(node, sc, today=TODAY))).all()}
             assert got == oracle.cohort(doc, allowed), (name, allowed)
@@ -55,6 +55,6 @@ async def test_descendants_read_the_vocabulary_store(store):
     node = parse(COHORTS["diabetes_desc"])
     plain = parse({k: {**v, "descendants": False} for k, v in COHORTS["diabetes_desc"].items()})
     async with db.read() as conn:
-        with_ = (await conn.execute(compile_cohort(node))).all()
-        without = (await conn.execute(compile_cohort(plain))).all()
+        with_ = (await conn.execute(compile_cohort(node, UNRESTRICTED))).all()
+        without = (await conn.execute(compile_cohort(plain, UNRESTRICTED))).all()
     assert not without and with_

@@ -12,6 +12,7 @@ from gateway import keys
 from gateway.store import schema as s
 from gateway.store.dicom_schema import dcm_series, dcm_study
 from gateway.store.cohort import compile_cohort
+from gateway.store.scope import UNRESTRICTED
 from mappings.cohort.language import parse
 from mappings.omop.importer import imaging_series_rows, imaging_rows
 from mappings.vocab import load_subset
@@ -52,7 +53,7 @@ async def test_imaging_criterion_matches_every_origin(gateway):
 
     async def cohort(crit: dict) -> set[str]:
         async with db.read() as conn:
-            return {r[0] for r in (await conn.execute(compile_cohort(parse({"imaging": crit})))).all()}
+            return {r[0] for r in (await conn.execute(compile_cohort(parse({"imaging": crit}), UNRESTRICTED))).all()}
 
     assert await cohort({"modality": "MR"}) == {"p-fhir", "p-dcm"}
     assert await cohort({"modality": "CT"}) == {"omop-42"}

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from gateway import keys
 from gateway.store import schema as s
 from gateway.store.cohort import compile_cohort
+from gateway.store.scope import UNRESTRICTED
 from mappings.cohort.language import parse
 from tests.conftest import drop_pg_database
 from tests.integration.test_omop import (  # omop_pg is a fixture
@@ -40,7 +41,7 @@ async def _cohorts(gw, docs) -> list[int]:
     out = []
     async with gw.app[keys.DB].read() as conn:
         for doc in docs:
-            out.append(len((await conn.execute(compile_cohort(parse(doc)))).all()))
+            out.append(len((await conn.execute(compile_cohort(parse(doc), UNRESTRICTED))).all()))
     return out
 
 

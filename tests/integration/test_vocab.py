@@ -16,6 +16,7 @@ from gateway.services.vocab import load_path
 from gateway.store import open_database
 from gateway.store.vocab_schema import list_releases
 from gateway.store.cohort import compile_cohort
+from gateway.store.scope import UNRESTRICTED
 from mappings.cohort.language import parse
 from tests.conftest import make_settings, start_gateway
 from tests.integration.federation_ref import Oracle
@@ -90,7 +91,7 @@ async def test_descendants_on_served_store_equal_union_of_children(tmp_path, db_
         for parent in ("73211009", "362969004", "64572001", "49601007"):
             doc = {"condition": {"code": f"{SCT}|{parent}", "descendants": True}}
             async with db.read() as conn:
-                got = {r[0] for r in (await conn.execute(compile_cohort(parse(doc)))).all()}
+                got = {r[0] for r in (await conn.execute(compile_cohort(parse(doc), UNRESTRICTED))).all()}
             union: set[str] = set()
             for child in children.get(parent, ()):
                 union |= oracle.cohort({"condition": {"code": f"{SCT}|{child}", "descendants": True}})
@@ -99,7 +100,7 @@ async def test_descendants_on_served_store_equal_union_of_children(tmp_path, db_
         assert got  # the generated sites do have diabetes / heart failure / hypertension
         # without descendants: only the code itself (no synthetic row carries the parent code)
         async with db.read() as conn:
-            plain = (await conn.execute(compile_cohort(parse({"condition": {"code": f"{SCT}|73211009"}})))).all()
+            plain = (await conn.execute(compile_cohort(parse({"condition": {"code": f"{SCT}|73211009"}}), UNRESTRICTED))).all()
         assert plain == []
     finally:
         await db.dispose()

@@ -17,7 +17,11 @@ the remaining work (docs/consent.md, residual risks).
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("gateway", "mappings", "inference", "ontologies")
@@ -25,11 +29,10 @@ LAYER = "gateway/store/"
 
 #: module → why it still builds reads of patient tables itself (each gated by the caller's scope)
 REMAINING = {
-    "gateway/services/omop.py": "OMOP export collect (visible patients from access.where) and import",
-    "gateway/services/federation.py": "site series/stat reads over the gated cohort's patient ids",
-    "gateway/services/inference.py": "job series/instance selection gated by access.where",
-    "gateway/services/training.py": "training data selection gated by access.where and the gated cohort",
 }
+
+
+_RAW_SQL = re.compile(r'\b(?:FROM|JOIN|UPDATE|INTO)\s+"?(\w+)', re.IGNORECASE)
 
 
 def _patient_table_names() -> set[str]:
@@ -72,6 +75,11 @@ def _reads(path: Path, tables: set[str]) -> set[str]:
                     aliases[a.asname] = a.name
     known = tables | set(aliases)
     found = set()
+    for node in ast.walk(tree):  # raw SQL text naming a patient table (text("SELECT ... FROM cm_patient"))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            for m in _RAW_SQL.finditer(node.value):
+                if m.group(1) in tables:
+                    found.add(m.group(1))
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -113,5 +121,35 @@ def test_the_scanner_finds_a_read():
         p.write_text("from gateway.store.schema import cm_patient as P\nfrom sqlalchemy import select\n"
                      "def f(md):\n    t = md.tables.get('dcm_study')\n    return select(P.c.patient_id), select(t)\n")
         assert _reads(p, tables) == {"cm_patient", "dcm_study"}
+        p.write_text("from sqlalchemy import text\nq = text('SELECT birth_date FROM cm_patient WHERE 1')\n")
+        assert _reads(p, tables) == {"cm_patient"}
         p.write_text("from sqlalchemy import select\nx = select(1)\n")
         assert _reads(p, tables) == set()
+
+
+def _scoped_builders():
+    from gateway.store import cohort, cohort_reads, inference_reads, omop_reads, qido, training_reads
+
+    out = [cohort.compile_cohort, qido.statements, omop_reads.collect]
+    for mod in (cohort_reads, inference_reads, training_reads):
+        out += [getattr(mod, n) for n in mod.__all__]
+    return out
+
+
+@pytest.mark.parametrize("fn", _scoped_builders(), ids=lambda f: f"{f.__module__}.{f.__name__}")
+def test_no_scope_no_query_builder(fn):
+    """Every builder of patient reads outside the FHIR/DICOM repositories takes the gate's scope as a
+    required parameter (no default meaning "everything"), and refuses anything that is not one."""
+    import asyncio
+
+    params = inspect.signature(fn).parameters
+    assert "scope" in params and params["scope"].default is inspect.Parameter.empty, fn
+    names = list(params)
+    args = [object()] * names.index("scope") + [None] + [object()] * (
+        sum(1 for p in list(params.values())[names.index("scope") + 1:]
+            if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD))
+    kwargs = {p.name: None for p in params.values() if p.kind is p.KEYWORD_ONLY and p.default is inspect.Parameter.empty}
+    with pytest.raises(TypeError, match="AccessScope"):
+        out = fn(*args, **kwargs)
+        if inspect.iscoroutine(out):
+            asyncio.run(out)

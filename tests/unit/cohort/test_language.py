@@ -39,8 +39,9 @@ def test_errors_name_the_field(doc, field):
 
 def test_within_must_refer_to_an_event_criterion():
     from gateway.store.cohort import compile_cohort
+    from gateway.store.scope import UNRESTRICTED
 
     doc = {"all": [{"id": "s", "sex": "female"}, {"condition": {"code": "a|b", "within": {"of": "s", "max_days": 1}}}]}
     with pytest.raises(CohortError) as err:
-        compile_cohort(parse(doc))
+        compile_cohort(parse(doc), UNRESTRICTED)
     assert err.value.field == "$.all[1].condition.within.of"
