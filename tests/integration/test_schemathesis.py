@@ -2,8 +2,8 @@
 
 A real ``fedgate serve`` process, once per engine (SQLite and PostgreSQL: a value one engine stores and
 the other refuses, such as a NUL character, is a contract difference only this test sees), gets, for
-every documented operation, a bounded number of schemathesis cases (positive and negative data, hypothesis derandomized so
-each CI run sends the same requests). The token rotates over every role and "no token", so each operation
+every documented operation, a bounded number of schemathesis cases (positive and negative data,
+hypothesis derandomized so each CI run sends the same requests). The token rotates over every role and "no token", so each operation
 is seen as admin, ehr-system, pacs, clinician, analyst, site and anonymous (401).
 
 Checks: not_a_server_error, status_code_conformance, content_type_conformance,
