@@ -6,7 +6,9 @@ two entries); the rule checked: never a 5xx; a refusal (4xx) is an OperationOutc
 as it was (every resource count and the total history length unchanged); an acceptance is a 200/201
 whose body is FHIR JSON.
 
-Mutations: type swaps (string ↔ number/bool/object/array/null), deep nesting, unicode (astral, combining,
+Mutations: type swaps (string ↔ number/bool/object/array/null), R4 JSON type mistakes (a number or
+boolean written as a string, a string as a number: the models coerce them, the gateway must refuse them,
+so such a mutant's acceptance is a failure too), deep nesting, unicode (astral, combining,
 RTL, lone surrogates, control characters, noncharacters), sizes (long strings, long arrays, huge numbers),
 removed or duplicated keys, wrong resourceType/id, and raw-text damage (truncation, byte flips,
 duplicate keys, trailing garbage).
@@ -61,6 +63,7 @@ class Mutant:
     method: str         # POST / PUT / TXN
     res_type: str       # resource type in the URL
     body: bytes         # what is sent
+    must_refuse: bool = False  # a mutant the gateway must answer with a 4xx
 
 
 def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
@@ -106,10 +109,18 @@ def mutate(rng: random.Random) -> Mutant:
     leafs = [p for p in _paths(seed) if p and p != ("resourceType",)]
     path = rng.choice(leafs)
     kind = rng.choice(["type", "type", "nest", "unicode", "unicode", "size", "remove", "add", "envelope",
-                       "raw", "raw", "array"])
+                       "raw", "raw", "array", "json-type"])
     raw: bytes | None = None
     nest_text: str | None = None
-    if kind == "type":
+    must_refuse = False
+    if kind == "json-type":  # "72" for 72, "true" for true; 42 for a string
+        scalars = [p for p in leafs if isinstance(_get(seed, p), (bool, int, float, str))]
+        typed = [p for p in scalars if not isinstance(_get(seed, p), str)]
+        path = rng.choice(typed if typed and rng.random() < 0.7 else scalars)
+        cur = _get(seed, path)
+        _set(seed, path, json.dumps(cur) if not isinstance(cur, str) else rng.choice([42, 1.5, True]))
+        must_refuse = True
+    elif kind == "type":
         _set(seed, path, _other_type(_get(seed, path), rng))
     elif kind == "nest":  # spliced in as text: deeper than json.dumps recurses
         depth = rng.choice([2, 10, 50, 200, 1000, 5000])
@@ -193,7 +204,7 @@ def mutate(rng: random.Random) -> Mutant:
             {"resource": seed, "request": {"method": "POST", "url": rtype}}]}).encode()
     elif method == "TXN":
         method = "POST"
-    return Mutant(kind, method, rtype, body)
+    return Mutant(kind, method, rtype, body, must_refuse)
 
 
 def mutants(seed: int, n: int) -> list[Mutant]:
@@ -258,6 +269,8 @@ async def run(http, fhir: str, write_headers: dict, read_headers: dict, items: l
             accepted += 1
             if status not in (200, 201) or not isinstance(doc, dict) or "resourceType" not in doc:
                 failures.append(f"{where} odd acceptance {body[:200]!r}")
+            if m.must_refuse:
+                failures.append(f"{where} accepted a mutant it must refuse: {m.body[:300]!r}")
         state = after
     return {"accepted": accepted, "refused": refused, "by_status": dict(sorted(by_status.items())),
             "failures": failures}

@@ -9,6 +9,9 @@ FHIR R4 §2.6.2 (json.html) and §2.24.0.1 (datatypes.html, "string"):
   other array has something;
 * strings SHALL NOT contain characters below U+0020 other than TAB, CR and LF (so NUL is refused: the
   same refusal on SQLite and PostgreSQL, which cannot store U+0000 in text);
+* each value has the JSON type of its element (:mod:`mappings.fhir.jsontypes`): numbers for integer and
+  decimal, ``true``/``false`` for boolean, strings for the other primitives (the models would take ``"5"``
+  for a decimal and ``"true"`` for a boolean);
 * a string SHALL NOT exceed 1 MiB (1,048,576 characters); base64Binary (``Attachment.data``,
   ``Binary.data``) is bounded by the request size limit instead. ``language`` (a BCP-47 tag, ``code``)
   and the ids of the Element/Resource id datatypes are kept to the lengths their rules allow.
@@ -21,7 +24,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mappings.fhir.validate import Issue
+from mappings.fhir.jsontypes import RESOURCE, field_kinds, type_problem
+from mappings.fhir.validate import Issue, model_class
 
 #: FHIR R4 datatypes.html: "strings SHALL NOT exceed 1MB (1024*1024 characters) in size".
 MAX_STRING = 1024 * 1024
@@ -64,15 +68,20 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
             return add(path, f"value of {len(value):,} characters exceeds the limit of {cap:,}")
         return False
 
-    # iterative walk (no recursion limit): (path, element name, value)
-    stack: list[tuple[str, str, Any]] = [(root, "", resource)]
+    # iterative walk (no recursion limit): (path, element name, value, kind of the element: a primitive
+    # kind, a model class, RESOURCE, or None where the model does not know the name)
+    stack: list[tuple[str, str, Any, Any]] = [(root, "", resource, model_class(root))]
     while stack:
-        path, key, value = stack.pop()
+        path, key, value, kind = stack.pop()
         if isinstance(value, dict):
             if not value:
                 if add(path, "empty object (FHIR R4 JSON: an element without content SHALL be omitted)"):
                     break
                 continue
+            if kind == RESOURCE:
+                rtype = value.get("resourceType")
+                kind = model_class(rtype) if isinstance(rtype, str) else None
+            fields = field_kinds(kind) if kind is not None and not isinstance(kind, str) else _NO_FIELDS
             for k, v in value.items():
                 if _CONTROL.search(k) and add(
                     f"{path}", f"element name contains the control character {_control_name(k)}"
@@ -83,6 +92,7 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
                     if add(sub, "null (FHIR R4 JSON: an element without a value SHALL be omitted)"):
                         return issues
                     continue
+                sub_kind = fields.get(k)
                 if isinstance(v, list) and v:
                     twin = value.get(k[1:] if k.startswith("_") else "_" + k)
                     twin = twin if isinstance(twin, list) else None
@@ -101,17 +111,24 @@ def json_issues(resource: Any, root: str, limit: int = 20) -> list[Issue]:
                                 ):
                                     return issues
                             continue
-                        stack.append((f"{sub}[{i}]", k, item))
+                        stack.append((f"{sub}[{i}]", k, item, sub_kind))
                     continue
-                stack.append((sub, k, v))
+                stack.append((sub, k, v, sub_kind))
         elif isinstance(value, list):
             if not value:
                 if add(path, "empty array (FHIR R4 JSON: an element without a value SHALL be omitted)"):
                     break
                 continue
             for i, item in enumerate(value):  # a list inside a list is not FHIR; the model reports it
-                stack.append((f"{path}[{i}]", key, item))
-        elif isinstance(value, str):
-            if check_str(path, key, value):
+                stack.append((f"{path}[{i}]", key, item, None))
+        else:
+            if kind.__class__ is str:
+                problem = type_problem(kind, value)
+                if problem and add(path, problem):
+                    break
+            if isinstance(value, str) and check_str(path, key, value):
                 break
     return issues
+
+
+_NO_FIELDS: dict[str, Any] = {}

@@ -39,7 +39,7 @@ TABLE = [
      json.dumps({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}).encode(), 400, None),
     ("unknown resourceType", "POST", "/Patient", FHIR, json.dumps({"resourceType": "Pationt"}).encode(), 400, None),
     ("invalid field type (gender number)", "POST", "/Patient", FHIR,
-     json.dumps({"resourceType": "Patient", "gender": 123}).encode(), 422, None),
+     json.dumps({"resourceType": "Patient", "gender": 123}).encode(), 400, None),  # R4 JSON: a string
     ("invalid date", "POST", "/Patient", FHIR,
      json.dumps({"resourceType": "Patient", "birthDate": "31/12/1999"}).encode(), 422, None),
     ("unknown element", "POST", "/Patient", FHIR,
@@ -69,7 +69,7 @@ TABLE = [
           _post({"resourceType": "Observation", "status": "final", "code": {"text": "ok"},
                  "subject": {"reference": PID}}),
           _post({"resourceType": "Observation", "status": "final", "code": {"text": "bad"},
-                 "valueQuantity": {"value": "not-a-number"}})), 422, None),
+                 "valueQuantity": {"value": "not-a-number"}})), 400, None),  # R4 JSON: a number
     ("transaction with unresolvable conditional reference", "POST", "", FHIR,
      _txn(_post({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                  "subject": {"reference": "Patient?identifier=urn:none|missing"}})), 412, "not-found"),

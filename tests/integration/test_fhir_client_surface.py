@@ -126,14 +126,16 @@ async def test_patch(site):
         st, _, b = await _json(http, "PATCH", url, w | PATCH_JSON | {"If-Match": 'W/"2"'},
                                json=[{"op": "remove", "path": "/note"}])
         assert st == 200 and "note" not in b and b["meta"]["versionId"] == "3"
-        # failed test → 422; malformed patch → 400; a result that is not a valid Observation → 422;
-        # changing the id → 422; wrong media type → 415; none of them store anything
+        # failed test → 422; malformed patch → 400; a result that breaks the R4 JSON rules (a number for
+        # a code) → 400, one the model refuses (no status) → 422; changing the id → 422; wrong media type
+        # → 415; none of them store anything
         for body, status, ctype in (
                 ([{"op": "test", "path": "/status", "value": "preliminary"}], 422, PATCH_JSON),
                 ([{"op": "replace", "path": "/nope/x", "value": 1}], 400, PATCH_JSON),
                 ({"op": "add"}, 400, PATCH_JSON),
                 ([{"op": "jump", "path": "/status"}], 400, PATCH_JSON),
-                ([{"op": "replace", "path": "/status", "value": 12}], 422, PATCH_JSON),
+                ([{"op": "replace", "path": "/status", "value": 12}], 400, PATCH_JSON),
+                ([{"op": "remove", "path": "/status"}], 422, PATCH_JSON),
                 ([{"op": "replace", "path": "/id", "value": "other"}], 422, PATCH_JSON),
                 ([{"op": "remove", "path": "/status"}], 415, FHIR_JSON)):
             st, _, b = await _json(http, "PATCH", url, w | ctype, json=body)
