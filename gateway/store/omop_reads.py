@@ -16,8 +16,12 @@ from gateway.store.access import require_scope, where
 from gateway.store.consent_schema import recompute as recompute_consent
 from gateway.store.migrate import load_table_modules
 from gateway.store.scope import AccessScope
+from mappings.dicom.urls import DicomwebUrls
 from mappings.omop import importer as imp
 from mappings.omop.export import CmData, ImagingSeries, SrMeasurement
+
+#: image_occurrence.wadors_uri: root-relative, as the OMOP export has always written it
+_WADO = DicomwebUrls("/dicomweb")
 
 CHUNK = 5_000
 _EVENT = ("pk", "src_type", "src_id", "patient_id", "system", "code", "encounter_id")
@@ -78,7 +82,7 @@ async def _dicom_series(conn, visible) -> list[ImagingSeries]:
         stmt = stmt.where(se.c.patient_id.in_(visible))
     return [ImagingSeries(r.patient_id, r.study_uid, r.series_uid, r.series_date or r.study_date, r.modality,
                           (r.body_part or "").upper() or None,
-                          f"/dicomweb/studies/{r.study_uid}/series/{r.series_uid}")
+                          _WADO.series(r.study_uid, r.series_uid))
             for r in await conn.execute(stmt)]
 
 
