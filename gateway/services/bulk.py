@@ -32,7 +32,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.context import Purpose, Requester
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
@@ -41,7 +40,7 @@ from gateway.store import fhir_repo as repo
 from gateway.store.access import AccessLayer
 from gateway.store.bulk_schema import bulk_job
 from gateway.store.db import Database
-from gateway.store.leases import LeasedQueue
+from gateway.store.leases import LeasedQueue, poll_worker
 from mappings.dates import now_instant
 from mappings.fhir.bulk import ExportRequest, KickoffError, ndjson_page, parse_kickoff
 from mappings.fhir.compartment import PATIENT_COMPARTMENT
@@ -286,21 +285,14 @@ class BulkExportService:
     SWEEP_S = 30.0
 
     async def worker(self) -> None:
-        swept = 0.0
-        while True:
-            try:
-                if time.monotonic() - swept > self.SWEEP_S:
-                    swept = time.monotonic()
-                    await self.expire()
-                while await self.run_once():
-                    pass
-            except SQLAlchemyError as e:  # the store is briefly unavailable: try again next round
-                log.warning("export worker: store error", extra={"error": type(e).__name__})
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
-            except asyncio.TimeoutError:
-                pass
+        swept = [0.0]
+
+        async def sweep() -> None:
+            if time.monotonic() - swept[0] > self.SWEEP_S:
+                swept[0] = time.monotonic()
+                await self.expire()
+
+        await poll_worker("export", self.run_once, self._wake, lambda: self.config.poll_s, sweep)
 
     async def expire(self) -> int:
         """Remove expired jobs and their files (and folders no job owns any more)."""

@@ -26,6 +26,7 @@ from gateway.context import Requester
 from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.services.access import AccessRecord, Action, AuditSink, Interaction
 from gateway.services.deid import DeidPolicy
+from gateway.store.leases import poll_worker
 from mappings.deid.dicom import DeidOptions, Withheld
 
 log = logging.getLogger(__name__)
@@ -265,19 +266,7 @@ class DicomExportJobs:
         return job_id
 
     async def worker(self) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        while True:
-            try:
-                while await self.run_once():
-                    pass
-            except SQLAlchemyError as e:  # the store is briefly unavailable: try again next round
-                log.warning("dicom export worker: store error", extra={"error": type(e).__name__})
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            except asyncio.TimeoutError:
-                pass
+        await poll_worker("dicom export", self.run_once, self._wake, lambda: self.poll_s)
 
     async def run_once(self) -> bool:
         import orjson

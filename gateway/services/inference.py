@@ -31,7 +31,7 @@ from gateway.services.access import AccessRecord, AuditSink, Gate
 from gateway.store import inference_reads as reads
 from gateway.store.db import Database
 from gateway.store.jobs_schema import inf_job, inf_model_card
-from gateway.store.leases import LeasedQueue
+from gateway.store.leases import LeasedQueue, poll_worker
 from gateway.store.model_cards import CardConflict, card_view, registered_cards, store_card  # noqa: F401 (card_view: API)
 from inference import preprocess
 from inference.backends import Backend, BackendError, BackendUnavailable
@@ -359,19 +359,11 @@ class InferenceService:
         return True
 
     async def worker(self) -> None:
-        while True:
-            try:
-                if self.config.auto_trigger:
-                    await self.scan_new_series()
-                while await self.run_once():
-                    pass
-            except SQLAlchemyError as e:  # the store is briefly unavailable: try again next round
-                log.warning("inference worker: store error", extra={"error": type(e).__name__})
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
-            except asyncio.TimeoutError:
-                pass
+        async def scan() -> None:
+            if self.config.auto_trigger:
+                await self.scan_new_series()
+
+        await poll_worker("inference", self.run_once, self._wake, lambda: self.config.poll_s, scan)
 
     # ---------------------------------------------------------------------------------------- execute
     async def execute(self, row) -> dict[str, Any]:

@@ -11,12 +11,15 @@ stalled past ``lease_s``) can no longer overwrite what the new holder does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from sqlalchemy import Table, and_, or_, select, update
 
 from gateway.store.db import Database
+
+log = logging.getLogger(__name__)
 
 
 class LeasedQueue:
@@ -76,4 +79,26 @@ class LeasedQueue:
                                    .values(lease_until=time.time() + self.lease_s))
 
 
-__all__ = ["LeasedQueue"]
+async def poll_worker(name: str, run_once: Callable[[], Awaitable[bool]], wake: asyncio.Event,
+                      poll_s: Callable[[], float], before: Callable[[], Awaitable[Any]] | None = None) -> None:
+    """A job queue's worker loop: ``before`` (housekeeping, if any), then ``run_once`` until it finds no job,
+    then sleep until ``wake`` is set or ``poll_s()`` seconds pass.  A store error ends the round only (the
+    store is briefly unavailable: try again next round)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    while True:
+        try:
+            if before is not None:
+                await before()
+            while await run_once():
+                pass
+        except SQLAlchemyError as e:
+            log.warning(f"{name} worker: store error", extra={"error": type(e).__name__})
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), poll_s())
+        except asyncio.TimeoutError:
+            pass
+
+
+__all__ = ["LeasedQueue", "poll_worker"]
