@@ -237,7 +237,7 @@ async def sync_imaging_studies(conn, series_by_study: dict[str, list[dict]],
         # linked to the study's patient even when the subject names it by DICOM identifier only
         pid = st_rows[uid].get("patient_id")
         writes.append(repo.Write("ImagingStudy", resource["id"], resource, prev, "PUT" if prev else "POST",
-                                 links=frozenset({pid}) if pid else frozenset()))
+                                 links=frozenset({pid}) if pid else frozenset(), derived=True))
     if ("Endpoint", "dicomweb") not in current:
         from mappings.dicom.imagingstudy import endpoint_resource
 

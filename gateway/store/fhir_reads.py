@@ -54,6 +54,10 @@ class Write:
     #: patients the writer knows the resource belongs to besides its references (the DICOM patient of an
     #: ImagingStudy built from DICOM)
     links: frozenset[str] = frozenset()
+    #: a version derived from another store (the ImagingStudy the DICOM index maintains): it replaces the
+    #: previous version in history when that one was derived too, so history keeps the latest derived version
+    #: and every version a FHIR client wrote — not one whole-study copy per STOW request
+    derived: bool = False
 
 
 _COLS = (R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.patient_id, R.c.content,

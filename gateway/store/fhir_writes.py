@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import bindparam, delete, select, tuple_, update
+from sqlalchemy import bindparam, delete, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -151,6 +151,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     history: list[dict] = []
     link_rows: list[dict] = []
     multi_links: dict[tuple[str, str], frozenset[str]] = {}
+    superseded: list[dict] = []  # derived versions replaced by a newer derived version
     # patient links of every new version: computed once, here, stored per version
     # (a writer that names the patients — DICOM's ImagingStudy — is trusted with them: its identifier-only
     # subject is the DICOM PatientID, which no FHIR Patient identifier need carry)
@@ -183,7 +184,9 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             "multi_link": multi,
         }
         history.append({k: row[k] for k in ("res_type", "res_id", "version", "last_updated", "lu_ts", "patient_id", "content")}
-                       | {"method": w.method})
+                       | {"method": DERIVED if w.derived else w.method})
+        if w.derived and w.prev is not None:
+            superseded.append({"b_type": w.res_type, "b_id": w.res_id, "b_version": w.prev.version})
         if w.prev is None:
             new_rows.append(row)
         else:
@@ -212,6 +215,8 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
         )
         for r in ret:
             rid_by_key[(r.res_type, r.res_id)] = r.rid
+    if superseded:
+        await _drop_superseded(conn, superseded)
     await conn.execute(table_insert(H), history)
     if link_rows:
         await conn.execute(table_insert(s.fhir_link), link_rows)
@@ -331,6 +336,25 @@ async def reindex(conn: AsyncConnection, after_rid: int, limit: int) -> tuple[in
 
         await recompute(conn, touched)
     return len(rows), keys[-1].rid
+
+
+#: ``fhir_history.method`` of a derived version (:attr:`Write.derived`); rendered as the HTTP method that
+#: made it (POST for version 1, PUT after), like any other version
+DERIVED = "DERIVED"
+
+
+async def _drop_superseded(conn: AsyncConnection, superseded: list[dict]) -> None:
+    """Remove the previous versions that a derived write replaces, where they were derived themselves
+    (a version a FHIR client wrote stays), with their patient links."""
+    key = (H.c.res_type == bindparam("b_type"), H.c.res_id == bindparam("b_id"), H.c.version == bindparam("b_version"))
+    gone = await conn.execute(built_once(("fhir drop superseded",), lambda: H.delete().where(
+        *key, H.c.method == DERIVED)), superseded)
+    if gone.rowcount:
+        lk = s.fhir_link.c
+        await conn.execute(built_once(("fhir drop superseded links",), lambda: s.fhir_link.delete().where(
+            lk.res_type == bindparam("b_type"), lk.res_id == bindparam("b_id"), lk.version == bindparam("b_version"),
+            ~exists().where(H.c.res_type == lk.res_type, H.c.res_id == lk.res_id, H.c.version == lk.version))),
+            superseded)
 
 
 async def _relinks(conn: AsyncConnection, rows, resources: list[dict]) -> list[frozenset[str]]:
