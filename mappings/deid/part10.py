@@ -14,12 +14,11 @@ deflate — is read and written by pydicom as a whole.
 
 from __future__ import annotations
 
-import copy
 import io
 import struct
 
 import pydicom
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
@@ -49,6 +48,12 @@ _LONG_HEAD = struct.Struct("<HH2s2xL").pack
 _SHORT_HEAD = struct.Struct("<HH2sH").pack
 _VR_BYTES = {str(vr): str(vr).encode() for vr in VR if len(str(vr)) == 2}
 _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+#: VRs pydicom writes a ``str`` value of with write_string, write_text (encoded: ASCII in a plain character
+#: set) or write_UI, and their padding to even length
+_TEXT_PAD = {
+    vr: b"\x00" if vr == "UI" else b" "
+    for vr in ("AE", "AS", "CS", "DA", "DT", "TM", "UR", "UI", "LO", "LT", "SH", "ST", "UC", "UT")
+}
 
 
 def _padding_only(data: bytes, pos: int, implicit: bool) -> bool:
@@ -141,8 +146,8 @@ def _encode(ds: Dataset) -> bytes | None:
         or any(tag >> 16 in (0, 2) for tag in ds._dict)
     ):
         return None
-    # the file meta as dcmwrite completes it (a copy: the data set keeps its own)
-    file_meta = copy.deepcopy(meta)
+    # the file meta completed as dcmwrite completes its copy (in place: the caller owns ``ds``)
+    file_meta = meta
     for meta_kw, ds_kw in (
         ("MediaStorageSOPClassUID", "SOPClassUID"),
         ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
@@ -157,6 +162,8 @@ def _encode(ds: Dataset) -> bytes | None:
     fp.write(b"DICM")
     write_file_meta_info(fp, file_meta, enforce_standard=True)
     encodings = ds.get("SpecificCharacterSet", default_encoding)
+    # ASCII text encodes to itself in these (pydicom's names for the default repertoire and ISO_IR 100)
+    ascii_plain = convert_encodings(encodings) in (["iso8859"], ["latin_1"])
     write = fp.write
     for tag in sorted(ds.keys()):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
@@ -176,6 +183,24 @@ def _encode(ds: Dataset) -> bytes | None:
             if vr in _VR_BYTES and len(value) <= 0xFFFF:
                 write(_SHORT_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(value)))
                 write(value)
+                continue
+        elif isinstance(value, str) and ascii_plain and elem.VR in _TEXT_PAD and value.isascii():
+            # a single text value the profile set or read, as write_string / write_text / write_UI encode it
+            vr = elem.VR
+            text = value.encode()
+            if len(text) % 2:
+                text += _TEXT_PAD[vr]
+            if implicit:
+                write(_IMPLICIT_HEAD(tag >> 16, tag & 0xFFFF, len(text)))
+                write(text)
+                continue
+            if vr in _LONG_VRS:
+                write(_LONG_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(text)))
+                write(text)
+                continue
+            if len(text) <= 0xFFFF:
+                write(_SHORT_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(text)))
+                write(text)
                 continue
         with tag_in_exception(tag):
             write_data_element(fp, elem, encodings)
