@@ -165,7 +165,7 @@ def _encode(ds: Dataset) -> bytes | None:
     # ASCII text encodes to itself in these (pydicom's names for the default repertoire and ISO_IR 100)
     ascii_plain = convert_encodings(encodings) in (["iso8859"], ["latin_1"])
     write = fp.write
-    for tag in sorted(ds.keys()):
+    for tag in sorted(ds.keys(), key=int):  # (int comparisons: the same order as BaseTag's)
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # retired group lengths are not written
         elem = ds.get_item(tag)
@@ -220,7 +220,7 @@ def deidentify_part10(
             out = deidentify_dataset(ds, keys, options, patient_key=patient_key)
             if isinstance(out, Withheld):
                 return out
-            if all(tag < _PIXEL_DATA for tag in out.keys()):
+            if max(map(int, out.keys()), default=0) < _PIXEL_DATA:
                 return _write(out) + tail
     full = pydicom.dcmread(io.BytesIO(data))
     done = deidentify_dataset(full, keys, options, patient_key=patient_key)
