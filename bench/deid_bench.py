@@ -80,6 +80,34 @@ def bench_fedgate(files: list[Path]) -> dict:
     return {"n": len(files), "wall_s": wall, "cpu_s": cpu, "bytes": total}
 
 
+#: bench_fedgate's loop, run by a child process against another checkout (its own imports only)
+_TREE_LOOP = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from gateway.services.deid import deidentify_file
+from mappings.deid.keys import ProjectKeys
+files = [Path(p) for p in Path(sys.argv[2]).read_text().split()]
+keys = ProjectKeys("bench", b"b" * 32)
+deidentify_file(files[0], keys, "p-1")
+cpu0, t0 = time.process_time(), time.perf_counter()
+total = sum(len(deidentify_file(f, keys, "p-1")) for f in files)
+cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+print(json.dumps({"n": len(files), "wall_s": wall, "cpu_s": cpu, "bytes": total}))
+"""
+
+
+def bench_tree(tree: Path, files: list[Path]) -> dict:
+    """:func:`bench_fedgate` in a child process that imports fedgate from another checkout ``tree`` (e.g. a
+    ``git worktree`` of an older commit): the same files, one after the other with this tree's run."""
+    listing = Path(files[0]).parent / "files.txt"
+    listing.write_text("\n".join(str(f) for f in files))
+    tree = tree.resolve()
+    out = subprocess.run([sys.executable, "-c", _TREE_LOOP, str(tree), str(listing)], env=dict(os.environ, PYTHONPATH=str(tree)),
+                         capture_output=True, text=True, check=True, cwd=tree)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,30 +162,40 @@ def bench_orthanc(files: list[Path], workdir: Path) -> dict | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="instances (512×512 CT)")
+    ap.add_argument("--baseline", type=Path, help="another fedgate checkout (e.g. a git worktree of the commit "
+                    "before a change) timed on the same files in the same run")
+    ap.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="deid-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
         files = make_files(tmp / "in", args.n)
+        base = bench_tree(args.baseline, files) if args.baseline else None
         ours = bench_fedgate(files)
-        orth = bench_orthanc(files, tmp / "orthanc")
+        orth = None if args.no_orthanc else bench_orthanc(files, tmp / "orthanc")
     size = files and 512 * 512 * 2
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"## DICOM de-identification (issue #24) — {when}\n")
     print(f"Machine: {platform.node()} ({os.cpu_count()} cores, {platform.machine()}, Python "
           f"{platform.python_version()}), shared with other sessions' work.")
-    print(f"Command: `.venv/bin/python bench/deid_bench.py --n {args.n}` ({args.n} CT instances, 512×512×16 bit, "
+    print(f"Command: `.venv/bin/python bench/deid_bench.py {' '.join(sys.argv[1:])}` ({args.n} CT instances, 512×512×16 bit, "
           f"{size // 1024} KiB pixel data each)\n")
     print("| de-identifier | instances | wall s | CPU s | instances/s (wall) | instances per CPU-second |")
     print("|---|---|---|---|---|---|")
     print(f"| fedgate `deidentify_file` (read + PS3.15 Basic Profile + options + write), in process | {ours['n']} | "
           f"{ours['wall_s']:.2f} | {ours['cpu_s']:.2f} | {ours['n'] / ours['wall_s']:.0f} | {ours['n'] / ours['cpu_s']:.0f} |")
+    if base:
+        print(f"| the same, baseline checkout `{args.baseline}` | {base['n']} | {base['wall_s']:.2f} | "
+              f"{base['cpu_s']:.2f} | {base['n'] / base['wall_s']:.0f} | {base['n'] / base['cpu_s']:.0f} |")
     if orth:
         print(f"| Orthanc {orth['version']} `POST /instances/{{id}}/anonymize`, 1 client (Orthanc CPU only) | "
               f"{orth['n']} | {orth['wall_s']:.2f} | {orth['cpu_s']:.2f} | {orth['n'] / orth['wall_s']:.0f} | "
               f"{orth['n'] / max(orth['cpu_s'], 1e-9):.0f} |")
-    else:
+    elif not args.no_orthanc:
         print("| Orthanc | not installed (scripts/setup.d/20-orthanc.sh) | | | | |")
+    if base:
+        print(f"\nSame run, CPU per instance: baseline / this tree = {base['cpu_s'] / ours['cpu_s']:.2f}×"
+              f" (output bytes {base['bytes']} vs {ours['bytes']})")
     return 0
 
 

@@ -65,7 +65,8 @@ async def _search(request: web.Request, level: str) -> web.Response:
     """QIDO-RS Search (PS3.18 §10.6): application/dicom+json, X-Total-Count = matches before paging.
     Under ``deid_wado`` a de-identified requester's answers are de-identified like WADO-RS metadata (same
     profile, same project UIDs, RetrieveURLs under those UIDs) and its UIDs, in the path or as match keys,
-    may be the project's."""
+    may be the project's; what the profile withholds (burned-in annotation) is neither answered nor counted,
+    as what the consent gate refuses."""
     Accept.of(request).json()
     study = request.match_info.get("study")
     series = request.match_info.get("series")
@@ -84,9 +85,12 @@ async def _search(request: web.Request, level: str) -> web.Response:
         await _source_query(request, svc, deid, q)
         patients = []
     notes: list[str] = []  # (admins: conflicting studies among the results)
-    results, total = await svc.search(requester_of(request), level, q, notes, patients)
+    results, total = await svc.search(requester_of(request), level, q, notes, patients,
+                                      releasable_only=deid is not None)
     if deid is not None:
+        found = len(results)
         results = await asyncio.to_thread(_deidentified_results, results, patients or [], deid, q.base, level)
+        total -= found - len(results)  # (the search matched releasable instances only: normally none dropped)
     headers = {"X-Total-Count": str(total)}
     if q.offset + len(results) < total:
         notes.insert(0, f"{total - q.offset - len(results)} more results; use offset")

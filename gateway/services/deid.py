@@ -10,7 +10,6 @@ project, hence the same pseudonyms and date offsets, as the FHIR bulk export use
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from pathlib import Path
 
 from gateway.context import Requester
 from gateway.settings import Settings
-from mappings.deid.dicom import DeidOptions, Withheld, deidentify_dataset
+from mappings.deid.dicom import DeidOptions, Withheld
 from mappings.deid.keys import ProjectKeys
+from mappings.deid.part10 import deidentify_part10
 
 IDENTIFIED = "identified"
 DEIDENTIFIED = "deidentified"
@@ -123,15 +123,7 @@ class DeidPolicy:
 def deidentify_file(path: Path, keys: ProjectKeys, patient_key: str | None,
                     options: DeidOptions | None = None) -> bytes | Withheld:
     """One stored instance file de-identified to Part 10 bytes (blocking: call it off the event loop)."""
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    out = deidentify_dataset(ds, keys, options, patient_key=patient_key)
-    if isinstance(out, Withheld):
-        return out
-    buf = io.BytesIO()
-    out.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return deidentify_part10(path.read_bytes(), keys, options, patient_key=patient_key)
 
 
 __all__ = ["DEIDENTIFIED", "IDENTIFIED", "DeidPolicy", "UidIndex", "deidentify_file", "parse_policy"]

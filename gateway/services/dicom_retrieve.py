@@ -106,14 +106,16 @@ class DicomRetrieve:
         self.blobs = blobs
 
     async def search(self, requester: Requester, level: str, q: QidoQuery, warnings: list[str] | None = None,
-                     patients: list | None = None) -> tuple[list[dict], int]:
+                     patients: list | None = None, *, releasable_only: bool = False) -> tuple[list[dict], int]:
         """QIDO-RS: (rendered DICOM JSON results, total before paging). A research scope's answer is built
         from permitted instances only; an admin gets the conflicting studies (instances of several
         patients) among the results in ``warnings``.  ``patients``, if given, receives each result's
-        common-model patient (a de-identified answer's date offset)."""
+        common-model patient (a de-identified answer's date offset).  ``releasable_only``: a de-identified
+        answer, which neither shows nor counts what the profile withholds (burned-in annotation)."""
         access = await self.access.open(requester)
         total, results, conflicts = await dicom_reads.qido(
-            access, level, q, report_conflicts=warnings is not None and requester.is_admin)
+            access, level, q, report_conflicts=warnings is not None and requester.is_admin,
+            releasable_only=releasable_only)
         if warnings is not None:
             warnings += [f"study {u} holds instances of several patients (conflict: see fedgate dicom conflicts)"
                          for u in conflicts]

@@ -74,8 +74,8 @@ class DicomwebService:
 
     # ---------------------------------------------------------------------------------- QIDO-RS / WADO-RS
     async def search(self, requester: Requester, level: str, q: QidoQuery, warnings: list[str] | None = None,
-                     patients: list | None = None) -> tuple[list[dict], int]:
-        return await self.query.search(requester, level, q, warnings, patients)
+                     patients: list | None = None, *, releasable_only: bool = False) -> tuple[list[dict], int]:
+        return await self.query.search(requester, level, q, warnings, patients, releasable_only=releasable_only)
 
     async def stored_study_uids(self) -> list[str]:
         """Every stored Study Instance UID (the de-identified UID index; answers nothing by itself)."""

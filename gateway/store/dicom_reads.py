@@ -32,22 +32,24 @@ def _cached(key: tuple, build):
     return stmt
 
 
-async def qido(access: Access, level: str, q: QidoQuery, *,
-               report_conflicts: bool = False) -> tuple[int, list[dict], list[str]]:
+async def qido(access: Access, level: str, q: QidoQuery, *, report_conflicts: bool = False,
+               releasable_only: bool = False) -> tuple[int, list[dict], list[str]]:
     """QIDO-RS matches of ``q`` at ``level`` visible to ``access``: (total before paging, the page's rows —
     with ``_meta``, a representative instance's DICOM JSON, when ``q`` asks for more attributes —, the
     conflicting studies among them when ``report_conflicts``). A research scope reads per-patient rows when
     conflicting studies (instances of several patients) are stored, so every answer is built from
-    permitted instances only."""
+    permitted instances only. ``releasable_only`` (a de-identified answer): only what the de-identification
+    profile releases is matched, counted and used as a representative instance
+    (:func:`gateway.store.qido.releasable`)."""
     scope = access.scope
-    plain = qido_sql.statements(q, level, scope)
+    plain = qido_sql.statements(q, level, scope, releasable_only=releasable_only)
     with_meta = bool(q.extra_tags(level) or q.include_all)
-    meta_stmt = _meta_stmt(level, scope) if with_meta else None
+    meta_stmt = _meta_stmt(level, scope, releasable_only) if with_meta else None
 
     def read(conn) -> tuple[int, list[dict], list[str]]:  # one hand-over for every statement (read_sync)
         stmt, count_stmt = plain
         if not scope.unrestricted and conn.execute(dicom_views.has_conflicts_stmt()).first() is not None:
-            stmt, count_stmt = qido_sql.statements(q, level, scope, _views())
+            stmt, count_stmt = qido_sql.statements(q, level, scope, _views(), releasable_only=releasable_only)
         total = conn.execute(count_stmt).scalar_one()
         results = [dict(r) for r in conn.execute(stmt).mappings()]
         if meta_stmt is not None:
@@ -74,7 +76,7 @@ def _views() -> dict:
     return {dcm_study: dicom_views.study_view(), dcm_series: dicom_views.series_view()}
 
 
-def _meta_stmt(level: str, scope: AccessScope):
+def _meta_stmt(level: str, scope: AccessScope, releasable_only: bool = False):
     """Representative instance metadata for includefield (the first instance of the study/series) — for
     a research scope the first *permitted* instance of the row's own patient (a study's row may be one
     patient's part of a conflicting study), never another patient's."""
@@ -85,9 +87,11 @@ def _meta_stmt(level: str, scope: AccessScope):
         stmt = select(c.metadata).where(getattr(c, key) == bindparam("uid"))
         if not scope.unrestricted:
             stmt = stmt.where(scope.row_clause(c.consent_no), c.patient_id.is_not_distinct_from(bindparam("pid")))
+        if releasable_only:
+            stmt = stmt.where(qido_sql.releasable(dcm_instance))
         return stmt.order_by(c.instance_number).limit(1)
 
-    return _cached(("qido meta", key, scope if not scope.unrestricted else None), build)
+    return _cached(("qido meta", key, scope if not scope.unrestricted else None, releasable_only), build)
 
 
 async def instances(access: Access, study: str, series: str | None = None, sop: str | None = None, *,

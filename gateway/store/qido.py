@@ -5,16 +5,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, exists, func, not_, or_, select
 
 from gateway.store.dicom_schema import dcm_instance, dcm_series, dcm_study
 from gateway.store.scope import AccessScope
+from mappings.deid.dicom import BURNED_IN_SOP_CLASSES
 from mappings.dicom.attributes import norm_name
 from mappings.dicom.qido import NUMERIC_VRS, Attr, QidoError, QidoQuery, like_pattern
 
 ST, SE, IN = dcm_study, dcm_series, dcm_instance
 #: a QIDO level → its index table
 TABLES = {"studies": ST, "series": SE, "instances": IN}
+_KEY = {"studies": "study_uid", "series": "series_uid", "instances": "sop_uid"}
+#: BurnedInAnnotation (0028,0301) in an instance's stored DICOM JSON (compact, as the index writes it)
+_BURNED_IN = '%"00280301":{"vr":"CS","Value":["FLAG"]%'
+
+
+def releasable(inst) -> Any:
+    """SQL predicate on an instance table (or alias): the de-identification profile releases the
+    instance — the test of :func:`mappings.deid.dicom.burned_in_reason` on the indexed SOP class and the
+    stored BurnedInAnnotation (withheld when ``YES``, or for a SOP class that typically carries burned-in
+    text unless ``NO``)."""
+    meta = func.coalesce(inst.c.metadata, "")
+
+    def flag(value: str) -> Any:
+        return or_(meta.like(_BURNED_IN.replace("FLAG", value)), meta.like(_BURNED_IN.replace("FLAG", value.lower())))
+
+    risky = func.coalesce(inst.c.sop_class_uid, "").in_(sorted(BURNED_IN_SOP_CLASSES))
+    return not_(or_(flag("YES"), and_(risky, not_(flag("NO")))))
+
+
+def _has_releasable(own, key: str, scope: AccessScope, same_patient: bool) -> Any:
+    """A study / series row (``own``, ``key`` its UID column) with a visible instance the profile releases."""
+    ri = dcm_instance.alias("ri")
+    where = [ri.c[key] == own.c[key], scope.row_clause(ri.c.consent_no), releasable(ri)]
+    if same_patient:
+        where.append(ri.c.patient_id.is_not_distinct_from(own.c.patient_id))
+    return exists(select(ri.c.sop_uid).where(*where))
 
 
 def _predicate(q: QidoQuery, attr: Attr, value: str, views: dict | None = None):
@@ -71,15 +98,18 @@ def _predicate(q: QidoQuery, attr: Attr, value: str, views: dict | None = None):
         return col.like(like_pattern(value), escape="\\")
     return col == value
 
-def statements(q: QidoQuery, level: str, scope: AccessScope, views: dict | None = None) -> tuple[Any, Any]:
+def statements(q: QidoQuery, level: str, scope: AccessScope, views: dict | None = None, *,
+               releasable_only: bool = False) -> tuple[Any, Any]:
     """(page, count) statements.  ``scope`` is required (no scope, no query: an unrestricted scope is the
     gate's decision too).  ``views``: ``{dcm_study: view, dcm_series: view}`` — per-patient rows
     for a research scope when conflicting studies are stored (``gateway.store.dicom_views``): every
-    row, joined parent included, is one patient's."""
+    row, joined parent included, is one patient's.  ``releasable_only`` (a de-identified answer): only
+    instances the profile releases (:func:`releasable`), and studies / series with at least one, are
+    matched and counted."""
     if not isinstance(scope, AccessScope):
         raise TypeError("qido statements: an AccessScope from the consent gate is required")
     if views:
-        return _view_statements(q, level, scope, views)
+        return _view_statements(q, level, scope, views, releasable_only)
     if level == "studies":
         cols = [ST]
         frm = ST
@@ -107,6 +137,8 @@ def statements(q: QidoQuery, level: str, scope: AccessScope, views: dict | None 
     if q.series_uid:
         where.append((own if own is not ST else SE).c.series_uid == q.series_uid)
     where += [_predicate(q, a, v) for a, v in q.matches]
+    if releasable_only:
+        where.append(releasable(IN) if own is IN else _has_releasable(own, _KEY[level], scope, False))
     stmt = select(*cols).select_from(frm).where(*where).order_by(*order).limit(q.limit).offset(q.offset)
     # The total (X-Total-Count) needs the joins only for matches on a parent level's attributes: a
     # series or instance row exists only with its parent rows (inserted with them in the STOW index
@@ -117,7 +149,8 @@ def statements(q: QidoQuery, level: str, scope: AccessScope, views: dict | None 
     count = select(func.count()).select_from(own if joins <= {own} else frm).where(*where)
     return stmt, count
 
-def _view_statements(q: QidoQuery, level: str, scope: AccessScope, views: dict) -> tuple[Any, Any]:
+def _view_statements(q: QidoQuery, level: str, scope: AccessScope, views: dict,
+                     releasable_only: bool = False) -> tuple[Any, Any]:
     st, se = views[ST], views[SE]
     same_patient = st.c.patient_id.is_not_distinct_from
     if level == "studies":
@@ -143,8 +176,10 @@ def _view_statements(q: QidoQuery, level: str, scope: AccessScope, views: dict) 
     if q.series_uid:
         where.append((own if own is not st else se).c.series_uid == q.series_uid)
     where += [_predicate(q, a, v, views) for a, v in q.matches]
+    if releasable_only:
+        where.append(releasable(IN) if own is IN else _has_releasable(own, _KEY[level], scope, True))
     stmt = select(*cols).select_from(frm).where(*where).order_by(*order).limit(q.limit).offset(q.offset)
     return stmt, select(func.count()).select_from(frm).where(*where)
 
 
-__all__ = ["TABLES", "statements"]
+__all__ = ["TABLES", "releasable", "statements"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydicom.datadict import DicomDictionary  # type: ignore[attr-defined]
@@ -94,6 +95,7 @@ _IDENTIFYING_TAGS = frozenset(
     if basic != "U" and not opts and DicomDictionary.get(t, ("",))[0] in ("LO", "SH", "ST", "LT", "DA", "UC", "CS")
 )
 _PATIENT_ID = 0x00100020
+_DIGIT_RUN = re.compile(r"\d{5,}")
 _STRING_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UR", "UI"}
 )
@@ -153,6 +155,17 @@ def _resolve(code: str) -> str:
     return "Z"
 
 
+@lru_cache(maxsize=32)
+def _actions(options: DeidOptions) -> dict[int, str]:
+    """Every Table E.1-1 tag's resolved action under ``options`` (:func:`action_for`, then :func:`_resolve`)."""
+    return {tag: _resolve(code) for tag in TABLE_E1_1 if (code := action_for(tag, options)) is not None}
+
+
+@lru_cache(maxsize=32)
+def _safe_private_groups(safe_private: frozenset[tuple[str, int, int]]) -> frozenset[int]:
+    return frozenset(group for _creator, group, _element in safe_private)
+
+
 class _Deidentifier:
     def __init__(self, keys: ProjectKeys, options: DeidOptions, patient_key: str, offset: int, phi: list[str]):
         self.keys = keys
@@ -163,11 +176,13 @@ class _Deidentifier:
             re.compile("|".join(re.escape(p) for p in sorted(set(phi), key=len, reverse=True)), re.I) if phi else None
         )
         self.kept_private = False
+        self.actions = _actions(options)
+        self.safe_groups = _safe_private_groups(options.safe_private)
 
     def clean_text(self, text: str) -> str:
         if self.phi_re is not None:
             text = self.phi_re.sub("", text)
-        return re.sub(r"\d{5,}", "", text).strip()
+        return _DIGIT_RUN.sub("", text).strip()
 
     def dummy(self, elem: Any) -> object:
         vr, value = elem.VR, elem.value
@@ -220,13 +235,16 @@ class _Deidentifier:
         # by tag first: an element is decoded (pydicom converts raw elements on access) only when its
         # action needs its value
         creators: dict[tuple[int, int], str] = {}
+        actions = self.actions
+        safe_groups = self.safe_groups
         for tag in list(ds.keys()):
             group, element = tag >> 16, tag & 0xFFFF
             if group == 0x0002:
                 continue
             if group % 2 == 1:
                 if 0x10 <= element <= 0xFF:
-                    creators[(group, element)] = str(ds[tag].value)
+                    # a block's creator is read only where the safe-private list names its group
+                    creators[(group, element)] = str(ds[tag].value) if group in safe_groups else ""
                     continue
                 creator = creators.get((group, element >> 8))
                 if creator is None or (creator, group, element & 0xFF) not in self.options.safe_private:
@@ -237,8 +255,8 @@ class _Deidentifier:
             if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
                 del ds[tag]
                 continue
-            code = action_for(int(tag), self.options)
-            if code is None:
+            act = actions.get(tag)
+            if act is None:
                 if tag in _SQ_TAGS:
                     self.sequence(ds[tag].value)
                 elif tag == _TEXT_VALUE:
@@ -249,7 +267,6 @@ class _Deidentifier:
                     if elem.value not in (None, ""):
                         elem.value = self.dummy(elem)
                 continue
-            act = _resolve(code)
             if act == "X":
                 del ds[tag]
                 continue

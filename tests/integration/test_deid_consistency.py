@@ -195,3 +195,66 @@ async def test_qido_answers_deidentified_like_wado_and_their_uids_lead_into_wado
         status, found = await get(f"{gw.dicomweb}/studies", clinician, PatientID=PID)
         assert status == 200 and [s["0020000D"]["Value"] for s in found] == [[src_study]]
         assert "Quartermaine" in json.dumps(found)
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _withheld_series(study_uid: str | None, patient_id: str = PID) -> list:
+    """Two instances the profile withholds: one flagged BurnedInAnnotation YES, one Secondary Capture."""
+    series = ct_series(patient_id=patient_id, patient_name="Quartermaine^Zebulon", n=2, size=16,
+                       study_uid=study_uid, study_date=STUDY_DATE)
+    series[0].BurnedInAnnotation = "YES"
+    series[1].SOPClassUID = series[1].file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    return series
+
+
+async def test_deidentified_qido_neither_shows_nor_counts_withheld_instances(deid_site):
+    gw = deid_site
+    analyst = gw.headers("analyst", purpose=GRU) | {"Accept": "application/dicom+json"}
+    clinician = gw.headers("clinician") | {"Accept": "application/dicom+json"}
+    async with aiohttp.ClientSession() as http:
+        released = await _load_patient(gw, http)  # study A: a CT series of two releasable instances
+        src_study = released[0].StudyInstanceUID
+        stored = [
+            _withheld_series(src_study),  # study A: a second series, all of it withheld
+            _withheld_series(None),  # study B: withheld as a whole
+            ct_series(patient_id="p-withdrawn", patient_name="Other^Patient", n=1, size=16),  # refused by consent
+        ]
+        for series in stored:
+            async with http.post(f"{gw.dicomweb}/studies", data=stow_body(series, BOUNDARY),
+                                 headers=gw.headers("pacs") | {"Content-Type": DICOM_MP}) as r:
+                assert r.status == 200, await r.text()
+        k = gw.app[keys.DEID].keys_for(ANALYST)
+        study = k.uid_for(src_study)
+
+        async def get(url: str, headers=analyst, **params) -> tuple[list, int, str]:
+            async with http.get(url, headers=headers, params=params) as r:
+                assert r.status in (200, 204), await r.text()
+                found = (await r.json(content_type=None)) if r.status == 200 else []
+                return found, int(r.headers["X-Total-Count"]), r.headers.get("Warning", "")
+
+        for url, params, n in ((f"{gw.dicomweb}/studies", {}, 1),
+                               (f"{gw.dicomweb}/studies", {"includefield": "all"}, 1),
+                               (f"{gw.dicomweb}/studies/{study}/series", {}, 1),
+                               (f"{gw.dicomweb}/series", {"StudyInstanceUID": study}, 1),
+                               (f"{gw.dicomweb}/studies/{study}/instances", {}, 2),
+                               (f"{gw.dicomweb}/studies/{study}/instances", {"includefield": "00280301"}, 2),
+                               (f"{gw.dicomweb}/instances", {"StudyInstanceUID": study}, 2)):
+            found, total, _ = await get(url, **params)
+            assert total == len(found) == n, (url, params, total, len(found))
+        # paging: the total and the "more results" note count released instances only
+        found, total, warning = await get(f"{gw.dicomweb}/studies/{study}/instances", limit="1")
+        assert (len(found), total) == (1, 2) and "1 more results" in warning
+        found, total, warning = await get(f"{gw.dicomweb}/studies/{study}/instances", limit="1", offset="1")
+        assert (len(found), total) == (1, 2) and "more results" not in warning
+        assert {i["00080018"]["Value"][0] for i in found} <= {k.uid_for(d.SOPInstanceUID) for d in released}
+        # a study whose first instance is withheld still answers with a released one's attributes
+        found, total, _ = await get(f"{gw.dicomweb}/studies", includefield="all")
+        assert total == 1 and found[0]["0020000D"]["Value"] == [study]
+        assert found[0].get("00080016", {}).get("Value", [None])[0] != SECONDARY_CAPTURE
+        # treatment, identified: everything stored, withheld instances and the other patient included
+        found, total, _ = await get(f"{gw.dicomweb}/studies", clinician)
+        assert total == len(found) == 3
+        found, total, _ = await get(f"{gw.dicomweb}/studies/{src_study}/instances", clinician)
+        assert total == len(found) == 4
