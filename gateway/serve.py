@@ -278,7 +278,10 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         for c in children:
             _start(c, argv, dispatcher)
         dispatcher.thread.start()
-        log.info("serving", extra={"url": f"http://{settings.host}:{listener.getsockname()[1]}", "processes": n})
+        extra = {"url": f"http://{settings.host}:{listener.getsockname()[1]}", "processes": n}
+        if dimse is not None:
+            extra["dimse_port"] = dimse.getsockname()[1]
+        log.info("serving", extra=extra)
         while not stopping.is_set():
             for c in children:
                 rc = c.proc.poll() if c.proc is not None else None
