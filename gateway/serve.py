@@ -215,7 +215,7 @@ class _Dispatcher:
             over = sum(c.dimse_load() for c in serving) >= self.dimse_max > 0
             kind, order = (_DIMSE_OVER if over else _DIMSE), (lambda c: (c.dimse_load(), c.load(), c.last))
         else:
-            kind, order = _HTTP, (lambda c: (c.load(), c.last))
+            kind, order = _HTTP, (lambda c: (c.load(), c.dimse_load(), c.last))
         for c in sorted(serving, key=order):
             try:
                 socket.send_fds(c.ctrl, [kind], [conn.fileno()])
