@@ -376,8 +376,9 @@ def die_with_parent(parent: int) -> None:
 
 class HandedSite(web.BaseSite):
     """An aiohttp site serving the connections the parent hands over (``SCM_RIGHTS`` on ``ctrl``, one
-    descriptor per message) instead of a listening socket; it reports its load back (``_REPORT``: taken
-    over in all, open now) whenever that changes, checked every :data:`REPORT_INTERVAL_S`."""
+    descriptor per message) instead of a listening socket, and gives the DIMSE connections to the process's
+    DIMSE listener (``dimse``); it reports its load back (``_REPORT``: taken over in all and open now, HTTP
+    connections and DIMSE associations) whenever that changes, checked every :data:`REPORT_INTERVAL_S`."""
 
     __slots__ = ("_ctrl", "_dimse", "_taken", "_reported", "_poll", "_pending")
 
