@@ -61,8 +61,8 @@ def serve_traced(trace_path: str, argv: list[str]) -> int:
 
     start = dimse.DimseListener.start
 
-    def traced_start(self):
-        start(self)
+    def traced_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
         for event, handler in notify:
             self.server.bind(event, handler)
         on_requested = self.on_requested

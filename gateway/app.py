@@ -122,7 +122,8 @@ async def dimse_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     listener = DimseListener(settings, app[keys.DICOMWEB], app[keys.AUDIT], asyncio.get_running_loop())
-    await asyncio.to_thread(listener.start)
+    # a serving process of several: the parent listens and hands each connection to one of them
+    await asyncio.to_thread(listener.start, app[keys.STARTUP] == "serve")
     app[keys.DIMSE] = listener
     try:
         yield

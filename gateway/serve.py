@@ -16,7 +16,10 @@ validation) needs more.  With ``processes = N`` (N > 1) the parent:
    open: a PACS or a viewer opens a handful and sends everything over them, so where the connections
    land decides where the work goes. With ``SO_REUSEPORT`` (one listening socket per child, the kernel
    hashing each connection to one; before 2026-12-03) 4 connections landed all in one process one time
-   in 8 and 3 + 1 one time in 2, an uneven load (figures in bench/RESULTS.md);
+   in 8 and 3 + 1 one time in 2, an uneven load (figures in bench/RESULTS.md). With ``dimse_port`` set the
+   parent binds that port too and hands each DIMSE connection (one association) the same way, to the child
+   with the fewest open associations, marked when ``dimse_max_associations`` are open in all children
+   together (that child rejects the association: the limit holds for the gateway, not per process);
 5. supervises: a child that exits while the parent is running is logged and restarted (connections
    meanwhile go to the others; with none left, they wait in the parent until one is back); a child
    that keeps dying within seconds of its start makes the parent stop everything and exit 1 (a broken
@@ -40,13 +43,17 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from aiohttp import web
 
+from gateway import keys
 from gateway.metrics import process_gone
 from gateway.services.workers import end_with_parent, tune_gc
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.handlers.dimse import DimseListener
 
 log = logging.getLogger("gateway.serve")
 
@@ -82,8 +89,10 @@ async def _one_time_startup(settings: Settings) -> None:
     await runner.cleanup()
 
 
-#: A child's load report: connections it has taken over in all, connections open now.
-_REPORT = struct.Struct("!QI")
+#: A child's load report: HTTP connections it has taken over in all and open now, then the same for DIMSE.
+_REPORT = struct.Struct("!QIQI")
+#: The hand-over messages (with the descriptor): an HTTP connection, a DIMSE one, a DIMSE one over the limit.
+_HTTP, _DIMSE, _DIMSE_OVER = b"c", b"d", b"r"
 #: How long an accepted connection may wait in the parent for a serving process (all restarting).
 PENDING_TIMEOUT_S = 30.0
 
@@ -98,23 +107,34 @@ class _Child:
         self.handed = 0  # connections handed to this process (since its start)
         self.taken = 0  # ... of which it has reported taking over
         self.open = 0  # its open connections, as last reported
+        self.dimse_handed = self.dimse_taken = self.dimse_open = 0  # the same for DIMSE associations
         self.last = 0  # sequence number of the last hand-over (ties go to the longest unused)
 
     def load(self) -> int:
         return self.open + self.handed - self.taken
 
+    def dimse_load(self) -> int:
+        return self.dimse_open + self.dimse_handed - self.dimse_taken
+
 
 class _Dispatcher:
     """Accepts connections on the listening socket and hands each to the serving process with the fewest
     open connections (handed over but not yet reported count as open). Runs in a thread of the parent;
-    the children's reports arrive on the same socket pairs."""
+    the children's reports arrive on the same socket pairs.
 
-    def __init__(self, listener: socket.socket, children: list[_Child]) -> None:
+    With a DIMSE listening socket, its connections (associations) go the same way, balanced by the open
+    associations of each process; one accepted while ``dimse_max`` associations are open in all processes
+    together is handed over marked, and its process rejects it once requested ("local limit exceeded")."""
+
+    def __init__(self, listener: socket.socket, children: list[_Child], dimse: socket.socket | None = None,
+                 dimse_max: int = 0) -> None:
         self.listener = listener
+        self.dimse = dimse
+        self.dimse_max = dimse_max
         self.children = children
         self.lock = threading.Lock()  # children's ctrl sockets and counters (the supervisor replaces them)
         self.stopping = threading.Event()
-        self.pending: list[tuple[socket.socket, float]] = []
+        self.pending: list[tuple[socket.socket, float, bool]] = []  # (connection, accepted at, DIMSE)
         self.seq = 0
         self.thread = threading.Thread(target=self._run, name="fedgate-dispatch", daemon=True)
 
@@ -125,6 +145,7 @@ class _Dispatcher:
         with self.lock:
             self._detach(c)
             c.ctrl, c.handed, c.taken, c.open = parent_end, 0, 0, 0
+            c.dimse_handed = c.dimse_taken = c.dimse_open = 0
         return child_end
 
     def _detach(self, c: _Child) -> None:
@@ -133,12 +154,14 @@ class _Dispatcher:
             c.ctrl = None
 
     def _run(self) -> None:
-        self.listener.setblocking(False)
+        listeners = [self.listener] if self.dimse is None else [self.listener, self.dimse]
+        for sock in listeners:
+            sock.setblocking(False)
         while not self.stopping.is_set():
             with self.lock:
                 ctrls = {c.ctrl: c for c in self.children if c.ctrl is not None}
             try:
-                readable, _, _ = select.select([self.listener, *ctrls], [], [], 0.2)
+                readable, _, _ = select.select([*listeners, *ctrls], [], [], 0.2)
             except (OSError, ValueError):  # a ctrl socket closed by the supervisor meanwhile
                 continue
             with self.lock:
@@ -146,8 +169,9 @@ class _Dispatcher:
                     c = ctrls.get(sock)
                     if c is not None and c.ctrl is sock:
                         self._read_reports(c)
-                if self.listener in readable:
-                    self._accept()
+                for sock in listeners:
+                    if sock in readable:
+                        self._accept(sock)
                 self._hand_pending()
 
     def _read_reports(self, c: _Child) -> None:
@@ -161,37 +185,46 @@ class _Dispatcher:
             if len(msg) != _REPORT.size:  # end of file: the child is gone (or stopping)
                 self._detach(c)
                 return
-            c.taken, c.open = _REPORT.unpack(msg)
+            c.taken, c.open, c.dimse_taken, c.dimse_open = _REPORT.unpack(msg)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                conn, _addr = self.listener.accept()
+                conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. EMFILE: leave it in the backlog, try again on the next round
                 log.warning("accept failed: %s", exc.strerror)
                 return
-            self.pending.append((conn, time.monotonic()))
+            self.pending.append((conn, time.monotonic(), listener is self.dimse))
 
     def _hand_pending(self) -> None:
         keep = []
-        for conn, since in self.pending:
-            if self._hand(conn):
+        for conn, since, dimse in self.pending:
+            if self._hand(conn, dimse):
                 conn.close()  # (the child has its own descriptor now)
             elif time.monotonic() - since > PENDING_TIMEOUT_S:
                 conn.close()
             else:
-                keep.append((conn, since))
+                keep.append((conn, since, dimse))
         self.pending = keep
 
-    def _hand(self, conn: socket.socket) -> bool:
-        for c in sorted((c for c in self.children if c.ctrl is not None), key=lambda c: (c.load(), c.last)):
+    def _hand(self, conn: socket.socket, dimse: bool = False) -> bool:
+        serving = [c for c in self.children if c.ctrl is not None]
+        if dimse:
+            over = sum(c.dimse_load() for c in serving) >= self.dimse_max > 0
+            kind, order = (_DIMSE_OVER if over else _DIMSE), (lambda c: (c.dimse_load(), c.load(), c.last))
+        else:
+            kind, order = _HTTP, (lambda c: (c.load(), c.dimse_load(), c.last))
+        for c in sorted(serving, key=order):
             try:
-                socket.send_fds(c.ctrl, [b"c"], [conn.fileno()])
+                socket.send_fds(c.ctrl, [kind], [conn.fileno()])
             except OSError:  # gone (its restart attaches a new pair) or its queue full: the next one
                 continue
-            c.handed += 1
+            if dimse:
+                c.dimse_handed += 1
+            else:
+                c.handed += 1
             self.seq += 1
             c.last = self.seq
             return True
@@ -201,7 +234,7 @@ class _Dispatcher:
         self.stopping.set()
         self.thread.join(5)
         with self.lock:
-            for conn, _ in self.pending:
+            for conn, _, _ in self.pending:
                 conn.close()
             self.pending = []
             for c in self.children:
@@ -217,6 +250,15 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     except OSError as exc:
         log.error("cannot bind %s:%s: %s", settings.host, settings.port, exc)
         return 1
+    dimse = None
+    if settings.dimse_port:  # the DIMSE port too: each association goes to one of the serving processes
+        try:
+            dimse = bind_listener(settings.dimse_host or settings.host, settings.dimse_port)
+        except OSError as exc:
+            log.error("cannot bind the DIMSE port %s:%s: %s", settings.dimse_host or settings.host,
+                      settings.dimse_port, exc)
+            listener.close()
+            return 1
     stopping = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -224,17 +266,22 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     children = [_Child(i) for i in range(n)]
-    dispatcher = _Dispatcher(listener, children)
+    dispatcher = _Dispatcher(listener, children, dimse, settings.dimse_max_associations)
     code = 0
     try:
         asyncio.run(_one_time_startup(settings))
         if stopping.is_set():
             return 0
         listener.listen(1024)
+        if dimse is not None:
+            dimse.listen(1024)
         for c in children:
             _start(c, argv, dispatcher)
         dispatcher.thread.start()
-        log.info("serving", extra={"url": f"http://{settings.host}:{listener.getsockname()[1]}", "processes": n})
+        extra = {"url": f"http://{settings.host}:{listener.getsockname()[1]}", "processes": n}
+        if dimse is not None:
+            extra["dimse_port"] = dimse.getsockname()[1]
+        log.info("serving", extra=extra)
         while not stopping.is_set():
             for c in children:
                 rc = c.proc.poll() if c.proc is not None else None
@@ -260,6 +307,8 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         if dispatcher.thread.is_alive():
             dispatcher.stop()
         listener.close()  # no new connections while the children finish theirs
+        if dimse is not None:
+            dimse.close()
         _stop_all(children)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -327,16 +376,18 @@ def die_with_parent(parent: int) -> None:
 
 class HandedSite(web.BaseSite):
     """An aiohttp site serving the connections the parent hands over (``SCM_RIGHTS`` on ``ctrl``, one
-    descriptor per message) instead of a listening socket; it reports its load back (``_REPORT``: taken
-    over in all, open now) whenever that changes, checked every :data:`REPORT_INTERVAL_S`."""
+    descriptor per message) instead of a listening socket, and gives the DIMSE connections to the process's
+    DIMSE listener (``dimse``); it reports its load back (``_REPORT``: taken over in all and open now, HTTP
+    connections and DIMSE associations) whenever that changes, checked every :data:`REPORT_INTERVAL_S`."""
 
-    __slots__ = ("_ctrl", "_taken", "_reported", "_poll", "_pending")
+    __slots__ = ("_ctrl", "_dimse", "_taken", "_reported", "_poll", "_pending")
 
-    def __init__(self, runner: web.BaseRunner, ctrl: socket.socket) -> None:
+    def __init__(self, runner: web.BaseRunner, ctrl: socket.socket, dimse: DimseListener | None = None) -> None:
         super().__init__(runner)
         self._ctrl = ctrl
+        self._dimse = dimse  # takes the DIMSE connections (associations) handed over
         self._taken = 0
-        self._reported = (0, 0)
+        self._reported = (0, 0, 0, 0)
         self._poll: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -365,10 +416,21 @@ class HandedSite(web.BaseSite):
                 return
             for fd in fds:
                 conn = socket.socket(fileno=fd)
+                if msg in (_DIMSE, _DIMSE_OVER):
+                    self._take_dimse(conn, msg == _DIMSE_OVER)
+                    continue
                 conn.setblocking(False)
                 task = loop.create_task(loop.connect_accepted_socket(self._runner.server, conn))
                 self._pending.add(task)
                 task.add_done_callback(self._taken_over)
+
+    def _take_dimse(self, conn: socket.socket, over_limit: bool) -> None:
+        conn.setblocking(True)
+        if self._dimse is None:  # (no listener here: the settings differ from the parent's)
+            conn.close()
+            return
+        self._dimse.take(conn, over_limit)
+        self._report()
 
     def _taken_over(self, task: asyncio.Task) -> None:
         self._pending.discard(task)
@@ -379,7 +441,8 @@ class HandedSite(web.BaseSite):
 
     def _report(self) -> None:
         server = self._runner.server
-        now = (self._taken, len(server.connections) if server is not None else 0)
+        dimse = self._dimse.counts() if self._dimse is not None else (0, 0)
+        now = (self._taken, len(server.connections) if server is not None else 0, *dimse)
         if now != self._reported:
             try:
                 self._ctrl.send(_REPORT.pack(*now))
@@ -413,10 +476,6 @@ def serve_child(settings: Settings, spec: str) -> int:
     fd, index, parent = (int(x) for x in spec.split(":"))
     die_with_parent(parent)
     ctrl = socket.socket(fileno=fd)
-    if index != 0:  # one DIMSE listener per gateway: the first serving process's (docs/dimse.md)
-        import dataclasses
-
-        settings = dataclasses.replace(settings, dimse_port=0)
     app = create_app(settings, startup="serve")
     tune_gc()
     asyncio.run(_serve(app, ctrl, index))
@@ -433,7 +492,7 @@ async def _serve(app: web.Application, ctrl: socket.socket, index: int) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        await HandedSite(runner, ctrl).start()
+        await HandedSite(runner, ctrl, app[keys.DIMSE]).start()
         log.info("server process ready", extra={"worker": index})
         await stop.wait()
     finally:

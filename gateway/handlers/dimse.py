@@ -43,7 +43,7 @@ from gateway.services.audit_codes import Action, Interaction, Outcome as AuditOu
 from gateway.services.dicomweb import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, WARNING_IDENTICAL,
                                        DicomwebService, Outcome, Part, Retrieval)
 from gateway.handlers.dimse_wire import (CALL_TIMEOUT_S, FIND_PAGE, FIND_UNABLE, IDENTIFIER_MISMATCH, LEVELS,
-                                         NOT_AUTHORIZED, PENDING,
+                                         NOT_AUTHORIZED, PENDING, HandedAssociationServer,
                                          PROCESSING_FAILURE, Peer, SupportedContext, _BadIdentifier, _Failed,
                                          _FindResponses, _QUICKACK, _REJECT_REASONS, _RequestCheckedFeed,
                                          _Unencodable, _patients, _purpose, _qido_pairs, _status,
@@ -105,16 +105,37 @@ class DimseListener:
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def start(self) -> None:
+    def start(self, handed: bool = False) -> None:
+        """Listen on ``dimse_port``; ``handed``: in a serving process of ``fedgate serve --processes N``, whose
+        parent listens and hands each connection over (:meth:`take`), the associations of every process
+        together within ``dimse_max_associations`` (docs/dimse.md)."""
         handlers = [(evt.EVT_CONN_OPEN, self.on_connected), (evt.EVT_PDU_SENT, self.on_sent),
                     (evt.EVT_REQUESTED, self.on_requested), (evt.EVT_REJECTED, self.on_rejected),
                     (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
-        host = self.settings.dimse_host or self.settings.host
-        self.server = self.ae.start_server((host, self.settings.dimse_port), block=False, evt_handlers=handlers,
-                                           ssl_context=self._ssl_context(),
-                                           contexts=[SupportedContext.of(cx) for cx in self.ae.supported_contexts])
+        address = (self.settings.dimse_host or self.settings.host, self.settings.dimse_port)
+        contexts = [SupportedContext.of(cx) for cx in self.ae.supported_contexts]
+        if handed:
+            self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self._ssl_context(),
+                                              contexts=contexts, server_class=HandedAssociationServer)
+            return
+        self.server = self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                           ssl_context=self._ssl_context(), contexts=contexts)
         log.info("DIMSE listener ready", extra={"port": self.server.server_address[1]})
+
+    def take(self, conn: socket.socket, over_limit: bool) -> None:
+        """Serve a connection the parent process accepted on the DIMSE port (``handed`` mode); ``over_limit``:
+        the gateway has ``dimse_max_associations`` open already (the association is rejected)."""
+        server = self.server
+        if not isinstance(server, HandedAssociationServer):
+            conn.close()
+            return
+        server.take(conn, over_limit)
+
+    def counts(self) -> tuple[int, int]:
+        """(connections taken over in all, open now) of ``handed`` mode, for the parent's balance and limit."""
+        server = self.server
+        return server.counts() if isinstance(server, HandedAssociationServer) else (0, 0)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -195,14 +216,27 @@ class DimseListener:
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def on_requested(self, event) -> None:
-        """A-ASSOCIATE-RQ (PS3.8 7.1): a configured calling AE title from another address than its ``host`` is
-        refused (AE titles that are not configured are rejected by pynetdicom's ``require_calling_aet``)."""
+        """A-ASSOCIATE-RQ (PS3.8 7.1): one over the gateway's ``dimse_max_associations`` (counted by the parent
+        across the serving processes) and a configured calling AE title from another address than its ``host``
+        are refused (AE titles that are not configured are rejected by pynetdicom's ``require_calling_aet``)."""
         assoc = event.assoc
+        if getattr(assoc, "_fedgate_over_limit", False):  # (the parent's count of all serving processes)
+            # rejected-transient, service-provider, local limit exceeded
+            self._reject(assoc, _REJECT_REASONS[(3, 2)], 0x02, 0x03, 0x02)
+            return
         peer = self._peer_of(assoc)
         if peer is not None and peer.host and assoc.requestor.address != peer.host:
-            assoc._fedgate_refusal = "calling AE title from an address not configured for it"
-            assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
-            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            # rejected-permanent, service-user, calling AE title not recognised
+            self._reject(assoc, "calling AE title from an address not configured for it", 0x01, 0x01, 0x03)
+
+    @staticmethod
+    def _reject(assoc, reason: str, result: int, source: int, diagnostic: int) -> None:
+        """A-ASSOCIATE-RJ, as pynetdicom rejects: the rejection (audited by :meth:`on_rejected`), then the
+        association ends once the DUL has sent it (else the connection could close before it leaves)."""
+        assoc._fedgate_refusal = reason
+        assoc.acse.send_reject(result, source, diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def on_rejected(self, event) -> None:
         assoc = event.assoc

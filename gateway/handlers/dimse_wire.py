@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import threading
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AssociationServer, RequestHandler
 
 from gateway.auth import parse_purpose
 from gateway.context import CLINICAL_ROLES, ROLES, Purpose, Requester
@@ -303,3 +305,83 @@ def _store_contexts(rows: list[dict]) -> list:
     syntax, so each instance is sent as stored (PS3.8 9.3.2.2: at most 128)."""
     pairs = sorted({(r["sop_class_uid"], r["transfer_syntax"]) for r in rows})
     return [build_context(cls, [ts]) for cls, ts in pairs[:128]]
+
+
+class _HandedRequestHandler(RequestHandler):
+    """pynetdicom's request handler for a connection the parent process accepted; ``over_limit``: the parent
+    counted ``dimse_max_associations`` open already, so the association is rejected once requested
+    (``DimseListener.on_requested``: A-ASSOCIATE-RJ "local limit exceeded", audited)."""
+
+    def __init__(self, request, client_address, server, over_limit: bool = False) -> None:
+        self.over_limit = over_limit
+        super().__init__(request, client_address, server)
+
+    def _create_association(self):
+        assoc = self.assoc = super()._create_association()
+        assoc._fedgate_over_limit = self.over_limit
+        return assoc
+
+
+class HandedAssociationServer(AssociationServer):
+    """pynetdicom's association server for the connections the parent of ``fedgate serve --processes N``
+    accepts on the DIMSE port and hands to this serving process (gateway/serve.py): no socket of its own;
+    :meth:`take` starts a thread per connection that does what pynetdicom's threaded server does for a
+    connection it accepted itself (the TLS handshake, then an :class:`~pynetdicom.association.Association`
+    acceptor with the server's presentation contexts, limits and event handlers), then waits for the
+    association's end.
+
+    :meth:`counts` is this process's DIMSE load for the parent: connections taken over in all, and those open
+    now (from the hand-over to the end of the association's thread)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("request_handler", _HandedRequestHandler)
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._open = 0
+
+    def server_bind(self) -> None:  # (the parent holds the listening socket)
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def take(self, conn: socket.socket, over_limit: bool) -> None:
+        """Serve ``conn`` (blocking, accepted by the parent) as pynetdicom serves an accepted connection."""
+        with self._lock:
+            self._taken += 1
+            self._open += 1
+        threading.Thread(target=self._serve, args=(conn, over_limit), name="fedgate-dimse-accept",
+                         daemon=True).start()
+
+    def _serve(self, conn: socket.socket, over_limit: bool) -> None:
+        try:
+            try:
+                address = conn.getpeername()
+                if self.ssl_context is not None:  # (a peer that never completes its handshake: the ACSE timeout)
+                    conn.settimeout(self.ae.acse_timeout)
+                    conn = self.ssl_context.wrap_socket(conn, server_side=True)
+                    conn.settimeout(None)
+            except OSError as exc:  # gone already, or a failed TLS handshake (as pynetdicom: nothing to answer)
+                log.info("DIMSE connection closed before its association", extra={"error_type": type(exc).__name__})
+                conn.close()
+                return
+            try:
+                handler = self.RequestHandlerClass(conn, address, self, over_limit)  # (starts the association)
+            except Exception as exc:  # noqa: BLE001 — one connection's failure; the others go on
+                log.warning("DIMSE connection failed", extra={"error_type": type(exc).__name__})
+                self.shutdown_request(conn)
+                return
+            handler.assoc.join()
+        finally:
+            with self._lock:
+                self._open -= 1
+            self.service_actions()  # (as pynetdicom's accept loop: a full collection every 60 connections)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self._taken, self._open
+
+    def shutdown(self) -> None:
+        """No accept loop to stop: close the (unbound) socket. The associations are ended by ``AE.shutdown``."""
+        self.server_close()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -513,3 +515,143 @@ async def test_tls_listener(tmp_path, db_url):
         assert plain.returncode != 0
     finally:
         await server.close()
+
+
+def _serving_children(parent: int) -> list[int]:
+    """The serving processes of a ``fedgate serve`` parent (``--serve-child`` on their command line)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"--serve-child" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _holding(pids: list[int], port: int) -> set[int]:
+    """Which of ``pids`` hold an established TCP connection whose local port is ``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+    held = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    held.add(pid)
+                    break
+            except OSError:
+                continue
+    return held
+
+
+async def test_associations_spread_over_the_serving_processes(tmp_path, db_url):
+    """``fedgate serve --processes 2``: the parent accepts on the DIMSE port and hands each association to a
+    serving process; four parallel ``storescu`` land in both, every instance acknowledged is retrievable
+    byte-identical, and ``dimse_max_associations`` holds for all processes together (one more association is
+    rejected, "local limit exceeded"; after a release there is room again)."""
+    from tests.integration.federation_fixtures import start_gateway_process
+
+    sources = []
+    for s in range(4):
+        src = tmp_path / f"src{s}"
+        src.mkdir()
+        files = []
+        for ds in ct_series(patient_id=f"MP-{s}", patient_name="Multi^Process", n=40, size=64):
+            path = src / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        sources.append(files)
+    dimse = free_port()
+    toml = f'dimse_port = {dimse}\ndimse_max_associations = 4\n[dimse_peers.PACS1]\nrole = "pacs"\n'
+    gw = await start_gateway_process(tmp_path, "mp", toml, db_url=db_url, args=("--processes", "2"))
+    try:
+        children = _serving_children(gw.proc.pid)
+        assert len(children) == 2, children
+        logs = [tmp_path / f"storescu{i}.log" for i in range(4)]
+        outs = [open(log, "w") for log in logs]
+        try:
+            scus = [subprocess.Popen(["storescu", "-v", "-aet", "PACS1", "-aec", "FEDGATE", "127.0.0.1", str(dimse),
+                                      *map(str, files)], stdout=out, stderr=subprocess.STDOUT)
+                    for files, out in zip(sources, outs)]
+            held: set[int] = set()
+            while any(p.poll() is None for p in scus):
+                held |= _holding(children, dimse)
+                await asyncio.sleep(0.02)
+        finally:
+            for out in outs:
+                out.close()
+        for p, log in zip(scus, logs):
+            assert p.returncode == 0, log.read_text()[-2000:]
+        assert held == set(children), f"associations held by {sorted(held)} of the serving processes {children}"
+        for files, log in zip(sources, logs):
+            assert log.read_text().count("Received Store Response (Success)") == len(files)
+        async with aiohttp.ClientSession() as http:
+            for files in sources:
+                for f in files:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
+                    _same(await _wado(http, gw, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID),
+                          f.read_bytes(), f.name)
+
+        def limit() -> tuple[bool, tuple, bool]:
+            time.sleep(0.5)  # (the serving processes report the storescu associations' end)
+            open_ = [_assoc(dimse) for _ in range(4)]
+            assert _holding(children, dimse) == set(children)  # the four are spread too
+            ae = AE("PACS1")
+            ae.add_requested_context(CTImageStorage)
+            extra = ae.associate("127.0.0.1", dimse, ae_title="FEDGATE")
+            rejected = extra.is_rejected
+            prim = extra.acceptor.primitive
+            why = (prim.result, prim.result_source, prim.diagnostic) if prim is not None else ()
+            open_[0].release()
+            time.sleep(0.5)
+            again = ae.associate("127.0.0.1", dimse, ae_title="FEDGATE")
+            room = again.is_established
+            for a in [*open_[1:], again]:
+                if a.is_established:
+                    a.release()
+            return rejected, why, room
+
+        rejected, why, room = await asyncio.to_thread(limit)
+        assert rejected and why == (0x02, 0x03, 0x02), why  # rejected-transient, local limit exceeded
+        assert room
+    finally:
+        gw.stop()
+
+
+async def test_tls_listener_in_serving_processes(tmp_path, db_url):
+    """With ``--processes 2`` the parent accepts plain TCP and each serving process does the TLS handshake of
+    the connections it is handed: TLS peers are served, plain ones are not."""
+    from tests.integration.federation_fixtures import start_gateway_process
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    toml = (f'dimse_port = {port}\ndimse_tls_cert = "{cert}"\ndimse_tls_key = "{key}"\n'
+            '[dimse_peers.PACS1]\nrole = "pacs"\n')
+    gw = await start_gateway_process(tmp_path, "tls", toml, db_url=db_url, args=("--processes", "2"))
+    try:
+        for _ in range(2):  # (two in a row: the second goes to the other serving process, the longer unused)
+            tls = await asyncio.to_thread(_scu, "echoscu", port, "+tla", "+cf", str(cert), timeout=30)
+            assert tls.returncode == 0, tls.stderr
+        plain = await asyncio.to_thread(_scu, "echoscu", port, "-to", "5", "-ta", "5", timeout=30)
+        assert plain.returncode != 0
+        tls = await asyncio.to_thread(_scu, "echoscu", port, "+tla", "+cf", str(cert), timeout=30)
+        assert tls.returncode == 0, tls.stderr  # a failed handshake leaves the listener serving
+    finally:
+        gw.stop()
