@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.context import Purpose, Requester
-from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.services.access import AccessRecord
 from gateway.services.federation import FederationConfig, SiteService, _detail, sign_hub_token
 from gateway.services.training import _b64
@@ -185,14 +185,14 @@ class TrainingHub:
             pass
         except RunFailed as exc:
             await self._fail(run_id, str(exc))
-        except (GatewayError, ValueError, OSError, RuntimeError) as exc:
-            log.warning("training run %s failed: %s", run_id, type(exc).__name__)
-            await self._fail(run_id, f"{type(exc).__name__}: {exc}")
         except SQLAlchemyError as exc:  # the store briefly unavailable: resume later (or when the lease expires)
             log.warning("training run %s: store error", run_id, extra={"error": type(exc).__name__})
             with contextlib.suppress(SQLAlchemyError):
                 await self.queue.finish(run_id, state="queued", lease_owner=None, lease_until=None,
                                         not_before=time.time() + self.cfg.lease_s / 3)
+        except Exception as exc:  # bad input from a site, the model code (torch), ...: the run fails, saying why
+            log.warning("training run %s failed: %s", run_id, type(exc).__name__)
+            await self._fail(run_id, f"{type(exc).__name__}: {exc}")
         finally:
             watch.cancel()
             self._tasks.pop(run_id, None)
@@ -259,7 +259,8 @@ class TrainingHub:
             lineage: dict[str, Any] = orjson.loads(row.lineage)
             log.info("training run resumed", extra={"run": run_id, "round": done + 1})
         else:
-            done, state = 0, fl.state_from_module(make_module(spec.architecture, spec.seed))
+            done, state = 0, await asyncio.to_thread(lambda: fl.state_from_module(make_module(spec.architecture,
+                                                                                            spec.seed)))
             lineage = self._lineage(run_id, spec, requester, state)
         for rnd in range(done + 1, spec.rounds + 1):
             t0 = time.perf_counter()
