@@ -211,10 +211,14 @@ async def training_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100, limit_per_host=8)) as session:
         hub = TrainingHub(settings, tcfg, fcfg, app[keys.DB], session, hub_private_key(settings, fcfg), app[keys.AUDIT])
         app[keys.TRAINING_HUB] = hub
-        if app[keys.STARTUP] != "serve":  # once per start-up: runs left behind by a hub process that died
-            await hub.reap_orphans()
+        # runs are claimed with leases in the store, so every serving process may run a worker; stopped, it
+        # hands its runs back to the queue (before the HTTP session closes)
+        task = asyncio.create_task(hub.worker()) if app[keys.STARTUP] != "once" else None
         yield
-        await hub.close()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 # ------------------------------------------------------------------------------------ the application

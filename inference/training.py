@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,13 +38,19 @@ ARCHITECTURES = {
 }
 
 
+#: torch's global random generator (seeded by :func:`make_module`) and ``torch.jit.trace`` serve one thread at a
+#: time: runs and sites call these from worker threads of one process.
+_TORCH_LOCK = threading.RLock()
+
+
 def make_module(arch: str, seed: int) -> Any:
     import torch
 
     from inference.models import REGISTRY
 
-    torch.manual_seed(seed)
-    return REGISTRY[arch]()
+    with _TORCH_LOCK:
+        torch.manual_seed(seed)
+        return REGISTRY[arch]()
 
 
 @functools.cache
@@ -339,9 +346,10 @@ def torchscript(arch: str, state: Any) -> bytes:
 
     from inference import fl
 
-    module = make_module(arch, 0)
-    fl.load_state(module, state)
-    module.eval()
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.trace(module, torch.zeros(1, 1, 64, 64)), buf)
+    with _TORCH_LOCK:  # tracing in two threads at once fails its sanity check ("graphs differed")
+        module = make_module(arch, 0)
+        fl.load_state(module, state)
+        module.eval()
+        torch.jit.save(torch.jit.trace(module, torch.zeros(1, 1, 64, 64)), buf)
     return buf.getvalue()

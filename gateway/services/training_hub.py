@@ -1,5 +1,14 @@
 """Federated training, the hub: runs, rounds, FedAvg aggregation, lineage, model export and deployment
-(docs/training.md; the module docstring of ``gateway.services.training`` describes the protocol)."""
+(docs/training.md; the module docstring of ``gateway.services.training`` describes the protocol).
+
+A run is a job of the hub's leased queue (:mod:`gateway.store.leases`, as inference jobs and exports):
+``POST /training/runs`` stores it ``queued``; the worker of every serving hub process
+(:meth:`TrainingHub.worker`, driven by :func:`~gateway.store.leases.poll_worker`) claims runs with a lease
+and runs their rounds.  Each completed round — the sites' answers, the lineage, the round counter and the
+new global weights (``trn_checkpoint``) — is committed in one transaction that goes ahead only while the
+process still holds the run's lease, so of several hub processes exactly one runs a round, and a round is
+counted once.  A hub stopped normally hands its runs back; one that died leaves their leases to expire;
+either way another process, or the restarted one, resumes each run at its next round."""
 
 from __future__ import annotations
 
@@ -15,18 +24,20 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.context import Requester
-from gateway.errors import BadRequest, Conflict, Forbidden, GatewayError, NotFound
+from gateway.context import Purpose, Requester
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound
 from gateway.services.access import AccessRecord
 from gateway.services.federation import FederationConfig, SiteService, _detail, sign_hub_token
 from gateway.services.training import _b64
 from gateway.services.training_spec import RunSpec, TrainingConfig
 from gateway.settings import Settings
+from gateway.store import training_runs as runs
 from gateway.store.db import xact_lock
-from gateway.store.training_schema import trn_model, trn_round, trn_run
+from gateway.store.leases import LeaseLost, poll_worker
+from gateway.store.training_schema import trn_model
 from inference.training import make_module, pooled_metrics, shipped_card, torchscript
 
 log = logging.getLogger(__name__)
@@ -35,7 +46,8 @@ log = logging.getLogger(__name__)
 #: Class key of the advisory lock that numbers a model's versions (PostgreSQL, several server processes).
 MODEL_LOCK_CLASS = 0x464D4F44
 
-#: Seconds between checks of a running training run's row for a cancellation made through another process.
+#: Seconds between checks that this process still holds a run it is running (a cancellation made through
+#: another process, a lease taken over).
 CANCEL_POLL_S = 0.5
 
 
@@ -50,70 +62,49 @@ def _requester_doc(r: Requester) -> dict:
                                                           "diseases": list(r.purpose.diseases)}}
 
 
+def _requester_of(doc: dict) -> Requester:
+    p = doc["purpose"]
+    return Requester(doc["subject"], frozenset(doc["roles"]), doc.get("organization"), doc.get("attributes") or {},
+                     Purpose(p["kind"], tuple(p["codes"]), tuple(p["diseases"])))
+
+
+def _round_rng(run_id: str, rnd: int) -> np.random.Generator:
+    """The generator of round ``rnd``'s DP noise: seeded by (run, round), so a resumed run draws what an
+    uninterrupted one would."""
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{run_id}:{rnd}".encode()).digest()[:8], "big"))
+
+
 class TrainingHub:
     def __init__(self, settings: Settings, cfg: TrainingConfig, fcfg: FederationConfig, db, session: aiohttp.ClientSession,
                  key, audit) -> None:
         self.settings, self.cfg, self.fcfg, self.db, self.session, self.key, self.audit = \
             settings, cfg, fcfg, db, session, key, audit
+        self.worker_id = uuid.uuid4().hex
+        self.queue = runs.run_queue(db, self.worker_id, cfg.lease_s)
+        self._wake = asyncio.Event()
+        #: the runs this process holds, by id
         self._tasks: dict[str, asyncio.Task] = {}
-        self._cancel: set[str] = set()
 
     # ------------------------------------------------------------------------------------ API
     async def start(self, requester: Requester, doc: Any) -> dict:
         SiteService.check_requester(requester)
         spec = RunSpec.from_json(doc, self.cfg, tuple(s.id for s in self.fcfg.sites))
         run_id = uuid.uuid4().hex
-        now = time.time()
-        async with self.db.write() as conn:
-            await conn.execute(trn_run.insert().values(
-                run_id=run_id, spec=orjson.dumps(spec.json()).decode(), state="queued", round=0,
-                requester=orjson.dumps(_requester_doc(requester)).decode(), created_ts=now, updated_ts=now))
+        await runs.insert_run(self.db, run_id, spec.json(), _requester_doc(requester))
         await self.audit.record(AccessRecord(requester, "C", "training-run", "0", detail=f"run={run_id} "
                                              f"architecture={spec.architecture} rounds={spec.rounds}"))
-        self._tasks[run_id] = asyncio.create_task(self._run(run_id, spec, requester))
+        self._wake.set()
         return await self.get(requester, run_id)
-
-    async def _row(self, conn, run_id: str):
-        row = (await conn.execute(select(trn_run).where(trn_run.c.run_id == run_id))).first()
-        if row is None:
-            raise NotFound(f"training run {run_id} not found")
-        return row
 
     @staticmethod
     def _may_see(requester: Requester, row) -> bool:
         return requester.is_admin or orjson.loads(row.requester)["subject"] == requester.subject
 
-    def _orphaned(self, row) -> bool:
-        """Queued/running, no task of this process runs it, and no heartbeat for 4 × ``heartbeat_s``."""
-        return (row.state in ("queued", "running") and row.run_id not in self._tasks
-                and row.updated_ts < time.time() - 4 * self.cfg.heartbeat_s)
-
-    async def reap_orphans(self) -> None:
-        """Mark orphaned runs failed: the hub process running them died (SIGKILL, power loss) without
-        :meth:`close`.  Runs of a live process — this one or another on the same store — keep their
-        heartbeat fresh and are left alone.  Called at start-up and whenever a read sees an orphan."""
-        cutoff = time.time() - 4 * self.cfg.heartbeat_s
-        q = update(trn_run).where(trn_run.c.state.in_(("queued", "running")), trn_run.c.updated_ts < cutoff)
-        if self._tasks:
-            q = q.where(trn_run.c.run_id.not_in(list(self._tasks)))
-        async with self.db.write() as conn:
-            res = await conn.execute(q.values(state="failed", updated_ts=time.time(),
-                                              error="the hub process running it stopped (no heartbeat)"))
-        if res.rowcount:
-            log.warning("training runs orphaned by a stopped hub process marked failed", extra={"runs": res.rowcount})
-
     async def get(self, requester: Requester, run_id: str) -> dict:
-        for attempt in (1, 2):
-            async with self.db.read() as conn:
-                row = await self._row(conn, run_id)
-                if not self._may_see(requester, row):
-                    raise NotFound(f"training run {run_id} not found")
-                rounds = (await conn.execute(select(trn_round).where(trn_round.c.run_id == run_id)
-                                             .order_by(trn_round.c.round, trn_round.c.site_id))).mappings().all()
-            if attempt == 2 or not self._orphaned(row):
-                break
-            await self.reap_orphans()
-        return self._view(row, rounds)
+        found = await runs.run_with_rounds(self.db, run_id)
+        if found is None or not self._may_see(requester, found[0]):
+            raise NotFound(f"training run {run_id} not found")
+        return self._view(*found)
 
     @staticmethod
     def _view(row, rounds=None) -> dict:
@@ -134,95 +125,112 @@ class TrainingHub:
         return out
 
     async def list(self, requester: Requester) -> list[dict]:
-        async with self.db.read() as conn:
-            rows = (await conn.execute(select(trn_run).order_by(trn_run.c.created_ts.desc()).limit(500))).all()
-        if any(self._orphaned(r) for r in rows):
-            await self.reap_orphans()
-            async with self.db.read() as conn:
-                rows = (await conn.execute(select(trn_run).order_by(trn_run.c.created_ts.desc()).limit(500))).all()
-        return [self._view(r) for r in rows if self._may_see(requester, r)]
+        return [self._view(r) for r in await runs.recent_runs(self.db) if self._may_see(requester, r)]
 
     async def cancel(self, requester: Requester, run_id: str) -> dict:
-        async with self.db.read() as conn:
-            row = await self._row(conn, run_id)
-        if not self._may_see(requester, row):
+        row = await runs.run_row(self.db, run_id)
+        if row is None or not self._may_see(requester, row):
             raise NotFound(f"training run {run_id} not found")
-        if row.state in ("succeeded", "failed", "cancelled"):
-            raise Conflict(f"training run {run_id} is already {row.state}")
-        self._cancel.add(run_id)
+        if not await runs.cancel_run(self.db, run_id, "cancelled by " + requester.subject):
+            row = await runs.run_row(self.db, run_id)
+            raise Conflict(f"training run {run_id} is already {row.state if row is not None else 'gone'}")
         task = self._tasks.get(run_id)
-        if task is not None:
+        if task is not None:  # held here: stop it now (a process holding it elsewhere sees the cancellation)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._set(run_id, state="cancelled", error="cancelled by " + requester.subject)
         await self.audit.record(AccessRecord(requester, "U", "training-run", "0", detail=f"run={run_id} cancelled"))
         return await self.get(requester, run_id)
 
-    async def close(self) -> None:
-        for run_id, task in list(self._tasks.items()):
-            if not task.done():
+    # ------------------------------------------------------------------------------------ the queue
+    async def worker(self) -> None:
+        """The run queue's worker (every serving hub process runs one): claims runs, up to
+        ``training.max_runs`` at a time, each run in a task of its own.  Cancelled (the process stops),
+        it stops its runs, which hand themselves back to the queue."""
+        try:
+            await poll_worker("training", self._claim, self._wake, lambda: self.cfg.poll_s)
+        finally:
+            held = list(self._tasks.values())
+            for task in held:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await self._set(run_id, state="failed", error="the hub stopped during the run", active_only=True)
+            await asyncio.gather(*held, return_exceptions=True)
 
-    async def _set(self, run_id: str, *, active_only: bool = False, **values) -> None:
-        """Update the run's row; ``active_only``: only while it is queued/running (a cancellation made
-        through another server process is never overwritten by this process's run task)."""
-        q = update(trn_run).where(trn_run.c.run_id == run_id)
-        if active_only:
-            q = q.where(trn_run.c.state.in_(("queued", "running")))
-        async with self.db.write() as conn:
-            await conn.execute(q.values(updated_ts=time.time(), **values))
+    async def _claim(self) -> bool:
+        """Claim one run and start it; False when there is none, or this process runs ``max_runs``."""
+        if len(self._tasks) >= self.cfg.max_runs:
+            return False
+        row = await self.queue.claim()
+        if row is None:
+            return False
+        self._tasks[row.run_id] = asyncio.create_task(self._run(row))
+        return True
 
-    async def _watch_cancel(self, run_id: str, task: asyncio.Task) -> None:
-        """Cancel the run's task when its row says cancelled: ``POST .../cancel`` may reach another server
-        process (``processes`` > 1) than the one running the rounds; the store is what they share.  Also
-        the run's heartbeat: its row's ``updated_ts`` is touched every ``heartbeat_s``, so a hub process
-        that died during the run (SIGKILL, power loss) is recognised by every other (:meth:`reap_orphans`)."""
-        beat = time.monotonic()
+    async def _run(self, row) -> None:
+        run_id = row.run_id
+        watch = asyncio.create_task(self._watch(run_id, asyncio.current_task()))
+        try:
+            if row.attempts > self.cfg.max_attempts:
+                raise RunFailed(f"gave up: the hub process running it stopped without handing it back "
+                                f"{row.attempts - 1} times")
+            spec = RunSpec.from_json(orjson.loads(row.spec), self.cfg, tuple(s.id for s in self.fcfg.sites))
+            await self._rounds(row, spec, _requester_of(orjson.loads(row.requester)))
+        except asyncio.CancelledError:
+            # this process stops: hand the run back (not counted as an attempt); cancelled or taken over
+            # instead: no longer this process's to hand back, and nothing changes
+            with contextlib.suppress(SQLAlchemyError):
+                await asyncio.shield(self.queue.finish(run_id, state="queued", lease_owner=None, lease_until=None,
+                                                       not_before=time.time(), attempts=row.attempts - 1))
+            raise
+        except LeaseLost:
+            pass
+        except RunFailed as exc:
+            await self._fail(run_id, str(exc))
+        except SQLAlchemyError as exc:  # the store briefly unavailable: resume later (or when the lease expires)
+            log.warning("training run %s: store error", run_id, extra={"error": type(exc).__name__})
+            with contextlib.suppress(SQLAlchemyError):
+                await self.queue.finish(run_id, state="queued", lease_owner=None, lease_until=None,
+                                        not_before=time.time() + self.cfg.lease_s / 3)
+        except Exception as exc:  # bad input from a site, the model code (torch), ...: the run fails, saying why
+            log.warning("training run %s failed: %s", run_id, type(exc).__name__)
+            await self._fail(run_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            watch.cancel()
+            self._tasks.pop(run_id, None)
+            self._wake.set()  # room for another run
+
+    async def _fail(self, run_id: str, error: str) -> None:
+        """Fail the run (while this process holds it); the store unavailable: its lease expires, and the run
+        is tried again."""
+        with contextlib.suppress(SQLAlchemyError):
+            if await self.queue.finish(run_id, state="failed", error=error, lease_owner=None, lease_until=None):
+                await runs.end_run(self.db, run_id)
+
+    async def _watch(self, run_id: str, task: asyncio.Task) -> None:
+        """Renew the run's lease every third of ``lease_s``, and cancel the run's task as soon as this
+        process no longer holds the run: cancelled (``POST .../cancel`` may reach another server process
+        than the one running the rounds; the store is what they share) or taken over after a stall."""
+        renewed = time.monotonic()
         while True:
-            await asyncio.sleep(min(CANCEL_POLL_S, self.cfg.heartbeat_s))
+            await asyncio.sleep(min(CANCEL_POLL_S, self.cfg.lease_s / 3))
             try:
-                if time.monotonic() - beat >= self.cfg.heartbeat_s:
-                    await self._set(run_id, active_only=True)
-                    beat = time.monotonic()
-                async with self.db.read() as conn:
-                    state = (await conn.execute(select(trn_run.c.state).where(trn_run.c.run_id == run_id))).scalar()
+                if time.monotonic() - renewed >= self.cfg.lease_s / 3:
+                    held = await self.queue.update(run_id)
+                    renewed = time.monotonic()
+                else:
+                    held = await self.queue.holds(run_id)
             except SQLAlchemyError:
                 continue
-            if state == "cancelled":
-                self._cancel.add(run_id)
+            if not held:
                 task.cancel()
                 return
 
     # ------------------------------------------------------------------------------------ the run
-    async def _run(self, run_id: str, spec: RunSpec, requester: Requester) -> None:
-        watch = asyncio.create_task(self._watch_cancel(run_id, asyncio.current_task()))
-        try:
-            await self._set(run_id, state="running", active_only=True)
-            await self._rounds(run_id, spec, requester)
-        except asyncio.CancelledError:
-            raise
-        except RunFailed as exc:
-            await self._set(run_id, state="failed", error=str(exc), active_only=True)
-        except (GatewayError, ValueError, OSError, RuntimeError) as exc:
-            log.warning("training run %s failed: %s", run_id, type(exc).__name__)
-            await self._set(run_id, state="failed", error=f"{type(exc).__name__}: {exc}", active_only=True)
-        finally:
-            watch.cancel()
-            self._tasks.pop(run_id, None)
-
     def _sites(self, spec: RunSpec):
         return [s for s in self.fcfg.sites if spec.sites is None or s.id in spec.sites]
 
-    async def _rounds(self, run_id: str, spec: RunSpec, requester: Requester) -> None:
+    def _lineage(self, run_id: str, spec: RunSpec, requester: Requester, state) -> dict[str, Any]:
         from inference import fl
 
-        module = make_module(spec.architecture, spec.seed)
-        state = fl.state_from_module(module)
-        sites = self._sites(spec)
         lineage: dict[str, Any] = {
             "run_id": run_id, "architecture": spec.architecture, "hub": self.fcfg.hub_id,
             "hyperparameters": {"rounds": spec.rounds, "local_epochs": spec.local_epochs,
@@ -236,15 +244,30 @@ class TrainingHub:
             "energy_j": 0.0, "co2e_g": 0.0}
         if spec.dp:
             lineage["aggregation"] = "dp-fedavg (clipped updates, equal weights, Gaussian noise at the hub)"
-        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "big"))
-        for rnd in range(1, spec.rounds + 1):
-            if run_id in self._cancel:
-                return
+        return lineage
+
+    async def _rounds(self, row, spec: RunSpec, requester: Requester) -> None:
+        """The run's rounds from the one after its checkpoint (the first, for a new run), the final
+        evaluation and the export."""
+        from inference import fl
+
+        run_id = row.run_id
+        sites = self._sites(spec)
+        checkpoint = await runs.load_checkpoint(self.db, run_id)
+        if checkpoint is not None and row.lineage:
+            done, state = checkpoint[0], fl.decode_state(checkpoint[1])
+            lineage: dict[str, Any] = orjson.loads(row.lineage)
+            log.info("training run resumed", extra={"run": run_id, "round": done + 1})
+        else:
+            done, state = 0, await asyncio.to_thread(lambda: fl.state_from_module(make_module(spec.architecture,
+                                                                                            spec.seed)))
+            lineage = self._lineage(run_id, spec, requester, state)
+        for rnd in range(done + 1, spec.rounds + 1):
             t0 = time.perf_counter()
             answers, participants = await self._round_with_retry(run_id, rnd, spec, requester, state, sites)
             t_sites = time.perf_counter()
             ok = [a for a in answers if a["status"] == "ok"]
-            state = await asyncio.to_thread(self._aggregate, spec, state, ok, rng)
+            state = await asyncio.to_thread(self._aggregate, spec, state, ok, _round_rng(run_id, rnd))
             t_agg = time.perf_counter() - t_sites
             wall = time.perf_counter() - t0
             max_train = max((a["train_s"] for a in ok), default=0.0)
@@ -264,13 +287,15 @@ class TrainingHub:
                                        "patients_train": a.get("patients_train"), "patients_test": a.get("patients_test"),
                                        "consent_hash": a["consent_hash"], "manifest_hash": a["manifest_hash"]}
                                       if a["status"] == "ok" else {"status": a["status"]}) for a in answers}})
-            async with self.db.write() as conn:
-                await conn.execute(update(trn_run).where(trn_run.c.run_id == run_id).values(
-                    round=rnd, updated_ts=time.time(), lineage=orjson.dumps(lineage).decode()))
+            weights = fl.encode_state(state)
+            async with self.queue.holding(run_id, round=rnd, lineage=orjson.dumps(lineage).decode()) as conn:
+                await runs.record_answers(conn, run_id, rnd, answers)
+                await runs.save_checkpoint(conn, run_id, rnd, weights)
         # final held-out evaluation of the last global weights at every site
         answers = await asyncio.gather(*(self._ask(run_id, spec.rounds + 1, s, spec, requester, state,
                                                    train=False) for s in sites))
-        await self._record(run_id, spec.rounds + 1, answers)
+        async with self.queue.holding(run_id) as conn:
+            await runs.record_answers(conn, run_id, spec.rounds + 1, answers)
         lineage["final_evaluation"] = {a["site"]: a["metrics"] for a in answers if a["status"] == "ok"}
         lineage["final_evaluation_pooled"] = pooled_metrics(lineage["final_evaluation"])
         if spec.dp:
@@ -280,6 +305,8 @@ class TrainingHub:
         await self._export(run_id, spec, state, lineage, requester)
 
     async def _round_with_retry(self, run_id, rnd, spec, requester, state, sites):
+        """The sites' answers of round ``rnd`` and the participants, recorded by the caller with the new
+        weights; a round without quorum is recorded here and fails the run (RunFailed)."""
         keys: dict[str, str] | None = None
         for attempt in (1, 2):
             if spec.secure_aggregation:
@@ -296,8 +323,9 @@ class TrainingHub:
                 # a masked participant dropped out: its masks do not cancel; redo the round without it
                 sites = [s for s in sites if s.id in {a["site"] for a in ok}]
                 continue
-            await self._record(run_id, rnd, answers)
             if len(ok) < spec.min_sites:
+                async with self.queue.holding(run_id) as conn:
+                    await runs.record_answers(conn, run_id, rnd, answers)
                 failed = ", ".join(f"{a['site']}: {a['status']}" for a in answers if a["status"] != "ok")
                 raise RunFailed(f"round {rnd}: {len(ok)} site(s) answered, fewer than min_sites {spec.min_sites} "
                                 f"({failed})")
@@ -370,20 +398,6 @@ class TrainingHub:
         new = fl.add(state, avg)
         return {k: np.asarray(v, dtype=np.float32) for k, v in new.items()}
 
-    async def _record(self, run_id: str, rnd: int, answers: list[dict]) -> None:
-        now = time.time()
-        async with self.db.write() as conn:
-            for a in answers:
-                await conn.execute(trn_round.delete().where(trn_round.c.run_id == run_id, trn_round.c.round == rnd,
-                                                            trn_round.c.site_id == a["site"]))
-                await conn.execute(trn_round.insert().values(
-                    run_id=run_id, round=rnd, site_id=a["site"], status=a["status"], detail=a.get("detail"),
-                    n_train=a.get("n_train"), n_test=a.get("n_test"),
-                    metrics=orjson.dumps(a["metrics"]).decode() if a.get("metrics") else None,
-                    consent_hash=a.get("consent_hash"), manifest_hash=a.get("manifest_hash"), train_s=a.get("train_s"),
-                    cpu_s=a.get("cpu_s"), gpu_s=a.get("gpu_s"), energy_j=a.get("energy_j"), co2e_g=a.get("co2e_g"),
-                    update_norm=a.get("update_norm"), ts=now))
-
     async def _export(self, run_id: str, spec: RunSpec, state, lineage: dict, requester: Requester) -> None:
         from inference import fl
 
@@ -392,15 +406,13 @@ class TrainingHub:
         lineage["energy_j"] = round(lineage["energy_j"], 3)
         lineage["co2e_g"] = round(lineage["co2e_g"], 6)
         ts_bytes = await asyncio.to_thread(torchscript, spec.architecture, state)
-        async with self.db.write() as conn:
+        # the model and the run's success in one transaction, only while this process holds the run (a
+        # cancellation, possibly through another server process, comes before it or finds it succeeded)
+        async with self.queue.holding(run_id) as conn:
             version = await next_model_version(conn, spec.name)
             card = derived_card(spec, version, lineage, requester)
-            res = await conn.execute(update(trn_run).where(
-                trn_run.c.run_id == run_id, trn_run.c.state == "running").values(
-                state="succeeded", model_name=spec.name, model_version=version, weights_hash=weights_hash,
-                lineage=orjson.dumps(lineage).decode(), updated_ts=time.time()))
-            if res.rowcount != 1:  # cancelled meanwhile (possibly through another server process): no model
-                return
+            await runs.mark_succeeded(conn, run_id, model_name=spec.name, model_version=version,
+                                      weights_hash=weights_hash, lineage=orjson.dumps(lineage).decode())
             await conn.execute(trn_model.insert().values(
                 name=spec.name, version=version, run_id=run_id, architecture=spec.architecture,
                 weights_hash=weights_hash, torchscript=ts_bytes, card=orjson.dumps(card).decode(), created_ts=time.time()))

@@ -35,7 +35,10 @@ class TrainingConfig:
     carbon_g_per_kwh: float = 350.0  # grid carbon intensity for the CO2e estimate
     repository: str = ""  # site: where deployed models go (default data_dir/model_repository)
     round_deadline_s: float = 900.0  # hub: per-site deadline of one round
-    heartbeat_s: float = 15.0  # hub: a running run's row is touched this often; 4 missed → orphaned (failed)
+    lease_s: float = 60.0  # hub: a run's lease in the run queue (renewed every third); expired → another process resumes it
+    poll_s: float = 1.0  # hub: how often an idle run-queue worker looks for runs (new ones wake it at once)
+    max_runs: int = 8  # hub: runs one hub process runs at a time (the others wait, queued)
+    max_attempts: int = 5  # hub: a run whose hub process died this many times fails
     max_rounds: int = 1000
     key_file: str = ""  # site: X25519 key for secure aggregation (default data_dir/secrets)
 
@@ -54,10 +57,10 @@ class TrainingConfig:
                 if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
                     raise SettingsError(f"setting 'training.{f}': a list of strings")
                 kw[f] = tuple(_curie(x) for x in v) if f == "allowed_purposes" else tuple(v)
-        for f in ("min_cohort", "min_cell", "max_rounds"):
+        for f in ("min_cohort", "min_cell", "max_rounds", "max_runs", "max_attempts"):
             if f in raw:
                 kw[f] = int(raw[f])
-        for f in ("cpu_watts", "gpu_watts", "carbon_g_per_kwh", "round_deadline_s", "heartbeat_s"):
+        for f in ("cpu_watts", "gpu_watts", "carbon_g_per_kwh", "round_deadline_s", "lease_s", "poll_s"):
             if f in raw:
                 kw[f] = float(raw[f])
         for f in ("device", "repository", "key_file"):
@@ -66,6 +69,9 @@ class TrainingConfig:
         cfg = cls(**kw)
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise SettingsError("setting 'training.device': auto, cpu or cuda")
+        for f in ("lease_s", "poll_s", "max_runs", "max_attempts"):
+            if getattr(cfg, f) <= 0:
+                raise SettingsError(f"setting 'training.{f}': a positive number")
         return cfg
 
     def repository_path(self, settings: Settings) -> Path:

@@ -1,11 +1,13 @@
-"""A leased job queue over one table (issue 6's inference jobs, issue 24's bulk exports).
+"""A leased job queue over one table: inference jobs, bulk and imaging exports, federated training runs.
 
 A job row carries ``state`` (``queued`` → ``running`` → a final state), ``not_before``, ``attempts``,
 ``lease_owner`` and ``lease_until``.  A worker claims one queued row, or a running row whose lease has
 expired (its worker died), with a conditional UPDATE: of several server processes racing for the same row
 exactly one UPDATE matches.  The holder renews the lease while it works (:meth:`LeasedQueue.heartbeat`)
 and only the holder may finish the job (:meth:`LeasedQueue.finish`): a worker that lost its lease (it
-stalled past ``lease_s``) can no longer overwrite what the new holder does.
+stalled past ``lease_s``) can no longer overwrite what the new holder does; :meth:`LeasedQueue.holding`
+is a write transaction that commits only while this worker holds the job (a step of a long job, its
+progress and checkpoint together).
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import Table, and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store.db import Database
 
 log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job: it was cancelled, finished, or taken over after its lease expired."""
 
 
 class LeasedQueue:
@@ -59,6 +67,30 @@ class LeasedQueue:
                 self.key == job_id, t.c.lease_owner == self.worker_id, t.c.state == "running").values(
                 updated_ts=now, lease_until=now + self.lease_s, **values))
             return res.rowcount == 1
+
+    @asynccontextmanager
+    async def holding(self, job_id: str, **values: Any) -> AsyncIterator[AsyncConnection]:
+        """A write transaction that goes ahead only while this worker holds the job: its row is updated
+        first (the lease renewed, ``values`` set), then the caller's statements run; :class:`LeaseLost`,
+        and nothing written, when the job is no longer this worker's.  The row stays locked until the
+        commit (PostgreSQL; SQLite: the write lock), so a cancellation either comes before (LeaseLost) or
+        after the whole transaction."""
+        t = self.table
+        now = time.time()
+        async with self.db.write() as conn:
+            res = await conn.execute(update(t).where(
+                self.key == job_id, t.c.lease_owner == self.worker_id, t.c.state == "running").values(
+                {"updated_ts": now, "lease_until": now + self.lease_s, **values}))
+            if res.rowcount != 1:
+                raise LeaseLost(job_id)
+            yield conn
+
+    async def holds(self, job_id: str) -> bool:
+        """Whether this worker still holds the job (a read)."""
+        t = self.table
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(t.c.state, t.c.lease_owner).where(self.key == job_id))).first()
+        return row is not None and row.state == "running" and row.lease_owner == self.worker_id
 
     async def finish(self, job_id: str, **values: Any) -> bool:
         """Final (or re-queue) values for the job this worker holds; False when it no longer holds it."""
@@ -101,4 +133,4 @@ async def poll_worker(name: str, run_once: Callable[[], Awaitable[bool]], wake: 
             pass
 
 
-__all__ = ["LeasedQueue", "poll_worker"]
+__all__ = ["LeaseLost", "LeasedQueue", "poll_worker"]

@@ -32,7 +32,7 @@ TABLE_MODULES = (
     "gateway.store.bulk_schema",
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Indexes replaced by wider ones (the new ones are created on existing databases by :func:`_create`).
 RETIRED_INDEXES = (
@@ -48,10 +48,17 @@ async def _v2_dicom_export_jobs(conn: AsyncConnection) -> None:
     await add_job_columns(conn)
 
 
+async def _v3_training_run_queue(conn: AsyncConnection) -> None:
+    from gateway.store.training_schema import add_queue_columns
+
+    await add_queue_columns(conn)
+
+
 #: (component, version) → coroutine applying that step to an existing database (steps are idempotent: a new
 #: database runs them on the tables ``create_all`` just made).
 MIGRATIONS: dict[tuple[str, int], Callable[[AsyncConnection], Awaitable[None]]] = {
     ("core", 2): _v2_dicom_export_jobs,
+    ("core", 3): _v3_training_run_queue,
 }
 
 

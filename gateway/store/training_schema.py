@@ -1,9 +1,13 @@
 """Federated training tables (docs/training.md).
 
-Hub side: ``trn_run`` (one row per training run: spec, state, lineage, final weights hash) and
-``trn_round`` (one row per run × round × site: status, sample counts, metrics, consent-snapshot and
-cohort-manifest hashes, local time and energy — never patient ids).  ``trn_model`` holds every model
-version a run produced (TorchScript bytes + card), so any version can be (re)deployed or rolled back to.
+Hub side: ``trn_run`` (one row per training run: spec, state, lineage, final weights hash) is also the
+hub's job queue: a hub process claims a run with a lease (``lease_owner``/``lease_until``,
+:mod:`gateway.store.leases`, as inference jobs and exports), and ``trn_checkpoint`` holds the global
+weights after the run's last completed round, committed with that round, so a run whose hub process
+stopped or died is resumed at its next round by another process or the restarted one.  ``trn_round``
+(one row per run × round × site: status, sample counts, metrics, consent-snapshot and cohort-manifest
+hashes, local time and energy — never patient ids).  ``trn_model`` holds every model version a run
+produced (TorchScript bytes + card), so any version can be (re)deployed or rolled back to.
 
 Site side: ``trn_site_round`` is the site's own manifest of what it trained on in each round (the
 patient ids and instance UIDs stay here, behind the site's admin role); only its hash leaves the site.
@@ -11,7 +15,7 @@ patient ids and instance UIDs stay here, behind the site's admin role); only its
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Index, Integer, LargeBinary, String, Table, Text
+from sqlalchemy import Column, Float, Index, Integer, LargeBinary, String, Table, Text, inspect, text, update
 
 from gateway.store import schema as s
 
@@ -30,8 +34,24 @@ trn_run = Table(
     Column("model_version", String(64)),
     Column("weights_hash", String(64)),
     Column("lineage", Text),  # JSON (docs/training.md#lineage)
+    # the run as a job of the hub's queue (gateway.store.leases)
+    Column("attempts", Integer, nullable=False, server_default="0", default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Float),
+    Column("not_before", Float),
 )
 Index("ix_trn_run_state", trn_run.c.state)
+
+#: The global weights after round ``round`` of a run in progress (``inference.fl`` encoding); written in
+#: the transaction that records the round, deleted when the run ends.
+trn_checkpoint = Table(
+    "trn_checkpoint",
+    s.metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("round", Integer, nullable=False),
+    Column("weights", LargeBinary, nullable=False),
+    Column("ts", Float, nullable=False),
+)
 
 trn_round = Table(
     "trn_round",
@@ -83,4 +103,25 @@ trn_site_round = Table(
     Column("n_test", Integer, nullable=False),
 )
 
-__all__ = ["trn_run", "trn_round", "trn_model", "trn_site_round"]
+#: columns added to ``trn_run`` since it first shipped (migration step core/3 adds those an older database lacks)
+_QUEUE_COLUMNS = ("attempts", "lease_owner", "lease_until", "not_before")
+
+
+async def add_queue_columns(conn) -> None:
+    """Migration: the job-queue columns on a ``trn_run`` made before them; the runs such a database left
+    queued or running (run by a task of a hub process then, with no checkpoint to resume from) are marked
+    failed."""
+    have = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("trn_run")})
+    added = False
+    for name in _QUEUE_COLUMNS:
+        if name not in have:
+            ddl = trn_run.c[name].type.compile(dialect=conn.dialect)
+            default = " NOT NULL DEFAULT 0" if name == "attempts" else ""
+            await conn.execute(text(f"ALTER TABLE trn_run ADD COLUMN {name} {ddl}{default}"))
+            added = True
+    if added:
+        await conn.execute(update(trn_run).where(trn_run.c.state.in_(("queued", "running"))).values(
+            state="failed", error="interrupted: the hub stopped"))
+
+
+__all__ = ["trn_run", "trn_round", "trn_model", "trn_site_round", "trn_checkpoint", "add_queue_columns"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
+from collections import Counter
 
 import aiohttp
 import numpy as np
@@ -20,9 +22,15 @@ import orjson
 import pytest
 import pytest_asyncio
 import torch
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from dicomweb_client.api import DICOMwebClient
+from sqlalchemy import select
 
 from gateway.services.federation import sign_hub_token
+from gateway.store.db import Database
+from gateway.store.training_runs import load_checkpoint
+from gateway.store.training_schema import trn_run
 from inference import fl
 from tests.conftest import ENGINES, PG_ADMIN, create_pg_database, drop_pg_database, make_settings, start_gateway
 from tests.integration.federation_fixtures import hub_key_pem, site_federation, start_gateway_process, start_hub
@@ -87,10 +95,31 @@ async def net(request, tmp_path_factory):
         db_url = f"{PG_ADMIN}/{pg}"
     try:
         async for network in _network(tmp_path, db_url):
-            yield network
+            yield dict(network, engine=request.param)
     finally:
         if pg is not None:
             await drop_pg_database(pg)
+
+
+@contextlib.asynccontextmanager
+async def hub_store(net, tmp_path, name):
+    """A store of its own for a hub the test starts, on the engine of the network's parameter."""
+    if net["engine"] == "sqlite":
+        yield f"sqlite:///{tmp_path / (name + '.db')}"
+        return
+    pg = await create_pg_database()
+    try:
+        yield f"{PG_ADMIN}/{pg}"
+    finally:
+        await drop_pg_database(pg)
+
+
+def hub_toml(net, training: str = "", sites: dict | None = None) -> str:
+    """Settings of a hub in its own ``fedgate serve`` process fanning out to the network's sites."""
+    urls = sites or {n: gw.url for n, (gw, _) in net["sites"].items()}
+    listed = "".join(f'[[federation.sites]]\nid = "{n}"\nurl = "{u}"\n' for n, u in urls.items())
+    return (f'[federation]\nrole = "hub"\nhub_id = "hub"\nhub_key = "{net["priv"]}"\n{listed}'
+            f'[training]\nround_deadline_s = 120\n{training}')
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -421,12 +450,15 @@ async def test_a_run_is_seen_and_cancelled_through_another_server_process(net, t
 
     hub = net["hub"]
     sites = "".join(f'[[federation.sites]]\nid = "{n}"\nurl = "{gw.url}"\n' for n, (gw, _) in net["sites"].items())
+    # the second process looks for queued runs only at its start and when a run is started through it, so
+    # the run started through the first is run by the first
     other = await start_gateway_process(tmp_path, "hub", (
         f'[federation]\nrole = "hub"\nhub_id = "hub"\nhub_key = "{net["priv"]}"\n{sites}'
-        '[training]\nround_deadline_s = 120\n'), db_url=str(hub.settings.effective_database_url))
+        '[training]\nround_deadline_s = 120\npoll_s = 3600\n'), db_url=str(hub.settings.effective_database_url))
     try:
         run_id = await start(net, rounds=50, local_epochs=1, min_sites=1)
         await wait(net, run_id, rounds_done=1)
+        assert run_id in hub.app[HUB]._tasks
         async with net["http"].get(f"{other.url}/training/runs/{run_id}", headers=analyst(other)) as r:
             assert r.status == 200 and (await r.json())["state"] == "running"
         async with net["http"].post(f"{other.url}/training/runs/{run_id}/cancel", headers=analyst(other)) as r:
@@ -446,48 +478,149 @@ async def test_a_run_is_seen_and_cancelled_through_another_server_process(net, t
         other.stop()
 
 
-async def test_a_run_of_a_killed_hub_process_is_marked_failed_and_live_runs_are_left_alone(net, tmp_path):
-    """A hub process SIGKILLed during a run cannot fail its run: its heartbeat stops, and any other hub
-    process on the store marks the run failed (at its start-up, or when the run is read); a run of a live
-    process keeps its heartbeat and stays running — also for a process starting up meanwhile."""
-    hub = net["hub"]
-    sites = "".join(f'[[federation.sites]]\nid = "{n}"\nurl = "{gw.url}"\n' for n, (gw, _) in net["sites"].items())
-    toml = (f'[federation]\nrole = "hub"\nhub_id = "hub"\nhub_key = "{net["priv"]}"\n{sites}'
-            '[training]\nround_deadline_s = 120\nheartbeat_s = 0.3\n')
-    store = str(hub.settings.effective_database_url)
-    doomed, live = await asyncio.gather(start_gateway_process(tmp_path, "hub-doomed", toml, db_url=store),
-                                        start_gateway_process(tmp_path, "hub-live", toml, db_url=store))
-    later = None
+#: The run a hub stop or kill interrupts in the tests below, and its uninterrupted twin (one per network).
+RESUMED = {"rounds": 4, "local_epochs": 1, "min_sites": 3, "seed": 11}
+_UNINTERRUPTED: dict[str, dict] = {}
+
+
+async def uninterrupted(net) -> dict:
+    """The run ``RESUMED`` made by the network's hub without a stop (local training is deterministic: a run
+    resumed at the right round, with every round counted once, ends with the very same weights)."""
+    if net["engine"] not in _UNINTERRUPTED:
+        doc = await wait(net, await start(net, **RESUMED))
+        assert doc["state"] == "succeeded", doc["error"]
+        _UNINTERRUPTED[net["engine"]] = doc
+    return _UNINTERRUPTED[net["engine"]]
+
+
+async def assert_completed_once(net, doc) -> None:
+    """Every round of the resumed run counted once, and the weights of the uninterrupted run."""
+    assert doc["state"] == "succeeded", doc["error"]
+    n = RESUMED["rounds"]
+    lin = doc["lineage"]
+    assert doc["round"] == n and [r["round"] for r in lin["rounds"]] == list(range(1, n + 1))
+    assert [r["round"] for r in doc["rounds"]] == list(range(1, n + 2))
+    assert all(sorted(r["sites"]) == list(SITES) and {v["status"] for v in r["sites"].values()} == {"ok"}
+               for r in doc["rounds"])
+    ref = await uninterrupted(net)
+    assert [r["weights_hash"] for r in lin["rounds"]] == [r["weights_hash"] for r in ref["lineage"]["rounds"]]
+    assert doc["model"]["weights_hash"] == ref["model"]["weights_hash"]
+
+
+async def _stored_run(store: str, run_id: str):
+    db = Database(store)
     try:
-        body = {"architecture": "ct_lesion_classifier", "cohort": COHORT, "label": LABEL, **FAST,
-                "rounds": 50, "local_epochs": 1, "min_sites": 1}
-        runs = {}
-        for name, gw in (("doomed", doomed), ("live", live)):
-            async with net["http"].post(gw.url + "/training/runs", json=body, headers=analyst(gw)) as r:
-                assert r.status == 201, await r.text()
-                runs[name] = (await r.json())["id"]
-        for run_id in runs.values():
-            await wait(net, run_id, rounds_done=1)
-        doomed.proc.kill()
-        doomed.proc.wait(10)
-        await asyncio.sleep(4 * 0.3 + 0.5)
-
-        async def state(gw, run_id) -> dict:
-            async with net["http"].get(f"{gw.url}/training/runs/{run_id}", headers=analyst(gw)) as r:
-                assert r.status == 200, await r.text()
-                return await r.json()
-
-        orphan = await state(live, runs["doomed"])  # read through another live process
-        assert orphan["state"] == "failed" and "stopped" in orphan["error"], orphan
-        later = await start_gateway_process(tmp_path, "hub-later", toml, db_url=store)  # its start-up reaps
-        assert (await state(later, runs["live"]))["state"] == "running"
-        assert (await state(later, runs["doomed"]))["state"] == "failed"
-        async with net["http"].post(f"{live.url}/training/runs/{runs['live']}/cancel", headers=analyst(live)) as r:
-            assert r.status == 200, await r.text()
+        async with db.read() as conn:
+            row = (await conn.execute(select(trn_run).where(trn_run.c.run_id == run_id))).one()
+        return row, await load_checkpoint(db, run_id)
     finally:
-        for gw in (doomed, live, later):
-            if gw is not None:
-                gw.stop()
+        await db.dispose()
+
+
+async def test_a_hub_restart_resumes_its_run_at_the_next_round(net, tmp_path):
+    """A hub stopped during a run hands it back to the queue, its last completed round checkpointed; the hub
+    started again on the store resumes it at the next round and finishes it."""
+    sites = [(n, gw.url) for n, (gw, _) in net["sites"].items()]
+    extra = {"training": {"round_deadline_s": 120}}
+    async with hub_store(net, tmp_path, "hub-restart") as store:
+        first = await start_hub(tmp_path, store, net["priv"], sites, name="hub-r1", extra=extra)
+        try:
+            n1 = dict(net, hub=first)
+            run_id = await start(n1, **RESUMED)
+            await wait(n1, run_id, rounds_done=2)
+        finally:
+            await first.server.close()  # a normal stop, mid-run
+        row, checkpoint = await _stored_run(store, run_id)
+        assert (row.state, row.lease_owner, row.attempts) == ("queued", None, 0), row
+        assert 2 <= row.round < RESUMED["rounds"] and checkpoint is not None and checkpoint[0] == row.round
+        second = await start_hub(tmp_path, store, net["priv"], sites, name="hub-r2", extra=extra)
+        try:
+            doc = await wait(dict(net, hub=second), run_id)
+        finally:
+            await second.server.close()
+        assert (await _stored_run(store, run_id))[1] is None  # the checkpoint went with the run's end
+    await assert_completed_once(net, doc)
+
+
+async def test_a_run_of_a_killed_hub_process_is_resumed_by_another(net, tmp_path):
+    """A hub process SIGKILLed during a run cannot hand it back: the run's lease expires (``lease_s``) and
+    another hub process on the store — running beside it all along, unable to take the run while its lease
+    was renewed — resumes it at the round after its last completed one and finishes it."""
+    toml = hub_toml(net, "lease_s = 10\npoll_s = 0.2\n")
+    async with hub_store(net, tmp_path, "hub-kill") as store:
+        doomed = await start_gateway_process(tmp_path, "hub-doomed", toml, db_url=store)
+        live = None
+        try:
+            run_id = await start(dict(net, hub=doomed), **RESUMED)  # the only hub process: doomed runs it
+            live = await start_gateway_process(tmp_path, "hub-live", toml, db_url=store)
+            nl = dict(net, hub=live)
+            await wait(nl, run_id, rounds_done=2)
+            row, _ = await _stored_run(store, run_id)
+            assert row.state == "running" and row.attempts == 1, row  # not taken over from the live holder
+            doomed.proc.kill()  # SIGKILL: no goodbye
+            doomed.proc.wait(10)
+            assert (await run_doc(nl, run_id))["state"] == "running"
+            doc = await wait(nl, run_id)
+            row, checkpoint = await _stored_run(store, run_id)
+            assert row.attempts == 2 and checkpoint is None, row  # claimed twice: by doomed, then by live
+        finally:
+            for gw in (doomed, live):
+                if gw is not None:
+                    gw.stop()
+    await assert_completed_once(net, doc)
+
+
+class CountingProxy:
+    """A reverse proxy in front of a site, counting the training rounds asked of it by (run, round)."""
+
+    def __init__(self, target: str) -> None:
+        self.target, self.seen = target, Counter()
+        self.http: aiohttp.ClientSession | None = None
+        self.server: TestServer | None = None
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.path == "/federation/train/round":
+            doc = orjson.loads(body)
+            self.seen[(doc["run_id"], doc["round"])] += 1
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type")}
+        async with self.http.request(request.method, self.target + request.path_qs, data=body, headers=headers) as r:
+            return web.Response(body=await r.read(), status=r.status,
+                                headers={"Content-Type": r.headers.get("Content-Type", "application/octet-stream")})
+
+    async def __aenter__(self) -> "CountingProxy":
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self.http = aiohttp.ClientSession()
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.close()
+        await self.http.close()
+
+
+async def test_two_hub_processes_never_run_the_same_round_twice(net, tmp_path):
+    """``--processes 2``: both serving processes run the run queue's worker on the hub's store (and look for
+    runs every 0.2 s); runs started together are claimed by one process each, so every round of every run
+    reaches a site exactly once (counted by a proxy in front of site-a), and every run completes."""
+    gw_a, gw_b = net["sites"]["site-a"][0], net["sites"]["site-b"][0]
+    async with CountingProxy(gw_a.url) as proxy, hub_store(net, tmp_path, "hub-2p") as store:
+        toml = hub_toml(net, "poll_s = 0.2\n", sites={"site-a": proxy.url, "site-b": gw_b.url})
+        hub = await start_gateway_process(tmp_path, "hub-2p", toml, db_url=store, args=("--processes", "2"))
+        try:
+            n2 = dict(net, hub=hub)
+            ids = await asyncio.gather(*(start(n2, rounds=2, local_epochs=1, min_sites=2, sites=["site-a", "site-b"],
+                                               seed=20 + i) for i in range(4)))
+            docs = [await wait(n2, run_id) for run_id in ids]
+        finally:
+            hub.stop()
+    for doc in docs:
+        assert doc["state"] == "succeeded", doc["error"]
+        assert doc["round"] == 2 and [r["round"] for r in doc["lineage"]["rounds"]] == [1, 2]
+    assert dict(proxy.seen) == {(run_id, rnd): 1 for run_id in ids for rnd in (1, 2, 3)}
 
 
 async def test_deploy_run_inference_and_roll_back(net):
