@@ -554,11 +554,12 @@ async def test_a_run_of_a_killed_hub_process_is_resumed_by_another(net, tmp_path
             run_id = await start(dict(net, hub=doomed), **RESUMED)  # the only hub process: doomed runs it
             live = await start_gateway_process(tmp_path, "hub-live", toml, db_url=store)
             nl = dict(net, hub=live)
-            await wait(nl, run_id, rounds_done=2)
+            await wait(nl, run_id, rounds_done=1)
+            doomed.proc.kill()  # SIGKILL: no goodbye — at once, before the rounds left can finish
+            doomed.proc.wait(10)
             row, _ = await _stored_run(store, run_id)
             assert row.state == "running" and row.attempts == 1, row  # not taken over from the live holder
-            doomed.proc.kill()  # SIGKILL: no goodbye
-            doomed.proc.wait(10)
+            assert 1 <= row.round < RESUMED["rounds"], row
             assert (await run_doc(nl, run_id))["state"] == "running"
             doc = await wait(nl, run_id)
             row, checkpoint = await _stored_run(store, run_id)
