@@ -48,6 +48,20 @@ _LONG_HEAD = struct.Struct("<HH2s2xL").pack
 _SHORT_HEAD = struct.Struct("<HH2sH").pack
 _VR_BYTES = {str(vr): str(vr).encode() for vr in VR if len(str(vr)) == 2}
 _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+
+
+def _element_head(tag: int, vr: str, length: int, implicit: bool) -> bytes | None:
+    """The tag / VR / length header of an element whose value is ``length`` bytes, as pydicom writes it —
+    None where this short form does not apply (unknown VR, too long for a 16-bit length)."""
+    if implicit:
+        return _IMPLICIT_HEAD(tag >> 16, tag & 0xFFFF, length)
+    if vr in _LONG_VRS:
+        return _LONG_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], length)
+    if vr in _VR_BYTES and length <= 0xFFFF:
+        return _SHORT_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], length)
+    return None
+
+
 #: VRs pydicom writes a ``str`` value of with write_string, write_text (encoded: ASCII in a plain character
 #: set) or write_UI, and their padding to even length
 _TEXT_PAD = {
@@ -170,38 +184,18 @@ def _encode(ds: Dataset) -> bytes | None:
             continue  # retired group lengths are not written
         elem = ds.get_item(tag)
         value = elem.value
+        raw: bytes | None = None
         if isinstance(elem, RawDataElement) and type(value) is bytes and elem.length != 0xFFFFFFFF:
-            vr = elem.VR
-            if implicit:
-                write(_IMPLICIT_HEAD(tag >> 16, tag & 0xFFFF, len(value)))
-                write(value)
-                continue
-            if vr in _LONG_VRS:
-                write(_LONG_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(value)))
-                write(value)
-                continue
-            if vr in _VR_BYTES and len(value) <= 0xFFFF:
-                write(_SHORT_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(value)))
-                write(value)
-                continue
+            raw = value
         elif isinstance(value, str) and ascii_plain and elem.VR in _TEXT_PAD and value.isascii():
             # a single text value the profile set or read, as write_string / write_text / write_UI encode it
-            vr = elem.VR
-            text = value.encode()
-            if len(text) % 2:
-                text += _TEXT_PAD[vr]
-            if implicit:
-                write(_IMPLICIT_HEAD(tag >> 16, tag & 0xFFFF, len(text)))
-                write(text)
-                continue
-            if vr in _LONG_VRS:
-                write(_LONG_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(text)))
-                write(text)
-                continue
-            if len(text) <= 0xFFFF:
-                write(_SHORT_HEAD(tag >> 16, tag & 0xFFFF, _VR_BYTES[vr], len(text)))
-                write(text)
-                continue
+            raw = value.encode()
+            if len(raw) % 2:
+                raw += _TEXT_PAD[elem.VR]
+        if raw is not None and (head := _element_head(tag, elem.VR, len(raw), implicit)) is not None:
+            write(head)
+            write(raw)
+            continue
         with tag_in_exception(tag):
             write_data_element(fp, elem, encodings)
     return bytes(fp.getvalue())
