@@ -60,13 +60,11 @@ class LeasedQueue:
     async def update(self, job_id: str, **values: Any) -> bool:
         """Change the job while this worker holds its lease (the lease is renewed with it); False when the
         lease is lost or the job is gone (cancelled)."""
-        t = self.table
-        now = time.time()
-        async with self.db.write() as conn:
-            res = await conn.execute(update(t).where(
-                self.key == job_id, t.c.lease_owner == self.worker_id, t.c.state == "running").values(
-                updated_ts=now, lease_until=now + self.lease_s, **values))
-            return res.rowcount == 1
+        try:
+            async with self.holding(job_id, **values):
+                return True
+        except LeaseLost:
+            return False
 
     @asynccontextmanager
     async def holding(self, job_id: str, **values: Any) -> AsyncIterator[AsyncConnection]:
