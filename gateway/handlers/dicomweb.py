@@ -372,6 +372,8 @@ async def _retrieve_as_stored(request: web.Request, found: Retrieval) -> web.Str
     # sizes first (for Content-Length; a missing file is an error before the status line), files opened
     # one at a time while sending (a study may hold thousands of instances)
     sizes = found.sizes()
+    # (a StreamResponse sends its status line and headers at prepare: the body written to the socket after
+    # them cannot overtake them — test_wado_series_stream reads the answer from the raw socket)
     await out.start(sum(map(len, heads)) + sum(sizes) + 2 * len(heads) + len(out.tail))
     try:
         await found.stream(request.transport, heads, sizes, out.tail)
