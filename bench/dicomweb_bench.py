@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 # Vendored from the team's shared benchmark harness (shared/bench/dicomweb_bench.py) so the
-# side-by-side run needs nothing outside the repository; fedgate change: --header (e.g. the bearer
-# token), sent on every request including the dicomweb-client verify phase.
+# side-by-side run needs nothing outside the repository; fedgate changes: --header (e.g. the bearer
+# token), sent on every request including the dicomweb-client verify phase; WADO answers are read as they
+# arrive (MultipartScan) instead of joined and split — same checks, the client's cost per chunk, not per
+# copy of each byte (issue 27); the server process tree's CPU (ProcMonitor).
 """dicomweb_bench.py - generic DICOMweb benchmark harness (STOW-RS, QIDO-RS, WADO-RS).
 
 Works against any DICOMweb server given its base URL (the URL that /studies is
@@ -459,34 +461,89 @@ async def run_pool(items, concurrency, fn, deadline):
     return results, time.monotonic() - t0
 
 
-def parse_multipart(body: bytes, content_type: str):
-    """Split a multipart/related body; returns list of (headers_bytes, payload)."""
-    boundary = None
-    for param in content_type.split(";")[1:]:
-        k, _, v = param.strip().partition("=")
-        if k.strip().lower() == "boundary":
-            boundary = v.strip().strip('"')
-    if not boundary:
-        raise ValueError(f"no boundary in {content_type!r}")
-    delim = b"--" + boundary.encode()
-    parts = []
-    pos = body.find(delim)
-    while pos >= 0:
-        start = pos + len(delim)
-        if body[start:start + 2] == b"--":
-            break
-        nxt = body.find(b"\r\n" + delim, start)
-        if nxt < 0:
+class MultipartScan:
+    """A multipart/related body read as it arrives (:meth:`feed` each chunk, then :meth:`close`): each
+    part's headers, payload size and first 132 bytes (enough for the DICM magic), never the payloads
+    themselves.  The harness used to join the body and split it (three more copies of every byte: body,
+    part, payload): the same work for every server, but as measured (issue 27) it made the client, not
+    the server, the limit of whole-series retrieval."""
+
+    HEAD_LIMIT = 64 * 1024
+
+    def __init__(self, content_type: str):
+        boundary = None
+        for param in content_type.split(";")[1:]:
+            k, _, v = param.strip().partition("=")
+            if k.strip().lower() == "boundary":
+                boundary = v.strip().strip('"')
+        if not boundary:
+            raise ValueError(f"no boundary in {content_type!r}")
+        self.delim = b"\r\n--" + boundary.encode()
+        self.parts = []            # (headers bytes, payload size, first 132 payload bytes)
+        self.state = "body"        # body (preamble first) -> head -> body ... -> end
+        self.preamble = True
+        self.carry = b"\r\n"       # the body's first delimiter has no CRLF before it
+        self.size = 0
+        self.first = bytearray()
+        self.head = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.carry:
+            chunk, self.carry = self.carry + chunk, b""
+        pos, n, delim = 0, len(chunk), self.delim
+        while pos < n:
+            if self.state == "body":
+                j = chunk.find(delim, pos)
+                if j < 0:
+                    end = n
+                    r = chunk.rfind(b"\r", max(pos, n - len(delim) + 1))
+                    if r >= 0 and delim.startswith(chunk[r:]):
+                        end, self.carry = r, chunk[r:]   # perhaps a delimiter's start: decided next chunk
+                    self._payload(chunk, pos, end)
+                    return
+                if len(chunk) < j + len(delim) + 2:    # the 2 bytes after the delimiter are in the next chunk
+                    self._payload(chunk, pos, j)
+                    self.carry = chunk[j:]
+                    return
+                self._payload(chunk, pos, j)
+                if not self.preamble:
+                    self.parts.append((bytes(self.head), self.size, bytes(self.first)))
+                self.preamble = False
+                self.size, self.first, self.head = 0, bytearray(), bytearray()
+                pos = j + len(delim)
+                if chunk[pos:pos + 2] == b"--":
+                    self.state = "end"
+                    return
+                self.state = "head"
+            elif self.state == "head":
+                take = chunk[pos:pos + 8192]
+                before = len(self.head)
+                self.head += take
+                k = self.head.find(b"\r\n\r\n")
+                if k < 0:
+                    if len(self.head) > self.HEAD_LIMIT:
+                        raise ValueError("multipart part headers too long")
+                    pos += len(take)
+                    continue
+                pos += k + 4 - before
+                del self.head[k:]
+                self.head = bytearray(bytes(self.head).lstrip(b" \t").removeprefix(b"\r\n"))
+                self.state = "body"
+            else:
+                return  # epilogue
+
+    def _payload(self, chunk: bytes, start: int, end: int) -> None:
+        if self.preamble or end <= start:
+            return
+        if self.size < 132:
+            self.first += chunk[start:min(end, start + 132 - self.size)]
+        self.size += end - start
+
+    def close(self):
+        """The parts: [(headers, payload size, first payload bytes)]; ValueError when the body ended early."""
+        if self.state != "end":
             raise ValueError("unterminated multipart body")
-        chunk = body[start:nxt]
-        if chunk.startswith(b"\r\n"):
-            chunk = chunk[2:]
-        hdr, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            hdr, payload = b"", chunk
-        parts.append((hdr, payload))
-        pos = nxt + 2
-    return parts
+        return self.parts
 
 
 def _dicom_json_count(data) -> int:
@@ -521,8 +578,10 @@ class Bench:
         import aiohttp
         conn = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=self.args.request_timeout)
+        # read_bufsize: the response buffered before the connection's reading pauses (aiohttp's default,
+        # 64 KiB, pauses and resumes it for every 256 KiB read of a multi-MB WADO answer)
         return aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=True,
-                                     headers=self.headers)
+                                     headers=self.headers, read_bufsize=4 * 2**20)
 
     def monitor(self):
         return ProcMonitor(self.args.server_pid).start()
@@ -770,24 +829,45 @@ class Bench:
             rec["error"] = f"HTTP {rec['status']}: {body[:200]!r}"
         return rec
 
-    def _check_dicom_multipart(self, rec, expect_sizes=None):
-        body = rec.pop("body", None)
-        if body is None:
-            return
+    async def _get_dicom(self, sess, url, accept, expect_sizes=None):
+        """GET instances (multipart/related or a single application/dicom body), read as they arrive
+        (:class:`MultipartScan`): part count, payload bytes, parts without the DICM magic, size mismatch."""
+        t0 = time.monotonic()
+        rec = dict(status=None, error=None, parts=0, bytes=0, ctype=None, body_bytes=0)
+        sizes, bad = [], 0
         try:
-            if rec["ctype"].lower().startswith("multipart/"):
-                parts = parse_multipart(body, rec["ctype"])
-                payloads = [p for _, p in parts]
-            else:
-                payloads = [body]
+            async with sess.get(url, headers={"Accept": accept}) as r:
+                rec["status"], rec["ctype"] = r.status, r.headers.get("Content-Type", "")
+                if r.status != 200:
+                    body = await r.read()
+                    rec["body_bytes"] = len(body)
+                    rec["error"] = f"HTTP {r.status}: {body[:200]!r}"
+                elif rec["ctype"].lower().startswith("multipart/"):
+                    scan = MultipartScan(rec["ctype"])
+                    async for chunk, _ in r.content.iter_chunks():
+                        rec["body_bytes"] += len(chunk)
+                        scan.feed(chunk)
+                    parts = scan.close()
+                    sizes = [size for _, size, _ in parts]
+                    bad = sum(1 for _, _, first in parts if first[128:132] != b"DICM")
+                else:
+                    first, size = b"", 0
+                    async for chunk, _ in r.content.iter_chunks():
+                        if size < 132:
+                            first += chunk[:132 - size]
+                        size += len(chunk)
+                    rec["body_bytes"] = size
+                    sizes, bad = [size], int(first[128:132] != b"DICM")
         except ValueError as e:
             rec["error"] = f"multipart parse: {e}"
-            return
-        rec["parts"] = len(payloads)
-        rec["bytes"] = sum(len(p) for p in payloads)
-        rec["bad_parts"] = sum(1 for p in payloads if p[128:132] != b"DICM")
-        if expect_sizes is not None:
-            rec["size_mismatch"] = sorted(len(p) for p in payloads) != sorted(expect_sizes)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+        rec["lat"] = time.monotonic() - t0
+        if rec["error"] is None:
+            rec["parts"], rec["bytes"], rec["bad_parts"] = len(sizes), sum(sizes), bad
+            if expect_sizes is not None:
+                rec["size_mismatch"] = sorted(sizes) != sorted(expect_sizes)
+        return rec
 
     async def wado(self):
         a = self.args
@@ -797,9 +877,7 @@ class Bench:
 
         async def get_instance(r):
             url = f"{self.base}/studies/{r['study']}/series/{r['series']}/instances/{r['sop']}"
-            rec = await self._get(sess, url, a.wado_accept)
-            self._check_dicom_multipart(rec, [r["size"]])
-            return rec
+            return await self._get_dicom(sess, url, a.wado_accept, [r["size"]])
 
         for conc in a.wado_concurrency:
             async with self.session(conc) as sess:
@@ -816,8 +894,7 @@ class Bench:
 
         async def get_series(s):
             url = f"{self.base}/studies/{s[0]}/series/{s[1]}"
-            rec = await self._get(sess, url, MULTIPART_DICOM)
-            self._check_dicom_multipart(rec, sizes[s[1]])
+            rec = await self._get_dicom(sess, url, MULTIPART_DICOM, sizes[s[1]])
             rec["expected_parts"] = s[2]
             return rec
 

@@ -101,10 +101,14 @@ class BlobStore:
 
     def path(self, rel: str) -> Path:
         """The file of a relative blob path (string checks only: no per-request filesystem walk)."""
+        return Path(self.file(rel))
+
+    def file(self, rel: str) -> str:
+        """:meth:`path` as a string (no Path object: a series answer asks for hundreds)."""
         full = os.path.normpath(os.path.join(self._real_root, rel))
         if not full.startswith(self._real_root + os.sep) or "\0" in full:
             raise ValueError("blob path escapes the store")
-        return Path(full)
+        return full
 
     @staticmethod
     def fsync(tmp: Path) -> None:

@@ -20,7 +20,7 @@ import aiohttp
 from gateway import keys
 from gateway.cli import main as cli_main
 from gateway.context import Purpose, Requester
-from tests.dicom_synth import ct_series, stow_body
+from tests.dicom_synth import ct_series, stow_body, to_bytes
 from tests.integration.test_consent_enforcement import FHIR_JSON, _load, site  # (fixture)
 
 BOUNDARY = "fedgateCONFLICTboundary"
@@ -126,6 +126,14 @@ async def test_two_patient_studies_answer_research_from_permitted_instances_only
                 "Accept": 'multipart/related; type="application/dicom"'})
             msg = email.message_from_bytes(b"Content-Type: " + headers["Content-Type"].encode() + b"\r\n\r\n" + body)
             assert status == 200 and len(msg.get_payload()) == 4
+            clean(body)
+            # the series holding an instance of each patient streams the permitted one only, as stored
+            status, headers, body = await _get(http, f"{gw.dicomweb}/studies/{st}/series/{s['shared']}", h | {
+                "Accept": 'multipart/related; type="application/dicom"'})
+            msg = email.message_from_bytes(b"Content-Type: " + headers["Content-Type"].encode() + b"\r\n\r\n" + body)
+            assert status == 200 and int(headers["Content-Length"]) == len(body)
+            assert [p.get_payload(decode=True) for p in msg.get_payload()] == [to_bytes(s["good"][-1])]
+            clean(body)
             status, _, body = await _get(http, f"{gw.dicomweb}/studies/{st}/thumbnail", h | {"Accept": "image/png"})
             assert status == 200
             for ds in s["bad"]:
