@@ -44,6 +44,7 @@ import asyncio
 import json
 import os
 import random
+import struct
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +68,7 @@ BOUNDARY = "scale-dicom-7f3a"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 LIMIT = 50
 DEEP = 99 * LIMIT  # offset of page 100
+SOP_BASE = 100_000  # an image's SOP Instance UID: series UID + "." + (SOP_BASE + InstanceNumber)
 DESCRIPTION = {"ct": "CT", "cardiac": "Cardiac MRI", "head": "MR HEAD"}
 
 
@@ -248,6 +250,43 @@ def demographics(i: int) -> dict:
             "sex": pat["gender"][0].upper(), "birth": pat["birthDate"].replace("-", "")}
 
 
+def _splice(raw: bytes, tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    """``raw`` (a Part 10 file, explicit VR little endian) with its top-level short-VR element ``tag``
+    holding ``value`` (space-padded to even length): a top-level element has no enclosing length to fix."""
+    head = struct.pack("<HH", *tag) + vr
+    at = raw.index(head)
+    old = struct.unpack_from("<H", raw, at + 6)[0]
+    value += b" " * (len(value) % 2)
+    return raw[:at + 6] + struct.pack("<H", len(value)) + value + raw[at + 8 + old:]
+
+
+def image_series(study: Study, se: Series, demo: dict, pixels: np.ndarray) -> list[bytes]:
+    """The instances of an image series part as Part 10 files: the first written by pydicom
+    (tests/dicom_synth.ct_series), the others that file with their SOP Instance UID (one length in a series:
+    ``SOP_BASE + instance number``), InstanceNumber, ImagePositionPatient and pixels spliced in: some 50×
+    faster than pydicom writing each (tests/integration/test_scale_dicom.py reads them back)."""
+    ds = ct_series(patient_id=demo["mrn"], patient_name=demo["name"], study_uid=study.uid, study_date=study.date,
+                   modality=se.modality, manufacturer="SIEMENS", accession=f"A{study.uid[-10:]}",
+                   series_description=se.description, body_part=se.body_part, sex=demo["sex"],
+                   birth_date=demo["birth"], pixels=[pixels[0]])[0]
+    first = f"{se.uid}.{SOP_BASE + se.start + 1}"
+    ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = se.uid, first, first
+    ds.SeriesNumber, ds.SliceThickness, ds.StudyDescription = se.number, se.thickness, DESCRIPTION[study.kind]
+    if se.modality == "MR":
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        del ds.KVP, ds.ConvolutionKernel
+    template = to_bytes(ds)
+    assert template.endswith(pixels[0].tobytes())  # PixelData is the last element
+    out = []
+    for j, px in enumerate(pixels):
+        k = se.start + 1 + j
+        raw = template.replace(first.encode(), f"{se.uid}.{SOP_BASE + k}".encode())
+        raw = _splice(raw, (0x0020, 0x0013), b"IS", str(k).encode())
+        raw = _splice(raw, (0x0020, 0x0032), b"DS", f"0\\0\\{(k - 1) * se.thickness:g}".encode())
+        out.append(raw[:-px.nbytes] + px.tobytes())
+    return out
+
+
 def study_bodies(study: Study, size: int, batch: int, seed: int) -> list[tuple[int, bytes]]:
     """The STOW-RS request bodies of one study: (instances, multipart body), a series per request (at most
     ``batch`` instances each)."""
@@ -257,23 +296,9 @@ def study_bodies(study: Study, size: int, batch: int, seed: int) -> list[tuple[i
     out = []
     for se in study.series:
         if se.modality == "SR":
-            datasets = [sr_document(study, se, demo, rng)]
+            raw = [to_bytes(sr_document(study, se, demo, rng))]
         else:
-            pixels = [nprng.normal(1000, 50, (size, size)) for _ in range(se.n)]
-            datasets = ct_series(patient_id=demo["mrn"], patient_name=demo["name"], study_uid=study.uid,
-                                 study_date=study.date, modality=se.modality, manufacturer="SIEMENS",
-                                 accession=f"A{study.uid[-10:]}", series_description=se.description,
-                                 body_part=se.body_part, sex=demo["sex"], birth_date=demo["birth"], pixels=pixels)
-            for k, ds in enumerate(datasets, start=se.start + 1):
-                sop = f"{se.uid}.{k}"
-                ds.InstanceNumber, ds.ImagePositionPatient = k, [0, 0, (k - 1) * se.thickness]
-                ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = se.uid, sop, sop
-                ds.SeriesNumber, ds.SliceThickness = se.number, se.thickness
-                ds.StudyDescription = DESCRIPTION[study.kind]
-                if se.modality == "MR":
-                    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-                    del ds.KVP, ds.ConvolutionKernel
-        raw = [to_bytes(d) for d in datasets]
+            raw = image_series(study, se, demo, nprng.normal(1000, 50, (se.n, size, size)).astype(np.int16))
         for i in range(0, len(raw), batch):
             out.append((len(raw[i:i + batch]), stow_body(raw[i:i + batch], BOUNDARY)))
     return out
@@ -348,12 +373,13 @@ async def measure(base: str, settings, studies: list[Study], rounds: int) -> dic
         settings, subject="ana", roles=["analyst"], purpose={"codes": ["DUO:0000037"]}, ttl_s=36000)}
     clin = {"Authorization": "Bearer " + issue_dev_token(settings, subject="doc", roles=["clinician"], ttl_s=36000)}
     out: dict = {"qido": [], "wado": {}, "cohort": {}}
+    warm = min(3, rounds)  # warm-up requests per cell
     async with aiohttp.ClientSession() as http:
         for label, level, path, params in qido_cells(studies):
             url = f"{base}/dicomweb/{path}"
             for arm, h in (("research", gated), ("treatment", clin)):
                 p = {**params, "limit": str(LIMIT)}
-                for _ in range(3):
+                for _ in range(warm):
                     _, _, r = await _get(http, url, p, h)
                 total = int(r.headers.get("X-Total-Count", "0"))
                 first = [(await _get(http, url, p, h))[0] for _ in range(rounds)]
@@ -385,14 +411,14 @@ async def measure(base: str, settings, studies: list[Study], rounds: int) -> dic
         print(out["wado"], flush=True)
         tok = issue_dev_token(settings, subject="bench", roles=["analyst"], purpose=COHORT_PURPOSE, ttl_s=36000)
         ms, server, body = [], [], {}
-        for i in range(rounds + 3):
+        for i in range(rounds + warm):
             t0 = time.perf_counter()
             async with http.post(f"{base}/federation/cohort/count", json=COHORT_QUERY,
                                  headers={"Authorization": f"Bearer {tok}"}) as r:
                 body = await r.json()
                 if r.status != 200:
                     raise SystemExit(f"cohort count answered {r.status}: {body}")
-            if i >= 3:
+            if i >= warm:
                 ms.append(time.perf_counter() - t0)
                 server.append(body["elapsed_ms"] / 1000)
         out["cohort"] = {"ms": pcts(ms), "server_ms": pcts(server), "count": body.get("count")}

@@ -5,14 +5,20 @@ Four FHIR patients (200 resources, the FHIR half's loader), then ``scale_dicom.r
 instance stored through STOW-RS over HTTP, and the clinician's QIDO-RS match counts equal to what the
 generated plan holds at each size (the PatientID, date-range, modality and series-level searches, the
 instances of the longest series); WADO-RS series, /metadata and the federation cohort count answered.
+The spliced instances of the generator (one pydicom-written file per series, the rest patched) read back
+with their own UIDs, numbers, positions and pixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+
+import numpy as np
+import pydicom
 
 from bench.scale import load
-from bench.scale_dicom import run
+from bench.scale_dicom import SOP_BASE, demographics, image_series, plan, run
 from tests.conftest import make_settings, start_gateway
 
 
@@ -60,3 +66,18 @@ async def test_scale_dicom_half_tiny(tmp_path, db_url):
         assert m["wado"]["inst_s"] > 0 and m["wado"]["requests"] > 0
         assert "count" in m["cohort"] and m["db_growth"] > 0
     assert kinds == {"cardiac", "head"}
+
+
+def test_spliced_series_reads_back():
+    studies = plan([400], 4, 29)
+    study, se = next((st, se) for st in studies for se in st.series if se.modality == "MR" and se.n > 5)
+    pixels = np.random.default_rng(5).normal(1000, 50, (se.n, 8, 8)).astype(np.int16)
+    raws = image_series(study, se, demographics(study.patient), pixels)
+    assert len(raws) == se.n
+    for k, raw in enumerate(raws, start=1):
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == f"{se.uid}.{SOP_BASE + k}"
+        assert (ds.InstanceNumber, ds.SeriesInstanceUID, ds.StudyInstanceUID) == (k, se.uid, study.uid)
+        assert [float(x) for x in ds.ImagePositionPatient] == [0, 0, (k - 1) * se.thickness]
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and ds.PatientID == demographics(study.patient)["mrn"]
+        assert (ds.pixel_array == pixels[k - 1]).all()
