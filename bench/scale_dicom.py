@@ -441,11 +441,12 @@ async def run(app, base: str, settings, data_dir: Path, args: argparse.Namespace
     patients = max(1, fhir_n // PER_PATIENT)
     full = plan(targets, patients, args.dicom_seed)
     marker = data_dir / "scale-dicom.json"
-    shape = {"targets": targets, "patients": patients, "seed": args.dicom_seed, "size": args.dicom_size}
+    shape = {"patients": patients, "seed": args.dicom_seed, "size": args.dicom_size, "batch": args.stow_batch}
     saved = json.loads(marker.read_text()) if reuse and marker.exists() else None
-    if saved and saved["shape"] != shape:
-        raise SystemExit(f"{marker}: loaded with another DICOM shape; use another --data-dir")
-    saved = saved or {"shape": shape, "base": None, "stages": []}
+    if saved and (saved["shape"] != shape or saved["targets"] != targets[:len(saved["targets"])]):
+        raise SystemExit(f"{marker}: loaded with another DICOM shape or sizes {saved['targets']} (a rerun may add "
+                         "sizes after them); use another --data-dir")
+    saved = saved or {"shape": shape, "targets": [], "base": None, "stages": []}
     if saved["base"] is None:
         saved["base"] = await db_size(app, data_dir)
     base_size = saved["base"]
@@ -453,6 +454,9 @@ async def run(app, base: str, settings, data_dir: Path, args: argparse.Namespace
     lines: list[str] = []
     measured: list[dict] = []
     for k, target in enumerate(targets):
+        if k < len(saved["stages"]) - 1:  # measured when loaded: the store holds more now
+            lines += saved["stages"][k].get("lines") or [f"### DICOM: {target:,} instances: not measured", ""]
+            continue
         if k < len(saved["stages"]):
             stage = saved["stages"][k]
         else:
@@ -465,14 +469,18 @@ async def run(app, base: str, settings, data_dir: Path, args: argparse.Namespace
             del work
             stage = {"instances": target, "sent": sum(st.instances for st in todo), "wall": wall, "gen_s": gen_s,
                      "tenths": tenths}
+            saved["stages"].append(stage)
+            saved["targets"].append(target)
             if reuse:
-                saved["stages"].append(stage)
                 marker.write_text(json.dumps(saved))
         await app[keys.DB].analyze()
         size = await db_size(app, data_dir)
         stored = upto(full, k)
         m = await measure(base, settings, stored, args.rounds)
-        lines += report(stage, m, len(stored), size - base_size, blob_bytes(data_dir), base_size, fhir_n, args)
+        stage["lines"] = report(stage, m, len(stored), size - base_size, blob_bytes(data_dir), base_size, fhir_n, args)
+        lines += stage["lines"]
+        if reuse:
+            marker.write_text(json.dumps(saved))
         measured.append({"stage": stage, "studies": stored, "db_growth": size - base_size, **m})
     return lines, measured
 
@@ -504,5 +512,6 @@ def report(stage: dict, m: dict, n_studies: int, grown: int, blobs: int, base_si
             f"Federation site cohort query (bench/federation_bench.py's: hypertension + cardiac MR ≤ 8 mm + SR "
             f"Finding LV with LVEF ≤ 50, with breakdowns; analyst, DUO:0000042), {args.rounds} requests: p50 / p95 "
             f"{c['ms'][0]:.1f} / {c['ms'][1]:.1f} ms (server-side {c['server_ms'][0]:.1f} / {c['server_ms'][1]:.1f}), "
-            f"released count {c['count']}.", ""]
+            "released count " + (f"{c['count']:,}" if c["count"] is not None else "none (under the site's disclosure "
+                                 "threshold, min_cell 5)") + ".", ""]
     return out
