@@ -53,7 +53,7 @@ import aiohttp
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import PYDICOM_ROOT_UID, ComprehensiveSRStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from bench.federation_bench import PURPOSE as COHORT_PURPOSE
 from bench.federation_bench import QUERY as COHORT_QUERY
@@ -63,7 +63,7 @@ from gateway.auth import issue_dev_token
 from tests.dicom_synth import ct_series, stow_body, to_bytes
 from tests.fhir_population import PER_PATIENT, patient_resources
 
-UID_ROOT = "1.2.826.0.1.3680043.10.27"  # + .seed.study.series[.instance]: deterministic, ≤ 64 characters
+UID_ROOT = PYDICOM_ROOT_UID + "27"  # pydicom's root for generated UIDs; + .seed.study.series.instance (≤ 64)
 BOUNDARY = "scale-dicom-7f3a"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 LIMIT = 50
