@@ -48,7 +48,7 @@ async def test_scale_dicom_half_tiny(tmp_path, db_url):
     try:
         n = await load(gw.app, 200, [])
         args = argparse.Namespace(dicom_instances="30,80", dicom_size=8, stow_concurrency=2, stow_batch=10,
-                                  dicom_seed=29, rounds=2)
+                                  dicom_seed=29, rounds=1)
         lines, measured = await run(gw.app, gw.url, settings, settings.data_dir, args, n)
     finally:
         await gw.server.close()
