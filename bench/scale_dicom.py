@@ -441,7 +441,8 @@ async def run(app, base: str, settings, data_dir: Path, args: argparse.Namespace
     patients = max(1, fhir_n // PER_PATIENT)
     full = plan(targets, patients, args.dicom_seed)
     marker = data_dir / "scale-dicom.json"
-    shape = {"patients": patients, "seed": args.dicom_seed, "size": args.dicom_size, "batch": args.stow_batch}
+    shape = {"patients": patients, "seed": args.dicom_seed, "size": args.dicom_size, "batch": args.stow_batch,
+             "uid_root": UID_ROOT}
     saved = json.loads(marker.read_text()) if reuse and marker.exists() else None
     if saved and (saved["shape"] != shape or saved["targets"] != targets[:len(saved["targets"])]):
         raise SystemExit(f"{marker}: loaded with another DICOM shape or sizes {saved['targets']} (a rerun may add "
