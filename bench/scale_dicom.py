@@ -369,6 +369,9 @@ def qido_cells(studies: list[Study]) -> list[tuple[str, str, str, dict]]:
 
 
 async def measure(base: str, settings, studies: list[Study], rounds: int) -> dict:
+    """QIDO-RS cells (both requesters; p50/p95 over ``rounds`` after warm-up, first page and deep page),
+    WADO-RS of the five longest image series with their /metadata (one client, sequential), and the
+    federation cohort count, against the gateway at ``base`` holding ``studies``."""
     gated = {"Authorization": "Bearer " + issue_dev_token(
         settings, subject="ana", roles=["analyst"], purpose={"codes": ["DUO:0000037"]}, ttl_s=36000)}
     clin = {"Authorization": "Bearer " + issue_dev_token(settings, subject="doc", roles=["clinician"], ttl_s=36000)}
