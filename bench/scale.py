@@ -21,6 +21,10 @@ Usage::
         [--rounds 40] [--write]
 
 ``--data-dir`` keeps the store (and, with ``--database-url``, reuses that database) so a rerun skips the load.
+
+``--dicom-instances 10000,100000`` adds the DICOM half (``bench/scale_dicom.py``: STOW-RS ingest, QIDO-RS at
+every level, WADO-RS series, the federation site cohort query, bytes per instance) on the same store, measured
+at each size; ``--dicom-only`` loads the FHIR population (the DICOM patients' records) but times no FHIR search.
 """
 
 from __future__ import annotations
@@ -157,7 +161,11 @@ async def main() -> None:
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--write", action="store_true")
+    from bench import scale_dicom
+
+    scale_dicom.add_arguments(ap)
     args = ap.parse_args()
+    dicom_lines: list[str] = []
     tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="scale-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     marker = tmp / "scale-loaded.json"
@@ -184,7 +192,7 @@ async def main() -> None:
         base = str(server.make_url("/fhir"))
         rows = []
         async with aiohttp.ClientSession() as http:
-            for label, ptype, path, params in SEARCHES:
+            for label, ptype, path, params in [] if args.dicom_only else SEARCHES:
                 url = f"{base}/{path}"
                 for arm, h in (("research", gated), ("treatment", clin)):
                     p = {**params, "_count": "50"}
@@ -208,6 +216,9 @@ async def main() -> None:
                     inproc = await query_only(app, path, params, arm, args.rounds)
                     rows.append((label, ptype, arm, pcts(first), pcts(page100) if page100 else None, inproc))
                     print(rows[-1], flush=True)
+        if scale_dicom.sizes(args.dicom_instances):
+            dicom_lines, _ = await scale_dicom.run(app, base.removesuffix("/fhir"), settings, tmp, args, n,
+                                                reuse=bool(args.data_dir))
     finally:
         await server.close()
     engine = "postgresql" if args.database_url.startswith("postgres") else "sqlite"
@@ -225,7 +236,7 @@ async def main() -> None:
         p100s = f"{p100[0]:.1f} / {p100[1]:.1f}" if p100 else "— (< 100 pages)"
         q100s = f"{q100:.1f}" if q100 is not None else "—"
         lines.append(f"| `{label}` | {ptype} | {arm} | {f50:.1f} / {f95:.1f} | {p100s} | {q1:.1f} / {q100s} |")
-    print("\n".join(lines))
+    print("\n".join(lines + dicom_lines))
     if args.write:
         cmd = "    .venv/bin/python bench/scale.py " + " ".join(sys.argv[1:])
         section = [f"\n## FHIR at scale (issue 27) — {engine}, {n:,} resources — "
@@ -235,7 +246,7 @@ async def main() -> None:
                    f"{args.rounds} requests per cell through HTTP (one client, sequential), after 3 warm-up requests. "
                    "Research: an analyst with purpose DUO:0000037 (the gate permits 3 of the 4 consent "
                    "permissions); treatment: a clinician (unrestricted). Query only: `fhir_repo.search` in process "
-                   "(no HTTP, no audit record), the same consent scopes.", "", *lines, ""]
+                   "(no HTTP, no audit record), the same consent scopes.", "", *lines, "", *dicom_lines]
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write("\n".join(section))
 
