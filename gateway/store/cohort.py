@@ -132,6 +132,9 @@ def _years_before(at: _dt.date, years: int) -> str:
 class Compiler:
     expand: Expander | None = None
     today: _dt.date | None = None
+    #: False: every leaf of an ``all`` an ``IN`` semi-join (the form before :meth:`_conjunction`; tests
+    #: compare the two)
+    drive: bool = True
 
     # -- entry --------------------------------------------------------------------------------
     def compile(self, root: Node, scope: AccessScope) -> Select:
@@ -187,7 +190,7 @@ class Compiler:
         hypertension patients, 15k cardiac MR series at 50k patients) to intersect a 3k-patient SR list;
         PostgreSQL turns both forms into the same semi-joins.  ``NOT`` stays two-valued: neither form
         yields NULL (the leaves filter NULL patient ids)."""
-        probes = [c for c in children if self._probe_ok(c)]
+        probes = [c for c in children if self.drive and self._probe_ok(c)]
         driver = min(probes, key=lambda c: self.DRIVE_ORDER.index(c.kind)) if len(probes) > 1 else None
         return [self._exists(c) if c in probes and c is not driver else self.predicate(c) for c in children]
 
