@@ -200,6 +200,11 @@ async def load(db: Database, rows: dict[str, list[dict]], *, chunk: int = 5000) 
             if not await load_policy_doc(conn):
                 await store_policy_doc(conn, {})
         copy = conn.dialect.name == "postgresql"
+        from sqlalchemy import func, select
+
+        from gateway.store.schema import cm_patient
+
+        fresh = not (await conn.execute(select(func.count()).select_from(cm_patient))).scalar_one()
         for name, items in rows.items():
             table = metadata.tables[name]
             cols = set(table.c.keys())
@@ -215,7 +220,9 @@ async def load(db: Database, rows: dict[str, list[dict]], *, chunk: int = 5000) 
         if "consent_policy" in metadata.tables and rows.get("dcm_study"):
             from gateway.store.consent_schema import stamp_dicom
 
-            await stamp_dicom(conn, {r["patient_id"] for r in rows["cm_patient"]})  # QIDO filters on the rows
+            # QIDO filters on the rows; a store that had no patient before: every row at once (a few statements
+            # per table instead of one per 500 patients per profile per table — hours at 500k on PostgreSQL)
+            await stamp_dicom(conn, None if fresh else {r["patient_id"] for r in rows["cm_patient"]})
 
 
 __all__ = ["SiteProfile", "DEMO_SITES", "generate", "load", "CONSENT_PROFILES", "profile_keys"]
