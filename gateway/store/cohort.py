@@ -3,7 +3,8 @@
 The result is ``SELECT DISTINCT cm_patient.patient_id`` over the common model (``cm_*``) and the DICOM
 index (``dcm_study``, ``dcm_series``, ``dcm_seg_segment``, ``dcm_sr_item``), always intersected with
 the consent scope's visible patients.  The same statement runs on SQLite and PostgreSQL: every leaf is a
-``patient_id IN (SELECT ...)`` semi-join (NULL patient ids filtered so ``NOT`` stays two-valued);
+``patient_id IN (SELECT ...)`` semi-join (NULL patient ids filtered so ``NOT`` stays two-valued) — in a
+conjunction, one leaf drives and the others are correlated ``EXISTS`` probes (:meth:`Compiler._conjunction`);
 relative time windows join a leaf's events with its anchor's events on day numbers (:class:`iso_days`,
 :class:`da_days`, compiled per dialect).
 """
