@@ -263,14 +263,15 @@ class SiteService:
         # is intersected with the scope, so no released value — counts, breakdowns, stats, cell keys —
         # depends on a refused patient.  (An earlier ``consent.matching`` counted every patient matching
         # the criteria: comparing count(A) with count(A or X) told whether a withdrawn patient had X.)
+        with_series = bool({"modality", "manufacturer"} & set(req.breakdowns))
         async with self.db.read() as conn:
-            rows = await cohort_reads.eligible(conn, scope, req.root, expand=self.expand, today=req.age_at)
+            # the cohort with its series in one statement when a series breakdown is asked for
+            rows = await cohort_reads.eligible(conn, scope, req.root, expand=self.expand, today=req.age_at,
+                                               series=with_series)
             elig: dict[str, tuple] = {}
             for r in rows:
-                elig.setdefault(r.patient_id, r)
-            series_rows = []
-            if elig and ({"modality", "manufacturer"} & set(req.breakdowns)):
-                series_rows = await self._series(conn, req, scope, sorted(elig))
+                elig.setdefault(r[0], r)
+            series_rows = [(r[0], r[3], r[4]) for r in rows] if with_series else []
             stats = {}
             for name in req.stats:
                 stats[name] = await self._stat(conn, name, req, scope, elig)
@@ -301,10 +302,6 @@ class SiteService:
         if req.stats:
             result["stats"] = stats
         return result
-
-    async def _series(self, conn, req: CohortRequest, scope: AccessScope, ids: list[str]):
-        """(patient, modality, manufacturer) of the eligible patients, by id chunks (the cohort SQL runs once)."""
-        return await cohort_reads.series_of(conn, scope, ids)
 
     async def _stat(self, conn, name: str, req: CohortRequest, scope: AccessScope, elig: Mapping[str, Any]) -> dict:
         values: dict[str, float] = {}

@@ -3,7 +3,8 @@
 The result is ``SELECT DISTINCT cm_patient.patient_id`` over the common model (``cm_*``) and the DICOM
 index (``dcm_study``, ``dcm_series``, ``dcm_seg_segment``, ``dcm_sr_item``), always intersected with
 the consent scope's visible patients.  The same statement runs on SQLite and PostgreSQL: every leaf is a
-``patient_id IN (SELECT ...)`` semi-join (NULL patient ids filtered so ``NOT`` stays two-valued);
+``patient_id IN (SELECT ...)`` semi-join (NULL patient ids filtered so ``NOT`` stays two-valued) — in a
+conjunction, one leaf drives and the others are correlated ``EXISTS`` probes (:meth:`Compiler._conjunction`);
 relative time windows join a leaf's events with its anchor's events on day numbers (:class:`iso_days`,
 :class:`da_days`, compiled per dialect).
 """
@@ -132,6 +133,9 @@ def _years_before(at: _dt.date, years: int) -> str:
 class Compiler:
     expand: Expander | None = None
     today: _dt.date | None = None
+    #: False: every leaf of an ``all`` an ``IN`` semi-join (the form before :meth:`_conjunction`; tests
+    #: compare the two)
+    drive: bool = True
 
     # -- entry --------------------------------------------------------------------------------
     def compile(self, root: Node, scope: AccessScope) -> Select:
@@ -149,7 +153,7 @@ class Compiler:
     # -- boolean -------------------------------------------------------------------------------
     def predicate(self, node: Node) -> ColumnElement:
         if node.kind == "all":
-            return and_(true(), *(self.predicate(c) for c in node.body))
+            return and_(true(), *self._conjunction(node.body))
         if node.kind == "any":
             return or_(false(), *(self.predicate(c) for c in node.body))
         if node.kind == "not":
@@ -167,6 +171,33 @@ class Compiler:
                 conds.append(func.substr(cm_patient.c.birth_date, 1, 10) > _years_before(at, node.body.max + 1))
             return and_(*conds)
         return cm_patient.c.patient_id.in_(self.patients(node))
+
+    #: Which semi-join of a conjunction drives it, most specific first (the others are probed per patient):
+    #: an SR or SEG content match is usually rarer than an observation value, a procedure or an imaging
+    #: series, and a diagnosis code is the broadest.  Only an ordering heuristic: every order is correct.
+    DRIVE_ORDER = ("sr", "seg", "observation", "procedure", "imaging", "age", "condition")
+
+    @staticmethod
+    def _probe_ok(node: Node) -> bool:
+        """A leaf whose patients can be tested one patient at a time with ``EXISTS``: no relative window
+        and no event subquery over ``cm_patient`` itself (age at a study joins it)."""
+        return node.kind in Compiler.DRIVE_ORDER and node.kind != "age" and getattr(node.body, "within", None) is None
+
+    def _conjunction(self, children) -> list[ColumnElement]:
+        """The terms of an ``all``: one semi-join leaf, the most specific (:data:`DRIVE_ORDER`), stays
+        ``patient_id IN (SELECT ...)`` and drives the statement; the other leaves become correlated
+        ``EXISTS (... WHERE leaf.patient_id = cm_patient.patient_id)``, index probes for the driver's
+        patients.  With every leaf an ``IN``, SQLite built each leaf's whole patient list (15k
+        hypertension patients, 15k cardiac MR series at 50k patients) to intersect a 3k-patient SR list;
+        PostgreSQL turns both forms into the same semi-joins.  ``NOT`` stays two-valued: neither form
+        yields NULL (the leaves filter NULL patient ids)."""
+        probes = [c for c in children if self.drive and self._probe_ok(c)]
+        driver = min(probes, key=lambda c: self.DRIVE_ORDER.index(c.kind)) if len(probes) > 1 else None
+        return [self._exists(c) if c in probes and c is not driver else self.predicate(c) for c in children]
+
+    def _exists(self, node: Node) -> ColumnElement:
+        sel = self.patients(node)
+        return sel.where(sel.selected_columns[0] == cm_patient.c.patient_id).exists()
 
     # -- leaves: patient ids -----------------------------------------------------------------------
     def patients(self, node: Node) -> Select:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from gateway.store.access import require_scope, where
 from gateway.store.cohort import compile_cohort
@@ -22,11 +22,20 @@ ID_CHUNK = 5000
 
 
 async def eligible(conn, scope: AccessScope, root: Node, *, expand: Expander | None = None,
-                   today: _dt.date | None = None) -> list:
-    """(patient_id, sex, birth_date) rows of the cohort ``root`` within ``scope`` (one or more per patient)."""
+                   today: _dt.date | None = None, series: bool = False) -> list:
+    """(patient_id, sex, birth_date) rows of the cohort ``root`` within ``scope`` (one or more per patient).
+
+    ``series``: rows (patient_id, sex, birth_date, upper-case modality, manufacturer) instead, one per
+    series of the patient that ``scope`` permits (NULL modality and manufacturer for a patient without
+    one) — the cohort and its series in one statement, as :func:`series_of` would give them for the
+    cohort's ids, without a second round trip and its list of ids."""
     require_scope(scope)
     stmt = compile_cohort(root, scope, expand=expand, today=today).with_only_columns(
         cm_patient.c.patient_id, cm_patient.c.sex, cm_patient.c.birth_date)
+    if series:
+        c, se = stmt.subquery("cohort"), dcm_series
+        stmt = (select(c.c.patient_id, c.c.sex, c.c.birth_date, func.upper(se.c.modality), se.c.manufacturer)
+                .select_from(c.outerjoin(se, and_(se.c.patient_id == c.c.patient_id, where(scope, se)))))
     return (await conn.execute(stmt)).all()
 
 

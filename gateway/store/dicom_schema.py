@@ -125,7 +125,10 @@ dcm_sr_item = Table(
     Column("ref_frame", Integer),
     Column("ref_segment_number", Integer),
 )
-Index("ix_dcm_sr_item_sop", dcm_sr_item.c.sop_uid, dcm_sr_item.c.group_item_id, dcm_sr_item.c.concept_code)
+# an SR leaf's second and later items, probed per first item (same instance/group): covering, so the probe
+# reads no table row (replaces ix_dcm_sr_item_sop: the same leading columns)
+Index("ix_dcm_sr_item_sop_value", dcm_sr_item.c.sop_uid, dcm_sr_item.c.group_item_id, dcm_sr_item.c.concept_code,
+      dcm_sr_item.c.concept_scheme, dcm_sr_item.c.num_value, dcm_sr_item.c.code_value, dcm_sr_item.c.code_scheme)
 # covering for a cohort SR leaf (coded or numeric item, same instance/group): no table lookups
 Index("ix_dcm_sr_item_concept_value", dcm_sr_item.c.concept_code, dcm_sr_item.c.concept_scheme,
       dcm_sr_item.c.code_value, dcm_sr_item.c.code_scheme, dcm_sr_item.c.num_value, dcm_sr_item.c.sop_uid,

@@ -39,6 +39,7 @@ RETIRED_INDEXES = (
     *(f"ix_cm_{t}_code" for t in ("condition", "observation", "procedure", "encounter", "diagnostic_report")),
     "ix_dcm_series_modality",
     "ix_dcm_sr_item_concept",
+    "ix_dcm_sr_item_sop",
 )
 
 

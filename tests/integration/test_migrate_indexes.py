@@ -33,3 +33,20 @@ async def test_existing_database_gets_new_indexes_and_loses_retired_ones(db_url)
         assert not (cond | series) & set(RETIRED_INDEXES)
     finally:
         await db.dispose()
+
+
+async def test_existing_database_gets_the_covering_sr_probe_index(db_url):
+    """ix_dcm_sr_item_sop_value (issue 27: the per-group probe of an SR leaf's later items reads no table
+    row) replaces ix_dcm_sr_item_sop on a database an older release left."""
+    db = Database(db_url)
+    try:
+        await migrate(db)
+        assert "ix_dcm_sr_item_sop_value" in await _indexes(db, "dcm_sr_item")
+        async with db.write() as conn:
+            await conn.execute(text("DROP INDEX ix_dcm_sr_item_sop_value"))
+            await conn.execute(text("CREATE INDEX ix_dcm_sr_item_sop ON dcm_sr_item (sop_uid, group_item_id, concept_code)"))
+        await migrate(db)
+        have = await _indexes(db, "dcm_sr_item")
+        assert "ix_dcm_sr_item_sop_value" in have and "ix_dcm_sr_item_sop" not in have
+    finally:
+        await db.dispose()
