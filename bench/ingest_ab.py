@@ -69,9 +69,22 @@ async def main() -> None:
         pr.dump_stats(args.profile)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = patients * PER_PATIENT
+    server_cpu = None
+    if args.database_url:  # PostgreSQL on this machine: CPU of this database's server processes (all of the run)
+        async with db.read() as conn:
+            pids = [r[0] for r in await conn.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+        server_cpu = 0.0
+        for pid in pids:
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                server_cpu += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                pass
     await server.close()
     print(json.dumps({"tree": args.tree, "engine": "postgresql" if args.database_url else "sqlite", "n": n,
                       "res_s": round(n / wall), "res_cpu_s": round(n / (cpu - gen)), "gen_cpu_s": round(gen, 1),
+                      "server_cpu_s": server_cpu and round(server_cpu, 1),
                       "tenths_wall": [t[1] for t in tenths], "tenths_cpu": [t[2] for t in tenths],
                       "load": os.getloadavg()[0]}), flush=True)
 
