@@ -24,6 +24,7 @@ ap.add_argument("--resources", type=int, default=50_000)
 ap.add_argument("--database-url", default="")
 ap.add_argument("--data-dir", default="")
 ap.add_argument("--profile", default="")
+ap.add_argument("--pragma", action="append", default=[], help="SQLite: PRAGMA run on every connection checkout (experiments)")
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
 sys.path.insert(0, args.tree + "/bench")
@@ -35,6 +36,15 @@ from gateway.store import fhir_repo  # noqa: E402
 from tests.fhir_population import PER_PATIENT, patient_resources  # noqa: E402
 
 
+def written() -> int:
+    """Bytes this process has caused to be written to storage (/proc/self/io), 0 where unknown."""
+    try:
+        return int(next(ln for ln in Path("/proc/self/io").read_text().splitlines()
+                        if ln.startswith("write_bytes:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 async def main() -> None:
     tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="ingest-ab-"))
     settings = load_settings(env={}, overrides={"data_dir": tmp, "database_url": args.database_url,
@@ -43,13 +53,22 @@ async def main() -> None:
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     db = app[keys.DB]
+    if args.pragma:
+        from sqlalchemy import event
+
+        def pragmas(dbapi_conn, *_):
+            cur = dbapi_conn.cursor()
+            for p in args.pragma:
+                cur.execute(f"PRAGMA {p}")
+            cur.close()
+        event.listen(db.engine.sync_engine, "checkout", pragmas)
     patients = -(-args.resources // PER_PATIENT)
     step = max(1, patients // 10)
     tenths = []
     gen = 0.0
     pr = cProfile.Profile() if args.profile else None
     t0, c0 = time.perf_counter(), time.process_time()
-    tt, ct, nt = t0, c0, 0
+    tt, ct, nt, wt = t0, c0, 0, written()
     if pr:
         pr.enable()
     for start in range(0, patients, 10):
@@ -62,8 +81,9 @@ async def main() -> None:
         nt += len(writes)
         if (start + 10) % step < 10 or start + 10 >= patients:
             now, cnow = time.perf_counter(), time.process_time()
-            tenths.append((nt, round(nt / (now - tt)), round(nt / (cnow - ct))))
-            tt, ct, nt = now, cnow, 0
+            wnow = written()
+            tenths.append((nt, round(nt / (now - tt)), round(nt / (cnow - ct)), round((wnow - wt) / nt)))
+            tt, ct, nt, wt = now, cnow, 0, wnow
     if pr:
         pr.disable()
         pr.dump_stats(args.profile)
@@ -86,6 +106,7 @@ async def main() -> None:
                       "res_s": round(n / wall), "res_cpu_s": round(n / (cpu - gen)), "gen_cpu_s": round(gen, 1),
                       "server_cpu_s": server_cpu and round(server_cpu, 1),
                       "tenths_wall": [t[1] for t in tenths], "tenths_cpu": [t[2] for t in tenths],
+                      "tenths_written_bytes_per_res": [t[3] for t in tenths],
                       "load": os.getloadavg()[0]}), flush=True)
 
 
