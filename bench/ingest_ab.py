@@ -24,6 +24,7 @@ ap.add_argument("--resources", type=int, default=50_000)
 ap.add_argument("--database-url", default="")
 ap.add_argument("--data-dir", default="")
 ap.add_argument("--profile", default="")
+ap.add_argument("--no-note-writes", action="store_true", help="the load as bench/scale.py did before: no ANALYZE as it grows")
 ap.add_argument("--pragma", action="append", default=[], help="SQLite: PRAGMA run on every connection checkout (experiments)")
 args = ap.parse_args()
 sys.path.insert(0, args.tree)
@@ -78,6 +79,8 @@ async def main() -> None:
         gen += time.process_time() - g0
         async with db.write() as conn:
             await fhir_repo.apply_writes(conn, writes)
+        if not args.no_note_writes:
+            db.note_writes(len(writes))  # as the FHIR transaction interaction does (bench/scale.py too)
         nt += len(writes)
         if (start + 10) % step < 10 or start + 10 >= patients:
             now, cnow = time.perf_counter(), time.process_time()
