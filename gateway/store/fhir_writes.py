@@ -265,7 +265,9 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     from gateway.store.consent_schema import recompute, stamp_resources
 
     if touched:
-        await recompute(conn, touched)  # also restamps every resource of those patients
+        # also restamps every resource of those patients (and the index rows of those written before: the
+        # new ones get theirs below)
+        await recompute(conn, touched, unindexed={rid_by_key[(w.res_type, w.res_id)] for w in writes if w.prev is None})
     # an update that keeps the row's patient keeps its stamp (recompute restamps every row of a patient)
     same = {(w.res_type, w.res_id) for w, r in zip(writes, results) if w.prev is not None and not w.prev.deleted
             and w.resource is not None and w.prev.patient_id == r.patient_id and not w.prev.multi and not r.multi}

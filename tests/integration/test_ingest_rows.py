@@ -49,6 +49,20 @@ async def test_bulk_ingest_rows_are_the_mappings_rows(gateway, http):
         writes = [fhir_repo.Write(r["resourceType"], r["id"], r, None, "PUT") for r in population[n:n + 500]]
         async with db.write() as conn:
             await fhir_repo.apply_writes(conn, writes)
+    # a later transaction: sp0's Consent changes (its earlier resources' stamps — and their index rows' — change
+    # with it) while new resources of sp0 and of a new patient arrive
+    consent = next(r for r in population if r["id"] == "c-sp0")
+    changed = consent | {"policyRule": {"coding": [{"system": "http://purl.obolibrary.org/obo/duo",
+                                                    "code": "DUO:0000004"}]}}
+    later = [changed, {"resourceType": "Observation", "id": "late-1", "status": "final",
+                       "subject": {"reference": "Patient/sp0"}, "code": {"coding": [{"code": "late"}]}},
+             *patient_resources(40)[:3]]
+    async with db.write() as conn:
+        prev = await fhir_repo.get_current_many(conn, [(r["resourceType"], r["id"]) for r in later])
+        await fhir_repo.apply_writes(conn, [fhir_repo.Write(r["resourceType"], r["id"], r,
+                                                            prev.get((r["resourceType"], r["id"])), "PUT")
+                                            for r in later])
+    population = [r for r in population if r["id"] != "c-sp0"] + later
     R, H, L = s.fhir_resource, s.fhir_history, s.fhir_link
     async with db.read() as conn:
         current = (await conn.execute(select(R.c.rid, R.c.res_type, R.c.res_id, R.c.version, R.c.consent_no,
@@ -58,13 +72,20 @@ async def test_bulk_ingest_rows_are_the_mappings_rows(gateway, http):
         # history: one version per resource, the same content and stamps as the current row
         hist = await _all(conn, H, ("res_type", "res_id", "version", "last_updated", "lu_ts", "method", "patient_id",
                                     "content"))
-        assert hist == sorted(((r.res_type, r.res_id, 1, r.last_updated, r.lu_ts, "PUT", r.patient_id, r.content)
-                               for r in current), key=repr)
-        # patient links
-        links = await _all(conn, L, ("res_type", "res_id", "version", "patient_id"))
-        assert links == sorted(((r.res_type, r.res_id, 1, p) for r in current
+        assert [h for h in hist if h[:3] != ("Consent", "c-sp0", 1)] == sorted(
+            ((r.res_type, r.res_id, r.version, r.last_updated, r.lu_ts, "PUT", r.patient_id, r.content)
+             for r in current), key=repr)
+        # patient links (of the current versions)
+        links = [lk for lk in await _all(conn, L, ("res_type", "res_id", "version", "patient_id"))
+                 if lk[:3] != ("Consent", "c-sp0", 1)]
+        assert links == sorted(((r.res_type, r.res_id, r.version, p) for r in current
                                 for p in patient_links(orjson.loads(r.content)).ids), key=repr)
         assert len(links) == len(population)  # every resource here names exactly one patient
+        # sp0's stamp changed with its Consent, on every resource of sp0 (the index rows: below)
+        sp0 = {r.consent_no for r in current if r.patient_id == "sp0"}
+        sp3 = {r.consent_no for r in current if r.patient_id == "sp3"}  # sp3: DUO:0000004 from the start
+        sp4 = {r.consent_no for r in current if r.patient_id == "sp4"}  # sp4: sp0's DUO:0000042 before
+        assert len(sp0) == 1 and sp0 == sp3 and sp0 != sp4
         # search index: the pure extraction of the stored content, made to fit the columns, with the row's stamp
         for kind, table in s.INDEX_TABLES.items():
             cols = ("rid", "res_type", *_IDX_COLS[kind], "consent_no")
