@@ -4,8 +4,9 @@ at page 100, and database size per resource, on a generated Synthea-shaped store
 Builds ``--resources`` resources (``tests/fhir_population.py``: 50 per patient — Patient, research Consent,
 Encounters, Conditions, Procedures, Immunization, DiagnosticReports, Observations; heart rate 8867-4 is
 one resource in ten) through ``fhir_repo.apply_writes`` (the write path of the FHIR API: index, common
-model, patient links, consent stamps, in 500-resource transactions), then serves the app on loopback and
-times, through HTTP, one search per parameter type:
+model, patient links, consent stamps, in 500-resource transactions, each followed by ``Database.note_writes``
+as in the FHIR transaction interaction: ANALYZE in the background as the store grows), then serves the app
+on loopback and times, through HTTP, one search per parameter type:
 
 * first page: ``_count=50`` (default ``_total``: nothing counted);
 * page 100: the URL of the 100th page, reached by following 99 ``next`` links (cursors), timed on its own
@@ -82,6 +83,7 @@ async def load(app, n: int, tenths: list[tuple[int, float]]) -> int:
                   for i in range(start, min(start + 10, patients)) for r in patient_resources(i)]
         async with db.write() as conn:
             await fhir_repo.apply_writes(conn, writes)
+        db.note_writes(len(writes))  # as the FHIR transaction interaction does (planner statistics kept fresh)
         done += len(writes)
         n_tenth += len(writes)
         if (start + 10) % step < 10 or start + 10 >= patients:

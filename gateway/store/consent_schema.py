@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import orjson
 from sqlalchemy import Column, Index, Integer, String, Table, Text, bindparam, inspect, select, text, update
@@ -342,10 +342,13 @@ async def store_policy_doc(conn: AsyncConnection, doc: dict) -> bool:
     return True
 
 
-async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) -> int:
+async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None, *,
+                    unindexed: Collection[int] = ()) -> int:
     """Recompute ``cm_patient.consent_profile`` for ``patient_ids`` (None: every patient), whatever
     the row's source (FHIR, OMOP import, ...): Consents are FHIR resources of that patient id; site
-    policy collections match the row's identifiers / sex / birth year."""
+    policy collections match the row's identifiers / sex / birth year.  ``unindexed``: rids of resource
+    rows that have no search-index rows yet (inserted in this transaction; ``fhir_repo.apply_writes``
+    writes their index rows afterwards, with the new stamp): the index restamp leaves them out."""
     P, R = s.cm_patient, s.fhir_resource
     ids = None if patient_ids is None else sorted({p for p in patient_ids if p})
     if ids is not None and not ids:
@@ -407,8 +410,22 @@ async def recompute(conn: AsyncConnection, patient_ids: Iterable[str] | None) ->
     # per table for all the patients rather than one per profile
     everyone = sorted(p for pids in by_key.values() for p in pids)
     for i in range(0, len(everyone), 500):
-        for table in index_tables():
-            await conn.execute(_stamp_index_stmt(table), {"b_ids": everyone[i:i + 500]})
+        if not unindexed:
+            for table in index_tables():
+                await conn.execute(_stamp_index_stmt(table), {"b_ids": everyone[i:i + 500]})
+            continue
+        # the patients' other resources only, by rid (a patient's first write transaction has none: no
+        # statement at all; before, one UPDATE per index table joined the patients' rows to it, which
+        # PostgreSQL may plan as a scan of the whole index table as it grows)
+        rids_q = built_once(("rids of patients",), lambda: select(R.c.rid).where(
+            R.c.patient_id.in_(bindparam("b_ids", expanding=True))))
+        rids = [r for r in (await conn.execute(rids_q, {"b_ids": everyone[i:i + 500]})).scalars()
+                if r not in unindexed]
+        for j in range(0, len(rids), 500):
+            for table in index_tables():
+                await conn.execute(built_once(("stamp index by rids", table.name), lambda: update(table).where(
+                    table.c.rid.in_(bindparam("b_rids", expanding=True))).values(
+                    consent_no=_resource_consent_no(table))), {"b_rids": rids[j:j + 500]})
     # resources linked to several patients (or to these through other links than patient_id): their stamp
     # is their patients' combined one
     await stamp_linked(conn, await current_links(conn, patients=everyone))

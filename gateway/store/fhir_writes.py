@@ -18,6 +18,7 @@ from sqlalchemy import bindparam, delete, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
+from gateway.store.bulk_rows import insert_rows
 from gateway.store.cm_rows import CM_BY_NAME, row_for
 from gateway.store.db import built_once, fit_rows, table_insert, xact_lock
 from gateway.store.fhir_reads import H, R, Stored, Write, links_of
@@ -209,17 +210,19 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             raise VersionConflict("a resource was changed concurrently")
     rid_by_key: dict[tuple[str, str], int] = {(w.res_type, w.res_id): w.prev.rid for w in writes if w.prev is not None}
     if new_rows:
+        # RETURNING in any order (each row names its key): with sort_by_parameter_order SQLAlchemy ran one
+        # INSERT per resource on SQLite (it cannot order a multi-row RETURNING there), 500 statements and
+        # thread hand-overs per 500-resource transaction; without it, multi-row INSERTs on both engines
         ret = await conn.execute(
-            built_once(("fhir insert current",), lambda: R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id,
-                                                                     sort_by_parameter_order=True)), new_rows
+            built_once(("fhir insert current",), lambda: R.insert().returning(R.c.rid, R.c.res_type, R.c.res_id)),
+            new_rows,
         )
         for r in ret:
             rid_by_key[(r.res_type, r.res_id)] = r.rid
     if superseded:
         await _drop_superseded(conn, superseded)
-    await conn.execute(table_insert(H), history)
-    if link_rows:
-        await conn.execute(table_insert(s.fhir_link), link_rows)
+    await insert_rows(conn, H, history)
+    await insert_rows(conn, s.fhir_link, link_rows)
 
     # Search index and common-model rows: only the difference to the previous version is written.
     # A table whose rows for the resource are unchanged is not touched; one that only gains rows gets
@@ -253,8 +256,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             cm_rows.setdefault(table, []).extend(dict(r) for r in add)
     await _delete_derived(conn, idx_del, cm_del)
     for table, rows_ in cm_rows.items():
-        if rows_:
-            await conn.execute(table_insert(CM_BY_NAME[table]), fit_rows(CM_BY_NAME[table], rows_))
+        await insert_rows(conn, CM_BY_NAME[table], fit_rows(CM_BY_NAME[table], rows_))
     # Consent gate: a written Patient or Consent changes the patient's effective consent
     # profile; recompute it in this transaction so the very next request sees it.
     touched = {r.patient_id for r in results if r.res_type in ("Patient", "Consent")}
@@ -263,7 +265,9 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
     from gateway.store.consent_schema import recompute, stamp_resources
 
     if touched:
-        await recompute(conn, touched)  # also restamps every resource of those patients
+        # also restamps every resource of those patients (and the index rows of those written before: the
+        # new ones get theirs below)
+        await recompute(conn, touched, unindexed={rid_by_key[(w.res_type, w.res_id)] for w in writes if w.prev is None})
     # an update that keeps the row's patient keeps its stamp (recompute restamps every row of a patient)
     same = {(w.res_type, w.res_id) for w, r in zip(writes, results) if w.prev is not None and not w.prev.deleted
             and w.resource is not None and w.prev.patient_id == r.patient_id and not w.prev.multi and not r.multi}
@@ -287,7 +291,7 @@ async def apply_writes(conn: AsyncConnection, writes: Sequence[Write]) -> list[S
             if rows_:
                 for row in rows_:
                     row["consent_no"] = nos[row["rid"]]
-                await conn.execute(table_insert(s.INDEX_TABLES[kind]), fit_rows(s.INDEX_TABLES[kind], rows_))
+                await insert_rows(conn, s.INDEX_TABLES[kind], fit_rows(s.INDEX_TABLES[kind], rows_))
     return [
         Stored(rid_by_key.get((r.res_type, r.res_id)), r.res_type, r.res_id, r.version, r.last_updated, r.deleted,
                r.patient_id, r.content, r.multi)

@@ -33,31 +33,44 @@ class IndexRows:
     quantity: list[tuple[str, float, str | None, str | None]] = field(default_factory=list)
 
 
+#: a dotted path's parts: (key, choice stem or None) — ``name[x]`` matches choice elements
+_PATHS: dict[str, tuple[tuple[str, str | None], ...]] = {}
+
+
+def _parts(path: str) -> tuple[tuple[str, str | None], ...]:
+    parts = _PATHS.get(path)
+    if parts is None:
+        parts = _PATHS[path] = tuple((k, k[:-3] if k.endswith("[x]") else None) for k in path.split("."))
+    return parts
+
+
+def _collect(value: Any, parts: tuple[tuple[str, str | None], ...], i: int, out: list[Any]) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _collect(item, parts, i, out)
+        return
+    if i == len(parts):
+        if value is not None:
+            out.append(value)
+        return
+    if not isinstance(value, dict):
+        return
+    key, stem = parts[i]
+    if stem is not None:
+        n = len(stem)
+        for k, v in value.items():
+            if k.startswith(stem) and k[n : n + 1].isupper():
+                _collect(v, parts, i + 1, out)
+    elif key in value:
+        _collect(value[key], parts, i + 1, out)
+
+
 def walk(node: Any, path: str) -> Iterator[Any]:
-    """Every value at a dotted path; lists are flattened; ``name[x]`` matches choice elements."""
-    parts = path.split(".")
-
-    def rec(value: Any, i: int) -> Iterator[Any]:
-        if isinstance(value, list):
-            for item in value:
-                yield from rec(item, i)
-            return
-        if i == len(parts):
-            if value is not None:
-                yield value
-            return
-        if not isinstance(value, dict):
-            return
-        key = parts[i]
-        if key.endswith("[x]"):
-            stem = key[:-3]
-            for k, v in value.items():
-                if k.startswith(stem) and k[len(stem) : len(stem) + 1].isupper():
-                    yield from rec(v, i + 1)
-        elif key in value:
-            yield from rec(value[key], i + 1)
-
-    yield from rec(node, 0)
+    """Every value at a dotted path; lists are flattened; ``name[x]`` matches choice elements.  (Collected
+    by plain recursion, then iterated: the nested generators it replaced cost most of index extraction.)"""
+    out: list[Any] = []
+    _collect(node, _parts(path), 0, out)
+    return iter(out)
 
 
 def _tokens(value: Any) -> Iterator[tuple[str | None, str]]:

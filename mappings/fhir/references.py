@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 _REL = re.compile(
@@ -21,8 +22,11 @@ class Ref:
     base: str | None = None
 
 
+@lru_cache(maxsize=8192)
 def parse_reference(text: str) -> Ref | None:
-    """``Type/id[/_history/v]``, optionally absolute; None for contained (``#x``), urn: or other forms."""
+    """``Type/id[/_history/v]``, optionally absolute; None for contained (``#x``), urn: or other forms.
+    (Remembered for recent texts: a patient's resources name the same few references over and over;
+    ``Ref`` is immutable.)"""
     m = _REL.match(text)
     if not m:
         return None
