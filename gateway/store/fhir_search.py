@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import and_, case, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -310,9 +310,12 @@ def _walk_statement(q: SearchQuery, scope: AccessScope, c: Clause, col: str, aft
         preds.append(scope.row_clause(walk.c.consent_no))
     if after is not None:
         preds.append(keyset_after([(key, False, False), (walk.c.rid, False, False)], after))
-    earlier = select(other.c.rid).where(other.c.rid == walk.c.rid, other.c.res_type == q.res_type,
-                                        other.c.param == c.param.name, other.c[col] < key,
-                                        _value_pred(c, other, c.values[0])).exists()
+    # an earlier matching value of the same resource: looked up by rid alone — the rest is one opaque test
+    # (CASE), so neither engine serves the probe from the value index (a range of every earlier match, per
+    # row: quadratic in the page number — what both planners chose with stale statistics)
+    earlier_value = and_(other.c.res_type == q.res_type, other.c.param == c.param.name, other.c[col] < key,
+                         _value_pred(c, other, c.values[0]))
+    earlier = select(other.c.rid).where(other.c.rid == walk.c.rid, case((earlier_value, 1), else_=0) == 1).exists()
     others = [clause_sql(x, q.res_type, driving=False) for x in sorted(q.clauses, key=_selectivity)[1:]]
     stmt = (select(*_COLS, key.label("k0")).select_from(walk.join(R, R.c.rid == walk.c.rid))
             .where(*preds, not_(earlier), R.c.deleted.is_(False), *others).order_by(key, walk.c.rid).limit(limit))
