@@ -414,6 +414,7 @@ class BulkExportService:
                         q = parse_search(rtype, base, default_count=self.config.page_size,
                                          max_count=self.config.page_size)
                         q.count, q.total, q.compartment = self.config.page_size, "none", compartment
+                        q.storage_order = True
                         last = pending[2] if pending else after  # keyset paging in storage (rid) order
                         q.after = (last,) if last is not None else None
                         async with access.read() as conn:

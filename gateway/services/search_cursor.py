@@ -71,6 +71,8 @@ class CursorCodec:
             raise BadRequest(_INVALID, expression=["_cursor"])
         data = orjson.loads(payload)  # ours (the MAC matched): well formed
         keys, position = data["k"], data["n"]
-        if len(keys) != len(q.sort) + 1:  # (bound to the search, so only a server change could do this)
+        from gateway.store.fhir_search import keyset_width
+
+        if len(keys) != keyset_width(q):  # (bound to the search, so only a server change could do this)
             raise BadRequest(_INVALID, expression=["_cursor"])
         q.after, q.position = tuple(keys), position

@@ -39,6 +39,7 @@ from gateway.store.fhir_search import (
     compartment_terms,
     count_statement,
     keyset_after,
+    keyset_width,
     page_statement,
     search,
 )
@@ -57,6 +58,6 @@ __all__ = [
     "CONDITION_LOCK_CLASS", "H", "R", "RESOURCE_LOCK_CLASS", "SearchResult", "Stored", "VersionConflict", "Write",
     "apply_writes", "clause_has_modifier", "clause_sql", "compartment_clause", "compartment_terms",
     "count_statement", "get_current", "get_current_many", "get_many", "get_version", "get_visible", "history",
-    "keyset_after", "links_of", "lock_conditions", "lock_resources", "page_statement", "referenced", "reindex",
-    "relink", "resolve_identifiers", "search", "visible_types",
+    "keyset_after", "keyset_width", "links_of", "lock_conditions", "lock_resources", "page_statement", "referenced",
+    "reindex", "relink", "resolve_identifiers", "search", "visible_types",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import and_, case, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.store import schema as s
@@ -189,6 +189,8 @@ def keyset_after(keys: Sequence[tuple[Any, bool, bool]], after: Sequence[Any]):
     if v is None:  # NULLs come last: only rows with NULL here too can follow, ordered by the rest
         return and_(col.is_(None), rest)
     beyond = (col < v) if desc else (col > v)
+    if not nullable:  # the bound on the first column alone too: an index range seek on it (not an OR of two)
+        return and_((col <= v) if desc else (col >= v), or_(beyond, rest))
     if nullable:
         beyond = or_(beyond, col.is_(None))
     return or_(beyond, and_(col == v, rest))
@@ -254,6 +256,72 @@ def count_statement(q: SearchQuery, scope: AccessScope, where: list | None = Non
     return select(func.count()).select_from(R).where(*(where if where is not None else _search_where(q, scope)))
 
 
+#: date prefixes whose matches are one range of the stored range's end (hi) or start (lo): the column walked
+_DATE_WALK = {"gt": "hi", "ge": "hi", "eb": "hi", "lt": "lo", "le": "lo", "eq": "lo", "sa": "lo"}
+
+
+def _walk(q: SearchQuery) -> tuple[Clause, str] | None:
+    """The range clause that drives ``q`` as a walk of its index in value order, and the column walked
+    (``_lastUpdated``: ``fhir_resource.lu_ts``; a date: the index's ``hi`` or ``lo``; a quantity: ``value``).
+
+    In rid order a page of a range search is picked from every match (``rid IN (...)``: 10^5 rows for a
+    broad range at 1M resources) or found by scanning resources until enough match (slow for a narrow one);
+    walked in the index's order, a page reads its ``_count`` + 1 rows from where the previous one stopped,
+    broad or narrow.  The keyset is then (value, rid) — FHIR leaves the order of a search without ``_sort`` to
+    the server (R4 §3.1.1.4.7), and the cursor keeps the paging stable and complete.  None: rid order
+    (``_sort``, a compartment, several values or a modifier, another clause drives, ``storage_order``)."""
+    if q.sort or q.compartment is not None or q.storage_order or not q.clauses:
+        return None
+    ordered = sorted(q.clauses, key=_selectivity)
+    c = ordered[0]
+    if _drives(c):
+        if len(c.values) != 1 or c.modifier is not None:
+            return None
+        if c.param.type == "quantity" and c.values[0][0] not in ("ne", "ap"):
+            return c, "value"
+        if c.param.type == "date" and c.values[0][0] in _DATE_WALK:
+            return c, _DATE_WALK[c.values[0][0]]
+        return None
+    if _selectivity(c) != 9:  # (_id)
+        return None
+    lu = [x for x in ordered if x.param.name == "_lastUpdated" and x.modifier is None]
+    return (lu[0], "lu_ts") if lu else None
+
+
+def keyset_width(q: SearchQuery) -> int:
+    """How many values the keyset of ``q``'s pages has (``SearchResult.last_key``, a cursor's ``after``):
+    the ``_sort`` keys, the walked value (:func:`_walk`), then rid."""
+    if q.storage_order:
+        return 1
+    return len(q.sort) + (2 if _walk(q) is not None else 1)
+
+
+def _walk_statement(q: SearchQuery, scope: AccessScope, c: Clause, col: str, after: tuple | None, limit: int,
+                    offset: int = 0):
+    """One page of ``q`` walking ``c``'s index in (``col``, rid) order (:func:`_walk`; not ``_lastUpdated``,
+    which is ``page_statement``'s order by lu_ts).  A resource with several matching values comes once, at
+    its least: a row with an earlier matching value of the same resource is skipped (and rows repeating the
+    same value come together: :func:`_distinct_rids`)."""
+    index = s.INDEX_TABLES[c.param.type]
+    walk, other = index.alias("walk"), index.alias("dup")
+    key = walk.c[col]
+    preds = [walk.c.res_type == q.res_type, walk.c.param == c.param.name, _value_pred(c, walk, c.values[0])]
+    if not scope.unrestricted:  # the gate inside the index walk (its rows carry the resource's consent_no)
+        preds.append(scope.row_clause(walk.c.consent_no))
+    if after is not None:
+        preds.append(keyset_after([(key, False, False), (walk.c.rid, False, False)], after))
+    # an earlier matching value of the same resource: looked up by rid alone — the rest is one opaque test
+    # (CASE), so neither engine serves the probe from the value index (a range of every earlier match, per
+    # row: quadratic in the page number — what both planners chose with stale statistics)
+    earlier_value = and_(other.c.res_type == q.res_type, other.c.param == c.param.name, other.c[col] < key,
+                         _value_pred(c, other, c.values[0]))
+    earlier = select(other.c.rid).where(other.c.rid == walk.c.rid, case((earlier_value, 1), else_=0) == 1).exists()
+    others = [clause_sql(x, q.res_type, driving=False) for x in sorted(q.clauses, key=_selectivity)[1:]]
+    stmt = (select(*_COLS, key.label("k0")).select_from(walk.join(R, R.c.rid == walk.c.rid))
+            .where(*preds, not_(earlier), R.c.deleted.is_(False), *others).order_by(key, walk.c.rid).limit(limit))
+    return stmt.offset(offset) if offset else stmt
+
+
 def _streamed(q: SearchQuery) -> Clause | None:
     """The clause that drives ``q`` as a streamed index walk, if it can: in the default (rid) order, an
     equality lookup of one value — a token code, a reference — reads the index in rid order already
@@ -294,10 +362,15 @@ def _streamed_statement(q: SearchQuery, scope: AccessScope, c: Clause, after_rid
 def page_statement(q: SearchQuery, scope: AccessScope, where: list | None = None):
     """The SELECT of one page of ``q`` in ``scope`` (``q.count`` + 1 rows: the extra one says whether more
     follow) and the number of its keyset columns (``k0``, ``k1``, ... then ``rid``)."""
-    after_rid = q.after[-1] if q.after is not None and not q.sort else None
+    walk = _walk(q)
+    if walk is not None and walk[1] != "lu_ts":
+        return _walk_statement(q, scope, *walk, q.after, q.count + 1, q.offset if q.after is None else 0), 2
+    after_rid = q.after[-1] if q.after is not None and not q.sort and walk is None else None
     if (c := _streamed(q)) is not None:
         return _streamed_statement(q, scope, c, after_rid, q.count + 1), 1
     keys = [(col, d, nullable) for p, d in q.sort for col, nullable in [_sort_col(q.res_type, p, d)]]
+    if walk is not None:  # _lastUpdated: (type, lu_ts) index order
+        keys.append((R.c.lu_ts, False, False))
     keys.append((R.c.rid, False, False))
     if after_rid is not None:
         page_where = _search_where(q, scope, after_rid)
@@ -313,10 +386,11 @@ def page_statement(q: SearchQuery, scope: AccessScope, where: list | None = None
     return stmt, len(keys)
 
 
-async def _distinct_rids(conn: AsyncConnection, q: SearchQuery, scope: AccessScope, c: Clause, rows: list) -> list:
-    """A streamed page (:func:`_streamed`) without the repeats of a resource that has the value twice (two
-    codings with the same code): they come together (rid order); when dropping them leaves the page short,
-    the walk goes on after the last rid read."""
+async def _distinct_rids(conn: AsyncConnection, q: SearchQuery, scope: AccessScope, c: Clause, rows: list,
+                         col: str | None = None) -> list:
+    """A streamed page (:func:`_streamed`) or a walked one (:func:`_walk`, ``col``) without the repeats of a
+    resource that has the value twice (two codings with the same code): they come together (rid order, or
+    (value, rid) order); when dropping them leaves the page short, the walk goes on after the last row read."""
     want = q.count + 1
     out: list = []
     batch = rows
@@ -326,7 +400,9 @@ async def _distinct_rids(conn: AsyncConnection, q: SearchQuery, scope: AccessSco
                 out.append(r)
         if len(batch) < want or len(out) >= want:
             return out[:want]
-        batch = (await conn.execute(_streamed_statement(q, scope, c, batch[-1].rid, want))).all()
+        stmt = (_streamed_statement(q, scope, c, batch[-1].rid, want) if col is None
+                else _walk_statement(q, scope, c, col, (batch[-1].k0, batch[-1].rid), want))
+        batch = (await conn.execute(stmt)).all()
 
 
 async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> SearchResult:
@@ -346,6 +422,8 @@ async def search(conn: AsyncConnection, q: SearchQuery, scope: AccessScope) -> S
     rows = (await conn.execute(stmt)).all()
     if (c := _streamed(q)) is not None:
         rows = await _distinct_rids(conn, q, scope, c, rows)
+    elif (walk := _walk(q)) is not None and walk[1] != "lu_ts":
+        rows = await _distinct_rids(conn, q, scope, walk[0], rows, walk[1])
     more = len(rows) > q.count
     rows = rows[:q.count]
     matches = [_stored(r) for r in rows]

@@ -39,7 +39,9 @@ RETIRED_INDEXES = (
     *(f"ix_cm_{t}_code" for t in ("condition", "observation", "procedure", "encounter", "diagnostic_report")),
     "ix_dcm_series_modality",
     "ix_dcm_sr_item_concept",
-    "ix_dcm_sr_item_sop",
+    "ix_dcm_sr_item_sop",  # → ix_dcm_sr_item_sop_value
+    "ix_fhir_resource_type_lu",  # → ix_fhir_resource_type_lu_rid
+    "ix_idx_quantity_lookup",  # → ix_idx_quantity_value_rid
 )
 
 

@@ -63,7 +63,11 @@ fhir_resource = Table(
     Column("multi_link", Boolean, nullable=True),
     UniqueConstraint("res_type", "res_id", name="uq_fhir_resource_type_id"),
 )
-Index("ix_fhir_resource_type_lu", fhir_resource.c.res_type, fhir_resource.c.lu_ts)
+#: ``_lastUpdated`` searches: the range, and the (lu_ts, rid) keyset order they page in
+#: (``fhir_search._walk``; issue 27 — replaces (res_type, lu_ts), which left ties of one transaction's
+#: resources unordered on PostgreSQL)
+ix_fhir_resource_type_lu_rid = Index("ix_fhir_resource_type_lu_rid", fhir_resource.c.res_type,
+                                     fhir_resource.c.lu_ts, fhir_resource.c.rid)
 Index("ix_fhir_resource_patient", fhir_resource.c.patient_id)
 
 fhir_history = Table(
@@ -162,7 +166,10 @@ idx_quantity = _idx(
     Column("system", String(255)),
     Column("code", String(64)),
 )
-Index("ix_idx_quantity_lookup", idx_quantity.c.res_type, idx_quantity.c.param, idx_quantity.c.value)
+#: quantity ranges, walked in (value, rid) keyset order (``fhir_search._walk``; issue 27 — replaces
+#: (res_type, param, value), which needed a sort of each value's rows by rid)
+ix_idx_quantity_value_rid = Index("ix_idx_quantity_value_rid", idx_quantity.c.res_type, idx_quantity.c.param,
+                                  idx_quantity.c.value, idx_quantity.c.rid)
 Index("ix_idx_quantity_rid", idx_quantity.c.rid)
 
 GATE_INDEXES = (
@@ -174,7 +181,7 @@ GATE_INDEXES = (
 )
 
 #: indexes added after the tables existed (created on older stores by consent_schema.ensure_indexes)
-LATER_INDEXES = (ix_fhir_link_patient_type, ix_idx_date_hi)
+LATER_INDEXES = (ix_fhir_link_patient_type, ix_idx_date_hi, ix_fhir_resource_type_lu_rid, ix_idx_quantity_value_rid)
 
 INDEX_TABLES = {
     "token": idx_token,

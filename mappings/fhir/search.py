@@ -68,6 +68,9 @@ class SearchQuery:
     #: compartment search ``Patient/{id}/{type}`` (FHIR R4 §3.1.1.1.5): the Patient id (or several: a Group's
     #: members, Bulk Data ``Group/[id]/$export``), else None
     compartment: str | tuple[str, ...] | None = None
+    #: keyset paging in storage (rid) order whatever drives the search, ``after`` = ``(rid,)`` (bulk export's
+    #: resumable cursor holds a rid); otherwise the store pages in the order of the driving index walk
+    storage_order: bool = False
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")

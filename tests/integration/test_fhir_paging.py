@@ -68,7 +68,13 @@ SEARCHES = [
     ("Observation", {"code": "8867-4", "_sort": "-date"}),  # nullable index sort key, descending
     ("Observation", {"_sort": "date,-_id"}),  # two keys, mixed directions
     ("Observation", {"_sort": "-_lastUpdated"}),
-    ("Observation", {"value-quantity": "ge51"}),  # quantity lookup
+    ("Observation", {"value-quantity": "ge51"}),  # quantity range: walked in (value, rid) order
+    ("Observation", {"value-quantity": "lt53", "code": "8867-4"}),  # token drives, quantity probe
+    ("Observation", {"date": "ge2020-01-03"}),  # date ranges walked by their end (hi) / start (lo)
+    ("Observation", {"date": "lt2020-01-05"}),
+    ("Observation", {"date": "eq2020-01"}),
+    ("Observation", {"_lastUpdated": "gt2000-01-01"}),  # (lu_ts, rid) order: one transaction, all ties
+    ("Observation", {"_lastUpdated": "gt2000-01-01", "status": "final"}),
     ("Observation", {"code": "8867-4", "status": "final"}),  # token walk + a probe on the same index table
     ("Observation", {"subject": "Patient/p-ok", "code": "8867-4"}),  # reference walk + token probe
     ("Patient/p-ok/Observation", {}),  # compartment

@@ -50,3 +50,22 @@ async def test_existing_database_gets_the_covering_sr_probe_index(db_url):
         assert "ix_dcm_sr_item_sop_value" in have and "ix_dcm_sr_item_sop" not in have
     finally:
         await db.dispose()
+
+
+async def test_keyset_walk_indexes_replace_the_narrow_ones(db_url):
+    """Issue 27: ``_lastUpdated`` and quantity ranges page in (value, rid) order; a store made before that has
+    (res_type, lu_ts) and (res_type, param, value): start-up builds the rid-suffixed ones and drops those."""
+    db = Database(db_url)
+    try:
+        await migrate(db)
+        async with db.write() as conn:
+            await conn.execute(text("DROP INDEX ix_fhir_resource_type_lu_rid"))
+            await conn.execute(text("DROP INDEX ix_idx_quantity_value_rid"))
+            await conn.execute(text("CREATE INDEX ix_fhir_resource_type_lu ON fhir_resource (res_type, lu_ts)"))
+            await conn.execute(text("CREATE INDEX ix_idx_quantity_lookup ON idx_quantity (res_type, param, value)"))
+        await migrate(db)
+        res, qty = await _indexes(db, "fhir_resource"), await _indexes(db, "idx_quantity")
+        assert "ix_fhir_resource_type_lu_rid" in res and "ix_fhir_resource_type_lu" not in res
+        assert "ix_idx_quantity_value_rid" in qty and "ix_idx_quantity_lookup" not in qty
+    finally:
+        await db.dispose()
